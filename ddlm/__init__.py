@@ -1,0 +1,3 @@
+"""ddlm: discrete diffusion language models in JAX/Flax."""
+
+__version__ = "0.1.0"
