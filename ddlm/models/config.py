@@ -1,0 +1,42 @@
+"""Model configs: `default_config(size)` -> the `config.model` ConfigDict that `get_model` reads.
+
+Presets (parameter counts with vocab_size=50_258, GPT-2 + mask, untied embeddings; see tests/test_models.py):
+  tiny    2 layers,  128 wide,  4 heads: for tests and the quickstart.
+  small  12 layers,  768 wide, 12 heads: MDLM/SEDD "small" (~92M non-embedding incl. adaLN).
+  medium 24 layers, 1024 wide, 16 heads: MDLM/SEDD "medium" (~321M non-embedding incl. adaLN).
+  1b     24 layers, 2048 wide, 16 heads: ~1.23B non-embedding incl. adaLN.
+"""
+
+import ml_collections
+
+# name -> (num_layers, d_model, num_heads, cond_dim)
+_SIZES = {
+    "tiny": (2, 128, 4, 64),
+    "small": (12, 768, 12, 128),
+    "medium": (24, 1024, 16, 128),
+    "1b": (24, 2048, 16, 256),
+}
+
+MODEL_NAMES = ("dit", "ar", "bd3lm")
+
+
+def default_config(size: str = "tiny") -> ml_collections.ConfigDict:
+    """The model fields for a preset size ('tiny' | 'small' | 'medium' | '1b'); a bidirectional DiT by default."""
+    if size not in _SIZES:
+        raise ValueError(f"size must be one of {tuple(_SIZES)}, got {size!r}")
+    num_layers, d_model, num_heads, cond_dim = _SIZES[size]
+    c = ml_collections.ConfigDict()
+    c.name = "dit"  # 'dit' (bidirectional DiT) | 'ar' (causal) | 'bd3lm' (block-causal, 2L-input trick)
+    c.num_layers = num_layers  # transformer blocks
+    c.d_model = d_model  # residual stream width
+    c.num_heads = num_heads  # attention heads; head_dim = d_model // num_heads
+    c.mlp_dim = 4 * d_model  # MLP hidden width
+    c.cond_dim = cond_dim  # width of the time-conditioning vector (adaLN input)
+    c.dropout = 0.0 if size == "tiny" else 0.1  # dropout after attention and MLP (MDLM: 0.1)
+    c.time_conditioning = True  # adaLN-zero on t; False for time-free nets (RADD, MD4, BD3-LM default); must be False for 'ar'
+    c.block_size = 4 if size == "tiny" else 16  # tokens per block for 'bd3lm' (must divide seq_len)
+    c.dtype = "float32" if size == "tiny" else "bfloat16"  # compute dtype of the matmuls: 'float32' | 'bfloat16'
+    c.param_dtype = "float32"  # parameter dtype
+    c.tie_embeddings = False  # output projection = input embedding^T (MDLM: untied)
+    c.remat = False  # recompute each block in the backward pass (less activation memory, ~1/3 more compute)
+    return c

@@ -1,0 +1,337 @@
+"""Building blocks of the diffusion transformer (DiT/DDiT as in MDLM and SEDD) and its causal twins.
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning`) and activations are constrained
+(`nn.with_logical_constraint`) at block boundaries; the trainer maps the names to mesh axes with one rule table.
+The names used here:
+
+    'batch'   examples in a batch                       (activations)
+    'length'  sequence positions                        (activations)
+    'embed'   the model width d_model                   (parameters and activations)
+    'mlp'     the MLP hidden width mlp_dim              (parameters and activations)
+    'heads'   attention heads                           (parameters and activations)
+    'kv'      the per-head width d_model // num_heads   (parameters and activations)
+    'vocab'   the vocabulary                            (parameters and logits)
+
+Small conditioning parameters (timestep MLP, cond_dim axes) are named None: replicated.
+
+Numerics: parameters in `param_dtype` (float32), matmuls in `dtype` (bfloat16 or float32), the residual
+stream, LayerNorm, rotary and adaLN modulation in float32; logits are float32.
+"""
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Activation layouts at block boundaries.
+BLE = ("batch", "length", "embed")
+BLHK = ("batch", "length", "heads", "kv")
+BLM = ("batch", "length", "mlp")
+BLV = ("batch", "length", "vocab")
+
+
+def _dense_init():
+    return nn.initializers.xavier_uniform()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Rotary position embedding (Su et al. 2021, RoFormer), GPT-NeoX "rotate half" layout as in MDLM's models/dit.py.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def rotary_embedding(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Array:
+    """Rotates query or key vectors by their positions.
+
+    Args:
+      x: [batch, length, heads, head_dim] queries or keys (head_dim even).
+      positions: [length] or [batch, length] integer or float positions.
+      base: the frequency base.
+
+    Returns:
+      [batch, length, heads, head_dim] in x's dtype; computed in float32. For any shift s,
+      <rot(q, m + s), rot(k, n + s)> = <rot(q, m), rot(k, n)>: scores depend on m - n only.
+    """
+    head_dim = x.shape[-1]
+    if head_dim % 2:
+        raise ValueError(f"rotary embedding needs an even head_dim, got {head_dim}")
+    half = head_dim // 2
+    inv_freq = 1.0 / (base ** (jnp.arange(half, dtype=jnp.float32) / half))  # [half]
+    positions = jnp.asarray(positions, jnp.float32)
+    if positions.ndim == 1:
+        positions = positions[None]  # [1, L]
+    angles = positions[..., None] * inv_freq  # [B|1, L, half]
+    cos = jnp.cos(angles)[:, :, None, :]  # [B|1, L, 1, half]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = x32[..., :half], x32[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Attention masks.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def block_diffusion_mask(seq_len: int, block_size: int) -> jax.Array:
+    """The BD3-LM attention mask of the 2L-input trick (Arriola et al. 2025, "Block Diffusion", Sec. 3 / Fig. 2).
+
+    The network input is concat(xt, x0) of length 2L; positions [0, L) are the noised sequence xt and
+    [L, 2L) the clean sequence x0, both split into blocks of `block_size` tokens. With b(i) the block of i:
+      xt query block b attends xt block b (bidirectional within the block) and x0 blocks < b;
+      x0 query block b attends x0 blocks <= b (block-causal) and never xt.
+
+    Args:
+      seq_len: L, a multiple of block_size.
+      block_size: tokens per block.
+
+    Returns:
+      bool [2L, 2L], mask[q, k] True where query q may attend key k.
+    """
+    if block_size <= 0 or seq_len % block_size:
+        raise ValueError(f"block_size must divide seq_len={seq_len}, got block_size={block_size}")
+    idx = jnp.arange(2 * seq_len)
+    is_x0 = idx >= seq_len
+    block = (idx % seq_len) // block_size
+    q_x0, k_x0 = is_x0[:, None], is_x0[None, :]
+    q_blk, k_blk = block[:, None], block[None, :]
+    xt_to_xt = ~q_x0 & ~k_x0 & (q_blk == k_blk)
+    xt_to_x0 = ~q_x0 & k_x0 & (k_blk < q_blk)
+    x0_to_x0 = q_x0 & k_x0 & (k_blk <= q_blk)
+    return xt_to_xt | xt_to_x0 | x0_to_x0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Time conditioning.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def timestep_sinusoids(t: jax.Array, dim: int = 256, max_period: float = 10_000.0) -> jax.Array:
+    """Sinusoidal features of a (continuous) time, as DiT/MDLM's TimestepEmbedder.
+
+    Args:
+      t: [...] float times.
+      dim: number of features (even).
+
+    Returns:
+      [..., dim] float32: [cos(t f_k), sin(t f_k)] with f_k = max_period^(-k / (dim/2)).
+    """
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = jnp.asarray(t, jnp.float32)[..., None] * freqs
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """t -> sinusoids(1000 t) -> Dense -> SiLU -> Dense -> SiLU: the conditioning vector c of size cond_dim.
+
+    The trailing SiLU is MDLM's `c = F.silu(self.sigma_map(sigma))`. Times in [0, 1] are scaled by 1000
+    (the DiT convention) so that the sinusoid frequencies resolve them.
+    """
+
+    cond_dim: int
+    frequency_dim: int = 256
+    time_scale: float = 1000.0
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, t: jax.Array) -> jax.Array:
+        """t: [batch] or [batch, length] float -> c: [batch, cond_dim] or [batch, length, cond_dim] float32."""
+        h = timestep_sinusoids(t * self.time_scale, self.frequency_dim)
+        for i in range(2):
+            h = nn.Dense(
+                self.cond_dim,
+                dtype=jnp.float32,
+                param_dtype=self.param_dtype,
+                kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None)),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+                name=f"dense_{i}",
+            )(h)
+            h = nn.silu(h)
+        return h
+
+
+class AdaLNModulation(nn.Module):
+    """c -> `num` zero-initialised modulation vectors of width d_model (adaLN-zero, Peebles & Xie 2023).
+
+    MDLM's DDiTBlock uses num=6 (shift/scale/gate for attention and MLP), its final layer num=2 (shift/scale).
+    """
+
+    num: int
+    d_model: int
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, c: jax.Array) -> tuple[jax.Array, ...]:
+        """c: [batch, 1 or length, cond_dim] -> `num` arrays [batch, 1 or length, d_model] float32."""
+        mod = nn.DenseGeneral(
+            (self.num, self.d_model),
+            dtype=jnp.float32,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, None, "embed")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, "embed")),
+            name="dense",
+        )(c)  # [B, 1|L, num, d]
+        return tuple(mod[..., i, :] for i in range(self.num))
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    return x * (1.0 + scale) + shift
+
+
+def _layer_norm(name: str, param_dtype: Dtype) -> nn.LayerNorm:
+    # MDLM's LayerNorm: scale only, no bias, statistics and output in float32.
+    return nn.LayerNorm(
+        epsilon=1e-5,
+        use_bias=False,
+        dtype=jnp.float32,
+        param_dtype=param_dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        name=name,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Attention and MLP.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with rotary positions, through `jax.nn.dot_product_attention`.
+
+    implementation=None lets JAX pick: XLA on CPU, cuDNN flash attention on GPU when shapes/dtypes allow.
+    """
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array | None = None,
+        is_causal: bool = False,
+    ) -> jax.Array:
+        """x: [B, L, d] -> [B, L, d] in `dtype`.
+
+        positions: [L] rotary positions; mask: bool [L, L] (True = attend) or None; is_causal: lower-triangular.
+        """
+        d_model = x.shape[-1]
+        if d_model % self.num_heads:
+            raise ValueError(f"num_heads={self.num_heads} must divide d_model={d_model}")
+        head_dim = d_model // self.num_heads
+        qkv = nn.DenseGeneral(
+            (3, self.num_heads, head_dim),
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(_dense_init(), ("embed", None, "heads", "kv")),
+            name="qkv",
+        )(x.astype(self.dtype))  # [B, L, 3, H, Dh]
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q = nn.with_logical_constraint(rotary_embedding(q, positions), BLHK)
+        k = nn.with_logical_constraint(rotary_embedding(k, positions), BLHK)
+        v = nn.with_logical_constraint(v, BLHK)
+        if mask is not None:
+            mask = mask[None, None]  # [1, 1, L, L] broadcasts over batch and heads
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=None)
+        out = nn.with_logical_constraint(out, BLHK)  # [B, L, H, Dh]
+        return nn.DenseGeneral(
+            d_model,
+            axis=(-2, -1),
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(_dense_init(), ("heads", "kv", "embed")),
+            name="out",
+        )(out)
+
+
+class MLP(nn.Module):
+    """Dense(mlp_dim) -> GELU (tanh approximation, as MDLM) -> Dense(d_model), with biases."""
+
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, L, d] -> [B, L, d] in `dtype`."""
+        d_model = x.shape[-1]
+        h = nn.Dense(
+            self.mlp_dim,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(_dense_init(), ("embed", "mlp")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
+            name="fc_in",
+        )(x.astype(self.dtype))
+        h = nn.with_logical_constraint(nn.gelu(h, approximate=True), BLM)
+        return nn.Dense(
+            d_model,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(_dense_init(), ("mlp", "embed")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            name="fc_out",
+        )(h)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Transformer block and output layer.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class DiTBlock(nn.Module):
+    """Pre-LayerNorm transformer block, with adaLN-zero time conditioning when `c` is given (MDLM's DDiTBlock).
+
+    With c:    x += gate_a * drop(attn(modulate(LN(x), shift_a, scale_a)))
+               x += gate_m * drop(mlp(modulate(LN(x), shift_m, scale_m)))
+    where (shift_a, scale_a, gate_a, shift_m, scale_m, gate_m) = zero-initialised Dense(c): identity at init.
+    Without c: x += drop(attn(LN(x))); x += drop(mlp(LN(x))) (time-free networks: RADD, MD4, AR).
+    """
+
+    num_heads: int
+    mlp_dim: int
+    dropout: float = 0.0
+    time_conditioning: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        c: jax.Array | None,
+        positions: jax.Array,
+        mask: jax.Array | None,
+        is_causal: bool,
+        train: bool,
+    ) -> jax.Array:
+        """x: [B, L, d] float32 residual stream; c: [B, 1 or L, cond_dim] or None -> [B, L, d] float32."""
+        d_model = x.shape[-1]
+        if self.time_conditioning:
+            shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = AdaLNModulation(
+                6, d_model, self.param_dtype, name="adaln"
+            )(c)
+        h = _layer_norm("norm_attn", self.param_dtype)(x)
+        if self.time_conditioning:
+            h = modulate(h, shift_a, scale_a)
+        h = SelfAttention(self.num_heads, self.dtype, self.param_dtype, name="attn")(h, positions, mask, is_causal)
+        h = nn.Dropout(self.dropout)(h, deterministic=not train).astype(jnp.float32)
+        x = x + (gate_a * h if self.time_conditioning else h)
+        x = nn.with_logical_constraint(x, BLE)
+
+        h = _layer_norm("norm_mlp", self.param_dtype)(x)
+        if self.time_conditioning:
+            h = modulate(h, shift_m, scale_m)
+        h = MLP(self.mlp_dim, self.dtype, self.param_dtype, name="mlp")(h)
+        h = nn.Dropout(self.dropout)(h, deterministic=not train).astype(jnp.float32)
+        x = x + (gate_m * h if self.time_conditioning else h)
+        return nn.with_logical_constraint(x, BLE)

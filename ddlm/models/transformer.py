@@ -1,0 +1,220 @@
+"""One transformer for every objective: bidirectional DiT (MDLM/SEDD/MD4/RADD), causal (AR), block-causal (BD3-LM).
+
+    model = Transformer(vocab_size=..., attention='bidirectional', ...)     # or get_model(config.model, vocab_size)
+    logits = model.apply(variables, tokens, t, x0=None, train=False, rngs={'dropout': key})   # float32 [B, L, V]
+
+The three variants share the code path and differ only in the attention mask:
+  'bidirectional'  full attention, optional adaLN-zero time conditioning (MDLM's DDiT).
+  'causal'         lower-triangular attention, no time conditioning (the autoregressive baseline).
+  'block_causal'   the BD3-LM 2L-input trick: the network sees concat(xt, x0) of length 2L with the mask of
+                   `block_diffusion_mask`, rotary positions 0..L-1 for both halves, and returns logits for xt only.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ddlm.models import layers
+
+Dtype = Any
+
+ATTENTION_KINDS = ("bidirectional", "causal", "block_causal")
+
+
+class Transformer(nn.Module):
+    """Token embedding -> num_layers DiT blocks -> (adaLN) LayerNorm -> output projection (fp32 logits).
+
+    Attributes:
+      vocab_size: V, size of the input embedding and of the logits (includes the mask id).
+      attention: 'bidirectional' | 'causal' | 'block_causal'.
+      num_layers, d_model, num_heads, mlp_dim: transformer shape; head_dim = d_model // num_heads.
+      cond_dim: width of the time-conditioning vector (used only with time_conditioning).
+      dropout: dropout rate after attention and MLP (active only with train=True).
+      time_conditioning: adaLN-zero conditioning on t; if False, t is ignored and may be None.
+      block_size: tokens per block, for attention='block_causal'.
+      dtype: compute dtype of the matmuls; param_dtype: parameter dtype.
+      tie_embeddings: output projection = input embedding transposed (no output bias).
+      remat: recompute each block in the backward pass (saves activation memory).
+    """
+
+    vocab_size: int
+    attention: str = "bidirectional"
+    num_layers: int = 2
+    d_model: int = 128
+    num_heads: int = 4
+    mlp_dim: int = 512
+    cond_dim: int = 64
+    dropout: float = 0.0
+    time_conditioning: bool = True
+    block_size: int = 4
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    tie_embeddings: bool = False
+    remat: bool = False
+
+    def _check_inputs(self, tokens, t, x0):
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+        if self.attention == "causal" and self.time_conditioning:
+            raise ValueError("the causal (AR) transformer has no time conditioning: set time_conditioning=False")
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens must be int [batch, length], got {tokens.dtype} {tokens.shape}")
+        batch, length = tokens.shape
+        if self.time_conditioning:
+            if t is None:
+                raise ValueError("t is required when time_conditioning=True: float [batch] or [batch, length]")
+            t = jnp.asarray(t)
+            if t.shape not in ((batch,), (batch, length)):
+                raise ValueError(f"t must be float [batch] or [batch, length] = [{batch}] or [{batch}, {length}], got {t.shape}")
+        if self.attention == "block_causal":
+            if x0 is None:
+                raise ValueError("the block-causal (BD3-LM) transformer needs x0: clean tokens int [batch, length]")
+            if x0.shape != tokens.shape or not jnp.issubdtype(x0.dtype, jnp.integer):
+                raise ValueError(f"x0 must be int [batch, length] = {tokens.shape}, got {x0.dtype} {x0.shape}")
+            if length % self.block_size:
+                raise ValueError(f"block_size must divide seq_len={length}, got {self.block_size}")
+        elif x0 is not None:
+            raise ValueError(f"x0 is only used by attention='block_causal', got x0 with attention={self.attention!r}")
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jax.Array,
+        t: jax.Array | None = None,
+        x0: jax.Array | None = None,
+        train: bool = False,
+    ) -> jax.Array:
+        """Logits of the network.
+
+        Args:
+          tokens: int [batch, length], the (noised) input sequence xt.
+          t: float [batch] or [batch, length] diffusion time in [0, 1]; ignored (may be None) without time
+            conditioning. Block-causal: the clean half x0 is conditioned on t = 0.
+          x0: int [batch, length] clean tokens; only for attention='block_causal'.
+          train: enables dropout (then pass rngs={'dropout': key}).
+
+        Returns:
+          float32 [batch, length, vocab_size] logits (for the xt positions).
+        """
+        self._check_inputs(tokens, t, x0)
+        batch, length = tokens.shape
+
+        # ---- inputs, positions, mask --------------------------------------------------------------------------
+        mask, is_causal = None, False
+        positions = jnp.arange(length)
+        t_tokens = None
+        if self.time_conditioning:
+            t = jnp.asarray(t, jnp.float32)
+            t_tokens = t[:, None] if t.ndim == 1 else t  # [B, 1] or [B, L]
+        if self.attention == "causal":
+            is_causal = True
+        elif self.attention == "block_causal":
+            tokens = jnp.concatenate([tokens, x0], axis=1)  # [B, 2L]
+            positions = jnp.concatenate([positions, positions])  # both halves at 0..L-1
+            mask = layers.block_diffusion_mask(length, self.block_size)  # [2L, 2L]
+            if t_tokens is not None:  # clean tokens x0 sit at t = 0
+                t_tokens = jnp.concatenate(
+                    [jnp.broadcast_to(t_tokens, (batch, length)), jnp.zeros((batch, length), jnp.float32)], axis=1
+                )
+
+        # ---- embedding and conditioning ----------------------------------------------------------------------------
+        embedding = self.param(
+            "token_embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+            (self.vocab_size, self.d_model),
+            self.param_dtype,
+        )
+        x = jnp.take(embedding, tokens, axis=0).astype(jnp.float32)  # [B, L', d]
+        x = nn.with_logical_constraint(x, layers.BLE)
+        c = None
+        if self.time_conditioning:
+            c = layers.TimestepEmbedder(self.cond_dim, param_dtype=self.param_dtype, name="time_embedding")(t_tokens)
+
+        # ---- blocks --------------------------------------------------------------------------------------------------
+        block_cls = layers.DiTBlock
+        if self.remat:
+            # self is argument 0: (self, x, c, positions, mask, is_causal, train).
+            block_cls = nn.remat(layers.DiTBlock, static_argnums=(5, 6))
+        for i in range(self.num_layers):
+            x = block_cls(
+                num_heads=self.num_heads,
+                mlp_dim=self.mlp_dim,
+                dropout=self.dropout,
+                time_conditioning=self.time_conditioning,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=f"block_{i}",
+            )(x, c, positions, mask, is_causal, train)
+
+        # ---- output layer (MDLM's DDitFinalLayer) --------------------------------------------------------------------
+        if self.attention == "block_causal":  # logits for the xt half only
+            x = x[:, :length]
+            if c is not None:
+                c = c[:, :length]
+        x = layers._layer_norm("norm_final", self.param_dtype)(x)
+        if self.time_conditioning:
+            shift, scale = layers.AdaLNModulation(2, self.d_model, self.param_dtype, name="adaln_final")(c)
+            x = layers.modulate(x, shift, scale)
+        x = x.astype(self.dtype)
+        if self.tie_embeddings:
+            logits = jnp.einsum("bld,vd->blv", x, embedding.astype(self.dtype), preferred_element_type=jnp.float32)
+        else:
+            # Zero-initialised as MDLM: uniform predictions at init.
+            kernel = self.param(
+                "output_kernel",
+                nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "vocab")),
+                (self.d_model, self.vocab_size),
+                self.param_dtype,
+            )
+            bias = self.param(
+                "output_bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+                (self.vocab_size,),
+                self.param_dtype,
+            )
+            logits = jnp.einsum("bld,dv->blv", x, kernel.astype(self.dtype), preferred_element_type=jnp.float32)
+            logits = logits + bias.astype(jnp.float32)
+        return nn.with_logical_constraint(logits.astype(jnp.float32), layers.BLV)
+
+
+_ATTENTION_OF_NAME = {"dit": "bidirectional", "ar": "causal", "bd3lm": "block_causal"}
+_REQUIRED_FIELDS = (
+    "name", "num_layers", "d_model", "num_heads", "mlp_dim", "cond_dim", "dropout", "time_conditioning",
+    "block_size", "dtype", "param_dtype", "tie_embeddings", "remat",
+)  # fmt: skip
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def get_model(config, vocab_size: int) -> Transformer:
+    """The network of `config` (a config.model ConfigDict, see ddlm.models.config.default_config).
+
+    name 'dit' -> bidirectional DiT; 'ar' -> causal transformer; 'bd3lm' -> block-causal 2L-input transformer.
+    """
+    missing = [f for f in _REQUIRED_FIELDS if f not in config]
+    if missing:
+        raise ValueError(f"config.model lacks fields {missing}; start from ddlm.models.default_config(size)")
+    if config.name not in _ATTENTION_OF_NAME:
+        raise ValueError(f"config.model.name must be one of {tuple(_ATTENTION_OF_NAME)}, got {config.name!r}")
+    for field in ("dtype", "param_dtype"):
+        if config[field] not in _DTYPES:
+            raise ValueError(f"config.model.{field} must be one of {tuple(_DTYPES)}, got {config[field]!r}")
+    if config.d_model % config.num_heads:
+        raise ValueError(f"num_heads={config.num_heads} must divide d_model={config.d_model}")
+    return Transformer(
+        vocab_size=vocab_size,
+        attention=_ATTENTION_OF_NAME[config.name],
+        num_layers=config.num_layers,
+        d_model=config.d_model,
+        num_heads=config.num_heads,
+        mlp_dim=config.mlp_dim,
+        cond_dim=config.cond_dim,
+        dropout=config.dropout,
+        time_conditioning=config.time_conditioning,
+        block_size=config.block_size,
+        dtype=_DTYPES[config.dtype],
+        param_dtype=_DTYPES[config.param_dtype],
+        tie_embeddings=config.tie_embeddings,
+        remat=config.remat,
+    )
