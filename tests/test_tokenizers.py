@@ -1,0 +1,134 @@
+"""Tokenizers on the real corpora: exact round-trips, special ids, vocabulary checks, the CLI."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ddlm.data import corpora, pipeline, tokenizers
+
+TOKENIZERS = ("char", "byte", "sentencepiece", "gpt2")
+CORPORA = ("shakespeare", "kjv")
+SPM_VOCAB = 4096
+TRICKY = "  Two  spaces,\ttab, Ünïcødé — “quotes” 日本語 🙂\n\n\nend with space "
+
+
+def real_config(corpus: str, tokenizer: str):
+    """The real corpora live in the default cache ($DDLM_DATA_DIR or ~/.cache/ddlm), shared by runs."""
+    c = pipeline.default_config()
+    c.corpus, c.tokenizer = corpus, tokenizer
+    c.vocab_size = SPM_VOCAB if tokenizer == "sentencepiece" else 0
+    return c
+
+
+@pytest.fixture(scope="module", params=[(c, t) for c in CORPORA for t in TOKENIZERS],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def corpus_tokenizer(request):
+    corpus, kind = request.param
+    config = real_config(corpus, kind)
+    return config, tokenizers.get_tokenizer(config)
+
+
+def test_round_trip_on_real_corpus(corpus_tokenizer):
+    config, tok = corpus_tokenizer
+    texts = list(corpora.iter_texts(config, "validation"))
+    assert len(texts) >= 30 and sum(map(len, texts)) > 150_000  # a real slice of the corpus
+    specials = {tok.pad_id, tok.bos_id, tok.eos_id, tok.mask_id}
+    n_tokens = 0
+    for text in texts:
+        ids = tok.encode(text)
+        n_tokens += len(ids)
+        assert tok.decode(ids) == text
+        arr = np.asarray(ids)
+        assert arr.min() >= 0 and arr.max() < tok.vocab_size
+        assert not specials & set(ids), "encode must never emit pad/bos/eos/mask"
+    n_chars = sum(map(len, texts))
+    # Subword tokenizers compress English; char/byte are one id per character/byte.
+    if config.tokenizer in ("sentencepiece", "gpt2"):
+        assert n_tokens < 0.4 * n_chars
+    else:
+        assert n_tokens >= n_chars
+
+
+def test_special_ids_and_mask(corpus_tokenizer):
+    config, tok = corpus_tokenizer
+    ids = [tok.pad_id, tok.bos_id, tok.eos_id, tok.mask_id]
+    assert all(0 <= i < tok.vocab_size for i in ids)
+    assert tok.mask_id == tok.vocab_size - 1
+    assert len({tok.pad_id, tok.mask_id, tok.bos_id}) == 3 and tok.eos_id != tok.mask_id
+    if config.tokenizer == "sentencepiece":
+        assert tok.vocab_size == SPM_VOCAB
+    expected = {"byte": 260, "gpt2": 50259}.get(config.tokenizer)
+    if expected:
+        assert tok.vocab_size == expected
+    # decode drops specials
+    body = tok.encode("To be, or not")
+    assert tok.decode([tok.bos_id] + body + [tok.eos_id, tok.pad_id, tok.mask_id]) == "To be, or not"
+
+
+@pytest.mark.parametrize("kind", ["byte", "sentencepiece", "gpt2"])
+def test_round_trip_any_unicode(kind):
+    """Byte-level tokenizers round-trip any text (SentencePiece through byte fallback)."""
+    tok = tokenizers.get_tokenizer(real_config("shakespeare", kind))
+    assert tok.decode(tok.encode(TRICKY)) == TRICKY
+
+
+def test_gpt2_matches_known_ids():
+    tok = tokenizers.get_tokenizer(real_config("shakespeare", "gpt2"))
+    # GPT-2 ids of "Hello world" and " the" (OpenAI's encoder.json).
+    assert tok.encode("Hello world") == [15496, 995]
+    assert tok.encode(" the") == [262]
+
+
+def test_char_tokenizer_rejects_unknown_character():
+    tok = tokenizers.get_tokenizer(real_config("shakespeare", "char"))
+    with pytest.raises(ValueError, match="not in the char tokenizer's alphabet"):
+        tok.encode("日本")
+
+
+def test_vocab_size_mismatch_is_an_error(tmp_path):
+    config = real_config("shakespeare", "byte")
+    config.vocab_size = 300
+    with pytest.raises(ValueError, match="vocab_size=260.*config.data.vocab_size=300"):
+        tokenizers.get_tokenizer(config)
+    # A saved SentencePiece model whose size differs from the config.
+    config = real_config("shakespeare", "sentencepiece")
+    config.tokenizer_path = tokenizers.sentencepiece_path(config)
+    config.vocab_size = 8000
+    with pytest.raises(ValueError, match="vocab_size=4096.*config.data.vocab_size=8000"):
+        tokenizers.get_tokenizer(config)
+    config.tokenizer_path = str(tmp_path / "missing.model")
+    with pytest.raises(ValueError, match="does not exist"):
+        tokenizers.get_tokenizer(config)
+
+
+def test_unknown_tokenizer_name():
+    config = real_config("shakespeare", "wordpiece")
+    with pytest.raises(ValueError, match="config.data.tokenizer must be"):
+        tokenizers.get_tokenizer(config)
+
+
+@pytest.mark.timeout(120)
+def test_cli_trains_sentencepiece(tmp_path):
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir()
+    rng = np.random.default_rng(0)
+    words = ["thou", "art", "the", "king", "of", "Denmark", "and", "I", "am", "thy", "servant"]
+    for i in range(20):
+        (corpus_dir / f"doc{i}.txt").write_text(
+            "\n".join(" ".join(rng.choice(words, size=12)) for _ in range(40)) + "\n")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "ddlm.data.tokenizers", f"--corpus=local:{corpus_dir}",
+           "--vocab_size=320", f"--data_dir={tmp_path / 'cache'}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=110, env=env,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "vocab_size=320" in out.stdout and "exact round-trip: True" in out.stdout
+    config = pipeline.default_config()
+    config.corpus, config.data_dir = f"local:{corpus_dir}", str(tmp_path / "cache")
+    config.tokenizer, config.vocab_size = "sentencepiece", 320
+    assert os.path.exists(tokenizers.sentencepiece_path(config))
+    tok = tokenizers.get_tokenizer(config)  # loads the saved model, no retraining
+    assert tok.vocab_size == 320 and tok.decode(tok.encode("thou art the king\n")) == "thou art the king\n"
