@@ -1,0 +1,179 @@
+"""Shared pieces of the experiment configs (experiments/*.py): the `arg` string and the default sections.
+
+An experiment file is `get_config(arg=None) -> ConfigDict` with sub-dicts by concern:
+model (ddlm.models.default_config), diffusion, data (ddlm.data.pipeline.default_config), optim, mesh,
+train and sampler. The defaults of everything but the model and the data live here, one comment per key.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults) -> dict:
+    """'size=small,smoke,block_size=16' -> {'size': 'small', 'smoke': True, 'block_size': 16}.
+
+    Keys must be among `defaults` (a typo is an error); values take the type of their default."""
+    out = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in defaults:
+            raise ValueError(f"unknown config arg {key!r} in {arg!r}; expected some of {sorted(defaults)}")
+        default = defaults[key]
+        if not _:  # a bare flag such as 'smoke'
+            out[key] = True
+        elif isinstance(default, bool):
+            out[key] = value.strip().lower() in ("1", "true", "yes")
+        else:
+            out[key] = type(default)(value.strip())
+    return out
+
+
+def diffusion_config(loss: str, *, schedule: str = "loglinear", process: str = "absorbing", **schedule_kwargs):
+    c = ml_collections.ConfigDict()
+    c.loss = loss  # one of ddlm.losses.LOSSES: mdlm | d3pm | sedd_absorb | sedd_uniform | radd | bd3lm | ar
+    c.schedule = schedule  # ddlm.schedules.get_schedule name: loglinear | linear | cosine | polynomial | geometric
+    c.schedule_kwargs = ml_collections.ConfigDict(schedule_kwargs or {"eps": 1e-3})  # that schedule's parameters
+    c.process = process  # forward corruption: 'absorbing' (mask) | 'uniform'; used by samplers
+    c.num_steps = 0  # discrete-time steps T for 'd3pm' (0 = continuous time)
+    c.antithetic = True  # low-discrepancy (antithetic) time sampling in the loss
+    return c
+
+
+def optim_config(*, lr: float = 3e-4, warmup_steps: int = 2500, decay: str = "constant"):
+    c = ml_collections.ConfigDict()
+    c.name = "adamw"  # the only optimizer
+    c.lr = lr  # peak learning rate
+    c.warmup_steps = warmup_steps  # linear warmup from 0
+    c.decay = decay  # after warmup: 'constant' (MDLM/SEDD) | 'cosine'
+    c.min_lr_ratio = 0.1  # cosine floor, as a fraction of lr
+    c.b1 = 0.9
+    c.b2 = 0.999
+    c.eps = 1e-8
+    c.weight_decay = 0.0  # AdamW decoupled weight decay on matrices only
+    c.grad_clip = 1.0  # global-norm clipping (0 = off)
+    c.grad_accum_steps = 1  # micro-batches per update (scan in the train step); divides train.batch_size
+    c.ema_decay = 0.9999  # EMA of the parameters, used for eval and sampling
+    return c
+
+
+def mesh_config(*, data: int = -1, fsdp: int = 1, tensor: int = 1):
+    c = ml_collections.ConfigDict()
+    c.data = data  # pure data parallelism; -1 = all devices not used by fsdp * tensor
+    c.fsdp = fsdp  # data parallelism with parameters and optimizer state sharded (ZeRO-3 style)
+    c.tensor = tensor  # tensor (model) parallelism over heads / mlp / vocab
+    return c
+
+
+def train_config(*, steps: int, batch_size: int, seq_len: int):
+    c = ml_collections.ConfigDict()
+    c.steps = steps  # optimizer updates in total
+    c.batch_size = batch_size  # global sequences per update
+    c.seq_len = seq_len  # tokens per sequence
+    c.eval_batch_size = batch_size  # global sequences per eval batch
+    c.eval_batches = 16  # validation batches per eval (the same ones each time)
+    c.log_every = 100  # steps between progress lines / train metrics
+    c.eval_every = 5000  # steps between evals (0 = only at the end)
+    c.ckpt_every = 5000  # steps between checkpoints (0 = only at the end)
+    c.keep_checkpoints = 3  # checkpoints kept on disk
+    c.async_checkpoints = True  # write checkpoints in the background
+    c.seed = 0  # parameter init, data order and every random draw derive from it
+    c.nan_policy = "stop"  # non-finite loss/grads: 'stop' (error; last good checkpoint kept) | 'skip' the update
+    c.peak_flops_per_device = 0.0  # for the MFU estimate; 0 = look up the device kind
+    c.sample_at_end = False  # write samples (ddlm.sampling.cli.run_sampling) after training
+    return c
+
+
+def sampler_config(*, name: str = "ancestral", steps: int = 128):
+    c = ml_collections.ConfigDict()
+    c.name = name  # sampler: ancestral | ... (see ddlm.sampling)
+    c.steps = steps  # denoising steps
+    c.num_samples = 8  # sequences to generate
+    c.batch_size = 8  # sequences per sampling call
+    c.seq_len = 0  # generated length; 0 = train.seq_len
+    c.prompt = ""  # text the samples start with (prefix conditioning)
+    c.infill = ""  # text with the mask placeholder to fill in ('' = none)
+    c.temperature = 1.0  # softmax temperature of the denoiser
+    c.top_p = 1.0  # nucleus sampling mass (1 = off)
+    c.seed = 0  # sampling randomness
+    c.use_ema = True  # sample with the EMA parameters
+    return c
+
+
+def base_config(*, model, diffusion, data, optim, mesh, train, sampler) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = model
+    c.diffusion = diffusion
+    c.data = data
+    c.optim = optim
+    c.mesh = mesh
+    c.train = train
+    c.sampler = sampler
+    return c
+
+
+def data_config(**fields) -> ml_collections.ConfigDict:
+    """ddlm.data.pipeline.default_config() with `fields` set (each must already exist there)."""
+    from ddlm.data import pipeline
+
+    c = pipeline.default_config()
+    for key, value in fields.items():
+        if key not in c:
+            raise KeyError(f"data config has no field {key!r}; fields: {sorted(c.keys())}")
+        c[key] = value
+    return c
+
+
+def model_config(size: str, **fields) -> ml_collections.ConfigDict:
+    """ddlm.models.default_config(size) with `fields` set (each must already exist there)."""
+    from ddlm import models
+
+    c = models.default_config(size)
+    for key, value in fields.items():
+        if key not in c:
+            raise KeyError(f"model config has no field {key!r}; fields: {sorted(c.keys())}")
+        c[key] = value
+    return c
+
+
+def apply_smoke(config) -> None:
+    """Shrinks a config in place to a seconds-long CPU run (the `smoke` arg): tiny network, short
+    sequences, char-level Shakespeare, a few steps."""
+    m = config.model
+    m.num_layers, m.d_model, m.num_heads, m.mlp_dim, m.cond_dim = 1, 32, 2, 64, 16
+    m.dropout, m.dtype = 0.0, "float32"
+    m.block_size = min(m.block_size, 4)
+    config.data.corpus, config.data.tokenizer, config.data.vocab_size = "shakespeare", "char", 0
+    t = config.train
+    t.steps, t.batch_size, t.eval_batch_size, t.seq_len = 2, 8, 8, 16
+    t.eval_batches, t.log_every, t.eval_every, t.ckpt_every = 1, 1, 0, 0
+    t.sample_at_end = False
+    config.optim.warmup_steps = 1
+    config.sampler.steps, config.sampler.num_samples, config.sampler.batch_size = 4, 2, 2
+
+
+def openwebtext_config(
+    arg, *, loss: str, model_name: str = "dit", time_conditioning: bool = True, schedule: str = "loglinear",
+    schedule_kwargs=None, process: str = "absorbing", steps: int = 1_000_000, extra_args=None,
+):
+    """The MDLM/SEDD 'small' recipe on OpenWebText (GPT-2 tokenizer, L=1024, batch 512, AdamW 3e-4, 2.5k
+    warmup, constant LR, EMA 0.9999, dropout 0.1), for the loss `loss`. arg: size=small|medium|1b (and
+    tiny), smoke, plus `extra_args` ({name: default}). Returns (config, parsed args).
+
+    OpenWebText is read from jsonl/txt files under data/openwebtext (corpus 'local:data/openwebtext'),
+    e.g. `--config.data.corpus=local:/path/to/openwebtext`."""
+    a = parse_arg(arg, size="small", smoke=False, **(extra_args or {}))
+    model = model_config(a["size"], name=model_name, time_conditioning=time_conditioning)
+    config = base_config(
+        model=model,
+        diffusion=diffusion_config(loss, schedule=schedule, process=process, **(schedule_kwargs or {})),
+        data=data_config(corpus="local:data/openwebtext", tokenizer="gpt2"),
+        optim=optim_config(lr=3e-4, warmup_steps=2500, decay="constant"),
+        mesh=mesh_config(),
+        train=train_config(steps=steps, batch_size=512, seq_len=1024),
+        sampler=sampler_config(steps=1000),
+    )
+    if a["size"] in ("medium", "1b"):
+        config.mesh.fsdp = 8 if a["size"] == "1b" else 4  # shard params/opt state; needs >= that many devices
+        config.model.remat = True
+    return config, a

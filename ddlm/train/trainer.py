@@ -1,0 +1,424 @@
+"""The trainer: one linear loop, read top to bottom.
+
+    train_and_evaluate(config, workdir)   train (resuming from <workdir>/checkpoints), eval, checkpoint
+    evaluate(config, workdir)             eval the latest checkpoint's EMA parameters on the validation split
+
+Sections: setup (mesh, tokenizer, network, optimizer, sharded state) -> restore -> compile -> loop
+(train step, NaN policy, metrics and progress, eval, checkpoints) -> samples.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh
+
+from ddlm.train import checkpoint as checkpoint_lib
+from ddlm.train import metrics as metrics_lib
+from ddlm.train import optim, sharding, state as state_lib, step as step_lib
+from ddlm.train.sharding import ConfigError
+
+# Test hook: SIGKILL this process right after the checkpoint of this step is complete on disk.
+KILL_AFTER_CHECKPOINT_ENV = "DDLM_KILL_AFTER_CHECKPOINT_STEP"
+
+NAN_POLICIES = ("stop", "skip")
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss, gradient or update under train.nan_policy='stop'."""
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything the train and eval loops share, built once from the config."""
+
+    config: Any
+    mesh: Mesh
+    tokenizer: Any
+    model: nn.Module
+    loss_fn: step_lib.LossFn
+    tx: Any
+    lr_schedule: Any
+    init_state: Any  # () -> TrainState
+    state_shardings: Any
+    abstract_state: Any  # () -> TrainState of ShapeDtypeStructs with shardings
+    batch_sharding: Any
+
+    def context(self):
+        """Mesh and logical-axis rules in scope while tracing (for the model's activation constraints)."""
+        return _MeshContext(self.mesh)
+
+
+class _MeshContext:
+    def __init__(self, mesh):
+        self.mesh = mesh
+
+    def __enter__(self):
+        self._mesh_cm = jax.set_mesh(self.mesh)
+        self._mesh_cm.__enter__()
+        self._rules_cm = nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES)
+        self._rules_cm.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._rules_cm.__exit__(*exc)
+        self._mesh_cm.__exit__(*exc)
+        return False
+
+
+def validate_config(config, num_devices: int | None = None):
+    """Config errors that can be caught before any work; each raises ConfigError naming the field."""
+    t = config.train
+    if t.nan_policy not in NAN_POLICIES:
+        raise ConfigError(f"config.train.nan_policy must be one of {NAN_POLICIES}, got {t.nan_policy!r}")
+    if t.steps <= 0:
+        raise ConfigError(f"config.train.steps must be positive, got {t.steps}")
+    data, fsdp, _ = sharding.mesh_shape(config.mesh, num_devices or jax.device_count())
+    accum = config.optim.grad_accum_steps
+    if accum < 1:
+        raise ConfigError(f"config.optim.grad_accum_steps must be >= 1, got {accum}")
+    if t.batch_size % (data * fsdp * accum):
+        raise ConfigError(
+            f"config.train.batch_size={t.batch_size} must be divisible by mesh data*fsdp={data * fsdp} "
+            f"times optim.grad_accum_steps={accum}"
+        )
+    if t.eval_batch_size % (data * fsdp):
+        raise ConfigError(
+            f"config.train.eval_batch_size={t.eval_batch_size} must be divisible by mesh data*fsdp={data * fsdp}"
+        )
+    if config.diffusion.loss == "bd3lm" and t.seq_len % config.model.block_size:
+        raise ConfigError(
+            f"config.model.block_size={config.model.block_size} must divide config.train.seq_len={t.seq_len}"
+        )
+
+
+def build(config, devices=None) -> Setup:
+    """Mesh, tokenizer, network, optimizer and the sharded state's initialiser, from the config."""
+    from ddlm import models
+    from ddlm.data import tokenizers
+
+    devices = list(jax.devices() if devices is None else devices)
+    validate_config(config, len(devices))
+    mesh = sharding.make_mesh(config.mesh, devices)
+    tokenizer = tokenizers.get_tokenizer(config.data)
+    model = models.get_model(config.model, tokenizer.vocab_size)
+    loss_fn = step_lib.make_loss_fn(
+        model, config.diffusion, config.model, vocab_size=tokenizer.vocab_size, mask_id=tokenizer.mask_id
+    )
+    lr_schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
+    tx = optim.make_optimizer(config.optim, config.train.steps)
+    init_inputs = state_lib.model_init_inputs(
+        config.diffusion.loss, sharding.data_parallel_size(mesh), config.train.seq_len
+    )
+    # Initialisation is traced without the mesh in scope: the parameters' shardings come from the jit's
+    # out_shardings, and flax's DenseGeneral re-boxes a flattened kernel at init, which fails a rank check
+    # under an active mesh. The activation constraints matter in the train step, traced under the mesh.
+    init_state, shardings, abstract_state = state_lib.make_train_state(
+        model, tx, mesh, seed=config.train.seed, init_inputs=init_inputs
+    )
+    return Setup(
+        config=config,
+        mesh=mesh,
+        tokenizer=tokenizer,
+        model=model,
+        loss_fn=loss_fn,
+        tx=tx,
+        lr_schedule=lr_schedule,
+        init_state=init_state,
+        state_shardings=shardings,
+        abstract_state=abstract_state,
+        batch_sharding=sharding.batch_sharding(mesh),
+    )
+
+
+def jit_train_step(setup: Setup):
+    """The train step jitted once: state sharded as `state_shardings` and donated, batch over (data, fsdp).
+
+    The step's randomness is fold_in(state.rng, state.step): a resumed run draws the same keys."""
+    cfg = setup.config
+
+    def stepped(state, batch):
+        rng = jax.random.fold_in(state.rng, state.step)
+        return step_lib.train_step(
+            state,
+            batch,
+            rng,
+            loss_fn=setup.loss_fn,
+            tx=setup.tx,
+            lr_schedule=setup.lr_schedule,
+            accum_steps=cfg.optim.grad_accum_steps,
+            ema_decay=cfg.optim.ema_decay,
+        )
+
+    batch_sh = {"tokens": setup.batch_sharding, "loss_mask": setup.batch_sharding}
+    return jax.jit(
+        stepped,
+        in_shardings=(setup.state_shardings, batch_sh),
+        out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def compile_eval_step(setup: Setup):
+    """The eval step jitted and compiled for (params, validation batch, rng)."""
+    batch_sh = {"tokens": setup.batch_sharding, "loss_mask": setup.batch_sharding}
+    rep = sharding.replicated(setup.mesh)
+    jitted = jax.jit(
+        functools.partial(step_lib.eval_step, loss_fn=setup.loss_fn),
+        in_shardings=(setup.state_shardings.params, batch_sh, rep),
+        out_shardings=rep,
+    )
+    shape = (setup.config.train.eval_batch_size, setup.config.train.seq_len)
+    batch_abstract = {
+        "tokens": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=setup.batch_sharding),
+        "loss_mask": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=setup.batch_sharding),
+    }
+    rng_abstract = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)
+    return lower_with_mesh(setup, jitted, setup.abstract_state().params, batch_abstract, rng_abstract).compile()
+
+
+def lower_with_mesh(setup: Setup, jitted, *args):
+    """Traces `jitted` with the mesh and the rules in scope, so the network's logical activation
+    constraints become sharding constraints. If the network cannot be traced under a mesh (a
+    constraint of the wrong rank, say), falls back, with a warning, to tracing without: the in/out
+    shardings alone then drive XLA's sharding propagation."""
+    try:
+        with setup.context():
+            return jitted.lower(*args)
+    except ValueError as e:
+        if "with_sharding_constraint" not in str(e):
+            raise
+        logging.warning(
+            "The network's activation sharding constraints fail under the mesh (%s); tracing without "
+            "them: in/out shardings only.", str(e).splitlines()[0][:300],
+        )
+        return jitted.lower(*args)
+
+
+def make_iterator(setup: Setup, split: str, *, batch_size: int, num_epochs=None):
+    from ddlm.data import pipeline
+
+    cfg = setup.config
+    return pipeline.make_iterator(
+        cfg.data,
+        setup.tokenizer,
+        split=split,
+        global_batch_size=batch_size,
+        seq_len=cfg.train.seq_len,
+        seed=cfg.train.seed,
+        sharding=setup.batch_sharding,
+        num_epochs=num_epochs,
+    )
+
+
+def run_eval(setup: Setup, eval_step, params) -> dict:
+    """NELBO (nats/token), bits per token and the perplexity bound exp(NELBO) of `params` on the first
+    `train.eval_batches` validation batches (the same batches and the same noise every time)."""
+    cfg = setup.config
+    iterator = make_iterator(setup, "validation", batch_size=cfg.train.eval_batch_size, num_epochs=1)
+    base_key = np.asarray(jax.random.key_data(jax.random.key(cfg.train.seed + 1)))
+    rep = sharding.replicated(setup.mesh)
+    sums = []
+    for i in range(cfg.train.eval_batches):
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            break
+        rng = jax.device_put(np.asarray(jax.random.fold_in(base_key, i)), rep)
+        sums.append(eval_step(params, batch, rng))
+    if not sums:
+        raise ConfigError(
+            f"the validation split has no full batch of train.eval_batch_size={cfg.train.eval_batch_size} "
+            f"x train.seq_len={cfg.train.seq_len} tokens"
+        )
+    sums = jax.device_get(sums)
+    tokens = sum(float(s["tokens"]) for s in sums)
+    nelbo = sum(float(s["loss_sum"]) for s in sums) / max(tokens, 1.0)
+    return {
+        "nelbo": nelbo,
+        "bits_per_token": nelbo / math.log(2),
+        "perplexity_bound": math.exp(min(nelbo, 700.0)),
+        "tokens": tokens,
+    }
+
+
+def _log_memory(compiled):
+    try:
+        mem = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 -- not every backend reports it
+        mem = None
+    if mem is None:
+        return
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "generated_code_size_in_bytes")
+    parts = [f"{f.replace('_size_in_bytes', '')}={getattr(mem, f) / 2**20:.1f}MiB" for f in fields if hasattr(mem, f)]
+    logging.info("Compiled train step memory (per device): %s", ", ".join(parts))
+
+
+def _check_finite(metrics_host: dict, step: int, policy: str, checkpointer, skipped: list):
+    if metrics_host["finite"] >= 0.5:
+        return
+    detail = f"loss={metrics_host['loss']:.4g}, grad_norm={metrics_host['grad_norm']:.4g}"
+    if policy == "skip":
+        skipped.append(step)
+        logging.warning("Non-finite loss or gradients at step %d (%s): update skipped (%d so far).", step, detail, len(skipped))
+        return
+    steps = checkpointer.all_steps()
+    last = f"the last good checkpoint is step {steps[-1]}" if steps else "no checkpoint was written"
+    raise NonFiniteError(
+        f"non-finite loss or gradients at step {step} ({detail}); stopping, {last}. "
+        f"Set --config.train.nan_policy=skip to skip such steps instead."
+    )
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final eval metrics."""
+    # ---------------------------------------------------------------- setup
+    setup = build(config)
+    cfg = config.train
+    total = cfg.steps
+    logging.info("Mesh %s on %d devices (%s)", dict(setup.mesh.shape), setup.mesh.size, jax.devices()[0].device_kind)
+    writer = metrics_lib.MetricWriter(workdir)
+    checkpointer = checkpoint_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints
+    )
+    train_iter = make_iterator(setup, "train", batch_size=cfg.batch_size)
+
+    # ---------------------------------------------------------------- restore or initialise
+    state, restored = checkpointer.restore_latest(setup.abstract_state(), train_iter)
+    if state is None:
+        state = setup.init_state()
+        logging.info("No checkpoint in %s: initialised a new model.", checkpointer.directory)
+    else:
+        logging.info("Restored checkpoint from step %d (of %d).", restored, total)
+    start = int(jax.device_get(state.step))
+    from ddlm.models import flops_per_token
+
+    num_params = state_lib.count_params(state.params)
+    flops_per_tok = flops_per_token(config.model, setup.tokenizer.vocab_size, cfg.seq_len)
+    peak = metrics_lib.peak_flops_per_second(cfg.peak_flops_per_device)
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    logging.info("Model: %s, %s parameters, %.3g training FLOPs per token.", config.model.name, f"{num_params:,}", flops_per_tok)
+
+    # ---------------------------------------------------------------- compile
+    train_step = jit_train_step(setup)
+    eval_step = compile_eval_step(setup)
+    batch_abstract = {
+        k: jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), dt, sharding=setup.batch_sharding)
+        for k, dt in (("tokens", jnp.int32), ("loss_mask", jnp.float32))
+    }
+    t0 = time.time()
+    compiled = lower_with_mesh(setup, train_step, setup.abstract_state(), batch_abstract).compile()
+    logging.info("Compiled the train step in %.1fs.", time.time() - t0)
+    _log_memory(compiled)
+
+    # ---------------------------------------------------------------- loop
+    kill_after = int(os.environ.get(KILL_AFTER_CHECKPOINT_ENV, "0") or 0)
+    skipped: list[int] = []
+    pending = None  # (step, metrics) of the previous step, checked for finiteness one step late
+    window = []
+    t_window, steps_window = time.time(), 0
+    eval_metrics = {}
+    for step in range(start + 1, total + 1):
+        batch = next(train_iter)
+        state, metrics = compiled(state, batch)
+        if pending is not None:
+            _check_finite(jax.device_get(pending[1]), pending[0], cfg.nan_policy, checkpointer, skipped)
+        pending = (step, metrics)
+        window.append(metrics)
+        steps_window += 1
+
+        is_last = step == total
+        if step % cfg.log_every == 0 or is_last:
+            host = jax.device_get(window)
+            _check_finite(host[-1], step, cfg.nan_policy, checkpointer, skipped)
+            elapsed = time.time() - t_window
+            steps_per_s = steps_window / max(elapsed, 1e-9)
+            tokens_per_s = steps_per_s * tokens_per_step
+            mfu = flops_per_tok * tokens_per_s / peak
+            mean = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
+            mean.update(steps_per_s=steps_per_s, tokens_per_s=tokens_per_s, mfu=mfu, skipped_steps=len(skipped))
+            writer.write(step, "train", mean)
+            logging.info(metrics_lib.progress_line(step, total, mean["loss"], steps_per_s, tokens_per_s, mfu))
+            window, t_window, steps_window = [], time.time(), 0
+
+        if (cfg.eval_every and step % cfg.eval_every == 0) or is_last:
+            t_eval = time.time()
+            eval_metrics = run_eval(setup, eval_step, state.ema_params)
+            writer.write(step, "eval", eval_metrics)
+            logging.info(
+                "eval at step %d (EMA params): NELBO %.4f nats/token, %.4f bits/token, perplexity <= %.3f (%.1fs)",
+                step, eval_metrics["nelbo"], eval_metrics["bits_per_token"], eval_metrics["perplexity_bound"],
+                time.time() - t_eval,
+            )
+            t_window += time.time() - t_eval  # eval time is not training throughput
+
+        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or is_last:
+            _check_finite(jax.device_get(metrics), step, cfg.nan_policy, checkpointer, skipped)
+            checkpointer.save(step, state, train_iter, force=True)
+            if step == kill_after:
+                checkpointer.wait()
+                logging.warning("%s=%d: killing this process (test hook).", KILL_AFTER_CHECKPOINT_ENV, step)
+                writer.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    checkpointer.close()
+    writer.close()
+    if start >= total:
+        logging.info("Already trained to step %d of %d: nothing to do.", start, total)
+    if skipped:
+        logging.warning("Skipped %d non-finite steps: %s", len(skipped), skipped[:20])
+
+    # ---------------------------------------------------------------- samples
+    if cfg.sample_at_end:
+        run_sampling_if_available(config, workdir)
+    return eval_metrics
+
+
+def evaluate(config, workdir: str) -> dict:
+    """Evaluates the latest checkpoint's EMA parameters on the validation split (--mode=eval)."""
+    setup = build(config)
+    checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
+    state, step = checkpointer.restore_latest(setup.abstract_state())
+    if state is None:
+        raise ConfigError(f"no checkpoint in {checkpointer.directory}: train first (--mode=train)")
+    logging.info("Restored checkpoint from step %d.", step)
+    result = run_eval(setup, compile_eval_step(setup), state.ema_params)
+    writer = metrics_lib.MetricWriter(workdir)
+    writer.write(step, "eval", result)
+    writer.close()
+    checkpointer.close()
+    logging.info(
+        "eval at step %d (EMA params): NELBO %.4f nats/token, %.4f bits/token, perplexity <= %.3f",
+        step, result["nelbo"], result["bits_per_token"], result["perplexity_bound"],
+    )
+    return result
+
+
+def load_params(config, workdir: str, *, ema: bool = True, devices=None):
+    """(setup, params, step) of the latest checkpoint in `workdir`: what a sampler needs."""
+    setup = build(config, devices)
+    checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
+    state, step = checkpointer.restore_latest(setup.abstract_state())
+    checkpointer.close()
+    if state is None:
+        raise ConfigError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: train first (--mode=train)")
+    return setup, (state.ema_params if ema else state.params), step
+
+
+def run_sampling_if_available(config, workdir: str):
+    try:
+        from ddlm.sampling import cli as sampling_cli
+    except ImportError:
+        logging.warning("ddlm.sampling.cli is not available: no samples written.")
+        return None
+    return sampling_cli.run_sampling(config, workdir)
