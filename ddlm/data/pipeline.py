@@ -73,7 +73,9 @@ class _Tokenize:
         self.tok, self.text_field, self.where = tok, text_field, where
 
     def __call__(self, record) -> np.ndarray:
-        where = f"{self.where} document {record.get('id', b'?') if isinstance(record, dict) else '?'!r}"
+        doc_id = record.get("id", b"?") if isinstance(record, dict) else "?"
+        doc_id = doc_id.decode("utf-8", "replace") if isinstance(doc_id, bytes) else str(doc_id)
+        where = f"{self.where} document {doc_id!r}"
         text = corpora.decode_text(record, self.text_field, where)
         ids = np.asarray(self.tok.encode(text), dtype=np.int32)
         tokenizers_lib.check_token_ids(ids, self.tok, f"{where}, field {self.text_field!r}")
@@ -142,19 +144,21 @@ class _PackIterator(grain.DatasetIterator):
         L, B = self._ds.seq_len, self._ds.batch_size
         tokens = np.full([B, L], self._ds.pad_id, np.int32)
         mask = np.zeros([B, L], np.float32)
+        truncated = 0  # counted only once the batch is complete (rows of a dropped batch are dropped)
         for row in range(B):
             try:
                 doc = next(self._parent)
             except StopIteration:
                 self._end(int(mask.sum()))
             if len(doc) > L:
-                if self.truncated_tokens == 0:
-                    logging.warning("%s: truncating documents longer than seq_len=%d (counted in "
-                                    "truncated_tokens)", self._ds.where, L)
-                self.truncated_tokens += len(doc) - L
+                truncated += len(doc) - L
                 doc = doc[:L]
             tokens[row, : len(doc)] = doc
             mask[row, : len(doc)] = 1.0
+        if truncated and self.truncated_tokens == 0:
+            logging.warning("%s: truncating documents longer than seq_len=%d (counted in "
+                            "truncated_tokens)", self._ds.where, L)
+        self.truncated_tokens += truncated
         return {"tokens": tokens, "loss_mask": mask}
 
     def __next__(self):
@@ -284,7 +288,7 @@ def make_iterator(
     src = corpora.data_source(config, split)
     if len(src) < n_proc:
         raise ValueError(f"{where}: {len(src)} documents cannot be shared by {n_proc} processes")
-    if corpora.is_local_corpus(config.corpus):
+    if corpora.is_local_corpus(config.corpus) and config.packing == "wrap":
         prepared = corpora.prepare_corpus(config)
         name = corpora.split_name(config, split)
         if name in prepared.manifest["splits"]:
