@@ -1,9 +1,10 @@
 """Loss functions of discrete diffusion language models, as pure jittable functions.
 
-Every per-token loss takes the network output for a batch and returns float32 [batch, length]; the
+Every per-token loss takes the network output for a batch and returns [batch, length] in float32 (or
+float64 when given float64 inputs; bf16 network outputs are upcast, never used for the loss); the
 NELBO estimate per token is `masked_mean(per_token, loss_mask)`. Inputs:
 
-    logits / log_score: [batch, length, vocab]  (any float dtype; the loss is computed in float32)
+    logits / log_score: [batch, length, vocab]  (any float dtype; the loss is computed in >= float32)
     x0, xt:             int [batch, length]     clean and corrupted tokens
     t:                  [batch] or [batch, length] diffusion time in (0, 1)
 
@@ -51,9 +52,15 @@ def _check_logits(name: str, logits, x0):
     )
 
 
+def _at_least_f32(x):
+  """Upcast bf16/f16 to float32; keep float32/float64 as they are."""
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _per_token_time(t, x0, name="t"):
   """t: [B] or [B, L] -> float32 [B, L]."""
-  t = jnp.asarray(t, dtype=jnp.result_type(t, jnp.float32))
+  t = _at_least_f32(t)
   b, n = x0.shape
   if t.shape == (b,):
     return jnp.broadcast_to(t[:, None], (b, n))
@@ -74,10 +81,10 @@ def check_token_ids(tokens, vocab_size: int, name: str = "tokens", mask_id: int 
 
 def masked_mean(per_token, mask=None):
   """Mean of per_token [B, L] over positions where mask [B, L] is nonzero (all if mask is None)."""
-  per_token = per_token.astype(jnp.float32)
+  per_token = _at_least_f32(per_token)
   if mask is None:
     return jnp.mean(per_token)
-  mask = mask.astype(jnp.float32)
+  mask = mask.astype(per_token.dtype)
   if mask.shape != per_token.shape:
     raise ValueError(f"mask must have shape {tuple(per_token.shape)}, got {tuple(mask.shape)}")
   return jnp.sum(per_token * mask) / jnp.maximum(jnp.sum(mask), 1.0)
@@ -119,7 +126,7 @@ def subs_log_probs(logits, xt, mask_id: int):
 
   logits: [B, L, V]; xt: int [B, L]. Returns float32 log-probs [B, L, V] of x_0.
   """
-  logits = logits.astype(jnp.float32)
+  logits = _at_least_f32(logits)
   logits = logits.at[..., mask_id].set(NEG_INF)
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   carry = jnp.where(jax.nn.one_hot(xt, logits.shape[-1], dtype=bool), 0.0, NEG_INF)
@@ -186,7 +193,7 @@ def sedd_absorbing_log_score(logits, t, schedule: schedules_lib.Schedule):
   is reached when softmax-like logits are output. logits [B, L, V]; t [B] or [B, L]."""
   t = _per_token_time(t, jnp.zeros(logits.shape[:2], jnp.int32))
   shift = jnp.log(_expm1_sigma(schedule, t)) + math.log(logits.shape[-1] - 1)
-  return logits.astype(jnp.float32) - shift[..., None]
+  return _at_least_f32(logits) - shift[..., None]
 
 
 def score_entropy_absorbing_loss(log_score, x0, xt, t, schedule: schedules_lib.Schedule, mask_id: int):
@@ -202,7 +209,7 @@ def score_entropy_absorbing_loss(log_score, x0, xt, t, schedule: schedules_lib.S
   _check_tokens("xt", xt, x0.shape)
   is_masked = xt == mask_id
   # Scores at unmasked positions are unused: zero them so exp() cannot overflow into the gradient.
-  log_score = jnp.where(is_masked[..., None], log_score.astype(jnp.float32), 0.0)
+  log_score = jnp.where(is_masked[..., None], _at_least_f32(log_score), 0.0)
   t = _per_token_time(t, x0)
   esigm1 = jnp.where(is_masked, _expm1_sigma(schedule, t), 1.0)
   ratio = 1.0 / esigm1
@@ -226,7 +233,7 @@ def score_entropy_uniform_loss(log_score, x0, xt, t, schedule: schedules_lib.Sch
   """
   _check_logits("log_score", log_score, x0)
   _check_tokens("xt", xt, x0.shape)
-  log_score = log_score.astype(jnp.float32)
+  log_score = _at_least_f32(log_score)
   n = log_score.shape[-1]
   t = _per_token_time(t, x0)[..., None]
   # Floor at a tiny positive value: at t = 0 of a schedule with sigma(0) = 0, V / esigm1 stays finite.
@@ -264,7 +271,7 @@ def radd_any_order_loss(logits, x0, xt, mask_id: int):
   k is read off x_t (number of masked positions per sequence). Returns float32 [B, L]."""
   nll = _masked_nll(logits, x0, xt, mask_id)
   n = x0.shape[1]
-  k = jnp.sum(xt == mask_id, axis=1, keepdims=True).astype(jnp.float32)
+  k = jnp.sum(xt == mask_id, axis=1, keepdims=True).astype(nll.dtype)
   return nll * n / jnp.maximum(k, 1.0)
 
 
@@ -311,7 +318,7 @@ def block_diffusion_loss(logits, x0, xt, t_blocks, schedule: schedules_lib.Sched
 def autoregressive_loss(logits, tokens):
   """Next-token cross-entropy: logits[:, i] predicts tokens[:, i + 1]. Returns float32 [B, L - 1]."""
   _check_logits("logits", logits, tokens)
-  log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  log_probs = jax.nn.log_softmax(_at_least_f32(logits[:, :-1]), axis=-1)
   return -_gather(log_probs, tokens[:, 1:])
 
 
