@@ -101,7 +101,7 @@ def _gather(values, ids):
 
 
 def sample_times(rng, batch_size: int, antithetic: bool = True, dtype=jnp.float32):
-  """t [batch_size] in [0, 1): i.i.d. uniform, or low-discrepancy (VDM app. I.1, MD4):
+  """t [batch_size] in [0, 1): i.i.d. uniform, or low-discrepancy (VDM's and MD4's variance reduction):
   t_i = (u + i / B) mod 1 with one shared u ~ U[0, 1): each t_i is still U[0, 1), so estimators stay
   unbiased, while the batch covers [0, 1) evenly."""
   if not antithetic:
@@ -121,7 +121,7 @@ def discretize_times(t, num_steps: int):
 
 
 def subs_log_probs(logits, xt, mask_id: int):
-  """MDLM's SUBS parameterisation (MDLM sec. 3.2.3): zero probability on the mask ("zero masking
+  """MDLM's SUBS parameterisation (MDLM, 'SUBS'): zero probability on the mask ("zero masking
   probabilities") and unmasked tokens copied through ("carry-over unmasking").
 
   logits: [B, L, V]; xt: int [B, L]. Returns float32 log-probs [B, L, V] of x_0.
@@ -148,7 +148,7 @@ def _masked_nll(logits, x0, xt, mask_id):
 
 
 def mdlm_loss(logits, x0, xt, t, schedule: schedules_lib.Schedule, mask_id: int):
-  """Continuous-time masked diffusion NELBO per token (MDLM eq. 10, MD4 eq. 5):
+  """Continuous-time masked diffusion NELBO per token (MDLM eq. 10; MD4's continuous-time ELBO):
 
       L = E_{t ~ U[0,1]} E_{x_t} [ -alpha'(t) / (1 - alpha(t)) * sum_{l: x_t^l = mask} -log p_theta(x_0^l | x_t) ]
 
@@ -161,7 +161,7 @@ def mdlm_loss(logits, x0, xt, t, schedule: schedules_lib.Schedule, mask_id: int)
 
 
 def d3pm_absorbing_loss(logits, x0, xt, t, schedule: schedules_lib.Schedule, mask_id: int, num_steps: int):
-  """Discrete-time masked diffusion NELBO with T = num_steps steps (D3PM absorbing; MDLM eq. 8, MD4 eq. 4):
+  """Discrete-time masked diffusion NELBO with T = num_steps steps (D3PM absorbing; MDLM's and MD4's discrete-time ELBO):
 
       L_T = sum_{k=1..T} E_{x_{t(k)}} [ (alpha(s) - alpha(t)) / (1 - alpha(t)) sum_{masked l} -log p_theta(x_0^l | x_t) ],
       t = k/T, s = (k-1)/T,
@@ -197,7 +197,7 @@ def sedd_absorbing_log_score(logits, t, schedule: schedules_lib.Schedule):
 
 
 def score_entropy_absorbing_loss(log_score, x0, xt, t, schedule: schedules_lib.Schedule, mask_id: int):
-  """Denoising score entropy on the absorbing graph (SEDD eq. 9 with Q^absorb; SEDD `graph_lib.Absorbing`):
+  """Denoising score entropy on the absorbing graph (SEDD's L_DSE with Q^absorb; SEDD `graph_lib.Absorbing`):
 
       L = E_t E_{x_t} [ sigma'(t) sum_{l: x_t^l = mask} ( sum_{y != mask} s_y - r log s_{x_0^l} + K(r) ) ]
 
@@ -223,7 +223,7 @@ def score_entropy_absorbing_loss(log_score, x0, xt, t, schedule: schedules_lib.S
 
 
 def score_entropy_uniform_loss(log_score, x0, xt, t, schedule: schedules_lib.Schedule):
-  """Denoising score entropy on the uniform graph (SEDD eq. 9 with Q^uniform = 1/V 11^T - I; SEDD `graph_lib.Uniform`):
+  """Denoising score entropy on the uniform graph (SEDD's L_DSE with Q^uniform = 1/V 11^T - I; SEDD `graph_lib.Uniform`):
 
       L = E_t E_{x_t} [ sigma'(t)/V sum_l sum_{y != x_t^l} ( s_y - r_y log s_y + K(r_y) ) ]
 
@@ -250,13 +250,13 @@ def score_entropy_uniform_loss(log_score, x0, xt, t, schedule: schedules_lib.Sch
 
 
 def radd_loss(logits, x0, xt, mask_rate, mask_id: int):
-  """RADD's time-agnostic lambda-DCE loss (RADD Thm. 2, eq. 14): with each token masked independently
+  """RADD's time-agnostic lambda-DCE loss (RADD, 'lambda-DCE'): with each token masked independently
   with probability lambda ~ U[0, 1] and a network without time input,
 
       L = E_lambda E_{x^lambda} [ 1/lambda sum_{masked l} -log p_theta(x_0^l | x^lambda) ].
 
   It equals the SEDD absorbing loss under the score reparameterisation s = alpha/(1-alpha) p_theta(x_0 | x_t)
-  (RADD Thm. 1), and the MDLM loss with alpha = 1 - lambda. mask_rate: lambda [B] or [B, L]. Returns [B, L].
+  (RADD's reparameterisation theorem), and the MDLM loss with alpha = 1 - lambda. mask_rate: lambda [B] or [B, L]. Returns [B, L].
   """
   nll = _masked_nll(logits, x0, xt, mask_id)
   lam = _per_token_time(mask_rate, x0, "mask_rate")
@@ -264,7 +264,7 @@ def radd_loss(logits, x0, xt, mask_rate, mask_id: int):
 
 
 def radd_any_order_loss(logits, x0, xt, mask_id: int):
-  """RADD's any-order (AO-ARM) form (RADD eq. 15): with k ~ U{1..L} and k positions masked uniformly,
+  """RADD's any-order (AO-ARM) form (RADD, 'AO-ARM' equivalence): with k ~ U{1..L} and k positions masked uniformly,
 
       L = E_k E_{x^(k)} [ L/k sum_{masked l} -log p_theta(x_0^l | x^(k)) ].
 
@@ -301,7 +301,7 @@ def block_times_to_tokens(t_blocks, block_size: int, length: int):
 
 
 def block_diffusion_loss(logits, x0, xt, t_blocks, schedule: schedules_lib.Schedule, mask_id: int, block_size: int):
-  """Block diffusion NELBO (BD3-LM eq. 6 / `diffusion.py` `_loss`): the sequence is cut into blocks of
+  """Block diffusion NELBO (BD3-LM's block NELBO; kuleshov-group/bd3lms `diffusion.py`): the sequence is cut into blocks of
   block_size tokens; block b is noised with its own t_b and denoised given the clean blocks < b:
 
       L = sum_b E_{t_b} E_{x_t^b} [ -alpha'(t_b)/(1 - alpha(t_b)) sum_{masked l in b} -log p_theta(x_0^l | x_t^b, x_0^{<b}) ].

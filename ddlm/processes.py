@@ -2,7 +2,7 @@
 
 Both act on each token independently. With keep-probability alpha_t = alpha(t) from a schedule:
 
-    absorbing:  q(x_t | x_0) = alpha_t 1[x_t = x_0] + (1 - alpha_t) 1[x_t = mask]      (MDLM eq. 2)
+    absorbing:  q(x_t | x_0) = alpha_t 1[x_t = x_0] + (1 - alpha_t) 1[x_t = mask]      (MDLM, MD4)
     uniform:    q(x_t | x_0) = alpha_t 1[x_t = x_0] + (1 - alpha_t) / V                (SEDD "Uniform" graph)
 
 The uniform graph is the continuous-time chain with rate sigma'(t) (1/V 11^T - I), whose transition
@@ -63,7 +63,7 @@ class AbsorbingProcess:
     return a * one_hot + (1.0 - a) * mask
 
   def posterior_probs(self, x0_probs, xt, alpha_s, alpha_t):
-    """q(x_s | x_t, x_0) averaged over x_0 ~ x0_probs (MDLM eq. 4 with the SUBS parameterisation).
+    """q(x_s | x_t, x_0) averaged over x_0 ~ x0_probs (MDLM's reverse step with the SUBS parameterisation).
 
     x0_probs: [B, L, V] (any mass on mask_id is removed and the rest renormalised);
     xt: int [B, L]. A masked token is revealed as x_0 with probability (alpha_s - alpha_t) / (1 - alpha_t)

@@ -8,14 +8,14 @@ that the forward process has per-token rate sigma'(t) (SEDD's convention: Q_t = 
 Every schedule is a small frozen dataclass (hashable, so it can be a static argument of `jax.jit`)
 with four pure methods of a float array t:
 
-    alpha(t)   keep probability                      MDLM eq. 2 / MD4 eq. 1
+    alpha(t)   keep probability                      MDLM / MD4 alpha_t
     dalpha(t)  d alpha / d t                         (negative)
     sigma(t)   -log alpha(t)                         SEDD's "total noise"
     dsigma(t)  d sigma / d t = -alpha'(t) / alpha(t) SEDD's "rate noise"
 
 plus `t_from_alpha(a)`, the inverse of alpha, used by samplers that draw unmasking times.
 
-The masked-diffusion NELBO weight is -alpha'(t) / (1 - alpha(t)) (MDLM eq. 10, MD4 eq. 5).
+The masked-diffusion NELBO weight is -alpha'(t) / (1 - alpha(t)) (MDLM eq. 10, MD4).
 
 Conventions checked against the public reference implementations:
   * LogLinearSchedule: kuleshov-group/mdlm `noise_schedule.LogLinearNoise` and
