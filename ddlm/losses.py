@@ -37,62 +37,62 @@ NEG_INF = -1e6
 
 
 def _check_tokens(name: str, x, like_shape=None):
-  if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.integer):
-    raise ValueError(f"{name} must be int [batch, length], got {x.dtype} {tuple(x.shape)}")
-  if like_shape is not None and tuple(x.shape) != tuple(like_shape):
-    raise ValueError(f"{name} must have shape {tuple(like_shape)} [batch, length], got {tuple(x.shape)}")
+    if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.integer):
+        raise ValueError(f"{name} must be int [batch, length], got {x.dtype} {tuple(x.shape)}")
+    if like_shape is not None and tuple(x.shape) != tuple(like_shape):
+        raise ValueError(f"{name} must have shape {tuple(like_shape)} [batch, length], got {tuple(x.shape)}")
 
 
 def _check_logits(name: str, logits, x0):
-  _check_tokens("x0", x0)
-  if logits.ndim != 3 or tuple(logits.shape[:2]) != tuple(x0.shape):
-    raise ValueError(
-        f"{name} must be [batch, length, vocab] with [batch, length] = {tuple(x0.shape)}, "
-        f"got {tuple(logits.shape)}"
-    )
+    _check_tokens("x0", x0)
+    if logits.ndim != 3 or tuple(logits.shape[:2]) != tuple(x0.shape):
+        raise ValueError(
+            f"{name} must be [batch, length, vocab] with [batch, length] = {tuple(x0.shape)}, "
+            f"got {tuple(logits.shape)}"
+        )
 
 
 def _at_least_f32(x):
-  """Upcast bf16/f16 to float32; keep float32/float64 as they are."""
-  x = jnp.asarray(x)
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    """Upcast bf16/f16 to float32; keep float32/float64 as they are."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _per_token_time(t, x0, name="t"):
-  """t: [B] or [B, L] -> float32 [B, L]."""
-  t = _at_least_f32(t)
-  b, n = x0.shape
-  if t.shape == (b,):
-    return jnp.broadcast_to(t[:, None], (b, n))
-  if t.shape == (b, n):
-    return t
-  raise ValueError(f"{name} must be [batch] = ({b},) or [batch, length] = ({b}, {n}), got {tuple(t.shape)}")
+    """t: [B] or [B, L] -> float32 [B, L]."""
+    t = _at_least_f32(t)
+    b, n = x0.shape
+    if t.shape == (b,):
+        return jnp.broadcast_to(t[:, None], (b, n))
+    if t.shape == (b, n):
+        return t
+    raise ValueError(f"{name} must be [batch] = ({b},) or [batch, length] = ({b}, {n}), got {tuple(t.shape)}")
 
 
 def check_token_ids(tokens, vocab_size: int, name: str = "tokens", mask_id: int | None = None):
-  """Opt-in runtime check (inside `checkify.checkify`) that ids are in [0, vocab_size) and not mask_id."""
-  checkify.check(
-      jnp.all((tokens >= 0) & (tokens < vocab_size)),
-      f"{name}: token ids must be in [0, {vocab_size})",
-  )
-  if mask_id is not None:
-    checkify.check(jnp.all(tokens != mask_id), f"{name}: clean data contains the mask id {mask_id}")
+    """Opt-in runtime check (inside `checkify.checkify`) that ids are in [0, vocab_size) and not mask_id."""
+    checkify.check(
+        jnp.all((tokens >= 0) & (tokens < vocab_size)),
+        f"{name}: token ids must be in [0, {vocab_size})",
+    )
+    if mask_id is not None:
+        checkify.check(jnp.all(tokens != mask_id), f"{name}: clean data contains the mask id {mask_id}")
 
 
 def masked_mean(per_token, mask=None):
-  """Mean of per_token [B, L] over positions where mask [B, L] is nonzero (all if mask is None)."""
-  per_token = _at_least_f32(per_token)
-  if mask is None:
-    return jnp.mean(per_token)
-  mask = mask.astype(per_token.dtype)
-  if mask.shape != per_token.shape:
-    raise ValueError(f"mask must have shape {tuple(per_token.shape)}, got {tuple(mask.shape)}")
-  return jnp.sum(per_token * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    """Mean of per_token [B, L] over positions where mask [B, L] is nonzero (all if mask is None)."""
+    per_token = _at_least_f32(per_token)
+    if mask is None:
+        return jnp.mean(per_token)
+    mask = mask.astype(per_token.dtype)
+    if mask.shape != per_token.shape:
+        raise ValueError(f"mask must have shape {tuple(per_token.shape)}, got {tuple(mask.shape)}")
+    return jnp.sum(per_token * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def _gather(values, ids):
-  """values [B, L, V], ids [B, L] -> values[b, l, ids[b, l]] as [B, L]."""
-  return jnp.take_along_axis(values, ids[..., None], axis=-1)[..., 0]
+    """values [B, L, V], ids [B, L] -> values[b, l, ids[b, l]] as [B, L]."""
+    return jnp.take_along_axis(values, ids[..., None], axis=-1)[..., 0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,18 +101,18 @@ def _gather(values, ids):
 
 
 def sample_times(rng, batch_size: int, antithetic: bool = True, dtype=jnp.float32):
-  """t [batch_size] in [0, 1): i.i.d. uniform, or low-discrepancy (VDM's and MD4's variance reduction):
-  t_i = (u + i / B) mod 1 with one shared u ~ U[0, 1): each t_i is still U[0, 1), so estimators stay
-  unbiased, while the batch covers [0, 1) evenly."""
-  if not antithetic:
-    return jax.random.uniform(rng, (batch_size,), dtype=dtype)
-  u = jax.random.uniform(rng, (), dtype=dtype)
-  return jnp.mod(u + jnp.arange(batch_size, dtype=dtype) / batch_size, 1.0)
+    """t [batch_size] in [0, 1): i.i.d. uniform, or low-discrepancy (VDM's and MD4's variance reduction):
+    t_i = (u + i / B) mod 1 with one shared u ~ U[0, 1): each t_i is still U[0, 1), so estimators stay
+    unbiased, while the batch covers [0, 1) evenly."""
+    if not antithetic:
+        return jax.random.uniform(rng, (batch_size,), dtype=dtype)
+    u = jax.random.uniform(rng, (), dtype=dtype)
+    return jnp.mod(u + jnp.arange(batch_size, dtype=dtype) / batch_size, 1.0)
 
 
 def discretize_times(t, num_steps: int):
-  """Maps t in [0, 1) to the grid {1/T, ..., 1}: k = floor(t T) + 1, uniform over k if t is uniform."""
-  return (jnp.floor(t * num_steps) + 1.0) / num_steps
+    """Maps t in [0, 1) to the grid {1/T, ..., 1}: k = floor(t T) + 1, uniform over k if t is uniform."""
+    return (jnp.floor(t * num_steps) + 1.0) / num_steps
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,60 +121,60 @@ def discretize_times(t, num_steps: int):
 
 
 def subs_log_probs(logits, xt, mask_id: int):
-  """MDLM's SUBS parameterisation (MDLM, 'SUBS'): zero probability on the mask ("zero masking
-  probabilities") and unmasked tokens copied through ("carry-over unmasking").
+    """MDLM's SUBS parameterisation (MDLM, 'SUBS'): zero probability on the mask ("zero masking
+    probabilities") and unmasked tokens copied through ("carry-over unmasking").
 
-  logits: [B, L, V]; xt: int [B, L]. Returns float32 log-probs [B, L, V] of x_0.
-  """
-  logits = _at_least_f32(logits)
-  logits = logits.at[..., mask_id].set(NEG_INF)
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
-  carry = jnp.where(jax.nn.one_hot(xt, logits.shape[-1], dtype=bool), 0.0, NEG_INF)
-  return jnp.where((xt == mask_id)[..., None], log_probs, carry)
+    logits: [B, L, V]; xt: int [B, L]. Returns float32 log-probs [B, L, V] of x_0.
+    """
+    logits = _at_least_f32(logits)
+    logits = logits.at[..., mask_id].set(NEG_INF)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    carry = jnp.where(jax.nn.one_hot(xt, logits.shape[-1], dtype=bool), 0.0, NEG_INF)
+    return jnp.where((xt == mask_id)[..., None], log_probs, carry)
 
 
 def _masked_weight(is_masked, weight):
-  """The weight where a token is masked, else exactly 0: keeps an infinite weight at t = 0 (where no
-  token is masked) out of both the loss and its gradient (0 * inf would be NaN)."""
-  return jnp.where(is_masked, weight, 0.0)
+    """The weight where a token is masked, else exactly 0: keeps an infinite weight at t = 0 (where no
+    token is masked) out of both the loss and its gradient (0 * inf would be NaN)."""
+    return jnp.where(is_masked, weight, 0.0)
 
 
 def _masked_nll(logits, x0, xt, mask_id):
-  """-log p_theta(x_0 | x_t) at masked positions, 0 elsewhere: float32 [B, L]."""
-  _check_logits("logits", logits, x0)
-  _check_tokens("xt", xt, x0.shape)
-  nll = -_gather(subs_log_probs(logits, xt, mask_id), x0)
-  return jnp.where(xt == mask_id, nll, 0.0)
+    """-log p_theta(x_0 | x_t) at masked positions, 0 elsewhere: float32 [B, L]."""
+    _check_logits("logits", logits, x0)
+    _check_tokens("xt", xt, x0.shape)
+    nll = -_gather(subs_log_probs(logits, xt, mask_id), x0)
+    return jnp.where(xt == mask_id, nll, 0.0)
 
 
 def mdlm_loss(logits, x0, xt, t, schedule: schedules_lib.Schedule, mask_id: int):
-  """Continuous-time masked diffusion NELBO per token (MDLM eq. 10; MD4's continuous-time ELBO):
+    """Continuous-time masked diffusion NELBO per token (MDLM eq. 10; MD4's continuous-time ELBO):
 
-      L = E_{t ~ U[0,1]} E_{x_t} [ -alpha'(t) / (1 - alpha(t)) * sum_{l: x_t^l = mask} -log p_theta(x_0^l | x_t) ]
+        L = E_{t ~ U[0,1]} E_{x_t} [ -alpha'(t) / (1 - alpha(t)) * sum_{l: x_t^l = mask} -log p_theta(x_0^l | x_t) ]
 
-  For the log-linear schedule the weight is 1/t (MDLM's `dsigma / expm1(sigma)`). Unbiased for the
-  NELBO when t ~ U[0, 1] and x_t ~ q(x_t | x_0). Returns float32 [B, L].
-  """
-  nll = _masked_nll(logits, x0, xt, mask_id)
-  t = _per_token_time(t, x0)
-  return _masked_weight(xt == mask_id, schedule.mdlm_weight(t)) * nll
+    For the log-linear schedule the weight is 1/t (MDLM's `dsigma / expm1(sigma)`). Unbiased for the
+    NELBO when t ~ U[0, 1] and x_t ~ q(x_t | x_0). Returns float32 [B, L].
+    """
+    nll = _masked_nll(logits, x0, xt, mask_id)
+    t = _per_token_time(t, x0)
+    return _masked_weight(xt == mask_id, schedule.mdlm_weight(t)) * nll
 
 
 def d3pm_absorbing_loss(logits, x0, xt, t, schedule: schedules_lib.Schedule, mask_id: int, num_steps: int):
-  """Discrete-time masked diffusion NELBO with T = num_steps steps (D3PM absorbing; MDLM's and MD4's discrete-time ELBO):
+    """Discrete-time masked diffusion NELBO with T = num_steps steps (D3PM absorbing; MDLM's and MD4's discrete-time ELBO):
 
-      L_T = sum_{k=1..T} E_{x_{t(k)}} [ (alpha(s) - alpha(t)) / (1 - alpha(t)) sum_{masked l} -log p_theta(x_0^l | x_t) ],
-      t = k/T, s = (k-1)/T,
+        L_T = sum_{k=1..T} E_{x_{t(k)}} [ (alpha(s) - alpha(t)) / (1 - alpha(t)) sum_{masked l} -log p_theta(x_0^l | x_t) ],
+        t = k/T, s = (k-1)/T,
 
-  the KL between the exact posterior and the SUBS reverse step. Estimated with k ~ U{1..T} as
-  T * (term at k): pass t on the grid (`discretize_times`). Assumes alpha(0) = 1 (no reconstruction
-  term). L_T >= the continuous bound and decreases towards it as T doubles. Returns float32 [B, L].
-  """
-  nll = _masked_nll(logits, x0, xt, mask_id)
-  t = _per_token_time(t, x0)
-  s = t - 1.0 / num_steps
-  a_t, a_s = schedule.alpha(t), schedule.alpha(s)
-  return _masked_weight(xt == mask_id, num_steps * (a_s - a_t) / (1.0 - a_t)) * nll
+    the KL between the exact posterior and the SUBS reverse step. Estimated with k ~ U{1..T} as
+    T * (term at k): pass t on the grid (`discretize_times`). Assumes alpha(0) = 1 (no reconstruction
+    term). L_T >= the continuous bound and decreases towards it as T doubles. Returns float32 [B, L].
+    """
+    nll = _masked_nll(logits, x0, xt, mask_id)
+    t = _per_token_time(t, x0)
+    s = t - 1.0 / num_steps
+    a_t, a_s = schedule.alpha(t), schedule.alpha(s)
+    return _masked_weight(xt == mask_id, num_steps * (a_s - a_t) / (1.0 - a_t)) * nll
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,105 +183,105 @@ def d3pm_absorbing_loss(logits, x0, xt, t, schedule: schedules_lib.Schedule, mas
 
 
 def _expm1_sigma(schedule, t):
-  """e^sigma - 1 computed stably (SEDD's `esigm1`): equals (1 - alpha) / alpha."""
-  return jnp.expm1(schedule.sigma(t))
+    """e^sigma - 1 computed stably (SEDD's `esigm1`): equals (1 - alpha) / alpha."""
+    return jnp.expm1(schedule.sigma(t))
 
 
 def sedd_absorbing_log_score(logits, t, schedule: schedules_lib.Schedule):
-  """SEDD's absorbing parameterisation (SEDD `model/transformer.py`, scale_by_sigma): the network output
-  is shifted by -log(e^sigma - 1) - log(V - 1), so the score p_t(y)/p_t(x_t) = alpha/(1-alpha) * p(x_0 = y | x_t)
-  is reached when softmax-like logits are output. logits [B, L, V]; t [B] or [B, L]."""
-  t = _per_token_time(t, jnp.zeros(logits.shape[:2], jnp.int32))
-  shift = jnp.log(_expm1_sigma(schedule, t)) + math.log(logits.shape[-1] - 1)
-  return _at_least_f32(logits) - shift[..., None]
+    """SEDD's absorbing parameterisation (SEDD `model/transformer.py`, scale_by_sigma): the network output
+    is shifted by -log(e^sigma - 1) - log(V - 1), so the score p_t(y)/p_t(x_t) = alpha/(1-alpha) * p(x_0 = y | x_t)
+    is reached when softmax-like logits are output. logits [B, L, V]; t [B] or [B, L]."""
+    t = _per_token_time(t, jnp.zeros(logits.shape[:2], jnp.int32))
+    shift = jnp.log(_expm1_sigma(schedule, t)) + math.log(logits.shape[-1] - 1)
+    return _at_least_f32(logits) - shift[..., None]
 
 
 def score_entropy_absorbing_loss(log_score, x0, xt, t, schedule: schedules_lib.Schedule, mask_id: int):
-  """Denoising score entropy on the absorbing graph (SEDD's L_DSE with Q^absorb; SEDD `graph_lib.Absorbing`):
+    """Denoising score entropy on the absorbing graph (SEDD's L_DSE with Q^absorb; SEDD `graph_lib.Absorbing`):
 
-      L = E_t E_{x_t} [ sigma'(t) sum_{l: x_t^l = mask} ( sum_{y != mask} s_y - r log s_{x_0^l} + K(r) ) ]
+        L = E_t E_{x_t} [ sigma'(t) sum_{l: x_t^l = mask} ( sum_{y != mask} s_y - r log s_{x_0^l} + K(r) ) ]
 
-  with s = exp(log_score) the estimated ratios p_t(x_t^{l<-y}) / p_t(x_t), r = alpha/(1-alpha) = 1/(e^sigma - 1)
-  the true conditional ratio, and K(r) = r (log r - 1) making each term >= 0 (0 iff s_{x_0} = r, other s = 0).
-  The forward rate from a token to the mask is sigma'(t). Returns float32 [B, L].
-  """
-  _check_logits("log_score", log_score, x0)
-  _check_tokens("xt", xt, x0.shape)
-  is_masked = xt == mask_id
-  # Scores at unmasked positions are unused: zero them so exp() cannot overflow into the gradient.
-  log_score = jnp.where(is_masked[..., None], _at_least_f32(log_score), 0.0)
-  t = _per_token_time(t, x0)
-  esigm1 = jnp.where(is_masked, _expm1_sigma(schedule, t), 1.0)
-  ratio = 1.0 / esigm1
-  log_ratio = -jnp.log(esigm1)
-  not_mask = jnp.arange(log_score.shape[-1]) != mask_id
-  pos = jnp.sum(jnp.where(not_mask, jnp.exp(log_score), 0.0), axis=-1)
-  neg = ratio * _gather(log_score, x0)
-  const = ratio * (log_ratio - 1.0)
-  entropy = jnp.where(is_masked, pos - neg + const, 0.0)
-  return _masked_weight(is_masked, schedule.dsigma(t)) * entropy
+    with s = exp(log_score) the estimated ratios p_t(x_t^{l<-y}) / p_t(x_t), r = alpha/(1-alpha) = 1/(e^sigma - 1)
+    the true conditional ratio, and K(r) = r (log r - 1) making each term >= 0 (0 iff s_{x_0} = r, other s = 0).
+    The forward rate from a token to the mask is sigma'(t). Returns float32 [B, L].
+    """
+    _check_logits("log_score", log_score, x0)
+    _check_tokens("xt", xt, x0.shape)
+    is_masked = xt == mask_id
+    # Scores at unmasked positions are unused: zero them so exp() cannot overflow into the gradient.
+    log_score = jnp.where(is_masked[..., None], _at_least_f32(log_score), 0.0)
+    t = _per_token_time(t, x0)
+    esigm1 = jnp.where(is_masked, _expm1_sigma(schedule, t), 1.0)
+    ratio = 1.0 / esigm1
+    log_ratio = -jnp.log(esigm1)
+    not_mask = jnp.arange(log_score.shape[-1]) != mask_id
+    pos = jnp.sum(jnp.where(not_mask, jnp.exp(log_score), 0.0), axis=-1)
+    neg = ratio * _gather(log_score, x0)
+    const = ratio * (log_ratio - 1.0)
+    entropy = jnp.where(is_masked, pos - neg + const, 0.0)
+    return _masked_weight(is_masked, schedule.dsigma(t)) * entropy
 
 
 def score_entropy_uniform_loss(log_score, x0, xt, t, schedule: schedules_lib.Schedule):
-  """Denoising score entropy on the uniform graph (SEDD's L_DSE with Q^uniform = 1/V 11^T - I; SEDD `graph_lib.Uniform`):
+    """Denoising score entropy on the uniform graph (SEDD's L_DSE with Q^uniform = 1/V 11^T - I; SEDD `graph_lib.Uniform`):
 
-      L = E_t E_{x_t} [ sigma'(t)/V sum_l sum_{y != x_t^l} ( s_y - r_y log s_y + K(r_y) ) ]
+        L = E_t E_{x_t} [ sigma'(t)/V sum_l sum_{y != x_t^l} ( s_y - r_y log s_y + K(r_y) ) ]
 
-  with r_y = q_t(y | x_0^l) / q_t(x_t^l | x_0^l): if x_t^l = x_0^l every r_y = (e^sigma - 1)/(e^sigma - 1 + V);
-  otherwise r_{x_0} = 1 + V/(e^sigma - 1) and r_y = 1 for the other y. Logs via log1p for stability.
-  log_score: [B, L, V] estimated log p_t(x_t^{l<-y}) / p_t(x_t). Returns float32 [B, L].
-  """
-  _check_logits("log_score", log_score, x0)
-  _check_tokens("xt", xt, x0.shape)
-  log_score = _at_least_f32(log_score)
-  n = log_score.shape[-1]
-  t = _per_token_time(t, x0)[..., None]
-  # Floor at a tiny positive value: at t = 0 of a schedule with sigma(0) = 0, V / esigm1 stays finite.
-  esigm1 = jnp.maximum(_expm1_sigma(schedule, t), 1e-30)
-  v = jnp.arange(n)
-  same = (xt == x0)[..., None]
-  is_x0 = v == x0[..., None]
-  log1p_n = jnp.log1p(n / esigm1)
-  ratio = jnp.where(same, esigm1 / (esigm1 + n), jnp.where(is_x0, 1.0 + n / esigm1, 1.0))
-  log_ratio = jnp.where(same, -log1p_n, jnp.where(is_x0, log1p_n, 0.0))
-  terms = jnp.exp(log_score) - ratio * log_score + ratio * (log_ratio - 1.0)
-  terms = jnp.where(v == xt[..., None], 0.0, terms)
-  return schedule.dsigma(t[..., 0]) / n * jnp.sum(terms, axis=-1)
+    with r_y = q_t(y | x_0^l) / q_t(x_t^l | x_0^l): if x_t^l = x_0^l every r_y = (e^sigma - 1)/(e^sigma - 1 + V);
+    otherwise r_{x_0} = 1 + V/(e^sigma - 1) and r_y = 1 for the other y. Logs via log1p for stability.
+    log_score: [B, L, V] estimated log p_t(x_t^{l<-y}) / p_t(x_t). Returns float32 [B, L].
+    """
+    _check_logits("log_score", log_score, x0)
+    _check_tokens("xt", xt, x0.shape)
+    log_score = _at_least_f32(log_score)
+    n = log_score.shape[-1]
+    t = _per_token_time(t, x0)[..., None]
+    # Floor at a tiny positive value: at t = 0 of a schedule with sigma(0) = 0, V / esigm1 stays finite.
+    esigm1 = jnp.maximum(_expm1_sigma(schedule, t), 1e-30)
+    v = jnp.arange(n)
+    same = (xt == x0)[..., None]
+    is_x0 = v == x0[..., None]
+    log1p_n = jnp.log1p(n / esigm1)
+    ratio = jnp.where(same, esigm1 / (esigm1 + n), jnp.where(is_x0, 1.0 + n / esigm1, 1.0))
+    log_ratio = jnp.where(same, -log1p_n, jnp.where(is_x0, log1p_n, 0.0))
+    terms = jnp.exp(log_score) - ratio * log_score + ratio * (log_ratio - 1.0)
+    terms = jnp.where(v == xt[..., None], 0.0, terms)
+    return schedule.dsigma(t[..., 0]) / n * jnp.sum(terms, axis=-1)
 
 
 def radd_loss(logits, x0, xt, mask_rate, mask_id: int):
-  """RADD's time-agnostic lambda-DCE loss (RADD, 'lambda-DCE'): with each token masked independently
-  with probability lambda ~ U[0, 1] and a network without time input,
+    """RADD's time-agnostic lambda-DCE loss (RADD, 'lambda-DCE'): with each token masked independently
+    with probability lambda ~ U[0, 1] and a network without time input,
 
-      L = E_lambda E_{x^lambda} [ 1/lambda sum_{masked l} -log p_theta(x_0^l | x^lambda) ].
+        L = E_lambda E_{x^lambda} [ 1/lambda sum_{masked l} -log p_theta(x_0^l | x^lambda) ].
 
-  It equals the SEDD absorbing loss under the score reparameterisation s = alpha/(1-alpha) p_theta(x_0 | x_t)
-  (RADD's reparameterisation theorem), and the MDLM loss with alpha = 1 - lambda. mask_rate: lambda [B] or [B, L]. Returns [B, L].
-  """
-  nll = _masked_nll(logits, x0, xt, mask_id)
-  lam = _per_token_time(mask_rate, x0, "mask_rate")
-  return _masked_weight(xt == mask_id, 1.0 / lam) * nll
+    It equals the SEDD absorbing loss under the score reparameterisation s = alpha/(1-alpha) p_theta(x_0 | x_t)
+    (RADD's reparameterisation theorem), and the MDLM loss with alpha = 1 - lambda. mask_rate: lambda [B] or [B, L]. Returns [B, L].
+    """
+    nll = _masked_nll(logits, x0, xt, mask_id)
+    lam = _per_token_time(mask_rate, x0, "mask_rate")
+    return _masked_weight(xt == mask_id, 1.0 / lam) * nll
 
 
 def radd_any_order_loss(logits, x0, xt, mask_id: int):
-  """RADD's any-order (AO-ARM) form (RADD, 'AO-ARM' equivalence): with k ~ U{1..L} and k positions masked uniformly,
+    """RADD's any-order (AO-ARM) form (RADD, 'AO-ARM' equivalence): with k ~ U{1..L} and k positions masked uniformly,
 
-      L = E_k E_{x^(k)} [ L/k sum_{masked l} -log p_theta(x_0^l | x^(k)) ].
+        L = E_k E_{x^(k)} [ L/k sum_{masked l} -log p_theta(x_0^l | x^(k)) ].
 
-  k is read off x_t (number of masked positions per sequence). Returns float32 [B, L]."""
-  nll = _masked_nll(logits, x0, xt, mask_id)
-  n = x0.shape[1]
-  k = jnp.sum(xt == mask_id, axis=1, keepdims=True).astype(nll.dtype)
-  return nll * n / jnp.maximum(k, 1.0)
+    k is read off x_t (number of masked positions per sequence). Returns float32 [B, L]."""
+    nll = _masked_nll(logits, x0, xt, mask_id)
+    n = x0.shape[1]
+    k = jnp.sum(xt == mask_id, axis=1, keepdims=True).astype(nll.dtype)
+    return nll * n / jnp.maximum(k, 1.0)
 
 
 def sample_any_order_mask(rng, batch_size: int, length: int):
-  """For `radd_any_order_loss`: bool [B, L] masks with k ~ U{1..L} positions masked, chosen uniformly."""
-  k_rng, perm_rng = jax.random.split(rng)
-  k = jax.random.randint(k_rng, (batch_size, 1), 1, length + 1)
-  ranks = jnp.argsort(jax.random.uniform(perm_rng, (batch_size, length)), axis=1)
-  ranks = jnp.argsort(ranks, axis=1)
-  return ranks < k
+    """For `radd_any_order_loss`: bool [B, L] masks with k ~ U{1..L} positions masked, chosen uniformly."""
+    k_rng, perm_rng = jax.random.split(rng)
+    k = jax.random.randint(k_rng, (batch_size, 1), 1, length + 1)
+    ranks = jnp.argsort(jax.random.uniform(perm_rng, (batch_size, length)), axis=1)
+    ranks = jnp.argsort(ranks, axis=1)
+    return ranks < k
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,36 +290,38 @@ def sample_any_order_mask(rng, batch_size: int, length: int):
 
 
 def block_times_to_tokens(t_blocks, block_size: int, length: int):
-  """t_blocks [B, L / block_size] -> per-token times [B, L]."""
-  if length % block_size:
-    raise ValueError(f"block_size must divide seq_len={length}, got {block_size}")
-  if t_blocks.ndim != 2 or t_blocks.shape[1] * block_size != length:
-    raise ValueError(
-        f"t_blocks must be [batch, num_blocks = {length // block_size}], got {tuple(t_blocks.shape)}"
-    )
-  return jnp.repeat(t_blocks, block_size, axis=1)
+    """t_blocks [B, L / block_size] -> per-token times [B, L]."""
+    if length % block_size:
+        raise ValueError(f"block_size must divide seq_len={length}, got {block_size}")
+    if t_blocks.ndim != 2 or t_blocks.shape[1] * block_size != length:
+        raise ValueError(
+            f"t_blocks must be [batch, num_blocks = {length // block_size}], got {tuple(t_blocks.shape)}"
+        )
+    return jnp.repeat(t_blocks, block_size, axis=1)
 
 
-def block_diffusion_loss(logits, x0, xt, t_blocks, schedule: schedules_lib.Schedule, mask_id: int, block_size: int):
-  """Block diffusion NELBO (BD3-LM's block NELBO; kuleshov-group/bd3lms `diffusion.py`): the sequence is cut into blocks of
-  block_size tokens; block b is noised with its own t_b and denoised given the clean blocks < b:
+def block_diffusion_loss(
+    logits, x0, xt, t_blocks, schedule: schedules_lib.Schedule, mask_id: int, block_size: int
+):
+    """Block diffusion NELBO (BD3-LM's block NELBO; kuleshov-group/bd3lms `diffusion.py`): the sequence is cut into blocks of
+    block_size tokens; block b is noised with its own t_b and denoised given the clean blocks < b:
 
-      L = sum_b E_{t_b} E_{x_t^b} [ -alpha'(t_b)/(1 - alpha(t_b)) sum_{masked l in b} -log p_theta(x_0^l | x_t^b, x_0^{<b}) ].
+        L = sum_b E_{t_b} E_{x_t^b} [ -alpha'(t_b)/(1 - alpha(t_b)) sum_{masked l in b} -log p_theta(x_0^l | x_t^b, x_0^{<b}) ].
 
-  The conditioning on clean earlier blocks is the network's job (block-causal attention); `logits`
-  are its predictions for the noised half. With block_size = 1 this is exactly the autoregressive NLL
-  when alpha(0) = 1, alpha(1) = 0; with block_size = length it is `mdlm_loss`. t_blocks: [B, L / block_size].
-  """
-  _check_logits("logits", logits, x0)
-  t = block_times_to_tokens(t_blocks, block_size, x0.shape[1])
-  return mdlm_loss(logits, x0, xt, t, schedule, mask_id)
+    The conditioning on clean earlier blocks is the network's job (block-causal attention); `logits`
+    are its predictions for the noised half. With block_size = 1 this is exactly the autoregressive NLL
+    when alpha(0) = 1, alpha(1) = 0; with block_size = length it is `mdlm_loss`. t_blocks: [B, L / block_size].
+    """
+    _check_logits("logits", logits, x0)
+    t = block_times_to_tokens(t_blocks, block_size, x0.shape[1])
+    return mdlm_loss(logits, x0, xt, t, schedule, mask_id)
 
 
 def autoregressive_loss(logits, tokens):
-  """Next-token cross-entropy: logits[:, i] predicts tokens[:, i + 1]. Returns float32 [B, L - 1]."""
-  _check_logits("logits", logits, tokens)
-  log_probs = jax.nn.log_softmax(_at_least_f32(logits[:, :-1]), axis=-1)
-  return -_gather(log_probs, tokens[:, 1:])
+    """Next-token cross-entropy: logits[:, i] predicts tokens[:, i + 1]. Returns float32 [B, L - 1]."""
+    _check_logits("logits", logits, tokens)
+    log_probs = jax.nn.log_softmax(_at_least_f32(logits[:, :-1]), axis=-1)
+    return -_gather(log_probs, tokens[:, 1:])
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,67 +349,67 @@ def training_loss(
     antithetic: bool = True,
     check_ids: bool = False,
 ):
-  """One Monte-Carlo estimate of the named loss for a batch of clean sequences x0 [B, L].
+    """One Monte-Carlo estimate of the named loss for a batch of clean sequences x0 [B, L].
 
-  Samples t (low-discrepancy if `antithetic`), corrupts x0, calls `apply_fn(xt, t, x0_context)` and
-  returns (masked mean per token in nats, metrics). For the diffusion losses the mean is an unbiased
-  estimate of the NELBO per token. `t` passed to apply_fn is [B] (per-token [B, L] for 'bd3lm', None for
-  the time-free 'radd' and for 'ar'); x0_context is x0 for 'bd3lm' (block-causal network), else None.
-  With check_ids=True, call under `checkify.checkify` to validate token ids.
-  """
-  if name not in LOSSES:
-    raise ValueError(f"unknown loss {name!r}; expected one of {LOSSES}")
-  _check_tokens("x0", x0)
-  batch, length = x0.shape
-  if loss_mask is None:
-    loss_mask = jnp.ones(x0.shape, jnp.float32)
-  if check_ids:
-    check_token_ids(x0, vocab_size, "x0", mask_id if name not in ("ar", "sedd_uniform") else None)
-  t_rng, x_rng = jax.random.split(rng)
+    Samples t (low-discrepancy if `antithetic`), corrupts x0, calls `apply_fn(xt, t, x0_context)` and
+    returns (masked mean per token in nats, metrics). For the diffusion losses the mean is an unbiased
+    estimate of the NELBO per token. `t` passed to apply_fn is [B] (per-token [B, L] for 'bd3lm', None for
+    the time-free 'radd' and for 'ar'); x0_context is x0 for 'bd3lm' (block-causal network), else None.
+    With check_ids=True, call under `checkify.checkify` to validate token ids.
+    """
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; expected one of {LOSSES}")
+    _check_tokens("x0", x0)
+    batch, length = x0.shape
+    if loss_mask is None:
+        loss_mask = jnp.ones(x0.shape, jnp.float32)
+    if check_ids:
+        check_token_ids(x0, vocab_size, "x0", mask_id if name not in ("ar", "sedd_uniform") else None)
+    t_rng, x_rng = jax.random.split(rng)
 
-  if name == "ar":
-    per_token = autoregressive_loss(apply_fn(x0, None, None), x0)
-    return masked_mean(per_token, loss_mask[:, 1:]), {}
+    if name == "ar":
+        per_token = autoregressive_loss(apply_fn(x0, None, None), x0)
+        return masked_mean(per_token, loss_mask[:, 1:]), {}
 
-  if name in ("mdlm", "d3pm", "sedd_absorb", "radd", "bd3lm") and mask_id is None:
-    raise ValueError(f"loss {name!r} uses the absorbing graph and needs mask_id")
-  if name != "radd" and schedule is None:
-    raise ValueError(f"loss {name!r} needs a noise schedule")
+    if name in ("mdlm", "d3pm", "sedd_absorb", "radd", "bd3lm") and mask_id is None:
+        raise ValueError(f"loss {name!r} uses the absorbing graph and needs mask_id")
+    if name != "radd" and schedule is None:
+        raise ValueError(f"loss {name!r} needs a noise schedule")
 
-  if name == "bd3lm":
-    if block_size is None:
-      raise ValueError("loss 'bd3lm' needs block_size")
-    num_blocks = length // block_size
-    t_blocks = sample_times(t_rng, batch * num_blocks, antithetic).reshape(batch, num_blocks)
-    t = block_times_to_tokens(t_blocks, block_size, length)
+    if name == "bd3lm":
+        if block_size is None:
+            raise ValueError("loss 'bd3lm' needs block_size")
+        num_blocks = length // block_size
+        t_blocks = sample_times(t_rng, batch * num_blocks, antithetic).reshape(batch, num_blocks)
+        t = block_times_to_tokens(t_blocks, block_size, length)
+        xt = processes.AbsorbingProcess(vocab_size, mask_id).sample_xt(x_rng, x0, schedule.alpha(t))
+        logits = apply_fn(xt, t, x0)
+        per_token = block_diffusion_loss(logits, x0, xt, t_blocks, schedule, mask_id, block_size)
+        return masked_mean(per_token, loss_mask), {"mask_rate": jnp.mean(xt == mask_id)}
+
+    t = sample_times(t_rng, batch, antithetic)
+    if name == "radd":
+        xt = processes.AbsorbingProcess(vocab_size, mask_id).sample_xt(x_rng, x0, 1.0 - t)
+        per_token = radd_loss(apply_fn(xt, None, None), x0, xt, t, mask_id)
+        return masked_mean(per_token, loss_mask), {"mask_rate": jnp.mean(xt == mask_id)}
+
+    if name == "d3pm":
+        if num_steps is None:
+            raise ValueError("loss 'd3pm' needs num_steps")
+        t = discretize_times(t, num_steps)
+
+    if name == "sedd_uniform":
+        xt = processes.UniformProcess(vocab_size).sample_xt(x_rng, x0, schedule.alpha(t))
+        per_token = score_entropy_uniform_loss(apply_fn(xt, t, None), x0, xt, t, schedule)
+        return masked_mean(per_token, loss_mask), {}
+
     xt = processes.AbsorbingProcess(vocab_size, mask_id).sample_xt(x_rng, x0, schedule.alpha(t))
-    logits = apply_fn(xt, t, x0)
-    per_token = block_diffusion_loss(logits, x0, xt, t_blocks, schedule, mask_id, block_size)
+    logits = apply_fn(xt, t, None)
+    if name == "mdlm":
+        per_token = mdlm_loss(logits, x0, xt, t, schedule, mask_id)
+    elif name == "d3pm":
+        per_token = d3pm_absorbing_loss(logits, x0, xt, t, schedule, mask_id, num_steps)
+    else:  # sedd_absorb
+        log_score = sedd_absorbing_log_score(logits, t, schedule)
+        per_token = score_entropy_absorbing_loss(log_score, x0, xt, t, schedule, mask_id)
     return masked_mean(per_token, loss_mask), {"mask_rate": jnp.mean(xt == mask_id)}
-
-  t = sample_times(t_rng, batch, antithetic)
-  if name == "radd":
-    xt = processes.AbsorbingProcess(vocab_size, mask_id).sample_xt(x_rng, x0, 1.0 - t)
-    per_token = radd_loss(apply_fn(xt, None, None), x0, xt, t, mask_id)
-    return masked_mean(per_token, loss_mask), {"mask_rate": jnp.mean(xt == mask_id)}
-
-  if name == "d3pm":
-    if num_steps is None:
-      raise ValueError("loss 'd3pm' needs num_steps")
-    t = discretize_times(t, num_steps)
-
-  if name == "sedd_uniform":
-    xt = processes.UniformProcess(vocab_size).sample_xt(x_rng, x0, schedule.alpha(t))
-    per_token = score_entropy_uniform_loss(apply_fn(xt, t, None), x0, xt, t, schedule)
-    return masked_mean(per_token, loss_mask), {}
-
-  xt = processes.AbsorbingProcess(vocab_size, mask_id).sample_xt(x_rng, x0, schedule.alpha(t))
-  logits = apply_fn(xt, t, None)
-  if name == "mdlm":
-    per_token = mdlm_loss(logits, x0, xt, t, schedule, mask_id)
-  elif name == "d3pm":
-    per_token = d3pm_absorbing_loss(logits, x0, xt, t, schedule, mask_id, num_steps)
-  else:  # sedd_absorb
-    log_score = sedd_absorbing_log_score(logits, t, schedule)
-    per_token = score_entropy_absorbing_loss(log_score, x0, xt, t, schedule, mask_id)
-  return masked_mean(per_token, loss_mask), {"mask_rate": jnp.mean(xt == mask_id)}

@@ -19,126 +19,126 @@ import numpy as np
 
 
 class ToyDistribution:
-  """p(x) over all V^L sequences, drawn once from a Dirichlet with a fixed seed (full support)."""
+    """p(x) over all V^L sequences, drawn once from a Dirichlet with a fixed seed (full support)."""
 
-  def __init__(self, num_tokens: int = 3, length: int = 4, seed: int = 0, concentration: float = 1.0):
-    self.num_tokens = num_tokens
-    self.length = length
-    self.mask_id = num_tokens
-    self.absorbing_vocab_size = num_tokens + 1
-    rng = np.random.default_rng(seed)
-    self.seqs = np.array(list(itertools.product(range(num_tokens), repeat=length)), dtype=np.int32)
-    self.probs = rng.dirichlet(np.full(len(self.seqs), concentration))
-    # All absorbing-graph states x_t in {0..V}^L (V is the mask).
-    self.abs_states = np.array(
-        list(itertools.product(range(num_tokens + 1), repeat=length)), dtype=np.int32
-    )
+    def __init__(self, num_tokens: int = 3, length: int = 4, seed: int = 0, concentration: float = 1.0):
+        self.num_tokens = num_tokens
+        self.length = length
+        self.mask_id = num_tokens
+        self.absorbing_vocab_size = num_tokens + 1
+        rng = np.random.default_rng(seed)
+        self.seqs = np.array(list(itertools.product(range(num_tokens), repeat=length)), dtype=np.int32)
+        self.probs = rng.dirichlet(np.full(len(self.seqs), concentration))
+        # All absorbing-graph states x_t in {0..V}^L (V is the mask).
+        self.abs_states = np.array(
+            list(itertools.product(range(num_tokens + 1), repeat=length)), dtype=np.int32
+        )
 
-  # ---------------------------------------------------------------- exact quantities (numpy, float64)
+    # ---------------------------------------------------------------- exact quantities (numpy, float64)
 
-  def entropy(self) -> float:
-    """H(x_0) in nats per sequence."""
-    p = self.probs
-    return float(-np.sum(p * np.log(p)))
+    def entropy(self) -> float:
+        """H(x_0) in nats per sequence."""
+        p = self.probs
+        return float(-np.sum(p * np.log(p)))
 
-  def marginal_entropies(self) -> np.ndarray:
-    """[L]: H(x_0^l) of each position's marginal."""
-    out = []
-    for l in range(self.length):
-      m = np.bincount(self.seqs[:, l], weights=self.probs, minlength=self.num_tokens)
-      out.append(-np.sum(m * np.log(m)))
-    return np.array(out)
+    def marginal_entropies(self) -> np.ndarray:
+        """[L]: H(x_0^l) of each position's marginal."""
+        out = []
+        for l in range(self.length):
+            m = np.bincount(self.seqs[:, l], weights=self.probs, minlength=self.num_tokens)
+            out.append(-np.sum(m * np.log(m)))
+        return np.array(out)
 
-  def index(self, x, base=None):
-    """Row index of sequences x [..., L] in `seqs` (base V) or `abs_states` (base V + 1)."""
-    base = self.num_tokens if base is None else base
-    powers = base ** np.arange(self.length - 1, -1, -1)
-    return jnp.sum(jnp.asarray(x) * jnp.asarray(powers), axis=-1)
+    def index(self, x, base=None):
+        """Row index of sequences x [..., L] in `seqs` (base V) or `abs_states` (base V + 1)."""
+        base = self.num_tokens if base is None else base
+        powers = base ** np.arange(self.length - 1, -1, -1)
+        return jnp.sum(jnp.asarray(x) * jnp.asarray(powers), axis=-1)
 
-  def absorbing_kernel(self, alpha: float) -> np.ndarray:
-    """q(x_t | x_0) as a matrix [V^L, (V+1)^L] (float64)."""
-    x0 = self.seqs[:, None, :]
-    xt = self.abs_states[None, :, :]
-    per = np.where(xt == self.mask_id, 1.0 - alpha, np.where(xt == x0, alpha, 0.0))
-    return np.prod(per, axis=-1)
+    def absorbing_kernel(self, alpha: float) -> np.ndarray:
+        """q(x_t | x_0) as a matrix [V^L, (V+1)^L] (float64)."""
+        x0 = self.seqs[:, None, :]
+        xt = self.abs_states[None, :, :]
+        per = np.where(xt == self.mask_id, 1.0 - alpha, np.where(xt == x0, alpha, 0.0))
+        return np.prod(per, axis=-1)
 
-  def uniform_kernel(self, alpha: float) -> np.ndarray:
-    """q(x_t | x_0) as a matrix [V^L, V^L] (float64)."""
-    x0 = self.seqs[:, None, :]
-    xt = self.seqs[None, :, :]
-    v = self.num_tokens
-    per = np.where(xt == x0, alpha + (1.0 - alpha) / v, (1.0 - alpha) / v)
-    return np.prod(per, axis=-1)
+    def uniform_kernel(self, alpha: float) -> np.ndarray:
+        """q(x_t | x_0) as a matrix [V^L, V^L] (float64)."""
+        x0 = self.seqs[:, None, :]
+        xt = self.seqs[None, :, :]
+        v = self.num_tokens
+        per = np.where(xt == x0, alpha + (1.0 - alpha) / v, (1.0 - alpha) / v)
+        return np.prod(per, axis=-1)
 
-  def mutual_information(self, kernel: np.ndarray) -> float:
-    """I(x_0; x_t) for the channel q(x_t | x_0) = kernel [N0, Nt]."""
-    joint = self.probs[:, None] * kernel
-    pt = joint.sum(0)
-    ratio = np.where(joint > 0, joint / (self.probs[:, None] * pt[None, :] + 1e-300), 1.0)
-    return float(np.sum(np.where(joint > 0, joint * np.log(ratio), 0.0)))
+    def mutual_information(self, kernel: np.ndarray) -> float:
+        """I(x_0; x_t) for the channel q(x_t | x_0) = kernel [N0, Nt]."""
+        joint = self.probs[:, None] * kernel
+        pt = joint.sum(0)
+        ratio = np.where(joint > 0, joint / (self.probs[:, None] * pt[None, :] + 1e-300), 1.0)
+        return float(np.sum(np.where(joint > 0, joint * np.log(ratio), 0.0)))
 
-  # ---------------------------------------------------------------- oracle denoisers (jax, jittable)
+    # ---------------------------------------------------------------- oracle denoisers (jax, jittable)
 
-  def absorbing_posterior_table(self) -> np.ndarray:
-    """[(V+1)^L, L, V+1]: p(x_0^l = v | x_t) for every absorbing state x_t (exact, float64).
+    def absorbing_posterior_table(self) -> np.ndarray:
+        """[(V+1)^L, L, V+1]: p(x_0^l = v | x_t) for every absorbing state x_t (exact, float64).
 
-    Masked positions hold the data posterior given the unmasked tokens; unmasked positions are one-hot
-    at x_t^l; the mask column is 0. States with zero probability (none, full support) would be uniform.
-    """
-    v = self.num_tokens
-    consistent = np.all(
-        (self.abs_states[:, None, :] == self.mask_id) | (self.abs_states[:, None, :] == self.seqs[None]),
-        axis=-1,
-    )  # [M, N]
-    w = consistent * self.probs[None, :]
-    w = w / w.sum(1, keepdims=True)
-    onehot = np.eye(v + 1)[self.seqs]  # [N, L, V+1]
-    return np.einsum("mn,nlv->mlv", w, onehot)
+        Masked positions hold the data posterior given the unmasked tokens; unmasked positions are one-hot
+        at x_t^l; the mask column is 0. States with zero probability (none, full support) would be uniform.
+        """
+        v = self.num_tokens
+        consistent = np.all(
+            (self.abs_states[:, None, :] == self.mask_id) | (self.abs_states[:, None, :] == self.seqs[None]),
+            axis=-1,
+        )  # [M, N]
+        w = consistent * self.probs[None, :]
+        w = w / w.sum(1, keepdims=True)
+        onehot = np.eye(v + 1)[self.seqs]  # [N, L, V+1]
+        return np.einsum("mn,nlv->mlv", w, onehot)
 
-  def absorbing_denoiser(self):
-    """denoise_fn(xt [B, L], t) -> log p(x_0 | x_t) [B, L, V+1] (mask column = -inf replaced by -1e30)."""
-    table = jnp.asarray(np.log(np.maximum(self.absorbing_posterior_table(), 1e-300)))
+    def absorbing_denoiser(self):
+        """denoise_fn(xt [B, L], t) -> log p(x_0 | x_t) [B, L, V+1] (mask column = -inf replaced by -1e30)."""
+        table = jnp.asarray(np.log(np.maximum(self.absorbing_posterior_table(), 1e-300)))
 
-    def denoise_fn(xt, t=None):
-      del t  # the absorbing posterior of x_0 does not depend on t
-      return table[self.index(xt, self.num_tokens + 1)]
+        def denoise_fn(xt, t=None):
+            del t  # the absorbing posterior of x_0 does not depend on t
+            return table[self.index(xt, self.num_tokens + 1)]
 
-    return denoise_fn
+        return denoise_fn
 
-  def uniform_x0_posterior(self, xt, alpha):
-    """p(x_0^l = v | x_t) [B, L, V] on the uniform graph with keep-probability alpha [B] (jittable)."""
-    v = self.num_tokens
-    seqs = jnp.asarray(self.seqs)
-    probs = jnp.asarray(self.probs)
-    a = jnp.asarray(alpha)[:, None, None]
-    match = xt[:, None, :] == seqs[None]  # [B, N, L]
-    per = jnp.where(match, a + (1.0 - a) / v, (1.0 - a) / v)
-    w = probs[None] * jnp.prod(per, axis=-1)  # [B, N]
-    w = w / jnp.sum(w, axis=1, keepdims=True)
-    onehot = jax.nn.one_hot(seqs, v, dtype=w.dtype)  # [N, L, V]
-    return jnp.einsum("bn,nlv->blv", w, onehot)
+    def uniform_x0_posterior(self, xt, alpha):
+        """p(x_0^l = v | x_t) [B, L, V] on the uniform graph with keep-probability alpha [B] (jittable)."""
+        v = self.num_tokens
+        seqs = jnp.asarray(self.seqs)
+        probs = jnp.asarray(self.probs)
+        a = jnp.asarray(alpha)[:, None, None]
+        match = xt[:, None, :] == seqs[None]  # [B, N, L]
+        per = jnp.where(match, a + (1.0 - a) / v, (1.0 - a) / v)
+        w = probs[None] * jnp.prod(per, axis=-1)  # [B, N]
+        w = w / jnp.sum(w, axis=1, keepdims=True)
+        onehot = jax.nn.one_hot(seqs, v, dtype=w.dtype)  # [N, L, V]
+        return jnp.einsum("bn,nlv->blv", w, onehot)
 
-  def uniform_log_score(self, xt, alpha):
-    """Exact log ratios log p_t(x_t^{l<-y}) / p_t(x_t) on the uniform graph: [B, L, V] (jittable)."""
-    v = self.num_tokens
-    seqs = jnp.asarray(self.seqs)
-    probs = jnp.asarray(self.probs)
-    a = jnp.asarray(alpha)[:, None, None]
+    def uniform_log_score(self, xt, alpha):
+        """Exact log ratios log p_t(x_t^{l<-y}) / p_t(x_t) on the uniform graph: [B, L, V] (jittable)."""
+        v = self.num_tokens
+        seqs = jnp.asarray(self.seqs)
+        probs = jnp.asarray(self.probs)
+        a = jnp.asarray(alpha)[:, None, None]
 
-    def marginal(y):  # y [B, L] -> p_t(y) [B]
-      per = jnp.where(y[:, None, :] == seqs[None], a + (1.0 - a) / v, (1.0 - a) / v)
-      return jnp.sum(probs[None] * jnp.prod(per, axis=-1), axis=1)
+        def marginal(y):  # y [B, L] -> p_t(y) [B]
+            per = jnp.where(y[:, None, :] == seqs[None], a + (1.0 - a) / v, (1.0 - a) / v)
+            return jnp.sum(probs[None] * jnp.prod(per, axis=-1), axis=1)
 
-    base = marginal(xt)
-    cols = []
-    for l in range(self.length):
-      row = []
-      for y in range(v):
-        row.append(marginal(xt.at[:, l].set(y)))
-      cols.append(jnp.stack(row, axis=-1))
-    return jnp.log(jnp.stack(cols, axis=1)) - jnp.log(base)[:, None, None]
+        base = marginal(xt)
+        cols = []
+        for l in range(self.length):
+            row = []
+            for y in range(v):
+                row.append(marginal(xt.at[:, l].set(y)))
+            cols.append(jnp.stack(row, axis=-1))
+        return jnp.log(jnp.stack(cols, axis=1)) - jnp.log(base)[:, None, None]
 
-  def sample(self, rng, n):
-    """n exact samples x_0 [n, L] (for Monte-Carlo tests)."""
-    idx = jax.random.choice(rng, len(self.seqs), (n,), p=jnp.asarray(self.probs))
-    return jnp.asarray(self.seqs)[idx]
+    def sample(self, rng, n):
+        """n exact samples x_0 [n, L] (for Monte-Carlo tests)."""
+        idx = jax.random.choice(rng, len(self.seqs), (n,), p=jnp.asarray(self.probs))
+        return jnp.asarray(self.seqs)[idx]

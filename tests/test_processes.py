@@ -13,88 +13,95 @@ MASK = 4  # absorbing: ids 0..3 are data, 4 is the mask
 
 
 def _mc_marginal(proc, x0, alpha, n=200_000, seed=0):
-  xs = proc.sample_xt(jax.random.PRNGKey(seed), jnp.broadcast_to(x0, (n, x0.shape[-1])), alpha)
-  return np.stack([np.bincount(np.asarray(xs[:, l]), minlength=proc.vocab_size) / n for l in range(x0.shape[-1])])
+    xs = proc.sample_xt(jax.random.PRNGKey(seed), jnp.broadcast_to(x0, (n, x0.shape[-1])), alpha)
+    return np.stack(
+        [np.bincount(np.asarray(xs[:, l]), minlength=proc.vocab_size) / n for l in range(x0.shape[-1])]
+    )
 
 
 @pytest.mark.parametrize("proc", [processes.AbsorbingProcess(V, MASK), processes.UniformProcess(V)], ids=repr)
 @pytest.mark.parametrize("alpha", [0.1, 0.55, 0.9])
 def test_sampled_marginals_match_closed_form(proc, alpha):
-  x0 = jnp.array([[0, 3, 1]], jnp.int32)
-  emp = _mc_marginal(proc, x0, alpha)
-  exact = np.asarray(proc.marginal_probs(x0, jnp.array([alpha])))[0]
-  n = 200_000
-  se = np.sqrt(exact * (1 - exact) / n) + 1e-12
-  assert np.all(np.abs(emp - exact) <= 5 * se + 1e-9), (emp, exact)
-  # closed forms, written independently
-  if isinstance(proc, processes.AbsorbingProcess):
-    assert exact[0, 0] == pytest.approx(alpha) and exact[0, MASK] == pytest.approx(1 - alpha)
-  else:
-    assert exact[0, 0] == pytest.approx(alpha + (1 - alpha) / V)
-    assert exact[0, 1] == pytest.approx((1 - alpha) / V)
+    x0 = jnp.array([[0, 3, 1]], jnp.int32)
+    emp = _mc_marginal(proc, x0, alpha)
+    exact = np.asarray(proc.marginal_probs(x0, jnp.array([alpha])))[0]
+    n = 200_000
+    se = np.sqrt(exact * (1 - exact) / n) + 1e-12
+    assert np.all(np.abs(emp - exact) <= 5 * se + 1e-9), (emp, exact)
+    # closed forms, written independently
+    if isinstance(proc, processes.AbsorbingProcess):
+        assert exact[0, 0] == pytest.approx(alpha) and exact[0, MASK] == pytest.approx(1 - alpha)
+    else:
+        assert exact[0, 0] == pytest.approx(alpha + (1 - alpha) / V)
+        assert exact[0, 1] == pytest.approx((1 - alpha) / V)
 
 
 def test_per_token_alpha_broadcasts():
-  proc = processes.AbsorbingProcess(V, MASK)
-  x0 = jnp.zeros((2, 3), jnp.int32)
-  xt = proc.sample_xt(jax.random.PRNGKey(0), x0, jnp.array([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]))
-  np.testing.assert_array_equal(xt, [[0, MASK, 0], [MASK, 0, MASK]])
+    proc = processes.AbsorbingProcess(V, MASK)
+    x0 = jnp.zeros((2, 3), jnp.int32)
+    xt = proc.sample_xt(jax.random.PRNGKey(0), x0, jnp.array([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]))
+    np.testing.assert_array_equal(xt, [[0, MASK, 0], [MASK, 0, MASK]])
 
 
 def _brute_force_posterior(proc, x0_probs, xt, a_s, a_t):
-  """sum_x0 p(x0 | x_t) q(x_s | x_t, x0), one token, where q(x_s | x_t, x0) is the normalised joint
-  q(x_s | x0) q(x_t | x_s) over x_s (Bayes' rule by enumeration)."""
-  n = proc.vocab_size
-  ids = jnp.arange(n)[:, None]
+    """sum_x0 p(x0 | x_t) q(x_s | x_t, x0), one token, where q(x_s | x_t, x0) is the normalised joint
+    q(x_s | x0) q(x_t | x_s) over x_s (Bayes' rule by enumeration)."""
+    n = proc.vocab_size
+    ids = jnp.arange(n)[:, None]
 
-  def q(a, frm):  # q(x | frm) for all x: [n_from, n]
-    return np.asarray(proc.marginal_probs(frm, jnp.array([a] * frm.shape[0])))[:, 0, :]
+    def q(a, frm):  # q(x | frm) for all x: [n_from, n]
+        return np.asarray(proc.marginal_probs(frm, jnp.array([a] * frm.shape[0])))[:, 0, :]
 
-  q_s_given_0 = q(a_s, ids)  # [x0, xs]
-  q_t_given_s = q(a_t / a_s, ids)  # [xs, xt]
-  out = np.zeros(n)
-  for x0 in range(n):
-    if x0_probs[x0] == 0:
-      continue
-    joint = q_s_given_0[x0] * q_t_given_s[:, xt]
-    out += x0_probs[x0] * joint / joint.sum()
-  return out
+    q_s_given_0 = q(a_s, ids)  # [x0, xs]
+    q_t_given_s = q(a_t / a_s, ids)  # [xs, xt]
+    out = np.zeros(n)
+    for x0 in range(n):
+        if x0_probs[x0] == 0:
+            continue
+        joint = q_s_given_0[x0] * q_t_given_s[:, xt]
+        out += x0_probs[x0] * joint / joint.sum()
+    return out
 
 
 @pytest.mark.parametrize("kind", ["absorbing", "uniform"])
 def test_posterior_is_bayes_rule(kind):
-  with jax.enable_x64(True):
-    proc = processes.get_process(kind, V, MASK)
-    rng = np.random.default_rng(1)
-    for a_s, a_t in [(0.9, 0.3), (0.5, 0.45), (0.99, 0.01)]:
-      for xt in range(V):
-        x0_probs = rng.dirichlet(np.ones(V))
-        if kind == "absorbing":
-          x0_probs[MASK] = 0.0
-          x0_probs /= x0_probs.sum()
-          if xt != MASK:  # an unmasked x_t pins x_0 = x_t
-            x0_probs = np.eye(V)[xt]
-        expected = _brute_force_posterior(proc, x0_probs, xt, a_s, a_t)
-        got = np.asarray(
-            proc.posterior_probs(jnp.asarray(x0_probs)[None, None], jnp.array([[xt]]), jnp.array([a_s]), jnp.array([a_t]))
-        )[0, 0]
-        np.testing.assert_allclose(got, expected, atol=1e-12)
-        assert got.sum() == pytest.approx(1.0, abs=1e-12) and np.all(got >= 0)
+    with jax.enable_x64(True):
+        proc = processes.get_process(kind, V, MASK)
+        rng = np.random.default_rng(1)
+        for a_s, a_t in [(0.9, 0.3), (0.5, 0.45), (0.99, 0.01)]:
+            for xt in range(V):
+                x0_probs = rng.dirichlet(np.ones(V))
+                if kind == "absorbing":
+                    x0_probs[MASK] = 0.0
+                    x0_probs /= x0_probs.sum()
+                    if xt != MASK:  # an unmasked x_t pins x_0 = x_t
+                        x0_probs = np.eye(V)[xt]
+                expected = _brute_force_posterior(proc, x0_probs, xt, a_s, a_t)
+                got = np.asarray(
+                    proc.posterior_probs(
+                        jnp.asarray(x0_probs)[None, None],
+                        jnp.array([[xt]]),
+                        jnp.array([a_s]),
+                        jnp.array([a_t]),
+                    )
+                )[0, 0]
+                np.testing.assert_allclose(got, expected, atol=1e-12)
+                assert got.sum() == pytest.approx(1.0, abs=1e-12) and np.all(got >= 0)
 
 
 def test_uniform_posterior_sums_to_one_for_any_prediction():
-  proc = processes.UniformProcess(V)
-  x0_probs = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(0), (3, 7, V)))
-  xt = jax.random.randint(jax.random.PRNGKey(1), (3, 7), 0, V)
-  post = proc.posterior_probs(x0_probs, xt, jnp.array([0.8, 0.5, 0.3]), jnp.array([0.2, 0.1, 0.05]))
-  np.testing.assert_allclose(post.sum(-1), 1.0, rtol=1e-5)
-  assert bool(jnp.all(post >= 0))
+    proc = processes.UniformProcess(V)
+    x0_probs = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(0), (3, 7, V)))
+    xt = jax.random.randint(jax.random.PRNGKey(1), (3, 7), 0, V)
+    post = proc.posterior_probs(x0_probs, xt, jnp.array([0.8, 0.5, 0.3]), jnp.array([0.2, 0.1, 0.05]))
+    np.testing.assert_allclose(post.sum(-1), 1.0, rtol=1e-5)
+    assert bool(jnp.all(post >= 0))
 
 
 def test_bad_arguments():
-  with pytest.raises(ValueError, match="mask_id"):
-    processes.AbsorbingProcess(4, 4)
-  with pytest.raises(ValueError, match="mask_id"):
-    processes.get_process("absorbing", 4)
-  with pytest.raises(ValueError, match="unknown process"):
-    processes.get_process("gaussian", 4)
+    with pytest.raises(ValueError, match="mask_id"):
+        processes.AbsorbingProcess(4, 4)
+    with pytest.raises(ValueError, match="mask_id"):
+        processes.get_process("absorbing", 4)
+    with pytest.raises(ValueError, match="unknown process"):
+        processes.get_process("gaussian", 4)
