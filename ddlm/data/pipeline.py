@@ -16,7 +16,8 @@ Packing modes:
 * ``wrap`` (MDLM's wrapping): documents, each framed as ``bos doc eos``, are concatenated into one
   stream and cut into sequences of ``seq_len``; every token is real (loss_mask all ones). When a
   finite stream ends, the tokens that do not fill a whole batch are dropped, counted
-  (``it.dropped_tokens``) and logged.
+  (``it.dropped_tokens``) and logged; with several processes all stop after the same number of
+  batches (a multi-host step needs every process), so the remainder includes the imbalance.
 * ``pad``: one document per sequence (``bos doc eos``, then pad); ``loss_mask`` is 1 exactly on the
   real tokens. A document longer than ``seq_len`` is truncated; truncated tokens are counted
   (``it.truncated_tokens``) and logged.
@@ -28,6 +29,7 @@ through orbax with ``grain.checkpoint.CheckpointSave`` / ``CheckpointRestore``.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from absl import flags
@@ -91,12 +93,13 @@ class PackIterDataset(grain.IterDataset):
     """Packs token arrays into batches {'tokens': int32 [batch, seq_len], 'loss_mask': f32 [...]}."""
 
     def __init__(self, parent: grain.IterDataset, *, seq_len: int, batch_size: int, mode: str,
-                 pad_id: int, where: str):
+                 pad_id: int, where: str, max_batches: int | None = None):
         super().__init__(parent)
         if mode not in ("wrap", "pad"):
             raise ValueError(f"config.data.packing must be 'wrap' or 'pad', got {mode!r}")
         self.seq_len, self.batch_size, self.mode, self.pad_id, self.where = (
             seq_len, batch_size, mode, pad_id, where)
+        self.max_batches = max_batches  # finite streams: the same number of batches on every process
 
     def __iter__(self):
         return _PackIterator(self._parent.__iter__(), self)
@@ -162,6 +165,13 @@ class _PackIterator(grain.DatasetIterator):
         return {"tokens": tokens, "loss_mask": mask}
 
     def __next__(self):
+        if self._ds.max_batches is not None and self.batches >= self._ds.max_batches:
+            # Another process has fewer batches: stop with it (a multi-host step needs every
+            # process), counting what is left of this process's data as dropped.
+            pending = len(self._buffer) if self._ds.mode == "wrap" else 0
+            pending += sum(len(doc) for doc in self._parent)
+            self._buffer = self._buffer[:0]
+            self._end(pending)
         batch = self._next_wrap() if self._ds.mode == "wrap" else self._next_pad()
         self.batches += 1
         return batch
@@ -232,6 +242,33 @@ class DataIterator(grain.DatasetIterator):
         return self._packer.truncated_tokens
 
 
+def document_lengths(config, tok, src, split: str) -> np.ndarray:
+    """int64 [num_documents]: framed token count (bos + ids + eos) of every document of the split,
+    in data-source order; computed once per (corpus, split, tokenizer) and cached as .npy."""
+    name = corpora.split_name(config, split).replace("/", "_")
+    path = os.path.join(tokenizers_lib.tokenizer_dir(config),
+                        f"lengths_{name}_{tokenizers_lib.hash_text(tok.fingerprint)}_{len(src)}.npy")
+    with corpora.file_lock(path + ".lock"):
+        if not os.path.exists(path):
+            field = corpora.record_text_field(config)
+            lengths = np.array([len(tok.encode(corpora.decode_text(src[i], field, f"{split}[{i}]"))) + 2
+                                for i in range(len(src))], np.int64)
+            np.save(path + ".tmp.npy", lengths)
+            os.replace(path + ".tmp.npy", path)
+        return np.load(path)
+
+
+def _batches_per_process(config, tok, src, split, n_proc, local_batch, seq_len, num_epochs) -> int:
+    """The number of full batches the poorest process makes in ``num_epochs`` (every process then
+    stops there). Pad mode counts documents; wrap mode needs every document's token count."""
+    if config.packing == "pad":
+        docs = [len(range(p, len(src), n_proc)) for p in range(n_proc)]
+        return min(num_epochs * d // local_batch for d in docs)
+    lengths = document_lengths(config, tok, src, split)
+    return min(int(num_epochs * lengths[p::n_proc].sum()) // (local_batch * seq_len)
+               for p in range(n_proc))
+
+
 def make_iterator(
     config: ml_collections.ConfigDict,
     tok: tokenizers_lib.Tokenizer,
@@ -257,7 +294,9 @@ def make_iterator(
       seed: document order seed (``None``: ``config.shuffle_seed``).
       sharding: where the global batch lives (e.g. ``NamedSharding(mesh, P('data'))``), or ``None``
         for numpy arrays of this process's rows.
-      num_epochs: passes over the split (``None``: forever).
+      num_epochs: passes over the split (``None``: forever). When finite, with several processes,
+        every process stops after the same number of batches (that of the process with the least
+        data; wrap mode tokenises the split once to know it, cached), the rest counted as dropped.
       process_index, process_count: override ``jax.process_index()`` / ``jax.process_count()``
         (to simulate several hosts in one process; then ``sharding`` must be ``None``).
 
@@ -307,6 +346,10 @@ def make_iterator(
             flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=config.num_workers, per_worker_buffer_size=config.worker_buffer_size))
+    max_batches = None
+    if num_epochs is not None and n_proc > 1:
+        max_batches = _batches_per_process(config, tok, src, split, n_proc, local_batch, seq_len,
+                                           num_epochs)
     it_ds = PackIterDataset(it_ds, seq_len=seq_len, batch_size=local_batch, mode=config.packing,
-                            pad_id=tok.pad_id, where=where)
+                            pad_id=tok.pad_id, where=where, max_batches=max_batches)
     return DataIterator(iter(it_ds), sharding=sharding, global_shape=(global_batch_size, seq_len))
