@@ -434,40 +434,50 @@ def test_estimator_detects_a_wrong_weight():
 # ------------------------------------------------------------------------------ sharding, vmap, contracts
 
 
+SHARD_V, SHARD_N = 7, 8
+_SCHED = schedules.LogLinearSchedule()
+# Every per-token loss as f(logits, x0, xt, t) on a vocabulary of 7 with mask id 6.
+PER_TOKEN_LOSSES = {
+    "mdlm": lambda lg, x0, xt, t: losses.mdlm_loss(lg, x0, xt, t, _SCHED, SHARD_V - 1),
+    "d3pm": lambda lg, x0, xt, t: losses.d3pm_absorbing_loss(lg, x0, xt, t, _SCHED, SHARD_V - 1, 16),
+    "sedd_absorb": lambda lg, x0, xt, t: losses.score_entropy_absorbing_loss(
+        lg, x0, xt, t, _SCHED, SHARD_V - 1
+    ),
+    "sedd_uniform": lambda lg, x0, xt, t: losses.score_entropy_uniform_loss(
+        lg, x0, x0.at[:, 0].set(1), t, _SCHED
+    ),
+    "radd": lambda lg, x0, xt, t: losses.radd_loss(lg, x0, xt, t, SHARD_V - 1),
+    "radd_any_order": lambda lg, x0, xt, t: losses.radd_any_order_loss(lg, x0, xt, SHARD_V - 1),
+    "bd3lm": lambda lg, x0, xt, t: losses.block_diffusion_loss(
+        lg, x0, xt, jnp.stack([t, t[::-1]], 1), _SCHED, SHARD_V - 1, SHARD_N // 2
+    ),
+    "ar": lambda lg, x0, xt, t: losses.autoregressive_loss(lg, x0),
+}
+
+
+def random_loss_inputs(batch, seed=0):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+    lg = jax.random.normal(keys[0], (batch, SHARD_N, SHARD_V), jnp.float32)
+    x0 = jax.random.randint(keys[1], (batch, SHARD_N), 0, SHARD_V - 1)
+    xt = jnp.where(jax.random.bernoulli(keys[2], 0.5, (batch, SHARD_N)), SHARD_V - 1, x0)
+    t = jax.random.uniform(keys[3], (batch,), jnp.float32, 0.05, 0.95)
+    return lg, x0, xt, t
+
+
 def test_losses_sharded_over_8_devices_equal_unsharded():
     mesh = Mesh(np.array(jax.devices()).reshape(8), ("data",))
-    batch, n, v = 16, 8, 7
-    keys = jax.random.split(jax.random.PRNGKey(0), 4)
-    lg = jax.random.normal(keys[0], (batch, n, v), jnp.float32)
-    x0 = jax.random.randint(keys[1], (batch, n), 0, v - 1)
-    xt = jnp.where(jax.random.bernoulli(keys[2], 0.5, (batch, n)), v - 1, x0)
-    t = jax.random.uniform(keys[3], (batch,), jnp.float32, 0.05, 0.95)
-    sched = schedules.LogLinearSchedule()
-    fns = {
-        "mdlm": lambda lg, x0, xt, t: losses.mdlm_loss(lg, x0, xt, t, sched, v - 1),
-        "d3pm": lambda lg, x0, xt, t: losses.d3pm_absorbing_loss(lg, x0, xt, t, sched, v - 1, 16),
-        "sedd_absorb": lambda lg, x0, xt, t: losses.score_entropy_absorbing_loss(lg, x0, xt, t, sched, v - 1),
-        "sedd_uniform": lambda lg, x0, xt, t: losses.score_entropy_uniform_loss(
-            lg, x0, x0.at[:, 0].set(1), t, sched
-        ),
-        "radd": lambda lg, x0, xt, t: losses.radd_loss(lg, x0, xt, t, v - 1),
-        "bd3lm": lambda lg, x0, xt, t: losses.block_diffusion_loss(
-            lg, x0, xt, jnp.stack([t, t[::-1]], 1), sched, v - 1, n // 2
-        ),
-        "ar": lambda lg, x0, xt, t: losses.autoregressive_loss(lg, x0),
-    }
+    lg, x0, xt, t = random_loss_inputs(16)
     row = NamedSharding(mesh, P("data"))
     args = [jax.device_put(a, row) for a in (lg, x0, xt, t)]
-    for name, fn in fns.items():
+    for name, fn in PER_TOKEN_LOSSES.items():
         plain = jax.jit(fn)(lg, x0, xt, t)
         sharded = jax.jit(fn, in_shardings=(row,) * 4, out_shardings=row)(*args)
         assert sharded.sharding.spec == P("data")
         np.testing.assert_allclose(sharded, plain, rtol=1e-6, err_msg=name)
 
     # The full training loss, rng and all: the same value whether the batch is sharded or not.
-    den = lambda xt, t, c: jnp.pad(lg, ((0, 0), (0, 0), (0, 0)))
     f = lambda x0, key: losses.training_loss(
-        "mdlm", den, x0, None, key, schedule=sched, vocab_size=v, mask_id=v - 1
+        "mdlm", lambda xt, t, c: lg, x0, None, key, schedule=_SCHED, vocab_size=SHARD_V, mask_id=SHARD_V - 1
     )[0]
     plain = jax.jit(f)(x0, jax.random.PRNGKey(5))
     sharded = jax.jit(f, in_shardings=(row, None))(jax.device_put(x0, row), jax.random.PRNGKey(5))
@@ -475,15 +485,11 @@ def test_losses_sharded_over_8_devices_equal_unsharded():
 
 
 def test_losses_vmap_over_a_leading_axis():
-    sched = schedules.CosineSchedule()
-    lg = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 5, 6))
-    x0 = jax.random.randint(jax.random.PRNGKey(1), (3, 2, 5), 0, 5)
-    xt = jnp.where(jax.random.bernoulli(jax.random.PRNGKey(2), 0.5, (3, 2, 5)), 5, x0)
-    t = jnp.array([[0.2, 0.4], [0.6, 0.8], [0.1, 0.9]])
-    f = lambda a, b, c, d: losses.mdlm_loss(a, b, c, d, sched, 5)
-    batched = jax.vmap(f)(lg, x0, xt, t)
-    for i in range(3):
-        np.testing.assert_allclose(batched[i], f(lg[i], x0[i], xt[i], t[i]), rtol=1e-12)
+    stacked = [jnp.stack(z) for z in zip(*(random_loss_inputs(2, seed) for seed in range(3)))]
+    for name, fn in PER_TOKEN_LOSSES.items():
+        batched = jax.jit(jax.vmap(fn))(*stacked)
+        for i in range(3):
+            np.testing.assert_allclose(batched[i], fn(*(a[i] for a in stacked)), rtol=1e-6, err_msg=name)
 
 
 def test_shape_errors_say_what_was_expected():
