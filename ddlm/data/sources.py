@@ -60,6 +60,7 @@ class SourceStats:
     documents: int = 0
     skipped_not_utf8: int = 0
     skipped_empty: int = 0
+    quiet: bool = False  # a second pass over the same files: count, but do not log skips again
 
     def log(self, name: str) -> None:
         logging.info(
@@ -222,12 +223,14 @@ def local_documents(directory: str, text_field: str, stats: SourceStats) -> Iter
             content = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             stats.skipped_not_utf8 += 1
-            logging.warning("skipping %s: not UTF-8 (%s)", path, e)
+            if not stats.quiet:
+                logging.warning("skipping %s: not UTF-8 (%s)", path, e)
             continue
         if path.endswith(".txt"):
             if not content.strip():
                 stats.skipped_empty += 1
-                logging.warning("skipping %s: empty document", path)
+                if not stats.quiet:
+                    logging.warning("skipping %s: empty document", path)
                 continue
             stats.documents += 1
             yield rel, content
@@ -252,6 +255,11 @@ def local_documents(directory: str, text_field: str, stats: SourceStats) -> Iter
             yield f"{rel}:{lineno}", text
 
 
+def local_dir(corpus: str) -> str:
+    """The absolute directory of a 'local:<dir>' corpus ('~' expanded, relative to the cwd)."""
+    return os.path.abspath(os.path.expanduser(corpus[len("local:"):]))
+
+
 def corpus_documents(corpus: str, download_dir: str, text_field: str, stats: SourceStats):
     """Dispatches on the corpus name: 'shakespeare' | 'kjv' | 'local:<dir>'."""
     if corpus == "shakespeare":
@@ -259,7 +267,7 @@ def corpus_documents(corpus: str, download_dir: str, text_field: str, stats: Sou
     if corpus == "kjv":
         return kjv_documents(download_dir, stats)
     if corpus.startswith("local:"):
-        return local_documents(corpus[len("local:"):], text_field, stats)
+        return local_documents(local_dir(corpus), text_field, stats)
     raise ValueError(f"not a built-in or local corpus: {corpus!r}")
 
 
