@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging as logging_std
 import os
 import shutil
 
@@ -32,6 +33,17 @@ from ddlm.data import sources
 
 MANIFEST = "ddlm_manifest.json"
 SPLITS = ("train", "validation")
+
+
+class _QuietCustomConfig(logging_std.Filter):
+    """tfds warns 'Using custom data configuration' each time a builder of ours is made: by design
+    here (one config per corpus), so that line is dropped."""
+
+    def filter(self, record):
+        return "Using custom data configuration" not in str(record.msg)
+
+
+logging_std.getLogger("absl").addFilter(_QuietCustomConfig())
 # Prepared data up to this size is verified by sha256 at every use; larger data by file sizes only.
 VERIFY_CHECKSUMS_MAX_BYTES = 1 << 30
 
