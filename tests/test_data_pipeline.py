@@ -292,3 +292,69 @@ def test_default_config_fields():
     for line in src.splitlines():
         if line.strip().startswith("c.") and "=" in line and "ConfigDict" not in line:
             assert "#" in line, f"default_config field without a comment: {line.strip()}"
+
+
+TWO_PROCESS_SCRIPT = """import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax
+pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=pid)
+import numpy as np
+import jax.numpy as jnp
+from jax.experimental import multihost_utils
+from ddlm.data import pipeline, tokenizers
+config = pipeline.default_config()
+config.corpus, config.tokenizer = "shakespeare", "char"
+tok = tokenizers.get_tokenizer(config)
+mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+it = pipeline.make_iterator(config, tok, "train", global_batch_size=8, seq_len=32, seed=4, sharding=sharding)
+b = next(it)
+assert b["tokens"].shape == (8, 32) and b["tokens"].sharding == sharding
+train_tokens = multihost_utils.process_allgather(b["tokens"], tiled=True)
+count = jax.jit(lambda m: jnp.sum(m), out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+n_batches, total = 0, 0.0
+for vb in pipeline.make_iterator(config, tok, "validation", global_batch_size=8, seq_len=256, seed=0,
+                                 sharding=sharding, num_epochs=1):
+    total += float(count(vb["loss_mask"]))  # a collective: unequal batch counts would hang here
+    n_batches += 1
+if pid == 0:
+    np.savez(out, train_tokens=np.asarray(train_tokens), n_batches=n_batches, total=total)
+print("done", pid, n_batches, flush=True)
+"""
+
+
+@pytest.mark.timeout(240)
+def test_two_real_processes_make_global_batches(tmp_path):
+    """jax.distributed with 2 processes x 4 CPU devices: each process feeds its rows of the global
+    batch; a finite validation epoch gives both the same number of batches (a collective per batch
+    would hang otherwise); the values equal the simulated-process pipeline's."""
+    import socket
+
+    config = pipeline.default_config()
+    config.corpus, config.tokenizer = "shakespeare", "char"
+    tok = tokenizers.get_tokenizer(config)  # prepare before the two processes start
+    sock = socket.socket()
+    sock.bind(("localhost", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    script, out = tmp_path / "worker.py", tmp_path / "out.npz"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = REPO
+    procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port), str(out)], env=env, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = [p.communicate(timeout=200)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-2000:] for log in logs)
+    got = np.load(out)
+    rows, n_batches, total = [], set(), 0.0
+    for p in range(2):
+        kw = dict(seed=4, process_index=p, process_count=2)
+        rows.append(next(pipeline.make_iterator(config, tok, "train", global_batch_size=8, seq_len=32, **kw))["tokens"])
+        val = list(pipeline.make_iterator(config, tok, "validation", global_batch_size=8, seq_len=256,
+                                          num_epochs=1, **{**kw, "seed": 0}))
+        n_batches.add(len(val))
+        total += sum(float(b["loss_mask"].sum()) for b in val)
+    np.testing.assert_array_equal(got["train_tokens"], np.concatenate(rows))
+    assert n_batches == {int(got["n_batches"])} and float(got["total"]) == total
