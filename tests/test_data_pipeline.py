@@ -358,3 +358,24 @@ def test_two_real_processes_make_global_batches(tmp_path):
         total += sum(float(b["loss_mask"].sum()) for b in val)
     np.testing.assert_array_equal(got["train_tokens"], np.concatenate(rows))
     assert n_batches == {int(got["n_batches"])} and float(got["total"]) == total
+
+
+def test_prepared_tfds_dataset_by_name(tmp_path):
+    """A corpus that is neither built in nor local is a tfds dataset prepared under data_dir (as
+    lm1b or openwebtext on a cluster), read by name with tfds.data_source; tfds split slicing works."""
+    kjv = pipeline.default_config()
+    kjv.corpus = "kjv"
+    prepared = corpora.prepare_corpus(kjv)
+    config = pipeline.default_config()
+    config.corpus = "text_corpus/kjv"  # <builder>/<config> as tfds names it
+    config.data_dir = os.path.dirname(os.path.dirname(os.path.dirname(prepared.version_dir)))
+    config.tokenizer, config.train_split, config.eval_split = "byte", "train[:20]", "validation[:5]"
+    assert len(corpora.data_source(config, "train")) == 20
+    expected = list(corpora.iter_texts(kjv, "validation"))[:5]
+    assert list(corpora.iter_texts(config, "validation")) == expected
+    tok = tokenizers.get_tokenizer(config)
+    it = pipeline.make_iterator(config, tok, "validation", global_batch_size=2, seq_len=64, seed=0,
+                                num_epochs=1)
+    stream = np.concatenate([b["tokens"].reshape(-1) for b in it])
+    framed = [[tok.bos_id] + tok.encode(t) + [tok.eos_id] for t in expected]
+    assert stream.size + it.dropped_tokens == sum(map(len, framed))
