@@ -8,6 +8,7 @@ overridden with --config.<path>=<value>; an unknown field or a value of the wron
 Multi-process: pass --coordinator_address/--num_processes/--process_id, or --distributed=auto on SLURM
 and TPU pods (jax.distributed.initialize() then reads the cluster environment).
 """
+import os
 import sys
 
 from absl import app, flags, logging
@@ -56,12 +57,35 @@ def main(argv):
             except ImportError as e:
                 raise NotImplementedError("--mode=sample needs ddlm/sampling/cli.py (run_sampling), which is missing") from e
             sampling_cli.run_sampling(config, workdir)
-    except (ConfigError, FileNotFoundError, trainer.NonFiniteError, NotImplementedError) as e:
-        # One clear line instead of a traceback: these are problems with the config or the data, not bugs.
+    except (ConfigError, ValueError, FileNotFoundError, trainer.NonFiniteError, NotImplementedError) as e:
+        # One clear line instead of a traceback: these are problems with the config or the data (every
+        # contract check in ddlm raises ValueError naming the field). DDLM_TRACEBACK=1 shows the traceback.
+        if os.environ.get("DDLM_TRACEBACK"):
+            raise
         logging.flush()
-        print(f"ddlm: error: {e}", file=sys.stderr, flush=True)
+        print(f"ddlm: error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
 
 
+def _parse_flags(argv):
+    """absl flag parsing, with a config override that names no field (or a bad value) reported as one
+    line: ml_collections raises AttributeError/KeyError/TypeError for those, which absl would let
+    through as a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:  # a value of the wrong type, a missing required flag, ...
+        print(f"ddlm: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        message = str(e).replace("\\n", " ").replace("\\'", "'")
+        message = " ".join(message.replace("'", "").split())
+        overrides = [a for a in argv[1:] if a.startswith("--config.")]
+        hint = next((a.split("=")[0] for a in overrides if any(
+            part and part in message for part in a.split("=")[0][len("--config."):].split("."))), "")
+        print(f"ddlm: error: bad config override {hint or ' '.join(overrides)}: {type(e).__name__}: {message}",
+              file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -117,8 +117,8 @@ def train_step(
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
 
-    grad_norm = optax.global_norm(grads)
-    update_norm = optax.global_norm(updates)
+    grad_norm = optax.tree.norm(grads)
+    update_norm = optax.tree.norm(updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
 
     # EMA with the usual warm start (decay grows as (1+n)/(10+n) up to ema_decay), so short runs'
@@ -135,7 +135,7 @@ def train_step(
         "loss": loss,
         "grad_norm": grad_norm,
         "update_norm": update_norm,
-        "param_norm": optax.global_norm(params),
+        "param_norm": optax.tree.norm(params),
         "learning_rate": lr_schedule(state.step),
         "finite": finite.astype(jnp.float32),
     }

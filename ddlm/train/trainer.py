@@ -102,6 +102,16 @@ def validate_config(config, num_devices: int | None = None):
         )
 
 
+def check_data_paths(data_config):
+    """A missing local corpus or tokenizer file is a config error, reported before any work."""
+    if data_config.corpus.startswith("local:"):
+        directory = os.path.expanduser(data_config.corpus[len("local:"):])
+        if not os.path.isdir(directory):
+            raise ConfigError(f"config.data.corpus: data directory {directory!r} does not exist")
+    if data_config.tokenizer_path and not os.path.exists(os.path.expanduser(data_config.tokenizer_path)):
+        raise ConfigError(f"config.data.tokenizer_path: file {data_config.tokenizer_path!r} does not exist")
+
+
 def build(config, devices=None) -> Setup:
     """Mesh, tokenizer, network, optimizer and the sharded state's initialiser, from the config."""
     from ddlm import models
@@ -110,6 +120,7 @@ def build(config, devices=None) -> Setup:
     devices = list(jax.devices() if devices is None else devices)
     validate_config(config, len(devices))
     mesh = sharding.make_mesh(config.mesh, devices)
+    check_data_paths(config.data)
     tokenizer = tokenizers.get_tokenizer(config.data)
     model = models.get_model(config.model, tokenizer.vocab_size)
     loss_fn = step_lib.make_loss_fn(
@@ -167,6 +178,16 @@ def jit_train_step(setup: Setup):
         out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
         donate_argnums=(0,),
     )
+
+
+def compile_train_step(setup: Setup):
+    """jit_train_step lowered (under the mesh, see lower_with_mesh) and compiled for the config's batch."""
+    cfg = setup.config.train
+    batch_abstract = {
+        k: jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), dt, sharding=setup.batch_sharding)
+        for k, dt in (("tokens", jnp.int32), ("loss_mask", jnp.float32))
+    }
+    return lower_with_mesh(setup, jit_train_step(setup), setup.abstract_state(), batch_abstract).compile()
 
 
 def compile_eval_step(setup: Setup):
@@ -280,10 +301,12 @@ def _check_finite(metrics_host: dict, step: int, policy: str, checkpointer, skip
     )
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-    """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final eval metrics."""
+def train_and_evaluate(config, workdir: str, devices=None) -> dict:
+    """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final eval metrics.
+
+    `devices` (default: all) are the mesh's devices."""
     # ---------------------------------------------------------------- setup
-    setup = build(config)
+    setup = build(config, devices)
     cfg = config.train
     total = cfg.steps
     logging.info("Mesh %s on %d devices (%s)", dict(setup.mesh.shape), setup.mesh.size, jax.devices()[0].device_kind)
@@ -310,14 +333,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     logging.info("Model: %s, %s parameters, %.3g training FLOPs per token.", config.model.name, f"{num_params:,}", flops_per_tok)
 
     # ---------------------------------------------------------------- compile
-    train_step = jit_train_step(setup)
     eval_step = compile_eval_step(setup)
-    batch_abstract = {
-        k: jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), dt, sharding=setup.batch_sharding)
-        for k, dt in (("tokens", jnp.int32), ("loss_mask", jnp.float32))
-    }
     t0 = time.time()
-    compiled = lower_with_mesh(setup, train_step, setup.abstract_state(), batch_abstract).compile()
+    compiled = compile_train_step(setup)
     logging.info("Compiled the train step in %.1fs.", time.time() - t0)
     _log_memory(compiled)
 
@@ -384,9 +402,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return eval_metrics
 
 
-def evaluate(config, workdir: str) -> dict:
+def evaluate(config, workdir: str, devices=None) -> dict:
     """Evaluates the latest checkpoint's EMA parameters on the validation split (--mode=eval)."""
-    setup = build(config)
+    setup = build(config, devices)
     checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
     state, step = checkpointer.restore_latest(setup.abstract_state())
     if state is None:

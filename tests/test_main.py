@@ -1,0 +1,214 @@
+"""ddlm/main.py end to end, in subprocesses on one CPU device: the quickstart learns (validation NELBO in
+bits/char at least 0.5 below the unigram entropy), eval mode, a corrupt latest checkpoint falls back to the
+previous one, kill -9 + rerun resumes to exactly the parameters of an uninterrupted run, and config / mesh /
+data errors are one clear line."""
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(REPO, "experiments", "quickstart.py")
+
+# The session's quickstart run: fewer steps and shorter sequences than the full quickstart (600 x 128).
+QUICK_OVERRIDES = [
+    "--config.train.steps=240", "--config.train.seq_len=64", "--config.train.batch_size=32",
+    "--config.train.eval_batch_size=32", "--config.train.log_every=40", "--config.train.eval_every=0",
+    "--config.train.ckpt_every=120", "--config.train.eval_batches=8", "--config.optim.lr=3e-3",
+    "--config.optim.warmup_steps=20",
+]
+# A seconds-long run for the resume test: a 1-layer, 32-wide network on 8 x 16 tokens.
+TINY_OVERRIDES = [
+    "--config.model.num_layers=1", "--config.model.d_model=32", "--config.model.num_heads=2",
+    "--config.model.mlp_dim=64", "--config.model.cond_dim=16", "--config.train.seq_len=16",
+    "--config.train.batch_size=8", "--config.train.eval_batch_size=8", "--config.train.eval_batches=1",
+    "--config.train.log_every=1", "--config.train.eval_every=0", "--config.train.sample_at_end=False",
+    "--config.optim.warmup_steps=1",
+]
+
+
+@pytest.fixture(scope="session")
+def child_env(tmp_path_factory):
+    """Environment of the child jobs: CPU, one device, a shared persistent compilation cache (the
+    reruns compile the same programs), the repo importable."""
+    env = dict(os.environ)
+    env.update(
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    env.pop("DDLM_KILL_AFTER_CHECKPOINT_STEP", None)
+    return env
+
+
+def run_main(env, workdir, *args, config=QUICKSTART, timeout=240, extra_env=None):
+    cmd = [sys.executable, "-m", "ddlm.main", f"--config={config}", f"--workdir={workdir}", *args]
+    return subprocess.run(
+        cmd, cwd=REPO, env={**env, **(extra_env or {})}, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def start_main(env, workdir, *args, config=QUICKSTART, extra_env=None):
+    cmd = [sys.executable, "-m", "ddlm.main", f"--config={config}", f"--workdir={workdir}", *args]
+    return subprocess.Popen(
+        cmd, cwd=REPO, env={**env, **(extra_env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def records(workdir, split):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+def restore_state(step_dir):
+    import orbax.checkpoint as ocp
+
+    return ocp.PyTreeCheckpointer().restore(os.path.join(step_dir, "state"))
+
+
+# ------------------------------------------------------------------------------------------------ quickstart
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(child_env, tmp_path_factory):
+    """Trains the quickstart model once for the session (240 steps); returns (workdir, log)."""
+    workdir = str(tmp_path_factory.mktemp("quickstart"))
+    proc = run_main(child_env, workdir, *QUICK_OVERRIDES, timeout=290)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    return workdir, log
+
+
+def unigram_entropy_bits(seq_len):
+    """Entropy (bits/token) of the validation split's token frequencies, tokens as the model sees them."""
+    from ddlm.data import pipeline, tokenizers
+    import ml_collections
+
+    spec = __import__("importlib").util.spec_from_file_location("quickstart", QUICKSTART)
+    module = __import__("importlib").util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config: ml_collections.ConfigDict = module.get_config()
+    tok = tokenizers.get_tokenizer(config.data)
+    it = pipeline.make_iterator(config.data, tok, "validation", global_batch_size=8, seq_len=seq_len,
+                                seed=0, sharding=None, num_epochs=1)
+    counts = np.zeros(tok.vocab_size, np.int64)
+    for batch in it:
+        np.add.at(counts, batch["tokens"][batch["loss_mask"] > 0], 1)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+@pytest.mark.timeout(300)
+def test_quickstart_learns_and_writes_everything(quickstart_run):
+    workdir, log = quickstart_run
+    final = records(workdir, "eval")[-1]
+    assert final["step"] == 240
+    bits = final["bits_per_token"]
+    assert math.isclose(bits, final["nelbo"] / math.log(2), rel_tol=1e-6)
+    entropy = unigram_entropy_bits(64)
+    margin = entropy - bits
+    print(f"quickstart: validation NELBO {bits:.3f} bits/char, unigram entropy {entropy:.3f}, margin {margin:.3f}")
+    assert margin >= 0.5, (bits, entropy)
+
+    # Progress line, TensorBoard events (no TensorFlow), checkpoints at 120 and 240.
+    assert "step 240/240 | loss" in log and "tokens/s | MFU" in log and "ETA" in log
+    events = [f for f in os.listdir(os.path.join(workdir, "tensorboard")) if f.startswith("events.out.tfevents")]
+    assert events
+    blob = open(os.path.join(workdir, "tensorboard", events[0]), "rb").read()
+    assert b"train/loss" in blob and b"eval/bits_per_token" in blob
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["120", "240"]
+    train = records(workdir, "train")
+    assert train[0]["loss"] > train[-1]["loss"] and {"tokens_per_s", "mfu", "grad_norm"} <= set(train[-1])
+    try:
+        import ddlm.sampling.cli  # noqa: F401
+    except ImportError:
+        pytest.skip("ddlm.sampling.cli not present: samples not written")
+    samples = [f for f in os.listdir(workdir) if "sample" in f]
+    assert samples, os.listdir(workdir)
+
+
+@pytest.mark.timeout(200)
+def test_eval_mode_and_corrupt_latest_checkpoint_falls_back(quickstart_run, child_env, tmp_path):
+    workdir, _ = quickstart_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(workdir, copy)
+    # Corrupt the latest checkpoint (240): truncate every file of its state.
+    for root, _, files in os.walk(os.path.join(copy, "checkpoints", "240", "state")):
+        for name in files:
+            open(os.path.join(root, name), "wb").close()
+    proc = run_main(child_env, copy, *QUICK_OVERRIDES, "--mode=eval", timeout=190)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "Checkpoint at step 240 is corrupt or unreadable" in log
+    assert "Restored checkpoint from step 120" in log
+    assert os.path.isdir(os.path.join(copy, "checkpoints_corrupt", "240"))
+    assert records(copy, "eval")[-1]["step"] == 120
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+
+@pytest.mark.timeout(300)
+def test_kill_and_rerun_resumes_to_identical_parameters(child_env, tmp_path):
+    args = [*TINY_OVERRIDES, "--config.train.steps=6", "--config.train.ckpt_every=2"]
+    killed, clean = str(tmp_path / "killed"), str(tmp_path / "clean")
+    # The uninterrupted run and the run killed (SIGKILL, by itself) right after checkpoint 2 is on disk.
+    uninterrupted = start_main(child_env, clean, *args)
+    first = run_main(child_env, killed, *args, extra_env={"DDLM_KILL_AFTER_CHECKPOINT_STEP": "2"})
+    assert first.returncode == -signal.SIGKILL, (first.returncode, first.stderr[-2000:])
+    assert os.listdir(os.path.join(killed, "checkpoints")) == ["2"]
+    out, _ = uninterrupted.communicate(timeout=240)
+    assert uninterrupted.returncode == 0, out[-3000:]
+
+    rerun = run_main(child_env, killed, *args)
+    log = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, log[-3000:]
+    assert "Restored checkpoint from step 2 (of 6)" in log
+    assert "step 3/6" in log and "step 2/6" not in log
+
+    final_resumed = restore_state(os.path.join(killed, "checkpoints", "6"))
+    final_clean = restore_state(os.path.join(clean, "checkpoints", "6"))
+    for name in ("params", "ema_params", "opt_state", "step", "rng"):
+        a, b = final_resumed[name], final_clean[name]
+        import jax
+
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
+    # Every checkpoint left on disk restores; no temporary (half-written) directory remains.
+    for step in os.listdir(os.path.join(killed, "checkpoints")):
+        assert step.isdigit(), os.listdir(os.path.join(killed, "checkpoints"))
+        restore_state(os.path.join(killed, "checkpoints", step))
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+def _one_error_line(proc):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if "error" in line.lower() and "ddlm" in line.lower()
+             or line.startswith("FATAL")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.timeout(200)
+def test_errors_are_one_clear_line(child_env, tmp_path):
+    line = _one_error_line(run_main(child_env, str(tmp_path), "--config.model.num_layerz=2", timeout=60))
+    assert "--config.model.num_layerz" in line and "num_layers" in line
+    line = _one_error_line(run_main(child_env, str(tmp_path), "--config.train.steps=many", timeout=60))
+    assert "config.train.steps" in line
+    line = _one_error_line(run_main(child_env, str(tmp_path), "--config.mesh.data=3", timeout=60))
+    assert "config.mesh" in line and "device count 1" in line
+    line = _one_error_line(
+        run_main(child_env, str(tmp_path), "--config.data.corpus=local:/no/such/corpus", timeout=60)
+    )
+    assert "config.data.corpus" in line and "/no/such/corpus" in line

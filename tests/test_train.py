@@ -1,0 +1,189 @@
+"""ddlm/train: mesh and rules, the sharded train step on 8 fake CPU devices vs one device, optimizer,
+NaN policy, and every experiment config building and running 2 train steps at a reduced size."""
+import glob
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from ddlm.train import config_lib, optim, sharding, trainer
+from ddlm.train.sharding import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS = sorted(glob.glob(os.path.join(REPO, "experiments", "*.py")))
+
+
+def load_config(path, arg=None):
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+# ------------------------------------------------------------------------------------------------ mesh
+
+
+def test_mesh_resolves_data_minus_one_and_uses_auto_axes():
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 2, "tensor": 2})
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+    one = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    assert one.size == 1
+
+
+@pytest.mark.parametrize(
+    "mesh, message",
+    [
+        ({"data": 3, "fsdp": 1, "tensor": 1}, "must equal the device count 8"),
+        ({"data": -1, "fsdp": 3, "tensor": 1}, "does not divide the device count 8"),
+        ({"data": 8, "fsdp": 0, "tensor": 1}, "config.mesh.fsdp must be a positive integer"),
+    ],
+)
+def test_bad_mesh_is_a_config_error(mesh, message):
+    with pytest.raises(ConfigError, match=message):
+        sharding.make_mesh(mesh)
+
+
+def test_rules_shard_params_over_fsdp_and_tensor():
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    sh = sharding.logical_to_sharding(P("vocab", "embed"), mesh)
+    assert sh.spec == P("tensor", "fsdp")
+    assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp"), None)
+    # A dimension its axes do not divide is replicated instead of failing in jit.
+    assert sharding.fit_to_shape(sh, (67, 32)).spec == P(None, "fsdp")
+
+
+def test_learning_rate_schedule_warmup_then_cosine():
+    cfg = config_lib.optim_config(lr=1.0, warmup_steps=10, decay="cosine")
+    cfg.min_lr_ratio = 0.1
+    lr = optim.learning_rate_schedule(cfg, total_steps=110)
+    assert float(lr(0)) == 0.0 and abs(float(lr(5)) - 0.5) < 1e-6 and abs(float(lr(10)) - 1.0) < 1e-6
+    assert abs(float(lr(110)) - 0.1) < 1e-6
+    cfg.decay = "constant"
+    assert float(optim.learning_rate_schedule(cfg, 110)(100)) == 1.0
+
+
+# ------------------------------------------------------------------------------------------------ train step
+
+
+def _tiny_config(**overrides):
+    config = load_config(os.path.join(REPO, "experiments", "quickstart.py"), "smoke")
+    config.model.num_heads, config.model.d_model, config.model.mlp_dim = 2, 32, 64
+    config.train.batch_size, config.train.seq_len = 8, 16
+    config.optim.lr, config.optim.warmup_steps = 3e-3, 0
+    for key, value in overrides.items():
+        config.update_from_flattened_dict({key: value})
+    return config
+
+
+def _random_batch(setup, seed=0):
+    cfg = setup.config.train
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, setup.tokenizer.mask_id, (cfg.batch_size, cfg.seq_len)).astype(np.int32)
+    mask = np.ones((cfg.batch_size, cfg.seq_len), np.float32)
+    return {"tokens": tokens, "loss_mask": mask}
+
+
+def _run_steps(config, devices, num_steps):
+    setup = trainer.build(config, devices)
+    step = trainer.compile_train_step(setup)
+    state = setup.init_state()
+    losses = []
+    for i in range(num_steps):
+        batch = jax.device_put(_random_batch(setup, i), setup.batch_sharding)
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+        assert float(metrics["finite"]) == 1.0
+    return setup, state, losses
+
+
+def test_sharded_mesh_matches_single_device():
+    """Mesh (data=2, fsdp=2, tensor=2) and a 1-device mesh agree after 3 steps to float32 reduction order
+    (rtol 2e-5 on the losses, atol 2e-6 on the parameters)."""
+    config8 = _tiny_config()
+    config8.mesh.data, config8.mesh.fsdp, config8.mesh.tensor = 2, 2, 2
+    setup8, state8, losses8 = _run_steps(config8, jax.devices(), 3)
+    config1 = _tiny_config()
+    config1.mesh.data = 1
+    _, state1, losses1 = _run_steps(config1, jax.devices()[:1], 3)
+
+    # Parameters and optimizer state really are sharded over fsdp / tensor.
+    emb = state8.params["token_embedding"]
+    assert "fsdp" in str(emb.sharding.spec), emb.sharding
+    assert len({str(s.index) for s in emb.addressable_shards}) > 1
+    mu = jax.tree.leaves(state8.opt_state)
+    assert any("fsdp" in str(getattr(x, "sharding", None)) for x in mu)
+
+    np.testing.assert_allclose(losses8, losses1, rtol=2e-5)
+    flat8 = jax.tree.leaves(jax.device_get(state8.params))
+    flat1 = jax.tree.leaves(jax.device_get(state1.params))
+    for a, b in zip(flat8, flat1):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6)
+    assert int(state8.step) == int(state1.step) == 3
+
+
+def test_gradient_accumulation_runs_and_splits_rows():
+    from ddlm.train.step import _split_micro_batches
+
+    x = {"tokens": jnp.arange(8)[:, None]}
+    micro = _split_micro_batches(x, 2)
+    assert micro["tokens"].shape == (2, 4, 1)
+    assert sorted(np.asarray(micro["tokens"]).ravel().tolist()) == list(range(8))
+    config = _tiny_config(**{"optim.grad_accum_steps": 2})
+    _, state, losses = _run_steps(config, jax.devices(), 2)
+    assert int(state.step) == 2 and all(np.isfinite(losses))
+
+
+def test_nan_policy_stop_and_skip(tmp_path):
+    config = _tiny_config(**{"optim.lr": float("nan"), "train.steps": 2})
+    with pytest.raises(trainer.NonFiniteError, match="non-finite loss or gradients at step 1"):
+        trainer.train_and_evaluate(config, str(tmp_path / "stop"), devices=jax.devices()[:1])
+    config.train.nan_policy = "skip"
+    trainer.train_and_evaluate(config, str(tmp_path / "skip"), devices=jax.devices()[:1])
+    import json
+
+    records = [json.loads(line) for line in open(tmp_path / "skip" / "metrics.jsonl")]
+    assert records[-2]["split"] == "train" and records[-2]["skipped_steps"] == 2
+
+
+# ------------------------------------------------------------------------------------------------ experiments
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: os.path.basename(p)[:-3])
+def test_experiment_config_builds_and_trains_two_steps(path):
+    name = os.path.basename(path)[:-3]
+    full = load_config(path)
+    assert full.diffusion.loss and full.train.steps > 2
+    # The same file at a reduced size, through config overrides (as --config.x.y=... would do).
+    config = load_config(path)
+    config.update_from_flattened_dict({
+        "model.num_layers": 1, "model.d_model": 32, "model.num_heads": 2, "model.mlp_dim": 64,
+        "model.cond_dim": 16, "model.dtype": "float32", "model.dropout": 0.0, "model.remat": False,
+        "data.corpus": "shakespeare", "data.tokenizer": "char", "data.vocab_size": 0,
+        "train.batch_size": 8, "train.seq_len": 16, "mesh.fsdp": 1, "mesh.tensor": 1,
+    })
+    if config.model.name == "bd3lm":
+        config.model.block_size = 4
+    setup = trainer.build(config, jax.devices()[:1])
+    step = trainer.compile_train_step(setup)
+    state = setup.init_state()
+    for i in range(2):
+        batch = jax.device_put(_random_batch(setup, i), setup.batch_sharding)
+        state, metrics = step(state, batch)
+        assert np.isfinite(float(metrics["loss"])), (name, metrics)
+    assert int(state.step) == 2
+
+
+def test_config_arg_string():
+    config = load_config(os.path.join(REPO, "experiments", "bd3lm.py"), "block_size=16")
+    assert config.model.block_size == 16
+    medium = load_config(os.path.join(REPO, "experiments", "mdlm.py"), "size=medium")
+    assert medium.model.num_layers == 24 and medium.model.d_model == 1024
+    big = load_config(os.path.join(REPO, "experiments", "mdlm.py"), "size=1b")
+    assert big.model.d_model == 2048
+    with pytest.raises(ValueError, match="unknown config arg 'sise'"):
+        load_config(os.path.join(REPO, "experiments", "mdlm.py"), "sise=medium")
