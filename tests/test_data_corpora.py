@@ -193,3 +193,19 @@ def test_both_splits_always_exist(tmp_path):
         data = read_all(config)
         assert len(data["train"]) == splits["train"]["documents"]
         assert sum(len(t.encode()) for t in data["validation"]) == splits["validation"]["bytes"]
+
+
+@pytest.mark.timeout(120)
+def test_prepare_command(tmp_path):
+    import subprocess
+    import sys
+
+    write_docs(tmp_path / "c", n=5)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "ddlm.data.prepare", f"--corpus=local:{tmp_path / 'c'}",
+           f"--data_dir={tmp_path / 'cache'}", "--tokenizer=char"]
+    runs = [subprocess.run(cmd, capture_output=True, text=True, timeout=100, cwd=repo,
+                           env=dict(os.environ, JAX_PLATFORMS="cpu")) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:] + runs[1].stderr[-2000:]
+    assert ": prepared " in runs[0].stdout and ": reused " in runs[1].stdout
+    assert "CharTokenizer(vocab_size=" in runs[1].stdout

@@ -349,3 +349,4 @@ def decode_text(record, text_field: str, where: str) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8")
     return str(value)
+

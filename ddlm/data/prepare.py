@@ -1,0 +1,37 @@
+"""Prepares a corpus (or checks and reuses it) and its tokenizer: one command, also run on first use.
+
+    python -m ddlm.data.prepare --corpus=shakespeare --tokenizer=sentencepiece --vocab_size=4096
+    python -m ddlm.data.prepare --corpus=local:/data/my_texts --tokenizer=char
+"""
+
+from absl import app
+from absl import flags
+
+from ddlm.data import corpora
+from ddlm.data import pipeline
+from ddlm.data import tokenizers
+
+flags.DEFINE_string("corpus", "shakespeare", "'shakespeare' | 'kjv' | 'local:<dir>'")
+flags.DEFINE_string("data_dir", "", "cache folder ('' = $DDLM_DATA_DIR or ~/.cache/ddlm)")
+flags.DEFINE_string("text_field", "text", "field holding the text in .jsonl lines")
+flags.DEFINE_string("tokenizer", "", "also prepare this tokenizer: 'char' | 'byte' | 'sentencepiece' | 'gpt2'")
+flags.DEFINE_integer("vocab_size", 0, "vocab_size (incl. specials and mask) for sentencepiece")
+
+
+def main(argv):
+    del argv
+    f = flags.FLAGS
+    config = pipeline.default_config()
+    config.corpus, config.data_dir, config.text_field = f.corpus, f.data_dir, f.text_field
+    prepared = corpora.prepare_corpus(config)
+    print(f"{config.corpus}: {'reused' if prepared.reused else 'prepared'} {prepared.version_dir}")
+    for split, stats in prepared.manifest["splits"].items():
+        print(f"  {split}: {stats['documents']} documents, {stats['bytes']:,} bytes")
+    print(f"  skipped: {prepared.manifest['skipped']}")
+    if f.tokenizer:
+        config.tokenizer, config.vocab_size = f.tokenizer, f.vocab_size
+        print(f"  tokenizer: {tokenizers.get_tokenizer(config)!r}")
+
+
+if __name__ == "__main__":
+    app.run(main)
