@@ -1,7 +1,8 @@
 """Prepared corpora: a tfds builder for local text, a cache with integrity checks, and data sources.
 
-``prepare_corpus(config)`` turns a corpus name into a tfds dataset in ``array_record`` format with
-``train`` and ``validation`` splits, under ``<data_dir>/tfds/text_corpus/<corpus>/<version>``.
+``prepare_corpus(config)`` (or ``python -m ddlm.data.prepare --corpus=...``) turns a corpus name
+into a tfds dataset in ``array_record`` format with ``train`` and ``validation`` splits, under
+``<data_dir>/tfds/text_corpus/<corpus>/<version>``.
 It runs on first use and is cached: a second call checks a manifest (sizes and sha256 of every file
 written, plus a fingerprint of the inputs) and reuses the data; a missing manifest (a preparation that
 died half-way), a file whose size or checksum differs (corruption), or changed inputs (a local
@@ -26,7 +27,6 @@ import os
 import shutil
 
 from absl import logging
-import numpy as np
 import tensorflow_datasets as tfds
 
 from ddlm.data import sources
