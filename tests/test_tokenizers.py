@@ -132,3 +132,13 @@ def test_cli_trains_sentencepiece(tmp_path):
     assert os.path.exists(tokenizers.sentencepiece_path(config))
     tok = tokenizers.get_tokenizer(config)  # loads the saved model, no retraining
     assert tok.vocab_size == 320 and tok.decode(tok.encode("thou art the king\n")) == "thou art the king\n"
+
+
+def test_tokenizers_pickle_for_grain_workers(corpus_tokenizer):
+    """grain worker processes receive the tokenizer by pickling; it must encode identically there."""
+    import pickle
+
+    _, tok = corpus_tokenizer
+    clone = pickle.loads(pickle.dumps(tok))
+    text = "Now is the winter of our discontent\nMade glorious summer"
+    assert clone.encode(text) == tok.encode(text) and clone.vocab_size == tok.vocab_size
