@@ -245,9 +245,11 @@ class DataIterator(grain.DatasetIterator):
 def document_lengths(config, tok, src, split: str) -> np.ndarray:
     """int64 [num_documents]: framed token count (bos + ids + eos) of every document of the split,
     in data-source order; computed once per (corpus, split, tokenizer) and cached as .npy."""
-    name = corpora.split_name(config, split).replace("/", "_")
-    path = os.path.join(tokenizers_lib.tokenizer_dir(config),
-                        f"lengths_{name}_{tokenizers_lib.hash_text(tok.fingerprint)}_{len(src)}.npy")
+    name = corpora.split_name(config, split)
+    data_key = (corpora.prepare_corpus(config).manifest["fingerprint"]
+                if corpora.is_local_corpus(config.corpus) else corpora.cache_dir(config))
+    key = tokenizers_lib.hash_text(f"{data_key}|{name}|{len(src)}|{tok.fingerprint}")
+    path = os.path.join(tokenizers_lib.tokenizer_dir(config), f"lengths_{key}.npy")
     with corpora.file_lock(path + ".lock"):
         if not os.path.exists(path):
             field = corpora.record_text_field(config)
