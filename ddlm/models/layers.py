@@ -34,8 +34,13 @@ BLM = ("batch", "length", "mlp")
 BLV = ("batch", "length", "vocab")
 
 
-def _dense_init():
-    return nn.initializers.xavier_uniform()
+def _lecun_normal(in_axis=-2, out_axis=-1):
+    """Fan-in scaled normal init (flax's Dense default) for kernels with several input or output axes."""
+    return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis)
+
+
+# Multi-axis kernels are created with self.param + einsum rather than nn.DenseGeneral: DenseGeneral initialises
+# a flattened rank-2 kernel, and flax then applies the rank-N logical constraint to it under a mesh (an error).
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -168,14 +173,17 @@ class AdaLNModulation(nn.Module):
     @nn.compact
     def __call__(self, c: jax.Array) -> tuple[jax.Array, ...]:
         """c: [batch, 1 or length, cond_dim] -> `num` arrays [batch, 1 or length, d_model] float32."""
-        mod = nn.DenseGeneral(
-            (self.num, self.d_model),
-            dtype=jnp.float32,
-            param_dtype=self.param_dtype,
-            kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, None, "embed")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, "embed")),
-            name="dense",
-        )(c)  # [B, 1|L, num, d]
+        zeros = nn.initializers.zeros
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(zeros, (None, None, "embed")),
+            (c.shape[-1], self.num, self.d_model),
+            self.param_dtype,
+        )
+        bias = self.param(
+            "bias", nn.with_logical_partitioning(zeros, (None, "embed")), (self.num, self.d_model), self.param_dtype
+        )
+        mod = jnp.einsum("blc,cnd->blnd", c.astype(jnp.float32), kernel.astype(jnp.float32)) + bias  # [B, 1|L, num, d]
         return tuple(mod[..., i, :] for i in range(self.num))
 
 
@@ -226,15 +234,20 @@ class SelfAttention(nn.Module):
         if d_model % self.num_heads:
             raise ValueError(f"num_heads={self.num_heads} must divide d_model={d_model}")
         head_dim = d_model // self.num_heads
-        qkv = nn.DenseGeneral(
-            (3, self.num_heads, head_dim),
-            use_bias=False,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=nn.with_logical_partitioning(_dense_init(), ("embed", None, "heads", "kv")),
-            name="qkv",
-        )(x.astype(self.dtype))  # [B, L, 3, H, Dh]
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        qkv_kernel = self.param(
+            "qkv_kernel",
+            nn.with_logical_partitioning(_lecun_normal(0, (1, 2, 3)), ("embed", None, "heads", "kv")),
+            (d_model, 3, self.num_heads, head_dim),
+            self.param_dtype,
+        )
+        out_kernel = self.param(
+            "out_kernel",
+            nn.with_logical_partitioning(_lecun_normal((0, 1), 2), ("heads", "kv", "embed")),
+            (self.num_heads, head_dim, d_model),
+            self.param_dtype,
+        )
+        qkv = jnp.einsum("bld,dthk->tblhk", x.astype(self.dtype), qkv_kernel.astype(self.dtype))  # [3, B, L, H, Dh]
+        q, k, v = qkv[0], qkv[1], qkv[2]
         q = nn.with_logical_constraint(rotary_embedding(q, positions), BLHK)
         k = nn.with_logical_constraint(rotary_embedding(k, positions), BLHK)
         v = nn.with_logical_constraint(v, BLHK)
@@ -242,15 +255,7 @@ class SelfAttention(nn.Module):
             mask = mask[None, None]  # [1, 1, L, L] broadcasts over batch and heads
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=None)
         out = nn.with_logical_constraint(out, BLHK)  # [B, L, H, Dh]
-        return nn.DenseGeneral(
-            d_model,
-            axis=(-2, -1),
-            use_bias=False,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=nn.with_logical_partitioning(_dense_init(), ("heads", "kv", "embed")),
-            name="out",
-        )(out)
+        return jnp.einsum("blhk,hkd->bld", out, out_kernel.astype(self.dtype))
 
 
 class MLP(nn.Module):
@@ -268,7 +273,7 @@ class MLP(nn.Module):
             self.mlp_dim,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=nn.with_logical_partitioning(_dense_init(), ("embed", "mlp")),
+            kernel_init=nn.with_logical_partitioning(_lecun_normal(), ("embed", "mlp")),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
             name="fc_in",
         )(x.astype(self.dtype))
@@ -277,7 +282,7 @@ class MLP(nn.Module):
             d_model,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            kernel_init=nn.with_logical_partitioning(_dense_init(), ("mlp", "embed")),
+            kernel_init=nn.with_logical_partitioning(_lecun_normal(), ("mlp", "embed")),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
             name="fc_out",
         )(h)

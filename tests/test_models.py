@@ -1,0 +1,367 @@
+"""Tests of ddlm/models: shapes and dtypes, exact attention-pattern properties, time conditioning, rotary
+invariance, parameter counts of the presets, and logical-partitioning metadata."""
+
+import functools
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddlm import models
+
+VOCAB = 37
+BATCH, LENGTH, BLOCK = 2, 16, 4
+
+
+def _config(name="dit", **overrides):
+    c = models.default_config("tiny")
+    c.name = name
+    c.num_layers, c.d_model, c.num_heads, c.mlp_dim, c.cond_dim = 2, 32, 2, 64, 16
+    c.block_size = BLOCK
+    c.time_conditioning = name != "ar"
+    for k, v in overrides.items():
+        c[k] = v
+    return c
+
+
+def _inputs(seed=0, length=LENGTH):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    xt = jax.random.randint(k1, (BATCH, length), 0, VOCAB)
+    x0 = jax.random.randint(k2, (BATCH, length), 0, VOCAB)
+    t = jax.random.uniform(k3, (BATCH,))
+    return xt, x0, t
+
+
+def _perturbed(variables, seed=1, scale=0.3):
+    """Adds noise to every parameter, so that zero-initialised layers (adaLN, output) stop hiding dependencies."""
+    leaves, treedef = jax.tree.flatten(variables)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    noisy = [p + scale * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)]
+    return jax.tree.unflatten(treedef, noisy)
+
+
+def _init(model, xt, t, x0=None):
+    return jax.jit(lambda key, xt, t, x0: model.init(key, xt, t, x0=x0))(jax.random.key(0), xt, t, x0)
+
+
+@functools.lru_cache(maxsize=None)
+def _model_and_vars(name="dit", **overrides):
+    """(model, perturbed variables, jitted apply(variables, xt, t, x0)), cached: compiling dominates test time."""
+    model = models.get_model(_config(name, **overrides), VOCAB)
+    xt, x0, t = _inputs()
+    variables = _perturbed(_init(model, xt, t, x0 if name == "bd3lm" else None))
+    apply = jax.jit(lambda v, xt, t, x0: model.apply(v, xt, t, x0=x0))
+    return model, variables, apply
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Shapes and dtypes.
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["dit", "ar", "bd3lm"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_shapes_and_dtypes(name, dtype):
+    # Abstract evaluation: shapes and dtypes without compiling (values are checked by the other tests).
+    model = models.get_model(_config(name, dtype=dtype, dropout=0.1), VOCAB)
+    xt, x0, t = _inputs()
+    x0 = x0 if name == "bd3lm" else None
+    variables = jax.eval_shape(lambda xt, t, x0: model.init(jax.random.key(0), xt, t, x0=x0), xt, t, x0)
+    assert set(variables) == {"params"}
+    for leaf in jax.tree.leaves(variables):
+        assert leaf.dtype == jnp.float32, "parameters must stay float32 under bfloat16 compute"
+    apply = lambda v, xt, t, x0: model.apply(v, xt, t, x0=x0, train=True, rngs={"dropout": jax.random.key(2)})  # noqa: E731
+    for time in (t, jnp.broadcast_to(t[:, None], xt.shape)) if name != "ar" else (None,):
+        logits = jax.eval_shape(apply, variables, xt, time, x0)
+        assert logits.shape == (BATCH, LENGTH, VOCAB)
+        assert logits.dtype == jnp.float32
+
+
+def test_bfloat16_close_to_float32():
+    _, variables, apply = _model_and_vars("dit")
+    xt, _, t = _inputs()
+    out = {
+        "float32": apply(variables, xt, t, None),
+        "bfloat16": jax.jit(models.get_model(_config("dit", dtype="bfloat16"), VOCAB).apply)(variables, xt, t),
+    }
+    scale = float(jnp.std(out["float32"]))
+    err = jnp.abs(out["float32"] - out["bfloat16"])
+    print(f"bf16 vs fp32 logits: mean abs err {float(err.mean()):.4f}, max {float(err.max()):.4f}, std {scale:.2f}")
+    assert float(err.mean()) < 0.01 * scale and float(err.max()) < 0.2 * scale
+
+
+@pytest.mark.parametrize("name", ["dit", "bd3lm"])
+def test_per_token_time_equals_broadcast_time(name):
+    _, variables, apply = _model_and_vars(name)
+    xt, x0, t = _inputs()
+    x0 = x0 if name == "bd3lm" else None
+    per_token = jnp.broadcast_to(t[:, None], (BATCH, LENGTH))
+    np.testing.assert_allclose(apply(variables, xt, t, x0), apply(variables, xt, per_token, x0), atol=1e-5)
+    # Per-token times really are per token: changing t at one position changes that position's logits.
+    moved = per_token.at[:, 3].set(1.0 - per_token[:, 3])
+    diff = jnp.abs(apply(variables, xt, moved, x0) - apply(variables, xt, per_token, x0)).max(axis=(0, 2))
+    assert float(diff[3]) > 1e-3
+
+
+def test_tied_embeddings_have_no_output_kernel():
+    model = models.get_model(_config("dit", tie_embeddings=True), VOCAB)
+    xt, _, t = _inputs()
+    params = _init(model, xt, t)["params"]
+    assert "output_kernel" not in params and "token_embedding" in params
+    assert jax.jit(model.apply)({"params": params}, xt, t).shape == (BATCH, LENGTH, VOCAB)
+
+
+def test_dropout_only_in_training():
+    model = models.get_model(_config("dit", dropout=0.5), VOCAB)
+    xt, _, t = _inputs()
+    variables = _perturbed(_init(model, xt, t))
+    apply = jax.jit(lambda key, train: model.apply(variables, xt, t, train=train, rngs={"dropout": key}), static_argnums=1)
+    a, b = apply(jax.random.key(1), True), apply(jax.random.key(2), True)
+    assert float(jnp.abs(a - b).max()) > 1e-3
+    np.testing.assert_array_equal(apply(jax.random.key(1), False), apply(jax.random.key(2), False))
+
+
+def test_remat_same_values_and_gradients():
+    xt, _, t = _inputs()
+    xt, t = xt[:, :8], t
+    plain, remat = (models.get_model(_config("dit", remat=r, num_layers=1), VOCAB) for r in (False, True))
+    variables = _perturbed(_init(plain, xt, t))
+
+    def loss(m):
+        return jax.jit(jax.value_and_grad(lambda v: jnp.mean(m.apply(v, xt, t) ** 2)))
+
+    (l_plain, g_plain), (l_remat, g_remat) = loss(plain)(variables), loss(remat)(variables)
+    np.testing.assert_allclose(l_plain, l_remat, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_input_errors_are_clear():
+    model = models.get_model(_config("dit"), VOCAB)
+    xt, x0, t = _inputs()
+    with pytest.raises(ValueError, match=r"tokens must be int \[batch, length\]"):
+        model.init(jax.random.key(0), xt.astype(jnp.float32), t)
+    with pytest.raises(ValueError, match=r"tokens must be int \[batch, length\]"):
+        model.init(jax.random.key(0), xt[0], t)
+    with pytest.raises(ValueError, match="t is required"):
+        model.init(jax.random.key(0), xt, None)
+    with pytest.raises(ValueError, match="t must be float"):
+        model.init(jax.random.key(0), xt, t[:1])
+    bd3 = models.get_model(_config("bd3lm"), VOCAB)
+    with pytest.raises(ValueError, match="needs x0"):
+        bd3.init(jax.random.key(0), xt, t)
+    with pytest.raises(ValueError, match="block_size must divide seq_len=14"):
+        bd3.init(jax.random.key(0), xt[:, :14], t, x0=x0[:, :14])
+    with pytest.raises(ValueError, match="no time conditioning"):
+        models.get_model(_config("ar", time_conditioning=True), VOCAB).init(jax.random.key(0), xt, t)
+    with pytest.raises(ValueError, match="name must be one of"):
+        models.get_model(_config("gpt"), VOCAB)
+    bad = _config("dit")
+    del bad["remat"]
+    with pytest.raises(ValueError, match="lacks fields"):
+        models.get_model(bad, VOCAB)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Attention patterns (exact).
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _changed_positions(a, b):
+    """[length] bool: positions whose logits differ at all (exact comparison)."""
+    return np.asarray(jnp.any(a != b, axis=(0, 2)))
+
+
+def test_causal_model_is_causal():
+    _, variables, apply = _model_and_vars("ar")
+    xt, _, _ = _inputs()
+    base = apply(variables, xt, None, None)
+    for j in (0, 5, LENGTH - 1):
+        changed = _changed_positions(base, apply(variables, xt.at[:, j].set((xt[:, j] + 1) % VOCAB), None, None))
+        assert not changed[:j].any(), f"changing token {j} changed logits before it"
+        assert changed[j:].any(), f"changing token {j} changed nothing at or after it"
+
+
+def test_dit_is_bidirectional():
+    _, variables, apply = _model_and_vars("dit")
+    xt, _, t = _inputs()
+    changed = _changed_positions(apply(variables, xt, t, None), apply(variables, xt.at[:, -1].add(1) % VOCAB, t, None))
+    assert changed[0], "the last token must influence the first position's logits"
+    assert changed.all()
+
+
+def test_block_diffusion_mask_matches_brute_force():
+    for seq_len, block_size in [(4, 1), (4, 2), (6, 3), (8, 4), (4, 4)]:
+        mask = np.asarray(models.block_diffusion_mask(seq_len, block_size))
+        assert mask.shape == (2 * seq_len, 2 * seq_len) and mask.dtype == bool
+        expected = np.zeros_like(mask)
+        for q, k in itertools.product(range(2 * seq_len), repeat=2):
+            q_clean, k_clean = q >= seq_len, k >= seq_len
+            q_block, k_block = (q % seq_len) // block_size, (k % seq_len) // block_size
+            if not q_clean and not k_clean:  # noised attends its own noised block
+                expected[q, k] = q_block == k_block
+            elif not q_clean and k_clean:  # noised attends strictly earlier clean blocks
+                expected[q, k] = k_block < q_block
+            elif q_clean and k_clean:  # clean is block-causal
+                expected[q, k] = k_block <= q_block
+        np.testing.assert_array_equal(mask, expected, err_msg=f"seq_len={seq_len} block_size={block_size}")
+    with pytest.raises(ValueError, match="block_size must divide seq_len=6"):
+        models.block_diffusion_mask(6, 4)
+
+
+@pytest.mark.parametrize("time_conditioning", [False, True])
+def test_block_causal_dependencies(time_conditioning):
+    _, variables, apply = _model_and_vars("bd3lm", **({} if time_conditioning else {"time_conditioning": False}))
+    xt, x0, t = _inputs()
+    t = jax.random.uniform(jax.random.key(5), (BATCH, LENGTH)) if time_conditioning else None
+    base = apply(variables, xt, t, x0)
+    b = 2
+    block = slice(b * BLOCK, (b + 1) * BLOCK)
+    later_x0 = x0.at[:, b * BLOCK :].set((x0[:, b * BLOCK :] + 7) % VOCAB)
+    other_xt = xt.at[:, : b * BLOCK].add(3).at[:, (b + 1) * BLOCK :].add(5) % VOCAB
+    out = apply(variables, other_xt, t, later_x0)
+    np.testing.assert_array_equal(out[:, block], base[:, block])
+    if time_conditioning:  # the times of other blocks do not matter either
+        other_t = t.at[:, : b * BLOCK].set(0.9).at[:, (b + 1) * BLOCK :].set(0.1)
+        np.testing.assert_array_equal(apply(variables, xt, other_t, x0)[:, block], base[:, block])
+    # ... while the clean previous block and the noised block itself do.
+    prev_x0 = x0.at[:, (b - 1) * BLOCK].add(1) % VOCAB
+    assert _changed_positions(apply(variables, xt, t, prev_x0), base)[block].all()
+    own_xt = xt.at[:, b * BLOCK + 1].add(1) % VOCAB
+    assert _changed_positions(apply(variables, own_xt, t, x0), base)[block].all()
+    # Block 0 sees no clean context at all.
+    np.testing.assert_array_equal(apply(variables, xt, t, (x0 + 1) % VOCAB)[:, :BLOCK], base[:, :BLOCK])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Time conditioning.
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_adaln_zero_init_ignores_time():
+    # adaLN-zero: every modulation is zero at init, so the blocks are identities of t and the output does not
+    # depend on t (tied embeddings, so that the logits are not trivially zero).
+    model = models.get_model(_config("dit", tie_embeddings=True), VOCAB)
+    xt, _, t = _inputs()
+    variables = _init(model, xt, t)
+    apply = jax.jit(model.apply)
+    a, b = apply(variables, xt, jnp.zeros_like(t)), apply(variables, xt, jnp.ones_like(t))
+    assert float(jnp.abs(a).max()) > 0
+    np.testing.assert_array_equal(a, b)
+
+
+def test_time_matters_when_on_and_is_ignored_when_off():
+    _, variables, apply = _model_and_vars("dit")
+    xt, _, _ = _inputs()
+    lo, hi = jnp.full((BATCH,), 0.1), jnp.full((BATCH,), 0.9)
+    assert float(jnp.abs(apply(variables, xt, lo, None) - apply(variables, xt, hi, None)).max()) > 1e-3
+
+    model, variables, apply = _model_and_vars("dit", time_conditioning=False)
+    assert "time_embedding" not in variables["params"]
+    base = apply(variables, xt, lo, None)
+    np.testing.assert_array_equal(base, apply(variables, xt, hi, None))
+    np.testing.assert_array_equal(base, apply(variables, xt, None, None))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Rotary position embedding.
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_rotary_scores_depend_on_relative_position_only():
+    kq, kk = jax.random.split(jax.random.key(3))
+    q = jax.random.normal(kq, (1, 8, 2, 16))
+    k = jax.random.normal(kk, (1, 8, 2, 16))
+    positions = jnp.arange(8)
+
+    def scores(shift):
+        rq = models.rotary_embedding(q, positions + shift)
+        rk = models.rotary_embedding(k, positions + shift)
+        return jnp.einsum("bqhd,bkhd->bhqk", rq, rk)
+
+    np.testing.assert_allclose(scores(0), scores(37), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(models.rotary_embedding(q, jnp.zeros(8)), q)  # position 0 is the identity
+    # Norms are preserved, and the scores are not shift-invariant without rotation (they do depend on m - n).
+    np.testing.assert_allclose(
+        jnp.linalg.norm(models.rotary_embedding(q, positions), axis=-1), jnp.linalg.norm(q, axis=-1), rtol=1e-5
+    )
+    assert float(jnp.abs(scores(0) - jnp.einsum("bqhd,bkhd->bhqk", q, k)).max()) > 1e-2
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Presets, parameter counts, FLOPs, partitioning metadata.
+# ------------------------------------------------------------------------------------------------------------------
+
+GPT2_VOCAB = 50_258  # GPT-2 BPE + one mask id
+
+
+def _abstract_params(config, vocab_size, seq_len=128):
+    model = models.get_model(config, vocab_size)
+    tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+    t = jax.ShapeDtypeStruct((1,), jnp.float32)
+    x0 = tokens if config.name == "bd3lm" else None
+    init = lambda tokens, t, x0: model.init(jax.random.key(0), tokens, t, x0=x0)  # noqa: E731
+    return jax.eval_shape(init, tokens, t, x0)["params"]
+
+
+@pytest.mark.parametrize(
+    "size, low, high",  # non-embedding parameters (blocks, adaLN, time MLP, norms), in millions
+    [("small", 85, 100), ("medium", 300, 340), ("1b", 1150, 1300)],
+)
+def test_preset_parameter_counts(size, low, high):
+    config = models.default_config(size)
+    params = _abstract_params(config, GPT2_VOCAB)
+    total = models.count_params(params)
+    embeddings = models.count_params({k: params[k] for k in ("token_embedding", "output_kernel", "output_bias")})
+    non_embedding = total - embeddings
+    print(f"{size}: total {total / 1e6:.1f}M, non-embedding {non_embedding / 1e6:.1f}M (vocab {GPT2_VOCAB})")
+    assert low * 1e6 < non_embedding < high * 1e6
+    # The FLOPs estimate is 6 N (+ attention) with N the matmul parameters: the non-embedding count minus the
+    # (per-sequence, negligible) conditioning plus the output projection.
+    fpt = models.flops_per_token(config, GPT2_VOCAB, seq_len=1024)
+    assert 6 * non_embedding * 0.8 < fpt < 6 * total * 1.5
+
+
+def test_flops_per_token_formula():
+    c = _config("dit")
+    d, m, n_layers = c.d_model, c.mlp_dim, c.num_layers
+    n = n_layers * (4 * d * d + 2 * d * m) + d * VOCAB
+    assert models.flops_per_token(c, VOCAB, 64) == 6 * n + 12 * n_layers * d * 64
+    c_bd = _config("bd3lm", time_conditioning=False)
+    assert models.flops_per_token(c_bd, VOCAB, 64) == 6 * (n + n - d * VOCAB) + 12 * n_layers * d * 4 * 64
+
+
+@pytest.mark.parametrize("name", ["dit", "ar", "bd3lm"])
+def test_every_parameter_has_logical_axis_names(name):
+    params = _abstract_params(_config(name, time_conditioning=name != "ar"), VOCAB, seq_len=LENGTH)
+    boxed = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    assert boxed and all(isinstance(p, nn.LogicallyPartitioned) for p in boxed)
+    for p in boxed:
+        assert len(p.names) == len(p.value.shape), (p.names, p.value.shape)
+    specs = jax.tree.leaves(nn.get_partition_spec(params), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    assert len(specs) == len(boxed)
+    used = {name for p in boxed for name in p.names if name is not None}
+    assert used <= {"embed", "mlp", "heads", "kv", "vocab"}
+    assert {"embed", "mlp", "heads", "kv", "vocab"} <= used
+
+
+def test_sharded_forward_matches_unsharded():
+    """The logical names map to a (data, fsdp, tensor) mesh of the 8 fake devices; sharding does not change values."""
+    rules = (
+        ("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
+        ("kv", None), ("vocab", None), ("length", None),
+    )  # fmt: skip
+    auto = (jax.sharding.AxisType.Auto,) * 3
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(2, 2, 2), ("data", "fsdp", "tensor"), axis_types=auto)
+    model, variables, apply = _model_and_vars("bd3lm")
+    xt, x0, t = _inputs()
+    xt, x0, t = (jnp.concatenate([a, a]) for a in (xt, x0, t))  # batch 4 over data x fsdp
+    expected = apply(variables, xt, t, x0)
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(variables), mesh, rules)
+    sharded_vars = jax.device_put(variables, shardings)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        out = jax.jit(lambda v, a, b, c: model.apply(v, a, b, x0=c))(sharded_vars, xt, t, x0)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
