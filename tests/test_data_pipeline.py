@@ -379,3 +379,16 @@ def test_prepared_tfds_dataset_by_name(tmp_path):
     stream = np.concatenate([b["tokens"].reshape(-1) for b in it])
     framed = [[tok.bos_id] + tok.encode(t) + [tok.eos_id] for t in expected]
     assert stream.size + it.dropped_tokens == sum(map(len, framed))
+
+
+def test_tokenizer_not_matching_the_corpus_names_the_document(tmp_path, corpus):
+    """A char alphabet saved for another corpus cannot encode this one: the error says where."""
+    config, _, _ = corpus
+    alphabet = tmp_path / "alphabet.json"
+    alphabet.write_text(json.dumps({"alphabet": "abcdefghijklmnopqrstuvwxyz :\n"}))
+    config = config.copy_and_resolve_references()
+    config.tokenizer, config.tokenizer_path = "char", str(alphabet)
+    tok = tokenizers.get_tokenizer(config)
+    it = pipeline.make_iterator(config, tok, "train", global_batch_size=1, seq_len=8, num_epochs=1)
+    with pytest.raises(ValueError, match=r"document '.*', field 'text': character '\d' is not in"):
+        next(it)

@@ -79,7 +79,10 @@ class _Tokenize:
         doc_id = doc_id.decode("utf-8", "replace") if isinstance(doc_id, bytes) else str(doc_id)
         where = f"{self.where} document {doc_id!r}"
         text = corpora.decode_text(record, self.text_field, where)
-        ids = np.asarray(self.tok.encode(text), dtype=np.int32)
+        try:
+            ids = np.asarray(self.tok.encode(text), dtype=np.int32)
+        except ValueError as e:  # e.g. a character outside a char tokenizer's alphabet
+            raise ValueError(f"{where}, field {self.text_field!r}: {e}") from None
         tokenizers_lib.check_token_ids(ids, self.tok, f"{where}, field {self.text_field!r}")
         return np.concatenate([[self.tok.bos_id], ids, [self.tok.eos_id]]).astype(np.int32)
 
@@ -295,7 +298,9 @@ def make_iterator(
       seq_len: tokens per sequence.
       seed: document order seed (``None``: ``config.shuffle_seed``).
       sharding: where the global batch lives (e.g. ``NamedSharding(mesh, P('data'))``), or ``None``
-        for numpy arrays of this process's rows.
+        for numpy arrays of this process's rows. The batch axis must be split evenly over the
+        processes (data/fsdp mesh axes spanning the hosts): process p supplies global rows
+        [p * local_batch, (p + 1) * local_batch).
       num_epochs: passes over the split (``None``: forever). When finite, with several processes,
         every process stops after the same number of batches (that of the process with the least
         data; wrap mode tokenises the split once to know it, cached), the rest counted as dropped.
