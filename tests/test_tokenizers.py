@@ -142,3 +142,27 @@ def test_tokenizers_pickle_for_grain_workers(corpus_tokenizer):
     clone = pickle.loads(pickle.dumps(tok))
     text = "Now is the winter of our discontent\nMade glorious summer"
     assert clone.encode(text) == tok.encode(text) and clone.vocab_size == tok.vocab_size
+
+
+def test_sentencepiece_unigram_and_bpe_are_distinct_models(tmp_path):
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir()
+    rng = np.random.default_rng(1)
+    words = ["wherefore", "art", "thou", "Romeo", "deny", "thy", "father", "and", "refuse", "name"]
+    rare = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(3, 9)))
+            for _ in range(300)]
+    for i in range(10):
+        lines = [" ".join(rng.choice(words if rng.random() < 0.8 else rare, size=10)) for _ in range(50)]
+        (corpus_dir / f"doc{i}.txt").write_text("\n".join(lines) + "\n")
+    config = pipeline.default_config()
+    config.corpus, config.data_dir = f"local:{corpus_dir}", str(tmp_path / "cache")
+    config.tokenizer, config.vocab_size = "sentencepiece", 320
+    paths = []
+    for model_type in ("bpe", "unigram"):
+        config.spm_model_type = model_type
+        tok = tokenizers.get_tokenizer(config)
+        paths.append(tok.model_path)
+        assert tok.vocab_size == 320
+        assert tok.decode(tok.encode("Romeo, Romeo!  wherefore\n")) == "Romeo, Romeo!  wherefore\n"
+        assert len(tok.encode("wherefore art thou Romeo")) < 12  # learned multi-character pieces
+    assert paths[0] != paths[1] and all(os.path.exists(p) for p in paths)
