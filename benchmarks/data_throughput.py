@@ -10,11 +10,9 @@ consumption: global_batch_size * seq_len / step time.
 
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
-from ddlm.data import pipeline
-from ddlm.data import tokenizers
+from ddlm.data import pipeline, tokenizers
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("corpus", "shakespeare", "'shakespeare' | 'kjv' | 'local:<dir>' | tfds name")
@@ -30,8 +28,9 @@ flags.DEFINE_string("packing", "wrap", "'wrap' | 'pad'")
 
 def measure(config, tok, seconds: float) -> tuple[float, int]:
     """Returns (tokens per second, batches timed) of a fresh training iterator."""
-    it = pipeline.make_iterator(config, tok, "train", global_batch_size=FLAGS.global_batch_size,
-                                seq_len=FLAGS.seq_len, seed=0)
+    it = pipeline.make_iterator(
+        config, tok, "train", global_batch_size=FLAGS.global_batch_size, seq_len=FLAGS.seq_len, seed=0
+    )
     next(it)  # warm-up: worker start-up, first documents
     n_tokens = n_batches = 0
     start = time.perf_counter()
@@ -56,10 +55,15 @@ def main(argv):
             config.num_workers = workers
             rate, n = measure(config, tok, FLAGS.seconds)
             rows.append((kind, tok.vocab_size, workers, rate, n))
-            print(f"{kind:>13s}  vocab {tok.vocab_size:>6d}  workers {workers}  "
-                  f"{rate:>12,.0f} tokens/s  ({n} batches)", flush=True)
-    print(f"\n| tokenizer | vocab | workers | tokens/s |  (corpus {FLAGS.corpus}, seq_len {FLAGS.seq_len}, "
-          f"batch {FLAGS.global_batch_size}, {FLAGS.packing})")
+            print(
+                f"{kind:>13s}  vocab {tok.vocab_size:>6d}  workers {workers}  "
+                f"{rate:>12,.0f} tokens/s  ({n} batches)",
+                flush=True,
+            )
+    print(
+        f"\n| tokenizer | vocab | workers | tokens/s |  (corpus {FLAGS.corpus}, seq_len {FLAGS.seq_len}, "
+        f"batch {FLAGS.global_batch_size}, {FLAGS.packing})"
+    )
     print("|---|---|---|---|")
     for kind, vocab, workers, rate, _ in rows:
         print(f"| {kind} | {vocab} | {workers} | {rate:,.0f} |")

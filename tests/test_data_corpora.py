@@ -31,8 +31,10 @@ def array_record_files(version_dir):
 
 def test_builtin_corpora_are_real_text():
     """Shakespeare (38 plays, by scene) and the KJV (1,189 chapters) in the default cache."""
-    for name, n_docs, n_bytes, phrase in (("shakespeare", 775, 4_900_000, "To be, or not to be"),
-                                          ("kjv", 1189, 4_100_000, "In the beginning God created")):
+    for name, n_docs, n_bytes, phrase in (
+        ("shakespeare", 775, 4_900_000, "To be, or not to be"),
+        ("kjv", 1189, 4_100_000, "In the beginning God created"),
+    ):
         config = pipeline.default_config()
         config.corpus = name
         prepared = corpora.prepare_corpus(config)
@@ -179,7 +181,10 @@ def test_unprepared_tfds_name_is_a_clear_error(tmp_path):
 
 def test_markdown_stripping():
     md = "# Hamlet\n\n## ACT I\n\n### SCENE I.\n\n_Enter BERNARDO_\n\n**BERNARDO**  \nWho\\'s there?  \n"
-    assert sources.strip_play_markdown(md) == "Hamlet\n\nACT I\n\nSCENE I.\n\nEnter BERNARDO\n\nBERNARDO\nWho's there?\n"
+    assert (
+        sources.strip_play_markdown(md)
+        == "Hamlet\n\nACT I\n\nSCENE I.\n\nEnter BERNARDO\n\nBERNARDO\nWho's there?\n"
+    )
 
 
 def test_both_splits_always_exist(tmp_path):
@@ -189,7 +194,8 @@ def test_both_splits_always_exist(tmp_path):
         config.validation_fraction = fraction
         splits = corpora.prepare_corpus(config).manifest["splits"]
         assert {s: v["documents"] for s, v in splits.items()} == (
-            {"train": 2, "validation": 1} if fraction == 0.0 else {"train": 1, "validation": 2})
+            {"train": 2, "validation": 1} if fraction == 0.0 else {"train": 1, "validation": 2}
+        )
         data = read_all(config)
         assert len(data["train"]) == splits["train"]["documents"]
         assert sum(len(t.encode()) for t in data["validation"]) == splits["validation"]["bytes"]
@@ -202,10 +208,25 @@ def test_prepare_command(tmp_path):
 
     write_docs(tmp_path / "c", n=5)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, "-m", "ddlm.data.prepare", f"--corpus=local:{tmp_path / 'c'}",
-           f"--data_dir={tmp_path / 'cache'}", "--tokenizer=char"]
-    runs = [subprocess.run(cmd, capture_output=True, text=True, timeout=100, cwd=repo,
-                           env=dict(os.environ, JAX_PLATFORMS="cpu")) for _ in range(2)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ddlm.data.prepare",
+        f"--corpus=local:{tmp_path / 'c'}",
+        f"--data_dir={tmp_path / 'cache'}",
+        "--tokenizer=char",
+    ]
+    runs = [
+        subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=100,
+            cwd=repo,
+            env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        )
+        for _ in range(2)
+    ]
     assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:] + runs[1].stderr[-2000:]
     assert ": prepared " in runs[0].stdout and ": reused " in runs[1].stdout
     assert "CharTokenizer(vocab_size=" in runs[1].stdout

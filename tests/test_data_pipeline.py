@@ -63,7 +63,7 @@ def split_at_eos(stream, eos_id):
     """Cuts a token stream after every eos: (complete framed documents, trailing partial one)."""
     docs, start = [], 0
     for i in np.flatnonzero(stream == eos_id):
-        docs.append(stream[start:i + 1].tolist())
+        docs.append(stream[start : i + 1].tolist())
         start = i + 1
     return docs, stream[start:].tolist()
 
@@ -80,9 +80,17 @@ def test_wrap_epoch_every_token_once(corpus, n_proc):
     keys = [t.split(":")[0] for t in corpora.iter_texts(config, "train")]  # data-source order
     shard_tokens = [sum(len(framed[k]) for k in keys[p::n_proc]) for p in range(n_proc)]
     for p in range(n_proc):
-        it = pipeline.make_iterator(config, tok, "train", global_batch_size=local_batch * n_proc,
-                                    seq_len=seq_len, seed=3, num_epochs=1,
-                                    process_index=p, process_count=n_proc)
+        it = pipeline.make_iterator(
+            config,
+            tok,
+            "train",
+            global_batch_size=local_batch * n_proc,
+            seq_len=seq_len,
+            seed=3,
+            num_epochs=1,
+            process_index=p,
+            process_count=n_proc,
+        )
         batches = list(it)
         assert batches, "every process must yield batches"
         n_batches.add(len(batches))
@@ -121,9 +129,17 @@ def test_pad_mode_one_document_per_sequence(corpus):
     seq_len, local_batch, n_proc = 64, 3, 2
     seen, truncated, dropped, n_batches = collections.Counter(), 0, 0, set()
     for p in range(n_proc):
-        it = pipeline.make_iterator(config, tok, "train", global_batch_size=local_batch * n_proc,
-                                    seq_len=seq_len, seed=1, num_epochs=1,
-                                    process_index=p, process_count=n_proc)
+        it = pipeline.make_iterator(
+            config,
+            tok,
+            "train",
+            global_batch_size=local_batch * n_proc,
+            seq_len=seq_len,
+            seed=1,
+            num_epochs=1,
+            process_index=p,
+            process_count=n_proc,
+        )
         batches = list(it)
         n_batches.add(len(batches))
         for b in batches:
@@ -159,8 +175,9 @@ def test_global_sharded_batches(corpus):
         assert b["loss_mask"].dtype == jax.numpy.float32
         np.testing.assert_array_equal(np.asarray(b["tokens"]), a["tokens"])
     with pytest.raises(ValueError, match="sharding=None when simulating"):
-        pipeline.make_iterator(config, tok, "train", sharding=sharding, process_index=0,
-                               process_count=2, **kw)
+        pipeline.make_iterator(
+            config, tok, "train", sharding=sharding, process_index=0, process_count=2, **kw
+        )
 
 
 def test_epochs_reshuffle_and_seed(corpus):
@@ -228,8 +245,14 @@ def test_restore_in_a_new_process(tmp_path, corpus_name, packing):
     mngr.wait_until_finished()
     expected = [next(it) for _ in range(4)]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-    out = subprocess.run([sys.executable, "-c", RESTORE_SCRIPT, ckpt, corpus_name, packing],
-                         capture_output=True, text=True, timeout=180, env=env, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-c", RESTORE_SCRIPT, ckpt, corpus_name, packing],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     after = np.load(ckpt + "/after.npz")
     np.testing.assert_array_equal(after["tokens"], np.stack([b["tokens"] for b in expected]))
@@ -248,8 +271,9 @@ class _MaskEmittingTokenizer(tokenizers.ByteTokenizer):
 
 def test_invalid_token_ids_name_the_document(corpus):
     config, _, _ = corpus
-    it = pipeline.make_iterator(config, _MaskEmittingTokenizer(), "train", global_batch_size=1,
-                                seq_len=8, seed=0, num_epochs=1)
+    it = pipeline.make_iterator(
+        config, _MaskEmittingTokenizer(), "train", global_batch_size=1, seq_len=8, seed=0, num_epochs=1
+    )
     with pytest.raises(ValueError, match=r"document 'd0003.txt', field 'text'.*reserved mask id 259"):
         for _ in it:
             pass
@@ -270,8 +294,9 @@ def test_config_errors(corpus):
     config, tok, _ = corpus
     config = config.copy_and_resolve_references()
     with pytest.raises(ValueError, match="global_batch_size=6 must be a positive multiple"):
-        pipeline.make_iterator(config, tok, "train", global_batch_size=6, seq_len=8, process_count=4,
-                               process_index=0)
+        pipeline.make_iterator(
+            config, tok, "train", global_batch_size=6, seq_len=8, process_count=4, process_index=0
+        )
     with pytest.raises(ValueError, match="split must be 'train' or 'validation'"):
         pipeline.make_iterator(config, tok, "test", global_batch_size=1, seq_len=8)
     config.vocab_size = 1000
@@ -288,6 +313,7 @@ def test_default_config_fields():
         assert field in c
     # Every field carries a one-line comment in the source.
     import inspect
+
     src = inspect.getsource(pipeline.default_config)
     for line in src.splitlines():
         if line.strip().startswith("c.") and "=" in line and "ConfigDict" not in line:
@@ -343,17 +369,33 @@ def test_two_real_processes_make_global_batches(tmp_path):
     script.write_text(TWO_PROCESS_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = REPO
-    procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port), str(out)], env=env, cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(i), str(port), str(out)],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     logs = [p.communicate(timeout=200)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-2000:] for log in logs)
     got = np.load(out)
     rows, n_batches, total = [], set(), 0.0
     for p in range(2):
         kw = dict(seed=4, process_index=p, process_count=2)
-        rows.append(next(pipeline.make_iterator(config, tok, "train", global_batch_size=8, seq_len=32, **kw))["tokens"])
-        val = list(pipeline.make_iterator(config, tok, "validation", global_batch_size=8, seq_len=256,
-                                          num_epochs=1, **{**kw, "seed": 0}))
+        rows.append(
+            next(pipeline.make_iterator(config, tok, "train", global_batch_size=8, seq_len=32, **kw))[
+                "tokens"
+            ]
+        )
+        val = list(
+            pipeline.make_iterator(
+                config, tok, "validation", global_batch_size=8, seq_len=256, num_epochs=1, **{**kw, "seed": 0}
+            )
+        )
         n_batches.add(len(val))
         total += sum(float(b["loss_mask"].sum()) for b in val)
     np.testing.assert_array_equal(got["train_tokens"], np.concatenate(rows))
@@ -374,8 +416,9 @@ def test_prepared_tfds_dataset_by_name(tmp_path):
     expected = list(corpora.iter_texts(kjv, "validation"))[:5]
     assert list(corpora.iter_texts(config, "validation")) == expected
     tok = tokenizers.get_tokenizer(config)
-    it = pipeline.make_iterator(config, tok, "validation", global_batch_size=2, seq_len=64, seed=0,
-                                num_epochs=1)
+    it = pipeline.make_iterator(
+        config, tok, "validation", global_batch_size=2, seq_len=64, seed=0, num_epochs=1
+    )
     stream = np.concatenate([b["tokens"].reshape(-1) for b in it])
     framed = [[tok.bos_id] + tok.encode(t) + [tok.eos_id] for t in expected]
     assert stream.size + it.dropped_tokens == sum(map(len, framed))

@@ -23,8 +23,9 @@ def real_config(corpus: str, tokenizer: str):
     return c
 
 
-@pytest.fixture(scope="module", params=[(c, t) for c in CORPORA for t in TOKENIZERS],
-                ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.fixture(
+    scope="module", params=[(c, t) for c in CORPORA for t in TOKENIZERS], ids=lambda p: f"{p[0]}-{p[1]}"
+)
 def corpus_tokenizer(request):
     corpus, kind = request.param
     config = real_config(corpus, kind)
@@ -118,12 +119,25 @@ def test_cli_trains_sentencepiece(tmp_path):
     words = ["thou", "art", "the", "king", "of", "Denmark", "and", "I", "am", "thy", "servant"]
     for i in range(20):
         (corpus_dir / f"doc{i}.txt").write_text(
-            "\n".join(" ".join(rng.choice(words, size=12)) for _ in range(40)) + "\n")
+            "\n".join(" ".join(rng.choice(words, size=12)) for _ in range(40)) + "\n"
+        )
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, "-m", "ddlm.data.tokenizers", f"--corpus=local:{corpus_dir}",
-           "--vocab_size=320", f"--data_dir={tmp_path / 'cache'}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=110, env=env,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cmd = [
+        sys.executable,
+        "-m",
+        "ddlm.data.tokenizers",
+        f"--corpus=local:{corpus_dir}",
+        "--vocab_size=320",
+        f"--data_dir={tmp_path / 'cache'}",
+    ]
+    out = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "vocab_size=320" in out.stdout and "exact round-trip: True" in out.stdout
     config = pipeline.default_config()
@@ -149,8 +163,9 @@ def test_sentencepiece_unigram_and_bpe_are_distinct_models(tmp_path):
     corpus_dir.mkdir()
     rng = np.random.default_rng(1)
     words = ["wherefore", "art", "thou", "Romeo", "deny", "thy", "father", "and", "refuse", "name"]
-    rare = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(3, 9)))
-            for _ in range(300)]
+    rare = [
+        "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(3, 9))) for _ in range(300)
+    ]
     for i in range(10):
         lines = [" ".join(rng.choice(words if rng.random() < 0.8 else rare, size=10)) for _ in range(50)]
         (corpus_dir / f"doc{i}.txt").write_text("\n".join(lines) + "\n")

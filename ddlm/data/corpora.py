@@ -26,8 +26,8 @@ import logging as logging_std
 import os
 import shutil
 
-from absl import logging
 import tensorflow_datasets as tfds
+from absl import logging
 
 from ddlm.data import sources
 
@@ -74,8 +74,9 @@ def corpus_slug(corpus: str) -> str:
 class TextCorpusConfig(tfds.core.BuilderConfig):
     """One corpus: which documents to read and how many go to validation."""
 
-    def __init__(self, *, corpus: str, download_dir: str, text_field: str,
-                 validation_fraction: float, **kwargs):
+    def __init__(
+        self, *, corpus: str, download_dir: str, text_field: str, validation_fraction: float, **kwargs
+    ):
         super().__init__(name=corpus_slug(corpus), **kwargs)
         self.corpus = corpus
         self.download_dir = download_dir
@@ -115,7 +116,11 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder):
     def _split_of(self, key: str) -> str:
         if key in self._moved:
             return self._moved[key]
-        return "validation" if sources.validation_bucket(key) < self.builder_config.validation_fraction else "train"
+        return (
+            "validation"
+            if sources.validation_bucket(key) < self.builder_config.validation_fraction
+            else "train"
+        )
 
     def _split_generators(self, dl_manager):
         """A first streaming pass counts documents per split (memory O(1) in the corpus size, so a
@@ -143,7 +148,10 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder):
                 f"(one for train, one for validation); skipped {self._stats.skipped_not_utf8} "
                 f"non-UTF-8 files and {self._stats.skipped_empty} empty documents"
             )
-        for empty, full, (_, key, size) in (("validation", "train", lowest), ("train", "validation", highest)):
+        for empty, full, (_, key, size) in (
+            ("validation", "train", lowest),
+            ("train", "validation", highest),
+        ):
             if count[empty] == 0:  # both splits must exist: move the most extreme document over
                 self._moved[key] = empty
                 count[empty], count[full] = 1, count[full] - 1
@@ -186,7 +194,9 @@ def _file_digest(path: str) -> str:
 def _data_files(version_dir: str) -> list[str]:
     return sorted(
         os.path.relpath(os.path.join(root, f), version_dir)
-        for root, _, files in os.walk(version_dir) for f in files if f != MANIFEST
+        for root, _, files in os.walk(version_dir)
+        for f in files
+        if f != MANIFEST
     )
 
 
@@ -254,14 +264,17 @@ def prepare_corpus(config) -> PreparedCorpus:
     root = cache_dir(config)
     tfds_dir = os.path.join(root, "tfds")
     builder_config = TextCorpusConfig(
-        corpus=config.corpus, download_dir=os.path.join(root, "downloads"),
-        text_field=config.text_field, validation_fraction=float(config.validation_fraction),
+        corpus=config.corpus,
+        download_dir=os.path.join(root, "downloads"),
+        text_field=config.text_field,
+        validation_fraction=float(config.validation_fraction),
     )
     fingerprint = _input_fingerprint(config)
     with file_lock(os.path.join(root, "locks", corpus_slug(config.corpus) + ".lock")):
         stats = sources.SourceStats()
-        builder = TextCorpus(config=builder_config, data_dir=tfds_dir, stats=stats,
-                             file_format="array_record")
+        builder = TextCorpus(
+            config=builder_config, data_dir=tfds_dir, stats=stats, file_format="array_record"
+        )
         version_dir = builder.data_dir
         problem = _check_manifest(version_dir, fingerprint) if os.path.exists(version_dir) else "not prepared"
         if problem is None:
@@ -272,13 +285,12 @@ def prepare_corpus(config) -> PreparedCorpus:
         if os.path.exists(version_dir):
             logging.warning("corpus %s at %s: %s; preparing it again", config.corpus, version_dir, problem)
             shutil.rmtree(version_dir)
-            builder = TextCorpus(config=builder_config, data_dir=tfds_dir, stats=stats,
-                                 file_format="array_record")
+            builder = TextCorpus(
+                config=builder_config, data_dir=tfds_dir, stats=stats, file_format="array_record"
+            )
         logging.info("preparing corpus %s into %s", config.corpus, version_dir)
         tfds.disable_progress_bar()
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(try_download_gcs=False)
-        )
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
         info = builder.info
         manifest = {
             "corpus": config.corpus,
@@ -289,8 +301,10 @@ def prepare_corpus(config) -> PreparedCorpus:
             },
             "skipped": {"not_utf8": stats.skipped_not_utf8, "empty": stats.skipped_empty},
             "files": {
-                rel: [os.path.getsize(os.path.join(version_dir, rel)),
-                      _file_digest(os.path.join(version_dir, rel))]
+                rel: [
+                    os.path.getsize(os.path.join(version_dir, rel)),
+                    _file_digest(os.path.join(version_dir, rel)),
+                ]
                 for rel in _data_files(version_dir)
             },
         }
@@ -316,8 +330,12 @@ def data_source(config, split: str):
     if is_local_corpus(config.corpus):
         return prepare_corpus(config).builder.as_data_source(split=name)
     try:
-        return tfds.data_source(config.corpus, split=name, data_dir=cache_dir(config) if not config.data_dir
-                                else config.data_dir, download=False)
+        return tfds.data_source(
+            config.corpus,
+            split=name,
+            data_dir=cache_dir(config) if not config.data_dir else config.data_dir,
+            download=False,
+        )
     except Exception as e:  # tfds raises several types; say what was expected
         raise ValueError(
             f"config.data.corpus={config.corpus!r} is not 'shakespeare', 'kjv' or 'local:<dir>', so it "
@@ -349,4 +367,3 @@ def decode_text(record, text_field: str, where: str) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8")
     return str(value)
-

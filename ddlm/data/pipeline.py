@@ -32,12 +32,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from absl import flags
-from absl import logging
 import grain
 import jax
 import ml_collections
 import numpy as np
+from absl import flags, logging
 
 from ddlm.data import corpora
 from ddlm.data import tokenizers as tokenizers_lib
@@ -46,20 +45,20 @@ from ddlm.data import tokenizers as tokenizers_lib
 def default_config() -> ml_collections.ConfigDict:
     """The data fields; experiments copy this into ``config.data`` and override fields."""
     c = ml_collections.ConfigDict()
-    c.corpus = "shakespeare"          # 'shakespeare' | 'kjv' | 'local:<dir>' | a prepared tfds name (lm1b, ...)
-    c.data_dir = ""                   # cache / tfds folder; '' = $DDLM_DATA_DIR or ~/.cache/ddlm
-    c.text_field = "text"             # field holding the text in .jsonl lines and external tfds records
-    c.validation_fraction = 0.05      # share of documents (by hash of their key) in our validation split
-    c.train_split = "train"           # dataset split read for split='train' (tfds slicing allowed: 'train[:90%]')
-    c.eval_split = "validation"       # dataset split read for split='validation' (lm1b: 'test')
-    c.tokenizer = "char"              # 'char' | 'byte' | 'sentencepiece' | 'gpt2'
-    c.tokenizer_path = ""             # explicit tokenizer file ('' = the one saved next to the corpus)
-    c.vocab_size = 0                  # ids incl. specials and mask; 0 = tokenizer's; sentencepiece: size to train
-    c.spm_model_type = "bpe"          # SentencePiece model: 'bpe' | 'unigram'
-    c.packing = "wrap"                # 'wrap' (concatenate bos doc eos and cut) | 'pad' (one doc per sequence)
-    c.num_workers = 0                 # grain worker processes for reading + tokenising (0 = in-process)
-    c.worker_buffer_size = 4          # documents prefetched per worker
-    c.shuffle_seed = 0                # document order seed when make_iterator gets no seed
+    c.corpus = "shakespeare"  # 'shakespeare' | 'kjv' | 'local:<dir>' | a prepared tfds name (lm1b, ...)
+    c.data_dir = ""  # cache / tfds folder; '' = $DDLM_DATA_DIR or ~/.cache/ddlm
+    c.text_field = "text"  # field holding the text in .jsonl lines and external tfds records
+    c.validation_fraction = 0.05  # share of documents (by hash of their key) in our validation split
+    c.train_split = "train"  # dataset split read for split='train' (tfds slicing allowed: 'train[:90%]')
+    c.eval_split = "validation"  # dataset split read for split='validation' (lm1b: 'test')
+    c.tokenizer = "char"  # 'char' | 'byte' | 'sentencepiece' | 'gpt2'
+    c.tokenizer_path = ""  # explicit tokenizer file ('' = the one saved next to the corpus)
+    c.vocab_size = 0  # ids incl. specials and mask; 0 = tokenizer's; sentencepiece: size to train
+    c.spm_model_type = "bpe"  # SentencePiece model: 'bpe' | 'unigram'
+    c.packing = "wrap"  # 'wrap' (concatenate bos doc eos and cut) | 'pad' (one doc per sequence)
+    c.num_workers = 0  # grain worker processes for reading + tokenising (0 = in-process)
+    c.worker_buffer_size = 4  # documents prefetched per worker
+    c.shuffle_seed = 0  # document order seed when make_iterator gets no seed
     return c
 
 
@@ -95,13 +94,27 @@ class _Tokenize:
 class PackIterDataset(grain.IterDataset):
     """Packs token arrays into batches {'tokens': int32 [batch, seq_len], 'loss_mask': f32 [...]}."""
 
-    def __init__(self, parent: grain.IterDataset, *, seq_len: int, batch_size: int, mode: str,
-                 pad_id: int, where: str, max_batches: int | None = None):
+    def __init__(
+        self,
+        parent: grain.IterDataset,
+        *,
+        seq_len: int,
+        batch_size: int,
+        mode: str,
+        pad_id: int,
+        where: str,
+        max_batches: int | None = None,
+    ):
         super().__init__(parent)
         if mode not in ("wrap", "pad"):
             raise ValueError(f"config.data.packing must be 'wrap' or 'pad', got {mode!r}")
         self.seq_len, self.batch_size, self.mode, self.pad_id, self.where = (
-            seq_len, batch_size, mode, pad_id, where)
+            seq_len,
+            batch_size,
+            mode,
+            pad_id,
+            where,
+        )
         self.max_batches = max_batches  # finite streams: the same number of batches on every process
 
     def __iter__(self):
@@ -125,8 +138,12 @@ class _PackIterator(grain.DatasetIterator):
                 f"{self._ds.batch_size} x seq_len={self._ds.seq_len} tokens: the sequence length or "
                 f"batch is larger than the corpus split (use a smaller seq_len / batch, or num_epochs=None)"
             )
-        logging.info("%s: end of data after %d batches; dropped %d tokens that did not fill a batch",
-                     self._ds.where, self.batches, pending_tokens)
+        logging.info(
+            "%s: end of data after %d batches; dropped %d tokens that did not fill a batch",
+            self._ds.where,
+            self.batches,
+            pending_tokens,
+        )
         raise StopIteration
 
     def _next_wrap(self):
@@ -162,8 +179,11 @@ class _PackIterator(grain.DatasetIterator):
             tokens[row, : len(doc)] = doc
             mask[row, : len(doc)] = 1.0
         if truncated and self.truncated_tokens == 0:
-            logging.warning("%s: truncating documents longer than seq_len=%d (counted in "
-                            "truncated_tokens)", self._ds.where, L)
+            logging.warning(
+                "%s: truncating documents longer than seq_len=%d (counted in truncated_tokens)",
+                self._ds.where,
+                L,
+            )
         self.truncated_tokens += truncated
         return {"tokens": tokens, "loss_mask": mask}
 
@@ -249,15 +269,23 @@ def document_lengths(config, tok, src, split: str) -> np.ndarray:
     """int64 [num_documents]: framed token count (bos + ids + eos) of every document of the split,
     in data-source order; computed once per (corpus, split, tokenizer) and cached as .npy."""
     name = corpora.split_name(config, split)
-    data_key = (corpora.prepare_corpus(config).manifest["fingerprint"]
-                if corpora.is_local_corpus(config.corpus) else corpora.cache_dir(config))
+    data_key = (
+        corpora.prepare_corpus(config).manifest["fingerprint"]
+        if corpora.is_local_corpus(config.corpus)
+        else corpora.cache_dir(config)
+    )
     key = tokenizers_lib.hash_text(f"{data_key}|{name}|{len(src)}|{tok.fingerprint}")
     path = os.path.join(tokenizers_lib.tokenizer_dir(config), f"lengths_{key}.npy")
     with corpora.file_lock(path + ".lock"):
         if not os.path.exists(path):
             field = corpora.record_text_field(config)
-            lengths = np.array([len(tok.encode(corpora.decode_text(src[i], field, f"{split}[{i}]"))) + 2
-                                for i in range(len(src))], np.int64)
+            lengths = np.array(
+                [
+                    len(tok.encode(corpora.decode_text(src[i], field, f"{split}[{i}]"))) + 2
+                    for i in range(len(src))
+                ],
+                np.int64,
+            )
             np.save(path + ".tmp.npy", lengths)
             os.replace(path + ".tmp.npy", path)
         return np.load(path)
@@ -270,8 +298,7 @@ def _batches_per_process(config, tok, src, split, n_proc, local_batch, seq_len, 
         docs = [len(range(p, len(src), n_proc)) for p in range(n_proc)]
         return min(num_epochs * d // local_batch for d in docs)
     lengths = document_lengths(config, tok, src, split)
-    return min(int(num_epochs * lengths[p::n_proc].sum()) // (local_batch * seq_len)
-               for p in range(n_proc))
+    return min(int(num_epochs * lengths[p::n_proc].sum()) // (local_batch * seq_len) for p in range(n_proc))
 
 
 def make_iterator(
@@ -315,18 +342,23 @@ def make_iterator(
     p = jax.process_index() if process_index is None else process_index
     n_proc = jax.process_count() if process_count is None else process_count
     if simulated and sharding is not None and n_proc != jax.process_count():
-        raise ValueError(f"process_count={n_proc} overrides jax.process_count()={jax.process_count()}: "
-                         "pass sharding=None when simulating processes")
+        raise ValueError(
+            f"process_count={n_proc} overrides jax.process_count()={jax.process_count()}: "
+            "pass sharding=None when simulating processes"
+        )
     if not 0 <= p < n_proc:
         raise ValueError(f"process_index={p} must lie in [0, process_count={n_proc})")
     if global_batch_size <= 0 or global_batch_size % n_proc:
-        raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of the "
-                         f"number of processes {n_proc}")
+        raise ValueError(
+            f"global_batch_size={global_batch_size} must be a positive multiple of the "
+            f"number of processes {n_proc}"
+        )
     if seq_len <= 0:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
     if config.vocab_size and config.vocab_size != tok.vocab_size:
-        raise ValueError(f"config.data.vocab_size={config.vocab_size} but the tokenizer has "
-                         f"vocab_size={tok.vocab_size}")
+        raise ValueError(
+            f"config.data.vocab_size={config.vocab_size} but the tokenizer has vocab_size={tok.vocab_size}"
+        )
     seed = config.shuffle_seed if seed is None else seed
     local_batch = global_batch_size // n_proc
     where = f"corpus {config.corpus!r} split {split!r} (process {p} of {n_proc})"
@@ -340,8 +372,9 @@ def make_iterator(
         if name in prepared.manifest["splits"]:
             most = prepared.num_bytes(name) + 2 * prepared.num_documents(name)
             if most < seq_len:
-                raise ValueError(f"{where}: seq_len={seq_len} is larger than the whole split "
-                                 f"(at most {most} tokens)")
+                raise ValueError(
+                    f"{where}: seq_len={seq_len} is larger than the whole split (at most {most} tokens)"
+                )
 
     ds = grain.MapDataset.source(src)[p::n_proc]
     ds = ds.shuffle(seed=int(seed) % 2**32).repeat(num_epochs)
@@ -351,12 +384,21 @@ def make_iterator(
         if not flags.FLAGS.is_parsed():
             # grain's worker processes read absl flags; a library caller may not have parsed them.
             flags.FLAGS.mark_as_parsed()
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=config.num_workers, per_worker_buffer_size=config.worker_buffer_size))
+        it_ds = it_ds.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=config.num_workers, per_worker_buffer_size=config.worker_buffer_size
+            )
+        )
     max_batches = None
     if num_epochs is not None and n_proc > 1:
-        max_batches = _batches_per_process(config, tok, src, split, n_proc, local_batch, seq_len,
-                                           num_epochs)
-    it_ds = PackIterDataset(it_ds, seq_len=seq_len, batch_size=local_batch, mode=config.packing,
-                            pad_id=tok.pad_id, where=where, max_batches=max_batches)
+        max_batches = _batches_per_process(config, tok, src, split, n_proc, local_batch, seq_len, num_epochs)
+    it_ds = PackIterDataset(
+        it_ds,
+        seq_len=seq_len,
+        batch_size=local_batch,
+        mode=config.packing,
+        pad_id=tok.pad_id,
+        where=where,
+        max_batches=max_batches,
+    )
     return DataIterator(iter(it_ds), sharding=sharding, global_shape=(global_batch_size, seq_len))

@@ -1,20 +1,19 @@
 """Prepares a corpus (or checks and reuses it) and its tokenizer: one command, also run on first use.
 
-    python -m ddlm.data.prepare --corpus=shakespeare --tokenizer=sentencepiece --vocab_size=4096
-    python -m ddlm.data.prepare --corpus=local:/data/my_texts --tokenizer=char
+python -m ddlm.data.prepare --corpus=shakespeare --tokenizer=sentencepiece --vocab_size=4096
+python -m ddlm.data.prepare --corpus=local:/data/my_texts --tokenizer=char
 """
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
-from ddlm.data import corpora
-from ddlm.data import pipeline
-from ddlm.data import tokenizers
+from ddlm.data import corpora, pipeline, tokenizers
 
 flags.DEFINE_string("corpus", "shakespeare", "'shakespeare' | 'kjv' | 'local:<dir>'")
 flags.DEFINE_string("data_dir", "", "cache folder ('' = $DDLM_DATA_DIR or ~/.cache/ddlm)")
 flags.DEFINE_string("text_field", "text", "field holding the text in .jsonl lines")
-flags.DEFINE_string("tokenizer", "", "also prepare this tokenizer: 'char' | 'byte' | 'sentencepiece' | 'gpt2'")
+flags.DEFINE_string(
+    "tokenizer", "", "also prepare this tokenizer: 'char' | 'byte' | 'sentencepiece' | 'gpt2'"
+)
 flags.DEFINE_integer("vocab_size", 0, "vocab_size (incl. specials and mask) for sentencepiece")
 
 

