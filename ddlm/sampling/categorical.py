@@ -10,7 +10,7 @@ models and exploit inaccurate categorical sampling", sec. 4).
 `gumbel_noise(..., precision='float64')` builds U from 53 random bits and computes -log(-log U) in
 float64 under a *local* `jax.enable_x64(True)` block (elementwise ops only, which is safe inside `jit`
 without turning x64 on globally), then rounds G to float32. Rounding the finished G is harmless: its
-relative error is 6e-8, while the tail it carries reaches G ~ 36.7 (U = 1 - 2^-53). If the local x64
+relative error is 6e-8, while the tail it carries reaches G ~ 37.4 (U = 1 - 2^-54). If the local x64
 block is unavailable, `precision='float32_64bit'` uses JAX's float32 'highest' mode (64 random bits in
 fixed point, log1p near 1), which has the same tail. 'float32' is the naive path, kept for the tests and
 benchmarks that show the bias.
@@ -26,27 +26,37 @@ from ddlm import losses
 PRECISIONS = ("float64", "float32_64bit", "float32")
 
 
-def _uniform_53bit_log(rng, shape):
-  """-log(-log U) with U uniform on (0, 1) from 53 random bits, computed in float64; float32 result."""
-  bits = jax.random.bits(rng, (2,) + tuple(shape), jnp.uint32)
-  with jax.enable_x64(True):
-    hi = bits[0].astype(jnp.uint64)
-    lo = bits[1].astype(jnp.uint64)
-    word = (hi << 21) | (lo >> 11)  # 53 bits
-    u = (word.astype(jnp.float64) + 0.5) * (2.0**-53)  # in (0, 1), never 0 or 1
-    gumbel = -jnp.log(-jnp.log(u))
-    return gumbel.astype(jnp.float32)
+def gumbel_from_bits(bits, precision: str = "float64"):
+  """Gumbel noise from random bits uint32 [2, *shape] (two words per value); float32 [*shape].
+
+  'float64': U = (53 of the 64 bits + 1/2) 2^-53 in (0, 1) and -log(-log U) in float64 under a local
+  `jax.enable_x64(True)` (elementwise only, so it works inside jit with x64 off globally); the largest
+  value is -log(-log(1 - 2^-54)) ~ 37.4. 'float32': the naive path, U from 23 bits in float32 as in
+  JAX's default `jax.random.gumbel`, whose largest value is -log(-log(1 - 2^-23)) ~ 15.9.
+  """
+  if precision == "float64":
+    with jax.enable_x64(True):
+      hi = bits[0].astype(jnp.uint64)
+      lo = bits[1].astype(jnp.uint64)
+      word = (hi << 21) | (lo >> 11)  # 53 bits
+      u = (word.astype(jnp.float64) + 0.5) * (2.0**-53)
+      return (-jnp.log(-jnp.log(u))).astype(jnp.float32)
+  if precision == "float32":
+    u = (bits[0] >> 9).astype(jnp.float32) * (2.0**-23)
+    u = jnp.maximum(u, jnp.finfo(jnp.float32).tiny)
+    return -jnp.log(-jnp.log(u))
+  raise ValueError(f"gumbel_from_bits: precision must be 'float64' or 'float32', got {precision!r}")
 
 
 def gumbel_noise(rng, shape, precision: str = "float64"):
   """Standard Gumbel noise, float32 [*shape]. precision: 'float64' (53-bit uniform, float64 math),
-  'float32_64bit' (JAX's 'highest' mode), or 'float32' (naive; tail truncated near 16)."""
-  if precision == "float64":
-    return _uniform_53bit_log(rng, shape)
+  'float32_64bit' (JAX's float32 'highest' mode: 64 bits in fixed point, log1p near 1; same tail), or
+  'float32' (naive; tail truncated near 15.9)."""
+  shape = tuple(shape)
+  if precision in ("float64", "float32"):
+    return gumbel_from_bits(jax.random.bits(rng, (2,) + shape, jnp.uint32), precision)
   if precision == "float32_64bit":
     return jax.random.gumbel(rng, shape, jnp.float32, mode="highest")
-  if precision == "float32":
-    return jax.random.gumbel(rng, shape, jnp.float32, mode="low")
   raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
 
 

@@ -57,9 +57,12 @@ def _ratios(log_score, xt):
   return jnp.exp(jnp.where(current, 0.0, jnp.minimum(log_score, 80.0)))
 
 
-def _normalise(probs):
-  probs = jnp.maximum(probs, 0.0)
-  return probs / jnp.sum(probs, axis=-1, keepdims=True)
+def _normalise(probs, fallback):
+  """Clip negatives, renormalise; rows with no positive finite mass (float32 cancellation in the analytic
+  step at very large tau) fall back to `fallback` (staying put)."""
+  probs = jnp.where(jnp.isfinite(probs), jnp.maximum(probs, 0.0), 0.0)
+  total = jnp.sum(probs, axis=-1, keepdims=True)
+  return jnp.where(total > 0, probs / jnp.where(total > 0, total, 1.0), fallback)
 
 
 def step_probs(log_score, xt, *, graph: str, method: str, sigma_t, sigma_s, dsigma_t, dt, mask_id=None):
@@ -84,17 +87,17 @@ def step_probs(log_score, xt, *, graph: str, method: str, sigma_t, sigma_s, dsig
     stay = 1.0 - jnp.sum(moves, axis=-1, keepdims=True)
     masked_probs = jnp.where(is_mask_col, stay, moves)
     probs = jnp.where((xt == mask_id)[..., None], masked_probs, current)
-    return _normalise(probs)
+    return _normalise(probs, current)
   if graph == "uniform":
     if method == "euler":
       moves = col(dt) * col(dsigma_t) / v * s * (1.0 - current)
       probs = moves + current * (1.0 - jnp.sum(moves, axis=-1, keepdims=True))
-      return _normalise(probs)
+      return _normalise(probs, current)
     if method == "analytic":
       tau = col(sigma_t) - col(sigma_s)
       stag = jnp.exp(tau) * s - jnp.expm1(tau) / v * jnp.sum(s, axis=-1, keepdims=True)
       trans = jnp.exp(-tau) * current - jnp.expm1(-tau) / v
-      return _normalise(stag * trans)
+      return _normalise(stag * trans, current)
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
   raise ValueError(f"unknown graph {graph!r}; expected one of {GRAPHS}")
 

@@ -1,0 +1,500 @@
+"""Samplers against the exact toy oracle (tests/oracle.py): their samples must follow the distribution
+they are supposed to, measured by total variation (TV) against a bound derived from the sample count.
+
+TV bound: for n i.i.d. draws from p over N states, E[TV(p_hat, p)] <= 1/2 sum_x sqrt(p(x)(1 - p(x))/n)
+(Jensen), and TV moves by at most 1/n per draw, so P(TV > E + eps) <= exp(-2 n eps^2) (McDiarmid).
+`tv_bound` is that expectation plus eps for a failure probability of 1e-4.
+
+"Exact for the step grid": a factorised reverse step moves every position independently given x_t, so
+over all (V+1)^L states it is a matrix M_k[i, j] = prod_l P_l(x_s^l = state_j^l | x_t = state_i); the
+sampler's output distribution is e_start M_1 ... M_T, computed here in float64 from
+processes.AbsorbingProcess.posterior_probs and the oracle's exact p(x_0 | x_t).
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import oracle
+from ddlm import processes, schedules
+from ddlm import sampling
+from ddlm.sampling import categorical, conditioning, masked, score
+
+V, L = 3, 4
+MASK = V
+TOY = oracle.ToyDistribution(num_tokens=V, length=L, seed=0)
+N_SAMPLES = 8000
+# Tiny programs compile 5x faster on CPU without LLVM's optimisations; the runs stay fast.
+FAST = {"xla_backend_optimization_level": 0}
+tjit = functools.partial(jax.jit, compiler_options=FAST)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def tv_bound(p, n, fail_prob=1e-4):
+  p = np.asarray(p)
+  return 0.5 * np.sum(np.sqrt(p * (1.0 - p) / n)) + math.sqrt(math.log(1.0 / fail_prob) / (2.0 * n))
+
+
+def tv(p, q):
+  return 0.5 * float(np.abs(np.asarray(p) - np.asarray(q)).sum())
+
+
+def histogram(tokens):
+  """Empirical distribution over the V^L clean sequences; asserts no mask is left."""
+  tokens = np.asarray(tokens)
+  assert tokens.min() >= 0 and tokens.max() < V, "samples must be clean tokens"
+  idx = np.asarray(TOY.index(tokens))
+  return np.bincount(idx, minlength=V**L) / len(idx)
+
+
+def all_masked(n):
+  return jnp.full((n, L), MASK, jnp.int32)
+
+
+def cfg(**kw):
+  c = sampling.default_config()
+  c.noise_removal = False
+  for k, v in kw.items():
+    c[k] = v
+  return c
+
+
+def float_grid(steps, t_min=0.0):
+  """The samplers' float32 time grid, as float64."""
+  return np.asarray(masked.time_grid(steps, t_min), np.float64)
+
+
+def transition_matrix(per_position_probs, states):
+  """per_position_probs [S, L, K] (S states, K values) -> M [S, S] of the factorised step."""
+  m = np.ones((len(states), len(states)))
+  for l in range(states.shape[1]):
+    m *= per_position_probs[:, l][:, states[:, l]]
+  return m
+
+
+def to_clean_distribution(dist, states):
+  """Distribution over absorbing states -> over the V^L clean sequences (all mass must be clean)."""
+  clean = ~np.any(states == MASK, axis=1)
+  assert dist[~clean].sum() < 1e-9, f"mass {dist[~clean].sum()} left on masked states"
+  out = np.zeros(V**L)
+  np.add.at(out, np.asarray(TOY.index(states[clean])), dist[clean])
+  return out
+
+
+def exact_absorbing_distribution(schedule, steps, *, step_probs=None, start=None):
+  """Output distribution over clean sequences of a factorised absorbing sampler on the step grid.
+
+  step_probs(states [S, L] int, t, s) -> [S, L, V+1] per-position probabilities (float64);
+  default: the ancestral step, AbsorbingProcess.posterior_probs with the exact x_0 posterior."""
+  states = TOY.abs_states
+  p0 = TOY.absorbing_posterior_table()
+  proc = processes.AbsorbingProcess(V + 1, MASK)
+
+  def ancestral(states, t, s):
+    with jax.enable_x64(True):
+      a_t, a_s = float(schedule.alpha(t)), float(schedule.alpha(s))
+      return np.asarray(proc.posterior_probs(jnp.asarray(p0), jnp.asarray(states), a_s, a_t))
+
+  step_probs = step_probs or ancestral
+  dist = np.zeros(len(states))
+  dist[np.asarray(TOY.index(np.full((L,), MASK) if start is None else start, V + 1))] = 1.0
+  g = float_grid(steps)
+  for k in range(steps):
+    dist = dist @ transition_matrix(step_probs(states, g[k], g[k + 1]), states)
+  return to_clean_distribution(dist, states)
+
+
+@functools.lru_cache(maxsize=None)
+def uniform_score_table(alpha):
+  """[V^L, L, V] exact log ratios of every clean sequence at keep-probability alpha (float64)."""
+  with jax.enable_x64(True):
+    seqs = jnp.asarray(TOY.seqs)
+    return np.asarray(TOY.uniform_log_score(seqs, jnp.full((len(TOY.seqs),), alpha)))
+
+
+def uniform_score_fn(schedule):
+  """Exact uniform-graph score for a batch sharing one time: computed for all V^L sequences, gathered."""
+  seqs = jnp.asarray(TOY.seqs)
+
+  def fn(xt, t):
+    a = schedule.alpha(jnp.full((len(TOY.seqs),), t[0]))
+    table = TOY.uniform_log_score(seqs, a)
+    return table[TOY.index(xt)]
+
+  return fn
+
+
+# ------------------------------------------------------------------------------------------ ancestral
+
+
+def test_exact_grid_distribution_approaches_truth_as_steps_grow():
+  for name in ("loglinear", "linear", "cosine"):
+    sched = schedules.get_schedule(name)
+    dists = [tv(exact_absorbing_distribution(sched, T), TOY.probs) for T in (1, 2, 4, 16, 64)]
+    assert all(b < a for a, b in zip(dists, dists[1:])), (name, dists)
+    assert dists[0] > 0.2 and dists[-1] < 0.02, (name, dists)
+
+
+@pytest.mark.parametrize("name", ["loglinear", "linear", "cosine"])
+def test_ancestral_coarse_grid_matches_its_exact_distribution(name):
+  """Fewer steps (2) than tokens (4): the output is the product of per-step marginals, not p."""
+  sched = schedules.get_schedule(name)
+  exact = exact_absorbing_distribution(sched, 2)
+  out = tjit(lambda r: masked.ancestral_sample(TOY.absorbing_denoiser(), r, all_masked(N_SAMPLES),
+                                                  mask_id=MASK, schedule=sched, steps=2))(jax.random.key(1))
+  emp = histogram(out.tokens)
+  assert tv(emp, exact) < tv_bound(exact, N_SAMPLES), (tv(emp, exact), tv_bound(exact, N_SAMPLES))
+  assert tv(exact, TOY.probs) > 3 * tv_bound(exact, N_SAMPLES)  # and it is measurably not p
+  assert int(out.nfe) == 2
+
+
+def test_ancestral_many_steps_reproduces_the_data():
+  sched = schedules.LogLinearSchedule()
+  steps = 128
+  exact = exact_absorbing_distribution(sched, steps)
+  out = tjit(lambda r: masked.ancestral_sample(TOY.absorbing_denoiser(), r, all_masked(N_SAMPLES),
+                                                  mask_id=MASK, schedule=sched, steps=steps))(jax.random.key(2))
+  emp = histogram(out.tokens)
+  bound = tv_bound(TOY.probs, N_SAMPLES)
+  assert tv(exact, TOY.probs) < 0.01
+  assert tv(emp, TOY.probs) < bound + tv(exact, TOY.probs), (tv(emp, TOY.probs), bound)
+  assert int(out.nfe) == steps
+
+
+def _broken_uniform_sample(rng, n, steps, sched):
+  """A deliberately broken sampler: the uniform-graph ancestral step with the wrong posterior weight
+  (Bayes' 1 / q(x_t | x_0) dropped: w = p(x_0 | x_t) instead of p(x_0 | x_t) / q(x_t | x_0))."""
+  proc = processes.UniformProcess(V)
+  grid = masked.time_grid(steps)
+
+  def body(k, x):
+    t, s = grid[k], grid[k + 1]
+    a_t, a_s = sched.alpha(t), sched.alpha(s)
+    p0 = TOY.uniform_x0_posterior(x, jnp.full((n,), a_t))
+    q_t_given_0 = proc.marginal_probs(x, a_t)
+    wrong = proc.posterior_probs(p0 * q_t_given_0, x, a_s, a_t)  # posterior_probs divides by q: undo it
+    return categorical.sample_categorical(jax.random.fold_in(rng, k), jnp.log(wrong))
+
+  x0 = jax.random.randint(jax.random.fold_in(rng, steps), (n, L), 0, V)
+  return jax.lax.fori_loop(0, steps, body, x0)
+
+
+def test_broken_sampler_fails_the_same_test():
+  sched = schedules.GeometricSchedule()
+  tokens = tjit(lambda r: _broken_uniform_sample(r, N_SAMPLES, 64, sched))(jax.random.key(3))
+  emp = histogram(tokens)
+  assert tv(emp, TOY.probs) > 2 * tv_bound(TOY.probs, N_SAMPLES), tv(emp, TOY.probs)
+
+
+# ------------------------------------------------------------------------------------------ first hitting, cache, NFE
+
+
+def test_first_hitting_reproduces_the_data_with_one_call_per_token():
+  out = tjit(lambda r: masked.first_hitting_sample(TOY.absorbing_denoiser(), r, all_masked(N_SAMPLES),
+                                                      mask_id=MASK, schedule=schedules.CosineSchedule()))(
+      jax.random.key(4))
+  emp = histogram(out.tokens)
+  assert tv(emp, TOY.probs) < tv_bound(TOY.probs, N_SAMPLES), tv(emp, TOY.probs)
+  assert int(out.nfe) == L
+
+
+def test_nfe_cached_and_first_hitting_at_most_length_plus_one_when_steps_ge_4_length():
+  """Counted per sequence (vmap over batches of one: the cache is batch-wide, the counts per sample)."""
+  steps, n = 4 * L, 200
+  sched = schedules.LogLinearSchedule()
+  den = TOY.absorbing_denoiser()
+  keys = jax.random.split(jax.random.key(5), n)
+  one = all_masked(1)
+
+  def run(sampler):
+    return tjit(jax.vmap(lambda k: sampler(k)))(keys)
+
+  plain = run(lambda k: masked.ancestral_sample(den, k, one, mask_id=MASK, schedule=sched, steps=steps))
+  cached = run(lambda k: masked.ancestral_sample(den, k, one, mask_id=MASK, schedule=sched, steps=steps, cache=True))
+  first = run(lambda k: masked.first_hitting_sample(den, k, one, mask_id=MASK, schedule=sched))
+  assert np.all(np.asarray(plain.nfe) == steps)
+  assert np.asarray(cached.nfe).max() <= L + 1 and np.asarray(cached.nfe).min() >= 1
+  assert np.asarray(cached.nfe).mean() < steps / 2
+  assert np.all(np.asarray(first.nfe) == L)
+  # The oracle is time-free, so the cached sampler IS the ancestral sampler: same key, same tokens.
+  np.testing.assert_array_equal(np.asarray(cached.tokens), np.asarray(plain.tokens))
+
+
+def test_cached_matches_ancestral_on_the_same_grid_batched():
+  sched = schedules.LinearSchedule()
+  den = TOY.absorbing_denoiser()
+  x = all_masked(2000)
+  f = lambda cache: tjit(lambda r: masked.ancestral_sample(den, r, x, mask_id=MASK, schedule=sched, steps=3,
+                                                              cache=cache))(jax.random.key(6))
+  a, c = f(False), f(True)
+  np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
+  assert int(c.nfe) <= int(a.nfe) == 3
+
+
+def test_noise_removal_fills_what_is_left_greedily():
+  sched = schedules.LinearSchedule()
+  out = tjit(lambda r: masked.ancestral_sample(TOY.absorbing_denoiser(), r, all_masked(64), mask_id=MASK,
+                                                  schedule=sched, steps=2, t_min=0.5, noise_removal=True))(
+      jax.random.key(7))
+  assert not np.any(np.asarray(out.tokens) == MASK)
+  assert int(out.nfe) == 3
+
+
+# ------------------------------------------------------------------------------------------ SEDD score samplers
+
+
+def _absorbing_score_step(method, sched):
+  """Per-position step probabilities of the absorbing score sampler on all states (for the exact grid)."""
+  den = TOY.absorbing_denoiser()
+
+  def step(states, t, s):
+    x = jnp.asarray(states)
+    tt, ss = jnp.full((len(states),), t, jnp.float32), jnp.full((len(states),), s, jnp.float32)
+    log_score = score.absorbing_score_fn(den, sched, MASK)(x, tt)
+    probs = score.step_probs(log_score, x, graph="absorbing", method=method, sigma_t=sched.sigma(tt),
+                             sigma_s=sched.sigma(ss), dsigma_t=sched.dsigma(tt), dt=tt - ss, mask_id=MASK)
+    return np.asarray(probs, np.float64)
+
+  return step
+
+
+def exact_uniform_distribution(method, sched, steps):
+  seqs = TOY.seqs
+  dist = np.full(len(seqs), 1.0 / len(seqs))
+  g = float_grid(steps)
+  for k in range(steps):
+    t, s = jnp.float32(g[k]), jnp.float32(g[k + 1])
+    log_score = uniform_score_fn(sched)(jnp.asarray(seqs), jnp.full((len(seqs),), t))
+    n = len(seqs)
+    probs = score.step_probs(log_score, jnp.asarray(seqs), graph="uniform", method=method,
+                             sigma_t=sched.sigma(jnp.full((n,), t)), sigma_s=sched.sigma(jnp.full((n,), s)),
+                             dsigma_t=sched.dsigma(jnp.full((n,), t)), dt=jnp.full((n,), t - s))
+    dist = dist @ transition_matrix(np.asarray(probs, np.float64), seqs)
+  return dist
+
+
+@pytest.mark.parametrize("graph,method", [("absorbing", "euler"), ("absorbing", "analytic"),
+                                          ("uniform", "euler"), ("uniform", "analytic")])
+def test_score_samplers_match_their_exact_distribution_and_the_data(graph, method):
+  steps = 64
+  if graph == "absorbing":
+    sched = schedules.LogLinearSchedule()
+    sfn = score.absorbing_score_fn(TOY.absorbing_denoiser(), sched, MASK)
+    x_init = all_masked(N_SAMPLES)
+    exact = exact_absorbing_distribution(sched, steps, step_probs=_absorbing_score_step(method, sched))
+  else:
+    sched = schedules.GeometricSchedule()
+    sfn = uniform_score_fn(sched)
+    x_init = jnp.zeros((N_SAMPLES, L), jnp.int32)
+    exact = exact_uniform_distribution(method, sched, steps)
+  out = tjit(lambda r: score.score_sample(sfn, r, x_init, graph=graph, schedule=sched, steps=steps,
+                                             method=method, mask_id=MASK, noise_removal=False))(jax.random.key(8))
+  emp = histogram(out.tokens)
+  assert tv(emp, exact) < tv_bound(exact, N_SAMPLES), (tv(emp, exact), tv_bound(exact, N_SAMPLES))
+  assert tv(exact, TOY.probs) < 0.03, tv(exact, TOY.probs)
+  assert int(out.nfe) == steps
+
+
+def test_uniform_analytic_converges_as_steps_grow():
+  sched = schedules.GeometricSchedule()
+  dists = [tv(exact_uniform_distribution("analytic", sched, T), TOY.probs) for T in (8, 32, 128)]
+  assert dists[0] > dists[1] > dists[2], dists
+
+
+# ------------------------------------------------------------------------------------------ ReMDM and guidance
+
+
+@pytest.mark.parametrize("strategy", ["cap", "rescale", "confidence"])
+def test_remdm_with_zero_strength_is_ancestral(strategy):
+  sched = schedules.CosineSchedule()
+  den = TOY.absorbing_denoiser()
+  x = all_masked(512)
+  run = lambda **kw: tjit(lambda r: masked.ancestral_sample(den, r, x, mask_id=MASK, schedule=sched, steps=8,
+                                                               **kw))(jax.random.key(9))
+  np.testing.assert_array_equal(np.asarray(run(remasking=strategy, eta=0.0).tokens), np.asarray(run().tokens))
+
+
+def test_remdm_rescale_matches_its_exact_distribution():
+  """ReMDM keeps the forward marginals; with the exact denoiser its factorised step is enumerable too."""
+  sched, steps, eta = schedules.CosineSchedule(), 32, 0.5
+  p0 = TOY.absorbing_posterior_table()
+
+  def remdm_step(states, t, s):
+    a_t, a_s = float(sched.alpha(t)), float(sched.alpha(s))
+    sigma = eta * (min(1.0, (1.0 - a_s) / a_t) if a_t > 0 else 1.0)
+    reveal = (a_s - (1.0 - sigma) * a_t) / (1.0 - a_t)
+    masked_probs = reveal * p0 + (1.0 - reveal) * np.eye(V + 1)[MASK]
+    decoded_probs = (1.0 - sigma) * np.eye(V + 1)[states] + sigma * np.eye(V + 1)[MASK]
+    return np.where((states == MASK)[..., None], masked_probs, decoded_probs)
+
+  exact = exact_absorbing_distribution(sched, steps, step_probs=remdm_step)
+  out = tjit(lambda r: masked.ancestral_sample(TOY.absorbing_denoiser(), r, all_masked(N_SAMPLES), mask_id=MASK,
+                                                  schedule=sched, steps=steps, remasking="rescale", eta=eta))(
+      jax.random.key(10))
+  emp = histogram(out.tokens)
+  assert tv(emp, exact) < tv_bound(exact, N_SAMPLES), (tv(emp, exact), tv_bound(exact, N_SAMPLES))
+  assert tv(exact, TOY.probs) < 0.08
+
+
+def test_guidance_scale_zero_is_conditional_sampling():
+  """The guided denoiser (two inputs, prompt masked in the second) with w = 0 gives the same tokens as
+  plain conditional sampling for the same key; w > 0 changes them."""
+  sched = schedules.LogLinearSchedule()
+  den = TOY.absorbing_denoiser()
+  x = jnp.asarray(conditioning.initial_tokens(512, L, MASK, prompt_ids=[2]))
+  run = lambda fn: tjit(lambda r: masked.ancestral_sample(fn, r, x, mask_id=MASK, schedule=sched, steps=8))(
+      jax.random.key(11))
+  plain = run(den)
+  guided = run(conditioning.guided_denoise_fn(den, x != MASK, MASK, 0.0))
+  np.testing.assert_array_equal(np.asarray(guided.tokens), np.asarray(plain.tokens))
+  strong = tjit(lambda r: sampling.make_sampler(cfg(name="ancestral", steps=8, guidance_scale=3.0), denoise_fn=den,
+                                                schedule=sched, mask_id=MASK)(r, x))(jax.random.key(11))
+  assert np.all(np.asarray(strong.tokens)[:, 0] == 2)
+  assert np.any(np.asarray(strong.tokens) != np.asarray(plain.tokens))
+
+
+# ------------------------------------------------------------------------------------------ conditioning
+
+
+def test_infilling_samples_the_exact_conditional():
+  known = {0: 1, 2: 0}
+  x = jnp.asarray(conditioning.initial_tokens(N_SAMPLES // 2, L, MASK, constraints=known))
+  consistent = np.all([TOY.seqs[:, p] == v for p, v in known.items()], axis=0)
+  cond = np.where(consistent, TOY.probs, 0.0)
+  cond /= cond.sum()
+  for sampler in (
+      lambda r: masked.first_hitting_sample(TOY.absorbing_denoiser(), r, x, mask_id=MASK,
+                                            schedule=schedules.LogLinearSchedule()),
+      lambda r: masked.ancestral_sample(TOY.absorbing_denoiser(), r, x, mask_id=MASK,
+                                        schedule=schedules.LogLinearSchedule(), steps=64, cache=True),
+  ):
+    out = tjit(sampler)(jax.random.key(12))
+    tokens = np.asarray(out.tokens)
+    assert all(np.all(tokens[:, p] == v) for p, v in known.items())
+    emp = histogram(tokens)
+    n = len(tokens)
+    assert tv(emp, cond) < tv_bound(cond[consistent], n) + 0.01, tv(emp, cond)
+
+
+def test_infill_template_constraints_and_length_control():
+  encode = lambda s: [ord(c) for c in s]
+  ids = conditioning.parse_infill_template("ab[MASK:3]c[MASK]d", encode, mask_id=-1)
+  assert ids == [97, 98, -1, -1, -1, 99, -1, 100]
+  assert conditioning.parse_infill_template("[MASK:2]", encode, 7) == [7, 7]
+  assert conditioning.parse_constraints("0:5,3:9") == {0: 5, 3: 9}
+  x = conditioning.initial_tokens(2, 8, 9, prompt_ids=[1, 2], constraints={5: 4}, end=6, eos_id=3, pad_id=0)
+  np.testing.assert_array_equal(x[0], [1, 2, 9, 9, 9, 4, 3, 0])
+  t = conditioning.truncate_after_eos(jnp.asarray([[5, 3, 6, 3, 7], [1, 2, 4, 4, 4]]), eos_id=3, pad_id=0)
+  np.testing.assert_array_equal(np.asarray(t), [[5, 3, 0, 0, 0], [1, 2, 4, 4, 4]])
+  with pytest.raises(ValueError):
+    conditioning.initial_tokens(1, 2, 9, prompt_ids=[1, 2, 3])
+
+
+def test_filters_temperature_top_k_top_p():
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+  keep = lambda f: np.asarray(f > -1e5)[0].tolist()
+  assert keep(categorical.filter_logits(logits, top_k=2)) == [True, True, False, False]
+  assert keep(categorical.filter_logits(logits, top_p=0.7)) == [True, True, False, False]
+  assert keep(categorical.filter_logits(logits, top_p=0.5)) == [True, False, False, False]
+  assert keep(categorical.filter_logits(logits, top_p=0.81)) == [True, True, True, False]
+  np.testing.assert_allclose(categorical.filter_logits(logits, temperature=0.5), logits * 2, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ precision
+
+
+def test_float64_gumbel_matches_zipf_tail_and_float32_undersamples_it():
+  """50,000-way Zipf (p_i ~ 1/i). Both paths see the same random bits (coupled), so the float32
+  truncation shows as draws that land in the tail with float64 noise and not with float32 noise."""
+  k, n, chunk = 50_000, 4000, 200
+  logp = -np.log(np.arange(1, k + 1))
+  logp -= np.log(np.exp(logp).sum())
+  lp = jnp.asarray(logp, jnp.float32)
+
+  def draw(key):
+    bits = jax.random.bits(key, (2, chunk, k), jnp.uint32)
+    g64 = categorical.gumbel_from_bits(bits, "float64")
+    g32 = categorical.gumbel_from_bits(bits, "float32")
+    return jnp.argmax(lp + g64, -1), jnp.argmax(lp + g32, -1), jnp.max(g64), jnp.max(g32)
+
+  w64, w32, max64, max32 = jax.jit(lambda key: jax.lax.map(draw, jax.random.split(key, n // chunk)))(
+      jax.random.key(13))
+  w64, w32 = np.asarray(w64).ravel(), np.asarray(w32).ravel()
+  assert float(np.max(max32)) < 16.0 < float(np.max(max64))  # the float32 tail is cut near 15.9
+  for rank in (100, 1000):
+    mass = np.exp(logp[rank:]).sum()
+    sd = math.sqrt(mass * (1 - mass) / n)
+    assert abs((w64 >= rank).mean() - mass) < 4.5 * sd, (rank, (w64 >= rank).mean(), mass)
+  tail = 1000
+  lost = int(np.sum((w64 >= tail) & (w32 < tail)))
+  gained = int(np.sum((w32 >= tail) & (w64 < tail)))
+  assert gained == 0 and lost >= 1, (lost, gained)
+  # The samplers draw through the float64 path by default.
+  key = jax.random.key(14)
+  expected = jnp.argmax(lp[None] + categorical.gumbel_noise(key, (3, k), "float64"), -1)
+  np.testing.assert_array_equal(np.asarray(categorical.sample_categorical(key, jnp.broadcast_to(lp, (3, k)))),
+                                np.asarray(expected))
+  assert sampling.default_config().precision == "float64"
+
+
+# ------------------------------------------------------------------------------------------ compilation and sharding
+
+
+def _all_samplers(steps=4):
+  sched = schedules.LogLinearSchedule()
+  den = TOY.absorbing_denoiser()
+  out = []
+  for name in sampling.SAMPLERS:
+    c = cfg(name=name, steps=steps)
+    if name == "remdm":
+      c.remasking, c.eta = "cap", 0.1
+    out.append((name, c, dict(denoise_fn=den, schedule=sched, mask_id=MASK)))
+  geo = schedules.GeometricSchedule()
+  out.append(("sedd_analytic", cfg(name="sedd_analytic", steps=steps),
+              dict(score_fn=uniform_score_fn(geo), schedule=geo, graph="uniform")))
+  return out
+
+
+def test_each_sampler_compiles_once_per_shape_and_steps_and_runs_sharded_over_8_devices():
+  devices = np.array(jax.devices()[:8])
+  assert len(devices) == 8
+  mesh = Mesh(devices, ("data",))
+  batch = NamedSharding(mesh, P("data"))
+  x_host = all_masked(16)
+  for name, c, kwargs in _all_samplers():
+    before = sampling.TRACE_COUNTS[name]
+    fn = sampling.jit_sampler(c, compiler_options=FAST, **kwargs)
+    x = jax.device_put(x_host if kwargs.get("graph") != "uniform" else jnp.zeros((16, L), jnp.int32), batch)
+    a = fn(jax.random.key(0), x)
+    b = fn(jax.random.key(1), x)
+    assert sampling.TRACE_COUNTS[name] - before == 1, name
+    assert a.tokens.sharding.is_equivalent_to(batch, 2), (name, a.tokens.sharding)
+    assert len(a.tokens.sharding.device_set) == 8
+    assert not np.array_equal(np.asarray(a.tokens), np.asarray(b.tokens)) or name == "first_hitting"
+    # Sharding does not change the result: the same key on one device gives the same tokens.
+    single = fn(jax.random.key(0), jax.device_put(x, jax.devices()[0]))
+    np.testing.assert_array_equal(np.asarray(single.tokens), np.asarray(a.tokens), err_msg=name)
+    # A new number of steps is one new compilation.
+    c2 = ml_collections.ConfigDict(c.to_dict())
+    c2.steps = 5
+    sampling.jit_sampler(c2, compiler_options=FAST, **kwargs)(jax.random.key(0), x)
+    assert sampling.TRACE_COUNTS[name] - before <= 3, name
+
+
+def test_make_sampler_rejects_bad_configs():
+  den = TOY.absorbing_denoiser()
+  sched = schedules.LogLinearSchedule()
+  with pytest.raises(ValueError, match="unknown sampler"):
+    sampling.make_sampler(cfg(name="nope"), denoise_fn=den, schedule=sched, mask_id=MASK)
+  with pytest.raises(ValueError, match="uniform graph"):
+    sampling.make_sampler(cfg(name="ancestral"), denoise_fn=den, schedule=sched, mask_id=MASK, graph="uniform")
+  with pytest.raises(ValueError, match="score_fn"):
+    sampling.make_sampler(cfg(name="sedd_euler"), denoise_fn=den, schedule=sched, graph="uniform")
