@@ -106,37 +106,24 @@ def test_per_token_time_equals_broadcast_time(name):
     assert float(diff[3]) > 1e-3
 
 
-def test_tied_embeddings_have_no_output_kernel():
-    model = models.get_model(_config("dit", tie_embeddings=True), VOCAB)
-    xt, _, t = _inputs()
-    params = _init(model, xt, t)["params"]
-    assert "output_kernel" not in params and "token_embedding" in params
-    assert jax.jit(model.apply)({"params": params}, xt, t).shape == (BATCH, LENGTH, VOCAB)
-
-
 def test_dropout_only_in_training():
-    model = models.get_model(_config("dit", dropout=0.5), VOCAB)
+    _, variables, apply = _model_and_vars("dit")
+    model = models.get_model(_config("dit", dropout=0.5), VOCAB)  # same parameters, dropout on
     xt, _, t = _inputs()
-    variables = _perturbed(_init(model, xt, t))
-    apply = jax.jit(lambda key, train: model.apply(variables, xt, t, train=train, rngs={"dropout": key}), static_argnums=1)
-    a, b = apply(jax.random.key(1), True), apply(jax.random.key(2), True)
+    run = jax.jit(lambda v, key, train: model.apply(v, xt, t, train=train, rngs={"dropout": key}), static_argnums=2)
+    a, b = run(variables, jax.random.key(1), True), run(variables, jax.random.key(2), True)
     assert float(jnp.abs(a - b).max()) > 1e-3
-    np.testing.assert_array_equal(apply(jax.random.key(1), False), apply(jax.random.key(2), False))
+    np.testing.assert_allclose(run(variables, jax.random.key(1), False), apply(variables, xt, t, None), atol=1e-4)
 
 
-def test_remat_same_values_and_gradients():
+def test_remat_checkpoints_blocks_and_keeps_values():
+    model, variables, apply = _model_and_vars("dit")
+    remat = models.get_model(_config("dit", remat=True), VOCAB)
     xt, _, t = _inputs()
-    xt, t = xt[:, :8], t
-    plain, remat = (models.get_model(_config("dit", remat=r, num_layers=1), VOCAB) for r in (False, True))
-    variables = _perturbed(_init(plain, xt, t))
-
-    def loss(m):
-        return jax.jit(jax.value_and_grad(lambda v: jnp.mean(m.apply(v, xt, t) ** 2)))
-
-    (l_plain, g_plain), (l_remat, g_remat) = loss(plain)(variables), loss(remat)(variables)
-    np.testing.assert_allclose(l_plain, l_remat, rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    loss = lambda v: jnp.mean(remat.apply(v, xt, t, train=True, rngs={"dropout": jax.random.key(0)}) ** 2)  # noqa: E731
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(variables))  # tracing only: train is static, blocks are remat'ed
+    assert "checkpoint" in jaxpr or "remat" in jaxpr
+    np.testing.assert_allclose(jax.jit(remat.apply)(variables, xt, t), apply(variables, xt, t, None), rtol=1e-5, atol=1e-5)
 
 
 def test_input_errors_are_clear():
@@ -247,6 +234,7 @@ def test_adaln_zero_init_ignores_time():
     model = models.get_model(_config("dit", tie_embeddings=True), VOCAB)
     xt, _, t = _inputs()
     variables = _init(model, xt, t)
+    assert "output_kernel" not in variables["params"] and "token_embedding" in variables["params"]
     apply = jax.jit(model.apply)
     a, b = apply(variables, xt, jnp.zeros_like(t)), apply(variables, xt, jnp.ones_like(t))
     assert float(jnp.abs(a).max()) > 0
