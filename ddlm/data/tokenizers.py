@@ -261,6 +261,8 @@ def train_sentencepiece(config) -> str:
     path = sentencepiece_path(config)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     prefix = path[: -len(".model")] + ".tmp"
+    # Hosts without a shared file system each train their own copy: it must be the same model.
+    spm.set_random_generator_seed(0)
     spm.SentencePieceTrainer.train(
         sentence_iterator=_training_chunks(corpora.iter_texts(config, "train")),
         model_prefix=prefix,
