@@ -35,12 +35,25 @@ def _inputs(seed=0, length=LENGTH):
     return xt, x0, t
 
 
-def _perturbed(variables, seed=1, scale=0.3):
-    """Adds noise to every parameter, so that zero-initialised layers (adaLN, output) stop hiding dependencies."""
-    leaves, treedef = jax.tree.flatten(variables)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    noisy = [p + scale * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)]
-    return jax.tree.unflatten(treedef, noisy)
+def _random_variables(model, xt, t, x0=None, seed=1):
+    """Random parameters of the right shapes (with their logical-axis boxes), drawn with numpy: no init compile.
+
+    Unlike the real init, nothing is zero (adaLN-zero and the zero output layer would hide every dependency).
+    """
+    init = lambda xt, t, x0: model.init(jax.random.key(0), xt, t, x0=x0)  # noqa: E731
+    abstract = jax.eval_shape(init, xt, t, x0)
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if leaf.ndim == 1 or "bias" in name:
+            value = (1.0 if "scale" in name else 0.0) + 0.3 * rng.standard_normal(leaf.shape)
+        else:  # fan-in scaled; the attention output kernel [heads, head_dim, d] has fan-in heads * head_dim
+            fan_in = leaf.shape[0] * (leaf.shape[1] if "out_kernel" in name else 1)
+            value = rng.standard_normal(leaf.shape) / np.sqrt(fan_in)
+        return jnp.asarray(value, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
 def _init(model, xt, t, x0=None):
@@ -49,10 +62,10 @@ def _init(model, xt, t, x0=None):
 
 @functools.lru_cache(maxsize=None)
 def _model_and_vars(name="dit", **overrides):
-    """(model, perturbed variables, jitted apply(variables, xt, t, x0)), cached: compiling dominates test time."""
+    """(model, random variables, jitted apply(variables, xt, t, x0)), cached: compiling dominates test time."""
     model = models.get_model(_config(name, **overrides), VOCAB)
     xt, x0, t = _inputs()
-    variables = _perturbed(_init(model, xt, t, x0 if name == "bd3lm" else None))
+    variables = _random_variables(model, xt, t, x0 if name == "bd3lm" else None)
     apply = jax.jit(lambda v, xt, t, x0: model.apply(v, xt, t, x0=x0))
     return model, variables, apply
 
