@@ -94,6 +94,10 @@ def test_wrap_epoch_every_token_once(corpus, n_proc):
         batches = list(it)
         assert batches, "every process must yield batches"
         n_batches.add(len(batches))
+        dropped_once = it.dropped_tokens
+        with pytest.raises(StopIteration):  # an ended iterator stays ended, counting nothing twice
+            next(it)
+        assert it.dropped_tokens == dropped_once
         for b in batches:
             assert b["tokens"].shape == (local_batch, seq_len) and b["tokens"].dtype == np.int32
             assert b["loss_mask"].dtype == np.float32 and np.all(b["loss_mask"] == 1.0)

@@ -134,8 +134,9 @@ class _PackIterator(grain.DatasetIterator):
         self.dropped_tokens += pending_tokens
         if self.batches == 0:
             raise ValueError(
-                f"{self._ds.where}: the data of this process ran out before one batch of "
-                f"{self._ds.batch_size} x seq_len={self._ds.seq_len} tokens: the sequence length or "
+                f"{self._ds.where}: the data of this process (or of the poorest process) ran out "
+                f"before one batch of {self._ds.batch_size} x seq_len={self._ds.seq_len} tokens: the "
+                f"sequence length or "
                 f"batch is larger than the corpus split (use a smaller seq_len / batch, or num_epochs=None)"
             )
         logging.info(
@@ -154,7 +155,7 @@ class _PackIterator(grain.DatasetIterator):
             try:
                 doc = next(self._parent)
             except StopIteration:
-                self._buffer = np.concatenate(pieces)
+                self._buffer = self._buffer[:0]  # the pending tokens are dropped (and counted once)
                 self._end(have)
             pieces.append(doc)
             have += len(doc)
