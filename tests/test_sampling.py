@@ -67,11 +67,6 @@ def cfg(**kw):
   return c
 
 
-def float_grid(steps, t_min=0.0):
-  """The samplers' float32 time grid, as float64."""
-  return np.asarray(masked.time_grid(steps, t_min), np.float64)
-
-
 def transition_matrix(per_position_probs, states):
   """per_position_probs [S, L, K] (S states, K values) -> M [S, S] of the factorised step."""
   m = np.ones((len(states), len(states)))
@@ -89,35 +84,35 @@ def to_clean_distribution(dist, states):
   return out
 
 
-def exact_absorbing_distribution(schedule, steps, *, step_probs=None, start=None):
-  """Output distribution over clean sequences of a factorised absorbing sampler on the step grid.
+def chain(step_probs, steps, states, start):
+  """Distribution after `steps` factorised steps on the sampler's grid, from the distribution `start`.
 
-  step_probs(states [S, L] int, t, s) -> [S, L, V+1] per-position probabilities (float64);
-  default: the ancestral step, AbsorbingProcess.posterior_probs with the exact x_0 posterior."""
-  states = TOY.abs_states
-  p0 = TOY.absorbing_posterior_table()
-  proc = processes.AbsorbingProcess(V + 1, MASK)
-
-  def ancestral(states, t, s):
-    with jax.enable_x64(True):
-      a_t, a_s = float(schedule.alpha(t)), float(schedule.alpha(s))
-      return np.asarray(proc.posterior_probs(jnp.asarray(p0), jnp.asarray(states), a_s, a_t))
-
-  step_probs = step_probs or ancestral
-  dist = np.zeros(len(states))
-  dist[np.asarray(TOY.index(np.full((L,), MASK) if start is None else start, V + 1))] = 1.0
-  g = float_grid(steps)
+  step_probs(states [S, L] int, t [], s []) -> [S, L, K] (jnp code; jitted once per step_probs)."""
+  g = masked.time_grid(steps)
+  step = step_probs if hasattr(step_probs, "lower") else tjit(step_probs)
+  states_j = jnp.asarray(states)
+  dist = np.asarray(start, np.float64)
   for k in range(steps):
-    dist = dist @ transition_matrix(step_probs(states, g[k], g[k + 1]), states)
-  return to_clean_distribution(dist, states)
+    dist = dist @ transition_matrix(np.asarray(step(states_j, g[k], g[k + 1]), np.float64), states)
+  return dist
 
 
 @functools.lru_cache(maxsize=None)
-def uniform_score_table(alpha):
-  """[V^L, L, V] exact log ratios of every clean sequence at keep-probability alpha (float64)."""
-  with jax.enable_x64(True):
-    seqs = jnp.asarray(TOY.seqs)
-    return np.asarray(TOY.uniform_log_score(seqs, jnp.full((len(TOY.seqs),), alpha)))
+def ancestral_step_probs(schedule):
+  """The ancestral step: AbsorbingProcess.posterior_probs with the oracle's exact p(x_0 | x_t) (jitted)."""
+  p0 = jnp.asarray(TOY.absorbing_posterior_table(), jnp.float32)
+  proc = processes.AbsorbingProcess(V + 1, MASK)
+  return tjit(lambda states, t, s: proc.posterior_probs(p0, states, schedule.alpha(s), schedule.alpha(t)))
+
+
+def exact_absorbing_distribution(schedule, steps, *, step_probs=None):
+  """Output distribution over clean sequences of a factorised absorbing sampler started all-masked;
+  step_probs defaults to the ancestral step."""
+  states = TOY.abs_states
+  start = np.zeros(len(states))
+  start[int(TOY.index(np.full((L,), MASK), V + 1))] = 1.0
+  dist = chain(step_probs or ancestral_step_probs(schedule), steps, states, start)
+  return to_clean_distribution(dist, states)
 
 
 def uniform_score_fn(schedule):
@@ -178,7 +173,8 @@ def _broken_uniform_sample(rng, n, steps, sched):
   def body(k, x):
     t, s = grid[k], grid[k + 1]
     a_t, a_s = sched.alpha(t), sched.alpha(s)
-    p0 = TOY.uniform_x0_posterior(x, jnp.full((n,), a_t))
+    seqs = jnp.asarray(TOY.seqs)
+    p0 = TOY.uniform_x0_posterior(seqs, jnp.full((len(TOY.seqs),), a_t))[TOY.index(x)]  # exact, by table
     q_t_given_0 = proc.marginal_probs(x, a_t)
     wrong = proc.posterior_probs(p0 * q_t_given_0, x, a_s, a_t)  # posterior_probs divides by q: undo it
     return categorical.sample_categorical(jax.random.fold_in(rng, k), jnp.log(wrong))
@@ -189,7 +185,7 @@ def _broken_uniform_sample(rng, n, steps, sched):
 
 def test_broken_sampler_fails_the_same_test():
   sched = schedules.GeometricSchedule()
-  tokens = tjit(lambda r: _broken_uniform_sample(r, N_SAMPLES, 64, sched))(jax.random.key(3))
+  tokens = tjit(lambda r: _broken_uniform_sample(r, N_SAMPLES, 32, sched))(jax.random.key(3))
   emp = histogram(tokens)
   assert tv(emp, TOY.probs) > 2 * tv_bound(TOY.probs, N_SAMPLES), tv(emp, TOY.probs)
 
@@ -251,34 +247,21 @@ def test_noise_removal_fills_what_is_left_greedily():
 # ------------------------------------------------------------------------------------------ SEDD score samplers
 
 
-def _absorbing_score_step(method, sched):
-  """Per-position step probabilities of the absorbing score sampler on all states (for the exact grid)."""
-  den = TOY.absorbing_denoiser()
+def score_step_probs(score_fn, graph, method, sched):
+  """Per-position step probabilities of a score sampler on all states (for the exact grid)."""
 
   def step(states, t, s):
-    x = jnp.asarray(states)
-    tt, ss = jnp.full((len(states),), t, jnp.float32), jnp.full((len(states),), s, jnp.float32)
-    log_score = score.absorbing_score_fn(den, sched, MASK)(x, tt)
-    probs = score.step_probs(log_score, x, graph="absorbing", method=method, sigma_t=sched.sigma(tt),
-                             sigma_s=sched.sigma(ss), dsigma_t=sched.dsigma(tt), dt=tt - ss, mask_id=MASK)
-    return np.asarray(probs, np.float64)
+    n = states.shape[0]
+    tt, ss = jnp.full((n,), t), jnp.full((n,), s)
+    return score.step_probs(score_fn(states, tt), states, graph=graph, method=method, sigma_t=sched.sigma(tt),
+                            sigma_s=sched.sigma(ss), dsigma_t=sched.dsigma(tt), dt=tt - ss, mask_id=MASK)
 
   return step
 
 
 def exact_uniform_distribution(method, sched, steps):
-  seqs = TOY.seqs
-  dist = np.full(len(seqs), 1.0 / len(seqs))
-  g = float_grid(steps)
-  for k in range(steps):
-    t, s = jnp.float32(g[k]), jnp.float32(g[k + 1])
-    log_score = uniform_score_fn(sched)(jnp.asarray(seqs), jnp.full((len(seqs),), t))
-    n = len(seqs)
-    probs = score.step_probs(log_score, jnp.asarray(seqs), graph="uniform", method=method,
-                             sigma_t=sched.sigma(jnp.full((n,), t)), sigma_s=sched.sigma(jnp.full((n,), s)),
-                             dsigma_t=sched.dsigma(jnp.full((n,), t)), dt=jnp.full((n,), t - s))
-    dist = dist @ transition_matrix(np.asarray(probs, np.float64), seqs)
-  return dist
+  step = score_step_probs(uniform_score_fn(sched), "uniform", method, sched)
+  return chain(step, steps, TOY.seqs, np.full(len(TOY.seqs), 1.0 / len(TOY.seqs)))
 
 
 @pytest.mark.parametrize("graph,method", [("absorbing", "euler"), ("absorbing", "analytic"),
@@ -289,7 +272,7 @@ def test_score_samplers_match_their_exact_distribution_and_the_data(graph, metho
     sched = schedules.LogLinearSchedule()
     sfn = score.absorbing_score_fn(TOY.absorbing_denoiser(), sched, MASK)
     x_init = all_masked(N_SAMPLES)
-    exact = exact_absorbing_distribution(sched, steps, step_probs=_absorbing_score_step(method, sched))
+    exact = exact_absorbing_distribution(sched, steps, step_probs=score_step_probs(sfn, graph, method, sched))
   else:
     sched = schedules.GeometricSchedule()
     sfn = uniform_score_fn(sched)
@@ -305,7 +288,7 @@ def test_score_samplers_match_their_exact_distribution_and_the_data(graph, metho
 
 def test_uniform_analytic_converges_as_steps_grow():
   sched = schedules.GeometricSchedule()
-  dists = [tv(exact_uniform_distribution("analytic", sched, T), TOY.probs) for T in (8, 32, 128)]
+  dists = [tv(exact_uniform_distribution("analytic", sched, T), TOY.probs) for T in (8, 16, 32)]
   assert dists[0] > dists[1] > dists[2], dists
 
 
@@ -325,15 +308,16 @@ def test_remdm_with_zero_strength_is_ancestral(strategy):
 def test_remdm_rescale_matches_its_exact_distribution():
   """ReMDM keeps the forward marginals; with the exact denoiser its factorised step is enumerable too."""
   sched, steps, eta = schedules.CosineSchedule(), 32, 0.5
-  p0 = TOY.absorbing_posterior_table()
+  p0 = jnp.asarray(TOY.absorbing_posterior_table(), jnp.float32)
 
   def remdm_step(states, t, s):
-    a_t, a_s = float(sched.alpha(t)), float(sched.alpha(s))
-    sigma = eta * (min(1.0, (1.0 - a_s) / a_t) if a_t > 0 else 1.0)
+    a_t, a_s = sched.alpha(t), sched.alpha(s)
+    sigma = eta * jnp.where(a_t > 0, jnp.minimum(1.0, (1.0 - a_s) / a_t), 1.0)
     reveal = (a_s - (1.0 - sigma) * a_t) / (1.0 - a_t)
-    masked_probs = reveal * p0 + (1.0 - reveal) * np.eye(V + 1)[MASK]
-    decoded_probs = (1.0 - sigma) * np.eye(V + 1)[states] + sigma * np.eye(V + 1)[MASK]
-    return np.where((states == MASK)[..., None], masked_probs, decoded_probs)
+    mask_row = jax.nn.one_hot(MASK, V + 1)
+    masked_probs = reveal * p0 + (1.0 - reveal) * mask_row
+    decoded_probs = (1.0 - sigma) * jax.nn.one_hot(states, V + 1) + sigma * mask_row
+    return jnp.where((states == MASK)[..., None], masked_probs, decoded_probs)
 
   exact = exact_absorbing_distribution(sched, steps, step_probs=remdm_step)
   out = tjit(lambda r: masked.ancestral_sample(TOY.absorbing_denoiser(), r, all_masked(N_SAMPLES), mask_id=MASK,
@@ -425,8 +409,9 @@ def test_float64_gumbel_matches_zipf_tail_and_float32_undersamples_it():
     g32 = categorical.gumbel_from_bits(bits, "float32")
     return jnp.argmax(lp + g64, -1), jnp.argmax(lp + g32, -1), jnp.max(g64), jnp.max(g32)
 
+  # unsafe_rbg: a faster source of the same uniform bits (the test is about turning bits into noise).
   w64, w32, max64, max32 = jax.jit(lambda key: jax.lax.map(draw, jax.random.split(key, n // chunk)))(
-      jax.random.key(13))
+      jax.random.key(13, impl="unsafe_rbg"))
   w64, w32 = np.asarray(w64).ravel(), np.asarray(w32).ravel()
   assert float(np.max(max32)) < 16.0 < float(np.max(max64))  # the float32 tail is cut near 15.9
   for rank in (100, 1000):
@@ -436,6 +421,7 @@ def test_float64_gumbel_matches_zipf_tail_and_float32_undersamples_it():
   tail = 1000
   lost = int(np.sum((w64 >= tail) & (w32 < tail)))
   gained = int(np.sum((w32 >= tail) & (w64 < tail)))
+  print(f"float32 lost {lost} of {int(np.sum(w64 >= tail))} tail draws")
   assert gained == 0 and lost >= 1, (lost, gained)
   # The samplers draw through the float64 path by default.
   key = jax.random.key(14)
