@@ -157,6 +157,9 @@ def test_input_errors_are_clear():
         bd3.init(jax.random.key(0), xt[:, :14], t, x0=x0[:, :14])
     with pytest.raises(ValueError, match="no time conditioning"):
         models.get_model(_config("ar", time_conditioning=True), VOCAB).init(jax.random.key(0), xt, t)
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="attention_impl='cudnn' needs a GPU"):
+            models.get_model(_config("dit", attention_impl="cudnn"), VOCAB).init(jax.random.key(0), xt, t)
     with pytest.raises(ValueError, match="name must be one of"):
         models.get_model(_config("gpt"), VOCAB)
     bad = _config("dit")

@@ -39,4 +39,5 @@ def default_config(size: str = "tiny") -> ml_collections.ConfigDict:
     c.param_dtype = "float32"  # parameter dtype
     c.tie_embeddings = False  # output projection = input embedding^T (MDLM: untied)
     c.remat = False  # recompute each block in the backward pass (less activation memory, ~1/3 more compute)
+    c.attention_impl = "xla"  # 'xla' (any backend) | 'cudnn' (fused attention on NVIDIA GPUs; needs dtype bfloat16)
     return c

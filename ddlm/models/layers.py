@@ -211,12 +211,15 @@ def _layer_norm(name: str, param_dtype: Dtype) -> nn.LayerNorm:
 class SelfAttention(nn.Module):
     """Multi-head self-attention with rotary positions, through `jax.nn.dot_product_attention`.
 
-    implementation=None lets JAX pick: XLA on CPU, cuDNN flash attention on GPU when shapes/dtypes allow.
+    implementation: 'xla' (any backend; materialises the [L, L] scores) or 'cudnn' (fused flash attention on
+    NVIDIA GPUs, bf16/fp16 only; a boolean mask becomes an additive bias). In jax 0.10.2 implementation=None
+    means XLA (jax.nn.dot_product_attention does not auto-select cuDNN), so the choice is explicit.
     """
 
     num_heads: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    implementation: str = "xla"
 
     @nn.compact
     def __call__(
@@ -253,7 +256,7 @@ class SelfAttention(nn.Module):
         v = nn.with_logical_constraint(v, BLHK)
         if mask is not None:
             mask = mask[None, None]  # [1, 1, L, L] broadcasts over batch and heads
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=None)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=self.implementation)
         out = nn.with_logical_constraint(out, BLHK)  # [B, L, H, Dh]
         return jnp.einsum("blhk,hkd->bld", out, out_kernel.astype(self.dtype))
 
@@ -308,6 +311,7 @@ class DiTBlock(nn.Module):
     time_conditioning: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(
@@ -328,7 +332,8 @@ class DiTBlock(nn.Module):
         h = _layer_norm("norm_attn", self.param_dtype)(x)
         if self.time_conditioning:
             h = modulate(h, shift_a, scale_a)
-        h = SelfAttention(self.num_heads, self.dtype, self.param_dtype, name="attn")(h, positions, mask, is_causal)
+        attn = SelfAttention(self.num_heads, self.dtype, self.param_dtype, self.attention_impl, name="attn")
+        h = attn(h, positions, mask, is_causal)
         h = nn.Dropout(self.dropout)(h, deterministic=not train).astype(jnp.float32)
         x = x + (gate_a * h if self.time_conditioning else h)
         x = nn.with_logical_constraint(x, BLE)

@@ -37,6 +37,7 @@ class Transformer(nn.Module):
       dtype: compute dtype of the matmuls; param_dtype: parameter dtype.
       tie_embeddings: output projection = input embedding transposed (no output bias).
       remat: recompute each block in the backward pass (saves activation memory).
+      attention_impl: 'xla' (any backend) or 'cudnn' (fused attention on NVIDIA GPUs, needs bfloat16 dtype).
     """
 
     vocab_size: int
@@ -53,10 +54,18 @@ class Transformer(nn.Module):
     param_dtype: Dtype = jnp.float32
     tie_embeddings: bool = False
     remat: bool = False
+    attention_impl: str = "xla"
 
     def _check_inputs(self, tokens, t, x0):
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+        if self.attention_impl not in ("xla", "cudnn"):
+            raise ValueError(f"attention_impl must be 'xla' or 'cudnn', got {self.attention_impl!r}")
+        if self.attention_impl == "cudnn" and (jax.default_backend() != "gpu" or self.dtype == jnp.float32):
+            raise ValueError(
+                f"attention_impl='cudnn' needs a GPU and dtype bfloat16, got backend {jax.default_backend()!r} "
+                f"and dtype {jnp.dtype(self.dtype).name}; use attention_impl='xla'"
+            )
         if self.attention == "causal" and self.time_conditioning:
             raise ValueError("the causal (AR) transformer has no time conditioning: set time_conditioning=False")
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -145,6 +154,7 @@ class Transformer(nn.Module):
                 time_conditioning=self.time_conditioning,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
+                attention_impl=self.attention_impl,
                 name=f"block_{i}",
             )(x, c, positions, mask, is_causal, train)
 
@@ -182,7 +192,7 @@ class Transformer(nn.Module):
 _ATTENTION_OF_NAME = {"dit": "bidirectional", "ar": "causal", "bd3lm": "block_causal"}
 _REQUIRED_FIELDS = (
     "name", "num_layers", "d_model", "num_heads", "mlp_dim", "cond_dim", "dropout", "time_conditioning",
-    "block_size", "dtype", "param_dtype", "tie_embeddings", "remat",
+    "block_size", "dtype", "param_dtype", "tie_embeddings", "remat", "attention_impl",
 )  # fmt: skip
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -217,4 +227,5 @@ def get_model(config, vocab_size: int) -> Transformer:
         param_dtype=_DTYPES[config.param_dtype],
         tie_embeddings=config.tie_embeddings,
         remat=config.remat,
+        attention_impl=config.attention_impl,
     )
