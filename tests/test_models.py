@@ -40,8 +40,7 @@ def _random_variables(model, xt, t, x0=None, seed=1):
 
     Unlike the real init, nothing is zero (adaLN-zero and the zero output layer would hide every dependency).
     """
-    init = lambda xt, t, x0: model.init(jax.random.key(0), xt, t, x0=x0)  # noqa: E731
-    abstract = jax.eval_shape(init, xt, t, x0)
+    abstract = jax.eval_shape(functools.partial(model.init, jax.random.key(0)), xt, t, x0=x0)
     rng = np.random.default_rng(seed)
 
     def draw(path, leaf):
@@ -60,7 +59,7 @@ def _init(model, xt, t, x0=None):
     return jax.jit(lambda key, xt, t, x0: model.init(key, xt, t, x0=x0))(jax.random.key(0), xt, t, x0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model_and_vars(name="dit", **overrides):
     """(model, random variables, jitted apply(variables, xt, t, x0)), cached: compiling dominates test time."""
     model = models.get_model(_config(name, **overrides), VOCAB)
@@ -86,9 +85,9 @@ def test_shapes_and_dtypes(name, dtype):
     assert set(variables) == {"params"}
     for leaf in jax.tree.leaves(variables):
         assert leaf.dtype == jnp.float32, "parameters must stay float32 under bfloat16 compute"
-    apply = lambda v, xt, t, x0: model.apply(v, xt, t, x0=x0, train=True, rngs={"dropout": jax.random.key(2)})  # noqa: E731
+    apply = functools.partial(model.apply, train=True, rngs={"dropout": jax.random.key(2)})
     for time in (t, jnp.broadcast_to(t[:, None], xt.shape)) if name != "ar" else (None,):
-        logits = jax.eval_shape(apply, variables, xt, time, x0)
+        logits = jax.eval_shape(apply, variables, xt, time, x0=x0)
         assert logits.shape == (BATCH, LENGTH, VOCAB)
         assert logits.dtype == jnp.float32
 
@@ -98,11 +97,15 @@ def test_bfloat16_close_to_float32():
     xt, _, t = _inputs()
     out = {
         "float32": apply(variables, xt, t, None),
-        "bfloat16": jax.jit(models.get_model(_config("dit", dtype="bfloat16"), VOCAB).apply)(variables, xt, t),
+        "bfloat16": jax.jit(models.get_model(_config("dit", dtype="bfloat16"), VOCAB).apply)(
+            variables, xt, t
+        ),
     }
     scale = float(jnp.std(out["float32"]))
     err = jnp.abs(out["float32"] - out["bfloat16"])
-    print(f"bf16 vs fp32 logits: mean abs err {float(err.mean()):.4f}, max {float(err.max()):.4f}, std {scale:.2f}")
+    print(
+        f"bf16 vs fp32 logits: mean abs err {float(err.mean()):.4f}, max {float(err.max()):.4f}, std {scale:.2f}"
+    )
     assert float(err.mean()) < 0.01 * scale and float(err.max()) < 0.2 * scale
 
 
@@ -123,20 +126,31 @@ def test_dropout_only_in_training():
     _, variables, apply = _model_and_vars("dit")
     model = models.get_model(_config("dit", dropout=0.5), VOCAB)  # same parameters, dropout on
     xt, _, t = _inputs()
-    run = jax.jit(lambda v, key, train: model.apply(v, xt, t, train=train, rngs={"dropout": key}), static_argnums=2)
+    run = jax.jit(
+        lambda v, key, train: model.apply(v, xt, t, train=train, rngs={"dropout": key}), static_argnums=2
+    )
     a, b = run(variables, jax.random.key(1), True), run(variables, jax.random.key(2), True)
     assert float(jnp.abs(a - b).max()) > 1e-3
-    np.testing.assert_allclose(run(variables, jax.random.key(1), False), apply(variables, xt, t, None), atol=1e-4)
+    np.testing.assert_allclose(
+        run(variables, jax.random.key(1), False), apply(variables, xt, t, None), atol=1e-4
+    )
 
 
 def test_remat_checkpoints_blocks_and_keeps_values():
-    model, variables, apply = _model_and_vars("dit")
+    _, variables, apply = _model_and_vars("dit")
     remat = models.get_model(_config("dit", remat=True), VOCAB)
     xt, _, t = _inputs()
-    loss = lambda v: jnp.mean(remat.apply(v, xt, t, train=True, rngs={"dropout": jax.random.key(0)}) ** 2)  # noqa: E731
-    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(variables))  # tracing only: train is static, blocks are remat'ed
+
+    def loss(v):
+        return jnp.mean(remat.apply(v, xt, t, train=True, rngs={"dropout": jax.random.key(0)}) ** 2)
+
+    jaxpr = str(
+        jax.make_jaxpr(jax.grad(loss))(variables)
+    )  # tracing only: train is static, blocks are remat'ed
     assert "checkpoint" in jaxpr or "remat" in jaxpr
-    np.testing.assert_allclose(jax.jit(remat.apply)(variables, xt, t), apply(variables, xt, t, None), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        jax.jit(remat.apply)(variables, xt, t), apply(variables, xt, t, None), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_input_errors_are_clear():
@@ -183,7 +197,9 @@ def test_causal_model_is_causal():
     xt, _, _ = _inputs()
     base = apply(variables, xt, None, None)
     for j in (0, 5, LENGTH - 1):
-        changed = _changed_positions(base, apply(variables, xt.at[:, j].set((xt[:, j] + 1) % VOCAB), None, None))
+        changed = _changed_positions(
+            base, apply(variables, xt.at[:, j].set((xt[:, j] + 1) % VOCAB), None, None)
+        )
         assert not changed[:j].any(), f"changing token {j} changed logits before it"
         assert changed[j:].any(), f"changing token {j} changed nothing at or after it"
 
@@ -191,7 +207,9 @@ def test_causal_model_is_causal():
 def test_dit_is_bidirectional():
     _, variables, apply = _model_and_vars("dit")
     xt, _, t = _inputs()
-    changed = _changed_positions(apply(variables, xt, t, None), apply(variables, xt.at[:, -1].add(1) % VOCAB, t, None))
+    changed = _changed_positions(
+        apply(variables, xt, t, None), apply(variables, xt.at[:, -1].add(1) % VOCAB, t, None)
+    )
     assert changed[0], "the last token must influence the first position's logits"
     assert changed.all()
 
@@ -217,7 +235,9 @@ def test_block_diffusion_mask_matches_brute_force():
 
 @pytest.mark.parametrize("time_conditioning", [False, True])
 def test_block_causal_dependencies(time_conditioning):
-    _, variables, apply = _model_and_vars("bd3lm", **({} if time_conditioning else {"time_conditioning": False}))
+    _, variables, apply = _model_and_vars(
+        "bd3lm", **({} if time_conditioning else {"time_conditioning": False})
+    )
     xt, x0, t = _inputs()
     t = jax.random.uniform(jax.random.key(5), (BATCH, LENGTH)) if time_conditioning else None
     base = apply(variables, xt, t, x0)
@@ -263,7 +283,7 @@ def test_time_matters_when_on_and_is_ignored_when_off():
     lo, hi = jnp.full((BATCH,), 0.1), jnp.full((BATCH,), 0.9)
     assert float(jnp.abs(apply(variables, xt, lo, None) - apply(variables, xt, hi, None)).max()) > 1e-3
 
-    model, variables, apply = _model_and_vars("dit", time_conditioning=False)
+    _, variables, apply = _model_and_vars("dit", time_conditioning=False)
     assert "time_embedding" not in variables["params"]
     base = apply(variables, xt, lo, None)
     np.testing.assert_array_equal(base, apply(variables, xt, hi, None))
@@ -290,7 +310,9 @@ def test_rotary_scores_depend_on_relative_position_only():
     np.testing.assert_allclose(models.rotary_embedding(q, jnp.zeros(8)), q)  # position 0 is the identity
     # Norms are preserved, and the scores are not shift-invariant without rotation (they do depend on m - n).
     np.testing.assert_allclose(
-        jnp.linalg.norm(models.rotary_embedding(q, positions), axis=-1), jnp.linalg.norm(q, axis=-1), rtol=1e-5
+        jnp.linalg.norm(models.rotary_embedding(q, positions), axis=-1),
+        jnp.linalg.norm(q, axis=-1),
+        rtol=1e-5,
     )
     assert float(jnp.abs(scores(0) - jnp.einsum("bqhd,bkhd->bhqk", q, k)).max()) > 1e-2
 
@@ -307,8 +329,7 @@ def _abstract_params(config, vocab_size, seq_len=128):
     tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
     t = jax.ShapeDtypeStruct((1,), jnp.float32)
     x0 = tokens if config.name == "bd3lm" else None
-    init = lambda tokens, t, x0: model.init(jax.random.key(0), tokens, t, x0=x0)  # noqa: E731
-    return jax.eval_shape(init, tokens, t, x0)["params"]
+    return jax.eval_shape(functools.partial(model.init, jax.random.key(0)), tokens, t, x0=x0)["params"]
 
 
 @pytest.mark.parametrize(
@@ -319,7 +340,9 @@ def test_preset_parameter_counts(size, low, high):
     config = models.default_config(size)
     params = _abstract_params(config, GPT2_VOCAB)
     total = models.count_params(params)
-    embeddings = models.count_params({k: params[k] for k in ("token_embedding", "output_kernel", "output_bias")})
+    embeddings = models.count_params(
+        {k: params[k] for k in ("token_embedding", "output_kernel", "output_bias")}
+    )
     non_embedding = total - embeddings
     print(f"{size}: total {total / 1e6:.1f}M, non-embedding {non_embedding / 1e6:.1f}M (vocab {GPT2_VOCAB})")
     assert low * 1e6 < non_embedding < high * 1e6
@@ -345,7 +368,9 @@ def test_every_parameter_has_logical_axis_names(name):
     assert boxed and all(isinstance(p, nn.LogicallyPartitioned) for p in boxed)
     for p in boxed:
         assert len(p.names) == len(p.value.shape), (p.names, p.value.shape)
-    specs = jax.tree.leaves(nn.get_partition_spec(params), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    specs = jax.tree.leaves(
+        nn.get_partition_spec(params), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+    )
     assert len(specs) == len(boxed)
     used = {name for p in boxed for name in p.names if name is not None}
     assert used <= {"embed", "mlp", "heads", "kv", "vocab"}
@@ -359,7 +384,9 @@ def test_sharded_forward_matches_unsharded():
         ("kv", None), ("vocab", None), ("length", None),
     )  # fmt: skip
     auto = (jax.sharding.AxisType.Auto,) * 3
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(2, 2, 2), ("data", "fsdp", "tensor"), axis_types=auto)
+    mesh = jax.sharding.Mesh(
+        np.asarray(jax.devices()).reshape(2, 2, 2), ("data", "fsdp", "tensor"), axis_types=auto
+    )
     model, variables, apply = _model_and_vars("bd3lm")
     xt, x0, t = _inputs()
     xt, x0, t = (jnp.concatenate([a, a]) for a in (xt, x0, t))  # batch 4 over data x fsdp

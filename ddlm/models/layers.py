@@ -36,7 +36,9 @@ BLV = ("batch", "length", "vocab")
 
 def _lecun_normal(in_axis=-2, out_axis=-1):
     """Fan-in scaled normal init (flax's Dense default) for kernels with several input or output axes."""
-    return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis)
+    return nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis
+    )
 
 
 # Multi-axis kernels are created with self.param + einsum rather than nn.DenseGeneral: DenseGeneral initialises
@@ -181,9 +183,13 @@ class AdaLNModulation(nn.Module):
             self.param_dtype,
         )
         bias = self.param(
-            "bias", nn.with_logical_partitioning(zeros, (None, "embed")), (self.num, self.d_model), self.param_dtype
+            "bias",
+            nn.with_logical_partitioning(zeros, (None, "embed")),
+            (self.num, self.d_model),
+            self.param_dtype,
         )
-        mod = jnp.einsum("blc,cnd->blnd", c.astype(jnp.float32), kernel.astype(jnp.float32)) + bias  # [B, 1|L, num, d]
+        # [B, 1|L, cond_dim] x [cond_dim, num, d] -> [B, 1|L, num, d]
+        mod = jnp.einsum("blc,cnd->blnd", c.astype(jnp.float32), kernel.astype(jnp.float32)) + bias
         return tuple(mod[..., i, :] for i in range(self.num))
 
 
@@ -191,7 +197,7 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
     return x * (1.0 + scale) + shift
 
 
-def _layer_norm(name: str, param_dtype: Dtype) -> nn.LayerNorm:
+def layer_norm(name: str, param_dtype: Dtype) -> nn.LayerNorm:
     # MDLM's LayerNorm: scale only, no bias, statistics and output in float32.
     return nn.LayerNorm(
         epsilon=1e-5,
@@ -249,14 +255,18 @@ class SelfAttention(nn.Module):
             (self.num_heads, head_dim, d_model),
             self.param_dtype,
         )
-        qkv = jnp.einsum("bld,dthk->tblhk", x.astype(self.dtype), qkv_kernel.astype(self.dtype))  # [3, B, L, H, Dh]
+        qkv = jnp.einsum(
+            "bld,dthk->tblhk", x.astype(self.dtype), qkv_kernel.astype(self.dtype)
+        )  # [3, B, L, H, Dh]
         q, k, v = qkv[0], qkv[1], qkv[2]
         q = nn.with_logical_constraint(rotary_embedding(q, positions), BLHK)
         k = nn.with_logical_constraint(rotary_embedding(k, positions), BLHK)
         v = nn.with_logical_constraint(v, BLHK)
         if mask is not None:
             mask = mask[None, None]  # [1, 1, L, L] broadcasts over batch and heads
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=self.implementation)
+        out = jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=is_causal, implementation=self.implementation
+        )
         out = nn.with_logical_constraint(out, BLHK)  # [B, L, H, Dh]
         return jnp.einsum("blhk,hkd->bld", out, out_kernel.astype(self.dtype))
 
@@ -329,7 +339,7 @@ class DiTBlock(nn.Module):
             shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = AdaLNModulation(
                 6, d_model, self.param_dtype, name="adaln"
             )(c)
-        h = _layer_norm("norm_attn", self.param_dtype)(x)
+        h = layer_norm("norm_attn", self.param_dtype)(x)
         if self.time_conditioning:
             h = modulate(h, shift_a, scale_a)
         attn = SelfAttention(self.num_heads, self.dtype, self.param_dtype, self.attention_impl, name="attn")
@@ -338,7 +348,7 @@ class DiTBlock(nn.Module):
         x = x + (gate_a * h if self.time_conditioning else h)
         x = nn.with_logical_constraint(x, BLE)
 
-        h = _layer_norm("norm_mlp", self.param_dtype)(x)
+        h = layer_norm("norm_mlp", self.param_dtype)(x)
         if self.time_conditioning:
             h = modulate(h, shift_m, scale_m)
         h = MLP(self.mlp_dim, self.dtype, self.param_dtype, name="mlp")(h)

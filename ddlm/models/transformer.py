@@ -67,25 +67,37 @@ class Transformer(nn.Module):
                 f"and dtype {jnp.dtype(self.dtype).name}; use attention_impl='xla'"
             )
         if self.attention == "causal" and self.time_conditioning:
-            raise ValueError("the causal (AR) transformer has no time conditioning: set time_conditioning=False")
+            raise ValueError(
+                "the causal (AR) transformer has no time conditioning: set time_conditioning=False"
+            )
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be int [batch, length], got {tokens.dtype} {tokens.shape}")
         batch, length = tokens.shape
         if self.time_conditioning:
             if t is None:
-                raise ValueError("t is required when time_conditioning=True: float [batch] or [batch, length]")
+                raise ValueError(
+                    "t is required when time_conditioning=True: float [batch] or [batch, length]"
+                )
             t = jnp.asarray(t)
             if t.shape not in ((batch,), (batch, length)):
-                raise ValueError(f"t must be float [batch] or [batch, length] = [{batch}] or [{batch}, {length}], got {t.shape}")
+                raise ValueError(
+                    f"t must be float [batch] or [batch, length] = [{batch}] or [{batch}, {length}], got {t.shape}"
+                )
         if self.attention == "block_causal":
             if x0 is None:
-                raise ValueError("the block-causal (BD3-LM) transformer needs x0: clean tokens int [batch, length]")
+                raise ValueError(
+                    "the block-causal (BD3-LM) transformer needs x0: clean tokens int [batch, length]"
+                )
             if x0.shape != tokens.shape or not jnp.issubdtype(x0.dtype, jnp.integer):
-                raise ValueError(f"x0 must be int [batch, length] = {tokens.shape}, got {x0.dtype} {x0.shape}")
+                raise ValueError(
+                    f"x0 must be int [batch, length] = {tokens.shape}, got {x0.dtype} {x0.shape}"
+                )
             if length % self.block_size:
                 raise ValueError(f"block_size must divide seq_len={length}, got {self.block_size}")
         elif x0 is not None:
-            raise ValueError(f"x0 is only used by attention='block_causal', got x0 with attention={self.attention!r}")
+            raise ValueError(
+                f"x0 is only used by attention='block_causal', got x0 with attention={self.attention!r}"
+            )
 
     @nn.compact
     def __call__(
@@ -125,7 +137,8 @@ class Transformer(nn.Module):
             mask = layers.block_diffusion_mask(length, self.block_size)  # [2L, 2L]
             if t_tokens is not None:  # clean tokens x0 sit at t = 0
                 t_tokens = jnp.concatenate(
-                    [jnp.broadcast_to(t_tokens, (batch, length)), jnp.zeros((batch, length), jnp.float32)], axis=1
+                    [jnp.broadcast_to(t_tokens, (batch, length)), jnp.zeros((batch, length), jnp.float32)],
+                    axis=1,
                 )
 
         # ---- embedding and conditioning ----------------------------------------------------------------------------
@@ -139,7 +152,9 @@ class Transformer(nn.Module):
         x = nn.with_logical_constraint(x, layers.BLE)
         c = None
         if self.time_conditioning:
-            c = layers.TimestepEmbedder(self.cond_dim, param_dtype=self.param_dtype, name="time_embedding")(t_tokens)
+            c = layers.TimestepEmbedder(self.cond_dim, param_dtype=self.param_dtype, name="time_embedding")(
+                t_tokens
+            )
 
         # ---- blocks --------------------------------------------------------------------------------------------------
         block_cls = layers.DiTBlock
@@ -163,13 +178,15 @@ class Transformer(nn.Module):
             x = x[:, :length]
             if c is not None:
                 c = c[:, :length]
-        x = layers._layer_norm("norm_final", self.param_dtype)(x)
+        x = layers.layer_norm("norm_final", self.param_dtype)(x)
         if self.time_conditioning:
             shift, scale = layers.AdaLNModulation(2, self.d_model, self.param_dtype, name="adaln_final")(c)
             x = layers.modulate(x, shift, scale)
         x = x.astype(self.dtype)
         if self.tie_embeddings:
-            logits = jnp.einsum("bld,vd->blv", x, embedding.astype(self.dtype), preferred_element_type=jnp.float32)
+            logits = jnp.einsum(
+                "bld,vd->blv", x, embedding.astype(self.dtype), preferred_element_type=jnp.float32
+            )
         else:
             # Zero-initialised as MDLM: uniform predictions at init.
             kernel = self.param(
@@ -184,7 +201,9 @@ class Transformer(nn.Module):
                 (self.vocab_size,),
                 self.param_dtype,
             )
-            logits = jnp.einsum("bld,dv->blv", x, kernel.astype(self.dtype), preferred_element_type=jnp.float32)
+            logits = jnp.einsum(
+                "bld,dv->blv", x, kernel.astype(self.dtype), preferred_element_type=jnp.float32
+            )
             logits = logits + bias.astype(jnp.float32)
         return nn.with_logical_constraint(logits.astype(jnp.float32), layers.BLV)
 
