@@ -46,31 +46,22 @@ def _read_jsonl(path):
     return [json.loads(line) for line in f]
 
 
-def test_run_sampling_writes_text_jsonl_and_trajectory(tmp_path, capsys):
-  c = _config(name="first_hitting", prompt="ab", visualize=True)
+def test_run_sampling_writes_text_jsonl_and_trajectory_with_conditioning(tmp_path, capsys):
+  c = _config(name="ancestral", prompt="ab", infill="x[MASK:3]y", constraints="11:122", visualize=True)
   records = cli.run_sampling(c, str(tmp_path), load_fn=_random_loader)
   out = tmp_path / "samples"
   lines = _read_jsonl(out / "samples.jsonl")
   assert len(records) == len(lines) == 3
   for r in lines:
     assert {"text", "tokens", "nfe", "time_s", "entropy", "sampler", "steps"} <= set(r)
-    assert r["tokens"][:2] == [ord("a"), ord("b")]  # the prompt is clamped
-    assert r["nfe"] == SEQ_LEN - 2  # first hitting: one call per generated token
-    assert r["entropy"] >= 0
+    t = r["tokens"]
+    assert t[:3] == [ord("a"), ord("b"), ord("x")] and t[6] == ord("y") and t[11] == ord("z")  # clamped
+    assert r["nfe"] == 8 and r["entropy"] >= 0
   assert (out / "samples.txt").read_text().count("=" * 80) == 3
   page = (out / "trajectory.html").read_text()
-  assert page.count("<tr>") == SEQ_LEN + 1  # one row per step (first hitting: L + 1 rows)
+  assert page.count("<tr>") == 8 + 1  # one row per step, plus the start
   assert 'class="m"' in page  # masked positions greyed
   assert "step" in capsys.readouterr().out  # the terminal animation
-
-
-def test_run_sampling_infill_template_and_constraints(tmp_path):
-  c = _config(name="ancestral", infill="x[MASK:3]y", constraints="11:122", end=0)
-  records = cli.run_sampling(c, str(tmp_path), load_fn=_random_loader)
-  for r in records:
-    t = r["tokens"]
-    assert t[0] == ord("x") and t[4] == ord("y") and t[11] == ord("z")
-    assert r["nfe"] == 8
 
 
 def test_resolve_config_fills_defaults_and_rejects_unknown_fields():
@@ -122,11 +113,12 @@ def test_run_sampling_from_a_real_checkpoint(tmp_path):
       train=cl.train_config(steps=1, batch_size=8, seq_len=8),
       sampler=sampler_config.default_config(),
   )
-  config.sampler.num_samples, config.sampler.batch_size, config.sampler.steps = 8, 8, 4
+  config.sampler.name, config.sampler.num_samples, config.sampler.batch_size = "first_hitting", 8, 8
   setup = trainer.build(config)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(tmp_path, "checkpoints"), keep=1, async_save=False)
   ckpt.save(0, setup.init_state(), force=True)
   ckpt.close()
   records = cli.run_sampling(config, str(tmp_path))
-  assert len(records) == 8 and all(r["checkpoint_step"] == 0 and r["nfe"] == 4 for r in records)
+  # First hitting: one network call per generated token.
+  assert len(records) == 8 and all(r["checkpoint_step"] == 0 and r["nfe"] == 8 for r in records)
   assert all(len(r["tokens"]) == 8 for r in records)
