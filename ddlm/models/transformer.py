@@ -122,7 +122,7 @@ class Transformer(nn.Module):
         self._check_inputs(tokens, t, x0)
         batch, length = tokens.shape
 
-        # ---- inputs, positions, mask --------------------------------------------------------------------------
+        # ---- inputs, positions, mask -----------------------------------------------------------------------
         mask, is_causal = None, False
         positions = jnp.arange(length)
         t_tokens = None
@@ -141,7 +141,7 @@ class Transformer(nn.Module):
                     axis=1,
                 )
 
-        # ---- embedding and conditioning ----------------------------------------------------------------------------
+        # ---- embedding and conditioning --------------------------------------------------------------------
         embedding = self.param(
             "token_embedding",
             nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
@@ -156,7 +156,7 @@ class Transformer(nn.Module):
                 t_tokens
             )
 
-        # ---- blocks --------------------------------------------------------------------------------------------------
+        # ---- blocks ----------------------------------------------------------------------------------------
         block_cls = layers.DiTBlock
         if self.remat:
             # self is argument 0: (self, x, c, positions, mask, is_causal, train).
@@ -173,7 +173,7 @@ class Transformer(nn.Module):
                 name=f"block_{i}",
             )(x, c, positions, mask, is_causal, train)
 
-        # ---- output layer (MDLM's DDitFinalLayer) --------------------------------------------------------------------
+        # ---- output layer (MDLM's DDitFinalLayer) ----------------------------------------------------------
         if self.attention == "block_causal":  # logits for the xt half only
             x = x[:, :length]
             if c is not None:
