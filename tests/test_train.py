@@ -98,7 +98,7 @@ def _run_steps(config, devices, num_steps):
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
         assert float(metrics["finite"]) == 1.0
-    return setup, state, losses
+    return setup, state, losses, step
 
 
 def test_sharded_mesh_matches_single_device():
@@ -106,10 +106,10 @@ def test_sharded_mesh_matches_single_device():
     (rtol 2e-5 on the losses, atol 2e-6 on the parameters)."""
     config8 = _tiny_config()
     config8.mesh.data, config8.mesh.fsdp, config8.mesh.tensor = 2, 2, 2
-    setup8, state8, losses8 = _run_steps(config8, jax.devices(), 3)
+    setup8, state8, losses8, _ = _run_steps(config8, jax.devices(), 3)
     config1 = _tiny_config()
     config1.mesh.data = 1
-    _, state1, losses1 = _run_steps(config1, jax.devices()[:1], 3)
+    setup1, state1, losses1, step1 = _run_steps(config1, jax.devices()[:1], 3)
 
     # Parameters and optimizer state really are sharded over fsdp / tensor.
     emb = state8.params["token_embedding"]
@@ -117,6 +117,16 @@ def test_sharded_mesh_matches_single_device():
     assert len({str(s.index) for s in emb.addressable_shards}) > 1
     mu = jax.tree.leaves(state8.opt_state)
     assert any("fsdp" in str(getattr(x, "sharding", None)) for x in mu)
+
+    # A non-finite loss (NaN in the loss mask) leaves the state as it was, except for the step count.
+    nan_batch = _random_batch(setup1, 9)
+    nan_batch["loss_mask"][0, 0] = np.nan
+    before = jax.device_get(state1.params)
+    state1_copy = jax.tree.map(lambda x: x.copy(), state1)
+    after, metrics = step1(state1_copy, jax.device_put(nan_batch, setup1.batch_sharding))
+    assert float(metrics["finite"]) == 0.0 and int(after.step) == 4
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(after.params))):
+        np.testing.assert_array_equal(a, b)
 
     np.testing.assert_allclose(losses8, losses1, rtol=2e-5)
     flat8 = jax.tree.leaves(jax.device_get(state8.params))
@@ -126,55 +136,79 @@ def test_sharded_mesh_matches_single_device():
     assert int(state8.step) == int(state1.step) == 3
 
 
-def test_gradient_accumulation_runs_and_splits_rows():
+def test_gradient_accumulation_splits_rows_and_runs():
     from ddlm.train.step import _split_micro_batches
 
     x = {"tokens": jnp.arange(8)[:, None]}
     micro = _split_micro_batches(x, 2)
     assert micro["tokens"].shape == (2, 4, 1)
     assert sorted(np.asarray(micro["tokens"]).ravel().tolist()) == list(range(8))
-    config = _tiny_config(**{"optim.grad_accum_steps": 2})
-    _, state, losses = _run_steps(config, jax.devices(), 2)
-    assert int(state.step) == 2 and all(np.isfinite(losses))
+    config = _tiny_config(**{"optim.grad_accum_steps": 2, "mesh.data": 1})
+    setup = trainer.build(config, jax.devices()[:1])
+    from ddlm.train import step as step_lib
+
+    with jax.disable_jit():  # op by op: see test_experiment_config_builds_and_trains_two_steps
+        state = setup.init_state()
+        state, metrics = step_lib.train_step(
+            state, _random_batch(setup), jax.random.key_data(jax.random.key(0)), loss_fn=setup.loss_fn,
+            tx=setup.tx, lr_schedule=setup.lr_schedule, accum_steps=2, ema_decay=0.99,
+        )
+    assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
 
 
-def test_nan_policy_stop_and_skip(tmp_path):
-    config = _tiny_config(**{"optim.lr": float("nan"), "train.steps": 2})
-    with pytest.raises(trainer.NonFiniteError, match="non-finite loss or gradients at step 1"):
-        trainer.train_and_evaluate(config, str(tmp_path / "stop"), devices=jax.devices()[:1])
-    config.train.nan_policy = "skip"
-    trainer.train_and_evaluate(config, str(tmp_path / "skip"), devices=jax.devices()[:1])
-    import json
+def test_nan_policy_stop_raises_and_skip_counts():
+    class NoCheckpoints:
+        def all_steps(self):
+            return [4]
 
-    records = [json.loads(line) for line in open(tmp_path / "skip" / "metrics.jsonl")]
-    assert records[-2]["split"] == "train" and records[-2]["skipped_steps"] == 2
+    bad = {"finite": 0.0, "loss": float("nan"), "grad_norm": float("nan")}
+    skipped = []
+    with pytest.raises(trainer.NonFiniteError, match="non-finite loss or gradients at step 5.*last good checkpoint is step 4"):
+        trainer._check_finite(bad, 5, "stop", NoCheckpoints(), skipped)
+    trainer._check_finite(bad, 5, "skip", NoCheckpoints(), skipped)
+    trainer._check_finite({**bad, "finite": 1.0}, 6, "stop", NoCheckpoints(), skipped)
+    assert skipped == [5]
 
 
 # ------------------------------------------------------------------------------------------------ experiments
 
 
+# The reduced size every experiment is run at, as --config.<key>=<value> overrides would set it.
+SMALL_OVERRIDES = {
+    "model.num_layers": 1, "model.d_model": 32, "model.num_heads": 2, "model.mlp_dim": 64,
+    "model.cond_dim": 16, "model.dtype": "float32", "model.dropout": 0.0, "model.remat": False,
+    "data.corpus": "shakespeare", "data.tokenizer": "char", "data.vocab_size": 0,
+    "train.batch_size": 8, "train.seq_len": 16, "mesh.fsdp": 1, "mesh.tensor": 1,
+}
+
+
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: os.path.basename(p)[:-3])
 def test_experiment_config_builds_and_trains_two_steps(path):
+    """Each experiment file at a reduced size: its network, loss and optimizer run 2 train steps.
+
+    Op by op (jax.disable_jit): 8 different programs compiled whole would take minutes on 2 CPU cores,
+    while the primitives' kernels are shared by all experiments. The jitted, sharded step is tested above
+    and end to end in tests/test_main.py."""
     name = os.path.basename(path)[:-3]
     full = load_config(path)
     assert full.diffusion.loss and full.train.steps > 2
-    # The same file at a reduced size, through config overrides (as --config.x.y=... would do).
     config = load_config(path)
-    config.update_from_flattened_dict({
-        "model.num_layers": 1, "model.d_model": 32, "model.num_heads": 2, "model.mlp_dim": 64,
-        "model.cond_dim": 16, "model.dtype": "float32", "model.dropout": 0.0, "model.remat": False,
-        "data.corpus": "shakespeare", "data.tokenizer": "char", "data.vocab_size": 0,
-        "train.batch_size": 8, "train.seq_len": 16, "mesh.fsdp": 1, "mesh.tensor": 1,
-    })
+    config.update_from_flattened_dict(SMALL_OVERRIDES)
     if config.model.name == "bd3lm":
         config.model.block_size = 4
     setup = trainer.build(config, jax.devices()[:1])
-    step = trainer.compile_train_step(setup)
-    state = setup.init_state()
-    for i in range(2):
-        batch = jax.device_put(_random_batch(setup, i), setup.batch_sharding)
-        state, metrics = step(state, batch)
-        assert np.isfinite(float(metrics["loss"])), (name, metrics)
+    from ddlm.train import step as step_lib
+
+    with jax.disable_jit():
+        state = setup.init_state()
+        for i in range(2):
+            rng = jax.random.key_data(jax.random.fold_in(jax.random.key(0), i))
+            state, metrics = step_lib.train_step(
+                state, _random_batch(setup, i), rng, loss_fn=setup.loss_fn, tx=setup.tx,
+                lr_schedule=setup.lr_schedule, accum_steps=config.optim.grad_accum_steps,
+                ema_decay=config.optim.ema_decay,
+            )
+            assert np.isfinite(float(metrics["loss"])) and float(metrics["finite"]) == 1.0, (name, metrics)
     assert int(state.step) == 2
 
 

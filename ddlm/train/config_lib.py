@@ -85,6 +85,15 @@ def train_config(*, steps: int, batch_size: int, seq_len: int):
 
 
 def sampler_config(*, name: str = "ancestral", steps: int = 128):
+    """ddlm.sampling.config.default_config() (the samplers' own fields) with `name` and `steps` set."""
+    try:
+        from ddlm.sampling import config as sampling_config
+    except ImportError:  # the samplers' package predates its config module: the common fields only
+        sampling_config = None
+    if sampling_config is not None:
+        c = sampling_config.default_config()
+        c.name, c.steps = name, steps
+        return c
     c = ml_collections.ConfigDict()
     c.name = name  # sampler: ancestral | ... (see ddlm.sampling)
     c.steps = steps  # denoising steps
