@@ -122,6 +122,25 @@ def test_per_token_time_equals_broadcast_time(name):
     assert float(diff[3]) > 1e-3
 
 
+def test_vocab_padding_is_invisible():
+    model, variables, apply = _model_and_vars("dit")
+    assert model.padded_vocab_size == 128
+    params = variables["params"]
+    assert params["token_embedding"].value.shape[0] == 128 and params["output_kernel"].value.shape[1] == 128
+    unpadded = models.get_model(_config("dit", vocab_multiple=1), VOCAB)
+    sliced = dict(params)
+    for name, index in (("token_embedding", np.s_[:VOCAB]), ("output_kernel", np.s_[:, :VOCAB])):
+        sliced[name] = params[name].replace_boxed(params[name].value[index])
+    sliced["output_bias"] = params["output_bias"].replace_boxed(params["output_bias"].value[:VOCAB])
+    xt, _, t = _inputs()
+    np.testing.assert_allclose(
+        jax.jit(unpadded.apply)({"params": sliced}, xt, t),
+        apply(variables, xt, t, None),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+
+
 def test_dropout_only_in_training():
     _, variables, apply = _model_and_vars("dit")
     model = models.get_model(_config("dit", dropout=0.5), VOCAB)  # same parameters, dropout on
@@ -387,7 +406,7 @@ def test_sharded_forward_matches_unsharded():
     """The logical names map to a (data, fsdp, tensor) mesh of the 8 fake devices; sharding does not change values."""
     rules = (
         ("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
-        ("kv", None), ("vocab", None), ("length", None),
+        ("kv", None), ("vocab", "tensor"), ("length", None),
     )  # fmt: skip
     auto = (jax.sharding.AxisType.Auto,) * 3
     mesh = jax.sharding.Mesh(

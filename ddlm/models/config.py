@@ -39,5 +39,8 @@ def default_config(size: str = "tiny") -> ml_collections.ConfigDict:
     c.param_dtype = "float32"  # parameter dtype
     c.tie_embeddings = False  # output projection = input embedding^T (MDLM: untied)
     c.remat = False  # recompute each block in the backward pass (less activation memory, ~1/3 more compute)
+    c.vocab_multiple = (
+        128  # pad embedding/output rows to a multiple (even 'tensor' sharding); logits stay [.., V]
+    )
     c.attention_impl = "xla"  # 'xla' (any backend) | 'cudnn' (fused, NVIDIA GPUs, dtype bfloat16)
     return c

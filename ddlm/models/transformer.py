@@ -38,6 +38,9 @@ class Transformer(nn.Module):
       tie_embeddings: output projection = input embedding transposed (no output bias).
       remat: recompute each block in the backward pass (saves activation memory).
       attention_impl: 'xla' (any backend) or 'cudnn' (fused attention on NVIDIA GPUs, needs bfloat16 dtype).
+      vocab_multiple: the embedding and output rows are padded to a multiple of this, so that they shard
+        evenly over the 'tensor' mesh axis (GPT-2's 50,258 ids do not divide by 4) and tile well; the padded
+        rows are never looked up and their logits are sliced off, so the output is [..., vocab_size].
     """
 
     vocab_size: int
@@ -55,6 +58,11 @@ class Transformer(nn.Module):
     tie_embeddings: bool = False
     remat: bool = False
     attention_impl: str = "xla"
+    vocab_multiple: int = 128
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     def _check_inputs(self, tokens, t, x0):
         if self.attention not in ATTENTION_KINDS:
@@ -145,10 +153,13 @@ class Transformer(nn.Module):
         embedding = self.param(
             "token_embedding",
             nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
-            (self.vocab_size, self.d_model),
+            (self.padded_vocab_size, self.d_model),
             self.param_dtype,
         )
-        x = jnp.take(embedding, tokens, axis=0).astype(jnp.float32)  # [B, L', d]
+        # FSDP-style: gather the table over the 'embed' (fsdp) axis before the lookup; without this XLA cannot
+        # partition the gather (batch-sharded ids, embed-sharded table) and replicates the activations.
+        table = nn.with_logical_constraint(embedding, ("vocab", None))
+        x = jnp.take(table, tokens, axis=0).astype(jnp.float32)  # [B, L', d]
         x = nn.with_logical_constraint(x, layers.BLE)
         c = None
         if self.time_conditioning:
@@ -192,26 +203,27 @@ class Transformer(nn.Module):
             kernel = self.param(
                 "output_kernel",
                 nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "vocab")),
-                (self.d_model, self.vocab_size),
+                (self.d_model, self.padded_vocab_size),
                 self.param_dtype,
             )
             bias = self.param(
                 "output_bias",
                 nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
-                (self.vocab_size,),
+                (self.padded_vocab_size,),
                 self.param_dtype,
             )
             logits = jnp.einsum(
                 "bld,dv->blv", x, kernel.astype(self.dtype), preferred_element_type=jnp.float32
             )
             logits = logits + bias.astype(jnp.float32)
-        return nn.with_logical_constraint(logits.astype(jnp.float32), layers.BLV)
+        logits = nn.with_logical_constraint(logits.astype(jnp.float32), layers.BLV)
+        return logits[..., : self.vocab_size]
 
 
 _ATTENTION_OF_NAME = {"dit": "bidirectional", "ar": "causal", "bd3lm": "block_causal"}
 _REQUIRED_FIELDS = (
     "name", "num_layers", "d_model", "num_heads", "mlp_dim", "cond_dim", "dropout", "time_conditioning",
-    "block_size", "dtype", "param_dtype", "tie_embeddings", "remat", "attention_impl",
+    "block_size", "dtype", "param_dtype", "tie_embeddings", "remat", "attention_impl", "vocab_multiple",
 )  # fmt: skip
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -229,6 +241,8 @@ def get_model(config, vocab_size: int) -> Transformer:
     for field in ("dtype", "param_dtype"):
         if config[field] not in _DTYPES:
             raise ValueError(f"config.model.{field} must be one of {tuple(_DTYPES)}, got {config[field]!r}")
+    if config.vocab_multiple < 1:
+        raise ValueError(f"config.model.vocab_multiple must be >= 1, got {config.vocab_multiple}")
     if config.d_model % config.num_heads:
         raise ValueError(f"num_heads={config.num_heads} must divide d_model={config.d_model}")
     return Transformer(
@@ -247,4 +261,5 @@ def get_model(config, vocab_size: int) -> Transformer:
         tie_embeddings=config.tie_embeddings,
         remat=config.remat,
         attention_impl=config.attention_impl,
+        vocab_multiple=config.vocab_multiple,
     )
