@@ -1,10 +1,12 @@
 """Model configs: `default_config(size)` -> the `config.model` ConfigDict that `get_model` reads.
 
-Presets (parameter counts with vocab_size=50_258, GPT-2 + mask, untied embeddings; see tests/test_models.py):
-  tiny    2 layers,  128 wide,  4 heads: for tests and the quickstart.
-  small  12 layers,  768 wide, 12 heads: MDLM/SEDD "small" (~92M non-embedding incl. adaLN).
-  medium 24 layers, 1024 wide, 16 heads: MDLM/SEDD "medium" (~321M non-embedding incl. adaLN).
-  1b     24 layers, 2048 wide, 16 heads: ~1.23B non-embedding incl. adaLN.
+Presets; parameters with vocab_size=50,258 (GPT-2 + mask; rows padded to 50,304), untied embeddings, time
+conditioning on (off: minus the adaLN and timestep MLP), see benchmarks/model_flops.py:
+  tiny    2 layers,  128 wide,  4 heads, cond 64:  tests and the quickstart.
+  small  12 layers,  768 wide, 12 heads, cond 128: MDLM/SEDD "small", 92.4M non-embedding (85.0M time-free),
+                                                   169.7M in total.
+  medium 24 layers, 1024 wide, 16 heads, cond 128: MDLM/SEDD "medium", 321.5M non-embedding (302.2M), 424.6M.
+  1b     24 layers, 2048 wide, 16 heads, cond 256: 1.285B non-embedding (1.208B), 1.491B in total.
 """
 
 import ml_collections
