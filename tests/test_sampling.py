@@ -431,6 +431,16 @@ def test_float64_gumbel_matches_zipf_tail_and_float32_undersamples_it():
   assert sampling.default_config().precision == "float64"
 
 
+def test_every_precision_samples_a_small_categorical():
+  probs = np.array([0.6, 0.3, 0.08, 0.02])
+  n = 20000
+  for precision in categorical.PRECISIONS:
+    draws = np.asarray(tjit(lambda r: categorical.sample_categorical(
+        r, jnp.broadcast_to(jnp.log(jnp.asarray(probs, jnp.float32)), (n, 4)), precision))(jax.random.key(15)))
+    freq = np.bincount(draws, minlength=4) / n
+    np.testing.assert_array_less(np.abs(freq - probs), 4.5 * np.sqrt(probs * (1 - probs) / n) + 1e-9)
+
+
 # ------------------------------------------------------------------------------------------ compilation and sharding
 
 
