@@ -157,16 +157,18 @@ def test_dropout_only_in_training():
 
 def test_remat_checkpoints_blocks_and_keeps_values():
     _, variables, apply = _model_and_vars("dit")
+    xt, x0, t = _inputs()
+    for name, x0_or_none in (("dit", None), ("bd3lm", x0)):  # bd3lm: the mask is an argument of the block
+        remat = models.get_model(_config(name, remat=True), VOCAB)
+
+        def loss(v, remat=remat, x0=x0_or_none):
+            logits = remat.apply(v, xt, t, x0=x0, train=True, rngs={"dropout": jax.random.key(0)})
+            return jnp.mean(logits**2)
+
+        # Tracing only (no compile): train is a static argument and the blocks are checkpointed.
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss))(variables))
+        assert "checkpoint" in jaxpr or "remat" in jaxpr
     remat = models.get_model(_config("dit", remat=True), VOCAB)
-    xt, _, t = _inputs()
-
-    def loss(v):
-        return jnp.mean(remat.apply(v, xt, t, train=True, rngs={"dropout": jax.random.key(0)}) ** 2)
-
-    jaxpr = str(
-        jax.make_jaxpr(jax.grad(loss))(variables)
-    )  # tracing only: train is static, blocks are remat'ed
-    assert "checkpoint" in jaxpr or "remat" in jaxpr
     np.testing.assert_allclose(
         jax.jit(remat.apply)(variables, xt, t), apply(variables, xt, t, None), rtol=1e-5, atol=1e-5
     )
