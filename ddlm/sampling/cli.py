@@ -192,6 +192,10 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
     with open(os.path.join(out_dir, "trajectory.html"), "w") as f:
       f.write(visualize.trajectory_html(trajectory, token_text, mask_id, title=title))
     visualize.animate_terminal(trajectory, token_text, mask_id)
+  for r in records[:8]:
+    print(f"--- sample {r['index']} (NFE {r['nfe']}, entropy {r['entropy']:.2f}) ---\n{r['text']}")
+  print(f"{len(records)} samples written to {out_dir}/samples.txt and samples.jsonl"
+        + (" (trajectory.html)" if trajectory is not None else ""))
   mean_entropy = float(np.mean([r["entropy"] for r in records])) if records else float("nan")
   logging.info("Wrote %d samples to %s (NFE %d, mean token entropy %.3f nats).", len(records), out_dir,
                records[0]["nfe"] if records else 0, mean_entropy)
