@@ -12,8 +12,8 @@ float64 under a *local* `jax.enable_x64(True)` block (elementwise ops only, whic
 without turning x64 on globally), then rounds G to float32. Rounding the finished G is harmless: its
 relative error is 6e-8, while the tail it carries reaches G ~ 37.4 (U = 1 - 2^-54). If the local x64
 block is unavailable, `precision='float32_64bit'` uses JAX's float32 'highest' mode (64 random bits in
-fixed point, log1p near 1), which has the same tail. 'float32' is the naive path, kept for the tests and
-benchmarks that show the bias.
+fixed point, log1p near 1), which has the same tail; prefer it on TPUs, where float64 is emulated and
+slow. 'float32' is the naive path, kept for the tests and benchmarks that show the bias.
 """
 
 from __future__ import annotations

@@ -119,7 +119,7 @@ def ancestral_sample(
   batch, length = x_init.shape
   grid = time_grid(steps, t_min)
   clamped = x_init != mask_id
-  vocab = jax.eval_shape(denoise_fn, x_init, jnp.zeros((batch,), jnp.float32)).shape[-1]
+  vocab = jax.eval_shape(denoise_fn, x_init, jnp.zeros((batch,), jnp.float32)).shape[-1] if cache else 0
 
   def predict(x, t):
     return x0_log_probs(denoise_fn, x, t, mask_id, temperature, top_k, top_p)
@@ -134,7 +134,7 @@ def ancestral_sample(
       logp = jax.lax.cond(need, lambda: predict(x, t), lambda: logp)
       nfe = nfe + need.astype(jnp.int32)
     else:
-      logp = predict(x, t)
+      cached_logp, logp = logp, predict(x, t)
       nfe = nfe + 1
     step_rng = jax.random.fold_in(rng, k)
     tok_rng, reveal_rng, remask_rng = jax.random.split(step_rng, 3)
@@ -164,9 +164,10 @@ def ancestral_sample(
       fresh = jnp.logical_and(fresh | need, jnp.logical_not(jnp.any(revealed)))
     if return_trajectory:
       traj = traj.at[k + 1].set(x_new)
-    return x_new, logp, fresh, nfe, conf, traj
+    return x_new, (logp if cache else cached_logp), fresh, nfe, conf, traj
 
-  logp0 = jnp.zeros((batch, length, vocab), jnp.float32)
+  # Only the cached sampler carries p_theta across steps ([B, L, V] can be large).
+  logp0 = jnp.zeros((batch, length, vocab) if cache else (), jnp.float32)
   traj0 = (jnp.zeros((steps + 1, batch, length), jnp.int32).at[0].set(x_init)
            if return_trajectory else jnp.zeros((), jnp.int32))
   carry = (x_init, logp0, jnp.array(False), jnp.zeros((), jnp.int32), jnp.zeros(x_init.shape, jnp.float32), traj0)
