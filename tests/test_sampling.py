@@ -190,6 +190,29 @@ def test_broken_sampler_fails_the_same_test():
   assert tv(emp, TOY.probs) > 2 * tv_bound(TOY.probs, N_SAMPLES), tv(emp, TOY.probs)
 
 
+def test_broken_reveal_weight_fails_the_coarse_grid_test():
+  """Ancestral with the reveal weight (alpha_s - alpha_t) / (1 - alpha_s) (wrong denominator) against the
+  correct sampler's exact 2-step distribution: the same test the correct sampler passes, failed."""
+  sched, steps = schedules.LinearSchedule(), 2
+  den = TOY.absorbing_denoiser()
+  grid = masked.time_grid(steps)
+
+  def broken(rng):
+    def body(k, x):
+      a_t, a_s = sched.alpha(grid[k]), sched.alpha(grid[k + 1])
+      logp = masked.x0_log_probs(den, x, grid[k], MASK)
+      tok_rng, u_rng = jax.random.split(jax.random.fold_in(rng, k))
+      x0 = categorical.sample_categorical(tok_rng, logp)
+      reveal = (a_s - a_t) / jnp.maximum(1.0 - a_s, 1e-6)  # should be / (1 - alpha_t)
+      return jnp.where((x == MASK) & (jax.random.uniform(u_rng, x.shape) < reveal), x0, x)
+
+    return jax.lax.fori_loop(0, steps, body, all_masked(N_SAMPLES))
+
+  exact = exact_absorbing_distribution(sched, steps)
+  emp = histogram(tjit(broken)(jax.random.key(16)))
+  assert tv(emp, exact) > 2 * tv_bound(exact, N_SAMPLES), tv(emp, exact)
+
+
 # ------------------------------------------------------------------------------------------ first hitting, cache, NFE
 
 
