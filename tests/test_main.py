@@ -116,7 +116,7 @@ def test_quickstart_learns_and_writes_everything(quickstart_run):
     print(f"quickstart: validation NELBO {bits:.3f} bits/char, unigram entropy {entropy:.3f}, margin {margin:.3f}")
     assert margin >= 0.5, (bits, entropy)
 
-    # Progress line, TensorBoard events (no TensorFlow), checkpoints at 120 and 240.
+    # Progress line, TensorBoard events (no TensorFlow), checkpoints at 90 and 180.
     assert "step 180/180 | loss" in log and "tokens/s | MFU" in log and "ETA" in log
     events = [f for f in os.listdir(os.path.join(workdir, "tensorboard")) if f.startswith("events.out.tfevents")]
     assert events
