@@ -32,14 +32,14 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 
 
 def make_sampler(cfg, *, denoise_fn=None, score_fn=None, schedule, mask_id=None, graph: str = "absorbing",
-                 return_trajectory: bool = False):
+                 return_trajectory: bool = False, progress_fn=None):
   """sample(rng, x_init, clamp=None) -> SampleOutput for the sampler named cfg.name (not jitted: pure).
 
   cfg: config.sampler (see ddlm.sampling.config.default_config). denoise_fn(xt, t) -> logits for the
   masked samplers (and the absorbing score samplers, via RADD's score); score_fn(xt, t) -> log ratios for
   the score samplers (required on the uniform graph). cfg.guidance_scale != 0 wraps denoise_fn in
   classifier-free guidance with the known tokens of x_init as the condition. clamp: bool [B, L], positions
-  kept fixed on the uniform graph.
+  kept fixed on the uniform graph. progress_fn(steps_done): a host callback after every step (optional).
   """
   if cfg.name not in SAMPLERS:
     raise ValueError(f"unknown sampler {cfg.name!r}; expected one of {SAMPLERS}")
@@ -55,7 +55,8 @@ def make_sampler(cfg, *, denoise_fn=None, score_fn=None, schedule, mask_id=None,
     fn = denoise_fn
     if fn is not None and cfg.guidance_scale:
       fn = conditioning.guided_denoise_fn(fn, x_init != mask_id, mask_id, cfg.guidance_scale)
-    common = dict(mask_id=mask_id, schedule=schedule, precision=cfg.precision, return_trajectory=return_trajectory)
+    common = dict(mask_id=mask_id, schedule=schedule, precision=cfg.precision, return_trajectory=return_trajectory,
+                  progress_fn=progress_fn)
     if cfg.name == "first_hitting":
       return first_hitting_sample(fn, rng, x_init, **common, **filters)
     if cfg.name in ("ancestral", "cached", "remdm"):
@@ -68,7 +69,7 @@ def make_sampler(cfg, *, denoise_fn=None, score_fn=None, schedule, mask_id=None,
     return score_sample(sfn, rng, x_init, graph=graph, schedule=schedule, steps=cfg.steps,
                         method=cfg.name[len("sedd_"):], mask_id=mask_id, clamp=clamp, t_min=cfg.t_min,
                         noise_removal=cfg.noise_removal, precision=cfg.precision,
-                        return_trajectory=return_trajectory)
+                        return_trajectory=return_trajectory, progress_fn=progress_fn)
 
   return sample
 

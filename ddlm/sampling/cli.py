@@ -69,14 +69,39 @@ def _token_entropy(ids: np.ndarray) -> float:
   return float(-(p * np.log(p)).sum())
 
 
-def _progress(done: int, total: int, start: float, stream=sys.stderr):
-  width = 30
-  filled = int(width * done / max(total, 1))
-  elapsed = time.time() - start
-  stream.write(f"\rsampling [{'#' * filled}{'.' * (width - filled)}] {done}/{total} samples, {elapsed:.1f}s")
-  if done >= total:
-    stream.write("\n")
-  stream.flush()
+class _Progress:
+  """One status line on stderr: samples done, the batch, and (from the jitted loop's host callback) the
+  step within the batch."""
+
+  def __init__(self, num_samples: int, num_batches: int, steps: int, stream=None):
+    self.num_samples, self.num_batches, self.steps = num_samples, num_batches, steps
+    self.stream = stream or sys.stderr
+    self.start = time.time()
+    self.done, self.batch, self.step, self._last = 0, 0, 0, 0.0
+
+  def _draw(self, force=False):
+    now = time.time()
+    if not force and now - self._last < 0.1:
+      return
+    self._last = now
+    width = 24
+    filled = int(width * self.step / max(self.steps, 1))
+    self.stream.write(
+        f"\rsampling: {self.done}/{self.num_samples} samples, batch {min(self.batch + 1, self.num_batches)}/"
+        f"{self.num_batches} [{'#' * filled}{'.' * (width - filled)}] step {self.step}/{self.steps}, "
+        f"{now - self.start:.1f}s ")
+    self.stream.flush()
+
+  def on_step(self, k):  # called from inside the jitted loop
+    self.step = int(k)
+    self._draw()
+
+  def on_batch(self, batch: int, done: int):
+    self.batch, self.done, self.step = batch, done, self.steps
+    self._draw(force=True)
+    if done >= self.num_samples:
+      self.stream.write("\n")
+      self.stream.flush()
 
 
 def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None) -> list[dict]:
@@ -109,6 +134,10 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
   def network(params, xt, t):
     return model.apply({"params": params}, xt, None if time_free else t, x0=None, train=False).astype(jnp.float32)
 
+  total_steps = int(np.sum(x_init == mask_id, axis=1).max()) if sc.name == "first_hitting" else sc.steps
+  num_batches = -(-sc.num_samples // sc.batch_size)
+  progress = _Progress(sc.num_samples, num_batches, total_steps)
+
   def sample(params, rng, x, clamp):
     denoise_fn = lambda xt, t: network(params, xt, t)
     score_fn = None
@@ -119,7 +148,8 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
     if not sc.name.startswith("sedd_"):
       score_fn = None
     sampler = make_sampler(sc, denoise_fn=denoise_fn, score_fn=score_fn, schedule=schedule, mask_id=mask_id,
-                           graph=graph, return_trajectory=bool(sc.visualize))
+                           graph=graph, return_trajectory=bool(sc.visualize),
+                           progress_fn=progress.on_step if sc.progress else None)
     return sampler(rng, x, clamp if graph == "uniform" else None)
 
   mesh = getattr(setup, "mesh", None)
@@ -138,9 +168,7 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
   out_dir = sc.output_dir or os.path.join(workdir, "samples")
   os.makedirs(out_dir, exist_ok=True)
   base_rng = jax.random.key(sc.seed)
-  num_batches = -(-sc.num_samples // sc.batch_size)
   records, trajectory = [], None
-  start = time.time()
   x_dev = jnp.asarray(x_init) if x_sharding is None else jax.device_put(x_init, x_sharding)
   clamp_dev = jnp.asarray(clamp) if x_sharding is None else jax.device_put(clamp, x_sharding)
   logging.info("Sampling %d sequences of %d tokens with %s (%d steps), checkpoint step %s.",
@@ -150,7 +178,9 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
     compiled = jitted.lower(params, base_rng, x_dev, clamp_dev).compile()  # once: every batch has this shape
     compile_s = time.time() - t0
     logging.info("Compiled the sampler in %.1fs.", compile_s)
+    progress.start = time.time()
     for b in range(num_batches):
+      progress.batch, progress.step = b, 0
       t0 = time.time()
       out = compiled(params, jax.random.fold_in(base_rng, b), x_dev, clamp_dev)
       tokens = np.asarray(jax.device_get(out.tokens))
@@ -177,7 +207,7 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
             "steps": sc.steps,
             "checkpoint_step": None if ckpt_step is None else int(ckpt_step),
         })
-      _progress(len(records), sc.num_samples, start)
+      progress.on_batch(b, len(records))
 
   # ------------------------------------------------------------------ outputs
   with open(os.path.join(out_dir, "samples.txt"), "w") as f:

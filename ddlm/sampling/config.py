@@ -34,6 +34,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.seq_len = 0  # generated length; 0 = config.train.seq_len
   c.seed = 0  # sampling randomness
   c.use_ema = True  # sample with the EMA parameters
+  c.progress = True  # per-step progress bar (a host callback from the jitted loop after every step)
   c.visualize = False  # write the denoising trajectory: terminal animation + HTML (one row per step)
   c.output_dir = ""  # where samples go; '' = <workdir>/samples
   return c

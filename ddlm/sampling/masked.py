@@ -95,6 +95,7 @@ def ancestral_sample(
     eta: float = 0.0,
     precision: str = "float64",
     return_trajectory: bool = False,
+    progress_fn: Callable[[jax.Array], None] | None = None,
 ) -> SampleOutput:
   """Ancestral (DDPM-style) sampling of masked diffusion (MDLM sec. 3.3 / MD4 sec. 4).
 
@@ -108,6 +109,7 @@ def ancestral_sample(
   decoded tokens by softmax(-confidence), confidence = p_theta of the token when it was decoded.
   noise_removal: after the last step, positions still masked (t_min > 0) are set to argmax p_theta (one
   more call, made only if some are masked; MDLM's final greedy step).
+  progress_fn(steps_done) is called from the loop (a host callback) after every step, if given.
   Returns SampleOutput; trajectory [steps + 1, B, L] if return_trajectory.
   """
   _check_init(x_init, mask_id)
@@ -164,6 +166,8 @@ def ancestral_sample(
       fresh = jnp.logical_and(fresh | need, jnp.logical_not(jnp.any(revealed)))
     if return_trajectory:
       traj = traj.at[k + 1].set(x_new)
+    if progress_fn is not None:
+      jax.debug.callback(progress_fn, k + 1)
     return x_new, (logp if cache else cached_logp), fresh, nfe, conf, traj
 
   # Only the cached sampler carries p_theta across steps ([B, L, V] can be large).
@@ -202,6 +206,7 @@ def first_hitting_sample(
     top_p: float = 1.0,
     precision: str = "float64",
     return_trajectory: bool = False,
+    progress_fn: Callable[[jax.Array], None] | None = None,
 ) -> SampleOutput:
   """First-hitting sampler (Zheng et al. 2024, alg. 1): the continuous-time reverse process simulated
   one unmasking event at a time, so it is the infinite-step limit of ancestral sampling, with exactly
@@ -212,7 +217,7 @@ def first_hitting_sample(
   1 - alpha_s = (1 - alpha_t) u^(1/n), u ~ U(0, 1); a uniformly chosen masked position is then drawn
   from p_theta(x_0 | x_t) evaluated at that time. Sequences of a batch keep their own times (t [B]).
   nfe = the largest number of masked positions in the batch. trajectory: [L + 1, B, L] (rows after the
-  last event repeat the final state).
+  last event repeat the final state). progress_fn(events_done) is called after every event, if given.
   """
   _check_init(x_init, mask_id)
   x_init = x_init.astype(jnp.int32)
@@ -241,6 +246,8 @@ def first_hitting_sample(
     x = x.at[rows, pos].set(jnp.where(active, tok, x[rows, pos]))
     if return_trajectory:
       traj = traj.at[it + 1].set(x)
+    if progress_fn is not None:
+      jax.debug.callback(progress_fn, it + 1)
     return x, s, it + 1, traj
 
   traj0 = (jnp.zeros((length + 1, batch, length), jnp.int32).at[0].set(x_init)

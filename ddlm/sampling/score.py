@@ -117,13 +117,14 @@ def score_sample(
     noise_removal: bool = True,
     precision: str = "float64",
     return_trajectory: bool = False,
+    progress_fn=None,
 ) -> SampleOutput:
   """SEDD sampling from t = 1 to t_min in `steps` Euler or analytic steps, then (noise_removal) SEDD's
   final denoising step: the analytic step to sigma = 0 taken greedily (one more call).
 
   x_init int32 [B, L]: absorbing graph: mask_id where to generate, known tokens elsewhere. Uniform graph:
   positions with clamp [B, L] True keep x_init, the others start uniformly random (clamp None: all free).
-  nfe = steps (+ 1 with noise_removal).
+  nfe = steps (+ 1 with noise_removal). progress_fn(steps_done) is called after every step, if given.
   """
   if graph not in GRAPHS:
     raise ValueError(f"unknown graph {graph!r}; expected one of {GRAPHS}")
@@ -154,6 +155,8 @@ def score_sample(
     x_new = jnp.where(clamp, x, x_new)
     if return_trajectory:
       traj = traj.at[k + 1].set(x_new)
+    if progress_fn is not None:
+      jax.debug.callback(progress_fn, k + 1)
     return x_new, traj
 
   traj0 = (jnp.zeros((steps + 1, batch, length), jnp.int32).at[0].set(x_init)
