@@ -39,280 +39,328 @@ tjit = functools.partial(jax.jit, compiler_options=FAST)
 
 
 def tv_bound(p, n, fail_prob=1e-4):
-  p = np.asarray(p)
-  return 0.5 * np.sum(np.sqrt(p * (1.0 - p) / n)) + math.sqrt(math.log(1.0 / fail_prob) / (2.0 * n))
+    p = np.asarray(p)
+    return 0.5 * np.sum(np.sqrt(p * (1.0 - p) / n)) + math.sqrt(math.log(1.0 / fail_prob) / (2.0 * n))
 
 
 def tv(p, q):
-  return 0.5 * float(np.abs(np.asarray(p) - np.asarray(q)).sum())
+    return 0.5 * float(np.abs(np.asarray(p) - np.asarray(q)).sum())
 
 
 def histogram(tokens):
-  """Empirical distribution over the V^L clean sequences; asserts no mask is left."""
-  tokens = np.asarray(tokens)
-  assert tokens.min() >= 0 and tokens.max() < V, "samples must be clean tokens"
-  idx = np.asarray(TOY.index(tokens))
-  return np.bincount(idx, minlength=V**L) / len(idx)
+    """Empirical distribution over the V^L clean sequences; asserts no mask is left."""
+    tokens = np.asarray(tokens)
+    assert tokens.min() >= 0 and tokens.max() < V, "samples must be clean tokens"
+    idx = np.asarray(TOY.index(tokens))
+    return np.bincount(idx, minlength=V**L) / len(idx)
 
 
 def all_masked(n):
-  return jnp.full((n, L), MASK, jnp.int32)
+    return jnp.full((n, L), MASK, jnp.int32)
 
 
 def cfg(**kw):
-  c = sampling.default_config()
-  c.noise_removal = False
-  for k, v in kw.items():
-    c[k] = v
-  return c
+    c = sampling.default_config()
+    c.noise_removal = False
+    for k, v in kw.items():
+        c[k] = v
+    return c
 
 
 def transition_matrix(per_position_probs, states):
-  """per_position_probs [S, L, K] (S states, K values) -> M [S, S] of the factorised step."""
-  m = np.ones((len(states), len(states)))
-  for l in range(states.shape[1]):
-    m *= per_position_probs[:, l][:, states[:, l]]
-  return m
+    """per_position_probs [S, L, K] (S states, K values) -> M [S, S] of the factorised step."""
+    m = np.ones((len(states), len(states)))
+    for l in range(states.shape[1]):
+        m *= per_position_probs[:, l][:, states[:, l]]
+    return m
 
 
 def to_clean_distribution(dist, states):
-  """Distribution over absorbing states -> over the V^L clean sequences (all mass must be clean)."""
-  clean = ~np.any(states == MASK, axis=1)
-  assert dist[~clean].sum() < 1e-9, f"mass {dist[~clean].sum()} left on masked states"
-  out = np.zeros(V**L)
-  np.add.at(out, np.asarray(TOY.index(states[clean])), dist[clean])
-  return out
+    """Distribution over absorbing states -> over the V^L clean sequences (all mass must be clean)."""
+    clean = ~np.any(states == MASK, axis=1)
+    assert dist[~clean].sum() < 1e-9, f"mass {dist[~clean].sum()} left on masked states"
+    out = np.zeros(V**L)
+    np.add.at(out, np.asarray(TOY.index(states[clean])), dist[clean])
+    return out
 
 
 def chain(step_probs, steps, states, start):
-  """Distribution after `steps` factorised steps on the sampler's grid, from the distribution `start`.
+    """Distribution after `steps` factorised steps on the sampler's grid, from the distribution `start`.
 
-  step_probs(states [S, L] int, t [], s []) -> [S, L, K] (jnp code; jitted once per step_probs)."""
-  g = masked.time_grid(steps)
-  step = step_probs if hasattr(step_probs, "lower") else tjit(step_probs)
-  states_j = jnp.asarray(states)
-  dist = np.asarray(start, np.float64)
-  for k in range(steps):
-    dist = dist @ transition_matrix(np.asarray(step(states_j, g[k], g[k + 1]), np.float64), states)
-  return dist
+    step_probs(states [S, L] int, t [], s []) -> [S, L, K] (jnp code; jitted once per step_probs)."""
+    g = masked.time_grid(steps)
+    step = step_probs if hasattr(step_probs, "lower") else tjit(step_probs)
+    states_j = jnp.asarray(states)
+    dist = np.asarray(start, np.float64)
+    for k in range(steps):
+        dist = dist @ transition_matrix(np.asarray(step(states_j, g[k], g[k + 1]), np.float64), states)
+    return dist
 
 
 @functools.lru_cache(maxsize=None)
 def ancestral_step_probs(schedule):
-  """The ancestral step: AbsorbingProcess.posterior_probs with the oracle's exact p(x_0 | x_t) (jitted)."""
-  p0 = jnp.asarray(TOY.absorbing_posterior_table(), jnp.float32)
-  proc = processes.AbsorbingProcess(V + 1, MASK)
-  return tjit(lambda states, t, s: proc.posterior_probs(p0, states, schedule.alpha(s), schedule.alpha(t)))
+    """The ancestral step: AbsorbingProcess.posterior_probs with the oracle's exact p(x_0 | x_t) (jitted)."""
+    p0 = jnp.asarray(TOY.absorbing_posterior_table(), jnp.float32)
+    proc = processes.AbsorbingProcess(V + 1, MASK)
+    return tjit(lambda states, t, s: proc.posterior_probs(p0, states, schedule.alpha(s), schedule.alpha(t)))
 
 
 def exact_absorbing_distribution(schedule, steps, *, step_probs=None):
-  """Output distribution over clean sequences of a factorised absorbing sampler started all-masked;
-  step_probs defaults to the ancestral step."""
-  states = TOY.abs_states
-  start = np.zeros(len(states))
-  start[int(TOY.index(np.full((L,), MASK), V + 1))] = 1.0
-  dist = chain(step_probs or ancestral_step_probs(schedule), steps, states, start)
-  return to_clean_distribution(dist, states)
+    """Output distribution over clean sequences of a factorised absorbing sampler started all-masked;
+    step_probs defaults to the ancestral step."""
+    states = TOY.abs_states
+    start = np.zeros(len(states))
+    start[int(TOY.index(np.full((L,), MASK), V + 1))] = 1.0
+    dist = chain(step_probs or ancestral_step_probs(schedule), steps, states, start)
+    return to_clean_distribution(dist, states)
 
 
 def uniform_score_fn(schedule):
-  """Exact uniform-graph score for a batch sharing one time: computed for all V^L sequences, gathered."""
-  seqs = jnp.asarray(TOY.seqs)
+    """Exact uniform-graph score for a batch sharing one time: computed for all V^L sequences, gathered."""
+    seqs = jnp.asarray(TOY.seqs)
 
-  def fn(xt, t):
-    a = schedule.alpha(jnp.full((len(TOY.seqs),), t[0]))
-    table = TOY.uniform_log_score(seqs, a)
-    return table[TOY.index(xt)]
+    def fn(xt, t):
+        a = schedule.alpha(jnp.full((len(TOY.seqs),), t[0]))
+        table = TOY.uniform_log_score(seqs, a)
+        return table[TOY.index(xt)]
 
-  return fn
+    return fn
 
 
 # ------------------------------------------------------------------------------------------ ancestral
 
 
 def test_exact_grid_distribution_approaches_truth_as_steps_grow():
-  for name in ("loglinear", "linear", "cosine"):
-    sched = schedules.get_schedule(name)
-    dists = [tv(exact_absorbing_distribution(sched, T), TOY.probs) for T in (1, 2, 4, 16, 64)]
-    assert all(b < a for a, b in zip(dists, dists[1:])), (name, dists)
-    assert dists[0] > 0.2 and dists[-1] < 0.02, (name, dists)
+    for name in ("loglinear", "linear", "cosine"):
+        sched = schedules.get_schedule(name)
+        dists = [tv(exact_absorbing_distribution(sched, T), TOY.probs) for T in (1, 2, 4, 16, 64)]
+        assert all(b < a for a, b in zip(dists, dists[1:])), (name, dists)
+        assert dists[0] > 0.2 and dists[-1] < 0.02, (name, dists)
 
 
 @pytest.mark.parametrize("name", ["loglinear", "linear", "cosine"])
 def test_ancestral_coarse_grid_matches_its_exact_distribution(name):
-  """Fewer steps (2) than tokens (4): the output is the product of per-step marginals, not p."""
-  sched = schedules.get_schedule(name)
-  exact = exact_absorbing_distribution(sched, 2)
-  out = tjit(lambda r: masked.ancestral_sample(TOY.absorbing_denoiser(), r, all_masked(N_SAMPLES),
-                                                  mask_id=MASK, schedule=sched, steps=2))(jax.random.key(1))
-  emp = histogram(out.tokens)
-  assert tv(emp, exact) < tv_bound(exact, N_SAMPLES), (tv(emp, exact), tv_bound(exact, N_SAMPLES))
-  assert tv(exact, TOY.probs) > 3 * tv_bound(exact, N_SAMPLES)  # and it is measurably not p
-  assert int(out.nfe) == 2
+    """Fewer steps (2) than tokens (4): the output is the product of per-step marginals, not p."""
+    sched = schedules.get_schedule(name)
+    exact = exact_absorbing_distribution(sched, 2)
+    out = tjit(
+        lambda r: masked.ancestral_sample(
+            TOY.absorbing_denoiser(), r, all_masked(N_SAMPLES), mask_id=MASK, schedule=sched, steps=2
+        )
+    )(jax.random.key(1))
+    emp = histogram(out.tokens)
+    assert tv(emp, exact) < tv_bound(exact, N_SAMPLES), (tv(emp, exact), tv_bound(exact, N_SAMPLES))
+    assert tv(exact, TOY.probs) > 3 * tv_bound(exact, N_SAMPLES)  # and it is measurably not p
+    assert int(out.nfe) == 2
 
 
 def test_ancestral_many_steps_reproduces_the_data():
-  sched = schedules.LogLinearSchedule()
-  steps = 128
-  exact = exact_absorbing_distribution(sched, steps)
-  out = tjit(lambda r: masked.ancestral_sample(TOY.absorbing_denoiser(), r, all_masked(N_SAMPLES),
-                                                  mask_id=MASK, schedule=sched, steps=steps))(jax.random.key(2))
-  emp = histogram(out.tokens)
-  bound = tv_bound(TOY.probs, N_SAMPLES)
-  assert tv(exact, TOY.probs) < 0.01
-  assert tv(emp, TOY.probs) < bound + tv(exact, TOY.probs), (tv(emp, TOY.probs), bound)
-  assert int(out.nfe) == steps
+    sched = schedules.LogLinearSchedule()
+    steps = 128
+    exact = exact_absorbing_distribution(sched, steps)
+    out = tjit(
+        lambda r: masked.ancestral_sample(
+            TOY.absorbing_denoiser(), r, all_masked(N_SAMPLES), mask_id=MASK, schedule=sched, steps=steps
+        )
+    )(jax.random.key(2))
+    emp = histogram(out.tokens)
+    bound = tv_bound(TOY.probs, N_SAMPLES)
+    assert tv(exact, TOY.probs) < 0.01
+    assert tv(emp, TOY.probs) < bound + tv(exact, TOY.probs), (tv(emp, TOY.probs), bound)
+    assert int(out.nfe) == steps
 
 
 def _broken_uniform_sample(rng, n, steps, sched):
-  """A deliberately broken sampler: the uniform-graph ancestral step with the wrong posterior weight
-  (Bayes' 1 / q(x_t | x_0) dropped: w = p(x_0 | x_t) instead of p(x_0 | x_t) / q(x_t | x_0))."""
-  proc = processes.UniformProcess(V)
-  grid = masked.time_grid(steps)
+    """A deliberately broken sampler: the uniform-graph ancestral step with the wrong posterior weight
+    (Bayes' 1 / q(x_t | x_0) dropped: w = p(x_0 | x_t) instead of p(x_0 | x_t) / q(x_t | x_0))."""
+    proc = processes.UniformProcess(V)
+    grid = masked.time_grid(steps)
 
-  def body(k, x):
-    t, s = grid[k], grid[k + 1]
-    a_t, a_s = sched.alpha(t), sched.alpha(s)
-    seqs = jnp.asarray(TOY.seqs)
-    p0 = TOY.uniform_x0_posterior(seqs, jnp.full((len(TOY.seqs),), a_t))[TOY.index(x)]  # exact, by table
-    q_t_given_0 = proc.marginal_probs(x, a_t)
-    wrong = proc.posterior_probs(p0 * q_t_given_0, x, a_s, a_t)  # posterior_probs divides by q: undo it
-    return categorical.sample_categorical(jax.random.fold_in(rng, k), jnp.log(wrong))
+    def body(k, x):
+        t, s = grid[k], grid[k + 1]
+        a_t, a_s = sched.alpha(t), sched.alpha(s)
+        seqs = jnp.asarray(TOY.seqs)
+        p0 = TOY.uniform_x0_posterior(seqs, jnp.full((len(TOY.seqs),), a_t))[TOY.index(x)]  # exact, by table
+        q_t_given_0 = proc.marginal_probs(x, a_t)
+        wrong = proc.posterior_probs(p0 * q_t_given_0, x, a_s, a_t)  # posterior_probs divides by q: undo it
+        return categorical.sample_categorical(jax.random.fold_in(rng, k), jnp.log(wrong))
 
-  x0 = jax.random.randint(jax.random.fold_in(rng, steps), (n, L), 0, V)
-  return jax.lax.fori_loop(0, steps, body, x0)
+    x0 = jax.random.randint(jax.random.fold_in(rng, steps), (n, L), 0, V)
+    return jax.lax.fori_loop(0, steps, body, x0)
 
 
 def test_broken_sampler_fails_the_same_test():
-  sched = schedules.GeometricSchedule()
-  tokens = tjit(lambda r: _broken_uniform_sample(r, N_SAMPLES, 32, sched))(jax.random.key(3))
-  emp = histogram(tokens)
-  assert tv(emp, TOY.probs) > 2 * tv_bound(TOY.probs, N_SAMPLES), tv(emp, TOY.probs)
+    sched = schedules.GeometricSchedule()
+    tokens = tjit(lambda r: _broken_uniform_sample(r, N_SAMPLES, 32, sched))(jax.random.key(3))
+    emp = histogram(tokens)
+    assert tv(emp, TOY.probs) > 2 * tv_bound(TOY.probs, N_SAMPLES), tv(emp, TOY.probs)
 
 
 def test_broken_reveal_weight_fails_the_coarse_grid_test():
-  """Ancestral with the reveal weight (alpha_s - alpha_t) / (1 - alpha_s) (wrong denominator) against the
-  correct sampler's exact 2-step distribution: the same test the correct sampler passes, failed."""
-  sched, steps = schedules.LinearSchedule(), 2
-  den = TOY.absorbing_denoiser()
-  grid = masked.time_grid(steps)
+    """Ancestral with the reveal weight (alpha_s - alpha_t) / (1 - alpha_s) (wrong denominator) against the
+    correct sampler's exact 2-step distribution: the same test the correct sampler passes, failed."""
+    sched, steps = schedules.LinearSchedule(), 2
+    den = TOY.absorbing_denoiser()
+    grid = masked.time_grid(steps)
 
-  def broken(rng):
-    def body(k, x):
-      a_t, a_s = sched.alpha(grid[k]), sched.alpha(grid[k + 1])
-      logp = masked.x0_log_probs(den, x, grid[k], MASK)
-      tok_rng, u_rng = jax.random.split(jax.random.fold_in(rng, k))
-      x0 = categorical.sample_categorical(tok_rng, logp)
-      reveal = (a_s - a_t) / jnp.maximum(1.0 - a_s, 1e-6)  # should be / (1 - alpha_t)
-      return jnp.where((x == MASK) & (jax.random.uniform(u_rng, x.shape) < reveal), x0, x)
+    def broken(rng):
+        def body(k, x):
+            a_t, a_s = sched.alpha(grid[k]), sched.alpha(grid[k + 1])
+            logp = masked.x0_log_probs(den, x, grid[k], MASK)
+            tok_rng, u_rng = jax.random.split(jax.random.fold_in(rng, k))
+            x0 = categorical.sample_categorical(tok_rng, logp)
+            reveal = (a_s - a_t) / jnp.maximum(1.0 - a_s, 1e-6)  # should be / (1 - alpha_t)
+            return jnp.where((x == MASK) & (jax.random.uniform(u_rng, x.shape) < reveal), x0, x)
 
-    return jax.lax.fori_loop(0, steps, body, all_masked(N_SAMPLES))
+        return jax.lax.fori_loop(0, steps, body, all_masked(N_SAMPLES))
 
-  exact = exact_absorbing_distribution(sched, steps)
-  emp = histogram(tjit(broken)(jax.random.key(16)))
-  assert tv(emp, exact) > 2 * tv_bound(exact, N_SAMPLES), tv(emp, exact)
+    exact = exact_absorbing_distribution(sched, steps)
+    emp = histogram(tjit(broken)(jax.random.key(16)))
+    assert tv(emp, exact) > 2 * tv_bound(exact, N_SAMPLES), tv(emp, exact)
 
 
 # ------------------------------------------------------------------------------------------ first hitting, cache, NFE
 
 
 def test_first_hitting_reproduces_the_data_with_one_call_per_token():
-  out = tjit(lambda r: masked.first_hitting_sample(TOY.absorbing_denoiser(), r, all_masked(N_SAMPLES),
-                                                      mask_id=MASK, schedule=schedules.CosineSchedule()))(
-      jax.random.key(4))
-  emp = histogram(out.tokens)
-  assert tv(emp, TOY.probs) < tv_bound(TOY.probs, N_SAMPLES), tv(emp, TOY.probs)
-  assert int(out.nfe) == L
+    out = tjit(
+        lambda r: masked.first_hitting_sample(
+            TOY.absorbing_denoiser(),
+            r,
+            all_masked(N_SAMPLES),
+            mask_id=MASK,
+            schedule=schedules.CosineSchedule(),
+        )
+    )(jax.random.key(4))
+    emp = histogram(out.tokens)
+    assert tv(emp, TOY.probs) < tv_bound(TOY.probs, N_SAMPLES), tv(emp, TOY.probs)
+    assert int(out.nfe) == L
 
 
 def test_nfe_cached_and_first_hitting_at_most_length_plus_one_when_steps_ge_4_length():
-  """Counted per sequence (vmap over batches of one: the cache is batch-wide, the counts per sample)."""
-  steps, n = 4 * L, 200
-  sched = schedules.LogLinearSchedule()
-  den = TOY.absorbing_denoiser()
-  keys = jax.random.split(jax.random.key(5), n)
-  one = all_masked(1)
+    """Counted per sequence (vmap over batches of one: the cache is batch-wide, the counts per sample)."""
+    steps, n = 4 * L, 200
+    sched = schedules.LogLinearSchedule()
+    den = TOY.absorbing_denoiser()
+    keys = jax.random.split(jax.random.key(5), n)
+    one = all_masked(1)
 
-  def run(sampler):
-    return tjit(jax.vmap(lambda k: sampler(k)))(keys)
+    def run(sampler):
+        return tjit(jax.vmap(lambda k: sampler(k)))(keys)
 
-  plain = run(lambda k: masked.ancestral_sample(den, k, one, mask_id=MASK, schedule=sched, steps=steps))
-  cached = run(lambda k: masked.ancestral_sample(den, k, one, mask_id=MASK, schedule=sched, steps=steps, cache=True))
-  first = run(lambda k: masked.first_hitting_sample(den, k, one, mask_id=MASK, schedule=sched))
-  assert np.all(np.asarray(plain.nfe) == steps)
-  assert np.asarray(cached.nfe).max() <= L + 1 and np.asarray(cached.nfe).min() >= 1
-  assert np.asarray(cached.nfe).mean() < steps / 2
-  assert np.all(np.asarray(first.nfe) == L)
-  # The oracle is time-free, so the cached sampler IS the ancestral sampler: same key, same tokens.
-  np.testing.assert_array_equal(np.asarray(cached.tokens), np.asarray(plain.tokens))
+    plain = run(lambda k: masked.ancestral_sample(den, k, one, mask_id=MASK, schedule=sched, steps=steps))
+    cached = run(
+        lambda k: masked.ancestral_sample(den, k, one, mask_id=MASK, schedule=sched, steps=steps, cache=True)
+    )
+    first = run(lambda k: masked.first_hitting_sample(den, k, one, mask_id=MASK, schedule=sched))
+    assert np.all(np.asarray(plain.nfe) == steps)
+    assert np.asarray(cached.nfe).max() <= L + 1 and np.asarray(cached.nfe).min() >= 1
+    assert np.asarray(cached.nfe).mean() < steps / 2
+    assert np.all(np.asarray(first.nfe) == L)
+    # The oracle is time-free, so the cached sampler IS the ancestral sampler: same key, same tokens.
+    np.testing.assert_array_equal(np.asarray(cached.tokens), np.asarray(plain.tokens))
 
 
 def test_cached_matches_ancestral_on_the_same_grid_batched():
-  sched = schedules.LinearSchedule()
-  den = TOY.absorbing_denoiser()
-  x = all_masked(2000)
-  f = lambda cache: tjit(lambda r: masked.ancestral_sample(den, r, x, mask_id=MASK, schedule=sched, steps=3,
-                                                              cache=cache))(jax.random.key(6))
-  a, c = f(False), f(True)
-  np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
-  assert int(c.nfe) <= int(a.nfe) == 3
+    sched = schedules.LinearSchedule()
+    den = TOY.absorbing_denoiser()
+    x = all_masked(2000)
+    f = lambda cache: tjit(
+        lambda r: masked.ancestral_sample(den, r, x, mask_id=MASK, schedule=sched, steps=3, cache=cache)
+    )(jax.random.key(6))
+    a, c = f(False), f(True)
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
+    assert int(c.nfe) <= int(a.nfe) == 3
 
 
 def test_noise_removal_fills_what_is_left_greedily():
-  sched = schedules.LinearSchedule()
-  out = tjit(lambda r: masked.ancestral_sample(TOY.absorbing_denoiser(), r, all_masked(64), mask_id=MASK,
-                                                  schedule=sched, steps=2, t_min=0.5, noise_removal=True))(
-      jax.random.key(7))
-  assert not np.any(np.asarray(out.tokens) == MASK)
-  assert int(out.nfe) == 3
+    sched = schedules.LinearSchedule()
+    out = tjit(
+        lambda r: masked.ancestral_sample(
+            TOY.absorbing_denoiser(),
+            r,
+            all_masked(64),
+            mask_id=MASK,
+            schedule=sched,
+            steps=2,
+            t_min=0.5,
+            noise_removal=True,
+        )
+    )(jax.random.key(7))
+    assert not np.any(np.asarray(out.tokens) == MASK)
+    assert int(out.nfe) == 3
 
 
 # ------------------------------------------------------------------------------------------ SEDD score samplers
 
 
 def score_step_probs(score_fn, graph, method, sched):
-  """Per-position step probabilities of a score sampler on all states (for the exact grid)."""
+    """Per-position step probabilities of a score sampler on all states (for the exact grid)."""
 
-  def step(states, t, s):
-    n = states.shape[0]
-    tt, ss = jnp.full((n,), t), jnp.full((n,), s)
-    return score.step_probs(score_fn(states, tt), states, graph=graph, method=method, sigma_t=sched.sigma(tt),
-                            sigma_s=sched.sigma(ss), dsigma_t=sched.dsigma(tt), dt=tt - ss, mask_id=MASK)
+    def step(states, t, s):
+        n = states.shape[0]
+        tt, ss = jnp.full((n,), t), jnp.full((n,), s)
+        return score.step_probs(
+            score_fn(states, tt),
+            states,
+            graph=graph,
+            method=method,
+            sigma_t=sched.sigma(tt),
+            sigma_s=sched.sigma(ss),
+            dsigma_t=sched.dsigma(tt),
+            dt=tt - ss,
+            mask_id=MASK,
+        )
 
-  return step
+    return step
 
 
 def exact_uniform_distribution(method, sched, steps):
-  step = score_step_probs(uniform_score_fn(sched), "uniform", method, sched)
-  return chain(step, steps, TOY.seqs, np.full(len(TOY.seqs), 1.0 / len(TOY.seqs)))
+    step = score_step_probs(uniform_score_fn(sched), "uniform", method, sched)
+    return chain(step, steps, TOY.seqs, np.full(len(TOY.seqs), 1.0 / len(TOY.seqs)))
 
 
-@pytest.mark.parametrize("graph,method", [("absorbing", "euler"), ("absorbing", "analytic"),
-                                          ("uniform", "euler"), ("uniform", "analytic")])
+@pytest.mark.parametrize(
+    "graph,method",
+    [("absorbing", "euler"), ("absorbing", "analytic"), ("uniform", "euler"), ("uniform", "analytic")],
+)
 def test_score_samplers_match_their_exact_distribution_and_the_data(graph, method):
-  steps = 64
-  if graph == "absorbing":
-    sched = schedules.LogLinearSchedule()
-    sfn = score.absorbing_score_fn(TOY.absorbing_denoiser(), sched, MASK)
-    x_init = all_masked(N_SAMPLES)
-    exact = exact_absorbing_distribution(sched, steps, step_probs=score_step_probs(sfn, graph, method, sched))
-  else:
-    sched = schedules.GeometricSchedule()
-    sfn = uniform_score_fn(sched)
-    x_init = jnp.zeros((N_SAMPLES, L), jnp.int32)
-    exact = exact_uniform_distribution(method, sched, steps)
-  out = tjit(lambda r: score.score_sample(sfn, r, x_init, graph=graph, schedule=sched, steps=steps,
-                                             method=method, mask_id=MASK, noise_removal=False))(jax.random.key(8))
-  emp = histogram(out.tokens)
-  assert tv(emp, exact) < tv_bound(exact, N_SAMPLES), (tv(emp, exact), tv_bound(exact, N_SAMPLES))
-  assert tv(exact, TOY.probs) < 0.03, tv(exact, TOY.probs)
-  assert int(out.nfe) == steps
+    steps = 64
+    if graph == "absorbing":
+        sched = schedules.LogLinearSchedule()
+        sfn = score.absorbing_score_fn(TOY.absorbing_denoiser(), sched, MASK)
+        x_init = all_masked(N_SAMPLES)
+        exact = exact_absorbing_distribution(
+            sched, steps, step_probs=score_step_probs(sfn, graph, method, sched)
+        )
+    else:
+        sched = schedules.GeometricSchedule()
+        sfn = uniform_score_fn(sched)
+        x_init = jnp.zeros((N_SAMPLES, L), jnp.int32)
+        exact = exact_uniform_distribution(method, sched, steps)
+    out = tjit(
+        lambda r: score.score_sample(
+            sfn,
+            r,
+            x_init,
+            graph=graph,
+            schedule=sched,
+            steps=steps,
+            method=method,
+            mask_id=MASK,
+            noise_removal=False,
+        )
+    )(jax.random.key(8))
+    emp = histogram(out.tokens)
+    assert tv(emp, exact) < tv_bound(exact, N_SAMPLES), (tv(emp, exact), tv_bound(exact, N_SAMPLES))
+    assert tv(exact, TOY.probs) < 0.03, tv(exact, TOY.probs)
+    assert int(out.nfe) == steps
 
 
 def test_uniform_analytic_converges_as_steps_grow():
-  sched = schedules.GeometricSchedule()
-  dists = [tv(exact_uniform_distribution("analytic", sched, T), TOY.probs) for T in (8, 16, 32)]
-  assert dists[0] > dists[1] > dists[2], dists
+    sched = schedules.GeometricSchedule()
+    dists = [tv(exact_uniform_distribution("analytic", sched, T), TOY.probs) for T in (8, 16, 32)]
+    assert dists[0] > dists[1] > dists[2], dists
 
 
 # ------------------------------------------------------------------------------------------ ReMDM and guidance
@@ -320,201 +368,241 @@ def test_uniform_analytic_converges_as_steps_grow():
 
 @pytest.mark.parametrize("strategy", ["cap", "rescale", "confidence"])
 def test_remdm_with_zero_strength_is_ancestral(strategy):
-  sched = schedules.CosineSchedule()
-  den = TOY.absorbing_denoiser()
-  x = all_masked(512)
-  run = lambda **kw: tjit(lambda r: masked.ancestral_sample(den, r, x, mask_id=MASK, schedule=sched, steps=8,
-                                                               **kw))(jax.random.key(9))
-  np.testing.assert_array_equal(np.asarray(run(remasking=strategy, eta=0.0).tokens), np.asarray(run().tokens))
+    sched = schedules.CosineSchedule()
+    den = TOY.absorbing_denoiser()
+    x = all_masked(512)
+    run = lambda **kw: tjit(
+        lambda r: masked.ancestral_sample(den, r, x, mask_id=MASK, schedule=sched, steps=8, **kw)
+    )(jax.random.key(9))
+    np.testing.assert_array_equal(
+        np.asarray(run(remasking=strategy, eta=0.0).tokens), np.asarray(run().tokens)
+    )
 
 
 def test_remdm_rescale_matches_its_exact_distribution():
-  """ReMDM keeps the forward marginals; with the exact denoiser its factorised step is enumerable too."""
-  sched, steps, eta = schedules.CosineSchedule(), 32, 0.5
-  p0 = jnp.asarray(TOY.absorbing_posterior_table(), jnp.float32)
+    """ReMDM keeps the forward marginals; with the exact denoiser its factorised step is enumerable too."""
+    sched, steps, eta = schedules.CosineSchedule(), 32, 0.5
+    p0 = jnp.asarray(TOY.absorbing_posterior_table(), jnp.float32)
 
-  def remdm_step(states, t, s):
-    a_t, a_s = sched.alpha(t), sched.alpha(s)
-    sigma = eta * jnp.where(a_t > 0, jnp.minimum(1.0, (1.0 - a_s) / a_t), 1.0)
-    reveal = (a_s - (1.0 - sigma) * a_t) / (1.0 - a_t)
-    mask_row = jax.nn.one_hot(MASK, V + 1)
-    masked_probs = reveal * p0 + (1.0 - reveal) * mask_row
-    decoded_probs = (1.0 - sigma) * jax.nn.one_hot(states, V + 1) + sigma * mask_row
-    return jnp.where((states == MASK)[..., None], masked_probs, decoded_probs)
+    def remdm_step(states, t, s):
+        a_t, a_s = sched.alpha(t), sched.alpha(s)
+        sigma = eta * jnp.where(a_t > 0, jnp.minimum(1.0, (1.0 - a_s) / a_t), 1.0)
+        reveal = (a_s - (1.0 - sigma) * a_t) / (1.0 - a_t)
+        mask_row = jax.nn.one_hot(MASK, V + 1)
+        masked_probs = reveal * p0 + (1.0 - reveal) * mask_row
+        decoded_probs = (1.0 - sigma) * jax.nn.one_hot(states, V + 1) + sigma * mask_row
+        return jnp.where((states == MASK)[..., None], masked_probs, decoded_probs)
 
-  exact = exact_absorbing_distribution(sched, steps, step_probs=remdm_step)
-  out = tjit(lambda r: masked.ancestral_sample(TOY.absorbing_denoiser(), r, all_masked(N_SAMPLES), mask_id=MASK,
-                                                  schedule=sched, steps=steps, remasking="rescale", eta=eta))(
-      jax.random.key(10))
-  emp = histogram(out.tokens)
-  assert tv(emp, exact) < tv_bound(exact, N_SAMPLES), (tv(emp, exact), tv_bound(exact, N_SAMPLES))
-  assert tv(exact, TOY.probs) < 0.08
+    exact = exact_absorbing_distribution(sched, steps, step_probs=remdm_step)
+    out = tjit(
+        lambda r: masked.ancestral_sample(
+            TOY.absorbing_denoiser(),
+            r,
+            all_masked(N_SAMPLES),
+            mask_id=MASK,
+            schedule=sched,
+            steps=steps,
+            remasking="rescale",
+            eta=eta,
+        )
+    )(jax.random.key(10))
+    emp = histogram(out.tokens)
+    assert tv(emp, exact) < tv_bound(exact, N_SAMPLES), (tv(emp, exact), tv_bound(exact, N_SAMPLES))
+    assert tv(exact, TOY.probs) < 0.08
 
 
 def test_guidance_scale_zero_is_conditional_sampling():
-  """The guided denoiser (two inputs, prompt masked in the second) with w = 0 gives the same tokens as
-  plain conditional sampling for the same key; w > 0 changes them."""
-  sched = schedules.LogLinearSchedule()
-  den = TOY.absorbing_denoiser()
-  x = jnp.asarray(conditioning.initial_tokens(512, L, MASK, prompt_ids=[2]))
-  run = lambda fn: tjit(lambda r: masked.ancestral_sample(fn, r, x, mask_id=MASK, schedule=sched, steps=8))(
-      jax.random.key(11))
-  plain = run(den)
-  guided = run(conditioning.guided_denoise_fn(den, x != MASK, MASK, 0.0))
-  np.testing.assert_array_equal(np.asarray(guided.tokens), np.asarray(plain.tokens))
-  strong = tjit(lambda r: sampling.make_sampler(cfg(name="ancestral", steps=8, guidance_scale=3.0), denoise_fn=den,
-                                                schedule=sched, mask_id=MASK)(r, x))(jax.random.key(11))
-  assert np.all(np.asarray(strong.tokens)[:, 0] == 2)
-  assert np.any(np.asarray(strong.tokens) != np.asarray(plain.tokens))
+    """The guided denoiser (two inputs, prompt masked in the second) with w = 0 gives the same tokens as
+    plain conditional sampling for the same key; w > 0 changes them."""
+    sched = schedules.LogLinearSchedule()
+    den = TOY.absorbing_denoiser()
+    x = jnp.asarray(conditioning.initial_tokens(512, L, MASK, prompt_ids=[2]))
+    run = lambda fn: tjit(lambda r: masked.ancestral_sample(fn, r, x, mask_id=MASK, schedule=sched, steps=8))(
+        jax.random.key(11)
+    )
+    plain = run(den)
+    guided = run(conditioning.guided_denoise_fn(den, x != MASK, MASK, 0.0))
+    np.testing.assert_array_equal(np.asarray(guided.tokens), np.asarray(plain.tokens))
+    strong = tjit(
+        lambda r: sampling.make_sampler(
+            cfg(name="ancestral", steps=8, guidance_scale=3.0), denoise_fn=den, schedule=sched, mask_id=MASK
+        )(r, x)
+    )(jax.random.key(11))
+    assert np.all(np.asarray(strong.tokens)[:, 0] == 2)
+    assert np.any(np.asarray(strong.tokens) != np.asarray(plain.tokens))
 
 
 # ------------------------------------------------------------------------------------------ conditioning
 
 
 def test_infilling_samples_the_exact_conditional():
-  known = {0: 1, 2: 0}
-  x = jnp.asarray(conditioning.initial_tokens(N_SAMPLES // 2, L, MASK, constraints=known))
-  consistent = np.all([TOY.seqs[:, p] == v for p, v in known.items()], axis=0)
-  cond = np.where(consistent, TOY.probs, 0.0)
-  cond /= cond.sum()
-  for sampler in (
-      lambda r: masked.first_hitting_sample(TOY.absorbing_denoiser(), r, x, mask_id=MASK,
-                                            schedule=schedules.LogLinearSchedule()),
-      lambda r: masked.ancestral_sample(TOY.absorbing_denoiser(), r, x, mask_id=MASK,
-                                        schedule=schedules.LogLinearSchedule(), steps=64, cache=True),
-  ):
-    out = tjit(sampler)(jax.random.key(12))
-    tokens = np.asarray(out.tokens)
-    assert all(np.all(tokens[:, p] == v) for p, v in known.items())
-    emp = histogram(tokens)
-    n = len(tokens)
-    assert tv(emp, cond) < tv_bound(cond[consistent], n) + 0.01, tv(emp, cond)
+    known = {0: 1, 2: 0}
+    x = jnp.asarray(conditioning.initial_tokens(N_SAMPLES // 2, L, MASK, constraints=known))
+    consistent = np.all([TOY.seqs[:, p] == v for p, v in known.items()], axis=0)
+    cond = np.where(consistent, TOY.probs, 0.0)
+    cond /= cond.sum()
+    for sampler in (
+        lambda r: masked.first_hitting_sample(
+            TOY.absorbing_denoiser(), r, x, mask_id=MASK, schedule=schedules.LogLinearSchedule()
+        ),
+        lambda r: masked.ancestral_sample(
+            TOY.absorbing_denoiser(),
+            r,
+            x,
+            mask_id=MASK,
+            schedule=schedules.LogLinearSchedule(),
+            steps=64,
+            cache=True,
+        ),
+    ):
+        out = tjit(sampler)(jax.random.key(12))
+        tokens = np.asarray(out.tokens)
+        assert all(np.all(tokens[:, p] == v) for p, v in known.items())
+        emp = histogram(tokens)
+        n = len(tokens)
+        assert tv(emp, cond) < tv_bound(cond[consistent], n) + 0.01, tv(emp, cond)
 
 
 def test_infill_template_constraints_and_length_control():
-  encode = lambda s: [ord(c) for c in s]
-  ids = conditioning.parse_infill_template("ab[MASK:3]c[MASK]d", encode, mask_id=-1)
-  assert ids == [97, 98, -1, -1, -1, 99, -1, 100]
-  assert conditioning.parse_infill_template("[MASK:2]", encode, 7) == [7, 7]
-  assert conditioning.parse_constraints("0:5,3:9") == {0: 5, 3: 9}
-  x = conditioning.initial_tokens(2, 8, 9, prompt_ids=[1, 2], constraints={5: 4}, end=6, eos_id=3, pad_id=0)
-  np.testing.assert_array_equal(x[0], [1, 2, 9, 9, 9, 4, 3, 0])
-  t = conditioning.truncate_after_eos(jnp.asarray([[5, 3, 6, 3, 7], [1, 2, 4, 4, 4]]), eos_id=3, pad_id=0)
-  np.testing.assert_array_equal(np.asarray(t), [[5, 3, 0, 0, 0], [1, 2, 4, 4, 4]])
-  with pytest.raises(ValueError):
-    conditioning.initial_tokens(1, 2, 9, prompt_ids=[1, 2, 3])
+    encode = lambda s: [ord(c) for c in s]
+    ids = conditioning.parse_infill_template("ab[MASK:3]c[MASK]d", encode, mask_id=-1)
+    assert ids == [97, 98, -1, -1, -1, 99, -1, 100]
+    assert conditioning.parse_infill_template("[MASK:2]", encode, 7) == [7, 7]
+    assert conditioning.parse_constraints("0:5,3:9") == {0: 5, 3: 9}
+    x = conditioning.initial_tokens(2, 8, 9, prompt_ids=[1, 2], constraints={5: 4}, end=6, eos_id=3, pad_id=0)
+    np.testing.assert_array_equal(x[0], [1, 2, 9, 9, 9, 4, 3, 0])
+    t = conditioning.truncate_after_eos(jnp.asarray([[5, 3, 6, 3, 7], [1, 2, 4, 4, 4]]), eos_id=3, pad_id=0)
+    np.testing.assert_array_equal(np.asarray(t), [[5, 3, 0, 0, 0], [1, 2, 4, 4, 4]])
+    with pytest.raises(ValueError):
+        conditioning.initial_tokens(1, 2, 9, prompt_ids=[1, 2, 3])
 
 
 def test_filters_temperature_top_k_top_p():
-  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
-  keep = lambda f: np.asarray(f > -1e5)[0].tolist()
-  assert keep(categorical.filter_logits(logits, top_k=2)) == [True, True, False, False]
-  assert keep(categorical.filter_logits(logits, top_p=0.7)) == [True, True, False, False]
-  assert keep(categorical.filter_logits(logits, top_p=0.5)) == [True, False, False, False]
-  assert keep(categorical.filter_logits(logits, top_p=0.81)) == [True, True, True, False]
-  np.testing.assert_allclose(categorical.filter_logits(logits, temperature=0.5), logits * 2, rtol=1e-6)
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    keep = lambda f: np.asarray(f > -1e5)[0].tolist()
+    assert keep(categorical.filter_logits(logits, top_k=2)) == [True, True, False, False]
+    assert keep(categorical.filter_logits(logits, top_p=0.7)) == [True, True, False, False]
+    assert keep(categorical.filter_logits(logits, top_p=0.5)) == [True, False, False, False]
+    assert keep(categorical.filter_logits(logits, top_p=0.81)) == [True, True, True, False]
+    np.testing.assert_allclose(categorical.filter_logits(logits, temperature=0.5), logits * 2, rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ precision
 
 
 def test_float64_gumbel_matches_zipf_tail_and_float32_undersamples_it():
-  """50,000-way Zipf (p_i ~ i^-1.2, whose tail sits where float32's cut bites). Both paths see the same random bits (coupled), so the float32
-  truncation shows as draws that land in the tail with float64 noise and not with float32 noise."""
-  k, n, chunk = 50_000, 2000, 200
-  logp = -1.2 * np.log(np.arange(1, k + 1))
-  logp -= np.log(np.exp(logp).sum())
-  lp = jnp.asarray(logp, jnp.float32)
+    """50,000-way Zipf (p_i ~ i^-1.2, whose tail sits where float32's cut bites). Both paths see the same random bits (coupled), so the float32
+    truncation shows as draws that land in the tail with float64 noise and not with float32 noise."""
+    k, n, chunk = 50_000, 2000, 200
+    logp = -1.2 * np.log(np.arange(1, k + 1))
+    logp -= np.log(np.exp(logp).sum())
+    lp = jnp.asarray(logp, jnp.float32)
 
-  def draw(key):
-    bits = jax.random.bits(key, (2, chunk, k), jnp.uint32)
-    g64 = categorical.gumbel_from_bits(bits, "float64")
-    g32 = categorical.gumbel_from_bits(bits, "float32")
-    return jnp.argmax(lp + g64, -1), jnp.argmax(lp + g32, -1), jnp.max(g64), jnp.max(g32)
+    def draw(key):
+        bits = jax.random.bits(key, (2, chunk, k), jnp.uint32)
+        g64 = categorical.gumbel_from_bits(bits, "float64")
+        g32 = categorical.gumbel_from_bits(bits, "float32")
+        return jnp.argmax(lp + g64, -1), jnp.argmax(lp + g32, -1), jnp.max(g64), jnp.max(g32)
 
-  # unsafe_rbg: a faster source of the same uniform bits (the test is about turning bits into noise).
-  w64, w32, max64, max32 = jax.jit(lambda key: jax.lax.map(draw, jax.random.split(key, n // chunk)))(
-      jax.random.key(13, impl="unsafe_rbg"))
-  w64, w32 = np.asarray(w64).ravel(), np.asarray(w32).ravel()
-  assert float(np.max(max32)) < 16.0 < float(np.max(max64))  # the float32 tail is cut near 15.9
-  for rank in (100, 1000):
-    mass = np.exp(logp[rank:]).sum()
-    sd = math.sqrt(mass * (1 - mass) / n)
-    assert abs((w64 >= rank).mean() - mass) < 4.5 * sd, (rank, (w64 >= rank).mean(), mass)
-  tail = 1000
-  lost = int(np.sum((w64 >= tail) & (w32 < tail)))
-  gained = int(np.sum((w32 >= tail) & (w64 < tail)))
-  print(f"float32 lost {lost} of {int(np.sum(w64 >= tail))} tail draws")
-  assert gained == 0 and lost >= 1, (lost, gained)
-  # The samplers draw through the float64 path by default.
-  key = jax.random.key(14)
-  expected = jnp.argmax(lp[None] + categorical.gumbel_noise(key, (3, k), "float64"), -1)
-  np.testing.assert_array_equal(np.asarray(categorical.sample_categorical(key, jnp.broadcast_to(lp, (3, k)))),
-                                np.asarray(expected))
-  assert sampling.default_config().precision == "float64"
+    # unsafe_rbg: a faster source of the same uniform bits (the test is about turning bits into noise).
+    w64, w32, max64, max32 = jax.jit(lambda key: jax.lax.map(draw, jax.random.split(key, n // chunk)))(
+        jax.random.key(13, impl="unsafe_rbg")
+    )
+    w64, w32 = np.asarray(w64).ravel(), np.asarray(w32).ravel()
+    assert float(np.max(max32)) < 16.0 < float(np.max(max64))  # the float32 tail is cut near 15.9
+    for rank in (100, 1000):
+        mass = np.exp(logp[rank:]).sum()
+        sd = math.sqrt(mass * (1 - mass) / n)
+        assert abs((w64 >= rank).mean() - mass) < 4.5 * sd, (rank, (w64 >= rank).mean(), mass)
+    tail = 1000
+    lost = int(np.sum((w64 >= tail) & (w32 < tail)))
+    gained = int(np.sum((w32 >= tail) & (w64 < tail)))
+    print(f"float32 lost {lost} of {int(np.sum(w64 >= tail))} tail draws")
+    assert gained == 0 and lost >= 1, (lost, gained)
+    # The samplers draw through the float64 path by default.
+    key = jax.random.key(14)
+    expected = jnp.argmax(lp[None] + categorical.gumbel_noise(key, (3, k), "float64"), -1)
+    np.testing.assert_array_equal(
+        np.asarray(categorical.sample_categorical(key, jnp.broadcast_to(lp, (3, k)))), np.asarray(expected)
+    )
+    assert sampling.default_config().precision == "float64"
 
 
 def test_every_precision_samples_a_small_categorical():
-  probs = np.array([0.6, 0.3, 0.08, 0.02])
-  n = 20000
-  for precision in categorical.PRECISIONS:
-    draws = np.asarray(tjit(lambda r: categorical.sample_categorical(
-        r, jnp.broadcast_to(jnp.log(jnp.asarray(probs, jnp.float32)), (n, 4)), precision))(jax.random.key(15)))
-    freq = np.bincount(draws, minlength=4) / n
-    np.testing.assert_array_less(np.abs(freq - probs), 4.5 * np.sqrt(probs * (1 - probs) / n) + 1e-9)
+    probs = np.array([0.6, 0.3, 0.08, 0.02])
+    n = 20000
+    for precision in categorical.PRECISIONS:
+        draws = np.asarray(
+            tjit(
+                lambda r: categorical.sample_categorical(
+                    r, jnp.broadcast_to(jnp.log(jnp.asarray(probs, jnp.float32)), (n, 4)), precision
+                )
+            )(jax.random.key(15))
+        )
+        freq = np.bincount(draws, minlength=4) / n
+        np.testing.assert_array_less(np.abs(freq - probs), 4.5 * np.sqrt(probs * (1 - probs) / n) + 1e-9)
 
 
 # ------------------------------------------------------------------------------------------ compilation and sharding
 
 
 def _all_samplers(steps=4):
-  sched = schedules.LogLinearSchedule()
-  den = TOY.absorbing_denoiser()
-  out = []
-  for name in sampling.SAMPLERS:
-    c = cfg(name=name, steps=steps)
-    if name == "remdm":
-      c.remasking, c.eta = "cap", 0.1
-    out.append((name, c, dict(denoise_fn=den, schedule=sched, mask_id=MASK)))
-  geo = schedules.GeometricSchedule()
-  out.append(("sedd_analytic", cfg(name="sedd_analytic", steps=steps),
-              dict(score_fn=uniform_score_fn(geo), schedule=geo, graph="uniform")))
-  return out
+    sched = schedules.LogLinearSchedule()
+    den = TOY.absorbing_denoiser()
+    out = []
+    for name in sampling.SAMPLERS:
+        c = cfg(name=name, steps=steps)
+        if name == "remdm":
+            c.remasking, c.eta = "cap", 0.1
+        out.append((name, c, dict(denoise_fn=den, schedule=sched, mask_id=MASK)))
+    geo = schedules.GeometricSchedule()
+    out.append(
+        (
+            "sedd_analytic",
+            cfg(name="sedd_analytic", steps=steps),
+            dict(score_fn=uniform_score_fn(geo), schedule=geo, graph="uniform"),
+        )
+    )
+    return out
 
 
 def test_each_sampler_compiles_once_per_shape_and_steps_and_runs_sharded_over_8_devices():
-  devices = np.array(jax.devices()[:8])
-  assert len(devices) == 8
-  mesh = Mesh(devices, ("data",))
-  batch = NamedSharding(mesh, P("data"))
-  x_host = all_masked(16)
-  for name, c, kwargs in _all_samplers():
-    before = sampling.TRACE_COUNTS[name]
-    fn = sampling.jit_sampler(c, compiler_options=FAST, **kwargs)
-    x = jax.device_put(x_host if kwargs.get("graph") != "uniform" else jnp.zeros((16, L), jnp.int32), batch)
-    a = fn(jax.random.key(0), x)
-    b = fn(jax.random.key(1), x)
-    assert sampling.TRACE_COUNTS[name] - before == 1, name
-    assert a.tokens.sharding.is_equivalent_to(batch, 2), (name, a.tokens.sharding)
-    assert len(a.tokens.sharding.device_set) == 8
-    assert not np.array_equal(np.asarray(a.tokens), np.asarray(b.tokens)) or name == "first_hitting"
-    if name in ("ancestral", "first_hitting", "sedd_analytic"):
-      # Sharding does not change the result: the same key on one device gives the same tokens.
-      single = fn(jax.random.key(0), jax.device_put(x, jax.devices()[0]))
-      np.testing.assert_array_equal(np.asarray(single.tokens), np.asarray(a.tokens), err_msg=name)
-      # A new number of steps is one new compilation.
-      c2 = ml_collections.ConfigDict(c.to_dict())
-      c2.steps = 5
-      sampling.jit_sampler(c2, compiler_options=FAST, **kwargs)(jax.random.key(0), x)
-      assert sampling.TRACE_COUNTS[name] - before <= 3, name
+    devices = np.array(jax.devices()[:8])
+    assert len(devices) == 8
+    mesh = Mesh(devices, ("data",))
+    batch = NamedSharding(mesh, P("data"))
+    x_host = all_masked(16)
+    for name, c, kwargs in _all_samplers():
+        before = sampling.TRACE_COUNTS[name]
+        fn = sampling.jit_sampler(c, compiler_options=FAST, **kwargs)
+        x = jax.device_put(
+            x_host if kwargs.get("graph") != "uniform" else jnp.zeros((16, L), jnp.int32), batch
+        )
+        a = fn(jax.random.key(0), x)
+        b = fn(jax.random.key(1), x)
+        assert sampling.TRACE_COUNTS[name] - before == 1, name
+        assert a.tokens.sharding.is_equivalent_to(batch, 2), (name, a.tokens.sharding)
+        assert len(a.tokens.sharding.device_set) == 8
+        assert not np.array_equal(np.asarray(a.tokens), np.asarray(b.tokens)) or name == "first_hitting"
+        if name in ("ancestral", "first_hitting", "sedd_analytic"):
+            # Sharding does not change the result: the same key on one device gives the same tokens.
+            single = fn(jax.random.key(0), jax.device_put(x, jax.devices()[0]))
+            np.testing.assert_array_equal(np.asarray(single.tokens), np.asarray(a.tokens), err_msg=name)
+            # A new number of steps is one new compilation.
+            c2 = ml_collections.ConfigDict(c.to_dict())
+            c2.steps = 5
+            sampling.jit_sampler(c2, compiler_options=FAST, **kwargs)(jax.random.key(0), x)
+            assert sampling.TRACE_COUNTS[name] - before <= 3, name
 
 
 def test_make_sampler_rejects_bad_configs():
-  den = TOY.absorbing_denoiser()
-  sched = schedules.LogLinearSchedule()
-  with pytest.raises(ValueError, match="unknown sampler"):
-    sampling.make_sampler(cfg(name="nope"), denoise_fn=den, schedule=sched, mask_id=MASK)
-  with pytest.raises(ValueError, match="uniform graph"):
-    sampling.make_sampler(cfg(name="ancestral"), denoise_fn=den, schedule=sched, mask_id=MASK, graph="uniform")
-  with pytest.raises(ValueError, match="score_fn"):
-    sampling.make_sampler(cfg(name="sedd_euler"), denoise_fn=den, schedule=sched, graph="uniform")
+    den = TOY.absorbing_denoiser()
+    sched = schedules.LogLinearSchedule()
+    with pytest.raises(ValueError, match="unknown sampler"):
+        sampling.make_sampler(cfg(name="nope"), denoise_fn=den, schedule=sched, mask_id=MASK)
+    with pytest.raises(ValueError, match="uniform graph"):
+        sampling.make_sampler(
+            cfg(name="ancestral"), denoise_fn=den, schedule=sched, mask_id=MASK, graph="uniform"
+        )
+    with pytest.raises(ValueError, match="score_fn"):
+        sampling.make_sampler(cfg(name="sedd_euler"), denoise_fn=den, schedule=sched, graph="uniform")

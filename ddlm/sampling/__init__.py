@@ -31,61 +31,102 @@ SAMPLERS = ("ancestral", "cached", "remdm", "first_hitting", "sedd_euler", "sedd
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
 
-def make_sampler(cfg, *, denoise_fn=None, score_fn=None, schedule, mask_id=None, graph: str = "absorbing",
-                 return_trajectory: bool = False, progress_fn=None):
-  """sample(rng, x_init, clamp=None) -> SampleOutput for the sampler named cfg.name (not jitted: pure).
+def make_sampler(
+    cfg,
+    *,
+    denoise_fn=None,
+    score_fn=None,
+    schedule,
+    mask_id=None,
+    graph: str = "absorbing",
+    return_trajectory: bool = False,
+    progress_fn=None,
+):
+    """sample(rng, x_init, clamp=None) -> SampleOutput for the sampler named cfg.name (not jitted: pure).
 
-  cfg: config.sampler (see ddlm.sampling.config.default_config). denoise_fn(xt, t) -> logits for the
-  masked samplers (and the absorbing score samplers, via RADD's score); score_fn(xt, t) -> log ratios for
-  the score samplers (required on the uniform graph). cfg.guidance_scale != 0 wraps denoise_fn in
-  classifier-free guidance with the known tokens of x_init as the condition. clamp: bool [B, L], positions
-  kept fixed on the uniform graph. progress_fn(steps_done): a host callback after every step (optional).
-  """
-  if cfg.name not in SAMPLERS:
-    raise ValueError(f"unknown sampler {cfg.name!r}; expected one of {SAMPLERS}")
-  if graph == "uniform" and not cfg.name.startswith("sedd_"):
-    raise ValueError(f"sampler {cfg.name!r} is for masked diffusion; the uniform graph needs sedd_euler or sedd_analytic")
-  if cfg.name.startswith("sedd_") and score_fn is None and (graph != "absorbing" or denoise_fn is None):
-    raise ValueError(f"sampler {cfg.name!r} on the {graph} graph needs a score_fn")
-  if score_fn is None and denoise_fn is None:
-    raise ValueError("make_sampler needs denoise_fn (masked samplers) or score_fn (score samplers)")
-  filters = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+    cfg: config.sampler (see ddlm.sampling.config.default_config). denoise_fn(xt, t) -> logits for the
+    masked samplers (and the absorbing score samplers, via RADD's score); score_fn(xt, t) -> log ratios for
+    the score samplers (required on the uniform graph). cfg.guidance_scale != 0 wraps denoise_fn in
+    classifier-free guidance with the known tokens of x_init as the condition. clamp: bool [B, L], positions
+    kept fixed on the uniform graph. progress_fn(steps_done): a host callback after every step (optional).
+    """
+    if cfg.name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {cfg.name!r}; expected one of {SAMPLERS}")
+    if graph == "uniform" and not cfg.name.startswith("sedd_"):
+        raise ValueError(
+            f"sampler {cfg.name!r} is for masked diffusion; the uniform graph needs sedd_euler or sedd_analytic"
+        )
+    if cfg.name.startswith("sedd_") and score_fn is None and (graph != "absorbing" or denoise_fn is None):
+        raise ValueError(f"sampler {cfg.name!r} on the {graph} graph needs a score_fn")
+    if score_fn is None and denoise_fn is None:
+        raise ValueError("make_sampler needs denoise_fn (masked samplers) or score_fn (score samplers)")
+    filters = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
 
-  def sample(rng, x_init, clamp=None):
-    fn = denoise_fn
-    if fn is not None and cfg.guidance_scale:
-      fn = conditioning.guided_denoise_fn(fn, x_init != mask_id, mask_id, cfg.guidance_scale)
-    common = dict(mask_id=mask_id, schedule=schedule, precision=cfg.precision, return_trajectory=return_trajectory,
-                  progress_fn=progress_fn)
-    if cfg.name == "first_hitting":
-      return first_hitting_sample(fn, rng, x_init, **common, **filters)
-    if cfg.name in ("ancestral", "cached", "remdm"):
-      remasking = cfg.remasking if cfg.name == "remdm" else "none"
-      if cfg.name == "remdm" and remasking == "none":
-        raise ValueError("sampler 'remdm' needs config.sampler.remasking in cap | rescale | confidence")
-      return ancestral_sample(fn, rng, x_init, steps=cfg.steps, t_min=cfg.t_min, noise_removal=cfg.noise_removal,
-                              cache=cfg.name == "cached", remasking=remasking, eta=cfg.eta, **common, **filters)
-    sfn = score_fn if score_fn is not None else absorbing_score_fn(fn, schedule, mask_id, **filters)
-    return score_sample(sfn, rng, x_init, graph=graph, schedule=schedule, steps=cfg.steps,
-                        method=cfg.name[len("sedd_"):], mask_id=mask_id, clamp=clamp, t_min=cfg.t_min,
-                        noise_removal=cfg.noise_removal, precision=cfg.precision,
-                        return_trajectory=return_trajectory, progress_fn=progress_fn)
+    def sample(rng, x_init, clamp=None):
+        fn = denoise_fn
+        if fn is not None and cfg.guidance_scale:
+            fn = conditioning.guided_denoise_fn(fn, x_init != mask_id, mask_id, cfg.guidance_scale)
+        common = dict(
+            mask_id=mask_id,
+            schedule=schedule,
+            precision=cfg.precision,
+            return_trajectory=return_trajectory,
+            progress_fn=progress_fn,
+        )
+        if cfg.name == "first_hitting":
+            return first_hitting_sample(fn, rng, x_init, **common, **filters)
+        if cfg.name in ("ancestral", "cached", "remdm"):
+            remasking = cfg.remasking if cfg.name == "remdm" else "none"
+            if cfg.name == "remdm" and remasking == "none":
+                raise ValueError(
+                    "sampler 'remdm' needs config.sampler.remasking in cap | rescale | confidence"
+                )
+            return ancestral_sample(
+                fn,
+                rng,
+                x_init,
+                steps=cfg.steps,
+                t_min=cfg.t_min,
+                noise_removal=cfg.noise_removal,
+                cache=cfg.name == "cached",
+                remasking=remasking,
+                eta=cfg.eta,
+                **common,
+                **filters,
+            )
+        sfn = score_fn if score_fn is not None else absorbing_score_fn(fn, schedule, mask_id, **filters)
+        return score_sample(
+            sfn,
+            rng,
+            x_init,
+            graph=graph,
+            schedule=schedule,
+            steps=cfg.steps,
+            method=cfg.name[len("sedd_") :],
+            mask_id=mask_id,
+            clamp=clamp,
+            t_min=cfg.t_min,
+            noise_removal=cfg.noise_removal,
+            precision=cfg.precision,
+            return_trajectory=return_trajectory,
+            progress_fn=progress_fn,
+        )
 
-  return sample
+    return sample
 
 
 def jit_sampler(cfg, compiler_options=None, **kwargs):
-  """jax.jit(make_sampler(cfg, **kwargs)): compiled once per x_init shape (the steps and every other
-  option are fixed by cfg). Each trace increments TRACE_COUNTS[cfg.name]. compiler_options go to jax.jit
-  (the tests pass {'xla_backend_optimization_level': 0}: 5x faster CPU compiles of tiny programs)."""
-  sample = make_sampler(cfg, **kwargs)
+    """jax.jit(make_sampler(cfg, **kwargs)): compiled once per x_init shape (the steps and every other
+    option are fixed by cfg). Each trace increments TRACE_COUNTS[cfg.name]. compiler_options go to jax.jit
+    (the tests pass {'xla_backend_optimization_level': 0}: 5x faster CPU compiles of tiny programs)."""
+    sample = make_sampler(cfg, **kwargs)
 
-  @functools.wraps(sample)
-  def traced(rng, x_init, clamp=None):
-    TRACE_COUNTS[cfg.name] += 1
-    return sample(rng, x_init, clamp)
+    @functools.wraps(sample)
+    def traced(rng, x_init, clamp=None):
+        TRACE_COUNTS[cfg.name] += 1
+        return sample(rng, x_init, clamp)
 
-  return jax.jit(traced, compiler_options=compiler_options)
+    return jax.jit(traced, compiler_options=compiler_options)
 
 
 __all__ = [

@@ -27,72 +27,72 @@ PRECISIONS = ("float64", "float32_64bit", "float32")
 
 
 def gumbel_from_bits(bits, precision: str = "float64"):
-  """Gumbel noise from random bits uint32 [2, *shape] (two words per value); float32 [*shape].
+    """Gumbel noise from random bits uint32 [2, *shape] (two words per value); float32 [*shape].
 
-  'float64': U = (53 of the 64 bits + 1/2) 2^-53 in (0, 1) and -log(-log U) in float64 under a local
-  `jax.enable_x64(True)` (elementwise only, so it works inside jit with x64 off globally); the largest
-  value is -log(-log(1 - 2^-54)) ~ 37.4. 'float32': the naive path, U from 23 bits in float32 as in
-  JAX's default `jax.random.gumbel`, whose largest value is -log(-log(1 - 2^-23)) ~ 15.9.
-  """
-  if precision == "float64":
-    with jax.enable_x64(True):
-      hi = bits[0].astype(jnp.uint64)
-      lo = bits[1].astype(jnp.uint64)
-      word = (hi << 21) | (lo >> 11)  # 53 bits
-      u = (word.astype(jnp.float64) + 0.5) * (2.0**-53)
-      return (-jnp.log(-jnp.log(u))).astype(jnp.float32)
-  if precision == "float32":
-    u = (bits[0] >> 9).astype(jnp.float32) * (2.0**-23)
-    u = jnp.maximum(u, jnp.finfo(jnp.float32).tiny)
-    return -jnp.log(-jnp.log(u))
-  raise ValueError(f"gumbel_from_bits: precision must be 'float64' or 'float32', got {precision!r}")
+    'float64': U = (53 of the 64 bits + 1/2) 2^-53 in (0, 1) and -log(-log U) in float64 under a local
+    `jax.enable_x64(True)` (elementwise only, so it works inside jit with x64 off globally); the largest
+    value is -log(-log(1 - 2^-54)) ~ 37.4. 'float32': the naive path, U from 23 bits in float32 as in
+    JAX's default `jax.random.gumbel`, whose largest value is -log(-log(1 - 2^-23)) ~ 15.9.
+    """
+    if precision == "float64":
+        with jax.enable_x64(True):
+            hi = bits[0].astype(jnp.uint64)
+            lo = bits[1].astype(jnp.uint64)
+            word = (hi << 21) | (lo >> 11)  # 53 bits
+            u = (word.astype(jnp.float64) + 0.5) * (2.0**-53)
+            return (-jnp.log(-jnp.log(u))).astype(jnp.float32)
+    if precision == "float32":
+        u = (bits[0] >> 9).astype(jnp.float32) * (2.0**-23)
+        u = jnp.maximum(u, jnp.finfo(jnp.float32).tiny)
+        return -jnp.log(-jnp.log(u))
+    raise ValueError(f"gumbel_from_bits: precision must be 'float64' or 'float32', got {precision!r}")
 
 
 def gumbel_noise(rng, shape, precision: str = "float64"):
-  """Standard Gumbel noise, float32 [*shape]. precision: 'float64' (53-bit uniform, float64 math),
-  'float32_64bit' (JAX's float32 'highest' mode: 64 bits in fixed point, log1p near 1; same tail), or
-  'float32' (naive; tail truncated near 15.9)."""
-  shape = tuple(shape)
-  if precision in ("float64", "float32"):
-    return gumbel_from_bits(jax.random.bits(rng, (2,) + shape, jnp.uint32), precision)
-  if precision == "float32_64bit":
-    return jax.random.gumbel(rng, shape, jnp.float32, mode="highest")
-  raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
+    """Standard Gumbel noise, float32 [*shape]. precision: 'float64' (53-bit uniform, float64 math),
+    'float32_64bit' (JAX's float32 'highest' mode: 64 bits in fixed point, log1p near 1; same tail), or
+    'float32' (naive; tail truncated near 15.9)."""
+    shape = tuple(shape)
+    if precision in ("float64", "float32"):
+        return gumbel_from_bits(jax.random.bits(rng, (2,) + shape, jnp.uint32), precision)
+    if precision == "float32_64bit":
+        return jax.random.gumbel(rng, shape, jnp.float32, mode="highest")
+    raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
 
 
 def sample_categorical(rng, log_probs, precision: str = "float64"):
-  """One draw per row from softmax(log_probs) [..., V] by Gumbel-max. Returns int32 [...].
+    """One draw per row from softmax(log_probs) [..., V] by Gumbel-max. Returns int32 [...].
 
-  log_probs may be unnormalised and may hold large negative values (losses.NEG_INF) for impossible ids.
-  """
-  g = gumbel_noise(rng, log_probs.shape, precision)
-  return jnp.argmax(log_probs.astype(jnp.float32) + g, axis=-1).astype(jnp.int32)
+    log_probs may be unnormalised and may hold large negative values (losses.NEG_INF) for impossible ids.
+    """
+    g = gumbel_noise(rng, log_probs.shape, precision)
+    return jnp.argmax(log_probs.astype(jnp.float32) + g, axis=-1).astype(jnp.int32)
 
 
 def filter_logits(logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
-  """Temperature, top-k and top-p (nucleus) filtering of logits [..., V] (float32 out).
+    """Temperature, top-k and top-p (nucleus) filtering of logits [..., V] (float32 out).
 
-  temperature > 0 divides the logits; top_k > 0 keeps the k largest; top_p < 1 keeps the smallest set of
-  largest-probability ids whose mass reaches top_p (always at least the top id). Removed ids get
-  losses.NEG_INF. All arguments are static Python numbers (they change the compiled program).
-  """
-  if temperature <= 0:
-    raise ValueError(f"temperature must be > 0 (use greedy decoding for 0), got {temperature}")
-  if not 0.0 < top_p <= 1.0:
-    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-  logits = logits.astype(jnp.float32)
-  if temperature != 1.0:
-    logits = logits / temperature
-  v = logits.shape[-1]
-  if 0 < top_k < v:
-    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-    logits = jnp.where(logits < kth, losses.NEG_INF, logits)
-  if top_p < 1.0:
-    order = jnp.argsort(-logits, axis=-1)
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each id
-    keep_sorted = mass_before < top_p
-    keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), axis=-1)
-    logits = jnp.where(keep, logits, losses.NEG_INF)
-  return logits
+    temperature > 0 divides the logits; top_k > 0 keeps the k largest; top_p < 1 keeps the smallest set of
+    largest-probability ids whose mass reaches top_p (always at least the top id). Removed ids get
+    losses.NEG_INF. All arguments are static Python numbers (they change the compiled program).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (use greedy decoding for 0), got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    logits = logits.astype(jnp.float32)
+    if temperature != 1.0:
+        logits = logits / temperature
+    v = logits.shape[-1]
+    if 0 < top_k < v:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, losses.NEG_INF, logits)
+    if top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each id
+        keep_sorted = mass_before < top_p
+        keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), axis=-1)
+        logits = jnp.where(keep, logits, losses.NEG_INF)
+    return logits

@@ -44,197 +44,242 @@ from ddlm.sampling import make_sampler
 
 
 def resolve_config(sampler_config) -> ml_collections.ConfigDict:
-  """default_config() with the fields of `sampler_config` set; a field default_config lacks is an error."""
-  out = config_lib.default_config()
-  for key, value in sampler_config.items():
-    if key not in out:
-      raise ValueError(f"config.sampler.{key} is not a sampler field; fields: {sorted(out.keys())}")
-    out[key] = value
-  return out
+    """default_config() with the fields of `sampler_config` set; a field default_config lacks is an error."""
+    out = config_lib.default_config()
+    for key, value in sampler_config.items():
+        if key not in out:
+            raise ValueError(f"config.sampler.{key} is not a sampler field; fields: {sorted(out.keys())}")
+        out[key] = value
+    return out
 
 
 def _load_checkpoint(config, workdir):
-  from ddlm.train import trainer
+    from ddlm.train import trainer
 
-  setup, params, step = trainer.load_params(config, workdir, ema=bool(config.sampler.use_ema))
-  return setup.model, params, setup.tokenizer, setup, step
+    setup, params, step = trainer.load_params(config, workdir, ema=bool(config.sampler.use_ema))
+    return setup.model, params, setup.tokenizer, setup, step
 
 
 def _token_entropy(ids: np.ndarray) -> float:
-  """Entropy (nats) of the unigram distribution of the ids in one sample (MDLM/ReMDM's diversity check)."""
-  if len(ids) == 0:
-    return 0.0
-  _, counts = np.unique(ids, return_counts=True)
-  p = counts / counts.sum()
-  return float(-(p * np.log(p)).sum())
+    """Entropy (nats) of the unigram distribution of the ids in one sample (MDLM/ReMDM's diversity check)."""
+    if len(ids) == 0:
+        return 0.0
+    _, counts = np.unique(ids, return_counts=True)
+    p = counts / counts.sum()
+    return float(-(p * np.log(p)).sum())
 
 
 class _Progress:
-  """One status line on stderr: samples done, the batch, and (from the jitted loop's host callback) the
-  step within the batch."""
+    """One status line on stderr: samples done, the batch, and (from the jitted loop's host callback) the
+    step within the batch."""
 
-  def __init__(self, num_samples: int, num_batches: int, steps: int, stream=None):
-    self.num_samples, self.num_batches, self.steps = num_samples, num_batches, steps
-    self.stream = stream or sys.stderr
-    self.start = time.time()
-    self.done, self.batch, self.step, self._last = 0, 0, 0, 0.0
+    def __init__(self, num_samples: int, num_batches: int, steps: int, stream=None):
+        self.num_samples, self.num_batches, self.steps = num_samples, num_batches, steps
+        self.stream = stream or sys.stderr
+        self.start = time.time()
+        self.done, self.batch, self.step, self._last = 0, 0, 0, 0.0
 
-  def _draw(self, force=False):
-    now = time.time()
-    if not force and now - self._last < 0.1:
-      return
-    self._last = now
-    width = 24
-    filled = int(width * self.step / max(self.steps, 1))
-    self.stream.write(
-        f"\rsampling: {self.done}/{self.num_samples} samples, batch {min(self.batch + 1, self.num_batches)}/"
-        f"{self.num_batches} [{'#' * filled}{'.' * (width - filled)}] step {self.step}/{self.steps}, "
-        f"{now - self.start:.1f}s ")
-    self.stream.flush()
+    def _draw(self, force=False):
+        now = time.time()
+        if not force and now - self._last < 0.1:
+            return
+        self._last = now
+        width = 24
+        filled = int(width * self.step / max(self.steps, 1))
+        self.stream.write(
+            f"\rsampling: {self.done}/{self.num_samples} samples, batch {min(self.batch + 1, self.num_batches)}/"
+            f"{self.num_batches} [{'#' * filled}{'.' * (width - filled)}] step {self.step}/{self.steps}, "
+            f"{now - self.start:.1f}s "
+        )
+        self.stream.flush()
 
-  def on_step(self, k):  # called from inside the jitted loop
-    self.step = int(k)
-    self._draw()
+    def on_step(self, k):  # called from inside the jitted loop
+        self.step = int(k)
+        self._draw()
 
-  def on_batch(self, batch: int, done: int):
-    self.batch, self.done, self.step = batch, done, self.steps
-    self._draw(force=True)
-    if done >= self.num_samples:
-      self.stream.write("\n")
-      self.stream.flush()
+    def on_batch(self, batch: int, done: int):
+        self.batch, self.done, self.step = batch, done, self.steps
+        self._draw(force=True)
+        if done >= self.num_samples:
+            self.stream.write("\n")
+            self.stream.flush()
 
 
 def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None) -> list[dict]:
-  """Samples per config.sampler from the latest checkpoint in workdir and writes them (see module doc)."""
-  sc = resolve_config(config.sampler)
-  model, params, tok, setup, ckpt_step = (load_fn or _load_checkpoint)(config, workdir)
-  mask_id, vocab = tok.mask_id, tok.vocab_size
-  loss = config.diffusion.loss
-  graph = config.diffusion.process
-  if loss in ("ar", "bd3lm"):
-    raise ValueError(f"config.diffusion.loss={loss!r}: the samplers here are for diffusion losses, not {loss!r}")
-  if graph == "uniform" and not sc.name.startswith("sedd_"):
-    raise ValueError(f"config.sampler.name={sc.name!r} needs the absorbing process; use sedd_euler or sedd_analytic")
-  diffusion_schedule = schedules.get_schedule(config.diffusion.schedule, **dict(config.diffusion.schedule_kwargs))
-  schedule = diffusion_schedule if sc.grid in ("", config.diffusion.schedule) else schedules.get_schedule(sc.grid)
-  seq_len = sc.seq_len or config.train.seq_len
-  time_free = loss == "radd"
+    """Samples per config.sampler from the latest checkpoint in workdir and writes them (see module doc)."""
+    sc = resolve_config(config.sampler)
+    model, params, tok, setup, ckpt_step = (load_fn or _load_checkpoint)(config, workdir)
+    mask_id, vocab = tok.mask_id, tok.vocab_size
+    loss = config.diffusion.loss
+    graph = config.diffusion.process
+    if loss in ("ar", "bd3lm"):
+        raise ValueError(
+            f"config.diffusion.loss={loss!r}: the samplers here are for diffusion losses, not {loss!r}"
+        )
+    if graph == "uniform" and not sc.name.startswith("sedd_"):
+        raise ValueError(
+            f"config.sampler.name={sc.name!r} needs the absorbing process; use sedd_euler or sedd_analytic"
+        )
+    diffusion_schedule = schedules.get_schedule(
+        config.diffusion.schedule, **dict(config.diffusion.schedule_kwargs)
+    )
+    schedule = (
+        diffusion_schedule if sc.grid in ("", config.diffusion.schedule) else schedules.get_schedule(sc.grid)
+    )
+    seq_len = sc.seq_len or config.train.seq_len
+    time_free = loss == "radd"
 
-  # ------------------------------------------------------------------ initial tokens (conditioning)
-  prompt_ids = tok.encode(sc.prompt) if sc.prompt else []
-  template_ids = conditioning.parse_infill_template(sc.infill, tok.encode, mask_id) if sc.infill else None
-  x_init = conditioning.initial_tokens(
-      sc.batch_size, seq_len, mask_id, prompt_ids=prompt_ids, template_ids=template_ids,
-      constraints=conditioning.parse_constraints(sc.constraints), end=sc.end, eos_id=tok.eos_id, pad_id=tok.pad_id)
-  clamp = x_init != mask_id
-  if graph == "uniform":
-    x_init = np.where(clamp, x_init, 0)
+    # ------------------------------------------------------------------ initial tokens (conditioning)
+    prompt_ids = tok.encode(sc.prompt) if sc.prompt else []
+    template_ids = conditioning.parse_infill_template(sc.infill, tok.encode, mask_id) if sc.infill else None
+    x_init = conditioning.initial_tokens(
+        sc.batch_size,
+        seq_len,
+        mask_id,
+        prompt_ids=prompt_ids,
+        template_ids=template_ids,
+        constraints=conditioning.parse_constraints(sc.constraints),
+        end=sc.end,
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+    )
+    clamp = x_init != mask_id
+    if graph == "uniform":
+        x_init = np.where(clamp, x_init, 0)
 
-  # ------------------------------------------------------------------ the jitted sampler
-  def network(params, xt, t):
-    return model.apply({"params": params}, xt, None if time_free else t, x0=None, train=False).astype(jnp.float32)
+    # ------------------------------------------------------------------ the jitted sampler
+    def network(params, xt, t):
+        return model.apply({"params": params}, xt, None if time_free else t, x0=None, train=False).astype(
+            jnp.float32
+        )
 
-  total_steps = int(np.sum(x_init == mask_id, axis=1).max()) if sc.name == "first_hitting" else sc.steps
-  num_batches = -(-sc.num_samples // sc.batch_size)
-  progress = _Progress(sc.num_samples, num_batches, total_steps)
+    total_steps = int(np.sum(x_init == mask_id, axis=1).max()) if sc.name == "first_hitting" else sc.steps
+    num_batches = -(-sc.num_samples // sc.batch_size)
+    progress = _Progress(sc.num_samples, num_batches, total_steps)
 
-  def sample(params, rng, x, clamp):
-    denoise_fn = lambda xt, t: network(params, xt, t)
-    score_fn = None
-    if loss == "sedd_absorb":
-      score_fn = lambda xt, t: losses.sedd_absorbing_log_score(network(params, xt, t), t, diffusion_schedule)
-    elif loss == "sedd_uniform":
-      score_fn = denoise_fn  # a uniform-graph SEDD network outputs log ratios
-    if not sc.name.startswith("sedd_"):
-      score_fn = None
-    sampler = make_sampler(sc, denoise_fn=denoise_fn, score_fn=score_fn, schedule=schedule, mask_id=mask_id,
-                           graph=graph, return_trajectory=bool(sc.visualize),
-                           progress_fn=progress.on_step if sc.progress else None)
-    return sampler(rng, x, clamp if graph == "uniform" else None)
+    def sample(params, rng, x, clamp):
+        denoise_fn = lambda xt, t: network(params, xt, t)
+        score_fn = None
+        if loss == "sedd_absorb":
+            score_fn = lambda xt, t: losses.sedd_absorbing_log_score(
+                network(params, xt, t), t, diffusion_schedule
+            )
+        elif loss == "sedd_uniform":
+            score_fn = denoise_fn  # a uniform-graph SEDD network outputs log ratios
+        if not sc.name.startswith("sedd_"):
+            score_fn = None
+        sampler = make_sampler(
+            sc,
+            denoise_fn=denoise_fn,
+            score_fn=score_fn,
+            schedule=schedule,
+            mask_id=mask_id,
+            graph=graph,
+            return_trajectory=bool(sc.visualize),
+            progress_fn=progress.on_step if sc.progress else None,
+        )
+        return sampler(rng, x, clamp if graph == "uniform" else None)
 
-  mesh = getattr(setup, "mesh", None)
-  x_sharding = None
-  if mesh is not None:
-    from jax.sharding import NamedSharding, PartitionSpec
+    mesh = getattr(setup, "mesh", None)
+    x_sharding = None
+    if mesh is not None:
+        from jax.sharding import NamedSharding, PartitionSpec
 
-    data_axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
-    size = math.prod(mesh.shape[a] for a in data_axes)
-    if sc.batch_size % size == 0:
-      x_sharding = NamedSharding(mesh, PartitionSpec(data_axes))
-  jitted = jax.jit(sample)
-  context = setup.context() if hasattr(setup, "context") else _null_context()
+        data_axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+        size = math.prod(mesh.shape[a] for a in data_axes)
+        if sc.batch_size % size == 0:
+            x_sharding = NamedSharding(mesh, PartitionSpec(data_axes))
+    jitted = jax.jit(sample)
+    context = setup.context() if hasattr(setup, "context") else _null_context()
 
-  # ------------------------------------------------------------------ sample in batches
-  out_dir = sc.output_dir or os.path.join(workdir, "samples")
-  os.makedirs(out_dir, exist_ok=True)
-  base_rng = jax.random.key(sc.seed)
-  records, trajectory = [], None
-  x_dev = jnp.asarray(x_init) if x_sharding is None else jax.device_put(x_init, x_sharding)
-  clamp_dev = jnp.asarray(clamp) if x_sharding is None else jax.device_put(clamp, x_sharding)
-  logging.info("Sampling %d sequences of %d tokens with %s (%d steps), checkpoint step %s.",
-               sc.num_samples, seq_len, sc.name, sc.steps, ckpt_step)
-  with context:
-    t0 = time.time()
-    compiled = jitted.lower(params, base_rng, x_dev, clamp_dev).compile()  # once: every batch has this shape
-    compile_s = time.time() - t0
-    logging.info("Compiled the sampler in %.1fs.", compile_s)
-    progress.start = time.time()
-    for b in range(num_batches):
-      progress.batch, progress.step = b, 0
-      t0 = time.time()
-      out = compiled(params, jax.random.fold_in(base_rng, b), x_dev, clamp_dev)
-      tokens = np.asarray(jax.device_get(out.tokens))
-      nfe = int(out.nfe)
-      batch_time = time.time() - t0
-      if sc.truncate_at_eos:
-        tokens = np.asarray(conditioning.truncate_after_eos(tokens, tok.eos_id, tok.pad_id))
-      if trajectory is None and out.trajectory is not None:
-        trajectory = np.asarray(jax.device_get(out.trajectory))[:, 0]
-      for row in tokens:
-        if len(records) >= sc.num_samples:
-          break
-        content = row[(row != tok.pad_id) & (row != mask_id)]
-        records.append({
-            "index": len(records),
-            "text": tok.decode(row.tolist()),
-            "tokens": row.tolist(),
-            "nfe": nfe,
-            "time_s": batch_time / len(tokens),
-            "batch_time_s": batch_time,
-            "compile_s": compile_s,
-            "entropy": _token_entropy(content),
-            "sampler": sc.name,
-            "steps": sc.steps,
-            "checkpoint_step": None if ckpt_step is None else int(ckpt_step),
-        })
-      progress.on_batch(b, len(records))
+    # ------------------------------------------------------------------ sample in batches
+    out_dir = sc.output_dir or os.path.join(workdir, "samples")
+    os.makedirs(out_dir, exist_ok=True)
+    base_rng = jax.random.key(sc.seed)
+    records, trajectory = [], None
+    x_dev = jnp.asarray(x_init) if x_sharding is None else jax.device_put(x_init, x_sharding)
+    clamp_dev = jnp.asarray(clamp) if x_sharding is None else jax.device_put(clamp, x_sharding)
+    logging.info(
+        "Sampling %d sequences of %d tokens with %s (%d steps), checkpoint step %s.",
+        sc.num_samples,
+        seq_len,
+        sc.name,
+        sc.steps,
+        ckpt_step,
+    )
+    with context:
+        t0 = time.time()
+        compiled = jitted.lower(
+            params, base_rng, x_dev, clamp_dev
+        ).compile()  # once: every batch has this shape
+        compile_s = time.time() - t0
+        logging.info("Compiled the sampler in %.1fs.", compile_s)
+        progress.start = time.time()
+        for b in range(num_batches):
+            progress.batch, progress.step = b, 0
+            t0 = time.time()
+            out = compiled(params, jax.random.fold_in(base_rng, b), x_dev, clamp_dev)
+            tokens = np.asarray(jax.device_get(out.tokens))
+            nfe = int(out.nfe)
+            batch_time = time.time() - t0
+            if sc.truncate_at_eos:
+                tokens = np.asarray(conditioning.truncate_after_eos(tokens, tok.eos_id, tok.pad_id))
+            if trajectory is None and out.trajectory is not None:
+                trajectory = np.asarray(jax.device_get(out.trajectory))[:, 0]
+            for row in tokens:
+                if len(records) >= sc.num_samples:
+                    break
+                content = row[(row != tok.pad_id) & (row != mask_id)]
+                records.append(
+                    {
+                        "index": len(records),
+                        "text": tok.decode(row.tolist()),
+                        "tokens": row.tolist(),
+                        "nfe": nfe,
+                        "time_s": batch_time / len(tokens),
+                        "batch_time_s": batch_time,
+                        "compile_s": compile_s,
+                        "entropy": _token_entropy(content),
+                        "sampler": sc.name,
+                        "steps": sc.steps,
+                        "checkpoint_step": None if ckpt_step is None else int(ckpt_step),
+                    }
+                )
+            progress.on_batch(b, len(records))
 
-  # ------------------------------------------------------------------ outputs
-  with open(os.path.join(out_dir, "samples.txt"), "w") as f:
-    for r in records:
-      f.write(r["text"] + "\n" + "=" * 80 + "\n")
-  with open(os.path.join(out_dir, "samples.jsonl"), "w") as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
-  if trajectory is not None:
-    token_text = lambda i: tok.decode([i]) if i not in (tok.pad_id, tok.eos_id, tok.bos_id) else ""
-    title = f"{sc.name}, {sc.steps} steps, checkpoint step {ckpt_step}"
-    with open(os.path.join(out_dir, "trajectory.html"), "w") as f:
-      f.write(visualize.trajectory_html(trajectory, token_text, mask_id, title=title))
-    visualize.animate_terminal(trajectory, token_text, mask_id)
-  for r in records[:8]:
-    print(f"--- sample {r['index']} (NFE {r['nfe']}, entropy {r['entropy']:.2f}) ---\n{r['text']}")
-  print(f"{len(records)} samples written to {out_dir}/samples.txt and samples.jsonl"
-        + (" (trajectory.html)" if trajectory is not None else ""))
-  mean_entropy = float(np.mean([r["entropy"] for r in records])) if records else float("nan")
-  logging.info("Wrote %d samples to %s (NFE %d, mean token entropy %.3f nats).", len(records), out_dir,
-               records[0]["nfe"] if records else 0, mean_entropy)
-  return records
+    # ------------------------------------------------------------------ outputs
+    with open(os.path.join(out_dir, "samples.txt"), "w") as f:
+        for r in records:
+            f.write(r["text"] + "\n" + "=" * 80 + "\n")
+    with open(os.path.join(out_dir, "samples.jsonl"), "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    if trajectory is not None:
+        token_text = lambda i: tok.decode([i]) if i not in (tok.pad_id, tok.eos_id, tok.bos_id) else ""
+        title = f"{sc.name}, {sc.steps} steps, checkpoint step {ckpt_step}"
+        with open(os.path.join(out_dir, "trajectory.html"), "w") as f:
+            f.write(visualize.trajectory_html(trajectory, token_text, mask_id, title=title))
+        visualize.animate_terminal(trajectory, token_text, mask_id)
+    for r in records[:8]:
+        print(f"--- sample {r['index']} (NFE {r['nfe']}, entropy {r['entropy']:.2f}) ---\n{r['text']}")
+    print(
+        f"{len(records)} samples written to {out_dir}/samples.txt and samples.jsonl"
+        + (" (trajectory.html)" if trajectory is not None else "")
+    )
+    mean_entropy = float(np.mean([r["entropy"] for r in records])) if records else float("nan")
+    logging.info(
+        "Wrote %d samples to %s (NFE %d, mean token entropy %.3f nats).",
+        len(records),
+        out_dir,
+        records[0]["nfe"] if records else 0,
+        mean_entropy,
+    )
+    return records
 
 
 class _null_context:
-  def __enter__(self):
-    return self
+    def __enter__(self):
+        return self
 
-  def __exit__(self, *exc):
-    return False
+    def __exit__(self, *exc):
+        return False

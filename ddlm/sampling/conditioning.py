@@ -25,34 +25,34 @@ MASK_PLACEHOLDER = re.compile(r"\[MASK(?::(\d+))?\]")
 
 
 def parse_infill_template(template: str, encode: Callable[[str], list[int]], mask_id: int) -> list[int]:
-  """'The [MASK:20] sat on the mat.' -> ids of 'The ', 20 x mask_id, ids of ' sat on the mat.'.
+    """'The [MASK:20] sat on the mat.' -> ids of 'The ', 20 x mask_id, ids of ' sat on the mat.'.
 
-  '[MASK]' is one masked token, '[MASK:n]' n of them. The text between placeholders is encoded piece
-  by piece, so the known tokens are exactly encode(piece)."""
-  ids: list[int] = []
-  pos = 0
-  for match in MASK_PLACEHOLDER.finditer(template):
-    if match.start() > pos:
-      ids.extend(encode(template[pos:match.start()]))
-    count = int(match.group(1)) if match.group(1) is not None else 1
-    if count < 1:
-      raise ValueError(f"infill template: [MASK:n] needs n >= 1, got {match.group(0)!r}")
-    ids.extend([mask_id] * count)
-    pos = match.end()
-  if pos < len(template):
-    ids.extend(encode(template[pos:]))
-  return ids
+    '[MASK]' is one masked token, '[MASK:n]' n of them. The text between placeholders is encoded piece
+    by piece, so the known tokens are exactly encode(piece)."""
+    ids: list[int] = []
+    pos = 0
+    for match in MASK_PLACEHOLDER.finditer(template):
+        if match.start() > pos:
+            ids.extend(encode(template[pos : match.start()]))
+        count = int(match.group(1)) if match.group(1) is not None else 1
+        if count < 1:
+            raise ValueError(f"infill template: [MASK:n] needs n >= 1, got {match.group(0)!r}")
+        ids.extend([mask_id] * count)
+        pos = match.end()
+    if pos < len(template):
+        ids.extend(encode(template[pos:]))
+    return ids
 
 
 def parse_constraints(spec: str) -> dict[int, int]:
-  """'0:17,5:3' -> {0: 17, 5: 3} (position: token id)."""
-  out = {}
-  for item in filter(None, (spec or "").split(",")):
-    pos, sep, tok = item.partition(":")
-    if not sep:
-      raise ValueError(f"constraints must look like 'pos:id,pos:id', got {spec!r}")
-    out[int(pos)] = int(tok)
-  return out
+    """'0:17,5:3' -> {0: 17, 5: 3} (position: token id)."""
+    out = {}
+    for item in filter(None, (spec or "").split(",")):
+        pos, sep, tok = item.partition(":")
+        if not sep:
+            raise ValueError(f"constraints must look like 'pos:id,pos:id', got {spec!r}")
+        out[int(pos)] = int(tok)
+    return out
 
 
 def initial_tokens(
@@ -67,55 +67,57 @@ def initial_tokens(
     eos_id: int | None = None,
     pad_id: int | None = None,
 ) -> np.ndarray:
-  """x_init int32 [batch, length]: mask_id everywhere except the known tokens.
+    """x_init int32 [batch, length]: mask_id everywhere except the known tokens.
 
-  prompt_ids: a prefix. template_ids: ids from parse_infill_template, placed at the start (after the
-  prompt); positions after it are generated freely. constraints: {position: token id}. end > 0: length
-  control, the sequence ends at position `end`: it holds eos_id and every later position pad_id (eos_id
-  if pad_id is None). Later sources override earlier ones at the same position.
-  """
-  x = np.full((batch, length), mask_id, dtype=np.int32)
-  known = list(prompt_ids) + (list(template_ids) if template_ids is not None else [])
-  if len(known) > length:
-    raise ValueError(f"prompt + template are {len(known)} tokens, longer than the sequence length {length}")
-  x[:, : len(known)] = np.asarray(known, dtype=np.int32)
-  for pos, tok in (constraints or {}).items():
-    if not -length <= pos < length:
-      raise ValueError(f"constraint position {pos} outside a sequence of length {length}")
-    x[:, pos] = tok
-  if end:
-    if not 0 < end <= length:
-      raise ValueError(f"end must be in (0, {length}], got {end}")
-    if eos_id is None:
-      raise ValueError("length control (end > 0) needs eos_id")
-    if end < length:
-      x[:, end] = eos_id
-      x[:, end + 1:] = eos_id if pad_id is None else pad_id
-  return x
+    prompt_ids: a prefix. template_ids: ids from parse_infill_template, placed at the start (after the
+    prompt); positions after it are generated freely. constraints: {position: token id}. end > 0: length
+    control, the sequence ends at position `end`: it holds eos_id and every later position pad_id (eos_id
+    if pad_id is None). Later sources override earlier ones at the same position.
+    """
+    x = np.full((batch, length), mask_id, dtype=np.int32)
+    known = list(prompt_ids) + (list(template_ids) if template_ids is not None else [])
+    if len(known) > length:
+        raise ValueError(
+            f"prompt + template are {len(known)} tokens, longer than the sequence length {length}"
+        )
+    x[:, : len(known)] = np.asarray(known, dtype=np.int32)
+    for pos, tok in (constraints or {}).items():
+        if not -length <= pos < length:
+            raise ValueError(f"constraint position {pos} outside a sequence of length {length}")
+        x[:, pos] = tok
+    if end:
+        if not 0 < end <= length:
+            raise ValueError(f"end must be in (0, {length}], got {end}")
+        if eos_id is None:
+            raise ValueError("length control (end > 0) needs eos_id")
+        if end < length:
+            x[:, end] = eos_id
+            x[:, end + 1 :] = eos_id if pad_id is None else pad_id
+    return x
 
 
 def truncate_after_eos(tokens, eos_id: int, pad_id: int):
-  """Every position after the first eos_id becomes pad_id (the eos itself is kept). tokens: [B, L]."""
-  is_eos = tokens == eos_id
-  after = (jnp.cumsum(is_eos, axis=-1) - is_eos) > 0
-  return jnp.where(after, pad_id, tokens)
+    """Every position after the first eos_id becomes pad_id (the eos itself is kept). tokens: [B, L]."""
+    is_eos = tokens == eos_id
+    after = (jnp.cumsum(is_eos, axis=-1) - is_eos) > 0
+    return jnp.where(after, pad_id, tokens)
 
 
 def guided_denoise_fn(denoise_fn, cond_mask, mask_id: int, scale: float):
-  """Classifier-free guidance in LLaDA's form (Nie et al. 2025, eq. 16): the unconditional input is x_t
-  with the conditioning positions (cond_mask [B, L] True: the prompt / known tokens) masked, and
+    """Classifier-free guidance in LLaDA's form (Nie et al. 2025, eq. 16): the unconditional input is x_t
+    with the conditioning positions (cond_mask [B, L] True: the prompt / known tokens) masked, and
 
-      log p~(x_0 | x_t) = (1 + w) log p(x_0 | x_t) - w log p(x_0 | x_t with the prompt masked)   (+ const).
+        log p~(x_0 | x_t) = (1 + w) log p(x_0 | x_t) - w log p(x_0 | x_t with the prompt masked)   (+ const).
 
-  Both inputs go through one call on a [2B, L] batch. scale w = 0 is plain conditional sampling.
-  Returns a denoise_fn with the same signature (its output is normalised log-probs)."""
-  cond_mask = jnp.asarray(cond_mask, bool)
+    Both inputs go through one call on a [2B, L] batch. scale w = 0 is plain conditional sampling.
+    Returns a denoise_fn with the same signature (its output is normalised log-probs)."""
+    cond_mask = jnp.asarray(cond_mask, bool)
 
-  def fn(xt, t):
-    uncond = jnp.where(cond_mask, mask_id, xt)
-    logits = denoise_fn(jnp.concatenate([xt, uncond], 0), jnp.concatenate([t, t], 0))
-    logits = logits.astype(jnp.float32).at[..., mask_id].set(-1e6)
-    cond_lp, uncond_lp = jnp.split(jax.nn.log_softmax(logits, axis=-1), 2, axis=0)
-    return (1.0 + scale) * cond_lp - scale * uncond_lp
+    def fn(xt, t):
+        uncond = jnp.where(cond_mask, mask_id, xt)
+        logits = denoise_fn(jnp.concatenate([xt, uncond], 0), jnp.concatenate([t, t], 0))
+        logits = logits.astype(jnp.float32).at[..., mask_id].set(-1e6)
+        cond_lp, uncond_lp = jnp.split(jax.nn.log_softmax(logits, axis=-1), 2, axis=0)
+        return (1.0 + scale) * cond_lp - scale * uncond_lp
 
-  return fn
+    return fn

@@ -35,46 +35,46 @@ REMASKING = ("none", "cap", "rescale", "confidence")
 
 
 class SampleOutput(NamedTuple):
-  tokens: jax.Array  # int32 [B, L]
-  nfe: jax.Array  # int32 []: denoise_fn calls made (each on the whole batch)
-  trajectory: jax.Array | None  # int32 [S, B, L]: x_init then the state after each step; None if not asked
+    tokens: jax.Array  # int32 [B, L]
+    nfe: jax.Array  # int32 []: denoise_fn calls made (each on the whole batch)
+    trajectory: jax.Array | None  # int32 [S, B, L]: x_init then the state after each step; None if not asked
 
 
 def _check_init(x_init, mask_id):
-  if x_init.ndim != 2 or not jnp.issubdtype(x_init.dtype, jnp.integer):
-    raise ValueError(f"x_init must be int [batch, length], got {x_init.dtype} {tuple(x_init.shape)}")
-  if mask_id is None:
-    raise ValueError("masked-diffusion samplers need mask_id")
+    if x_init.ndim != 2 or not jnp.issubdtype(x_init.dtype, jnp.integer):
+        raise ValueError(f"x_init must be int [batch, length], got {x_init.dtype} {tuple(x_init.shape)}")
+    if mask_id is None:
+        raise ValueError("masked-diffusion samplers need mask_id")
 
 
 def time_grid(steps: int, t_min: float = 0.0):
-  """[steps + 1] times from 1 down to t_min, uniform in t (the schedule shapes alpha along it)."""
-  if steps < 1:
-    raise ValueError(f"steps must be >= 1, got {steps}")
-  if not 0.0 <= t_min < 1.0:
-    raise ValueError(f"t_min must be in [0, 1), got {t_min}")
-  return 1.0 - (1.0 - t_min) * jnp.arange(steps + 1, dtype=jnp.float32) / steps
+    """[steps + 1] times from 1 down to t_min, uniform in t (the schedule shapes alpha along it)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not 0.0 <= t_min < 1.0:
+        raise ValueError(f"t_min must be in [0, 1), got {t_min}")
+    return 1.0 - (1.0 - t_min) * jnp.arange(steps + 1, dtype=jnp.float32) / steps
 
 
 def x0_log_probs(denoise_fn, xt, t, mask_id, temperature=1.0, top_k=0, top_p=1.0):
-  """log p_theta(x_0 | x_t) [B, L, V] with the mask id removed (SUBS) and the filters applied."""
-  b = xt.shape[0]
-  logits = denoise_fn(xt, jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,)))
-  logits = logits.astype(jnp.float32).at[..., mask_id].set(losses.NEG_INF)
-  logits = categorical.filter_logits(logits, temperature, top_k, top_p)
-  return jax.nn.log_softmax(logits, axis=-1)
+    """log p_theta(x_0 | x_t) [B, L, V] with the mask id removed (SUBS) and the filters applied."""
+    b = xt.shape[0]
+    logits = denoise_fn(xt, jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,)))
+    logits = logits.astype(jnp.float32).at[..., mask_id].set(losses.NEG_INF)
+    logits = categorical.filter_logits(logits, temperature, top_k, top_p)
+    return jax.nn.log_softmax(logits, axis=-1)
 
 
 def remasking_sigma(strategy: str, eta: float, alpha_s, alpha_t):
-  """ReMDM's remasking probability sigma_t (Wang et al. 2025, sec. 4.1): bounded by
-  sigma_max = min(1, (1 - alpha_s) / alpha_t) so that the marginals q(x_s | x_0) are unchanged;
-  'cap': min(eta, sigma_max); 'rescale' and 'confidence': eta * sigma_max."""
-  sigma_max = jnp.where(alpha_t > 0, jnp.minimum(1.0, (1.0 - alpha_s) / jnp.maximum(alpha_t, 1e-30)), 1.0)
-  if strategy == "cap":
-    return jnp.minimum(eta, sigma_max)
-  if strategy in ("rescale", "confidence"):
-    return eta * sigma_max
-  raise ValueError(f"unknown remasking strategy {strategy!r}; expected one of {REMASKING}")
+    """ReMDM's remasking probability sigma_t (Wang et al. 2025, sec. 4.1): bounded by
+    sigma_max = min(1, (1 - alpha_s) / alpha_t) so that the marginals q(x_s | x_0) are unchanged;
+    'cap': min(eta, sigma_max); 'rescale' and 'confidence': eta * sigma_max."""
+    sigma_max = jnp.where(alpha_t > 0, jnp.minimum(1.0, (1.0 - alpha_s) / jnp.maximum(alpha_t, 1e-30)), 1.0)
+    if strategy == "cap":
+        return jnp.minimum(eta, sigma_max)
+    if strategy in ("rescale", "confidence"):
+        return eta * sigma_max
+    raise ValueError(f"unknown remasking strategy {strategy!r}; expected one of {REMASKING}")
 
 
 def ancestral_sample(
@@ -97,101 +97,111 @@ def ancestral_sample(
     return_trajectory: bool = False,
     progress_fn: Callable[[jax.Array], None] | None = None,
 ) -> SampleOutput:
-  """Ancestral (DDPM-style) sampling of masked diffusion (MDLM sec. 3.3 / MD4 sec. 4).
+    """Ancestral (DDPM-style) sampling of masked diffusion (MDLM sec. 3.3 / MD4 sec. 4).
 
-  cache=True: MDLM's ddpm_cache. When no token changed since the last call the previous p_theta(x_0 | x_t)
-  is reused, and no call is made once nothing is masked; valid only for time-free networks (RADD; the
-  exact absorbing denoiser), whose prediction depends on x_t alone. For steps >> length this makes at
-  most length + 1 calls. Caching is batch-wide: a call is made if any sequence changed.
-  remasking != 'none': ReMDM (Wang et al. 2025, eq. 6): a decoded token is remasked with probability
-  sigma_t and a masked token revealed with probability (alpha_s - (1 - sigma_t) alpha_t) / (1 - alpha_t);
-  with eta = 0 this is exactly the ancestral step (same random draws). 'confidence' spreads sigma_t over
-  decoded tokens by softmax(-confidence), confidence = p_theta of the token when it was decoded.
-  noise_removal: after the last step, positions still masked (t_min > 0) are set to argmax p_theta (one
-  more call, made only if some are masked; MDLM's final greedy step).
-  progress_fn(steps_done) is called from the loop (a host callback) after every step, if given.
-  Returns SampleOutput; trajectory [steps + 1, B, L] if return_trajectory.
-  """
-  _check_init(x_init, mask_id)
-  if remasking not in REMASKING:
-    raise ValueError(f"unknown remasking strategy {remasking!r}; expected one of {REMASKING}")
-  if cache and remasking != "none":
-    raise ValueError("cache=True needs remasking='none' (remasking changes tokens every step)")
-  x_init = x_init.astype(jnp.int32)
-  batch, length = x_init.shape
-  grid = time_grid(steps, t_min)
-  clamped = x_init != mask_id
-  vocab = jax.eval_shape(denoise_fn, x_init, jnp.zeros((batch,), jnp.float32)).shape[-1] if cache else 0
+    cache=True: MDLM's ddpm_cache. When no token changed since the last call the previous p_theta(x_0 | x_t)
+    is reused, and no call is made once nothing is masked; valid only for time-free networks (RADD; the
+    exact absorbing denoiser), whose prediction depends on x_t alone. For steps >> length this makes at
+    most length + 1 calls. Caching is batch-wide: a call is made if any sequence changed.
+    remasking != 'none': ReMDM (Wang et al. 2025, eq. 6): a decoded token is remasked with probability
+    sigma_t and a masked token revealed with probability (alpha_s - (1 - sigma_t) alpha_t) / (1 - alpha_t);
+    with eta = 0 this is exactly the ancestral step (same random draws). 'confidence' spreads sigma_t over
+    decoded tokens by softmax(-confidence), confidence = p_theta of the token when it was decoded.
+    noise_removal: after the last step, positions still masked (t_min > 0) are set to argmax p_theta (one
+    more call, made only if some are masked; MDLM's final greedy step).
+    progress_fn(steps_done) is called from the loop (a host callback) after every step, if given.
+    Returns SampleOutput; trajectory [steps + 1, B, L] if return_trajectory.
+    """
+    _check_init(x_init, mask_id)
+    if remasking not in REMASKING:
+        raise ValueError(f"unknown remasking strategy {remasking!r}; expected one of {REMASKING}")
+    if cache and remasking != "none":
+        raise ValueError("cache=True needs remasking='none' (remasking changes tokens every step)")
+    x_init = x_init.astype(jnp.int32)
+    batch, length = x_init.shape
+    grid = time_grid(steps, t_min)
+    clamped = x_init != mask_id
+    vocab = jax.eval_shape(denoise_fn, x_init, jnp.zeros((batch,), jnp.float32)).shape[-1] if cache else 0
 
-  def predict(x, t):
-    return x0_log_probs(denoise_fn, x, t, mask_id, temperature, top_k, top_p)
+    def predict(x, t):
+        return x0_log_probs(denoise_fn, x, t, mask_id, temperature, top_k, top_p)
 
-  def body(k, carry):
-    x, logp, fresh, nfe, conf, traj = carry
-    t, s = grid[k], grid[k + 1]
-    a_t, a_s = schedule.alpha(t), schedule.alpha(s)
-    masked = x == mask_id
-    if cache:
-      need = jnp.logical_and(jnp.logical_not(fresh), jnp.any(masked))
-      logp = jax.lax.cond(need, lambda: predict(x, t), lambda: logp)
-      nfe = nfe + need.astype(jnp.int32)
-    else:
-      cached_logp, logp = logp, predict(x, t)
-      nfe = nfe + 1
-    step_rng = jax.random.fold_in(rng, k)
-    tok_rng, reveal_rng, remask_rng = jax.random.split(step_rng, 3)
-    x0 = categorical.sample_categorical(tok_rng, logp, precision)
-    u = jax.random.uniform(reveal_rng, x.shape, jnp.float32)
-    if remasking == "none":
-      p_reveal = (a_s - a_t) / (1.0 - a_t)
-      x_new = jnp.where(masked & (u < p_reveal), x0, x)
-    else:
-      sigma = remasking_sigma(remasking, eta, a_s, a_t)
-      p_reveal = (a_s - (1.0 - sigma) * a_t) / (1.0 - a_t)
-      decoded = jnp.logical_not(masked) & jnp.logical_not(clamped)
-      if remasking == "confidence":
-        weights = jax.nn.softmax(jnp.where(decoded, -conf, -jnp.inf), axis=-1)
-        sigma_tok = jnp.where(jnp.any(decoded, axis=-1, keepdims=True), weights, 0.0) * sigma
-      else:
-        sigma_tok = jnp.broadcast_to(sigma, x.shape)
-      u_remask = jax.random.uniform(remask_rng, x.shape, jnp.float32)
-      x_new = jnp.where(masked & (u < p_reveal), x0, x)
-      x_new = jnp.where(decoded & (u_remask < sigma_tok), mask_id, x_new)
-    revealed = masked & (x_new != mask_id)
-    if remasking == "confidence":
-      p_tok = jnp.exp(jnp.take_along_axis(logp, x0[..., None], axis=-1)[..., 0])
-      conf = jnp.where(revealed, p_tok, conf)
-    if cache:
-      # The cache matches x_new iff it matched x (it was valid or just computed) and nothing changed.
-      fresh = jnp.logical_and(fresh | need, jnp.logical_not(jnp.any(revealed)))
-    if return_trajectory:
-      traj = traj.at[k + 1].set(x_new)
-    if progress_fn is not None:
-      jax.debug.callback(progress_fn, k + 1)
-    return x_new, (logp if cache else cached_logp), fresh, nfe, conf, traj
+    def body(k, carry):
+        x, logp, fresh, nfe, conf, traj = carry
+        t, s = grid[k], grid[k + 1]
+        a_t, a_s = schedule.alpha(t), schedule.alpha(s)
+        masked = x == mask_id
+        if cache:
+            need = jnp.logical_and(jnp.logical_not(fresh), jnp.any(masked))
+            logp = jax.lax.cond(need, lambda: predict(x, t), lambda: logp)
+            nfe = nfe + need.astype(jnp.int32)
+        else:
+            cached_logp, logp = logp, predict(x, t)
+            nfe = nfe + 1
+        step_rng = jax.random.fold_in(rng, k)
+        tok_rng, reveal_rng, remask_rng = jax.random.split(step_rng, 3)
+        x0 = categorical.sample_categorical(tok_rng, logp, precision)
+        u = jax.random.uniform(reveal_rng, x.shape, jnp.float32)
+        if remasking == "none":
+            p_reveal = (a_s - a_t) / (1.0 - a_t)
+            x_new = jnp.where(masked & (u < p_reveal), x0, x)
+        else:
+            sigma = remasking_sigma(remasking, eta, a_s, a_t)
+            p_reveal = (a_s - (1.0 - sigma) * a_t) / (1.0 - a_t)
+            decoded = jnp.logical_not(masked) & jnp.logical_not(clamped)
+            if remasking == "confidence":
+                weights = jax.nn.softmax(jnp.where(decoded, -conf, -jnp.inf), axis=-1)
+                sigma_tok = jnp.where(jnp.any(decoded, axis=-1, keepdims=True), weights, 0.0) * sigma
+            else:
+                sigma_tok = jnp.broadcast_to(sigma, x.shape)
+            u_remask = jax.random.uniform(remask_rng, x.shape, jnp.float32)
+            x_new = jnp.where(masked & (u < p_reveal), x0, x)
+            x_new = jnp.where(decoded & (u_remask < sigma_tok), mask_id, x_new)
+        revealed = masked & (x_new != mask_id)
+        if remasking == "confidence":
+            p_tok = jnp.exp(jnp.take_along_axis(logp, x0[..., None], axis=-1)[..., 0])
+            conf = jnp.where(revealed, p_tok, conf)
+        if cache:
+            # The cache matches x_new iff it matched x (it was valid or just computed) and nothing changed.
+            fresh = jnp.logical_and(fresh | need, jnp.logical_not(jnp.any(revealed)))
+        if return_trajectory:
+            traj = traj.at[k + 1].set(x_new)
+        if progress_fn is not None:
+            jax.debug.callback(progress_fn, k + 1)
+        return x_new, (logp if cache else cached_logp), fresh, nfe, conf, traj
 
-  # Only the cached sampler carries p_theta across steps ([B, L, V] can be large).
-  logp0 = jnp.zeros((batch, length, vocab) if cache else (), jnp.float32)
-  traj0 = (jnp.zeros((steps + 1, batch, length), jnp.int32).at[0].set(x_init)
-           if return_trajectory else jnp.zeros((), jnp.int32))
-  carry = (x_init, logp0, jnp.array(False), jnp.zeros((), jnp.int32), jnp.zeros(x_init.shape, jnp.float32), traj0)
-  x, _, _, nfe, _, traj = jax.lax.fori_loop(0, steps, body, carry)
-  if noise_removal:
-    x, nfe = greedy_fill(denoise_fn, x, grid[-1], nfe, mask_id, temperature, top_k, top_p)
-    if return_trajectory:
-      traj = traj.at[-1].set(x)
-  return SampleOutput(x, nfe, traj if return_trajectory else None)
+    # Only the cached sampler carries p_theta across steps ([B, L, V] can be large).
+    logp0 = jnp.zeros((batch, length, vocab) if cache else (), jnp.float32)
+    traj0 = (
+        jnp.zeros((steps + 1, batch, length), jnp.int32).at[0].set(x_init)
+        if return_trajectory
+        else jnp.zeros((), jnp.int32)
+    )
+    carry = (
+        x_init,
+        logp0,
+        jnp.array(False),
+        jnp.zeros((), jnp.int32),
+        jnp.zeros(x_init.shape, jnp.float32),
+        traj0,
+    )
+    x, _, _, nfe, _, traj = jax.lax.fori_loop(0, steps, body, carry)
+    if noise_removal:
+        x, nfe = greedy_fill(denoise_fn, x, grid[-1], nfe, mask_id, temperature, top_k, top_p)
+        if return_trajectory:
+            traj = traj.at[-1].set(x)
+    return SampleOutput(x, nfe, traj if return_trajectory else None)
 
 
 def greedy_fill(denoise_fn, x, t, nfe, mask_id, temperature=1.0, top_k=0, top_p=1.0):
-  """Noise removal: masked positions of x become argmax p_theta(x_0 | x); one call, only if any is masked."""
+    """Noise removal: masked positions of x become argmax p_theta(x_0 | x); one call, only if any is masked."""
 
-  def fill():
-    logp = x0_log_probs(denoise_fn, x, t, mask_id, temperature, top_k, top_p)
-    best = jnp.argmax(logp, axis=-1).astype(jnp.int32)
-    return jnp.where(x == mask_id, best, x), nfe + 1
+    def fill():
+        logp = x0_log_probs(denoise_fn, x, t, mask_id, temperature, top_k, top_p)
+        best = jnp.argmax(logp, axis=-1).astype(jnp.int32)
+        return jnp.where(x == mask_id, best, x), nfe + 1
 
-  return jax.lax.cond(jnp.any(x == mask_id), fill, lambda: (x, nfe))
+    return jax.lax.cond(jnp.any(x == mask_id), fill, lambda: (x, nfe))
 
 
 def first_hitting_sample(
@@ -208,54 +218,57 @@ def first_hitting_sample(
     return_trajectory: bool = False,
     progress_fn: Callable[[jax.Array], None] | None = None,
 ) -> SampleOutput:
-  """First-hitting sampler (Zheng et al. 2024, alg. 1): the continuous-time reverse process simulated
-  one unmasking event at a time, so it is the infinite-step limit of ancestral sampling, with exactly
-  one network call per masked token.
+    """First-hitting sampler (Zheng et al. 2024, alg. 1): the continuous-time reverse process simulated
+    one unmasking event at a time, so it is the infinite-step limit of ancestral sampling, with exactly
+    one network call per masked token.
 
-  With n masked tokens at time t, each is still masked at s < t with probability
-  (1 - alpha_s) / (1 - alpha_t), so the time of the next unmasking solves
-  1 - alpha_s = (1 - alpha_t) u^(1/n), u ~ U(0, 1); a uniformly chosen masked position is then drawn
-  from p_theta(x_0 | x_t) evaluated at that time. Sequences of a batch keep their own times (t [B]).
-  nfe = the largest number of masked positions in the batch. trajectory: [L + 1, B, L] (rows after the
-  last event repeat the final state). progress_fn(events_done) is called after every event, if given.
-  """
-  _check_init(x_init, mask_id)
-  x_init = x_init.astype(jnp.int32)
-  batch, length = x_init.shape
-  rows = jnp.arange(batch)
+    With n masked tokens at time t, each is still masked at s < t with probability
+    (1 - alpha_s) / (1 - alpha_t), so the time of the next unmasking solves
+    1 - alpha_s = (1 - alpha_t) u^(1/n), u ~ U(0, 1); a uniformly chosen masked position is then drawn
+    from p_theta(x_0 | x_t) evaluated at that time. Sequences of a batch keep their own times (t [B]).
+    nfe = the largest number of masked positions in the batch. trajectory: [L + 1, B, L] (rows after the
+    last event repeat the final state). progress_fn(events_done) is called after every event, if given.
+    """
+    _check_init(x_init, mask_id)
+    x_init = x_init.astype(jnp.int32)
+    batch, length = x_init.shape
+    rows = jnp.arange(batch)
 
-  def cond(carry):
-    x, _, it, _ = carry
-    return jnp.logical_and(jnp.any(x == mask_id), it < length)
+    def cond(carry):
+        x, _, it, _ = carry
+        return jnp.logical_and(jnp.any(x == mask_id), it < length)
 
-  def body(carry):
-    x, t, it, traj = carry
-    masked = x == mask_id
-    n = jnp.sum(masked, axis=-1)
-    active = n > 0
-    step_rng = jax.random.fold_in(rng, it)
-    time_rng, pos_rng, tok_rng = jax.random.split(step_rng, 3)
-    u = jax.random.uniform(time_rng, (batch,), jnp.float32, minval=1e-12, maxval=1.0)
-    a_t = schedule.alpha(t)
-    a_s = 1.0 - (1.0 - a_t) * u ** (1.0 / jnp.maximum(n, 1).astype(jnp.float32))
-    s = jnp.where(active, jnp.clip(schedule.t_from_alpha(a_s), 0.0, 1.0), t)
-    logp = x0_log_probs(denoise_fn, x, s, mask_id, temperature, top_k, top_p)
-    pos_scores = jnp.where(masked, jax.random.uniform(pos_rng, x.shape, jnp.float32), -1.0)
-    pos = jnp.argmax(pos_scores, axis=-1)
-    tok = categorical.sample_categorical(tok_rng, logp[rows, pos], precision)
-    x = x.at[rows, pos].set(jnp.where(active, tok, x[rows, pos]))
+    def body(carry):
+        x, t, it, traj = carry
+        masked = x == mask_id
+        n = jnp.sum(masked, axis=-1)
+        active = n > 0
+        step_rng = jax.random.fold_in(rng, it)
+        time_rng, pos_rng, tok_rng = jax.random.split(step_rng, 3)
+        u = jax.random.uniform(time_rng, (batch,), jnp.float32, minval=1e-12, maxval=1.0)
+        a_t = schedule.alpha(t)
+        a_s = 1.0 - (1.0 - a_t) * u ** (1.0 / jnp.maximum(n, 1).astype(jnp.float32))
+        s = jnp.where(active, jnp.clip(schedule.t_from_alpha(a_s), 0.0, 1.0), t)
+        logp = x0_log_probs(denoise_fn, x, s, mask_id, temperature, top_k, top_p)
+        pos_scores = jnp.where(masked, jax.random.uniform(pos_rng, x.shape, jnp.float32), -1.0)
+        pos = jnp.argmax(pos_scores, axis=-1)
+        tok = categorical.sample_categorical(tok_rng, logp[rows, pos], precision)
+        x = x.at[rows, pos].set(jnp.where(active, tok, x[rows, pos]))
+        if return_trajectory:
+            traj = traj.at[it + 1].set(x)
+        if progress_fn is not None:
+            jax.debug.callback(progress_fn, it + 1)
+        return x, s, it + 1, traj
+
+    traj0 = (
+        jnp.zeros((length + 1, batch, length), jnp.int32).at[0].set(x_init)
+        if return_trajectory
+        else jnp.zeros((), jnp.int32)
+    )
+    t0 = jnp.ones((batch,), jnp.float32)
+    x, _, it, traj = jax.lax.while_loop(cond, body, (x_init, t0, jnp.zeros((), jnp.int32), traj0))
     if return_trajectory:
-      traj = traj.at[it + 1].set(x)
-    if progress_fn is not None:
-      jax.debug.callback(progress_fn, it + 1)
-    return x, s, it + 1, traj
-
-  traj0 = (jnp.zeros((length + 1, batch, length), jnp.int32).at[0].set(x_init)
-           if return_trajectory else jnp.zeros((), jnp.int32))
-  t0 = jnp.ones((batch,), jnp.float32)
-  x, _, it, traj = jax.lax.while_loop(cond, body, (x_init, t0, jnp.zeros((), jnp.int32), traj0))
-  if return_trajectory:
-    # Rows after the last event repeat the final state.
-    idx = jnp.minimum(jnp.arange(length + 1), it)
-    traj = traj[idx]
-  return SampleOutput(x, it, traj if return_trajectory else None)
+        # Rows after the last event repeat the final state.
+        idx = jnp.minimum(jnp.arange(length + 1), it)
+        traj = traj[idx]
+    return SampleOutput(x, it, traj if return_trajectory else None)
