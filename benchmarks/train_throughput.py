@@ -7,6 +7,7 @@ The pipeline must not be the bottleneck: the script prints both rates and their 
 a ratio above 1 means the input pipeline keeps up. The corpus defaults to Shakespeare with the config's
 tokenizer (OpenWebText need not be present); the network, loss and optimizer are the config's.
 """
+
 import argparse
 import importlib.util
 import os
@@ -17,7 +18,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default="experiments/mdlm.py", help="experiment file[:arg]")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--seq_len", type=int, default=256)
@@ -74,16 +77,22 @@ def main():
     flops = flops_per_token(config.model, setup.tokenizer.vocab_size, args.seq_len)
     mfu = flops * train_tps / metrics_lib.peak_flops_per_second(config.train.peak_flops_per_device)
 
-    print(f"device: {jax.device_count()} x {jax.devices()[0].device_kind}; config {args.config}: "
-          f"{config.model.name} {config.model.num_layers}x{config.model.d_model}, "
-          f"{state_lib.count_params(state.params):,} params, loss {config.diffusion.loss}, "
-          f"batch {args.batch_size} x {args.seq_len}, tokenizer {config.data.tokenizer} (vocab {setup.tokenizer.vocab_size})")
+    print(
+        f"device: {jax.device_count()} x {jax.devices()[0].device_kind}; config {args.config}: "
+        f"{config.model.name} {config.model.num_layers}x{config.model.d_model}, "
+        f"{state_lib.count_params(state.params):,} params, loss {config.diffusion.loss}, "
+        f"batch {args.batch_size} x {args.seq_len}, tokenizer {config.data.tokenizer} (vocab {setup.tokenizer.vocab_size})"
+    )
     print(f"compile: {t_compile:.1f}s; train step: {step_time * 1000:.0f} ms, loss {float(m['loss']):.3f}")
     print(f"train step:    {train_tps:12,.0f} tokens/s  (MFU {100 * mfu:.1f}% of an estimated peak)")
-    print(f"data pipeline: {data_tps:12,.0f} tokens/s  ({config.data.tokenizer} on {args.corpus}, "
-          f"num_workers={config.data.num_workers})")
-    print(f"ratio pipeline / train: {data_tps / train_tps:.1f}x  "
-          f"({'pipeline keeps up' if data_tps > train_tps else 'PIPELINE IS THE BOTTLENECK'})")
+    print(
+        f"data pipeline: {data_tps:12,.0f} tokens/s  ({config.data.tokenizer} on {args.corpus}, "
+        f"num_workers={config.data.num_workers})"
+    )
+    print(
+        f"ratio pipeline / train: {data_tps / train_tps:.1f}x  "
+        f"({'pipeline keeps up' if data_tps > train_tps else 'PIPELINE IS THE BOTTLENECK'})"
+    )
     del np
 
 

@@ -3,6 +3,7 @@ Reproduces the AR rows of MDLM/SEDD's OpenWebText tables (12x768, L=1024, batch 
 
     python -m ddlm.main --config=experiments/ar.py --workdir=runs/ar
 """
+
 from ddlm.train import config_lib as cl
 
 

@@ -3,6 +3,7 @@ Reproduces BD3-LM small on OpenWebText with block size 4 or 16 (block-causal 12x
 
     python -m ddlm.main --config=experiments/bd3lm.py:block_size=16 --workdir=runs/bd3lm_16
 """
+
 from ddlm.train import config_lib as cl
 
 

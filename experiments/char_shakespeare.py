@@ -3,6 +3,7 @@ on Shakespeare's plays instead of text8 (which needs a download); reports bits p
 
     python -m ddlm.main --config=experiments/char_shakespeare.py --workdir=runs/char_shakespeare
 """
+
 from ddlm.train import config_lib as cl
 
 

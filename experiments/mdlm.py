@@ -4,6 +4,7 @@ Reproduces the 'small' OpenWebText model (12x768 DiT, L=1024, 1M steps; Table 2)
     python -m ddlm.main --config=experiments/mdlm.py --workdir=runs/mdlm
     python -m ddlm.main --config=experiments/mdlm.py:size=medium --workdir=runs/mdlm_medium
 """
+
 from ddlm.train import config_lib as cl
 
 

@@ -3,6 +3,7 @@ Reproduces nothing published: it shows the whole loop (train, eval NELBO in bits
 
     python -m ddlm.main --config=experiments/quickstart.py --workdir=runs/quickstart
 """
+
 from ddlm.train import config_lib as cl
 
 

@@ -3,6 +3,7 @@ Reproduces RADD-small on OpenWebText (12x768 DiT without time conditioning, L=10
 
     python -m ddlm.main --config=experiments/radd.py --workdir=runs/radd
 """
+
 from ddlm.train import config_lib as cl
 
 

@@ -3,6 +3,7 @@ Reproduces SEDD-small absorb on OpenWebText (12x768 DiT, L=1024, batch 512, 400k
 
     python -m ddlm.main --config=experiments/sedd_absorb.py --workdir=runs/sedd_absorb
 """
+
 from ddlm.train import config_lib as cl
 
 

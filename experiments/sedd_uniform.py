@@ -3,13 +3,18 @@ Reproduces SEDD-small uniform on OpenWebText (12x768 DiT, L=1024, sigma in [1e-4
 
     python -m ddlm.main --config=experiments/sedd_uniform.py --workdir=runs/sedd_uniform
 """
+
 from ddlm.train import config_lib as cl
 
 
 def get_config(arg=None):
     config, a = cl.openwebtext_config(
-        arg, loss="sedd_uniform", schedule="geometric", schedule_kwargs={"sigma_min": 1e-4, "sigma_max": 20.0},
-        process="uniform", steps=400_000,
+        arg,
+        loss="sedd_uniform",
+        schedule="geometric",
+        schedule_kwargs={"sigma_min": 1e-4, "sigma_max": 20.0},
+        process="uniform",
+        steps=400_000,
     )
     if a["smoke"]:
         cl.apply_smoke(config)

@@ -7,6 +7,7 @@ Each process gets `--devices_per_process` fake CPU devices (XLA_FLAGS) unless --
 case process i sees GPU i only (CUDA_VISIBLE_DEVICES). Everything after `--` goes to ddlm.main. The
 processes' output is prefixed with [i]; the launcher exits with the first non-zero exit code.
 """
+
 import argparse
 import os
 import socket
@@ -30,7 +31,9 @@ def pump(i, stream):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--num_processes", type=int, default=2)
     parser.add_argument("--devices_per_process", type=int, default=4, help="fake CPU devices per process")
     parser.add_argument("--gpus", action="store_true", help="one GPU per process instead of fake CPU devices")
@@ -48,9 +51,18 @@ def main():
         else:
             env["JAX_PLATFORMS"] = "cpu"
             env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices_per_process}"
-        cmd = [sys.executable, "-m", "ddlm.main", *main_args, f"--coordinator_address={address}",
-               f"--num_processes={args.num_processes}", f"--process_id={i}"]
-        p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "ddlm.main",
+            *main_args,
+            f"--coordinator_address={address}",
+            f"--num_processes={args.num_processes}",
+            f"--process_id={i}",
+        ]
+        p = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         t = threading.Thread(target=pump, args=(i, p.stdout), daemon=True)
         t.start()
         procs.append(p)

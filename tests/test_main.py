@@ -2,6 +2,7 @@
 bits/char at least 0.5 below the unigram entropy), eval mode, a corrupt latest checkpoint falls back to the
 previous one, kill -9 + rerun resumes to exactly the parameters of an uninterrupted run, and config / mesh /
 data errors are one clear line."""
+
 import json
 import math
 import os
@@ -18,15 +19,27 @@ QUICKSTART = os.path.join(REPO, "experiments", "quickstart.py")
 
 # The session's quickstart run: 180 steps at a constant learning rate instead of 600 with cosine decay.
 QUICK_OVERRIDES = [
-    "--config.train.steps=180", "--config.optim.decay=constant", "--config.train.log_every=30",
-    "--config.train.eval_every=0", "--config.train.ckpt_every=90", "--config.train.eval_batches=8",
+    "--config.train.steps=180",
+    "--config.optim.decay=constant",
+    "--config.train.log_every=30",
+    "--config.train.eval_every=0",
+    "--config.train.ckpt_every=90",
+    "--config.train.eval_batches=8",
 ]
 # A seconds-long run for the resume test: a 1-layer, 32-wide network on 8 x 16 tokens.
 TINY_OVERRIDES = [
-    "--config.model.num_layers=1", "--config.model.d_model=32", "--config.model.num_heads=2",
-    "--config.model.mlp_dim=64", "--config.model.cond_dim=16", "--config.train.seq_len=16",
-    "--config.train.batch_size=8", "--config.train.eval_batch_size=8", "--config.train.eval_batches=1",
-    "--config.train.log_every=1", "--config.train.eval_every=0", "--config.train.sample_at_end=False",
+    "--config.model.num_layers=1",
+    "--config.model.d_model=32",
+    "--config.model.num_heads=2",
+    "--config.model.mlp_dim=64",
+    "--config.model.cond_dim=16",
+    "--config.train.seq_len=16",
+    "--config.train.batch_size=8",
+    "--config.train.eval_batch_size=8",
+    "--config.train.eval_batches=1",
+    "--config.train.log_every=1",
+    "--config.train.eval_every=0",
+    "--config.train.sample_at_end=False",
     "--config.optim.warmup_steps=1",
 ]
 
@@ -50,14 +63,25 @@ def child_env(tmp_path_factory):
 def run_main(env, workdir, *args, config=QUICKSTART, timeout=240, extra_env=None):
     cmd = [sys.executable, "-m", "ddlm.main", f"--config={config}", f"--workdir={workdir}", *args]
     return subprocess.run(
-        cmd, cwd=REPO, env={**env, **(extra_env or {})}, capture_output=True, text=True, timeout=timeout
+        cmd,
+        cwd=REPO,
+        env={**env, **(extra_env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
 def start_main(env, workdir, *args, config=QUICKSTART, extra_env=None):
     cmd = [sys.executable, "-m", "ddlm.main", f"--config={config}", f"--workdir={workdir}", *args]
     return subprocess.Popen(
-        cmd, cwd=REPO, env={**env, **(extra_env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd,
+        cwd=REPO,
+        env={**env, **(extra_env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -87,16 +111,25 @@ def quickstart_run(child_env, tmp_path_factory):
 
 def unigram_entropy_bits(seq_len):
     """Entropy (bits/token) of the validation split's token frequencies, tokens as the model sees them."""
-    from ddlm.data import pipeline, tokenizers
     import ml_collections
+
+    from ddlm.data import pipeline, tokenizers
 
     spec = __import__("importlib").util.spec_from_file_location("quickstart", QUICKSTART)
     module = __import__("importlib").util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config: ml_collections.ConfigDict = module.get_config()
     tok = tokenizers.get_tokenizer(config.data)
-    it = pipeline.make_iterator(config.data, tok, "validation", global_batch_size=8, seq_len=seq_len,
-                                seed=0, sharding=None, num_epochs=1)
+    it = pipeline.make_iterator(
+        config.data,
+        tok,
+        "validation",
+        global_batch_size=8,
+        seq_len=seq_len,
+        seed=0,
+        sharding=None,
+        num_epochs=1,
+    )
     counts = np.zeros(tok.vocab_size, np.int64)
     for batch in it:
         np.add.at(counts, batch["tokens"][batch["loss_mask"] > 0], 1)
@@ -113,14 +146,19 @@ def test_quickstart_learns_and_writes_everything(quickstart_run):
     assert math.isclose(bits, final["nelbo"] / math.log(2), rel_tol=1e-6)
     entropy = unigram_entropy_bits(128)
     margin = entropy - bits
-    print(f"quickstart: validation NELBO {bits:.3f} bits/char, unigram entropy {entropy:.3f}, margin {margin:.3f}")
+    print(
+        f"quickstart: validation NELBO {bits:.3f} bits/char, unigram entropy {entropy:.3f}, margin {margin:.3f}"
+    )
     assert margin >= 0.5, (bits, entropy)
 
     # Progress line, TensorBoard events (no TensorFlow), checkpoints at 90 and 180.
     assert "step 180/180 | loss" in log and "tokens/s | MFU" in log and "ETA" in log
-    events = [f for f in os.listdir(os.path.join(workdir, "tensorboard")) if f.startswith("events.out.tfevents")]
+    events = [
+        f for f in os.listdir(os.path.join(workdir, "tensorboard")) if f.startswith("events.out.tfevents")
+    ]
     assert events
-    blob = open(os.path.join(workdir, "tensorboard", events[0]), "rb").read()
+    with open(os.path.join(workdir, "tensorboard", events[0]), "rb") as f:
+        blob = f.read()
     assert b"train/loss" in blob and b"eval/bits_per_token" in blob
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["180", "90"]
     train = records(workdir, "train")
@@ -192,8 +230,11 @@ def test_kill_and_rerun_resumes_to_identical_parameters(child_env, tmp_path):
 def _one_error_line(proc):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if "error" in line.lower() and "ddlm" in line.lower()
-             or line.startswith("FATAL")]
+    lines = [
+        line
+        for line in proc.stderr.splitlines()
+        if "error" in line.lower() and "ddlm" in line.lower() or line.startswith("FATAL")
+    ]
     assert len(lines) == 1, proc.stderr[-3000:]
     return lines[0]
 

@@ -1,5 +1,6 @@
 """ddlm/train: mesh and rules, the sharded train step on 8 fake CPU devices vs one device, optimizer,
 NaN policy, and every experiment config building and running 2 train steps at a reduced size."""
+
 import glob
 import importlib.util
 import os
@@ -106,7 +107,7 @@ def test_sharded_mesh_matches_single_device():
     (rtol 2e-5 on the losses, atol 2e-6 on the parameters)."""
     config8 = _tiny_config()
     config8.mesh.data, config8.mesh.fsdp, config8.mesh.tensor = 2, 2, 2
-    setup8, state8, losses8, _ = _run_steps(config8, jax.devices(), 3)
+    _, state8, losses8, _ = _run_steps(config8, jax.devices(), 3)
     config1 = _tiny_config()
     config1.mesh.data = 1
     setup1, state1, losses1, step1 = _run_steps(config1, jax.devices()[:1], 3)
@@ -150,8 +151,14 @@ def test_gradient_accumulation_splits_rows_and_runs():
     with jax.disable_jit():  # op by op: see test_experiment_config_builds_and_trains_two_steps
         state = setup.init_state()
         state, metrics = step_lib.train_step(
-            state, _random_batch(setup), jax.random.key_data(jax.random.key(0)), loss_fn=setup.loss_fn,
-            tx=setup.tx, lr_schedule=setup.lr_schedule, accum_steps=2, ema_decay=0.99,
+            state,
+            _random_batch(setup),
+            jax.random.key_data(jax.random.key(0)),
+            loss_fn=setup.loss_fn,
+            tx=setup.tx,
+            lr_schedule=setup.lr_schedule,
+            accum_steps=2,
+            ema_decay=0.99,
         )
     assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
 
@@ -163,7 +170,9 @@ def test_nan_policy_stop_raises_and_skip_counts():
 
     bad = {"finite": 0.0, "loss": float("nan"), "grad_norm": float("nan")}
     skipped = []
-    with pytest.raises(trainer.NonFiniteError, match="non-finite loss or gradients at step 5.*last good checkpoint is step 4"):
+    with pytest.raises(
+        trainer.NonFiniteError, match="non-finite loss or gradients at step 5.*last good checkpoint is step 4"
+    ):
         trainer._check_finite(bad, 5, "stop", NoCheckpoints(), skipped)
     trainer._check_finite(bad, 5, "skip", NoCheckpoints(), skipped)
     trainer._check_finite({**bad, "finite": 1.0}, 6, "stop", NoCheckpoints(), skipped)
@@ -175,10 +184,21 @@ def test_nan_policy_stop_raises_and_skip_counts():
 
 # The reduced size every experiment is run at, as --config.<key>=<value> overrides would set it.
 SMALL_OVERRIDES = {
-    "model.num_layers": 1, "model.d_model": 32, "model.num_heads": 2, "model.mlp_dim": 64,
-    "model.cond_dim": 16, "model.dtype": "float32", "model.dropout": 0.0, "model.remat": False,
-    "data.corpus": "shakespeare", "data.tokenizer": "char", "data.vocab_size": 0,
-    "train.batch_size": 8, "train.seq_len": 16, "mesh.fsdp": 1, "mesh.tensor": 1,
+    "model.num_layers": 1,
+    "model.d_model": 32,
+    "model.num_heads": 2,
+    "model.mlp_dim": 64,
+    "model.cond_dim": 16,
+    "model.dtype": "float32",
+    "model.dropout": 0.0,
+    "model.remat": False,
+    "data.corpus": "shakespeare",
+    "data.tokenizer": "char",
+    "data.vocab_size": 0,
+    "train.batch_size": 8,
+    "train.seq_len": 16,
+    "mesh.fsdp": 1,
+    "mesh.tensor": 1,
 }
 
 
@@ -204,8 +224,13 @@ def test_experiment_config_builds_and_trains_two_steps(path):
         for i in range(2):
             rng = jax.random.key_data(jax.random.fold_in(jax.random.key(0), i))
             state, metrics = step_lib.train_step(
-                state, _random_batch(setup, i), rng, loss_fn=setup.loss_fn, tx=setup.tx,
-                lr_schedule=setup.lr_schedule, accum_steps=config.optim.grad_accum_steps,
+                state,
+                _random_batch(setup, i),
+                rng,
+                loss_fn=setup.loss_fn,
+                tx=setup.tx,
+                lr_schedule=setup.lr_schedule,
+                accum_steps=config.optim.grad_accum_steps,
                 ema_decay=config.optim.ema_decay,
             )
             assert np.isfinite(float(metrics["loss"])) and float(metrics["finite"]) == 1.0, (name, metrics)

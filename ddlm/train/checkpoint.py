@@ -7,6 +7,7 @@ complete, so a half-written checkpoint (a killed job) is never listed; a listed 
 (truncated or deleted files) is moved aside to <workdir>/checkpoints_corrupt/ with a warning and the
 previous one is used.
 """
+
 from __future__ import annotations
 
 import json
@@ -90,7 +91,10 @@ class Checkpointer:
                 reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 logging.warning(
                     "Checkpoint at step %d is corrupt or unreadable (%s); moving it to %s and falling back "
-                    "to the previous checkpoint.", step, reason[:300], self.corrupt_directory,
+                    "to the previous checkpoint.",
+                    step,
+                    reason[:300],
+                    self.corrupt_directory,
                 )
                 self._move_aside(step)
                 continue

@@ -4,6 +4,7 @@ An experiment file is `get_config(arg=None) -> ConfigDict` with sub-dicts by con
 model (ddlm.models.default_config), diffusion, data (ddlm.data.pipeline.default_config), optim, mesh,
 train and sampler. The defaults of everything but the model and the data live here, one comment per key.
 """
+
 from __future__ import annotations
 
 import ml_collections
@@ -29,11 +30,17 @@ def parse_arg(arg: str | None, **defaults) -> dict:
     return out
 
 
-def diffusion_config(loss: str, *, schedule: str = "loglinear", process: str = "absorbing", **schedule_kwargs):
+def diffusion_config(
+    loss: str, *, schedule: str = "loglinear", process: str = "absorbing", **schedule_kwargs
+):
     c = ml_collections.ConfigDict()
     c.loss = loss  # one of ddlm.losses.LOSSES: mdlm | d3pm | sedd_absorb | sedd_uniform | radd | bd3lm | ar
-    c.schedule = schedule  # ddlm.schedules.get_schedule name: loglinear | linear | cosine | polynomial | geometric
-    c.schedule_kwargs = ml_collections.ConfigDict(schedule_kwargs or {"eps": 1e-3})  # that schedule's parameters
+    c.schedule = (
+        schedule  # ddlm.schedules.get_schedule name: loglinear | linear | cosine | polynomial | geometric
+    )
+    c.schedule_kwargs = ml_collections.ConfigDict(
+        schedule_kwargs or {"eps": 1e-3}
+    )  # that schedule's parameters
     c.process = process  # forward corruption: 'absorbing' (mask) | 'uniform'; used by samplers
     c.num_steps = 0  # discrete-time steps T for 'd3pm' (0 = continuous time)
     c.antithetic = True  # low-discrepancy (antithetic) time sampling in the loss
@@ -78,7 +85,9 @@ def train_config(*, steps: int, batch_size: int, seq_len: int):
     c.keep_checkpoints = 3  # checkpoints kept on disk
     c.async_checkpoints = True  # write checkpoints in the background
     c.seed = 0  # parameter init, data order and every random draw derive from it
-    c.nan_policy = "stop"  # non-finite loss/grads: 'stop' (error; last good checkpoint kept) | 'skip' the update
+    c.nan_policy = (
+        "stop"  # non-finite loss/grads: 'stop' (error; last good checkpoint kept) | 'skip' the update
+    )
     c.peak_flops_per_device = 0.0  # for the MFU estimate; 0 = look up the device kind
     c.sample_at_end = False  # write samples (ddlm.sampling.cli.run_sampling) after training
     return c
@@ -162,8 +171,16 @@ def apply_smoke(config) -> None:
 
 
 def openwebtext_config(
-    arg, *, loss: str, model_name: str = "dit", time_conditioning: bool = True, schedule: str = "loglinear",
-    schedule_kwargs=None, process: str = "absorbing", steps: int = 1_000_000, extra_args=None,
+    arg,
+    *,
+    loss: str,
+    model_name: str = "dit",
+    time_conditioning: bool = True,
+    schedule: str = "loglinear",
+    schedule_kwargs=None,
+    process: str = "absorbing",
+    steps: int = 1_000_000,
+    extra_args=None,
 ):
     """The MDLM/SEDD 'small' recipe on OpenWebText (GPT-2 tokenizer, L=1024, batch 512, AdamW 3e-4, 2.5k
     warmup, constant LR, EMA 0.9999, dropout 0.1), for the loss `loss`. arg: size=small|medium|1b (and

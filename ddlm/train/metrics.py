@@ -6,6 +6,7 @@
 Only process 0 writes. tensorboardX is used because it writes the standard event-file protobufs with only
 `protobuf` and `numpy` (TensorBoard itself, or tf.summary, would pull in TensorFlow).
 """
+
 from __future__ import annotations
 
 import json
@@ -27,7 +28,7 @@ class MetricWriter:
 
             os.makedirs(workdir, exist_ok=True)
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115 -- closed in close()
 
     def write(self, step: int, split: str, scalars: dict):
         if not self.enabled:
@@ -88,7 +89,9 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
-def progress_line(step: int, total: int, loss: float, steps_per_s: float, tokens_per_s: float, mfu: float) -> str:
+def progress_line(
+    step: int, total: int, loss: float, steps_per_s: float, tokens_per_s: float, mfu: float
+) -> str:
     eta = (total - step) / steps_per_s if steps_per_s > 0 else float("inf")
     mfu_text = f"{100 * mfu:.2f}%" if math.isfinite(mfu) else "n/a"
     return (

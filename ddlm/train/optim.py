@@ -4,6 +4,7 @@ Gradient accumulation is not an optax wrapper here: the train step scans over mi
 optimizer update per step (see `ddlm/train/step.py`), so `step` counts updates and the schedule is in
 updates whatever `optim.grad_accum_steps` is.
 """
+
 from __future__ import annotations
 
 import jax

@@ -10,6 +10,7 @@ Mesh axis types are **Auto** (not Explicit): flax.linen annotates activations wi
 on Auto axes (on Explicit axes it raises "can only refer to Auto axes"). With Auto axes XLA's sharding
 propagation fills in whatever we leave unconstrained, and the model code stays free of `reshard` calls.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,7 +18,8 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

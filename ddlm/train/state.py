@@ -5,9 +5,11 @@ parameters with their logical axis names, the rules turn those names into NamedS
 initialiser is jitted with those `out_shardings` so each device only computes its own shard.
 (Pattern of flax examples/lm1b `setup_initial_state`.)
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import flax.linen as nn

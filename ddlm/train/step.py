@@ -7,9 +7,11 @@ batch = {'tokens': int32 [B, L], 'loss_mask': float32 [B, L]}. Which loss, sched
 is bound in with functools.partial; the loss itself is `ddlm.losses.training_loss` (time sampling,
 corruption, the network call through `apply_fn`, and the per-token loss live there, not here).
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -22,7 +24,9 @@ from ddlm.train.state import TrainState
 LossFn = Callable[[Any, dict, jax.Array, bool], tuple[jax.Array, dict]]
 
 
-def make_loss_fn(model: nn.Module, diffusion_config, model_config, *, vocab_size: int, mask_id: int) -> LossFn:
+def make_loss_fn(
+    model: nn.Module, diffusion_config, model_config, *, vocab_size: int, mask_id: int
+) -> LossFn:
     """Binds the network and the diffusion config into loss_fn(params, batch, rng, train)."""
     from ddlm import losses, schedules  # the lead's modules (see CONTRACTS.md)
 

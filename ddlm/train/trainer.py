@@ -6,6 +6,7 @@
 Sections: setup (mesh, tokenizer, network, optimizer, sharded state) -> restore -> compile -> loop
 (train step, NaN policy, metrics and progress, eval, checkpoints) -> samples.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,7 +26,9 @@ from jax.sharding import Mesh
 
 from ddlm.train import checkpoint as checkpoint_lib
 from ddlm.train import metrics as metrics_lib
-from ddlm.train import optim, sharding, state as state_lib, step as step_lib
+from ddlm.train import optim, sharding
+from ddlm.train import state as state_lib
+from ddlm.train import step as step_lib
 from ddlm.train.sharding import ConfigError
 
 # Test hook: SIGKILL this process right after the checkpoint of this step is complete on disk.
@@ -105,7 +108,7 @@ def validate_config(config, num_devices: int | None = None):
 def check_data_paths(data_config):
     """A missing local corpus or tokenizer file is a config error, reported before any work."""
     if data_config.corpus.startswith("local:"):
-        directory = os.path.expanduser(data_config.corpus[len("local:"):])
+        directory = os.path.expanduser(data_config.corpus[len("local:") :])
         if not os.path.isdir(directory):
             raise ConfigError(f"config.data.corpus: data directory {directory!r} does not exist")
     if data_config.tokenizer_path and not os.path.exists(os.path.expanduser(data_config.tokenizer_path)):
@@ -205,7 +208,9 @@ def compile_eval_step(setup: Setup):
         "loss_mask": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=setup.batch_sharding),
     }
     rng_abstract = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)
-    return lower_with_mesh(setup, jitted, setup.abstract_state().params, batch_abstract, rng_abstract).compile()
+    return lower_with_mesh(
+        setup, jitted, setup.abstract_state().params, batch_abstract, rng_abstract
+    ).compile()
 
 
 def lower_with_mesh(setup: Setup, jitted, *args):
@@ -221,7 +226,8 @@ def lower_with_mesh(setup: Setup, jitted, *args):
             raise
         logging.warning(
             "The network's activation sharding constraints fail under the mesh (%s); tracing without "
-            "them: in/out shardings only.", str(e).splitlines()[0][:300],
+            "them: in/out shardings only.",
+            str(e).splitlines()[0][:300],
         )
         return jitted.lower(*args)
 
@@ -280,8 +286,17 @@ def _log_memory(compiled):
         mem = None
     if mem is None:
         return
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "generated_code_size_in_bytes")
-    parts = [f"{f.replace('_size_in_bytes', '')}={getattr(mem, f) / 2**20:.1f}MiB" for f in fields if hasattr(mem, f)]
+    fields = (
+        "argument_size_in_bytes",
+        "output_size_in_bytes",
+        "temp_size_in_bytes",
+        "generated_code_size_in_bytes",
+    )
+    parts = [
+        f"{f.replace('_size_in_bytes', '')}={getattr(mem, f) / 2**20:.1f}MiB"
+        for f in fields
+        if hasattr(mem, f)
+    ]
     logging.info("Compiled train step memory (per device): %s", ", ".join(parts))
 
 
@@ -291,7 +306,12 @@ def _check_finite(metrics_host: dict, step: int, policy: str, checkpointer, skip
     detail = f"loss={metrics_host['loss']:.4g}, grad_norm={metrics_host['grad_norm']:.4g}"
     if policy == "skip":
         skipped.append(step)
-        logging.warning("Non-finite loss or gradients at step %d (%s): update skipped (%d so far).", step, detail, len(skipped))
+        logging.warning(
+            "Non-finite loss or gradients at step %d (%s): update skipped (%d so far).",
+            step,
+            detail,
+            len(skipped),
+        )
         return
     steps = checkpointer.all_steps()
     last = f"the last good checkpoint is step {steps[-1]}" if steps else "no checkpoint was written"
@@ -309,7 +329,9 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     setup = build(config, devices)
     cfg = config.train
     total = cfg.steps
-    logging.info("Mesh %s on %d devices (%s)", dict(setup.mesh.shape), setup.mesh.size, jax.devices()[0].device_kind)
+    logging.info(
+        "Mesh %s on %d devices (%s)", dict(setup.mesh.shape), setup.mesh.size, jax.devices()[0].device_kind
+    )
     writer = metrics_lib.MetricWriter(workdir)
     checkpointer = checkpoint_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints
@@ -330,7 +352,12 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     flops_per_tok = flops_per_token(config.model, setup.tokenizer.vocab_size, cfg.seq_len)
     peak = metrics_lib.peak_flops_per_second(cfg.peak_flops_per_device)
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    logging.info("Model: %s, %s parameters, %.3g training FLOPs per token.", config.model.name, f"{num_params:,}", flops_per_tok)
+    logging.info(
+        "Model: %s, %s parameters, %.3g training FLOPs per token.",
+        config.model.name,
+        f"{num_params:,}",
+        flops_per_tok,
+    )
 
     # ---------------------------------------------------------------- compile
     eval_step = compile_eval_step(setup)
@@ -364,7 +391,9 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
             tokens_per_s = steps_per_s * tokens_per_step
             mfu = flops_per_tok * tokens_per_s / peak
             mean = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
-            mean.update(steps_per_s=steps_per_s, tokens_per_s=tokens_per_s, mfu=mfu, skipped_steps=len(skipped))
+            mean.update(
+                steps_per_s=steps_per_s, tokens_per_s=tokens_per_s, mfu=mfu, skipped_steps=len(skipped)
+            )
             writer.write(step, "train", mean)
             logging.info(metrics_lib.progress_line(step, total, mean["loss"], steps_per_s, tokens_per_s, mfu))
             window, t_window, steps_window = [], time.time(), 0
@@ -375,7 +404,10 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
             writer.write(step, "eval", eval_metrics)
             logging.info(
                 "eval at step %d (EMA params): NELBO %.4f nats/token, %.4f bits/token, perplexity <= %.3f (%.1fs)",
-                step, eval_metrics["nelbo"], eval_metrics["bits_per_token"], eval_metrics["perplexity_bound"],
+                step,
+                eval_metrics["nelbo"],
+                eval_metrics["bits_per_token"],
+                eval_metrics["perplexity_bound"],
                 time.time() - t_eval,
             )
             t_window += time.time() - t_eval  # eval time is not training throughput
@@ -405,7 +437,9 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
 def evaluate(config, workdir: str, devices=None) -> dict:
     """Evaluates the latest checkpoint's EMA parameters on the validation split (--mode=eval)."""
     setup = build(config, devices)
-    checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
+    checkpointer = checkpoint_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints
+    )
     state, step = checkpointer.restore_latest(setup.abstract_state())
     if state is None:
         raise ConfigError(f"no checkpoint in {checkpointer.directory}: train first (--mode=train)")
@@ -417,7 +451,10 @@ def evaluate(config, workdir: str, devices=None) -> dict:
     checkpointer.close()
     logging.info(
         "eval at step %d (EMA params): NELBO %.4f nats/token, %.4f bits/token, perplexity <= %.3f",
-        step, result["nelbo"], result["bits_per_token"], result["perplexity_bound"],
+        step,
+        result["nelbo"],
+        result["bits_per_token"],
+        result["perplexity_bound"],
     )
     return result
 
@@ -425,11 +462,15 @@ def evaluate(config, workdir: str, devices=None) -> dict:
 def load_params(config, workdir: str, *, ema: bool = True, devices=None):
     """(setup, params, step) of the latest checkpoint in `workdir`: what a sampler needs."""
     setup = build(config, devices)
-    checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
+    checkpointer = checkpoint_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints
+    )
     state, step = checkpointer.restore_latest(setup.abstract_state())
     checkpointer.close()
     if state is None:
-        raise ConfigError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: train first (--mode=train)")
+        raise ConfigError(
+            f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: train first (--mode=train)"
+        )
     return setup, (state.ema_params if ema else state.params), step
 
 
