@@ -218,10 +218,44 @@ def test_kill_and_rerun_resumes_to_identical_parameters(child_env, tmp_path):
 
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
+    # The 1-device checkpoint restores onto an 8-device mesh (data=2, fsdp=2, tensor=2), resharded.
+    resharded, step = _restore_on_mesh(clean, args, {"data": 2, "fsdp": 2, "tensor": 2})
+    assert step == 6
+    emb = resharded.params["token_embedding"]
+    assert "fsdp" in str(emb.sharding.spec) and len(emb.sharding.device_set) == 8
+    np.testing.assert_array_equal(np.asarray(emb), np.asarray(final_clean["params"]["token_embedding"]))
     # Every checkpoint left on disk restores; no temporary (half-written) directory remains.
     for step in os.listdir(os.path.join(killed, "checkpoints")):
         assert step.isdigit(), os.listdir(os.path.join(killed, "checkpoints"))
         restore_state(os.path.join(killed, "checkpoints", step))
+
+
+def _restore_on_mesh(workdir, overrides, mesh):
+    """Restores `workdir`'s latest checkpoint in this (8-device) process onto `mesh`."""
+    import importlib.util
+
+    from ddlm.train import checkpoint as checkpoint_lib
+    from ddlm.train import trainer
+
+    spec = importlib.util.spec_from_file_location("quickstart", QUICKSTART)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for flag in overrides:
+        key, value = flag[len("--config.") :].split("=")
+        old = config
+        for part in key.split("."):
+            old = old[part]
+        config.update_from_flattened_dict(
+            {key: (value == "True") if isinstance(old, bool) else type(old)(value)}
+        )
+    config.mesh.update(mesh)
+    setup = trainer.build(config)
+    checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=3)
+    try:
+        return checkpointer.restore_latest(setup.abstract_state())
+    finally:
+        checkpointer.close()
 
 
 # ------------------------------------------------------------------------------------------------ errors
