@@ -172,7 +172,7 @@ def test_quickstart_learns_and_writes_everything(quickstart_run):
 
 
 @pytest.mark.timeout(200)
-def test_eval_mode_and_corrupt_latest_checkpoint_falls_back(quickstart_run, child_env, tmp_path):
+def test_eval_and_sample_modes_and_corrupt_latest_checkpoint_falls_back(quickstart_run, child_env, tmp_path):
     workdir, _ = quickstart_run
     copy = str(tmp_path / "copy")
     shutil.copytree(workdir, copy)
@@ -187,6 +187,16 @@ def test_eval_mode_and_corrupt_latest_checkpoint_falls_back(quickstart_run, chil
     assert "Restored checkpoint from step 90" in log
     assert os.path.isdir(os.path.join(copy, "checkpoints_corrupt", "180"))
     assert records(copy, "eval")[-1]["step"] == 90
+
+    # --mode=sample: the samplers' CLI on the (now latest) checkpoint 90.
+    try:
+        import ddlm.sampling.cli  # noqa: F401
+    except ImportError:
+        return
+    shutil.rmtree(os.path.join(copy, "samples"), ignore_errors=True)
+    proc = run_main(child_env, copy, *QUICK_OVERRIDES, "--mode=sample", timeout=190)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert os.listdir(os.path.join(copy, "samples"))
 
 
 # ------------------------------------------------------------------------------------------------ resume
