@@ -1,5 +1,5 @@
 """BD3-LM (Arriola et al. 2025): block diffusion, autoregressive over blocks, masked diffusion within a block.
-Reproduces BD3-LM small on OpenWebText with block size 4 or 16 (block-causal 12x768, L=1024; Table 3).
+Reproduces BD3-LM small on OpenWebText with block size 4 or 16 (block-causal 12x768, L=1024).
 
     python -m ddlm.main --config=experiments/bd3lm.py:block_size=16 --workdir=runs/bd3lm_16
 """

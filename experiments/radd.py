@@ -1,5 +1,5 @@
-"""RADD (Ou et al. 2025): a time-free network predicting clean-data conditionals; lambda-DCE loss (RADD eq. 12).
-Reproduces RADD-small on OpenWebText (12x768 DiT without time conditioning, L=1024, 400k steps; Table 2).
+"""RADD (Ou et al. 2025): a time-free network predicting clean-data conditionals; lambda-DCE loss.
+Reproduces RADD-small on OpenWebText (12x768 DiT without time conditioning, L=1024, 400k steps).
 
     python -m ddlm.main --config=experiments/radd.py --workdir=runs/radd
 """

@@ -1,5 +1,5 @@
 """SEDD absorb (Lou et al. 2024): score entropy on the absorbing graph with the log-linear schedule.
-Reproduces SEDD-small absorb on OpenWebText (12x768 DiT, L=1024, batch 512, 400k steps; Table 1).
+Reproduces SEDD-small absorb on OpenWebText (12x768 DiT, L=1024, batch 512, 400k steps).
 
     python -m ddlm.main --config=experiments/sedd_absorb.py --workdir=runs/sedd_absorb
 """

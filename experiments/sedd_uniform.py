@@ -1,5 +1,5 @@
 """SEDD uniform (Lou et al. 2024): score entropy on the uniform graph with the geometric noise schedule.
-Reproduces SEDD-small uniform on OpenWebText (12x768 DiT, L=1024, sigma in [1e-4, 20], 400k steps; Table 1).
+Reproduces SEDD-small uniform on OpenWebText (12x768 DiT, L=1024, sigma in [1e-4, 20], 400k steps).
 
     python -m ddlm.main --config=experiments/sedd_uniform.py --workdir=runs/sedd_uniform
 """
