@@ -130,28 +130,27 @@ def base_config(*, model, diffusion, data, optim, mesh, train, sampler) -> ml_co
     return c
 
 
+def _with_fields(c: ml_collections.ConfigDict, fields: dict, what: str) -> ml_collections.ConfigDict:
+    """Sets `fields` on the defaults `c`; a field the defaults lack is a KeyError naming it."""
+    for key, value in fields.items():
+        if key not in c:
+            raise KeyError(f"{what} config has no field {key!r}; fields: {sorted(c.keys())}")
+        c[key] = value
+    return c
+
+
 def data_config(**fields) -> ml_collections.ConfigDict:
     """ddlm.data.pipeline.default_config() with `fields` set (each must already exist there)."""
     from ddlm.data import pipeline
 
-    c = pipeline.default_config()
-    for key, value in fields.items():
-        if key not in c:
-            raise KeyError(f"data config has no field {key!r}; fields: {sorted(c.keys())}")
-        c[key] = value
-    return c
+    return _with_fields(pipeline.default_config(), fields, "data")
 
 
 def model_config(size: str, **fields) -> ml_collections.ConfigDict:
     """ddlm.models.default_config(size) with `fields` set (each must already exist there)."""
     from ddlm import models
 
-    c = models.default_config(size)
-    for key, value in fields.items():
-        if key not in c:
-            raise KeyError(f"model config has no field {key!r}; fields: {sorted(c.keys())}")
-        c[key] = value
-    return c
+    return _with_fields(models.default_config(size), fields, "model")
 
 
 def apply_smoke(config) -> None:
