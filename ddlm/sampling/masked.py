@@ -60,6 +60,11 @@ def x0_log_probs(denoise_fn, xt, t, mask_id, temperature=1.0, top_k=0, top_p=1.0
     """log p_theta(x_0 | x_t) [B, L, V] with the mask id removed (SUBS) and the filters applied."""
     b = xt.shape[0]
     logits = denoise_fn(xt, jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,)))
+    return logits_to_log_probs(logits, mask_id, temperature, top_k, top_p)
+
+
+def logits_to_log_probs(logits, mask_id, temperature=1.0, top_k=0, top_p=1.0):
+    """Network logits [..., V] -> log p_theta(x_0 | x_t) [..., V]: mask id removed (SUBS), filters applied."""
     logits = logits.astype(jnp.float32).at[..., mask_id].set(losses.NEG_INF)
     logits = categorical.filter_logits(logits, temperature, top_k, top_p)
     return jax.nn.log_softmax(logits, axis=-1)
