@@ -180,7 +180,7 @@ def parallel_sample(
     opts = rules.RuleOptions(threshold=threshold, factor=factor, gamma=gamma)
     rules.check_options(opts)
     x_init = x_init.astype(jnp.int32)
-    batch, length = x_init.shape
+    length = x_init.shape[1]
     p = plan(length, rule=rule, steps=steps, block_length=block_length, remasking=remasking)
     bl = p.block_length
     greedy = temperature == 0
@@ -238,11 +238,7 @@ def parallel_sample(
 
         return jax.lax.while_loop(cond, lambda c: step_fn(b, c), (x, state, jnp.int32(0), g, nfe, conf, traj))
 
-    traj0 = (
-        jnp.zeros((max_steps + 1, batch, length), jnp.int32).at[0].set(x_init)
-        if return_trajectory
-        else jnp.zeros((), jnp.int32)
-    )
+    traj0 = masked.init_trajectory(max_steps + 1, x_init, return_trajectory)
     carry = (
         x_init,
         provider.init(x_init),
@@ -254,5 +250,5 @@ def parallel_sample(
     )
     x, _, _, g, nfe, _, traj = jax.lax.fori_loop(0, p.num_blocks, block_fn, carry)
     if return_trajectory:
-        traj = traj[jnp.minimum(jnp.arange(max_steps + 1), g)]
+        traj = masked.hold_final_state(traj, g)
     return SampleOutput(x, nfe, traj if return_trajectory else None)
