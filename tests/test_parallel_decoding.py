@@ -17,7 +17,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ddlm import schedules, sampling
 from ddlm.sampling import conditioning, parallel, rules
-from test_sampling import FAST, L, MASK, N_SAMPLES, TOY, V, all_masked, histogram, tjit, tv, tv_bound
+from test_sampling import (
+    FAST,
+    L,
+    MASK,
+    N_SAMPLES,
+    TOY,
+    V,
+    all_masked,
+    histogram,
+    tjit,
+    to_clean_distribution,
+    tv,
+    tv_bound,
+)
 
 SCHED = schedules.LogLinearSchedule()
 RULE_NAMES = tuple(rules.RULES)
@@ -191,10 +204,7 @@ def exact_low_confidence_distribution():
     dist[index[(MASK,) * L]] = 1.0
     for _ in range(L):
         dist = dist @ trans
-    out = np.zeros(V**L)
-    clean = ~np.any(states == MASK, axis=1)
-    np.add.at(out, np.asarray(TOY.index(states[clean])), dist[clean])
-    return out
+    return to_clean_distribution(dist, states)
 
 
 def test_low_confidence_is_biased_and_matches_its_exact_distribution():
