@@ -12,7 +12,7 @@ import ml_collections
 
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.name = "ancestral"  # ancestral | cached | first_hitting | remdm | sedd_euler | sedd_analytic
+    c.name = "ancestral"  # ancestral | cached | first_hitting | remdm | sedd_euler | sedd_analytic | parallel
     c.steps = 128  # reverse steps (ignored by first_hitting: one network call per masked token)
     c.grid = ""  # schedule whose alpha(t) spaces the steps: loglinear | linear | cosine | ...; '' = config.diffusion.schedule
     c.t_min = 0.0  # the grid runs from t = 1 down to t_min
@@ -27,6 +27,13 @@ def default_config() -> ml_collections.ConfigDict:
     )
     c.remasking = "rescale"  # ReMDM strategy for name=remdm: cap | rescale | confidence
     c.eta = 0.02  # ReMDM remasking strength (eta_cap or eta_rescale); 0 = plain ancestral
+    # name=parallel (ddlm.sampling.parallel): semi-autoregressive blocks, a commit rule per step.
+    c.rule = "low_confidence"  # random|low_confidence|margin|entropy|threshold|factor|entropy_bounded
+    c.block_length = 0  # tokens per semi-autoregressive block (must divide seq_len); 0 = one block
+    c.threshold = 0.9  # rule=threshold: commit every candidate with probability above this, in (0, 1]
+    c.factor = 1.0  # rule=factor: Fast-dLLM's f, commit the largest n with (n + 1)(1 - c_(n)) <= f
+    c.gamma = 0.01  # rule=entropy_bounded: EB-sampler's entropy budget (nats)
+    c.parallel_remasking = "none"  # ReMDM remasking in name=parallel: none | cap | rescale | confidence (eta)
     c.guidance_scale = (
         0.0  # classifier-free guidance w (LLaDA form, prompt masked as unconditional input); 0 = off
     )
