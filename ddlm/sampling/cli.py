@@ -160,10 +160,8 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
     def sample(params, rng, x, clamp):
         denoise_fn = lambda xt, t: network(params, xt, t)
         score_fn = None
-        if loss == "sedd_absorb":
-            score_fn = lambda xt, t: losses.sedd_absorbing_log_score(
-                network(params, xt, t), t, diffusion_schedule
-            )
+        if loss == "sedd_absorb":  # the absorbing samplers take the ratios without alpha/(1-alpha)
+            score_fn = lambda xt, t: losses.sedd_absorbing_log_cond(network(params, xt, t))
         elif loss == "sedd_uniform":
             score_fn = denoise_fn  # a uniform-graph SEDD network outputs log ratios
         if not sc.name.startswith("sedd_"):
