@@ -549,9 +549,16 @@ def test_training_loss_rejects_a_network_with_the_wrong_vocabulary(name):
     for vocab_size in (7, 8):
         with pytest.raises(ValueError, match=rf"vocab_size\] = \(2, 4, {vocab_size}\).*got \(2, 4, 6\)"):
             losses.training_loss(name, apply_fn, x, None, jax.random.PRNGKey(0), vocab_size=vocab_size, **kw)
-    losses.training_loss(name, apply_fn, x, None, jax.random.PRNGKey(0), vocab_size=6, mask_id=5, **{
-        k: v for k, v in kw.items() if k != "mask_id"
-    })
+    losses.training_loss(
+        name,
+        apply_fn,
+        x,
+        None,
+        jax.random.PRNGKey(0),
+        vocab_size=6,
+        mask_id=5,
+        **{k: v for k, v in kw.items() if k != "mask_id"},
+    )
 
 
 def test_checked_mode_catches_bad_token_ids():

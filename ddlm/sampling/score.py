@@ -127,7 +127,9 @@ def _uniform_probs(log_score, xt, method, *, tau, rate_dt=None):
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
 
 
-def step_probs(log_score, xt, *, graph: str, method: str, schedule: schedules_lib.Schedule, t, s, mask_id=None):
+def step_probs(
+    log_score, xt, *, graph: str, method: str, schedule: schedules_lib.Schedule, t, s, mask_id=None
+):
     """Per-position probabilities [B, L, V] of x_s given x_t for one reverse step from t to s < t.
 
     log_score [B, L, V]: score_fn's output (log c on the absorbing graph, log ratios on the uniform one,
