@@ -175,6 +175,24 @@ def test_a_bad_sampler_field_is_one_line_before_the_checkpoint_is_loaded(field, 
     assert "\n" not in str(info.value)
 
 
+def test_sampler_and_diffusion_mismatches_are_one_line_before_loading():
+    def must_not_load(config, workdir):
+        raise AssertionError("loaded before the config was checked")
+
+    for process, loss, schedule, fields, expected in [
+        ("uniform", "sedd_uniform", "geometric", {"name": "ancestral"}, "needs the absorbing process"),
+        ("uniform", "sedd_uniform", "linear", {"name": "sedd_euler"}, r"need alpha\(1\) > 0"),
+        ("uniform", "sedd_uniform", "geometric", {"name": "sedd_euler", "grid": "cosine"}, "alpha"),
+        ("absorbing", "sedd_absorb", "loglinear", {"name": "sedd_euler", "guidance_scale": 1.0}, "denoiser"),
+        ("absorbing", "ar", "loglinear", {"name": "ancestral"}, "diffusion losses"),
+    ]:
+        c = _config(**fields)
+        c.diffusion.process, c.diffusion.loss, c.diffusion.schedule = process, loss, schedule
+        c.diffusion.schedule_kwargs = {}
+        with pytest.raises(ValueError, match=expected):
+            cli.run_sampling(c, "/unused", load_fn=must_not_load)
+
+
 def test_the_trainer_checks_the_sampler_config_at_start_up_when_it_will_sample():
     from ddlm.train import trainer
 

@@ -127,6 +127,14 @@ def validate(sampler_config, *, diffusion=None, seq_len: int | None = None) -> m
                 f"config.sampler.name={c.name!r} needs the absorbing process; on "
                 "config.diffusion.process='uniform' use sedd_euler or sedd_analytic"
             )
+        if diffusion.process == "uniform":
+            grid = c.grid or diffusion.schedule
+            kwargs = dict(diffusion.schedule_kwargs) if grid == diffusion.schedule else {}
+            if float(schedules.get_schedule(grid, **kwargs).alpha(1.0)) == 0.0:
+                raise ValueError(
+                    f"config.sampler.grid={c.grid!r} / config.diffusion.schedule={diffusion.schedule!r}: the "
+                    f"uniform graph's samplers need alpha(1) > 0 and {grid!r} has alpha(1) = 0 (use 'geometric')"
+                )
         if c.guidance_scale and c.name.startswith("sedd_") and diffusion.loss.startswith("sedd_"):
             raise ValueError(
                 f"config.sampler.guidance_scale={c.guidance_scale} needs a denoiser, and {c.name} on a "
