@@ -46,8 +46,9 @@ def make_sampler(
     """sample(rng, x_init, clamp=None) -> SampleOutput for the sampler named cfg.name (not jitted: pure).
 
     cfg: config.sampler (see ddlm.sampling.config.default_config). denoise_fn(xt, t) -> logits for the
-    masked samplers (and the absorbing score samplers, via RADD's score); score_fn(xt, t) -> log ratios for
-    the score samplers (required on the uniform graph). cfg.guidance_scale != 0 wraps denoise_fn in
+    masked samplers (and the absorbing score samplers, via RADD's score); score_fn(xt, t) for the score
+    samplers (required on the uniform graph): log ratios on the uniform graph, log c (the ratios without
+    their factor alpha/(1 - alpha)) on the absorbing one, see ddlm.sampling.score. cfg.guidance_scale != 0 wraps denoise_fn in
     classifier-free guidance with the known tokens of x_init as the condition. clamp: bool [B, L], positions
     kept fixed on the uniform graph. progress_fn(steps_done): a host callback after every step (optional).
     """
@@ -114,7 +115,7 @@ def make_sampler(
                 **common,
                 **filters,
             )
-        sfn = score_fn if score_fn is not None else absorbing_score_fn(fn, schedule, mask_id, **filters)
+        sfn = score_fn if score_fn is not None else absorbing_score_fn(fn, mask_id=mask_id, **filters)
         return score_sample(
             sfn,
             rng,

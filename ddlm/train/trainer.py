@@ -103,6 +103,11 @@ def validate_config(config, num_devices: int | None = None):
         raise ConfigError(
             f"config.model.block_size={config.model.block_size} must divide config.train.seq_len={t.seq_len}"
         )
+    if t.sample_at_end:  # a bad sampler field fails now, not after training
+        from ddlm.sampling import config as sampler_config
+
+        seq_len = config.sampler.seq_len if "seq_len" in config.sampler else 0
+        sampler_config.validate(config.sampler, diffusion=config.diffusion, seq_len=seq_len or t.seq_len)
 
 
 def check_data_paths(data_config):
