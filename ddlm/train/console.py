@@ -27,7 +27,6 @@ import logging as python_logging
 import math
 import os
 import sys
-import time
 
 import jax
 from absl import logging
@@ -60,9 +59,6 @@ def quiet_other_loggers(level: str = "warning") -> OtherLoggersFilter:
     new = OtherLoggersFilter(getattr(python_logging, level.upper()))
     handler.addFilter(new)
     return new
-
-
-_SMOOTHING = 0.3  # weight of the newest step in the tokens/s moving average (tqdm's default smoothing)
 
 
 class _TqdmStream:
@@ -103,10 +99,8 @@ class TrainProgress:
         self.peak_flops = peak_flops
         self.stream = sys.stderr if stream is None else stream
         if live is None:
-            live = jax.process_index() == 0 and _isatty(self.stream)
+            live = jax.process_index() == 0 and _terminal_columns(self.stream) > 0
         self.live = live
-        self._steps_per_s = float("nan")
-        self._last_step, self._last_time = start, time.time()
         self._bar = None
         self._handler, self._saved_stream = None, None
         if live:
@@ -119,27 +113,18 @@ class TrainProgress:
                 unit="step",
                 file=self.stream,
                 dynamic_ncols=True,
-                smoothing=_SMOOTHING,
             )
             self._handler = logging.get_absl_handler().python_handler
             self._saved_stream = self._handler.stream
             self._handler.setStream(_TqdmStream(self._saved_stream))
 
     def update(self, step: int, loss: float) -> None:
-        """Step `step` is done and its loss is `loss` (a host float)."""
-        now = time.time()
-        done = step - self._last_step
-        if done > 0:
-            rate = done / max(now - self._last_time, 1e-9)
-            self._steps_per_s = (
-                rate
-                if math.isnan(self._steps_per_s)
-                else (_SMOOTHING * rate + (1 - _SMOOTHING) * self._steps_per_s)
-            )
-            self._last_step, self._last_time = step, now
+        """Step `step` is done and its loss is `loss` (a host float). tokens/s and MFU come from the bar's
+        own smoothed rate, the one its ETA uses."""
         if self._bar is None:
             return
-        tokens_per_s = self._steps_per_s * self.tokens_per_step
+        steps_per_s = self._bar.format_dict["rate"] or float("nan")  # None until the bar has a rate
+        tokens_per_s = steps_per_s * self.tokens_per_step
         mfu = self.flops_per_token * tokens_per_s / self.peak_flops
         self._bar.set_postfix_str(
             f"loss {loss:.4f}, {_si(tokens_per_s)} tok/s, MFU {metrics_lib.format_percent(mfu)}",
@@ -174,11 +159,13 @@ class TrainProgress:
         return False
 
 
-def _isatty(stream) -> bool:
+def _terminal_columns(stream) -> int:
+    """The width of the terminal `stream` writes to; 0 when it is not a terminal (a file, a pipe), or a
+    terminal that reports no size (some container consoles; tqdm would then draw nothing at all)."""
     try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):  # no isatty, or a closed stream
-        return False
+        return os.get_terminal_size(stream.fileno()).columns if stream.isatty() else 0
+    except (AttributeError, OSError, ValueError):  # no fileno/isatty, or a closed stream
+        return 0
 
 
 def _si(x: float) -> str:
