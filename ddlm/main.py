@@ -44,6 +44,10 @@ _LOG_LEVEL = flags.DEFINE_enum(
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
+# Printed (not logged: --verbosity cannot hide it) by each process of a multi-process job once it has
+# joined; launch/multiprocess.py waits for it (--start_timeout).
+JOINED_LINE = "ddlm: process {index} of {count} joined jax.distributed"
+
 
 def _initialize_distributed():
     import jax
@@ -61,6 +65,9 @@ def _initialize_distributed():
         )
     elif _DISTRIBUTED.value:
         jax.distributed.initialize(**timeouts)
+    else:
+        return
+    print(JOINED_LINE.format(index=jax.process_index(), count=jax.process_count()), flush=True)
 
 
 def _fail(message: str, code: int = 1):
