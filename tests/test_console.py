@@ -80,7 +80,10 @@ def progress(stream, start=0, total=4, live=None):
     )
 
 
-def test_progress_bar_is_live_on_a_terminal_with_loss_tokens_mfu_eta_and_logs_print_above_it(absl_handler):
+def test_progress_bar_is_live_on_a_terminal_with_loss_tokens_mfu_eta_and_logs_print_above_it(
+    absl_handler, caplog
+):
+    caplog.set_level(python_logging.INFO)
     stream, master = _pty_stream(columns=160)
     original = absl_handler.python_handler.stream
     absl_handler.python_handler.setStream(stream)  # where absl logs go in a job: the same terminal
@@ -108,7 +111,7 @@ def test_progress_bar_is_live_on_a_terminal_with_loss_tokens_mfu_eta_and_logs_pr
     assert "eval at step 3: a log line" in frames
     log_at = frames.index("eval at step 3: a log line")
     assert any("train" in f and "loss" in f for f in frames[log_at + 1 :])
-    assert not any(f.startswith("step 3/5") for f in frames)
+    assert not any(f.startswith("step 3/5") for f in frames) and "step 3/5" not in caplog.text
 
 
 def test_progress_is_plain_lines_when_not_a_terminal(caplog):
