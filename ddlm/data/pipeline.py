@@ -59,6 +59,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.num_workers = 0  # grain worker processes for reading + tokenising (0 = in-process)
     c.worker_buffer_size = 4  # documents prefetched per worker
     c.shuffle_seed = 0  # document order seed when make_iterator gets no seed
+    c.sft_data = ""  # SFT prompt/response records (ddlm.data.sft): .jsonl file | folder | 'shakespeare_replies'
+    c.sft_template = "chat"  # SFT prompt template: 'chat' (plain-text role markers) | 'none'
     return c
 
 
@@ -339,6 +341,21 @@ def make_iterator(
       A ``DataIterator``; ``next(it)`` -> {'tokens': int32 [global_batch_size, seq_len] (numpy:
       [global_batch_size // process_count, seq_len]), 'loss_mask': float32, same shape}.
     """
+    if config.sft_data:  # prompt/response records, one padded row each (ddlm/data/sft.py)
+        from ddlm.data import sft
+
+        return sft.make_iterator(
+            config,
+            tok,
+            split,
+            global_batch_size=global_batch_size,
+            seq_len=seq_len,
+            seed=seed,
+            sharding=sharding,
+            num_epochs=num_epochs,
+            process_index=process_index,
+            process_count=process_count,
+        )
     simulated = process_index is not None or process_count is not None
     p = jax.process_index() if process_index is None else process_index
     n_proc = jax.process_count() if process_count is None else process_count
