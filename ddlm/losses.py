@@ -444,7 +444,9 @@ def sft_mean(per_token, response_mask):
     """
     per_token = _at_least_f32(per_token)
     if response_mask.shape != per_token.shape:
-        raise ValueError(f"response_mask must have shape {tuple(per_token.shape)}, got {tuple(response_mask.shape)}")
+        raise ValueError(
+            f"response_mask must have shape {tuple(per_token.shape)}, got {tuple(response_mask.shape)}"
+        )
     mask = response_mask.astype(per_token.dtype)
     lengths = jnp.maximum(jnp.sum(mask, axis=1), 1.0)
     return jnp.mean(jnp.sum(per_token * mask, axis=1) / lengths)

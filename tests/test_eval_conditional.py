@@ -69,7 +69,9 @@ def test_sample_response_mask_draws_l_and_positions_uniformly():
     response = jnp.asarray(np.array([[0, 0, 1, 1, 1, 1], [0, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]], bool))
     for stratified in (True, False):
         keys = jax.random.split(jax.random.key(0), 20_000)
-        masks = np.asarray(jax.vmap(lambda k: losses.sample_response_mask(k, response, stratified))(keys))
+        masks = np.asarray(
+            jax.vmap(lambda k, s=stratified: losses.sample_response_mask(k, response, s))(keys)
+        )
         assert not (masks & ~np.asarray(response)).any()  # nothing outside the response
         for row in range(3):
             r = int(response[row].sum())
@@ -83,7 +85,9 @@ def test_sample_response_mask_draws_l_and_positions_uniformly():
 
 @pytest.mark.parametrize("stratified", [True, False], ids=["stratified", "iid"])
 def test_monte_carlo_estimate_matches_exact_and_its_se_shrinks(stratified):
-    estimate = conditional.make_estimator(oracle_denoise_fn(), mask_id=MASK, batch_size=16, stratified=stratified)
+    estimate = conditional.make_estimator(
+        oracle_denoise_fn(), mask_id=MASK, batch_size=16, stratified=stratified
+    )
     exact = exact_conditional_log_probs()
     seq = int(np.argsort(TOY.probs)[len(TOY.probs) // 2])  # a typical (not extreme) sequence
     tokens = TOY.seqs[seq]

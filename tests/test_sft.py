@@ -9,7 +9,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -37,8 +36,7 @@ RECORDS = [
 
 def write_jsonl(path, records):
     with open(path, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+        f.writelines(json.dumps(r) + "\n" for r in records)
 
 
 def sft_config(path, template="chat", **fields):
@@ -98,7 +96,9 @@ def test_truncation_is_counted_and_a_prompt_without_room_is_an_error(tmp_path):
 def test_bad_records_and_paths_are_one_clear_error(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "a", "answer": "b"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:3: expected a JSON object with string fields 'prompt' and"):
+    with pytest.raises(
+        ValueError, match=r"bad.jsonl:3: expected a JSON object with string fields 'prompt' and"
+    ):
         sft.read_records(str(path))
     path.write_text("not json\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:1: not a JSON object"):
@@ -117,7 +117,14 @@ def test_processes_get_disjoint_records_and_state_restores_exactly(tmp_path):
     rows = []
     for p in range(2):
         it = pipeline.make_iterator(
-            config, BYTE, "train", global_batch_size=4, seq_len=12, num_epochs=1, process_index=p, process_count=2
+            config,
+            BYTE,
+            "train",
+            global_batch_size=4,
+            seq_len=12,
+            num_epochs=1,
+            process_index=p,
+            process_count=2,
         )
         rows.append({tuple(r) for b in it for r in b["tokens"].tolist()})
     # 39 train records (one goes to validation): 20 and 19 per process, 2 per batch; both stop after the
@@ -166,7 +173,14 @@ def test_prompt_is_never_masked_and_carries_no_loss(tmp_path):
             return logits
 
         loss, aux = losses.training_loss(
-            "sft", apply_fn, x0, loss_mask, rng, schedule=sched, vocab_size=BYTE.vocab_size, mask_id=BYTE.mask_id
+            "sft",
+            apply_fn,
+            x0,
+            loss_mask,
+            rng,
+            schedule=sched,
+            vocab_size=BYTE.vocab_size,
+            mask_id=BYTE.mask_id,
         )
         return loss, (seen["xt"], aux["mask_rate"])
 
@@ -187,9 +201,13 @@ def test_prompt_is_never_masked_and_carries_no_loss(tmp_path):
 def test_sft_mean_normalises_each_example_by_its_response_length():
     rng = np.random.default_rng(0)
     per_token = rng.random((4, 6))
-    mask = np.array([[0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0]], np.float32)
+    mask = np.array(
+        [[0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0]], np.float32
+    )
     want = np.mean([per_token[b][mask[b] > 0].sum() / max(mask[b].sum(), 1) for b in range(4)])
-    np.testing.assert_allclose(float(losses.sft_mean(jnp.asarray(per_token), jnp.asarray(mask))), want, rtol=1e-6)
+    np.testing.assert_allclose(
+        float(losses.sft_mean(jnp.asarray(per_token), jnp.asarray(mask))), want, rtol=1e-6
+    )
 
 
 # ------------------------------------------------------------------------------------------------ oracle
@@ -271,8 +289,14 @@ def test_sft_training_loss_is_unbiased_for_the_per_example_conditional_entropy(x
     def one(key):
         k1, k2 = jax.random.split(key)
         return losses.training_loss(
-            "sft", lambda xt, t, c: den(xt), TOY.sample(k1, batch), loss_mask, k2, schedule=sched,
-            vocab_size=V + 1, mask_id=MASK,
+            "sft",
+            lambda xt, t, c: den(xt),
+            TOY.sample(k1, batch),
+            loss_mask,
+            k2,
+            schedule=sched,
+            vocab_size=V + 1,
+            mask_id=MASK,
         )[0]
 
     vals = np.array([float(one(k)) for k in jax.random.split(jax.random.key(3), 48)])

@@ -40,6 +40,7 @@ The train/validation split is by a hash of each record's key (``<file>:<line>``)
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
 from typing import Any
@@ -47,7 +48,7 @@ from typing import Any
 import grain
 import jax
 import numpy as np
-from absl import flags, logging
+from absl import logging
 
 from ddlm.data import corpora, pipeline, sources
 from ddlm.data import tokenizers as tokenizers_lib
@@ -168,7 +169,9 @@ def read_records(path: str) -> list[dict[str, str]]:
                         f"{where}: expected a JSON object with string fields 'prompt' and 'response' "
                         f"(an SFT record), got {line.strip()[:80]!r}"
                     )
-                records.append({"id": f"{rel}:{lineno}", "prompt": record["prompt"], "response": record["response"]})
+                records.append(
+                    {"id": f"{rel}:{lineno}", "prompt": record["prompt"], "response": record["response"]}
+                )
     if not records:
         raise ValueError(f"config.data.sft_data: {path} holds no records")
     return records
@@ -182,7 +185,7 @@ def shakespeare_reply_pairs(texts, max_chars: int = BUILTIN_MAX_CHARS) -> list[t
     for text in texts:
         blocks = [b.split("\n") for b in text.split("\n\n")]
         speeches = [b for b in blocks if len(b) >= 2 and b[0].strip() and b[1].strip()]
-        for first, second in zip(speeches, speeches[1:]):
+        for first, second in itertools.pairwise(speeches):
             if first[0].strip() == second[0].strip():  # the same speaker again: not a reply
                 continue
             prompt, response = first[-1].strip(), second[1].strip()
@@ -203,8 +206,7 @@ def _builtin_path(data_config, name: str) -> str:
             texts = [t for split in corpora.SPLITS for t in corpora.iter_texts(corpus_config, split)]
             pairs = shakespeare_reply_pairs(texts)
             with open(path + ".tmp", "w", encoding="utf-8") as f:
-                for prompt, response in pairs:
-                    f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
+                f.writelines(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs)
             os.replace(path + ".tmp", path)
             logging.info("SFT set %s: %d pairs written to %s", name, len(pairs), path)
     return path
@@ -296,41 +298,31 @@ class _CountTruncatedIterator(grain.DatasetIterator):
 def make_iterator(
     config,
     tok: tokenizers_lib.Tokenizer,
-    split: str = "train",
+    split: str,
     *,
     global_batch_size: int,
     seq_len: int,
-    seed: int | None = None,
-    sharding: jax.sharding.Sharding | None = None,
-    num_epochs: int | None = None,
-    process_index: int | None = None,
-    process_count: int | None = None,
+    seed: int,
+    sharding: jax.sharding.Sharding | None,
+    num_epochs: int | None,
+    process_index: int,
+    process_count: int,
 ):
-    """The SFT input pipeline of one process; arguments as ``ddlm.data.pipeline.make_iterator`` (which
-    calls this when ``config.sft_data`` is set).
+    """The SFT input pipeline of one process. ``ddlm.data.pipeline.make_iterator`` calls it, with the
+    arguments checked and resolved, when ``config.sft_data`` is set: build iterators through that.
 
     Returns a ``pipeline.DataIterator``: ``next(it)`` -> {'tokens': int32 [global_batch_size, seq_len],
     'loss_mask': float32, same shape} (numpy rows of this process without a sharding), rows laid out as in
     the module docstring. With several processes and finite ``num_epochs``, every process stops after the
     batches of the process with the fewest records.
     """
-    p = jax.process_index() if process_index is None else process_index
-    n_proc = jax.process_count() if process_count is None else process_count
-    if global_batch_size <= 0 or global_batch_size % n_proc:
-        raise ValueError(
-            f"global_batch_size={global_batch_size} must be a positive multiple of the number of processes {n_proc}"
-        )
+    p, n_proc = process_index, process_count
     if config.sft_template not in TEMPLATES:
         raise ValueError(f"config.data.sft_template must be one of {TEMPLATES}, got {config.sft_template!r}")
-    if config.vocab_size and config.vocab_size != tok.vocab_size:
-        raise ValueError(
-            f"config.data.vocab_size={config.vocab_size} but the tokenizer has vocab_size={tok.vocab_size}"
-        )
-    seed = config.shuffle_seed if seed is None else seed
-    local_batch = global_batch_size // n_proc
-    where = f"SFT data {config.sft_data!r} split {split!r} (process {p} of {n_proc})"
     if split not in ("train", "validation"):
         raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
+    local_batch = global_batch_size // n_proc
+    where = f"SFT data {config.sft_data!r} split {split!r} (process {p} of {n_proc})"
     records = split_records(read_records(resolve_path(config)), float(config.validation_fraction))[split]
     if len(records) < n_proc:
         raise ValueError(f"{where}: {len(records)} records cannot be shared by {n_proc} processes")
@@ -341,14 +333,6 @@ def make_iterator(
     ds = ds.batch(local_batch, drop_remainder=True)
     if num_epochs is not None and n_proc > 1:
         ds = ds[: min(num_epochs * len(range(q, len(records), n_proc)) // local_batch for q in range(n_proc))]
-    it_ds = ds.to_iter_dataset()
-    if config.num_workers > 0:
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
-        it_ds = it_ds.mp_prefetch(
-            grain.MultiprocessingOptions(
-                num_workers=config.num_workers, per_worker_buffer_size=config.worker_buffer_size
-            )
-        )
+    it_ds = pipeline.prefetch(ds.to_iter_dataset(), config)
     it_ds = _CountTruncated(it_ds, where=where, local_batch=local_batch)
     return pipeline.DataIterator(iter(it_ds), sharding=sharding, global_shape=(global_batch_size, seq_len))
