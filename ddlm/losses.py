@@ -347,7 +347,7 @@ def autoregressive_loss(logits, tokens):
 # The glue the trainer calls
 # --------------------------------------------------------------------------------------------
 
-LOSSES = ("mdlm", "d3pm", "sedd_absorb", "sedd_uniform", "radd", "bd3lm", "ar")
+LOSSES = ("mdlm", "d3pm", "sedd_absorb", "sedd_uniform", "radd", "bd3lm", "ar", "sft")
 
 # apply_fn(xt [B, L] int, t [B] | [B, L] | None, x0_context [B, L] | None) -> logits [B, L, V]
 ApplyFn = Callable[..., jax.Array]
@@ -386,6 +386,8 @@ def training_loss(
     returns (masked mean per token in nats, metrics). For the diffusion losses the mean is an unbiased
     estimate of the NELBO per token. `t` passed to apply_fn is [B] (per-token [B, L] for 'bd3lm', None for
     the time-free 'radd' and for 'ar'); x0_context is x0 for 'bd3lm' (block-causal network), else None.
+    For 'sft' (LLaDA's SFT), loss_mask marks the response: positions where it is 0 are the prompt, kept
+    clean, and the result is `sft_mean` (per-example normalisation) instead of the masked token mean.
     The network's output must be [B, L, vocab_size] (a ValueError otherwise). With check_ids=True, call
     under `checkify.checkify` to validate token ids.
     """
@@ -403,7 +405,7 @@ def training_loss(
         per_token = autoregressive_loss(_network_output(apply_fn, vocab_size, x0, None, None), x0)
         return masked_mean(per_token, loss_mask[:, 1:]), {}
 
-    if name in ("mdlm", "d3pm", "sedd_absorb", "radd", "bd3lm") and mask_id is None:
+    if name in ("mdlm", "d3pm", "sedd_absorb", "radd", "bd3lm", "sft") and mask_id is None:
         raise ValueError(f"loss {name!r} uses the absorbing graph and needs mask_id")
     if name != "radd" and schedule is None:
         raise ValueError(f"loss {name!r} needs a noise schedule")
@@ -420,6 +422,17 @@ def training_loss(
         return masked_mean(per_token, loss_mask), {"mask_rate": jnp.mean(xt == mask_id)}
 
     t = sample_times(t_rng, batch, antithetic)
+    if name == "sft":
+        # LLaDA SFT: the prompt (loss_mask == 0) is never noised; the response, eos padding included, is
+        # masked at rate 1 - alpha(t) and scored with the masked-diffusion weight, per example (sft_mean).
+        response = loss_mask > 0
+        alpha = jnp.where(response, schedule.alpha(t)[:, None], 1.0)
+        xt = processes.AbsorbingProcess(vocab_size, mask_id).sample_xt(x_rng, x0, alpha)
+        per_token = mdlm_loss(
+            _network_output(apply_fn, vocab_size, xt, t, None), x0, xt, t, schedule, mask_id
+        )
+        return sft_mean(per_token, loss_mask), {"mask_rate": masked_mean(xt == mask_id, loss_mask)}
+
     if name == "radd":
         xt = processes.AbsorbingProcess(vocab_size, mask_id).sample_xt(x_rng, x0, 1.0 - t)
         per_token = radd_loss(_network_output(apply_fn, vocab_size, xt, None, None), x0, xt, t, mask_id)
@@ -447,3 +460,66 @@ def training_loss(
         log_score = sedd_absorbing_log_score(logits, t, schedule)
         per_token = score_entropy_absorbing_loss(log_score, x0, xt, t, schedule, mask_id)
     return masked_mean(per_token, loss_mask), {"mask_rate": jnp.mean(xt == mask_id)}
+
+
+# --------------------------------------------------------------------------------------------
+# Supervised fine-tuning (LLaDA) and the conditional likelihood of a response
+# --------------------------------------------------------------------------------------------
+
+
+def sft_mean(per_token, response_mask):
+    """LLaDA's SFT normalisation (LLaDA GUIDELINES.md, 'SFT': `token_loss / answer_lengths`, summed, over
+    the batch size): each example's loss is summed over its response positions and divided by its
+    response length R_b (eos padding included), then averaged over the batch,
+
+        loss = 1/B sum_b 1/R_b sum_l per_token[b, l] response_mask[b, l].
+
+    With the masked-diffusion per-token loss, 1/R_b times the sum is an unbiased estimate of the NELBO of
+    the response given the prompt, per response token (LLaDA's SFT objective). A row without response
+    positions counts as 0. per_token, response_mask: [B, L]. Returns a float32 scalar.
+    """
+    per_token = _at_least_f32(per_token)
+    if response_mask.shape != per_token.shape:
+        raise ValueError(
+            f"response_mask must have shape {tuple(per_token.shape)}, got {tuple(response_mask.shape)}"
+        )
+    mask = response_mask.astype(per_token.dtype)
+    lengths = jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+    return jnp.mean(jnp.sum(per_token * mask, axis=1) / lengths)
+
+
+def sample_response_mask(rng, response_mask, stratified: bool = True):
+    """For `any_order_conditional_loss`: bool [B, L] masks with, in row b, l_b ~ U{1..R_b} of its R_b
+    response positions (response_mask [B, L] nonzero) masked, chosen uniformly at random; nothing else is
+    masked (LLaDA eval_llada.py `_forward_process`). Rows without response positions mask nothing.
+
+    stratified: l_b = floor(u_b R_b) + 1 with u = sample_times(antithetic=True): each l_b is still uniform
+    on 1..R_b (so estimates stay unbiased), while a batch covers 1..R evenly (LLaDA spreads l over the
+    batch with a linspace and one random offset, to the same end)."""
+    l_rng, perm_rng = jax.random.split(rng)
+    response = response_mask > 0
+    batch, length = response.shape
+    r = jnp.sum(response, axis=1)
+    u = sample_times(l_rng, batch, antithetic=stratified)
+    num_masked = jnp.minimum(jnp.floor(u * r).astype(jnp.int32) + 1, r)  # min: u * r may round up to r
+    keys = jnp.where(response, jax.random.uniform(perm_rng, (batch, length)), 2.0)
+    ranks = jnp.argsort(jnp.argsort(keys, axis=1), axis=1)  # response positions take ranks 0..R_b-1
+    return response & (ranks < num_masked[:, None])
+
+
+def any_order_conditional_loss(logits, x0, xt, mask_id: int, response_mask):
+    """The any-order bound on -log p(response | prompt) (LLaDA's conditional likelihood estimate; RADD's
+    AO-ARM form, `radd_any_order_loss`, restricted to the response): with R response positions and l of
+    them masked, uniformly, for l ~ U{1..R} (`sample_response_mask`),
+
+        -log p(r | p) <= E_l E_{|M| = l} [ R/l sum_{i in M} -log p_theta(r^i | p, r with M masked) ].
+
+    The bound is an equality for exact conditionals: it averages the chain rule over all orders. The
+    prompt (response_mask == 0) must be unmasked in xt. l is read off xt. Returns float32 [B, L] (0 off
+    the masked response positions).
+    """
+    nll = _masked_nll(logits, x0, xt, mask_id)
+    response = response_mask > 0
+    r = jnp.sum(response, axis=1, keepdims=True).astype(nll.dtype)
+    k = jnp.sum((xt == mask_id) & response, axis=1, keepdims=True).astype(nll.dtype)
+    return jnp.where(response, nll * r / jnp.maximum(k, 1.0), 0.0)

@@ -44,6 +44,7 @@ import numpy as np
 from absl import logging
 
 from ddlm import losses, schedules
+from ddlm.data import sft
 from ddlm.sampling import conditioning, visualize
 from ddlm.sampling import config as config_lib
 from ddlm.sampling import make_sampler
@@ -132,6 +133,8 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
 
     # ------------------------------------------------------------------ initial tokens (conditioning)
     prompt_ids = tok.encode(sc.prompt) if sc.prompt else []
+    if sft.is_sft(config.data):  # an SFT model: rows start with bos and the templated prompt
+        prompt_ids = sft.encode_prompt(tok, sc.prompt, config.data.sft_template)
     template_ids = conditioning.parse_infill_template(sc.infill, tok.encode, mask_id) if sc.infill else None
     x_init = conditioning.initial_tokens(
         sc.batch_size,
