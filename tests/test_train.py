@@ -384,8 +384,10 @@ def test_nan_skip_counts_each_step_once_and_a_finished_rerun_compiles_nothing(tm
     assert trainer.train_and_evaluate(config, workdir, devices=devices) == {}
     assert "Already trained to step 4 (config.train.steps=4): nothing to do" in caplog.text
     assert samplings == [workdir, workdir]  # no samples on disk: the first run was stopped before them
-    os.makedirs(os.path.join(workdir, "samples"))
-    open(os.path.join(workdir, "samples", "samples.txt"), "w").close()
+    os.makedirs(os.path.join(workdir, "samples", "20261130-101500-step3-ancestral"))  # another step's
     trainer.train_and_evaluate(config, workdir, devices=devices)
-    assert samplings == [workdir, workdir]
-    assert "Samples already written" in caplog.text
+    assert samplings == [workdir] * 3
+    os.makedirs(os.path.join(workdir, "samples", "20261130-101600-step4-ancestral"))  # ddlm.sampling.cli's
+    trainer.train_and_evaluate(config, workdir, devices=devices)
+    assert samplings == [workdir] * 3
+    assert "Samples of step 4 are already in" in caplog.text

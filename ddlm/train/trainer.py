@@ -152,10 +152,23 @@ def validate_config(config, num_devices: int | None = None):
         raise ConfigError(
             f"config.train.eval_batch_size={t.eval_batch_size} must be divisible by mesh data*fsdp={data * fsdp}"
         )
+    from ddlm.data import sft
+
+    if (config.diffusion.loss == "sft") != sft.is_sft(config.data):
+        raise ConfigError(
+            "config.diffusion.loss='sft' and config.data.sft_data go together (the SFT loss reads the "
+            f"prompt/response rows of ddlm.data.sft); got loss={config.diffusion.loss!r} with sft_data "
+            + ("set" if sft.is_sft(config.data) else "unset")
+        )
     if config.diffusion.loss == "bd3lm" and t.seq_len % config.model.block_size:
         raise ConfigError(
             f"config.model.block_size={config.model.block_size} must divide config.train.seq_len={t.seq_len}"
         )
+    if t.sample_at_end:  # a bad sampler field fails now, not after training
+        from ddlm.sampling import config as sampler_config
+
+        seq_len = config.sampler.seq_len if "seq_len" in config.sampler else 0
+        sampler_config.validate(config.sampler, diffusion=config.diffusion, seq_len=seq_len or t.seq_len)
 
 
 def check_data_paths(data_config):
@@ -434,9 +447,11 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
             total,
         )
         if cfg.sample_at_end:
-            if _samples_written(config, workdir):
+            if _samples_written(config, workdir, start):
                 logging.info(
-                    "Samples already written to %s: not sampling again.", _samples_dir(config, workdir)
+                    "Samples of step %d are already in %s: not sampling again (--mode=sample makes new ones).",
+                    start,
+                    _samples_dir(config, workdir),
                 )
             else:  # the finished run was stopped before its samples were written
                 run_sampling_if_available(config, workdir)
@@ -591,10 +606,14 @@ def _samples_dir(config, workdir: str) -> str:
     return config.sampler.output_dir or os.path.join(workdir, "samples")
 
 
-def _samples_written(config, workdir: str) -> bool:
-    """Whether the samples directory holds anything (a finished job's rerun then does not sample again)."""
+def _samples_written(config, workdir: str, step: int) -> bool:
+    """Whether samples of checkpoint `step` exist: a folder <date>-<time>-step<step>-<sampler>[-n] (the
+    run folders of ddlm.sampling.cli) in the samples directory. A finished job's rerun then does not
+    sample again."""
     directory = _samples_dir(config, workdir)
-    return os.path.isdir(directory) and any(os.scandir(directory))
+    if not os.path.isdir(directory):
+        return False
+    return any(f"-step{step}-" in entry.name for entry in os.scandir(directory) if entry.is_dir())
 
 
 def run_sampling_if_available(config, workdir: str):
