@@ -76,7 +76,14 @@ def _read(master) -> str:
 
 def progress(stream, start=0, total=4, live=None):
     return console.TrainProgress(
-        start, total, tokens_per_step=1000, flops_per_token=1e6, peak_flops=1e12, stream=stream, live=live
+        start,
+        total,
+        tokens_per_step=1000,
+        flops_per_token=1e6,
+        peak_flops=1e12,
+        log_every=3,
+        stream=stream,
+        live=live,
     )
 
 
@@ -125,8 +132,13 @@ def test_progress_is_plain_lines_when_not_a_terminal(caplog):
     log_file = io.StringIO()
     bar = progress(log_file)
     assert not bar.live
-    bar.update(1, 2.5)
+    bar.update(1, 2.5)  # the first step: a line of its own, so a log shows training has started
+    bar.update(2, 2.4)
     bar.report(4, {"loss": 2.5, "steps_per_s": 2.0, "tokens_per_s": 2000.0, "mfu": 0.002})
     bar.close()
     assert log_file.getvalue() == ""
-    assert "step 4/4 | loss 2.5000 | 2.00 steps/s | 2,000 tokens/s | MFU 0.20% | ETA 0s" in caplog.text
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "step 1/4 | loss 2.5000 | training started; a line every config.train.log_every=3 steps",
+        "step 4/4 | loss 2.5000 | 2.00 steps/s | 2,000 tokens/s | MFU 0.20% | ETA 0s",
+    ]

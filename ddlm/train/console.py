@@ -86,10 +86,12 @@ class TrainProgress:
         tokens_per_step: int,
         flops_per_token: float,
         peak_flops: float,
+        log_every: int = 0,
         stream=None,
         live: bool | None = None,
     ):
-        """start: the step training resumes from (0 for a new run); total: config.train.steps.
+        """start: the step training resumes from (0 for a new run); total: config.train.steps;
+        log_every: config.train.log_every (named in the first step's plain line).
 
         stream: where the bar goes (default stderr); live: draw the bar (default: stream is a terminal
         and this is process 0)."""
@@ -97,6 +99,8 @@ class TrainProgress:
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
+        self.log_every = log_every
+        self._first_step_pending = True
         self.stream = sys.stderr if stream is None else stream
         if live is None:
             live = jax.process_index() == 0 and _terminal_columns(self.stream) > 0
@@ -120,8 +124,19 @@ class TrainProgress:
 
     def update(self, step: int, loss: float) -> None:
         """Step `step` is done and its loss is `loss` (a host float). tokens/s and MFU come from the bar's
-        own smoothed rate, the one its ETA uses."""
+        own smoothed rate, the one its ETA uses. Without a bar, the first step gets a line of its own: in
+        a log file it shows that training has started, right after compilation, instead of only after
+        log_every steps."""
         if self._bar is None:
+            if self._first_step_pending:
+                self._first_step_pending = False
+                logging.info(
+                    "step %d/%d | loss %.4f | training started; a line every config.train.log_every=%d steps",
+                    step,
+                    self.total,
+                    loss,
+                    self.log_every,
+                )
             return
         steps_per_s = self._bar.format_dict["rate"] or float("nan")  # None until the bar has a rate
         tokens_per_s = steps_per_s * self.tokens_per_step

@@ -487,7 +487,12 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     t_window, steps_window = time.time(), 0
     eval_metrics = {}
     progress = console.TrainProgress(
-        start, total, tokens_per_step=tokens_per_step, flops_per_token=flops_per_tok, peak_flops=peak
+        start,
+        total,
+        tokens_per_step=tokens_per_step,
+        flops_per_token=flops_per_tok,
+        peak_flops=peak,
+        log_every=cfg.log_every,
     )
 
     def check(step, host_metrics):
@@ -505,8 +510,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
             steps_window += 1
 
             is_last = step == total
-            # The first step's line too: on a log file it shows when training really started.
-            if step % cfg.log_every == 0 or is_last or step == start + 1:
+            if step % cfg.log_every == 0 or is_last:
                 host = jax.device_get(window)
                 check(step, host[-1])
                 pending = None
