@@ -30,6 +30,7 @@ import sys
 
 import jax
 from absl import logging
+from tqdm import tqdm
 
 from ddlm.train import metrics as metrics_lib
 
@@ -69,8 +70,6 @@ class _TqdmStream:
         self._stream = stream
 
     def write(self, text: str):
-        from tqdm import tqdm
-
         tqdm.write(text, file=self._stream, end="")
 
     def flush(self):
@@ -108,8 +107,6 @@ class TrainProgress:
         self._bar = None
         self._handler, self._saved_stream = None, None
         if live:
-            from tqdm import tqdm
-
             self._bar = tqdm(
                 total=total,
                 initial=start,
@@ -165,13 +162,6 @@ class TrainProgress:
         if self._handler is not None:
             self._handler.setStream(self._saved_stream)
             self._handler = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
 
 
 def _terminal_columns(stream) -> int:
