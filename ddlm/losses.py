@@ -325,6 +325,87 @@ def autoregressive_loss(logits, tokens):
 
 
 # --------------------------------------------------------------------------------------------
+# Boundary terms of the NELBO: prior (t = 1) and reconstruction (t = 0)
+# --------------------------------------------------------------------------------------------
+# The per-token losses above are the diffusion term over t in [0, 1]. The full bound is
+#     -log p(x_0) <= E[-log p(x_0 | x_{t=0})] + diffusion term + KL(q(x_{t=1} | x_0) || p(x_{t=1})),
+# and the two boundary terms vanish only when alpha(0) = 1 and alpha(1) = 0. Each function below returns
+# nats per token (the same for every token), to add to the diffusion term's per-token estimate. They are
+# closed forms with fixed decoders / priors, so no network call is needed: a valid (conservative) bound.
+
+
+def _alpha_and_complement(schedule: schedules_lib.Schedule, t: float):
+    """(alpha(t), 1 - alpha(t)) as arrays, the complement as -expm1(-sigma) so that 1 - alpha(0) = 1e-4 keeps
+    its digits in float32."""
+    t = jnp.asarray(t)
+    return schedule.alpha(t), -jnp.expm1(-schedule.sigma(t))
+
+
+def absorbing_prior_kl(schedule: schedules_lib.Schedule, num_data_ids: int):
+    """Prior term of masked diffusion when alpha(1) > 0 (e.g. the log-linear schedule's alpha(1) = eps).
+
+    With the prior p(x_1) = mask w.p. 1 - alpha(1), else a uniform data id (which the SUBS reverse process
+    carries over), KL(q(x_1 | x_0) || p(x_1)) = alpha(1) log(num_data_ids) per token; 0 when alpha(1) = 0.
+    MDLM and MD4 drop this term (md4's `latent_loss` returns 0). num_data_ids: ids data can hold (vocab - 1)."""
+    a1, _ = _alpha_and_complement(schedule, 1.0)
+    return a1 * math.log(num_data_ids)
+
+
+def absorbing_reconstruction_nll(schedule: schedules_lib.Schedule, num_data_ids: int):
+    """Reconstruction term of masked diffusion when alpha(0) < 1 (md4's eps-rescaled schedules): a token still
+    masked at t = 0 (probability 1 - alpha(0)) is decoded uniformly, costing log(num_data_ids) nats
+    (md4 `MD4.recon_loss`). 0 when alpha(0) = 1."""
+    _, one_minus_a0 = _alpha_and_complement(schedule, 0.0)
+    return one_minus_a0 * math.log(num_data_ids)
+
+
+def uniform_prior_kl(schedule: schedules_lib.Schedule, vocab_size: int):
+    """Prior term of the uniform graph (SEDD's KL(p_{T|0}(. | x_0) || p_base)): KL(q(x_1 | x_0) || uniform)
+    per token, with q(x_1 = x_0) = a + (1 - a)/V and q(x_1 = y) = (1 - a)/V otherwise, a = alpha(1):
+
+        KL = q_same log(V q_same) + (V - 1) q_other log(V q_other),  V q_same = 1 + a (V - 1), V q_other = 1 - a.
+    """
+    a1, one_minus_a1 = _alpha_and_complement(schedule, 1.0)
+    n = vocab_size
+    q_same = a1 + one_minus_a1 / n
+    q_other = one_minus_a1 / n
+    return q_same * jnp.log1p(a1 * (n - 1)) + (n - 1) * q_other * jnp.log1p(-a1)
+
+
+def uniform_reconstruction_nll(schedule: schedules_lib.Schedule, vocab_size: int):
+    """Reconstruction term of the uniform graph, E[-log p(x_0 | x_{t=0})], with the decoder
+    p(x_0 = y | x_{t=0}) = q(x_{t=0} | x_0 = y) (the kernel is symmetric, so it is normalised over y): the
+    entropy of one row of the kernel at a = alpha(0),
+
+        -[q_same log q_same + (V - 1) q_other log q_other],  q_same = a + (1 - a)/V, q_other = (1 - a)/V.
+
+    For SEDD's geometric schedule (sigma(0) = 1e-4) and V = 50k this is ~1.2e-3 nats per token."""
+    a0, one_minus_a0 = _alpha_and_complement(schedule, 0.0)
+    n = vocab_size
+    q_same = a0 + one_minus_a0 / n
+    q_other = one_minus_a0 / n
+    # 0.0 - (...) rather than -(...): an exact 0 stays +0.0 in reports.
+    return 0.0 - (
+        jax.scipy.special.xlogy(q_same, q_same) + (n - 1) * jax.scipy.special.xlogy(q_other, q_other)
+    )
+
+
+def boundary_terms(name: str, schedule: schedules_lib.Schedule | None, vocab_size: int):
+    """(prior, reconstruction) nats per token that the loss `name` leaves out of the NELBO. The absorbing
+    losses' data ids exclude the mask (vocab_size - 1); RADD's masking rate runs exactly from 0 to 1 and the
+    autoregressive loss is exact, so theirs are 0."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; expected one of {LOSSES}")
+    if name in ("ar", "radd"):
+        return 0.0, 0.0
+    if name == "sedd_uniform":
+        return uniform_prior_kl(schedule, vocab_size), uniform_reconstruction_nll(schedule, vocab_size)
+    return absorbing_prior_kl(schedule, vocab_size - 1), absorbing_reconstruction_nll(
+        schedule, vocab_size - 1
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # The glue the trainer calls
 # --------------------------------------------------------------------------------------------
 

@@ -1,0 +1,209 @@
+"""ddlm.eval.likelihood and the NELBO's boundary terms (ddlm.losses), against the exact toy oracle.
+
+With the exact denoiser the per-sequence estimator must reproduce, within its own standard error, the exact
+NELBO computed independently by enumeration: the entropy H for schedules with alpha(0) = 1, alpha(1) = 0 (masked,
+block), H - I(x_0; x_1) + L alpha(1) log V for the log-linear schedule (its prior term), and
+H(x_0 | x_0') [kernel decoder] + I(x_0; x_0') - I(x_0; x_1) + KL(q(x_1 | x_0) || uniform) on the uniform graph.
+The standard error shrinks as 1/sqrt(n)."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddlm import losses, schedules
+from ddlm.eval import likelihood, oracle
+
+TOY = oracle.ToyDistribution(num_tokens=3, length=4, seed=0)
+V, L, MASK = TOY.num_tokens, TOY.length, TOY.mask_id
+H = TOY.entropy()
+N = 4096
+
+
+def _entropy_rows(kernel):
+    return -np.sum(np.where(kernel > 0, kernel * np.log(np.maximum(kernel, 1e-300)), 0.0), axis=1)
+
+
+def exact_uniform_nelbo(sched):
+    """recon + diffusion + prior per sequence on the uniform graph, from the toy's [V^L, V^L] kernels."""
+    k0 = TOY.uniform_kernel(float(sched.alpha(0.0)))
+    k1 = TOY.uniform_kernel(float(sched.alpha(1.0)))
+    # Decoder p(x_0 | x_0') = k0[x_0, x_0'] (symmetric kernel): E[-log p] = sum_x0 p(x0) H(k0[x0, :]).
+    recon = float(np.sum(TOY.probs * _entropy_rows(k0)))
+    diffusion = TOY.mutual_information(k0) - TOY.mutual_information(k1)
+    prior = float(np.sum(TOY.probs * np.sum(k1 * np.log(k1 * len(TOY.seqs)), axis=1)))
+    return recon + diffusion + prior
+
+
+def exact_masked_nelbo(sched):
+    """H - I(x_0; x_1) + L alpha(1) log V for a schedule with alpha(0) = 1."""
+    a1 = float(sched.alpha(1.0))
+    return H - TOY.mutual_information(TOY.absorbing_kernel(a1)) + L * a1 * math.log(V)
+
+
+CASES = {
+    "mdlm-linear": ("mdlm", "absorbing", schedules.LinearSchedule(), {}, lambda s: H),
+    "mdlm-loglinear-eps0.1": (
+        "mdlm",
+        "absorbing",
+        schedules.LogLinearSchedule(eps=0.1),
+        {},
+        exact_masked_nelbo,
+    ),
+    # Not the cosine schedule: in float32 its alpha(t) rounds to 0 for t > ~0.9997 and the SEDD loss is NaN there.
+    "sedd_absorb-loglinear": (
+        "sedd_absorb",
+        "sedd_absorb",
+        schedules.LogLinearSchedule(eps=1e-3),
+        {},
+        exact_masked_nelbo,
+    ),
+    "bd3lm-B2-linear": ("bd3lm", "block", schedules.LinearSchedule(), {"block_size": 2}, lambda s: H),
+    "sedd_uniform-geometric": (
+        "sedd_uniform",
+        "uniform",
+        schedules.GeometricSchedule(sigma_min=0.05, sigma_max=5.0),
+        {},
+        exact_uniform_nelbo,
+    ),
+    "ar": ("ar", "ar", None, {}, lambda s: H - TOY.marginal_entropies()[0]),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def estimates(case, boundary=True):
+    name, kind, sched, kw, _ = CASES[case]
+    vocab = V if kind == "uniform" else V + 1
+    with jax.enable_x64(True):
+        fn = jax.jit(
+            functools.partial(
+                likelihood.nelbo_per_sequence,
+                name,
+                TOY.apply_fn(kind, sched, block_size=2),
+                schedule=sched,
+                vocab_size=vocab,
+                mask_id=MASK,
+                time_samples=4,
+                boundary=boundary,
+                **kw,
+            )
+        )
+        x0 = TOY.sample(jax.random.key(0), N)
+        est = fn(x0, None, jax.random.key(1))
+        return np.asarray(est.nats), np.asarray(est.tokens)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_oracle_nelbo_estimate_equals_exact_value_within_its_error_bar(case):
+    *_, exact_fn = CASES[case]
+    nats, tokens = estimates(case)
+    s = likelihood.ratio_summary(nats, tokens)
+    per_seq = s["mean"] * tokens.mean()  # every sequence scores the same number of tokens here
+    exact = exact_fn(CASES[case][2])
+    se = s["se"] * tokens.mean()
+    assert 0 < se < 0.05
+    assert abs(per_seq - exact) < 3 * se, (case, per_seq, exact, se)
+    if case.startswith(("mdlm-linear", "bd3lm")):
+        assert exact == H
+
+
+def test_boundary_terms_are_needed_for_the_bound():
+    """Without the prior term the log-linear (eps = 0.1) estimate lands on H - I(x_0; x_1) < H, far outside
+    its error bar from the true bound; on the uniform graph without both terms it misses by many SEs too."""
+    for case in ("mdlm-loglinear-eps0.1", "sedd_uniform-geometric"):
+        nats, tokens = estimates(case, boundary=False)
+        s = likelihood.ratio_summary(nats, tokens)
+        gap = abs(s["mean"] * L - CASES[case][4](CASES[case][2]))
+        assert gap > 5 * s["se"] * L, (case, gap, s)
+
+
+@pytest.mark.parametrize("case", ["mdlm-linear", "ar"])
+def test_standard_error_shrinks_as_one_over_sqrt_n(case):
+    """The SE of n sequences, averaged over the disjoint chunks of n of the N estimates, halves when n is
+    quadrupled (a single chunk's SE is itself too noisy with these heavy-tailed -log p(x))."""
+    nats, tokens = estimates(case)
+    se = [
+        np.mean([likelihood.ratio_summary(nats[i : i + n], tokens[i : i + n])["se"] for i in range(0, N, n)])
+        for n in (256, 1024, 4096)
+    ]
+    assert 1.8 < se[0] / se[1] < 2.2 and 1.8 < se[1] / se[2] < 2.2, se
+
+
+def test_boundary_term_closed_forms():
+    """Per-token terms against direct sums over one token's distribution."""
+    g = schedules.GeometricSchedule(sigma_min=0.05, sigma_max=5.0)
+    with jax.enable_x64(True):
+        for n in (3, 50):
+            a0, a1 = math.exp(-0.05), math.exp(-5.0)
+            row1 = np.full(n, (1 - a1) / n)
+            row1[0] += a1
+            row0 = np.full(n, (1 - a0) / n)
+            row0[0] += a0
+            np.testing.assert_allclose(
+                losses.uniform_prior_kl(g, n), np.sum(row1 * np.log(row1 * n)), rtol=1e-6
+            )
+            np.testing.assert_allclose(
+                losses.uniform_reconstruction_nll(g, n), -np.sum(row0 * np.log(row0)), rtol=1e-6
+            )
+        ll = schedules.LogLinearSchedule(eps=1e-3)
+        np.testing.assert_allclose(losses.absorbing_prior_kl(ll, 70), 1e-3 * math.log(70), rtol=1e-9)
+        assert float(losses.absorbing_reconstruction_nll(ll, 70)) == 0.0
+        md4 = schedules.CosineSchedule(eps=1e-4)  # alpha(0) = 1 - 1e-4: md4's recon_loss
+        np.testing.assert_allclose(
+            losses.absorbing_reconstruction_nll(md4, 70), 1e-4 * math.log(70), rtol=1e-6
+        )
+    assert losses.boundary_terms("radd", None, 7) == (0.0, 0.0)
+    assert losses.boundary_terms("ar", None, 7) == (0.0, 0.0)
+
+
+# ------------------------------------------------------------------------------------------------ summaries
+
+
+def test_ratio_summary_hand_made():
+    s = likelihood.ratio_summary([2.0, 4.0, 6.0], [1, 2, 3])
+    assert s == {"mean": 2.0, "se": 0.0, "n": 3}
+    vals = np.array([1.0, 2.0, 4.0, 7.0])
+    s = likelihood.ratio_summary(vals * 8, np.full(4, 8))  # equal counts: the SE of the mean of vals
+    assert math.isclose(s["mean"], vals.mean())
+    assert math.isclose(s["se"], vals.std(ddof=1) / 2.0)
+    s = likelihood.ratio_summary([3.0, 1.0], [0, 2])  # rows without scored tokens are ignored
+    assert s["n"] == 1 and s["mean"] == 0.5 and math.isnan(s["se"])
+
+
+def test_likelihood_summary_units():
+    nats = np.array([10.0, 12.0, 11.0, 13.0])
+    tokens = np.full(4, 8.0)
+    chars = np.full(4, 16.0)
+    s = likelihood.likelihood_summary(nats, tokens, chars)
+    r = nats.sum() / tokens.sum()
+    assert math.isclose(s["nats_per_token"], r)
+    assert math.isclose(s["bits_per_token"], r / math.log(2))
+    assert math.isclose(s["bits_per_char"], nats.sum() / chars.sum() / math.log(2))
+    assert math.isclose(s["bits_per_char_se"], s["bits_per_token_se"] / 2)
+    assert math.isclose(s["perplexity"], math.exp(r))
+    assert math.isclose(s["perplexity_se"], math.exp(r) * s["nats_per_token_se"])
+    assert s["perplexity_low"] < s["perplexity"] < s["perplexity_high"]
+    assert s["kind"] == "NELBO (upper bound)" and s["characters"] == 64
+
+
+def test_evaluate_split_counts_characters_of_the_scored_tokens():
+    """'ar' scores tokens 1..L-1, the others every masked-in token; characters follow the same positions."""
+    tokens = np.array([[5, 6, 7, 8], [5, 5, 0, 0]], np.int32)
+    mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0]], np.float32)
+    fake = lambda t, m, rng: likelihood.SequenceEstimates(
+        jnp.sum(t * m, axis=1).astype(jnp.float32), jnp.sum(m, 1)
+    )
+    decode = lambda ids: "".join("x" * (i - 4) for i in ids)  # id i -> i - 4 characters
+    out = likelihood.evaluate_split(
+        {"diff": (fake, "mdlm"), "ar": (fake, "ar")},
+        [{"tokens": tokens, "loss_mask": mask}] * 3,
+        jax.random.key(0),
+        decode=decode,
+        max_batches=2,
+    )
+    np.testing.assert_array_equal(out["diff"]["chars"], [10, 2, 10, 2])
+    np.testing.assert_array_equal(out["ar"]["chars"], [9, 1, 9, 1])
+    np.testing.assert_array_equal(out["diff"]["nats"], [26, 10, 26, 10])
