@@ -224,3 +224,56 @@ def get_schedule(name: str, **kwargs) -> Schedule:
             f"schedule {name!r} got unknown parameters {sorted(unknown)}; it takes {sorted(fields)}"
         )
     return cls(**kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class TimeWarpedSchedule(Schedule):
+    """`base` on a warped clock, for evaluation: alpha(tau) = base.alpha(g(tau)) with g the inverse of the CDF
+
+        Q(t) = (1 - mix) t + mix sqrt(t),      i.e. t = g(tau) has density q(t) = (1 - mix) + mix / (2 sqrt(t))
+
+    when tau ~ U[0, 1) (a defensive mixture of uniform t and t = u^2). The continuous-time NELBO is invariant
+    to a change of the time variable (it depends on the schedule only through alpha(0) and alpha(1): MDLM
+    sec. 3.2, VDM's invariance), so a network trained on `base` and shown t = g(tau) has the same bound; drawing
+    tau uniformly is importance sampling t from q. Why: the masked NELBO's weight -alpha'/(1 - alpha) ~ 1/t
+    multiplies Binomial(L, t) masked tokens, whose second moment grows like int dt / t near t = 0 (rare
+    giant per-sequence estimates, unreliable standard errors); under q the weight 1/(t q(t)) ~ 2 / (mix sqrt(t))
+    makes it finite, while most samples stay uniform in t (a pure t = u^2 clock, mix = 1, would spend them
+    at small t and raise the variance from the t-dependence of the loss)."""
+
+    base: Schedule
+    mix: float = 0.1
+
+    def __post_init__(self):
+        if not 0.0 < self.mix <= 1.0:
+            raise ValueError(f"TimeWarpedSchedule: mix must be in (0, 1], got {self.mix}")
+
+    def _sqrt_t(self, tau):
+        # s = sqrt(g(tau)) solves (1 - mix) s^2 + mix s = tau; this form has no cancellation.
+        m = self.mix
+        return 2.0 * tau / (m + jnp.sqrt(m * m + 4.0 * (1.0 - m) * tau))
+
+    def warp(self, tau):
+        """t = g(tau)."""
+        return self._sqrt_t(tau) ** 2
+
+    def dwarp(self, tau):
+        """g'(tau) = 1 / q(g(tau))."""
+        s = self._sqrt_t(tau)
+        return 2.0 * s / (2.0 * (1.0 - self.mix) * s + self.mix)
+
+    def alpha(self, t):
+        return self.base.alpha(self.warp(t))
+
+    def dalpha(self, t):
+        return self.base.dalpha(self.warp(t)) * self.dwarp(t)
+
+    def sigma(self, t):
+        return self.base.sigma(self.warp(t))
+
+    def dsigma(self, t):
+        return self.base.dsigma(self.warp(t)) * self.dwarp(t)
+
+    def t_from_alpha(self, a):
+        t = self.base.t_from_alpha(a)
+        return (1.0 - self.mix) * t + self.mix * jnp.sqrt(t)

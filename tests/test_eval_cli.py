@@ -164,3 +164,39 @@ def test_eval_of_an_ar_checkpoint_is_its_exact_nll(tiny_runs, capsys):
     assert row["tokens"] == count and row["characters"] == chars
     np.testing.assert_allclose(row["nats_per_token"], nll / count, rtol=2e-5)
     np.testing.assert_allclose(row["bits_per_char"], nll / chars / math.log(2), rtol=2e-5)
+
+
+@pytest.mark.timeout(300)
+def test_frontier_sweep_and_plots_on_the_tiny_runs(tiny_runs, tmp_path):
+    """python -m ddlm.eval.frontier: one point per (steps, precision) plus the data, saved and drawn; the plots
+    of both workdirs. The data's generative perplexity under the AR scorer is near the AR model's own
+    validation perplexity (same model, same kind of text: a scorer that mixed up its positions would not be)."""
+    from ddlm.eval import frontier, plots
+
+    runs, env = tiny_runs
+    (mdlm_config, mdlm_dir), (ar_config, ar_dir) = runs["mdlm"], runs["ar"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ddlm.eval.frontier",
+        f"--config={mdlm_config}",
+        f"--workdir={mdlm_dir}",
+        f"--config.eval.ar_workdir={ar_dir}",
+        f"--config.eval.ar_config={ar_config}",
+        "--steps=4,8",
+        "--precisions=float64",
+        "--num_samples=4",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=250)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    points = frontier.load(os.path.join(mdlm_dir, "eval", "frontier.json"))
+    assert [(p.label, p.steps) for p in points] == [("mdlm", 4), ("mdlm", 8), ("data", 0)]
+    for p in points:
+        assert 0 < p.entropy < math.log(32) and 1 < p.gen_ppl < 70 and p.samples == 4
+    assert points[0].nfe <= 4 and points[1].tokens_per_s > 0
+    ar_ppl = math.exp(read_records(ar_dir, "eval")[0]["nelbo"])  # the AR's validation NLL after training
+    assert 0.5 < points[-1].gen_ppl / ar_ppl < 2.0, (points[-1].gen_ppl, ar_ppl)
+    assert os.path.getsize(os.path.join(mdlm_dir, "eval", "frontier.png")) > 1000
+
+    written = plots.make_plots([mdlm_dir, ar_dir], str(tmp_path / "plots"))
+    assert sorted(os.path.basename(p) for p in written) == ["frontier.png", "loss_curves.png", "speed.png"]

@@ -77,6 +77,8 @@ def resolve_config(eval_config) -> ml_collections.ConfigDict:
     for key in ("num_batches", "batch_size", "num_samples"):
         if out[key] < 0:
             raise ValueError(f"config.eval.{key} must be >= 0, got {out[key]}")
+    if not 0.0 <= out.time_warp <= 1.0:
+        raise ValueError(f"config.eval.time_warp must be in [0, 1], got {out.time_warp}")
     if out.time_samples < 1:
         raise ValueError(f"config.eval.time_samples must be >= 1, got {out.time_samples}")
     if bool(out.ar_workdir) != bool(out.ar_config):
@@ -93,7 +95,7 @@ def resolve_config(eval_config) -> ml_collections.ConfigDict:
 
 
 def make_estimator(
-    model, params, name: str, *, diffusion_config, model_config, tokenizer, time_samples, num_steps
+    model, params, name: str, *, diffusion_config, model_config, tokenizer, time_samples, num_steps, time_warp
 ):
     """(tokens, loss_mask, rng) -> SequenceEstimates for the loss `name`, jitted once (params an argument)."""
     schedule = schedules.get_schedule(diffusion_config.schedule, **dict(diffusion_config.schedule_kwargs))
@@ -116,6 +118,7 @@ def make_estimator(
             block_size=block_size,
             num_steps=num_steps,
             time_samples=time_samples,
+            time_warp=time_warp,
         )
 
     jitted = jax.jit(estimate)
@@ -154,7 +157,9 @@ def evaluate_checkpoint(config, loaded: Loaded, ec, *, discrete_steps: int = 0) 
     """{label: likelihood summary} of one loaded checkpoint on config.eval's split."""
     name = config.diffusion.loss
     tok = loaded.tokenizer
-    common = dict(diffusion_config=config.diffusion, model_config=config.model, tokenizer=tok)
+    common = dict(
+        diffusion_config=config.diffusion, model_config=config.model, tokenizer=tok, time_warp=ec.time_warp
+    )
     num_steps = int(config.diffusion.num_steps) or None
     main_label = "ar exact NLL" if name == "ar" else f"{name} NELBO"
     estimators = {
@@ -222,15 +227,17 @@ def format_table(rows: dict) -> str:
     return "\n".join(lines)
 
 
-def _sample_quality(config, workdir, loaded: Loaded, ec, scorer, out_dir) -> dict:
-    """Draws ec.num_samples samples with config.sampler (ddlm.sampling.cli) and scores them."""
+def sample_and_score(config, workdir, loaded: Loaded, scorer, *, num_samples: int, output_dir: str) -> dict:
+    """Draws num_samples samples with config.sampler (ddlm.sampling.cli.run_sampling, samples written to
+    output_dir) and returns their quality (sample_quality.sample_quality), the sampler settings, the network
+    calls and tokens/s (sampling time without compilation)."""
     from ddlm.sampling import cli as sampling_cli
 
     cfg = copy.deepcopy(config)
     with cfg.unlocked():
-        cfg.sampler.num_samples = ec.num_samples
-        cfg.sampler.batch_size = min(cfg.sampler.batch_size, ec.num_samples)
-        cfg.sampler.output_dir = os.path.join(out_dir, "samples")
+        cfg.sampler.num_samples = num_samples
+        cfg.sampler.batch_size = min(cfg.sampler.batch_size, num_samples)
+        cfg.sampler.output_dir = output_dir
         cfg.sampler.progress = False
     load = lambda *_: (loaded.model, loaded.params, loaded.tokenizer, None, loaded.step)
     records = sampling_cli.run_sampling(cfg, workdir, load_fn=load)
@@ -293,6 +300,7 @@ def run_eval(config, workdir: str, load_fn: Callable[..., Loaded] | None = None)
         "tokenizer": config.data.tokenizer,
         "seq_len": int(config.train.seq_len),
         "time_samples": int(ec.time_samples),
+        "time_warp": float(ec.time_warp),
         "ema": bool(ec.use_ema),
         "likelihood": rows,
         "standard_errors": "delta method over sequences (ddlm/eval/likelihood.py): data and Monte-Carlo noise",
@@ -307,7 +315,14 @@ def run_eval(config, workdir: str, load_fn: Callable[..., Loaded] | None = None)
         if name in ("ar", "bd3lm"):
             raise ValueError(f"config.eval.num_samples: the samplers are for diffusion losses, not {name!r}")
         scorer = make_scorer(ar_config, ar_loaded) if ar_loaded is not None else None
-        report["samples"] = _sample_quality(config, workdir, loaded, ec, scorer, out_dir)
+        report["samples"] = sample_and_score(
+            config,
+            workdir,
+            loaded,
+            scorer,
+            num_samples=ec.num_samples,
+            output_dir=os.path.join(out_dir, "samples"),
+        )
 
     if jax.process_index() == 0:
         os.makedirs(out_dir, exist_ok=True)

@@ -3,9 +3,9 @@ a split, per sequence, summarised as nats/token, bits/token, bits/character and 
 with a standard error.
 
 The estimator (`nelbo_per_sequence`, jittable). Each sequence x_b of a batch is copied K times and handed to
-`losses.training_loss` as one batch of K, so the K copies get K antithetic times t_k = (u_b + k/K) mod 1 with
-u_b ~ U[0, 1) drawn independently per sequence (for 'bd3lm', K times per block; for 'd3pm', the times are
-snapped to the T-step grid). training_loss returns the masked mean over the K copies, hence
+`losses.training_loss` as one batch of K, so the K copies get K antithetic times tau_k = (u_b + k/K) mod 1
+with u_b ~ U[0, 1) drawn independently per sequence (for 'bd3lm', K times per block; for 'd3pm', the times
+are snapped to the T-step grid). training_loss returns the masked mean over the K copies, hence
 
     Y_b = (1/K) sum_k sum_l loss_l(x_b, t_bk, x_t) m_bl  +  n_b (prior + reconstruction)       [nats]
 
@@ -13,6 +13,12 @@ with m_bl the loss mask, n_b = sum_l m_bl the scored tokens of x_b and the bound
 `losses.boundary_terms` (0 when alpha(0) = 1 and alpha(1) = 0). E[Y_b | x_b] is x_b's NELBO, an upper bound
 on -log p_theta(x_b). For 'ar', Y_b is the exact NLL of tokens 1..L-1 (token 0 has no context in a packed
 row and is not scored: n_b = sum_{l >= 1} m_bl) and K = 1.
+
+The masked losses (mdlm, sedd_absorb, bd3lm, radd) are evaluated on a warped clock, t_bk = g(tau_bk)
+(`schedules.TimeWarpedSchedule`, mix `time_warp`): the same NELBO (it is invariant to the time variable),
+importance-sampled so that Y_b has a finite variance. With uniform t the 1/t weight on Binomial(L, t) masked
+tokens gives a second moment growing like int dt / t: rare sequences drawn at tiny t carry estimates tens of
+times the mean, and the standard error is unreliable (measured on the quickstart: benchmarks/RESULTS.md).
 
 Error bars (`ratio_summary`). Per-token figures are ratios R = sum_b Y_b / sum_b n_b. Treating the N
 evaluated sequences as an i.i.d. sample, the delta method gives
@@ -31,14 +37,19 @@ exp(R -+ 1.96 SE(R)).
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from ddlm import losses
+from ddlm import losses, schedules
+
+# Masked-diffusion losses evaluated on a warped clock (schedules.TimeWarpedSchedule); not
+# the uniform graph, whose small-t rates are small (warping moves samples where nothing happens: more variance).
+WARPABLE_LOSSES = ("mdlm", "sedd_absorb", "bd3lm", "radd")
 
 
 class SequenceEstimates(NamedTuple):
@@ -68,14 +79,17 @@ def nelbo_per_sequence(
     block_size: int | None = None,
     num_steps: int | None = None,
     time_samples: int = 1,
+    time_warp: float = 0.1,
     boundary: bool = True,
 ) -> SequenceEstimates:
     """Per-sequence NELBO estimates with `time_samples` antithetic times per sequence (see module doc).
 
     name: a loss of ddlm.losses.LOSSES; apply_fn(xt, t, x0_context) -> [K, L, V] as training_loss calls it;
     x0: int [B, L]; loss_mask: [B, L] or None (all ones); rng: a key. The remaining arguments are
-    training_loss's. boundary=False leaves out the prior and reconstruction terms. Returns
-    SequenceEstimates(nats [B], tokens [B]) in float32.
+    training_loss's. time_warp: the masked-diffusion losses are evaluated on the clock of
+    schedules.TimeWarpedSchedule(schedule, mix=time_warp) (the same NELBO with finite variance; 0 = uniform
+    t; RADD's loss as MDLM's with alpha = 1 - lambda); 'd3pm' keeps its T-step grid. boundary=False leaves out the prior and reconstruction
+    terms. Returns SequenceEstimates(nats [B], tokens [B]) in float32.
     """
     if time_samples < 1:
         raise ValueError(f"time_samples must be >= 1, got {time_samples}")
@@ -85,15 +99,23 @@ def nelbo_per_sequence(
     loss_mask = jnp.asarray(loss_mask, jnp.float32)
     k = 1 if name == "ar" else time_samples  # the AR loss is exact: one evaluation suffices
     scored = scored_mask(name, loss_mask)
+    eval_name, eval_schedule, eval_apply = name, schedule, apply_fn
+    if time_warp and name in WARPABLE_LOSSES:
+        # RADD's lambda-DCE is MDLM's loss with alpha = 1 - lambda (losses.radd_loss); its network is time-free.
+        base = schedules.LinearSchedule() if name == "radd" else schedule
+        eval_schedule = schedules.TimeWarpedSchedule(base, time_warp)
+        eval_name = "mdlm" if name == "radd" else name
+        time_free = name == "radd"
+        eval_apply = lambda xt, t, ctx: apply_fn(xt, None if time_free else eval_schedule.warp(t), ctx)
 
     def one(x, m, key):
         mean, _ = losses.training_loss(
-            name,
-            apply_fn,
+            eval_name,
+            eval_apply,
             jnp.tile(x[None], (k, 1)),
             jnp.tile(m[None], (k, 1)),
             key,
-            schedule=schedule,
+            schedule=eval_schedule,
             vocab_size=vocab_size,
             mask_id=mask_id,
             block_size=block_size,
