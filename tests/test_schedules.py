@@ -121,7 +121,9 @@ def test_time_warped_schedule_keeps_the_ends_and_bounds_the_small_t_second_momen
     warped = schedules.TimeWarpedSchedule(base, mix=0.1)
     for s in (warped, schedules.TimeWarpedSchedule(base, mix=1.0)):
         assert float(s.warp(jnp.float64(0.0))) == 0.0 and math.isclose(float(s.warp(jnp.float64(1.0))), 1.0)
-    np.testing.assert_allclose(schedules.TimeWarpedSchedule(base, mix=1.0).warp(jnp.asarray(T)), T**2, rtol=1e-12)
+    np.testing.assert_allclose(
+        schedules.TimeWarpedSchedule(base, mix=1.0).warp(jnp.asarray(T)), T**2, rtol=1e-12
+    )
     tau = jnp.asarray([1e-2, 1e-4, 1e-6, 1e-8])
     second = lambda s: np.asarray(s.mdlm_weight(tau) ** 2 * (1 - s.alpha(tau)))
     np.testing.assert_allclose(second(base), 1 / np.asarray(tau), rtol=1e-6)
