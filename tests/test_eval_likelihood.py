@@ -209,3 +209,32 @@ def test_evaluate_split_counts_characters_of_the_scored_tokens():
     np.testing.assert_array_equal(out["diff"]["chars"], [10, 2, 10, 2])
     np.testing.assert_array_equal(out["ar"]["chars"], [9, 1, 9, 1])
     np.testing.assert_array_equal(out["diff"]["nats"], [26, 10, 26, 10])
+
+
+def test_the_network_sees_the_warped_time_that_set_the_mask_rate():
+    """The masked fraction of each x_t the network is shown must match 1 - alpha(t) at the t it is given (the
+    warped clock), not at the uniform tau that was drawn: recorded with a callback from inside the jit."""
+    seen = []
+    record = lambda xt, t: seen.append((np.asarray(xt), np.asarray(t)))
+
+    def apply_fn(xt, t, ctx):
+        jax.debug.callback(record, xt, t)
+        return jnp.zeros(xt.shape + (V + 1,))
+
+    sched = schedules.LinearSchedule()
+    x0 = jax.random.randint(jax.random.key(0), (128, 256), 0, V)
+    fn = functools.partial(
+        likelihood.nelbo_per_sequence, "mdlm", apply_fn, schedule=sched, vocab_size=V + 1, mask_id=MASK
+    )
+    jax.block_until_ready(
+        jax.jit(fn, static_argnames="time_samples")(x0, None, jax.random.key(1), time_samples=4)
+    )
+    xt = np.concatenate([x.reshape(-1, 256) for x, _ in seen])
+    t = np.concatenate([tt.reshape(-1) for _, tt in seen])
+    assert len(t) == 128 * 4
+    gap = (xt == MASK).mean(1) - (1 - np.asarray(sched.alpha(t)))
+    assert abs(gap.mean()) < 4 * gap.std() / math.sqrt(len(gap)), (gap.mean(), gap.std())
+    warp = schedules.TimeWarpedSchedule(
+        sched, 0.1
+    )  # t = g(tau) < tau: a network shown tau would see too few masks
+    assert np.mean(t - np.asarray(warp.warp(jnp.asarray(t)))) > 10 * gap.std() / math.sqrt(len(gap))
