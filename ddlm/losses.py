@@ -406,6 +406,101 @@ def boundary_terms(name: str, schedule: schedules_lib.Schedule | None, vocab_siz
 
 
 # --------------------------------------------------------------------------------------------
+# Evaluation: the masked NELBO with the number of masked tokens importance-sampled
+# --------------------------------------------------------------------------------------------
+
+COUNT_SAMPLED_LOSSES = ("mdlm", "sedd_absorb", "radd", "bd3lm")
+
+
+def sample_masks_by_count(rng, num_rows: int, length: int, block_size: int):
+    """For `count_sampled_nelbo`: in each block of block_size positions of each row, k ~ U{1..block_size}
+    positions are masked, chosen uniformly, and a mask rate lam ~ Beta(k, block_size - k + 1) is drawn.
+
+    k is stratified over the rows (k = floor(((u + r / R) mod 1) n) + 1 with one u per block), so R copies
+    of one sequence cover the counts evenly. Returns (mask bool [R, L], lam [R, L / block_size],
+    k [R, L / block_size])."""
+    if length % block_size:
+        raise ValueError(f"block_size must divide seq_len={length}, got {block_size}")
+    nb = length // block_size
+    u_rng, perm_rng, beta_rng = jax.random.split(rng, 3)
+    u = jnp.mod(jax.random.uniform(u_rng, (1, nb)) + jnp.arange(num_rows)[:, None] / num_rows, 1.0)
+    k = jnp.minimum(jnp.floor(u * block_size) + 1.0, block_size)  # [R, nb]
+    keys = jax.random.uniform(perm_rng, (num_rows, nb, block_size))
+    ranks = jnp.argsort(jnp.argsort(keys, axis=-1), axis=-1)  # a uniform random permutation per block
+    mask = (ranks < k[..., None]).reshape(num_rows, length)
+    lam = jax.random.beta(beta_rng, k, block_size - k + 1.0)
+    return mask, lam, k
+
+
+def count_sampled_nelbo(
+    name: str,
+    apply_fn: ApplyFn,
+    x0,
+    loss_mask,
+    rng,
+    *,
+    schedule: schedules_lib.Schedule | None,
+    mask_id: int,
+    block_size: int | None = None,
+):
+    """One estimate per row of the masked-diffusion NELBO (the diffusion term, in nats), sampling the number
+    of masked tokens instead of the time: bounded importance weights.
+
+    With lam = 1 - alpha(t) the continuous-time NELBO of a block of n positions is
+
+        int dlam (dt/dlam) sum_M lam^|M| (1 - lam)^(n - |M|) F(M, t(lam)),
+
+    F the sum of the per-token losses (weights included) over the masked set M. Drawing k ~ U{1..n}, M
+    uniform of size k and lam ~ Beta(k, n - k + 1) (`sample_masks_by_count`) makes the importance weight
+    (n / k) lam dt/dlam = (n / k) / w(t), w = -alpha'/(1 - alpha) the MDLM weight, so
+
+        Y = sum_blocks (n / k) sum_{l in M} loss_l / w(t_l),
+
+    for 'mdlm', 'radd' and 'bd3lm' (n / k) sum_{l in M} -log p(x_0^l | x_M, t): RADD's any-order form with the
+    time a time-conditioned network needs (t | k is Beta, not fixed). Unbiased for the same NELBO as
+    `training_loss`, with weights <= n, where the uniform-t estimator puts weight 1/t on Binomial(n, t) masked
+    tokens: its second moment grows like int dt / t, and rare rows drawn at tiny t carry estimates many
+    times the mean. A lam outside the schedule's range [1 - alpha(0), 1 - alpha(1)] contributes 0 (that part
+    of the integral does not exist: the boundary terms account for it). Pad positions are masked like the
+    others, as in training, and loss_mask [B, L] selects the positions that count. 'radd' is MDLM's loss with
+    alpha = 1 - lam and a time-free network; 'bd3lm' draws per block of block_size. Returns float32 [B].
+    """
+    if name not in COUNT_SAMPLED_LOSSES:
+        raise ValueError(f"count_sampled_nelbo is for {COUNT_SAMPLED_LOSSES}, got {name!r}")
+    _check_tokens("x0", x0)
+    batch, length = x0.shape
+    if name == "radd":
+        schedule = schedules_lib.LinearSchedule()
+    if name == "bd3lm" and block_size is None:
+        raise ValueError("loss 'bd3lm' needs block_size")
+    bs = block_size if name == "bd3lm" else length
+    mask, lam, k = sample_masks_by_count(rng, batch, length, bs)
+    t_blocks = schedule.t_from_alpha(1.0 - lam)  # [B, nb]
+    valid = (t_blocks >= 0.0) & (t_blocks <= 1.0)
+    t_blocks = jnp.clip(t_blocks, 0.0, 1.0)
+    t = jnp.repeat(t_blocks, bs, axis=1)  # [B, L]
+    xt = jnp.where(mask, mask_id, x0).astype(x0.dtype)
+    if name == "radd":
+        logits = apply_fn(xt, None, None)
+    elif name == "bd3lm":
+        logits = apply_fn(xt, t, x0)
+    else:
+        logits = apply_fn(xt, t_blocks[:, 0], None)
+    if name == "sedd_absorb":
+        per_token = score_entropy_absorbing_loss(
+            sedd_absorbing_log_score(logits, t, schedule), x0, xt, t, schedule, mask_id
+        )
+    else:
+        per_token = mdlm_loss(logits, x0, xt, t, schedule, mask_id)
+    weight = jnp.repeat(jnp.where(valid, bs / k, 0.0), bs, axis=1) / schedule.mdlm_weight(t)
+    counted = mask & jnp.repeat(valid, bs, axis=1)
+    if loss_mask is not None:
+        counted = counted & (loss_mask > 0)
+    # where(), not a product: at an invalid (clipped) t the loss may be inf and its weight 0.
+    return jnp.sum(jnp.where(counted, per_token * weight, 0.0), axis=1)
+
+
+# --------------------------------------------------------------------------------------------
 # The glue the trainer calls
 # --------------------------------------------------------------------------------------------
 

@@ -4,8 +4,9 @@ With the exact denoiser the per-sequence estimator must reproduce, within its ow
 NELBO computed independently by enumeration: the entropy H for schedules with alpha(0) = 1, alpha(1) = 0 (masked,
 block), H - I(x_0; x_1) + L alpha(1) log V for the log-linear schedule (its prior term), and
 H(x_0 | x_0') [kernel decoder] + I(x_0; x_0') - I(x_0; x_1) + KL(q(x_1 | x_0) || uniform) on the uniform graph.
-The masked losses run on the warped clock (schedules.TimeWarpedSchedule), so these also check that the
-warp leaves the NELBO unchanged. The standard error shrinks as 1/sqrt(n)."""
+The masked continuous-time losses are estimated by sampling the number of masked tokens
+(losses.count_sampled_nelbo), the others through losses.training_loss; both must hit the exact values. The
+standard error shrinks as 1/sqrt(n)."""
 
 import functools
 import math
@@ -211,9 +212,10 @@ def test_evaluate_split_counts_characters_of_the_scored_tokens():
     np.testing.assert_array_equal(out["diff"]["nats"], [26, 10, 26, 10])
 
 
-def test_the_network_sees_the_warped_time_that_set_the_mask_rate():
-    """The masked fraction of each x_t the network is shown must match 1 - alpha(t) at the t it is given (the
-    warped clock), not at the uniform tau that was drawn: recorded with a callback from inside the jit."""
+def test_the_network_is_shown_the_time_of_its_mask_rate():
+    """Count sampling draws k masked tokens and then lam | k ~ Beta(k, n - k + 1), so E[k / n | lam] =
+    (1 + (n - 1) lam) / n; the network must be shown t with 1 - alpha(t) = lam (here t = lam / (1 - eps)), not
+    lam itself: recorded with a callback from inside the jit."""
     seen = []
     record = lambda xt, t: seen.append((np.asarray(xt), np.asarray(t)))
 
@@ -221,20 +223,26 @@ def test_the_network_sees_the_warped_time_that_set_the_mask_rate():
         jax.debug.callback(record, xt, t)
         return jnp.zeros(xt.shape + (V + 1,))
 
-    sched = schedules.LinearSchedule()
-    x0 = jax.random.randint(jax.random.key(0), (128, 256), 0, V)
+    n, sched = 256, schedules.LogLinearSchedule(eps=0.2)
+    x0 = jax.random.randint(jax.random.key(0), (128, n), 0, V)
     fn = functools.partial(
         likelihood.nelbo_per_sequence, "mdlm", apply_fn, schedule=sched, vocab_size=V + 1, mask_id=MASK
     )
     jax.block_until_ready(
         jax.jit(fn, static_argnames="time_samples")(x0, None, jax.random.key(1), time_samples=4)
     )
-    xt = np.concatenate([x.reshape(-1, 256) for x, _ in seen])
+    xt = np.concatenate([x.reshape(-1, n) for x, _ in seen])
     t = np.concatenate([tt.reshape(-1) for _, tt in seen])
     assert len(t) == 128 * 4
-    gap = (xt == MASK).mean(1) - (1 - np.asarray(sched.alpha(t)))
-    assert abs(gap.mean()) < 4 * gap.std() / math.sqrt(len(gap)), (gap.mean(), gap.std())
-    warp = schedules.TimeWarpedSchedule(
-        sched, 0.1
-    )  # t = g(tau) < tau: a network shown tau would see too few masks
-    assert np.mean(t - np.asarray(warp.warp(jnp.asarray(t)))) > 10 * gap.std() / math.sqrt(len(gap))
+    frac = (xt == MASK).mean(1)
+    # k is uniform on 1..n, stratified: the 4 copies of a sequence fall in the 4 quarters of 1..n.
+    k = (xt == MASK).sum(1).reshape(-1, 4)
+    inside = t < 1.0  # lam > 1 - eps lies outside the schedule (t clipped to 1, counted 0)
+    assert 0.1 < 1 - inside.mean() < 0.3  # about eps of the draws
+    frac, t = frac[inside], t[inside]
+    expected = lambda lam: (1 + (n - 1) * lam) / n
+    gap = frac - expected(1 - np.asarray(sched.alpha(t)))
+    se = gap.std() / math.sqrt(len(gap))
+    assert abs(gap.mean()) < 4 * se, (gap.mean(), se)
+    assert (frac - expected(t)).mean() < -10 * se  # shown lam itself, the network would see too many masks
+    assert np.all((np.sort(k, axis=1) - 1) // (n // 4) == np.arange(4)), k[:3]

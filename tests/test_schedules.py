@@ -20,8 +20,6 @@ ALL = [
     schedules.PolynomialSchedule(power=0.5, eps=1e-2),
     schedules.GeometricSchedule(),
     schedules.GeometricSchedule(sigma_min=1e-3, sigma_max=5.0),
-    schedules.TimeWarpedSchedule(schedules.LogLinearSchedule(), mix=0.1),
-    schedules.TimeWarpedSchedule(schedules.CosineSchedule(), mix=1.0),
 ]
 T = np.linspace(0.02, 0.98, 25)
 
@@ -111,23 +109,3 @@ def test_schedules_are_hashable_static_args():
 
     g = jax.jit(lambda t, s: s.alpha(t), static_argnums=1)
     assert float(g(0.5, schedules.CosineSchedule())) == pytest.approx(float(f(0.5)))
-
-
-def test_time_warped_schedule_keeps_the_ends_and_bounds_the_small_t_second_moment():
-    """The warp maps [0, 1] onto itself (same alpha(0), alpha(1): the same NELBO), is t = tau^2 at mix = 1,
-    and makes w(tau)^2 (1 - alpha(tau)) -- the second moment of the masked estimator near t = 0, weight
-    squared times the chance of a masked token -- bounded, where the uniform clock's grows like 1/t."""
-    base = schedules.LogLinearSchedule(eps=0.0)
-    warped = schedules.TimeWarpedSchedule(base, mix=0.1)
-    for s in (warped, schedules.TimeWarpedSchedule(base, mix=1.0)):
-        assert float(s.warp(jnp.float64(0.0))) == 0.0 and math.isclose(float(s.warp(jnp.float64(1.0))), 1.0)
-    np.testing.assert_allclose(
-        schedules.TimeWarpedSchedule(base, mix=1.0).warp(jnp.asarray(T)), T**2, rtol=1e-12
-    )
-    tau = jnp.asarray([1e-2, 1e-4, 1e-6, 1e-8])
-    second = lambda s: np.asarray(s.mdlm_weight(tau) ** 2 * (1 - s.alpha(tau)))
-    np.testing.assert_allclose(second(base), 1 / np.asarray(tau), rtol=1e-6)
-    w = second(warped)  # -> 4 / mix^2 as tau -> 0 (weight ~ 2 / tau on t ~ (tau / mix)^2)
-    assert np.all(w <= 4 / 0.1**2 * 1.001) and abs(w[-1] / (4 / 0.1**2) - 1) < 1e-3, w
-    with pytest.raises(ValueError, match="mix"):
-        schedules.TimeWarpedSchedule(base, mix=0.0)

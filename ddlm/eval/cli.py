@@ -77,8 +77,6 @@ def resolve_config(eval_config) -> ml_collections.ConfigDict:
     for key in ("num_batches", "batch_size", "num_samples"):
         if out[key] < 0:
             raise ValueError(f"config.eval.{key} must be >= 0, got {out[key]}")
-    if not 0.0 <= out.time_warp <= 1.0:
-        raise ValueError(f"config.eval.time_warp must be in [0, 1], got {out.time_warp}")
     if out.time_samples < 1:
         raise ValueError(f"config.eval.time_samples must be >= 1, got {out.time_samples}")
     if bool(out.ar_workdir) != bool(out.ar_config):
@@ -95,7 +93,16 @@ def resolve_config(eval_config) -> ml_collections.ConfigDict:
 
 
 def make_estimator(
-    model, params, name: str, *, diffusion_config, model_config, tokenizer, time_samples, num_steps, time_warp
+    model,
+    params,
+    name: str,
+    *,
+    diffusion_config,
+    model_config,
+    tokenizer,
+    time_samples,
+    num_steps,
+    count_sampling,
 ):
     """(tokens, loss_mask, rng) -> SequenceEstimates for the loss `name`, jitted once (params an argument)."""
     schedule = schedules.get_schedule(diffusion_config.schedule, **dict(diffusion_config.schedule_kwargs))
@@ -118,7 +125,7 @@ def make_estimator(
             block_size=block_size,
             num_steps=num_steps,
             time_samples=time_samples,
-            time_warp=time_warp,
+            count_sampling=count_sampling,
         )
 
     jitted = jax.jit(estimate)
@@ -158,7 +165,10 @@ def evaluate_checkpoint(config, loaded: Loaded, ec, *, discrete_steps: int = 0) 
     name = config.diffusion.loss
     tok = loaded.tokenizer
     common = dict(
-        diffusion_config=config.diffusion, model_config=config.model, tokenizer=tok, time_warp=ec.time_warp
+        diffusion_config=config.diffusion,
+        model_config=config.model,
+        tokenizer=tok,
+        count_sampling=ec.count_sampling,
     )
     num_steps = int(config.diffusion.num_steps) or None
     main_label = "ar exact NLL" if name == "ar" else f"{name} NELBO"
@@ -300,7 +310,7 @@ def run_eval(config, workdir: str, load_fn: Callable[..., Loaded] | None = None)
         "tokenizer": config.data.tokenizer,
         "seq_len": int(config.train.seq_len),
         "time_samples": int(ec.time_samples),
-        "time_warp": float(ec.time_warp),
+        "count_sampling": bool(ec.count_sampling),
         "ema": bool(ec.use_ema),
         "likelihood": rows,
         "standard_errors": "delta method over sequences (ddlm/eval/likelihood.py): data and Monte-Carlo noise",

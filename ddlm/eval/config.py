@@ -14,10 +14,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.split = "validation"  # split evaluated: 'validation' (config.data.eval_split) | 'train'
     c.num_batches = 0  # batches of the split; 0 = the whole split, one pass (a last partial batch is dropped)
     c.batch_size = 0  # sequences per batch; 0 = config.train.eval_batch_size
-    c.time_samples = 4  # antithetic diffusion times per sequence (K); the 'ar' NLL is exact and uses 1
-    c.time_warp = (
-        0.1  # masked losses: sample t from (1 - w) U[0,1] + w * (u^2) (finite variance); 0 = uniform t
-    )
+    c.time_samples = 4  # Monte-Carlo samples (times or mask counts) per sequence; the 'ar' NLL is exact: 1
+    c.count_sampling = True  # masked losses: draw the number of masked tokens, not t (bounded weights)
     c.discrete_steps = -1  # also the T-step discrete-time bound: T = this; -1 = config.sampler.steps; 0 = off
     c.seed = 0  # times and masks of the Monte-Carlo estimate
     c.use_ema = True  # evaluate the EMA parameters

@@ -3,7 +3,7 @@ a split, per sequence, summarised as nats/token, bits/token, bits/character and 
 with a standard error.
 
 The estimator (`nelbo_per_sequence`, jittable). Each sequence x_b of a batch is copied K times and handed to
-`losses.training_loss` as one batch of K, so the K copies get K antithetic times tau_k = (u_b + k/K) mod 1
+`losses.training_loss` as one batch of K, so the K copies get K antithetic times t_k = (u_b + k/K) mod 1
 with u_b ~ U[0, 1) drawn independently per sequence (for 'bd3lm', K times per block; for 'd3pm', the times
 are snapped to the T-step grid). training_loss returns the masked mean over the K copies, hence
 
@@ -14,11 +14,12 @@ with m_bl the loss mask, n_b = sum_l m_bl the scored tokens of x_b and the bound
 on -log p_theta(x_b). For 'ar', Y_b is the exact NLL of tokens 1..L-1 (token 0 has no context in a packed
 row and is not scored: n_b = sum_{l >= 1} m_bl) and K = 1.
 
-The masked losses (mdlm, sedd_absorb, bd3lm, radd) are evaluated on a warped clock, t_bk = g(tau_bk)
-(`schedules.TimeWarpedSchedule`, mix `time_warp`): the same NELBO (it is invariant to the time variable),
-importance-sampled so that Y_b has a finite variance. With uniform t the 1/t weight on Binomial(L, t) masked
-tokens gives a second moment growing like int dt / t: rare sequences drawn at tiny t carry estimates tens of
-times the mean, and the standard error is unreliable (measured on the quickstart: benchmarks/RESULTS.md).
+The masked continuous-time losses (mdlm, sedd_absorb, radd, bd3lm) draw the number of masked tokens
+instead of the time (`losses.count_sampled_nelbo`, stratified over the K copies): the same NELBO with
+importance weights bounded by L. With uniform t the 1/t weight on Binomial(L, t) masked tokens gives a second
+moment growing like int dt / t: rare sequences drawn at tiny t carry estimates many times the mean, and the
+standard error is unreliable (measured on the quickstart: benchmarks/RESULTS.md). The T-step bound ('d3pm'),
+the uniform graph and 'ar' go through `losses.training_loss`.
 
 Error bars (`ratio_summary`). Per-token figures are ratios R = sum_b Y_b / sum_b n_b. Treating the N
 evaluated sequences as an i.i.d. sample, the delta method gives
@@ -45,11 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from ddlm import losses, schedules
-
-# Masked-diffusion losses evaluated on a warped clock (schedules.TimeWarpedSchedule); not
-# the uniform graph, whose small-t rates are small (warping moves samples where nothing happens: more variance).
-WARPABLE_LOSSES = ("mdlm", "sedd_absorb", "bd3lm", "radd")
+from ddlm import losses
 
 
 class SequenceEstimates(NamedTuple):
@@ -79,16 +76,16 @@ def nelbo_per_sequence(
     block_size: int | None = None,
     num_steps: int | None = None,
     time_samples: int = 1,
-    time_warp: float = 0.1,
+    count_sampling: bool = True,
     boundary: bool = True,
 ) -> SequenceEstimates:
     """Per-sequence NELBO estimates with `time_samples` antithetic times per sequence (see module doc).
 
     name: a loss of ddlm.losses.LOSSES; apply_fn(xt, t, x0_context) -> [K, L, V] as training_loss calls it;
     x0: int [B, L]; loss_mask: [B, L] or None (all ones); rng: a key. The remaining arguments are
-    training_loss's. time_warp: the masked-diffusion losses are evaluated on the clock of
-    schedules.TimeWarpedSchedule(schedule, mix=time_warp) (the same NELBO with finite variance; 0 = uniform
-    t; RADD's loss as MDLM's with alpha = 1 - lambda); 'd3pm' keeps its T-step grid. boundary=False leaves out the prior and reconstruction
+    training_loss's. count_sampling: the masked continuous-time losses (losses.COUNT_SAMPLED_LOSSES) draw the
+    number of masked tokens rather than the time (losses.count_sampled_nelbo: the same NELBO, bounded
+    weights); False: training_loss's uniform times. boundary=False leaves out the prior and reconstruction
     terms. Returns SequenceEstimates(nats [B], tokens [B]) in float32.
     """
     if time_samples < 1:
@@ -99,23 +96,22 @@ def nelbo_per_sequence(
     loss_mask = jnp.asarray(loss_mask, jnp.float32)
     k = 1 if name == "ar" else time_samples  # the AR loss is exact: one evaluation suffices
     scored = scored_mask(name, loss_mask)
-    eval_name, eval_schedule, eval_apply = name, schedule, apply_fn
-    if time_warp and name in WARPABLE_LOSSES:
-        # RADD's lambda-DCE is MDLM's loss with alpha = 1 - lambda (losses.radd_loss); its network is time-free.
-        base = schedules.LinearSchedule() if name == "radd" else schedule
-        eval_schedule = schedules.TimeWarpedSchedule(base, time_warp)
-        eval_name = "mdlm" if name == "radd" else name
-        time_free = name == "radd"
-        eval_apply = lambda xt, t, ctx: apply_fn(xt, None if time_free else eval_schedule.warp(t), ctx)
+    count = count_sampling and name in losses.COUNT_SAMPLED_LOSSES
 
     def one(x, m, key):
+        xs, ms = jnp.tile(x[None], (k, 1)), jnp.tile(m[None], (k, 1))
+        if count:
+            per_copy = losses.count_sampled_nelbo(
+                name, apply_fn, xs, ms, key, schedule=schedule, mask_id=mask_id, block_size=block_size
+            )
+            return jnp.mean(per_copy) / jnp.maximum(jnp.sum(scored_mask(name, m)), 1.0)
         mean, _ = losses.training_loss(
-            eval_name,
-            eval_apply,
-            jnp.tile(x[None], (k, 1)),
-            jnp.tile(m[None], (k, 1)),
+            name,
+            apply_fn,
+            xs,
+            ms,
             key,
-            schedule=eval_schedule,
+            schedule=schedule,
             vocab_size=vocab_size,
             mask_id=mask_id,
             block_size=block_size,
