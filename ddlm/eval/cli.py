@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from ddlm import schedules
+from ddlm import losses, schedules
 from ddlm.eval import config as config_lib
 from ddlm.eval import likelihood, sample_quality
 
@@ -222,6 +222,17 @@ def _fmt(value, se, digits=4):
     return f"{value:.{digits}f} ± {se:.{digits}f}"
 
 
+def _samples_text(name: str, ec) -> str:
+    if name == "ar":
+        return "exact NLL"
+    how = (
+        "stratified mask counts"
+        if ec.count_sampling and name in losses.COUNT_SAMPLED_LOSSES
+        else "antithetic times"
+    )
+    return f"{ec.time_samples} Monte-Carlo samples per sequence ({how})"
+
+
 def format_table(rows: dict) -> str:
     """One line per estimate: nats/token, bits/token, bits/char, perplexity, each with its SE."""
     header = f"{'':34s} {'nats/token':>19s} {'bits/token':>19s} {'bits/char':>19s} {'perplexity':>21s}"
@@ -343,7 +354,7 @@ def run_eval(config, workdir: str, load_fn: Callable[..., Loaded] | None = None)
         print(
             f"eval of {workdir} at step {loaded.step} ({'EMA' if ec.use_ema else 'raw'} params), split "
             f"{ec.split!r}: {first['sequences']:,} sequences x {config.train.seq_len} tokens, "
-            f"{ec.time_samples if name != 'ar' else 1} antithetic time sample(s) per sequence; ± = 1 standard error"
+            f"{_samples_text(name, ec)}; ± = 1 standard error"
         )
         print(format_table(rows))
         if "samples" in report:
