@@ -139,7 +139,7 @@ def plot_speed(rows: Sequence[tuple[str, float]], path: str | None = None):
 
 def speed_rows(points: Sequence[frontier_lib.FrontierPoint]) -> list[tuple[str, float]]:
     return [
-        (f"{p.label} {p.sampler} {p.steps} steps {p.precision}", p.tokens_per_s)
+        (f"{p.label} {p.sampler} {p.steps} steps T={p.temperature:g} {p.precision}", p.tokens_per_s)
         for p in points
         if p.label != "data"
     ]
