@@ -156,10 +156,11 @@ def sweep(config, workdir: str, loaded, scorer, grid: Grid, *, num_samples: int,
 
 def format_points(points: Sequence[FrontierPoint]) -> str:
     front = {id(p) for p in pareto_front([p for p in points if p.label != "data"])}
-    lines = [
+    header = (
         f"{'':2s}{'label':14s} {'sampler':12s} {'steps':>5s} {'temp':>5s} {'noise':>8s} "
         f"{'entropy':>15s} {'gen. ppl':>17s} {'tokens/s':>10s}"
-    ]
+    )
+    lines = [header]
     for p in points:
         lines.append(
             f"{'*' if id(p) in front else ' ':2s}{p.label[:14]:14s} {p.sampler[:12]:12s} {p.steps:5d} "
