@@ -198,7 +198,9 @@ def test_eval_and_sample_modes_and_corrupt_latest_checkpoint_falls_back(quicksta
     for root, _, files in os.walk(os.path.join(copy, "checkpoints", "150", "state")):
         for name in files:
             open(os.path.join(root, name), "wb").close()
-    proc = run_main(child_env, copy, *QUICK_OVERRIDES, "--mode=eval", timeout=190)
+    proc = run_main(
+        child_env, copy, *QUICK_OVERRIDES, "--mode=eval", "--config.eval.num_batches=8", timeout=190
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert "Checkpoint at step 150 is corrupt or unreadable" in log

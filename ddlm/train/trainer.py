@@ -567,28 +567,16 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
 
 
 def evaluate(config, workdir: str, devices=None) -> dict:
-    """Evaluates the latest checkpoint's EMA parameters on the validation split (--mode=eval)."""
-    setup = build(config, devices)
-    checkpointer = checkpoint_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints
-    )
-    state, step = checkpointer.restore_latest(setup.abstract_state())
-    if state is None:
-        raise ConfigError(f"no checkpoint in {checkpointer.directory}: train first (--mode=train)")
-    logging.info("Restored checkpoint from step %d.", step)
-    result = run_eval(setup, compile_eval_step(setup), state.ema_params)
+    """--mode=eval: ddlm.eval.cli.run_eval (likelihood with standard errors over config.eval.split, report.json
+    and a table), its headline figures also written to metrics.jsonl / TensorBoard as split 'eval'."""
+    del devices  # the checkpoint is loaded on all devices
+    from ddlm.eval import cli as eval_cli
+
+    report = eval_cli.run_eval(config, workdir)
     writer = metrics_lib.MetricWriter(workdir)
-    writer.write(step, "eval", result)
+    writer.write(report["step"], "eval", eval_cli.headline(report))
     writer.close()
-    checkpointer.close()
-    logging.info(
-        "eval at step %d (EMA params): NELBO %.4f nats/token, %.4f bits/token, perplexity <= %.3f",
-        step,
-        result["nelbo"],
-        result["bits_per_token"],
-        result["perplexity_bound"],
-    )
-    return result
+    return report
 
 
 def load_params(config, workdir: str, *, ema: bool = True, devices=None):
