@@ -2,7 +2,7 @@
 
     run_sampling(config, workdir, load_fn=None) -> list of per-sample records
 
-Loads the latest checkpoint's (EMA) parameters with ddlm.train.trainer.load_params, builds
+Loads the latest checkpoint's (EMA) parameters with ddlm.checkpoints.load_for_inference, builds
 denoise_fn(xt, t) = model.apply({'params': params}, xt, t) (t = None for time-free networks, loss 'radd'),
 and runs the sampler named by config.sampler.name (ddlm.sampling.make_sampler) in batches of
 config.sampler.batch_size, sharded over the mesh's data axes, jitted once. Writes to
@@ -54,10 +54,10 @@ def resolve_config(sampler_config) -> ml_collections.ConfigDict:
 
 
 def _load_checkpoint(config, workdir):
-    from ddlm.train import trainer
+    from ddlm import checkpoints
 
-    setup, params, step = trainer.load_params(config, workdir, ema=bool(config.sampler.use_ema))
-    return setup.model, params, setup.tokenizer, setup, step
+    loaded = checkpoints.load_for_inference(workdir, config, ema=bool(config.sampler.use_ema))
+    return loaded.model, loaded.params, loaded.tokenizer, loaded, loaded.step
 
 
 def _token_entropy(ids: np.ndarray) -> float:
