@@ -390,6 +390,8 @@ class Checkpointer:
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 -- reported below as one line
             failure = f"{type(e).__name__}: {e}"
+        if jax.process_count() > 1:  # process 0 renames the checkpoint into place: look after it did
+            multihost_utils.sync_global_devices(f"ddlm_checkpoint_wait_{step}")
         if step not in committed_steps(self.directory):
             reason = failure or self._errors.last or "no error reported"
             last = committed_steps(self.directory)
@@ -595,8 +597,7 @@ class Checkpointer:
         destination = ""
         if jax.process_index() == 0:
             os.makedirs(self.corrupt_directory, exist_ok=True)
-            stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
-            base = os.path.join(self.corrupt_directory, f"{step}-{stamp}")
+            base = os.path.join(self.corrupt_directory, f"{step}-{_utc_stamp()}")
             destination, n = base, 1
             while os.path.exists(destination):
                 destination, n = f"{base}-{n}", n + 1
@@ -605,6 +606,10 @@ class Checkpointer:
             multihost_utils.sync_global_devices(f"ddlm_checkpoint_quarantine_{step}")
         self.manager.reload()
         return destination
+
+
+def _utc_stamp() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
 
 
 def _reason(e: Exception) -> str:

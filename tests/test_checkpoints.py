@@ -214,8 +214,11 @@ def _rewrite_with_one_bit_flipped(step_dir: str, setup, scratch: str):
     shutil.copytree(os.path.join(scratch, "4", "state"), os.path.join(step_dir, "state"))
 
 
-def test_flipped_bit_falls_back_and_corrupt_checkpoints_are_never_overwritten(trained, tmp_path, caplog):
+def test_flipped_bit_falls_back_and_corrupt_checkpoints_are_never_overwritten(
+    trained, tmp_path, caplog, monkeypatch
+):
     """Issue 9 items 3 (a flipped byte restored silently) and 1 (quarantine overwrote an earlier one)."""
+    monkeypatch.setattr(checkpoints, "_utc_stamp", lambda: "20261130-120000")  # both in the same second
     workdir = _copy(trained, tmp_path)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     setup, meta = _setup_and_meta(_config())
@@ -235,7 +238,7 @@ def test_flipped_bit_falls_back_and_corrupt_checkpoints_are_never_overwritten(tr
         assert "Checkpoint at step 4 is corrupt" in caplog.text, caplog.text
         assert "checksum mismatch in leaf ema_params/token_embedding" in caplog.text, caplog.text
         quarantined = sorted(os.listdir(os.path.join(workdir, "checkpoints_corrupt")))
-        assert len(quarantined) == attempt + 1 and all(q.startswith("4-") for q in quarantined), quarantined
+        assert quarantined == ["4-20261130-120000", "4-20261130-120000-1"][: attempt + 1], quarantined
         assert checkpoints.committed_steps(ckpt_dir) == [2]
     assert _tree_hashes(os.path.join(workdir, "checkpoints_corrupt", quarantined[0])) == {
         k.split(os.sep, 1)[1]: v for k, v in first.items()
