@@ -233,15 +233,20 @@ def leaf_paths(tree) -> tuple[list[str], list[Any]]:
 def leaf_checksums(tree) -> dict[str, str]:
     """{leaf path: 16 hex digits} of every array in `tree` (see the comment above)."""
     paths, leaves = leaf_paths(tree)
-    sums = [_leaf_checksum(x) for x in leaves]  # all dispatched before the first is read back
-    out = {}
-    for path, s in zip(paths, sums, strict=True):
-        if s.is_fully_replicated:
-            value = np.asarray(s.addressable_data(0))
-        else:
-            value = np.asarray(multihost_utils.process_allgather(s, tiled=True))
-        out[path] = f"{int(value[0]):08x}{int(value[1]):08x}"
-    return out
+    if jax.process_count() > 1:
+        # One leaf at a time, each read back before the next starts: several cross-process programs in
+        # flight at once deadlocked the CPU (gloo) collectives, and the train step's programs must be done.
+        jax.block_until_ready(leaves)
+        sums = [_host_value(_leaf_checksum(x)) for x in leaves]
+    else:
+        sums = [_host_value(s) for s in [_leaf_checksum(x) for x in leaves]]  # all dispatched, then read
+    return {path: f"{int(v[0]):08x}{int(v[1]):08x}" for path, v in zip(paths, sums, strict=True)}
+
+
+def _host_value(s) -> np.ndarray:
+    if s.is_fully_replicated:
+        return np.asarray(s.addressable_data(0))
+    return np.asarray(multihost_utils.process_allgather(s, tiled=True))
 
 
 # ------------------------------------------------------------------------------------------------ file system
@@ -437,28 +442,37 @@ class Checkpointer:
         *,
         metadata: dict | None = None,
         allow_data_change: bool = False,
+        partial: bool = False,
     ) -> tuple[Any, int | None]:
         """Restores the newest usable checkpoint into `abstract_state`'s shapes and shardings (resharding
         if the mesh changed) and sets `data_iterator`'s position; the checks of the module docstring, with
         `metadata` = checkpoint_metadata() of the current config. Returns (state, step), or (None, None)
         when no checkpoint is usable.
 
-        `abstract_state` may be a dict holding some of the state's fields ({'ema_params': ..., 'step': ...})
-        on a read-only Checkpointer: only those are read."""
-        partial = isinstance(abstract_state, dict)
+        partial=True: `abstract_state` is a dict of some of the saved state's fields ({'ema_params': ...,
+        'step': ...}), and only those are read (read-only Checkpointers only)."""
         if partial and not self.read_only:
             raise ValueError(
                 "a partial restore (a dict of some state fields) needs Checkpointer(read_only=True)"
             )
         for step in reversed(committed_steps(self.directory)):
+            problem = None
             try:
                 stored = self._read_metadata(step)
                 restore_data = self._check_config(step, stored, metadata, allow_data_change)
-                self._check_structure(step, abstract_state)
-                state = self._read(step, abstract_state, data_iterator if restore_data else None, partial)
-                self._verify(step, stored, state)
+                self._check_structure(step, abstract_state, partial)
             except _Corrupt as e:
-                self._corrupt(step, str(e))
+                problem = str(e)
+            problem = _agree(problem)
+            if problem is None:
+                try:
+                    state = self._read(step, abstract_state, data_iterator if restore_data else None, partial)
+                    self._verify(step, stored, state)
+                except _Corrupt as e:
+                    problem = str(e)
+                problem = _agree(problem)
+            if problem:
+                self._corrupt(step, problem)
                 continue
             return state, step
         return None, None
@@ -508,7 +522,7 @@ class Checkpointer:
         )
         return False
 
-    def _check_structure(self, step, abstract_state):
+    def _check_structure(self, step, abstract_state, partial):
         try:
             # Read with a handler of its own: the manager knows an item's handler only after using it.
             handler = ocp.StandardCheckpointHandler()
@@ -524,7 +538,7 @@ class Checkpointer:
         want_paths, want_leaves = leaf_paths(abstract_state)
         want = dict(zip(want_paths, want_leaves, strict=True))
         problems = [f"{p}: missing in the checkpoint" for p in want_paths if p not in disk]
-        if not isinstance(abstract_state, dict):  # a full restore must also use every saved leaf
+        if not partial:  # a full restore must also use every saved leaf
             problems += [f"{p}: in the checkpoint only" for p in disk_paths if p not in want]
         for p in want_paths:
             if p in disk:
@@ -583,7 +597,7 @@ class Checkpointer:
                 reason,
             )
             return
-        destination = self._quarantine(step)
+        destination = self._quarantine(step) or self.corrupt_directory  # named on process 0 only
         logging.warning(
             "Checkpoint at step %d is corrupt or unreadable (%s); moved it to %s and falling back to the "
             "previous checkpoint.",
@@ -606,6 +620,17 @@ class Checkpointer:
             multihost_utils.sync_global_devices(f"ddlm_checkpoint_quarantine_{step}")
         self.manager.reload()
         return destination
+
+
+def _agree(problem: str | None) -> str | None:
+    """With several processes: a checkpoint one process cannot read is corrupt for all (each reads its own
+    shards), so that all fall back together."""
+    if jax.process_count() == 1:
+        return problem
+    failed = multihost_utils.process_allgather(np.int32(problem is not None))
+    if problem is None and np.any(failed):
+        return "unreadable on another process"
+    return problem
 
 
 def _utc_stamp() -> str:
@@ -681,7 +706,7 @@ def load_for_inference(workdir: str, config=None, *, ema: bool = True, devices=N
             field: sharding.sharded_abstract_params(boxed, mesh),
             "step": jax.ShapeDtypeStruct((), jnp.int32),
         }
-        restored, step = checkpointer.restore_latest(abstract)
+        restored, step = checkpointer.restore_latest(abstract, partial=True)
     if restored is None:
         raise CheckpointError(
             f"no usable checkpoint in {os.path.join(workdir, CHECKPOINTS_DIR)} (all corrupt)"
