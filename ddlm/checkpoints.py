@@ -234,8 +234,8 @@ def leaf_checksums(tree) -> dict[str, str]:
     """{leaf path: 16 hex digits} of every array in `tree` (see the comment above)."""
     paths, leaves = leaf_paths(tree)
     if jax.process_count() > 1:
-        # One leaf at a time, each read back before the next starts: several cross-process programs in
-        # flight at once deadlocked the CPU (gloo) collectives, and the train step's programs must be done.
+        # One leaf at a time, each read back before the next starts: with the checksum programs of all
+        # leaves in flight at once, the trainer's first save hung (2 processes x 2 CPU devices, gloo).
         jax.block_until_ready(leaves)
         sums = [_host_value(_leaf_checksum(x)) for x in leaves]
     else:

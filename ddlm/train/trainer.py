@@ -447,8 +447,13 @@ def evaluate(config, workdir: str, devices=None) -> dict:
     setup = build(config, devices)
     logging.info("Restored checkpoint from step %d.", step)
     result = run_eval(setup, compile_eval_step(setup), loaded.params)
-    with metrics_lib.MetricWriter(workdir) as writer:
-        writer.write(step, "eval", result)
+    try:
+        checkpoints.check_writable(workdir, "--workdir")
+    except checkpoints.CheckpointError as e:  # evaluating a run one may only read: report, don't fail
+        logging.warning("%s: the eval metrics are logged, not saved.", e)
+    else:
+        with metrics_lib.MetricWriter(workdir) as writer:
+            writer.write(step, "eval", result)
     logging.info(
         "eval at step %d (EMA params): NELBO %.4f nats/token, %.4f bits/token, perplexity <= %.3f",
         step,
