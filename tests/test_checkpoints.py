@@ -379,15 +379,26 @@ def test_metric_writer_flush_puts_every_scalar_on_disk(tmp_path):
     writer.close()
 
 
-def test_resume_writes_each_step_once(trained, tmp_path):
+def test_resume_writes_each_step_once(trained, tmp_path, monkeypatch):
     """Issue 9 item 7: a run killed after step 4's metrics but before checkpoint 4 committed resumes from 2;
-    metrics.jsonl had steps 3 and 4 twice."""
+    metrics.jsonl had steps 3 and 4 twice. And each checkpoint is saved only once the scalars up to its
+    step are on disk (a kill after it commits must not lose them)."""
     workdir = _copy(trained, tmp_path)
     shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))  # as if the kill came before it committed
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
         f.write('{"step": 5, "split": "tra')  # and tore the last line
     old_events = set(glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*")))
+    on_disk_at_save = {}
+    save = checkpoints.Checkpointer.save
+
+    def save_and_look(self, step, *args, **kwargs):
+        (new,) = set(glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))) - old_events
+        on_disk_at_save[step] = _scalar_steps(_events(new), "train/loss")
+        return save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints.Checkpointer, "save", save_and_look)
     trainer.train_and_evaluate(_config(), workdir, devices=DEVICES)
+    assert on_disk_at_save == {4: [3, 4]}
 
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
