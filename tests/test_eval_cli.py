@@ -180,15 +180,14 @@ def test_frontier_sweep_and_plots_on_the_tiny_runs(tiny_runs, tmp_path):
     from ddlm.eval import frontier, plots
 
     runs, env = tiny_runs
-    (mdlm_config, mdlm_dir), (ar_config, ar_dir) = runs["mdlm"], runs["ar"]
+    (mdlm_config, mdlm_dir), (_, ar_dir) = runs["mdlm"], runs["ar"]
     cmd = [
         sys.executable,
         "-m",
         "ddlm.eval.frontier",
         f"--config={mdlm_config}",
         f"--workdir={mdlm_dir}",
-        f"--config.eval.ar_workdir={ar_dir}",
-        f"--config.eval.ar_config={ar_config}",
+        f"--config.eval.ar_workdir={ar_dir}",  # the AR config comes from its checkpoint
         "--steps=4,8",
         "--precisions=float64",
         "--num_samples=4",

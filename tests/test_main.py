@@ -205,7 +205,9 @@ def test_eval_and_sample_modes_and_corrupt_latest_checkpoint_falls_back(quicksta
     assert proc.returncode == 0, log[-3000:]
     assert "Checkpoint at step 150 is corrupt or unreadable" in log
     assert "Restored checkpoint from step 75" in log
-    assert os.path.isdir(os.path.join(copy, "checkpoints_corrupt", "150"))
+    # Eval is read-only: the corrupt checkpoint is skipped and left in place (training quarantines it).
+    assert os.path.isdir(os.path.join(copy, "checkpoints", "150"))
+    assert not os.path.exists(os.path.join(copy, "checkpoints_corrupt"))
     assert records(copy, "eval")[-1]["step"] == 75
 
     # --mode=sample: the samplers' CLI on the (now latest) checkpoint 75.

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from ddlm import losses, schedules
+from ddlm import checkpoints, losses, schedules, sharding
 from ddlm.eval import config as config_lib
 from ddlm.eval import likelihood, sample_quality
 
@@ -43,15 +43,21 @@ class Loaded(NamedTuple):
     tokenizer: Any
     batch_sharding: Any  # where a global batch lives (None: one device)
     step: int
+    config: Any = None  # the config the network was built from (the checkpoint's own when none was given)
 
 
 def load_checkpoint(config, workdir: str, *, ema: bool = True) -> Loaded:
-    """The latest checkpoint of `workdir`. The one place ddlm.eval reaches into the trainer: point it at the
-    shared checkpoint loader once there is one."""
-    from ddlm.train import trainer
-
-    setup, params, step = trainer.load_params(config, workdir, ema=ema)
-    return Loaded(setup.model, params, setup.tokenizer, setup.batch_sharding, int(step))
+    """The latest usable checkpoint of `workdir` (ddlm.checkpoints.load_for_inference); with config=None the
+    network is rebuilt from the config stored in the checkpoint."""
+    loaded = checkpoints.load_for_inference(workdir, config, ema=ema)
+    return Loaded(
+        loaded.model,
+        loaded.params,
+        loaded.tokenizer,
+        sharding.batch_sharding(loaded.mesh),
+        int(loaded.step),
+        loaded.config,
+    )
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
@@ -79,10 +85,10 @@ def resolve_config(eval_config) -> ml_collections.ConfigDict:
             raise ValueError(f"config.eval.{key} must be >= 0, got {out[key]}")
     if out.time_samples < 1:
         raise ValueError(f"config.eval.time_samples must be >= 1, got {out.time_samples}")
-    if bool(out.ar_workdir) != bool(out.ar_config):
+    if out.ar_config and not out.ar_workdir:
         raise ValueError(
-            "config.eval.ar_workdir and config.eval.ar_config go together: the AR checkpoint's workdir and the "
-            "experiment config it was trained with (e.g. experiments/quickstart_ar.py)"
+            "config.eval.ar_config needs config.eval.ar_workdir (the AR checkpoint's workdir; its config is read "
+            "from the checkpoint, ar_config only overrides it)"
         )
     return out
 
@@ -289,15 +295,21 @@ def make_scorer(config, loaded: Loaded, batch_size: int = 8) -> sample_quality.A
     )
 
 
+def check_ar_config(ar_config, ec) -> None:
+    """The scorer / baseline checkpoint must be an autoregressive model."""
+    if ar_config is not None and ar_config.diffusion.loss != "ar":
+        raise ValueError(
+            f"config.eval.ar_workdir={ec.ar_workdir!r} / ar_config={ec.ar_config!r}: that model trains loss "
+            f"{ar_config.diffusion.loss!r}, not 'ar'"
+        )
+
+
 def run_eval(config, workdir: str, load_fn: Callable[..., Loaded] | None = None) -> dict:
     """Evaluates the latest checkpoint in `workdir` per config.eval (module doc); returns the report."""
     ec = resolve_config(config.eval)
     load = load_fn or (lambda c, w, ema: load_checkpoint(c, w, ema=ema))
     ar_config = load_config_file(ec.ar_config) if ec.ar_config else None
-    if ar_config is not None and ar_config.diffusion.loss != "ar":
-        raise ValueError(
-            f"config.eval.ar_config={ec.ar_config!r} trains loss {ar_config.diffusion.loss!r}, not 'ar'"
-        )
+    check_ar_config(ar_config, ec)
     loaded = load(config, workdir, ec.use_ema)
     logging.info("Restored checkpoint from step %d.", loaded.step)
     name = config.diffusion.loss
@@ -305,8 +317,10 @@ def run_eval(config, workdir: str, load_fn: Callable[..., Loaded] | None = None)
     rows = evaluate_checkpoint(config, loaded, ec, discrete_steps=discrete)
 
     ar_loaded = None
-    if ar_config is not None:
-        ar_loaded = load(ar_config, ec.ar_workdir, ec.use_ema)
+    if ec.ar_workdir:
+        ar_loaded = load(ar_config, ec.ar_workdir, ec.use_ema)  # ar_config None: the checkpoint's own config
+        ar_config = ar_config or ar_loaded.config
+        check_ar_config(ar_config, ec)
         logging.info("Restored the AR checkpoint %s at step %d.", ec.ar_workdir, ar_loaded.step)
         for label, r in evaluate_checkpoint(ar_config, ar_loaded, ec).items():
             rows[f"{label} ({os.path.basename(os.path.normpath(ec.ar_workdir))})"] = r

@@ -1,7 +1,7 @@
 """The evaluation fields of an experiment config (config.eval), read by `--mode=eval` (ddlm.eval.cli).
 
     python -m ddlm.main --mode=eval --config=experiments/quickstart.py --workdir=runs/quickstart \
-        --config.eval.ar_workdir=runs/quickstart_ar --config.eval.ar_config=experiments/quickstart_ar.py
+        --config.eval.ar_workdir=runs/quickstart_ar
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.ar_workdir = (
         ""  # an AR checkpoint: its exact NLL on the same split, and the generative-perplexity scorer
     )
-    c.ar_config = (
-        ""  # the experiment config that AR checkpoint was trained with (experiments/quickstart_ar.py)
-    )
+    # The AR checkpoint's network is rebuilt from the config stored in its checkpoint; ar_config (an experiment
+    # file such as experiments/quickstart_ar.py) overrides it, checked for compatibility with the checkpoint.
+    c.ar_config = ""
     c.num_samples = 0  # samples drawn with config.sampler and scored (gen. perplexity, entropy); 0 = none
     c.output_dir = ""  # where report.json goes; '' = <workdir>/eval
     return c

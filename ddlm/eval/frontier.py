@@ -12,7 +12,7 @@ Command line (writes <workdir>/eval/frontier.json and frontier.png; `--draw` onl
 workdirs together):
 
     python -m ddlm.eval.frontier --config=experiments/quickstart.py --workdir=runs/quickstart \\
-        --config.eval.ar_workdir=runs/quickstart_ar --config.eval.ar_config=experiments/quickstart_ar.py \\
+        --config.eval.ar_workdir=runs/quickstart_ar \\
         --steps=8,16,32,64 --temperatures=1.0 --precisions=float64,float32 --num_samples=32
     python -m ddlm.eval.frontier --draw --workdirs=runs/quickstart,runs/other --out=frontier.png
 """
@@ -202,10 +202,13 @@ def main(argv):
         raise ValueError("--config and --workdir are required (or --draw --workdirs=...)")
     ec = cli.resolve_config(config.eval)
     if not ec.ar_workdir:
-        raise ValueError("config.eval.ar_workdir / ar_config: the frontier needs an AR scorer checkpoint")
+        raise ValueError("config.eval.ar_workdir: the frontier needs an AR scorer checkpoint")
     loaded = cli.load_checkpoint(config, f.workdir, ema=ec.use_ema)
-    ar_config = cli.load_config_file(ec.ar_config)
-    scorer = cli.make_scorer(ar_config, cli.load_checkpoint(ar_config, ec.ar_workdir, ema=ec.use_ema))
+    ar_config = cli.load_config_file(ec.ar_config) if ec.ar_config else None
+    ar_loaded = cli.load_checkpoint(ar_config, ec.ar_workdir, ema=ec.use_ema)
+    ar_config = ar_config or ar_loaded.config
+    cli.check_ar_config(ar_config, ec)
+    scorer = cli.make_scorer(ar_config, ar_loaded)
     grid = Grid(
         samplers=_csv(f.samplers, str),
         steps=_csv(f.steps, int),

@@ -3,7 +3,7 @@
     run_sampling(config, workdir, load_fn=None) -> list of per-sample records
 
 Validates config.sampler first (ddlm.sampling.config.validate: a bad field is one line, before anything is
-loaded), then loads the latest checkpoint's (EMA) parameters with ddlm.train.trainer.load_params, builds
+loaded), then loads the latest checkpoint's (EMA) parameters with ddlm.checkpoints.load_for_inference, builds
 denoise_fn(xt, t) = model.apply({'params': params}, xt, t) (t = None for time-free networks, loss 'radd'),
 and runs the sampler named by config.sampler.name (ddlm.sampling.make_sampler) in batches of
 config.sampler.batch_size, sharded over the mesh's data axes, jitted once. Each run writes to its own
@@ -54,10 +54,10 @@ resolve_config = config_lib.resolve  # default_config() with the given fields se
 
 
 def _load_checkpoint(config, workdir):
-    from ddlm.train import trainer
+    from ddlm import checkpoints
 
-    setup, params, step = trainer.load_params(config, workdir, ema=bool(config.sampler.use_ema))
-    return setup.model, params, setup.tokenizer, setup, step
+    loaded = checkpoints.load_for_inference(workdir, config, ema=bool(config.sampler.use_ema))
+    return loaded.model, loaded.params, loaded.tokenizer, loaded, loaded.step
 
 
 def _token_entropy(ids: np.ndarray) -> float:

@@ -83,6 +83,7 @@ def train_config(*, steps: int, batch_size: int, seq_len: int):
     c.eval_every = 5000  # steps between evals (0 = only at the end)
     c.ckpt_every = 5000  # steps between checkpoints (0 = only at the end)
     c.keep_checkpoints = 3  # checkpoints kept on disk
+    c.allow_data_change = False  # resume a checkpoint trained on another corpus / tokenizer vocabulary
     c.async_checkpoints = True  # write checkpoints in the background
     c.seed = 0  # parameter init, data order and every random draw derive from it
     c.nan_policy = (

@@ -9,6 +9,7 @@ Sections: setup (mesh, tokenizer, network, optimizer, sharded state) -> restore 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -24,12 +25,12 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from ddlm.train import checkpoint as checkpoint_lib
-from ddlm.train import console, optim, sharding
+from ddlm import checkpoints, sharding
+from ddlm.sharding import ConfigError
+from ddlm.train import console, optim
 from ddlm.train import metrics as metrics_lib
 from ddlm.train import state as state_lib
 from ddlm.train import step as step_lib
-from ddlm.train.sharding import ConfigError
 
 # Test hook: SIGKILL this process right after the checkpoint of this step is complete on disk.
 KILL_AFTER_CHECKPOINT_ENV = "DDLM_KILL_AFTER_CHECKPOINT_STEP"
@@ -59,24 +60,7 @@ class Setup:
 
     def context(self):
         """Mesh and logical-axis rules in scope while tracing (for the model's activation constraints)."""
-        return _MeshContext(self.mesh)
-
-
-class _MeshContext:
-    def __init__(self, mesh):
-        self.mesh = mesh
-
-    def __enter__(self):
-        self._mesh_cm = jax.set_mesh(self.mesh)
-        self._mesh_cm.__enter__()
-        self._rules_cm = nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES)
-        self._rules_cm.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._rules_cm.__exit__(*exc)
-        self._mesh_cm.__exit__(*exc)
-        return False
+        return sharding.mesh_context(self.mesh)
 
 
 def _require(ok: bool, field: str, expected: str, value) -> None:
@@ -414,7 +398,15 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final eval metrics.
 
     `devices` (default: all) are the mesh's devices."""
+    # The checkpointer and the metric writer are closed however the run ends: a pending checkpoint is
+    # committed (or its failure reported) and orbax's threads do not outlive the call.
+    with contextlib.ExitStack() as resources:
+        return _train_and_evaluate(config, workdir, devices, resources)
+
+
+def _train_and_evaluate(config, workdir: str, devices, resources: contextlib.ExitStack) -> dict:
     # ---------------------------------------------------------------- setup
+    checkpoints.check_writable(workdir, "--workdir")
     setup = build(config, devices)
     check_validation_split(setup)
     cfg = config.train
@@ -422,14 +414,23 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     logging.info(
         "Mesh %s on %d devices (%s)", dict(setup.mesh.shape), setup.mesh.size, jax.devices()[0].device_kind
     )
-    writer = metrics_lib.MetricWriter(workdir)
-    checkpointer = checkpoint_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints
+    checkpointer = resources.enter_context(
+        checkpoints.Checkpointer(
+            os.path.join(workdir, checkpoints.CHECKPOINTS_DIR),
+            keep=cfg.keep_checkpoints,
+            async_save=cfg.async_checkpoints,
+        )
     )
     train_iter = make_iterator(setup, "train", batch_size=cfg.batch_size)
+    checkpoint_meta = checkpoints.checkpoint_metadata(config, setup.tokenizer)
 
     # ---------------------------------------------------------------- restore or initialise
-    state, restored = checkpointer.restore_latest(setup.abstract_state(), train_iter)
+    state, restored = checkpointer.restore_latest(
+        setup.abstract_state(),
+        train_iter,
+        metadata=checkpoint_meta,
+        allow_data_change=cfg.allow_data_change,
+    )
     if state is None:
         state = setup.init_state()
         logging.info("No checkpoint in %s: initialised a new model.", checkpointer.directory)
@@ -439,7 +440,6 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     if start >= total:
         # A rerun of a finished job: nothing to train, so nothing to compile (20 s and more).
         checkpointer.close()
-        writer.close()
         logging.info(
             "Already trained to step %d (config.train.steps=%d): nothing to do. --mode=eval evaluates "
             "and --mode=sample samples this checkpoint.",
@@ -456,6 +456,9 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
             else:  # the finished run was stopped before its samples were written
                 run_sampling_if_available(config, workdir)
         return {}
+    # Metrics past the restored step were written by the run that was interrupted: the resumed run writes
+    # them again, so they are dropped (each step once in metrics.jsonl and TensorBoard).
+    writer = resources.enter_context(metrics_lib.MetricWriter(workdir, resume_step=start))
     from ddlm.models import flops_per_token
 
     num_params = state_lib.count_params(state.params)
@@ -544,7 +547,8 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
                 if pending is not None:  # never checkpoint a state that has not been checked
                     check(step, jax.device_get(metrics))
                     pending = None
-                checkpointer.save(step, state, train_iter, force=True)
+                writer.flush()  # the scalars up to this step are on disk before its checkpoint can commit
+                checkpointer.save(step, state, train_iter, metadata=checkpoint_meta, force=True)
                 if step == kill_after:
                     checkpointer.wait()
                     logging.warning(
@@ -573,25 +577,21 @@ def evaluate(config, workdir: str, devices=None) -> dict:
     from ddlm.eval import cli as eval_cli
 
     report = eval_cli.run_eval(config, workdir)
-    writer = metrics_lib.MetricWriter(workdir)
-    writer.write(report["step"], "eval", eval_cli.headline(report))
-    writer.close()
+    try:
+        checkpoints.check_writable(workdir, "--workdir")
+    except checkpoints.CheckpointError as e:  # evaluating a run one may only read: report, don't fail
+        logging.warning("%s: the eval metrics are logged, not saved.", e)
+    else:
+        with metrics_lib.MetricWriter(workdir) as writer:
+            writer.write(report["step"], "eval", eval_cli.headline(report))
     return report
 
 
 def load_params(config, workdir: str, *, ema: bool = True, devices=None):
-    """(setup, params, step) of the latest checkpoint in `workdir`: what a sampler needs."""
-    setup = build(config, devices)
-    checkpointer = checkpoint_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints
-    )
-    state, step = checkpointer.restore_latest(setup.abstract_state())
-    checkpointer.close()
-    if state is None:
-        raise ConfigError(
-            f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: train first (--mode=train)"
-        )
-    return setup, (state.ema_params if ema else state.params), step
+    """(setup, params, step) of the latest checkpoint in `workdir` (ddlm.checkpoints.load_for_inference,
+    plus the trainer's setup for callers that want the loss or the optimizer)."""
+    loaded = checkpoints.load_for_inference(workdir, config, ema=ema, devices=devices)
+    return build(config, devices), loaded.params, loaded.step
 
 
 def _samples_dir(config, workdir: str) -> str:
