@@ -21,9 +21,9 @@ from ddlm.models.layers import KVCache, block_diffusion_mask, rotary_embedding
 from ddlm.models.transformer import Transformer, get_model
 
 __all__ = [
+    "MODEL_NAMES",
     "Decoder",
     "KVCache",
-    "MODEL_NAMES",
     "Transformer",
     "block_causal_mask",
     "block_diffusion_mask",

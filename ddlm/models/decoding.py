@@ -14,9 +14,9 @@ re-rotation: attention scores depend on position differences only.
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from ddlm.models import layers
 from ddlm.models.layers import KVCache
@@ -124,5 +124,5 @@ class Decoder:
 def make_decoder(model: Transformer, variables) -> Decoder:
     """The decode interface of `model` with `variables` ({'params': ...})."""
     if not isinstance(model, Transformer):
-        raise ValueError(f"make_decoder needs a ddlm Transformer, got {type(model).__name__}")
+        raise TypeError(f"make_decoder needs a ddlm Transformer, got {type(model).__name__}")
     return Decoder(model, variables)

@@ -285,7 +285,7 @@ def cached_attention(q, k, v, cache: LayerCache, masks: DecodeMasks, implementat
     attends the updated cache, with self_attend placed at the written slots; both are the same sum.
     Returns (out [B, S, H, Dh], the cache, updated if written).
     """
-    batch, length = q.shape[:2]
+    length = q.shape[1]
     capacity = cache.keys.shape[1]
     attend = jnp.broadcast_to(masks.attend, (masks.attend.shape[0], length, capacity))
     self_attend = jnp.broadcast_to(masks.self_attend, (attend.shape[0], length, length))
