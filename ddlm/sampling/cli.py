@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ddlm import losses, schedules
+from ddlm import losses, models, schedules
 from ddlm.sampling import conditioning, visualize
 from ddlm.sampling import config as config_lib
 from ddlm.sampling import make_sampler
@@ -112,9 +112,16 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
     mask_id, vocab = tok.mask_id, tok.vocab_size
     loss = config.diffusion.loss
     graph = config.diffusion.process
-    if loss in ("ar", "bd3lm"):
+    if loss in ("ar", "bd3lm") and sc.name != loss:
         raise ValueError(
-            f"config.diffusion.loss={loss!r}: the samplers here are for diffusion losses, not {loss!r}"
+            f"config.diffusion.loss={loss!r} is sampled with config.sampler.name={loss!r}, got {sc.name!r}"
+        )
+    # ar / bd3lm decode with the network's KV cache: only exact for a causal / block-causal network.
+    cache_network = {"ar": "ar", "bd3lm": "bd3lm"}.get(sc.name)
+    if cache_network is not None and config.model.name != cache_network:
+        raise ValueError(
+            f"config.sampler.name={sc.name!r} decodes with a KV cache and needs config.model.name="
+            f"{cache_network!r}, got {config.model.name!r}"
         )
     if graph == "uniform" and not sc.name.startswith("sedd_"):
         raise ValueError(
@@ -128,9 +135,24 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
     )
     seq_len = sc.seq_len or config.train.seq_len
     time_free = loss == "radd"
+    if sc.name == "bd3lm":
+        if seq_len % config.model.block_size:
+            raise ValueError(
+                f"config.model.block_size={config.model.block_size} must divide the sample length "
+                f"{seq_len} (config.sampler.seq_len, or config.train.seq_len when 0)"
+            )
+        if sc.window == 0 and seq_len > config.train.seq_len:  # past the training context: slide
+            sc.window = config.train.seq_len - config.model.block_size
 
     # ------------------------------------------------------------------ initial tokens (conditioning)
     prompt_ids = tok.encode(sc.prompt) if sc.prompt else []
+    if sc.name in ("ar", "bd3lm"):  # trained on bos doc eos: the first token is predicted from bos
+        prompt_ids = [tok.bos_id] + prompt_ids
+    if len(prompt_ids) > seq_len:
+        raise ValueError(
+            f"config.sampler.prompt is {len(prompt_ids)} tokens, longer than the sample length {seq_len} "
+            f"(config.sampler.seq_len, or config.train.seq_len when 0)"
+        )
     template_ids = conditioning.parse_infill_template(sc.infill, tok.encode, mask_id) if sc.infill else None
     x_init = conditioning.initial_tokens(
         sc.batch_size,
@@ -154,6 +176,8 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
         )
 
     total_steps = int(np.sum(x_init == mask_id, axis=1).max()) if sc.name == "first_hitting" else sc.steps
+    if sc.name in ("ar", "bd3lm"):  # progress by position / by block
+        total_steps = seq_len - 1 if sc.name == "ar" else seq_len // config.model.block_size
     num_batches = -(-sc.num_samples // sc.batch_size)
     progress = _Progress(sc.num_samples, num_batches, total_steps)
 
@@ -168,6 +192,7 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
             score_fn = denoise_fn  # a uniform-graph SEDD network outputs log ratios
         if not sc.name.startswith("sedd_"):
             score_fn = None
+        cached = sc.name in ("ar", "bd3lm")
         sampler = make_sampler(
             sc,
             denoise_fn=denoise_fn,
@@ -177,6 +202,9 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
             graph=graph,
             return_trajectory=bool(sc.visualize),
             progress_fn=progress.on_step if sc.progress else None,
+            decoder=models.make_decoder(model, {"params": params}) if cached else None,
+            eos_id=tok.eos_id,
+            pad_id=tok.pad_id,
         )
         return sampler(rng, x, clamp if graph == "uniform" else None)
 
@@ -223,7 +251,15 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
             nfe = int(out.nfe)
             batch_time = time.time() - t0
             if sc.truncate_at_eos:
-                tokens = np.asarray(conditioning.truncate_after_eos(tokens, tok.eos_id, tok.pad_id))
+                # ar / bd3lm start with bos, which is the eos of some tokenizers (GPT-2): truncate after it.
+                first = 1 if sc.name in ("ar", "bd3lm") else 0
+                tokens = np.concatenate(
+                    [
+                        tokens[:, :first],
+                        conditioning.truncate_after_eos(tokens[:, first:], tok.eos_id, tok.pad_id),
+                    ],
+                    axis=1,
+                )
             if trajectory is None and out.trajectory is not None:
                 trajectory = np.asarray(jax.device_get(out.trajectory))[:, 0]
             for row in tokens:

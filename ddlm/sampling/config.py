@@ -43,4 +43,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.progress = True  # per-step progress bar (a host callback from the jitted loop after every step)
     c.visualize = False  # write the denoising trajectory: terminal animation + HTML (one row per step)
     c.output_dir = ""  # where samples go; '' = <workdir>/samples
+    # name=ar (causal networks) and name=bd3lm (block-causal): decoding with the network's KV cache
+    c.kv_cache = True  # reuse the keys/values of finished tokens (False: full forward per call; same tokens)
+    c.greedy = False  # ar: argmax decoding (else temperature / top_k / top_p, float64 Gumbel noise)
+    c.stop_at_eos = False  # stop once every sequence has generated eos (variable length); pad after it
+    c.block_sampler = "first_hitting"  # bd3lm, inside each block: first_hitting | ancestral | cached | remdm
+    c.window = 0  # bd3lm: clean tokens kept in the cache; 0 = all (train.seq_len - block past the context)
     return c
