@@ -26,3 +26,25 @@ def random_variables(model, xt, t, x0=None, seed=1):
         return jnp.asarray(value, leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+def tiny_model(name, vocab, time_conditioning, dtype=jnp.float32, block_size=4):
+    """A 2-layer, 32-wide network of ddlm.models ('dit' | 'ar' | 'bd3lm'); dtype float64 needs jax.enable_x64."""
+    from ddlm import models
+
+    c = models.default_config("tiny")
+    c.name = name
+    c.num_layers, c.d_model, c.num_heads, c.mlp_dim, c.cond_dim = 2, 32, 2, 64, 16
+    c.block_size, c.time_conditioning = block_size, time_conditioning
+    return models.get_model(c, vocab).clone(dtype=dtype, param_dtype=dtype)
+
+
+def tiny_decoder(name, vocab, time_conditioning, dtype=jnp.float32, block_size=4, seed=1):
+    """models.make_decoder of `tiny_model` with random (nowhere zero) parameters."""
+    from ddlm import models
+
+    model = tiny_model(name, vocab, time_conditioning, dtype, block_size)
+    tokens = jnp.zeros((1, 4 * block_size), jnp.int32)
+    t = jnp.zeros((1,), jnp.float32) if time_conditioning else None
+    variables = random_variables(model, tokens, t, tokens if name == "bd3lm" else None, seed=seed)
+    return models.make_decoder(model, variables)

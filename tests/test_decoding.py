@@ -15,21 +15,13 @@ import numpy as np
 import pytest
 
 from ddlm import models
-from model_utils import random_variables
+from model_utils import tiny_decoder
 
 VOCAB, BATCH, LENGTH, BLOCK = 37, 2, 16, 4
 TOL = 1e-9
 # Tiny programs compile ~5x faster on CPU without LLVM's optimisations (and much faster than eager flax).
 FAST = {"xla_backend_optimization_level": 0}
 fast_jit = functools.partial(jax.jit, compiler_options=FAST)
-
-
-def _model(name, time_conditioning, dtype=jnp.float64):
-    c = models.default_config("tiny")
-    c.name = name
-    c.num_layers, c.d_model, c.num_heads, c.mlp_dim, c.cond_dim = 2, 32, 2, 64, 16
-    c.block_size, c.time_conditioning = BLOCK, time_conditioning
-    return models.get_model(c, VOCAB).clone(dtype=dtype, param_dtype=dtype)
 
 
 def _inputs(seed=0):
@@ -53,10 +45,7 @@ class _Jitted:
 
 def _decoder(name, time_conditioning, dtype=jnp.float64, jit=True):
     """A decoder with random (nowhere zero) parameters, its functions jitted; float64 unless asked."""
-    model = _model(name, time_conditioning, dtype)
-    xt, x0, t = _inputs()
-    variables = random_variables(model, xt, t if time_conditioning else None, x0 if name == "bd3lm" else None)
-    dec = models.make_decoder(model, variables)
+    dec = tiny_decoder(name, VOCAB, time_conditioning, dtype, BLOCK)
     return _Jitted(dec) if jit else dec
 
 
