@@ -1,5 +1,4 @@
 """Test set-up shared by every test: 8 fake CPU devices, set before jax is imported."""
-
 import os
 
 os.environ["XLA_FLAGS"] = (
