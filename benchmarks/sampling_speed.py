@@ -3,9 +3,14 @@ number of steps exceeds the length: the cached and first-hitting samplers skip t
 nothing, so their time follows their NFE (less so for tiny networks, where drawing the categorical over
 V at every position dominates a step).
 
-    python benchmarks/sampling_speed.py [--length=64] [--steps=256] [--batch=4] [--size=tiny]
+    python benchmarks/sampling_speed.py [--length=64] [--steps=256] [--batch=4] [--size=tiny] [--base=ancestral]
 
-Prints NFE, seconds per batch (compilation excluded, best of --repeats) and the speed-up over ancestral.
+Also the parallel decoders (sampler 'parallel', ddlm.sampling.parallel): random order at one token per
+step, LLaDA low-confidence at L/2, L/4, L/8 steps in blocks of --block_length, and the adaptive rules
+(threshold 0.9, factor 1, EB gamma 0.1). A randomly initialised network is nearly uniform over V, so the
+adaptive rules commit about one token per step here; their NFE means something with a trained model.
+
+Prints NFE, seconds per batch (compilation excluded, best of --repeats) and the speed-up over --base.
 """
 
 import argparse
@@ -17,6 +22,8 @@ import jax.numpy as jnp
 from ddlm import models, schedules
 from ddlm import sampling
 
+SAMPLERS = ("ancestral", "cached", "first_hitting", "remdm", "sedd_analytic")
+
 
 def main():
     parser = argparse.ArgumentParser()
@@ -26,6 +33,8 @@ def main():
     parser.add_argument("--size", default="tiny")
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--block_length", type=int, default=32)
+    parser.add_argument("--base", default="ancestral", help="the row the speed-ups are relative to")
     args = parser.parse_args()
 
     mc = models.default_config(args.size)
@@ -37,9 +46,25 @@ def main():
     params = model.init({"params": jax.random.key(0)}, x, None, x0=None, train=False)["params"]
     sched = schedules.LogLinearSchedule()
 
-    def run(name, params, rng):
+    n, bl = args.length, args.block_length
+    parallel = {
+        "parallel random, 1/step": dict(rule="random", steps=n, block_length=0),
+        **{
+            f"parallel low_confidence, L/{d} steps": dict(
+                rule="low_confidence", steps=n // d, block_length=bl
+            )
+            for d in (2, 4, 8)
+        },
+        "parallel threshold 0.9": dict(rule="threshold", threshold=0.9, block_length=bl),
+        "parallel factor 1": dict(rule="factor", factor=1.0, block_length=bl),
+        "parallel EB gamma 0.1": dict(rule="entropy_bounded", gamma=0.1, block_length=bl),
+    }
+    runs = {name: dict(name=name, steps=args.steps) for name in SAMPLERS}
+    runs.update({label: dict(name="parallel", **kw) for label, kw in parallel.items()})
+
+    def run(label, params, rng):
         c = sampling.default_config()
-        c.name, c.steps = name, args.steps
+        c.update(runs[label])
         denoise_fn = lambda xt, t: model.apply({"params": params}, xt, None, x0=None, train=False)
         return sampling.make_sampler(c, denoise_fn=denoise_fn, schedule=sched, mask_id=mask_id)(rng, x)
 
@@ -47,19 +72,21 @@ def main():
         f"L={args.length}, steps={args.steps}, batch={args.batch}, {args.size} DiT, V={args.vocab}, "
         f"{jax.devices()[0].platform}"
     )
-    print("| sampler | NFE | s / batch | speed-up vs ancestral |")
-    print("|---|---|---|---|")
-    base = None
-    for name in ("ancestral", "cached", "first_hitting", "remdm", "sedd_analytic"):
-        fn = jax.jit(lambda p, r, name=name: run(name, p, r)).lower(params, jax.random.key(0)).compile()
+    results = {}
+    for label in runs:
+        fn = jax.jit(lambda p, r, label=label: run(label, p, r)).lower(params, jax.random.key(0)).compile()
         best = float("inf")
         for i in range(args.repeats):
             t0 = time.time()
             out = fn(params, jax.random.key(i))
             out.tokens.block_until_ready()
             best = min(best, time.time() - t0)
-        base = base or best
-        print(f"| {name} | {int(out.nfe)} | {best:.3f} | {base / best:.2f}x |")
+        results[label] = (int(out.nfe), best)
+    base = results[args.base][1]
+    print(f"| sampler | NFE | s / batch | speed-up vs {args.base} |")
+    print("|---|---|---|---|")
+    for label, (nfe, best) in results.items():
+        print(f"| {label} | {nfe} | {best:.3f} | {base / best:.2f}x |")
 
 
 if __name__ == "__main__":

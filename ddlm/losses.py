@@ -187,13 +187,28 @@ def _expm1_sigma(schedule, t):
     return jnp.expm1(schedule.sigma(t))
 
 
+def sedd_absorbing_log_cond(logits):
+    """The time-free part of SEDD's absorbing parameterisation: log c = logits - log(V - 1), with the log
+    ratios log p_t(x_t^{l<-y}) / p_t(x_t) = log(alpha/(1-alpha)) + log c_y at a masked position
+    (`sedd_absorbing_log_score`; the samplers take this form, finite at t = 0 and at alpha = 0).
+    For the exact score c must be p(x_0 = y | x_t), i.e. the network must output
+    log p(x_0 = y | x_t) + log(V - 1). logits: [B, L, V] (V counts the mask id); float32 out."""
+    return _at_least_f32(logits) - math.log(logits.shape[-1] - 1)
+
+
 def sedd_absorbing_log_score(logits, t, schedule: schedules_lib.Schedule):
     """SEDD's absorbing parameterisation (SEDD `model/transformer.py`, scale_by_sigma): the network output
-    is shifted by -log(e^sigma - 1) - log(V - 1), so the score p_t(y)/p_t(x_t) = alpha/(1-alpha) * p(x_0 = y | x_t)
-    is reached when softmax-like logits are output. logits [B, L, V]; t [B] or [B, L]."""
+    is shifted by -log(e^sigma - 1) - log(V - 1), so that
+
+        log s_y = logits_y - log(e^sigma - 1) - log(V - 1),  and the exact score is
+        log s_y = log(alpha/(1-alpha)) + log p(x_0 = y | x_t)   (RADD Thm. 1).
+
+    The exact score is therefore reached only when the network outputs log p(x_0 = y | x_t) + log(V - 1):
+    plain log-probabilities (a normalised softmax) are off by log(V - 1) in every column and give a wrong
+    NELBO. Training finds the shift by itself; an oracle or a converted denoiser must add it.
+    logits [B, L, V] (V counts the mask id); t [B] or [B, L]. Returns float32 [B, L, V]."""
     t = _per_token_time(t, jnp.zeros(logits.shape[:2], jnp.int32))
-    shift = jnp.log(_expm1_sigma(schedule, t)) + math.log(logits.shape[-1] - 1)
-    return _at_least_f32(logits) - shift[..., None]
+    return sedd_absorbing_log_cond(logits) - jnp.log(_expm1_sigma(schedule, t))[..., None]
 
 
 def score_entropy_absorbing_loss(log_score, x0, xt, t, schedule: schedules_lib.Schedule, mask_id: int):
@@ -309,8 +324,12 @@ def block_diffusion_loss(
         L = sum_b E_{t_b} E_{x_t^b} [ -alpha'(t_b)/(1 - alpha(t_b)) sum_{masked l in b} -log p_theta(x_0^l | x_t^b, x_0^{<b}) ].
 
     The conditioning on clean earlier blocks is the network's job (block-causal attention); `logits`
-    are its predictions for the noised half. With block_size = 1 this is exactly the autoregressive NLL
-    when alpha(0) = 1, alpha(1) = 0; with block_size = length it is `mdlm_loss`. t_blocks: [B, L / block_size].
+    are its predictions for the noised half. With block_size = length it is `mdlm_loss`. With block_size = 1
+    (and alpha(0) = 1, alpha(1) = 0) each token is predicted from the clean tokens before it, so the NELBO
+    is the autoregressive NLL of all L tokens; `autoregressive_loss` scores only tokens 1..L-1 (the first
+    has no prediction), so the two are equal only when the AR sequence starts with a BOS token that the
+    block model does not see (AR on [bos, x_0..x_{L-1}] vs. block diffusion on x_0..x_{L-1}).
+    t_blocks: [B, L / block_size].
     """
     _check_logits("logits", logits, x0)
     t = block_times_to_tokens(t_blocks, block_size, x0.shape[1])
@@ -328,10 +347,22 @@ def autoregressive_loss(logits, tokens):
 # The glue the trainer calls
 # --------------------------------------------------------------------------------------------
 
-LOSSES = ("mdlm", "d3pm", "sedd_absorb", "sedd_uniform", "radd", "bd3lm", "ar")
+LOSSES = ("mdlm", "d3pm", "sedd_absorb", "sedd_uniform", "radd", "bd3lm", "ar", "sft")
 
 # apply_fn(xt [B, L] int, t [B] | [B, L] | None, x0_context [B, L] | None) -> logits [B, L, V]
 ApplyFn = Callable[..., jax.Array]
+
+
+def _network_output(apply_fn: ApplyFn, vocab_size: int, xt, t, x0_context):
+    """apply_fn(xt, t, x0_context), checked to be [batch, length, vocab_size]: a network with another number
+    of columns would score ids the forward process never draws, or miss ids it does (a biased loss)."""
+    out = apply_fn(xt, t, x0_context)
+    if out.ndim != 3 or tuple(out.shape) != (*xt.shape, vocab_size):
+        raise ValueError(
+            f"the network's output must be [batch, length, vocab_size] = {(*xt.shape, vocab_size)} "
+            f"(vocab_size counts every id, the mask id included), got {tuple(out.shape)}"
+        )
+    return out
 
 
 def training_loss(
@@ -355,7 +386,10 @@ def training_loss(
     returns (masked mean per token in nats, metrics). For the diffusion losses the mean is an unbiased
     estimate of the NELBO per token. `t` passed to apply_fn is [B] (per-token [B, L] for 'bd3lm', None for
     the time-free 'radd' and for 'ar'); x0_context is x0 for 'bd3lm' (block-causal network), else None.
-    With check_ids=True, call under `checkify.checkify` to validate token ids.
+    For 'sft' (LLaDA's SFT), loss_mask marks the response: positions where it is 0 are the prompt, kept
+    clean, and the result is `sft_mean` (per-example normalisation) instead of the masked token mean.
+    The network's output must be [B, L, vocab_size] (a ValueError otherwise). With check_ids=True, call
+    under `checkify.checkify` to validate token ids.
     """
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; expected one of {LOSSES}")
@@ -368,10 +402,10 @@ def training_loss(
     t_rng, x_rng = jax.random.split(rng)
 
     if name == "ar":
-        per_token = autoregressive_loss(apply_fn(x0, None, None), x0)
+        per_token = autoregressive_loss(_network_output(apply_fn, vocab_size, x0, None, None), x0)
         return masked_mean(per_token, loss_mask[:, 1:]), {}
 
-    if name in ("mdlm", "d3pm", "sedd_absorb", "radd", "bd3lm") and mask_id is None:
+    if name in ("mdlm", "d3pm", "sedd_absorb", "radd", "bd3lm", "sft") and mask_id is None:
         raise ValueError(f"loss {name!r} uses the absorbing graph and needs mask_id")
     if name != "radd" and schedule is None:
         raise ValueError(f"loss {name!r} needs a noise schedule")
@@ -383,14 +417,25 @@ def training_loss(
         t_blocks = sample_times(t_rng, batch * num_blocks, antithetic).reshape(batch, num_blocks)
         t = block_times_to_tokens(t_blocks, block_size, length)
         xt = processes.AbsorbingProcess(vocab_size, mask_id).sample_xt(x_rng, x0, schedule.alpha(t))
-        logits = apply_fn(xt, t, x0)
+        logits = _network_output(apply_fn, vocab_size, xt, t, x0)
         per_token = block_diffusion_loss(logits, x0, xt, t_blocks, schedule, mask_id, block_size)
         return masked_mean(per_token, loss_mask), {"mask_rate": jnp.mean(xt == mask_id)}
 
     t = sample_times(t_rng, batch, antithetic)
+    if name == "sft":
+        # LLaDA SFT: the prompt (loss_mask == 0) is never noised; the response, eos padding included, is
+        # masked at rate 1 - alpha(t) and scored with the masked-diffusion weight, per example (sft_mean).
+        response = loss_mask > 0
+        alpha = jnp.where(response, schedule.alpha(t)[:, None], 1.0)
+        xt = processes.AbsorbingProcess(vocab_size, mask_id).sample_xt(x_rng, x0, alpha)
+        per_token = mdlm_loss(
+            _network_output(apply_fn, vocab_size, xt, t, None), x0, xt, t, schedule, mask_id
+        )
+        return sft_mean(per_token, loss_mask), {"mask_rate": masked_mean(xt == mask_id, loss_mask)}
+
     if name == "radd":
         xt = processes.AbsorbingProcess(vocab_size, mask_id).sample_xt(x_rng, x0, 1.0 - t)
-        per_token = radd_loss(apply_fn(xt, None, None), x0, xt, t, mask_id)
+        per_token = radd_loss(_network_output(apply_fn, vocab_size, xt, None, None), x0, xt, t, mask_id)
         return masked_mean(per_token, loss_mask), {"mask_rate": jnp.mean(xt == mask_id)}
 
     if name == "d3pm":
@@ -400,11 +445,13 @@ def training_loss(
 
     if name == "sedd_uniform":
         xt = processes.UniformProcess(vocab_size).sample_xt(x_rng, x0, schedule.alpha(t))
-        per_token = score_entropy_uniform_loss(apply_fn(xt, t, None), x0, xt, t, schedule)
+        per_token = score_entropy_uniform_loss(
+            _network_output(apply_fn, vocab_size, xt, t, None), x0, xt, t, schedule
+        )
         return masked_mean(per_token, loss_mask), {}
 
     xt = processes.AbsorbingProcess(vocab_size, mask_id).sample_xt(x_rng, x0, schedule.alpha(t))
-    logits = apply_fn(xt, t, None)
+    logits = _network_output(apply_fn, vocab_size, xt, t, None)
     if name == "mdlm":
         per_token = mdlm_loss(logits, x0, xt, t, schedule, mask_id)
     elif name == "d3pm":
@@ -413,3 +460,66 @@ def training_loss(
         log_score = sedd_absorbing_log_score(logits, t, schedule)
         per_token = score_entropy_absorbing_loss(log_score, x0, xt, t, schedule, mask_id)
     return masked_mean(per_token, loss_mask), {"mask_rate": jnp.mean(xt == mask_id)}
+
+
+# --------------------------------------------------------------------------------------------
+# Supervised fine-tuning (LLaDA) and the conditional likelihood of a response
+# --------------------------------------------------------------------------------------------
+
+
+def sft_mean(per_token, response_mask):
+    """LLaDA's SFT normalisation (LLaDA GUIDELINES.md, 'SFT': `token_loss / answer_lengths`, summed, over
+    the batch size): each example's loss is summed over its response positions and divided by its
+    response length R_b (eos padding included), then averaged over the batch,
+
+        loss = 1/B sum_b 1/R_b sum_l per_token[b, l] response_mask[b, l].
+
+    With the masked-diffusion per-token loss, 1/R_b times the sum is an unbiased estimate of the NELBO of
+    the response given the prompt, per response token (LLaDA's SFT objective). A row without response
+    positions counts as 0. per_token, response_mask: [B, L]. Returns a float32 scalar.
+    """
+    per_token = _at_least_f32(per_token)
+    if response_mask.shape != per_token.shape:
+        raise ValueError(
+            f"response_mask must have shape {tuple(per_token.shape)}, got {tuple(response_mask.shape)}"
+        )
+    mask = response_mask.astype(per_token.dtype)
+    lengths = jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+    return jnp.mean(jnp.sum(per_token * mask, axis=1) / lengths)
+
+
+def sample_response_mask(rng, response_mask, stratified: bool = True):
+    """For `any_order_conditional_loss`: bool [B, L] masks with, in row b, l_b ~ U{1..R_b} of its R_b
+    response positions (response_mask [B, L] nonzero) masked, chosen uniformly at random; nothing else is
+    masked (LLaDA eval_llada.py `_forward_process`). Rows without response positions mask nothing.
+
+    stratified: l_b = floor(u_b R_b) + 1 with u = sample_times(antithetic=True): each l_b is still uniform
+    on 1..R_b (so estimates stay unbiased), while a batch covers 1..R evenly (LLaDA spreads l over the
+    batch with a linspace and one random offset, to the same end)."""
+    l_rng, perm_rng = jax.random.split(rng)
+    response = response_mask > 0
+    batch, length = response.shape
+    r = jnp.sum(response, axis=1)
+    u = sample_times(l_rng, batch, antithetic=stratified)
+    num_masked = jnp.minimum(jnp.floor(u * r).astype(jnp.int32) + 1, r)  # min: u * r may round up to r
+    keys = jnp.where(response, jax.random.uniform(perm_rng, (batch, length)), 2.0)
+    ranks = jnp.argsort(jnp.argsort(keys, axis=1), axis=1)  # response positions take ranks 0..R_b-1
+    return response & (ranks < num_masked[:, None])
+
+
+def any_order_conditional_loss(logits, x0, xt, mask_id: int, response_mask):
+    """The any-order bound on -log p(response | prompt) (LLaDA's conditional likelihood estimate; RADD's
+    AO-ARM form, `radd_any_order_loss`, restricted to the response): with R response positions and l of
+    them masked, uniformly, for l ~ U{1..R} (`sample_response_mask`),
+
+        -log p(r | p) <= E_l E_{|M| = l} [ R/l sum_{i in M} -log p_theta(r^i | p, r with M masked) ].
+
+    The bound is an equality for exact conditionals: it averages the chain rule over all orders. The
+    prompt (response_mask == 0) must be unmasked in xt. l is read off xt. Returns float32 [B, L] (0 off
+    the masked response positions).
+    """
+    nll = _masked_nll(logits, x0, xt, mask_id)
+    response = response_mask > 0
+    r = jnp.sum(response, axis=1, keepdims=True).astype(nll.dtype)
+    k = jnp.sum((xt == mask_id) & response, axis=1, keepdims=True).astype(nll.dtype)
+    return jnp.where(response, nll * r / jnp.maximum(k, 1.0), 0.0)

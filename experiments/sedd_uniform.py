@@ -16,6 +16,7 @@ def get_config(arg=None):
         process="uniform",
         steps=400_000,
     )
+    config.sampler.name = "sedd_analytic"  # the masked samplers need the absorbing graph
     if a["smoke"]:
         cl.apply_smoke(config)
     return config

@@ -124,12 +124,20 @@ def test_sedd_absorbing_parameterisation_reaches_oracle_score():
     t = jnp.full((x0.shape[0],), 0.37)
     logits = jnp.asarray(oracle_logp()) + math.log(V + 1 - 1)
     log_score = losses.sedd_absorbing_log_score(logits, t, sched)
+    mdlm_per_token = losses.mdlm_loss(jnp.asarray(oracle_logp()), x0, xt, t, sched, MASK)
     np.testing.assert_allclose(
         losses.score_entropy_absorbing_loss(log_score, x0, xt, t, sched, MASK),
-        losses.mdlm_loss(jnp.asarray(oracle_logp()), x0, xt, t, sched, MASK),
+        mdlm_per_token,
         rtol=1e-9,
         atol=1e-9,
     )
+    # Plain log p (without + log(V - 1)) is not the exact score: a larger loss, as the docstring warns.
+    plain = losses.score_entropy_absorbing_loss(
+        losses.sedd_absorbing_log_score(jnp.asarray(oracle_logp()), t, sched), x0, xt, t, sched, MASK
+    )
+    assert float(jnp.sum(plain)) > float(jnp.sum(mdlm_per_token)) + 1.0
+    # The time-free form the samplers take: log c = log p for the same output.
+    np.testing.assert_allclose(losses.sedd_absorbing_log_cond(logits), oracle_logp(), rtol=1e-12, atol=1e-9)
 
 
 @pytest.mark.parametrize("eps", [1e-3, 0.05])
@@ -371,13 +379,15 @@ def oracle_apply(kind, sched=None):
     raise ValueError(kind)
 
 
-def mc_estimate(name, apply_fn, sched, num_batches=48, batch=512, **kw):
+def mc_estimate(name, apply_fn, sched, num_batches=48, batch=512, vocab_size=V + 1, **kw):
+    """Mean and standard error of `num_batches` training_loss estimates on exact samples of the toy."""
+
     @jax.jit
     def one(key):
         k1, k2 = jax.random.split(key)
         x0 = TOY.sample(k1, batch)
         loss, _ = losses.training_loss(
-            name, apply_fn, x0, None, k2, schedule=sched, vocab_size=V + 1, mask_id=MASK, **kw
+            name, apply_fn, x0, None, k2, schedule=sched, vocab_size=vocab_size, mask_id=MASK, **kw
         )
         return loss
 
@@ -417,18 +427,41 @@ def test_monte_carlo_estimators_are_unbiased(name, kind, sched, kw, exact):
 
 
 def test_monte_carlo_sedd_uniform_is_unbiased():
+    """The uniform graph has V = 3 real tokens and no mask: the network scores exactly V columns. (With
+    vocab_size = V + 1 the forward process drew an id the score cannot hold: biased by ~0.08 nats/token,
+    which this test's 4 SE window of ~0.04 now catches; training_loss rejects that shape anyway.)"""
     sched = schedules.GeometricSchedule()
-    mean, se = mc_estimate("sedd_uniform", oracle_apply("uniform", sched), sched, num_batches=32, batch=256)
+    mean, se = mc_estimate(
+        "sedd_uniform", oracle_apply("uniform", sched), sched, num_batches=64, batch=512, vocab_size=V
+    )
     target = uniform_diffusion_term(sched, n=160) / L
+    assert 4 * se < 0.05, se  # tight enough to see a 0.08 nats/token bias
     assert abs(mean - target) < 4 * se, (mean, target, se)
 
 
-def test_estimator_detects_a_wrong_weight():
-    """The same MC test catches a loss with a wrong constant: mdlm with 2x weight is far outside 4 SE."""
-    sched = schedules.CosineSchedule()
+class _LogLinearWeightOnCosine(schedules.CosineSchedule):
+    """A plausible bug: the log-linear schedule's NELBO weight 1/t paired with the cosine alpha(t) (the right
+    weight is -alpha'/(1 - alpha) = pi/2 tan(pi/2 (1 - t)), ~1/t only near t = 0)."""
+
+    def mdlm_weight(self, t):
+        return 1.0 / t
+
+
+class _ScaledWeight(schedules.CosineSchedule):
+    """The cosine schedule with its NELBO weight 10% too large (a wrong constant)."""
+
+    def mdlm_weight(self, t):
+        return 1.1 * super().mdlm_weight(t)
+
+
+@pytest.mark.parametrize("wrong", [_LogLinearWeightOnCosine(), _ScaledWeight()], ids=["1/t", "1.1x"])
+def test_estimator_detects_a_wrong_weight(wrong):
+    """The unbiasedness test above (|mean - exact| < 4 SE), run on training_loss with a wrong weight, fails:
+    the estimate lands more than 6 SE from the exact H / L, which the right cosine weight meets
+    (test_monte_carlo_estimators_are_unbiased[mdlm-cosine-iid])."""
     den = TOY.absorbing_denoiser()
-    mean, se = mc_estimate("mdlm", lambda xt, t, c: den(xt), sched)
-    assert abs(2 * mean - H / L) > 20 * se
+    mean, se = mc_estimate("mdlm", lambda xt, t, c: den(xt), wrong)
+    assert abs(mean - H / L) > 6 * se, (mean, H / L, se)
 
 
 # ------------------------------------------------------------------------------ sharding, vmap, contracts
@@ -505,6 +538,35 @@ def test_shape_errors_say_what_was_expected():
         losses.training_loss(
             "vlb", None, x, None, jax.random.PRNGKey(0), schedule=sched, vocab_size=7, mask_id=6
         )
+
+
+@pytest.mark.parametrize("name", ["mdlm", "sedd_absorb", "sedd_uniform", "radd", "ar", "bd3lm"])
+def test_training_loss_rejects_a_network_with_the_wrong_vocabulary(name):
+    """A network with 6 columns for a vocabulary of 7 (or 8): one clear error naming vocab_size, raised
+    while tracing (jax.eval_shape: nothing is computed); 6 columns for a vocabulary of 6 are accepted."""
+    x = jnp.zeros((2, 4), jnp.int32)
+    apply_fn = lambda xt, t, c: jnp.zeros((*xt.shape, 6))
+
+    def loss(vocab_size):
+        return jax.eval_shape(
+            lambda key: losses.training_loss(
+                name,
+                apply_fn,
+                x,
+                None,
+                key,
+                schedule=schedules.LinearSchedule(),
+                vocab_size=vocab_size,
+                mask_id=vocab_size - 1,
+                block_size=2,
+            )[0],
+            jax.random.PRNGKey(0),
+        )
+
+    for vocab_size in (7, 8):
+        with pytest.raises(ValueError, match=rf"vocab_size\] = \(2, 4, {vocab_size}\).*got \(2, 4, 6\)"):
+            loss(vocab_size)
+    assert loss(6).shape == ()
 
 
 def test_checked_mode_catches_bad_token_ids():

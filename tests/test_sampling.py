@@ -84,11 +84,11 @@ def to_clean_distribution(dist, states):
     return out
 
 
-def chain(step_probs, steps, states, start):
+def chain(step_probs, steps, states, start, t_min=0.0):
     """Distribution after `steps` factorised steps on the sampler's grid, from the distribution `start`.
 
     step_probs(states [S, L] int, t [], s []) -> [S, L, K] (jnp code; jitted once per step_probs)."""
-    g = masked.time_grid(steps)
+    g = masked.time_grid(steps, t_min)
     step = step_probs if hasattr(step_probs, "lower") else tjit(step_probs)
     states_j = jnp.asarray(states)
     dist = np.asarray(start, np.float64)
@@ -105,14 +105,25 @@ def ancestral_step_probs(schedule):
     return tjit(lambda states, t, s: proc.posterior_probs(p0, states, schedule.alpha(s), schedule.alpha(t)))
 
 
-def exact_absorbing_distribution(schedule, steps, *, step_probs=None):
-    """Output distribution over clean sequences of a factorised absorbing sampler started all-masked;
+def exact_absorbing_state_distribution(schedule, steps, *, step_probs=None, t_min=0.0):
+    """Distribution over all (V+1)^L absorbing states of a factorised absorbing sampler started all-masked;
     step_probs defaults to the ancestral step."""
     states = TOY.abs_states
     start = np.zeros(len(states))
     start[int(TOY.index(np.full((L,), MASK), V + 1))] = 1.0
-    dist = chain(step_probs or ancestral_step_probs(schedule), steps, states, start)
-    return to_clean_distribution(dist, states)
+    return chain(step_probs or ancestral_step_probs(schedule), steps, states, start, t_min)
+
+
+def exact_absorbing_distribution(schedule, steps, *, step_probs=None):
+    """Output distribution over clean sequences of a factorised absorbing sampler started all-masked."""
+    dist = exact_absorbing_state_distribution(schedule, steps, step_probs=step_probs)
+    return to_clean_distribution(dist, TOY.abs_states)
+
+
+def state_histogram(tokens):
+    """Empirical distribution over the (V+1)^L absorbing states (masks included)."""
+    idx = np.asarray(TOY.index(np.asarray(tokens), V + 1))
+    return np.bincount(idx, minlength=(V + 1) ** L) / len(idx)
 
 
 def uniform_score_fn(schedule):
@@ -301,15 +312,7 @@ def score_step_probs(score_fn, graph, method, sched):
         n = states.shape[0]
         tt, ss = jnp.full((n,), t), jnp.full((n,), s)
         return score.step_probs(
-            score_fn(states, tt),
-            states,
-            graph=graph,
-            method=method,
-            sigma_t=sched.sigma(tt),
-            sigma_s=sched.sigma(ss),
-            dsigma_t=sched.dsigma(tt),
-            dt=tt - ss,
-            mask_id=MASK,
+            score_fn(states, tt), states, graph=graph, method=method, schedule=sched, t=tt, s=ss, mask_id=MASK
         )
 
     return step
@@ -328,7 +331,7 @@ def test_score_samplers_match_their_exact_distribution_and_the_data(graph, metho
     steps = 64
     if graph == "absorbing":
         sched = schedules.LogLinearSchedule()
-        sfn = score.absorbing_score_fn(TOY.absorbing_denoiser(), sched, MASK)
+        sfn = score.absorbing_score_fn(TOY.absorbing_denoiser(), mask_id=MASK)
         x_init = all_masked(N_SAMPLES)
         exact = exact_absorbing_distribution(
             sched, steps, step_probs=score_step_probs(sfn, graph, method, sched)
@@ -355,6 +358,80 @@ def test_score_samplers_match_their_exact_distribution_and_the_data(graph, metho
     assert tv(emp, exact) < tv_bound(exact, N_SAMPLES), (tv(emp, exact), tv_bound(exact, N_SAMPLES))
     assert tv(exact, TOY.probs) < 0.03, tv(exact, TOY.probs)
     assert int(out.nfe) == steps
+
+
+def marginal_table():
+    """[L, V]: p(x_0^l = v), the oracle's prediction at an all-masked state."""
+    return np.stack([np.bincount(TOY.seqs[:, l], weights=TOY.probs, minlength=V) for l in range(L)])
+
+
+@pytest.mark.parametrize(
+    "schedule,method", [("linear", "euler"), ("linear", "analytic"), ("cosine", "analytic")]
+)
+def test_sedd_first_step_on_a_schedule_with_alpha_one_zero(schedule, method):
+    """alpha(1) = 0 (linear, cosine): sigma(1) = inf and the ratios alpha/(1-alpha) p are 0, so the first step
+    from t = 1 used to compute inf * 0 = NaN and reveal nothing. One step from t = 1 to s = 0.6 must reveal
+    each position independently with probability k, as a draw from p(x_0^l) (the oracle's all-masked
+    prediction): analytic k = alpha(s); Euler k = (t - s) (-alpha'(1)) / (1 - alpha(1)) = 0.4 on linear.
+    The exact distribution over the (V+1)^L states is this product, computed here without the sampler."""
+    sched = schedules.get_schedule(schedule)
+    assert float(sched.alpha(jnp.float32(1.0))) == 0.0
+    k = float(sched.alpha(jnp.float32(0.6))) if method == "analytic" else 0.4
+    per_pos = np.concatenate([k * marginal_table(), np.full((L, 1), 1.0 - k)], axis=1)  # [L, V + 1]
+    exact = np.prod(per_pos[np.arange(L), TOY.abs_states], axis=1)
+    c = cfg(name=f"sedd_{method}", steps=1, t_min=0.6)
+    out = tjit(
+        lambda r: sampling.make_sampler(c, denoise_fn=TOY.absorbing_denoiser(), schedule=sched, mask_id=MASK)(
+            r, all_masked(N_SAMPLES)
+        )
+    )(jax.random.key(17))
+    emp = state_histogram(out.tokens)
+    assert tv(emp, exact) < tv_bound(exact, N_SAMPLES), (tv(emp, exact), tv_bound(exact, N_SAMPLES))
+    assert abs(np.mean(np.asarray(out.tokens) != MASK) - k) < 0.02
+
+
+def test_sedd_noise_removal_at_t_zero_takes_the_denoisers_argmax():
+    """Noise removal at the default t_min = 0 with a score that leaves positions masked (c = p / e, the
+    ratios scaled down by e). Each position still masked must become argmax_y p(x_0 = y | x) of the
+    state x it sees; the bug: at t = 0 every column's ratio alpha/(1-alpha) c is +inf, argmax -> id 0.
+    Checked draw by draw (same key without and with noise removal) and against the exact distribution
+    (the exact 4-step chain, then the greedy fill of each state)."""
+    sched, steps, n = schedules.LogLinearSchedule(), 4, N_SAMPLES
+    den = TOY.absorbing_denoiser()
+    sfn = lambda xt, t: score.absorbing_score_fn(den, mask_id=MASK)(xt, t) - 1.0
+    run = tjit(
+        lambda r, removal: score.score_sample(
+            sfn,
+            r,
+            all_masked(n),
+            graph="absorbing",
+            schedule=sched,
+            steps=steps,
+            method="euler",
+            mask_id=MASK,
+            noise_removal=removal,
+        ),
+        static_argnums=1,
+    )
+    before, after = run(jax.random.key(18), False), run(jax.random.key(18), True)
+    before, tokens = np.asarray(before.tokens), np.asarray(after.tokens)
+    left = before == MASK
+    assert left.mean() > 0.05  # the scaled score leaves material work for the final step
+    best = np.argmax(np.asarray(den(jnp.asarray(before)))[..., :V], axis=-1)
+    np.testing.assert_array_equal(tokens, np.where(left, best, before))
+    assert int(after.nfe) == steps + 1
+    # Exact: the chain of the scaled score's steps, then each state mapped to its greedy fill.
+    states = TOY.abs_states
+    dist = exact_absorbing_state_distribution(
+        sched, steps, step_probs=score_step_probs(sfn, "absorbing", "euler", sched)
+    )
+    fill = np.argmax(np.asarray(den(jnp.asarray(states)))[..., :V], axis=-1)
+    filled = np.where(states == MASK, fill, states)
+    exact = np.zeros(V**L)
+    np.add.at(exact, np.asarray(TOY.index(filled)), dist)
+    emp = histogram(tokens)
+    assert tv(emp, exact) < tv_bound(exact, n), (tv(emp, exact), tv_bound(exact, n))
+    assert np.mean(tokens[left] == 0) < 0.9  # not id 0 everywhere
 
 
 def test_uniform_analytic_converges_as_steps_grow():
@@ -606,3 +683,11 @@ def test_make_sampler_rejects_bad_configs():
         )
     with pytest.raises(ValueError, match="score_fn"):
         sampling.make_sampler(cfg(name="sedd_euler"), denoise_fn=den, schedule=sched, graph="uniform")
+    # The uniform graph from t = 1 with alpha(1) = 0 would be an infinite jump: a clear error, not NaNs.
+    with pytest.raises(ValueError, match=r"uniform graph needs a schedule with alpha\(1\) > 0"):
+        sampling.make_sampler(
+            cfg(name="sedd_analytic"),
+            score_fn=uniform_score_fn(sched),
+            schedule=schedules.LinearSchedule(),
+            graph="uniform",
+        )(jax.random.key(0), jnp.zeros((2, L), jnp.int32))

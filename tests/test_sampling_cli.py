@@ -3,17 +3,20 @@ real checkpoint path through ddlm.train (a freshly initialised state saved, then
 
 import json
 import os
+import re
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pyte
 import pytest
+from rich.console import Console
 
 from ddlm import models
 from ddlm.data import tokenizers
-from ddlm.sampling import cli, visualize
+from ddlm.sampling import cli, conditioning, visualize
 from ddlm.sampling import config as sampler_config
 
 SEQ_LEN = 12
@@ -63,27 +66,72 @@ def _random_loader(config, workdir):
     return model, params, tok, None, 0
 
 
+def _trainer_config():
+    """A full experiment config (ddlm.train.config_lib) with a 1-layer model and a byte tokenizer."""
+    from ddlm.train import config_lib as cl
+
+    model = cl.model_config("tiny")
+    model.num_layers, model.d_model, model.num_heads, model.mlp_dim, model.cond_dim = 1, 32, 2, 64, 16
+    return cl.base_config(
+        model=model,
+        diffusion=cl.diffusion_config("mdlm", schedule="loglinear"),
+        data=cl.data_config(corpus="shakespeare", tokenizer="byte"),
+        optim=cl.optim_config(),
+        mesh=cl.mesh_config(),
+        train=cl.train_config(steps=1, batch_size=8, seq_len=8),
+        sampler=sampler_config.default_config(),
+    )
+
+
 def _read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f]
 
 
-def test_run_sampling_writes_text_jsonl_and_trajectory_with_conditioning(tmp_path, capsys):
+def _run_dirs(base):
+    return sorted(p for p in base.iterdir() if p.is_dir())
+
+
+def test_each_run_writes_its_own_folder_with_all_samples_in_the_trajectory(tmp_path, capsys):
+    """Two runs in one workdir: each gets its own folder (nothing overwritten, no stale trajectory.html
+    beside another run's samples); the trajectory page shows every sample and says steps and NFE right;
+    the terminal animation is off when stdout is not a terminal (pytest's capture)."""
     c = _config(name="ancestral", prompt="ab", infill="x[MASK:3]y", constraints="11:122", visualize=True)
     records = cli.run_sampling(c, str(tmp_path), load_fn=_random_loader)
-    out = tmp_path / "samples"
-    lines = _read_jsonl(out / "samples.jsonl")
+    (first,) = _run_dirs(tmp_path / "samples")
+    lines = _read_jsonl(first / "samples.jsonl")
     assert len(records) == len(lines) == 3
     for r in lines:
         assert {"text", "tokens", "nfe", "time_s", "entropy", "sampler", "steps"} <= set(r)
         t = r["tokens"]
         assert t[:3] == [ord("a"), ord("b"), ord("x")] and t[6] == ord("y") and t[11] == ord("z")  # clamped
         assert r["nfe"] == 8 and r["entropy"] >= 0
-    assert (out / "samples.txt").read_text().count("=" * 80) == 3
-    page = (out / "trajectory.html").read_text()
-    assert page.count("<tr>") == 8 + 1  # one row per step, plus the start
+    assert (first / "samples.txt").read_text().count("=" * 80) == 3
+    saved = json.loads((first / "config.json").read_text())
+    assert saved["sampler"]["name"] == "ancestral" and saved["sampler"]["seed"] == 0
+    page = (first / "trajectory.html").read_text()
+    assert "ancestral: 8 steps, NFE 8" in page
+    assert all(f"sample {i} (NFE 8)" in page for i in range(3))  # every sample, not only sample 0
+    assert 1 + 3 <= page.count("<tr>") <= 3 * (8 + 1)  # rows where something changed
     assert 'class="m"' in page  # masked positions greyed
-    assert "step" in capsys.readouterr().out  # the terminal animation
+    out = capsys.readouterr().out
+    assert "step 0/" not in out and visualize.MASK_GLYPH not in out  # no frames on a non-terminal
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+
+    # Same workdir, another run: a new folder, the first one untouched, no trajectory beside its samples.
+    c = _config(name="first_hitting", prompt="ab", seq_len=8)
+    records = cli.run_sampling(c, str(tmp_path), load_fn=_random_loader)
+    assert all(r["nfe"] == 6 for r in records)  # one call per generated token
+    runs = _run_dirs(tmp_path / "samples")
+    assert len(runs) == 2 and runs[0] == first and runs[1].name.endswith("first_hitting")
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+    assert sorted(p.name for p in runs[1].iterdir()) == ["config.json", "samples.jsonl", "samples.txt"]
+    # The page title of a first-hitting run counts its calls, not config.sampler.steps (64 by default).
+    title = cli._trajectory_title(_config(name="first_hitting", steps=64).sampler, records, 5)
+    assert (
+        title
+        == "first_hitting: one network call per unmasked token, NFE 6 (network calls), checkpoint step 5"
+    )
 
 
 def test_resolve_config_fills_defaults_and_rejects_unknown_fields():
@@ -94,26 +142,149 @@ def test_resolve_config_fills_defaults_and_rejects_unknown_fields():
         cli.resolve_config(ml_collections.ConfigDict({"stepz": 4}))
 
 
-def test_terminal_animation_and_html_rows():
-    traj = np.array([[9, 9, 9], [1, 9, 9], [1, 9, 9], [1, 2, 0]])
+@pytest.mark.parametrize(
+    "field,value,expected",
+    [
+        ("name", "nonexistent", "one of"),
+        ("steps", 0, "an integer >= 1"),
+        ("temperature", 0.0, "> 0"),
+        ("top_p", 0.0, r"in \(0, 1\]"),
+        ("top_p", 1.5, r"in \(0, 1\]"),
+        ("top_k", -1, ">= 0"),
+        ("precision", "float16", "one of"),
+        ("remasking", "none", "one of"),
+        ("eta", 2.0, r"in \[0, 1\]"),
+        ("t_min", 1.0, r"in \[0, 1\)"),
+        ("grid", "cosin", "one of"),
+        ("num_samples", 0, ">= 1"),
+        ("batch_size", 0, ">= 1"),
+        ("guidance_scale", -1.0, ">= 0"),
+        ("end", 99, r"in \[0, 12\]"),
+        ("infill", "a [MASK:x] b", "malformed placeholder"),
+        ("constraints", "a:b", "not 'pos:id'"),
+        ("constraints", "12:5", "outside a sequence of length 12"),
+    ],
+)
+def test_a_bad_sampler_field_is_one_line_before_the_checkpoint_is_loaded(field, value, expected):
+    def must_not_load(config, workdir):
+        raise AssertionError("the checkpoint was loaded before the sampler config was checked")
+
+    c = _config(**{field: value})
+    with pytest.raises(ValueError, match=rf"config\.sampler\.{field}.*{expected}") as info:
+        cli.run_sampling(c, "/nonexistent", load_fn=must_not_load)
+    assert "\n" not in str(info.value)
+
+
+def test_sampler_and_diffusion_mismatches_are_one_line_before_loading():
+    def must_not_load(config, workdir):
+        raise AssertionError("loaded before the config was checked")
+
+    for process, loss, schedule, fields, expected in [
+        ("uniform", "sedd_uniform", "geometric", {"name": "ancestral"}, "needs the absorbing process"),
+        ("uniform", "sedd_uniform", "linear", {"name": "sedd_euler"}, r"need alpha\(1\) > 0"),
+        ("uniform", "sedd_uniform", "geometric", {"name": "sedd_euler", "grid": "cosine"}, "alpha"),
+        ("absorbing", "sedd_absorb", "loglinear", {"name": "sedd_euler", "guidance_scale": 1.0}, "denoiser"),
+        ("absorbing", "ar", "loglinear", {"name": "ancestral"}, "is sampled with config.sampler.name=.ar."),
+    ]:
+        c = _config(**fields)
+        c.diffusion.process, c.diffusion.loss, c.diffusion.schedule = process, loss, schedule
+        c.diffusion.schedule_kwargs = {}
+        with pytest.raises(ValueError, match=expected):
+            cli.run_sampling(c, "/unused", load_fn=must_not_load)
+
+
+def test_the_trainer_checks_the_sampler_config_at_start_up_when_it_will_sample():
+    from ddlm.train import trainer
+
+    config = _trainer_config()
+    config.train.sample_at_end = True
+    config.sampler.name = "nonexistent"
+    with pytest.raises(ValueError, match=r"config\.sampler\.name must be one of"):
+        trainer.validate_config(config, num_devices=8)
+    config.train.sample_at_end = False  # not sampling: the sampler config is not the train job's business
+    trainer.validate_config(config, num_devices=8)
+
+
+@pytest.mark.parametrize(
+    "template,expected",
+    [
+        ("a [MASK:x] b", "'[MASK:x]' at character 2"),
+        ("a [MASK:-3] b", "'[MASK:-3]'"),
+        ("a [MASK:0] b", "'[MASK:0]'"),
+        ("a [MASK:3 b", "'[MASK:3 b'"),
+        ("a [mask] b", "'[mask]'"),
+    ],
+)
+def test_malformed_infill_templates_name_the_field(template, expected):
+    with pytest.raises(
+        ValueError, match=r"config\.sampler\.infill: malformed placeholder " + re.escape(expected)
+    ):
+        conditioning.parse_infill_template(template, lambda s: [ord(ch) for ch in s], mask_id=-1)
+
+
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("0:99999", r"token id 99999 in '0:99999' is outside the vocabulary \[0, 260\)"),
+        ("0:-1", r"token id -1 in '0:-1' is outside the vocabulary"),
+        ("0:259", "token id 259 in '0:259' is the mask id"),
+        ("a:b", r"'a:b' is not 'pos:id'"),
+        ("3", r"'3' is not 'pos:id'"),
+        ("1:5,1:6", "position 1 is constrained twice"),
+        ("-13:5", "position -13 in '-13:5' is outside a sequence of length 12"),
+    ],
+)
+def test_bad_constraints_name_the_field(spec, expected):
+    """Checked against the tokenizer after loading (0:99999 used to be a bare IndexError in decode)."""
+    with pytest.raises(ValueError, match=rf"config\.sampler\.constraints: {expected}"):
+        cli.run_sampling(_config(constraints=spec), "/unused", load_fn=_random_loader)
+
+
+def test_conditioning_keeps_well_formed_input():
+    encode = lambda s: [ord(c) for c in s]
+    assert conditioning.parse_infill_template("[MASK:2]x[MASK]", encode, 7) == [7, 7, 120, 7]
+    assert conditioning.parse_constraints(" 0:5, -1:9 ,", vocab_size=10, length=4) == {0: 5, -1: 9}
+
+
+class _Stream:
+    def __init__(self, tty):
+        self.text, self.tty = "", tty
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return self.tty
+
+
+def _screen(output: str, columns: int, lines: int = 12) -> list[str]:
+    """What a VT100 terminal of that size shows after `output` (pyte emulates the cursor moves)."""
+    screen = pyte.Screen(columns, lines)
+    stream = pyte.Stream(screen)
+    stream.feed(output.replace("\n", "\r\n"))  # a tty's output processing turns \n into \r\n
+    return [line.rstrip() for line in screen.display]
+
+
+def test_terminal_animation_redraws_wrapped_frames_in_place_and_html_rows():
+    traj = np.array([[9] * 24, [1] + [9] * 23, [1] + [9] * 23, [1] * 12 + [2] * 12])
     text = lambda i: "abc"[i]
     assert visualize.changed_rows(traj).tolist() == [0, 1, 3]
     page = visualize.trajectory_html(traj, text, 9)
-    assert page.count("<tr>") == 4 and page.count('class="n"') == 3
-
-    class Stream:
-        def __init__(self):
-            self.text = ""
-
-        def write(self, s):
-            self.text += s
-
-        def flush(self):
-            pass
-
-    s = Stream()
-    assert visualize.animate_terminal(traj, text, 9, stream=s) == 3
-    assert s.text.splitlines()[-1].endswith("bca") and visualize.MASK_GLYPH in s.text
+    assert page.count("<tr>") == 3 and page.count('class="n"') == 1 + 23
+    # A terminal 10 columns wide: each frame ('step k/3  ' + 24 tokens) wraps over 4 screen lines. Redrawn
+    # in place, the screen ends showing the last frame alone (moving up by text lines, not screen lines,
+    # left earlier frames' lines behind: hundreds of lines for a long run).
+    s = _Stream(tty=True)
+    console = Console(file=s, force_terminal=True, width=10, color_system=None)
+    assert visualize.animate_terminal(traj, text, 9, console=console, delay=0.0) == 3
+    shown = [line for line in _screen(s.text, 10) if line]
+    assert shown == ["step 3/3", "bbbbbbbbbb", "bbcccccccc", "cccc"], shown
+    # Not a terminal: no animation at all.
+    s = _Stream(tty=False)
+    assert visualize.animate_terminal(traj, text, 9, stream=s) == 0 and s.text == ""
 
 
 def test_run_sampling_from_a_real_checkpoint(tmp_path):
@@ -122,19 +293,8 @@ def test_run_sampling_from_a_real_checkpoint(tmp_path):
     if not hasattr(trainer, "load_params"):
         pytest.skip("ddlm.train.trainer.load_params is not there yet")
     from ddlm.train import checkpoint as checkpoint_lib
-    from ddlm.train import config_lib as cl
 
-    model = cl.model_config("tiny")
-    model.num_layers, model.d_model, model.num_heads, model.mlp_dim, model.cond_dim = 1, 32, 2, 64, 16
-    config = cl.base_config(
-        model=model,
-        diffusion=cl.diffusion_config("mdlm", schedule="loglinear"),
-        data=cl.data_config(corpus="shakespeare", tokenizer="byte"),
-        optim=cl.optim_config(),
-        mesh=cl.mesh_config(),
-        train=cl.train_config(steps=1, batch_size=8, seq_len=8),
-        sampler=sampler_config.default_config(),
-    )
+    config = _trainer_config()
     config.sampler.name, config.sampler.num_samples, config.sampler.batch_size = "first_hitting", 8, 8
     setup = trainer.build(config)
     ckpt = checkpoint_lib.Checkpointer(os.path.join(tmp_path, "checkpoints"), keep=1, async_save=False)

@@ -11,6 +11,7 @@ Samplers (config.sampler.name):
     first_hitting   one unmasking event per call (Zheng et al. 2024)            masked.first_hitting_sample
     sedd_euler      SEDD Euler steps, absorbing or uniform graph                score.score_sample(method='euler')
     sedd_analytic   SEDD analytic (Tweedie tau-leaping) steps                   score.score_sample(method='analytic')
+    parallel        semi-AR blocks + a commit rule (LLaDA, Fast-dLLM, EB-sampler) parallel.parallel_sample
     ar              autoregressive decoding with a KV cache (causal networks)   autoregressive.ar_sample
     bd3lm           BD3-LM blocks with the exact KV cache (block-causal)       block.block_sample
 
@@ -25,16 +26,17 @@ import functools
 
 import jax
 
-from ddlm.sampling import autoregressive, block, categorical, conditioning, masked, score
+from ddlm.sampling import autoregressive, block, categorical, conditioning, masked, parallel, rules, score
 from ddlm.sampling.config import default_config
 from ddlm.sampling.masked import SampleOutput, ancestral_sample, first_hitting_sample
 from ddlm.sampling.score import absorbing_score_fn, score_sample
 
-SAMPLERS = ("ancestral", "cached", "remdm", "first_hitting", "sedd_euler", "sedd_analytic", "ar", "bd3lm")
+SAMPLERS = ("ancestral", "cached", "remdm", "first_hitting", "sedd_euler", "sedd_analytic", "parallel")
 # Samplers that decode a network with its KV cache (make_sampler's `decoder`), and the masked samplers a
 # bd3lm block may run (cfg.block_sampler).
 CACHED_SAMPLERS = ("ar", "bd3lm")
-BLOCK_SAMPLERS = ("ancestral", "cached", "remdm", "first_hitting")
+SAMPLERS += CACHED_SAMPLERS
+BLOCK_SAMPLERS = ("first_hitting", "ancestral", "cached", "remdm", "parallel")
 
 # Number of times each sampler built by `jit_sampler` has been traced (compiled), by name.
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -57,8 +59,9 @@ def make_sampler(
     """sample(rng, x_init, clamp=None) -> SampleOutput for the sampler named cfg.name (not jitted: pure).
 
     cfg: config.sampler (see ddlm.sampling.config.default_config). denoise_fn(xt, t) -> logits for the
-    masked samplers (and the absorbing score samplers, via RADD's score); score_fn(xt, t) -> log ratios for
-    the score samplers (required on the uniform graph). cfg.guidance_scale != 0 wraps denoise_fn in
+    masked samplers (and the absorbing score samplers, via RADD's score); score_fn(xt, t) for the score
+    samplers (required on the uniform graph): log ratios on the uniform graph, log c (the ratios without
+    their factor alpha/(1 - alpha)) on the absorbing one, see ddlm.sampling.score. cfg.guidance_scale != 0 wraps denoise_fn in
     classifier-free guidance with the known tokens of x_init as the condition. clamp: bool [B, L], positions
     kept fixed on the uniform graph. progress_fn(steps_done): a host callback after every step (optional).
     'ar' / 'bd3lm': decoder = models.make_decoder(model, variables) of a causal / block-causal network;
@@ -79,6 +82,9 @@ def make_sampler(
     if score_fn is None and denoise_fn is None:
         raise ValueError("make_sampler needs denoise_fn (masked samplers) or score_fn (score samplers)")
     filters = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+    if cfg.name == "parallel":  # fail before tracing; the length-dependent checks run at trace time
+        rules.get_rule(cfg.rule)
+        rules.check_options(rules.RuleOptions(cfg.threshold, cfg.factor, cfg.gamma))
 
     def sample(rng, x_init, clamp=None):
         fn = denoise_fn
@@ -91,6 +97,22 @@ def make_sampler(
             return_trajectory=return_trajectory,
             progress_fn=progress_fn,
         )
+        if cfg.name == "parallel":
+            return parallel.parallel_sample(
+                fn,
+                rng,
+                x_init,
+                rule=cfg.rule,
+                steps=cfg.steps,
+                block_length=cfg.block_length,
+                threshold=cfg.threshold,
+                factor=cfg.factor,
+                gamma=cfg.gamma,
+                remasking=cfg.parallel_remasking,
+                eta=cfg.eta,
+                **common,
+                **filters,
+            )
         if cfg.name == "first_hitting":
             return first_hitting_sample(fn, rng, x_init, **common, **filters)
         if cfg.name in ("ancestral", "cached", "remdm"):
@@ -112,7 +134,7 @@ def make_sampler(
                 **common,
                 **filters,
             )
-        sfn = score_fn if score_fn is not None else absorbing_score_fn(fn, schedule, mask_id, **filters)
+        sfn = score_fn if score_fn is not None else absorbing_score_fn(fn, mask_id=mask_id, **filters)
         return score_sample(
             sfn,
             rng,
@@ -209,6 +231,8 @@ __all__ = [
     "jit_sampler",
     "make_sampler",
     "masked",
+    "parallel",
+    "rules",
     "score",
     "score_sample",
 ]

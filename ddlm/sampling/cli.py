@@ -2,17 +2,24 @@
 
     run_sampling(config, workdir, load_fn=None) -> list of per-sample records
 
-Loads the latest checkpoint's (EMA) parameters with ddlm.train.trainer.load_params, builds
+Validates config.sampler first (ddlm.sampling.config.validate: a bad field is one line, before anything is
+loaded), then loads the latest checkpoint's (EMA) parameters with ddlm.train.trainer.load_params, builds
 denoise_fn(xt, t) = model.apply({'params': params}, xt, t) (t = None for time-free networks, loss 'radd'),
 and runs the sampler named by config.sampler.name (ddlm.sampling.make_sampler) in batches of
-config.sampler.batch_size, sharded over the mesh's data axes, jitted once. Writes to
-config.sampler.output_dir (default <workdir>/samples):
+config.sampler.batch_size, sharded over the mesh's data axes, jitted once. Each run writes to its own
+folder, <config.sampler.output_dir or <workdir>/samples>/<date>-<time>-step<checkpoint>-<sampler>/, so
+that no run overwrites another and a trajectory never sits beside another run's samples:
 
     samples.txt          the decoded samples, separated by lines of '='
     samples.jsonl        one JSON object per sample: text, tokens, nfe, time_s (batch time / batch size,
                          compilation excluded), entropy (nats, unigram entropy of its tokens), ...
-    trajectory.html      with config.sampler.visualize: one row per step of the first sample, masked grey
-                         (and the same trajectory played as a terminal animation on stdout)
+    config.json          the sampler config of the run and the checkpoint step
+    trajectory.html      with config.sampler.visualize: every sample's denoising trajectory (the rows where
+                         a token changed), masked positions grey; on a terminal, sample 0's trajectory is
+                         also played as an animation redrawn in place
+
+Randomness: config.sampler.seed (default 0) fixes every draw, so the same command gives the same samples
+(reproducible by default); pass another --config.sampler.seed for new ones.
 
 Conditioning from the config: sampler.prompt (a prefix), sampler.infill (a template such as
 'The [MASK:20] sat on the mat.'), sampler.constraints ('pos:id,...'), sampler.end (length control),
@@ -33,24 +40,17 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 
 from ddlm import losses, models, schedules
+from ddlm.data import sft
 from ddlm.sampling import conditioning, visualize
 from ddlm.sampling import config as config_lib
 from ddlm.sampling import make_sampler
 
 
-def resolve_config(sampler_config) -> ml_collections.ConfigDict:
-    """default_config() with the fields of `sampler_config` set; a field default_config lacks is an error."""
-    out = config_lib.default_config()
-    for key, value in sampler_config.items():
-        if key not in out:
-            raise ValueError(f"config.sampler.{key} is not a sampler field; fields: {sorted(out.keys())}")
-        out[key] = value
-    return out
+resolve_config = config_lib.resolve  # default_config() with the given fields set (unknown field: error)
 
 
 def _load_checkpoint(config, workdir):
@@ -83,6 +83,14 @@ class _Progress:
         now = time.time()
         if not force and now - self._last < 0.1:
             return
+        tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        if not tty:  # a log file gets one line per batch, not a carriage-return stream per step
+            if force:
+                self.stream.write(
+                    f"sampling: {self.done}/{self.num_samples} samples, {now - self.start:.1f}s\n"
+                )
+                self.stream.flush()
+            return
         self._last = now
         width = 24
         filled = int(width * self.step / max(self.steps, 1))
@@ -100,7 +108,7 @@ class _Progress:
     def on_batch(self, batch: int, done: int):
         self.batch, self.done, self.step = batch, done, self.steps
         self._draw(force=True)
-        if done >= self.num_samples:
+        if done >= self.num_samples and hasattr(self.stream, "isatty") and self.stream.isatty():
             self.stream.write("\n")
             self.stream.flush()
 
@@ -108,33 +116,15 @@ class _Progress:
 def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None) -> list[dict]:
     """Samples per config.sampler from the latest checkpoint in workdir and writes them (see module doc)."""
     sc = resolve_config(config.sampler)
-    model, params, tok, setup, ckpt_step = (load_fn or _load_checkpoint)(config, workdir)
-    mask_id, vocab = tok.mask_id, tok.vocab_size
-    loss = config.diffusion.loss
-    graph = config.diffusion.process
-    if loss in ("ar", "bd3lm") and sc.name != loss:
-        raise ValueError(
-            f"config.diffusion.loss={loss!r} is sampled with config.sampler.name={loss!r}, got {sc.name!r}"
-        )
+    seq_len = sc.seq_len or config.train.seq_len
+    # Every sampler field is checked before the (slow) checkpoint restore.
+    sc = config_lib.validate(sc, diffusion=config.diffusion, seq_len=seq_len)
     # ar / bd3lm decode with the network's KV cache: only exact for a causal / block-causal network.
-    cache_network = {"ar": "ar", "bd3lm": "bd3lm"}.get(sc.name)
-    if cache_network is not None and config.model.name != cache_network:
+    if sc.name in ("ar", "bd3lm") and config.model.name != sc.name:
         raise ValueError(
             f"config.sampler.name={sc.name!r} decodes with a KV cache and needs config.model.name="
-            f"{cache_network!r}, got {config.model.name!r}"
+            f"{sc.name!r}, got {config.model.name!r}"
         )
-    if graph == "uniform" and not sc.name.startswith("sedd_"):
-        raise ValueError(
-            f"config.sampler.name={sc.name!r} needs the absorbing process; use sedd_euler or sedd_analytic"
-        )
-    diffusion_schedule = schedules.get_schedule(
-        config.diffusion.schedule, **dict(config.diffusion.schedule_kwargs)
-    )
-    schedule = (
-        diffusion_schedule if sc.grid in ("", config.diffusion.schedule) else schedules.get_schedule(sc.grid)
-    )
-    seq_len = sc.seq_len or config.train.seq_len
-    time_free = loss == "radd"
     if sc.name == "bd3lm":
         if seq_len % config.model.block_size:
             raise ValueError(
@@ -143,10 +133,23 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
             )
         if sc.window == 0 and seq_len > config.train.seq_len:  # past the training context: slide
             sc.window = config.train.seq_len - config.model.block_size
+    model, params, tok, setup, ckpt_step = (load_fn or _load_checkpoint)(config, workdir)
+    mask_id, vocab = tok.mask_id, tok.vocab_size
+    loss = config.diffusion.loss
+    graph = config.diffusion.process
+    diffusion_schedule = schedules.get_schedule(
+        config.diffusion.schedule, **dict(config.diffusion.schedule_kwargs)
+    )
+    schedule = (
+        diffusion_schedule if sc.grid in ("", config.diffusion.schedule) else schedules.get_schedule(sc.grid)
+    )
+    time_free = loss == "radd"
 
     # ------------------------------------------------------------------ initial tokens (conditioning)
     prompt_ids = tok.encode(sc.prompt) if sc.prompt else []
-    if sc.name in ("ar", "bd3lm"):  # trained on bos doc eos: the first token is predicted from bos
+    if sft.is_sft(config.data):  # an SFT model: rows start with bos and the templated prompt
+        prompt_ids = sft.encode_prompt(tok, sc.prompt, config.data.sft_template)
+    elif sc.name in ("ar", "bd3lm"):  # trained on bos doc eos: the first token is predicted from bos
         prompt_ids = [tok.bos_id] + prompt_ids
     if len(prompt_ids) > seq_len:
         raise ValueError(
@@ -160,7 +163,9 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
         mask_id,
         prompt_ids=prompt_ids,
         template_ids=template_ids,
-        constraints=conditioning.parse_constraints(sc.constraints),
+        constraints=conditioning.parse_constraints(
+            sc.constraints, vocab_size=vocab, mask_id=mask_id, length=seq_len
+        ),
         end=sc.end,
         eos_id=tok.eos_id,
         pad_id=tok.pad_id,
@@ -184,10 +189,8 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
     def sample(params, rng, x, clamp):
         denoise_fn = lambda xt, t: network(params, xt, t)
         score_fn = None
-        if loss == "sedd_absorb":
-            score_fn = lambda xt, t: losses.sedd_absorbing_log_score(
-                network(params, xt, t), t, diffusion_schedule
-            )
+        if loss == "sedd_absorb":  # the absorbing samplers take the ratios without alpha/(1-alpha)
+            score_fn = lambda xt, t: losses.sedd_absorbing_log_cond(network(params, xt, t))
         elif loss == "sedd_uniform":
             score_fn = denoise_fn  # a uniform-graph SEDD network outputs log ratios
         if not sc.name.startswith("sedd_"):
@@ -221,10 +224,9 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
     context = setup.context() if hasattr(setup, "context") else _null_context()
 
     # ------------------------------------------------------------------ sample in batches
-    out_dir = sc.output_dir or os.path.join(workdir, "samples")
-    os.makedirs(out_dir, exist_ok=True)
+    run_name = f"{time.strftime('%Y%m%d-%H%M%S')}-step{ckpt_step}-{sc.name}"
     base_rng = jax.random.key(sc.seed)
-    records, trajectory = [], None
+    records, trajectories = [], []
     x_dev = jnp.asarray(x_init) if x_sharding is None else jax.device_put(x_init, x_sharding)
     clamp_dev = jnp.asarray(clamp) if x_sharding is None else jax.device_put(clamp, x_sharding)
     logging.info(
@@ -260,8 +262,9 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
                     ],
                     axis=1,
                 )
-            if trajectory is None and out.trajectory is not None:
-                trajectory = np.asarray(jax.device_get(out.trajectory))[:, 0]
+            if out.trajectory is not None:
+                keep = min(len(tokens), sc.num_samples - len(records))
+                trajectories.append(np.asarray(jax.device_get(out.trajectory))[:, :keep])
             for row in tokens:
                 if len(records) >= sc.num_samples:
                     break
@@ -284,23 +287,45 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
             progress.on_batch(b, len(records))
 
     # ------------------------------------------------------------------ outputs
+    out_dir = _new_run_dir(sc.output_dir or os.path.join(workdir, "samples"), run_name)
     with open(os.path.join(out_dir, "samples.txt"), "w") as f:
         for r in records:
             f.write(r["text"] + "\n" + "=" * 80 + "\n")
     with open(os.path.join(out_dir, "samples.jsonl"), "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
-    if trajectory is not None:
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        run_info = {
+            "sampler": sc.to_dict(),
+            "checkpoint_step": None if ckpt_step is None else int(ckpt_step),
+            "workdir": workdir,
+            "seq_len": seq_len,
+            "loss": loss,
+            "process": graph,
+            "schedule": config.diffusion.schedule,
+        }
+        json.dump(run_info, f, indent=2, default=str)
+    if trajectories:
+        trajectory = np.concatenate(trajectories, axis=1)  # [S, num_samples, L]
+        if sc.truncate_at_eos:  # the last row then equals the sample as written to samples.txt
+            trajectory = np.asarray(conditioning.truncate_after_eos(trajectory, tok.eos_id, tok.pad_id))
         token_text = lambda i: tok.decode([i]) if i not in (tok.pad_id, tok.eos_id, tok.bos_id) else ""
-        title = f"{sc.name}, {sc.steps} steps, checkpoint step {ckpt_step}"
         with open(os.path.join(out_dir, "trajectory.html"), "w") as f:
-            f.write(visualize.trajectory_html(trajectory, token_text, mask_id, title=title))
-        visualize.animate_terminal(trajectory, token_text, mask_id)
+            f.write(
+                visualize.trajectory_html(
+                    trajectory,
+                    token_text,
+                    mask_id,
+                    title=_trajectory_title(sc, records, ckpt_step),
+                    labels=[f"sample {r['index']} (NFE {r['nfe']})" for r in records],
+                )
+            )
+        visualize.animate_terminal(trajectory[:, 0], token_text, mask_id)
     for r in records[:8]:
         print(f"--- sample {r['index']} (NFE {r['nfe']}, entropy {r['entropy']:.2f}) ---\n{r['text']}")
     print(
-        f"{len(records)} samples written to {out_dir}/samples.txt and samples.jsonl"
-        + (" (trajectory.html)" if trajectory is not None else "")
+        f"{len(records)} samples written to {out_dir}/: samples.txt, samples.jsonl, config.json"
+        + (", trajectory.html" if trajectories else "")
     )
     mean_entropy = float(np.mean([r["entropy"] for r in records])) if records else float("nan")
     logging.info(
@@ -311,6 +336,30 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
         mean_entropy,
     )
     return records
+
+
+def _new_run_dir(base: str, name: str) -> str:
+    """Creates and returns base/name, or base/name-2, -3, ... if it exists: a run never writes into another's."""
+    os.makedirs(base, exist_ok=True)
+    path, n = os.path.join(base, name), 1
+    while True:
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            n += 1
+            path = os.path.join(base, f"{name}-{n}")
+
+
+def _trajectory_title(sc, records, ckpt_step) -> str:
+    """'ancestral: 64 steps, NFE 64, ...' / 'first_hitting: one network call per unmasked token, NFE 122, ...'"""
+    nfes = sorted({r["nfe"] for r in records})
+    nfe = f"NFE {nfes[0]}" if len(nfes) == 1 else f"NFE {nfes[0]}-{nfes[-1]}"
+    if sc.name == "first_hitting":
+        how = "one network call per unmasked token"
+    else:
+        how = f"{sc.steps} steps"
+    return f"{sc.name}: {how}, {nfe} (network calls), checkpoint step {ckpt_step}"
 
 
 class _null_context:

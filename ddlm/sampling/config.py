@@ -7,12 +7,14 @@ Override any field on the command line, e.g.
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.name = "ancestral"  # ancestral | cached | first_hitting | remdm | sedd_euler | sedd_analytic
+    c.name = "ancestral"  # ancestral | cached | first_hitting | remdm | sedd_euler | sedd_analytic | parallel
     c.steps = 128  # reverse steps (ignored by first_hitting: one network call per masked token)
     c.grid = ""  # schedule whose alpha(t) spaces the steps: loglinear | linear | cosine | ...; '' = config.diffusion.schedule
     c.t_min = 0.0  # the grid runs from t = 1 down to t_min
@@ -27,26 +29,138 @@ def default_config() -> ml_collections.ConfigDict:
     )
     c.remasking = "rescale"  # ReMDM strategy for name=remdm: cap | rescale | confidence
     c.eta = 0.02  # ReMDM remasking strength (eta_cap or eta_rescale); 0 = plain ancestral
+    # name=parallel (ddlm.sampling.parallel): semi-autoregressive blocks, a commit rule per step.
+    c.rule = "low_confidence"  # random|low_confidence|margin|entropy|threshold|factor|entropy_bounded
+    c.block_length = 0  # tokens per semi-autoregressive block (must divide seq_len); 0 = one block
+    c.threshold = 0.9  # rule=threshold: commit every candidate with probability above this, in (0, 1]
+    c.factor = 1.0  # rule=factor: Fast-dLLM's f, commit the largest n with (n + 1)(1 - c_(n)) <= f
+    c.gamma = 0.01  # rule=entropy_bounded: EB-sampler's entropy budget (nats)
+    c.parallel_remasking = "none"  # ReMDM remasking in name=parallel: none | cap | rescale | confidence (eta)
     c.guidance_scale = (
         0.0  # classifier-free guidance w (LLaDA form, prompt masked as unconditional input); 0 = off
     )
     c.prompt = ""  # text the samples start with (prefix conditioning)
-    c.infill = ""  # infilling template, e.g. 'The [MASK:20] sat on the mat.' ('' = none)
-    c.constraints = ""  # hard token constraints 'pos:id,pos:id' ('' = none)
+    c.infill = ""  # infill template: 'The [MASK:20] sat on the mat.' ([MASK] or [MASK:n], n >= 1; '' = none)
+    c.constraints = ""  # hard token constraints 'pos:id,pos:id' (pos < 0 counts from the end; '' = none)
     c.end = 0  # length control: eos at this position, padding after (0 = use the whole sequence)
     c.truncate_at_eos = True  # in the outputs, everything after the first eos becomes padding
     c.num_samples = 8  # sequences to generate
     c.batch_size = 8  # sequences per sampling call (sharded over the mesh's data axis)
     c.seq_len = 0  # generated length; 0 = config.train.seq_len
-    c.seed = 0  # sampling randomness
+    c.seed = 0  # sampling randomness: the same seed, the same samples (reproducible); change it for new ones
     c.use_ema = True  # sample with the EMA parameters
     c.progress = True  # per-step progress bar (a host callback from the jitted loop after every step)
-    c.visualize = False  # write the denoising trajectory: terminal animation + HTML (one row per step)
-    c.output_dir = ""  # where samples go; '' = <workdir>/samples
+    c.visualize = False  # write every sample's trajectory to trajectory.html (+ an animation on a terminal)
+    c.output_dir = ""  # each run writes to <output_dir>/<date>-<time>-step<N>-<name>/; '' = <workdir>/samples
     # name=ar (causal networks) and name=bd3lm (block-causal): decoding with the network's KV cache
     c.kv_cache = True  # reuse the keys/values of finished tokens (False: full forward per call; same tokens)
     c.greedy = False  # ar: argmax decoding (else temperature / top_k / top_p, float64 Gumbel noise)
     c.stop_at_eos = False  # stop once every sequence has generated eos (variable length); pad after it
-    c.block_sampler = "first_hitting"  # bd3lm, inside each block: first_hitting | ancestral | cached | remdm
+    c.block_sampler = (
+        "first_hitting"  # bd3lm, inside each block: first_hitting|ancestral|cached|remdm|parallel
+    )
     c.window = 0  # bd3lm: clean tokens kept in the cache; 0 = all (train.seq_len - block past the context)
+    return c
+
+
+def resolve(sampler_config) -> ml_collections.ConfigDict:
+    """default_config() with the fields of `sampler_config` set; a field default_config lacks is an error."""
+    out = default_config()
+    for key, value in sampler_config.items():
+        if key not in out:
+            raise ValueError(f"config.sampler.{key} is not a sampler field; fields: {sorted(out.keys())}")
+        out[key] = value
+    return out
+
+
+def validate(sampler_config, *, diffusion=None, seq_len: int | None = None) -> ml_collections.ConfigDict:
+    """Checks every field of config.sampler before anything is loaded or compiled, so that a mistake costs
+    a second, not a checkpoint restore (or a whole training run, with train.sample_at_end). Returns the
+    resolved config (`resolve`). diffusion: config.diffusion, to check the sampler against the loss and
+    the process; seq_len: the generated length (sampler.seq_len or train.seq_len), to check positions.
+    Raises ValueError naming config.sampler.<field> and what was expected."""
+    from ddlm import schedules
+    from ddlm.sampling import BLOCK_SAMPLERS, SAMPLERS, categorical, conditioning, masked
+
+    c = resolve(sampler_config)
+
+    def fail(key, expected):
+        raise ValueError(f"config.sampler.{key} must be {expected}, got {c[key]!r}")
+
+    def is_int(x):
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    def is_number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if c.name not in SAMPLERS:
+        fail("name", f"one of {SAMPLERS}")
+    for key, low in (("steps", 1), ("num_samples", 1), ("batch_size", 1), ("top_k", 0), ("end", 0)):
+        if not is_int(c[key]) or c[key] < low:
+            fail(key, f"an integer >= {low}")
+    if not is_int(c.seq_len) or c.seq_len < 0:
+        fail("seq_len", "an integer >= 0 (0 = config.train.seq_len)")
+    if not is_int(c.seed):
+        fail("seed", "an integer")
+    if c.grid not in ("", *schedules.SCHEDULES):
+        fail("grid", f"'' (the diffusion schedule) or one of {sorted(schedules.SCHEDULES)}")
+    if not is_number(c.t_min) or not 0.0 <= c.t_min < 1.0:
+        fail("t_min", "a number in [0, 1)")
+    if not is_number(c.temperature) or c.temperature <= 0:
+        fail("temperature", "a number > 0")
+    if not is_number(c.top_p) or not 0.0 < c.top_p <= 1.0:
+        fail("top_p", "a number in (0, 1] (1 = off)")
+    if c.precision not in categorical.PRECISIONS:
+        fail("precision", f"one of {categorical.PRECISIONS}")
+    strategies = tuple(r for r in masked.REMASKING if r != "none")
+    if c.remasking not in strategies:
+        fail("remasking", f"one of {strategies}")
+    if not is_number(c.eta) or not 0.0 <= c.eta <= 1.0:
+        fail("eta", "a number in [0, 1]")
+    if not is_number(c.guidance_scale) or c.guidance_scale < 0:
+        fail("guidance_scale", "a number >= 0 (0 = off)")
+    if c.block_sampler not in BLOCK_SAMPLERS:
+        fail("block_sampler", f"one of {BLOCK_SAMPLERS}")
+    if not is_int(c.window) or c.window < 0:
+        fail("window", "an integer >= 0 (0 = keep every block)")
+    for key in ("kv_cache", "greedy", "stop_at_eos"):
+        if not isinstance(c[key], bool):
+            fail(key, "True or False")
+    for key in ("noise_removal", "truncate_at_eos", "use_ema", "progress", "visualize"):
+        if not isinstance(c[key], bool):
+            fail(key, "True or False")
+    for key in ("prompt", "infill", "constraints", "output_dir"):
+        if not isinstance(c[key], str):
+            fail(key, "a string")
+    # The syntax of the template and the constraints; ids are checked against the vocabulary once the
+    # tokenizer is known.
+    conditioning.parse_infill_template(c.infill, lambda text: [], mask_id=-1)
+    conditioning.parse_constraints(c.constraints, length=seq_len)
+    if seq_len is not None and c.end > seq_len:
+        fail("end", f"in [0, {seq_len}] (the generated length; 0 = off)")
+    if diffusion is not None:
+        # A network trained with the 'ar' / 'bd3lm' loss is decoded by the sampler of that name (KV cache).
+        if diffusion.loss in ("ar", "bd3lm") and c.name != diffusion.loss:
+            raise ValueError(
+                f"config.diffusion.loss={diffusion.loss!r} is sampled with config.sampler.name="
+                f"{diffusion.loss!r}, got {c.name!r}"
+            )
+        if diffusion.process == "uniform" and not c.name.startswith("sedd_"):
+            raise ValueError(
+                f"config.sampler.name={c.name!r} needs the absorbing process; on "
+                "config.diffusion.process='uniform' use sedd_euler or sedd_analytic"
+            )
+        if diffusion.process == "uniform":
+            grid = c.grid or diffusion.schedule
+            kwargs = dict(diffusion.schedule_kwargs) if grid == diffusion.schedule else {}
+            if float(schedules.get_schedule(grid, **kwargs).alpha(1.0)) == 0.0:
+                raise ValueError(
+                    f"config.sampler.grid={c.grid!r} / config.diffusion.schedule={diffusion.schedule!r}: the "
+                    f"uniform graph's samplers need alpha(1) > 0 and {grid!r} has alpha(1) = 0 (use 'geometric')"
+                )
+        if c.guidance_scale and c.name.startswith("sedd_") and diffusion.loss.startswith("sedd_"):
+            raise ValueError(
+                f"config.sampler.guidance_scale={c.guidance_scale} needs a denoiser, and {c.name} on a "
+                f"{diffusion.loss!r} network samples from its score: use 0, or a masked sampler (absorbing)"
+            )
     return c

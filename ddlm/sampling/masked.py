@@ -47,6 +47,18 @@ def _check_init(x_init, mask_id):
         raise ValueError("masked-diffusion samplers need mask_id")
 
 
+def init_trajectory(rows: int, x_init, return_trajectory: bool):
+    """int32 [rows, B, L] with x_init in row 0 (the loops write row k after step k); a scalar if unused."""
+    if not return_trajectory:
+        return jnp.zeros((), jnp.int32)
+    return jnp.zeros((rows,) + x_init.shape, jnp.int32).at[0].set(x_init)
+
+
+def hold_final_state(traj, steps_done):
+    """Rows after `steps_done` (a loop that stopped early) repeat the final state. traj: [S, B, L]."""
+    return traj[jnp.minimum(jnp.arange(traj.shape[0]), steps_done)]
+
+
 def time_grid(steps: int, t_min: float = 0.0):
     """[steps + 1] times from 1 down to t_min, uniform in t (the schedule shapes alpha along it)."""
     if steps < 1:
@@ -60,6 +72,11 @@ def x0_log_probs(denoise_fn, xt, t, mask_id, temperature=1.0, top_k=0, top_p=1.0
     """log p_theta(x_0 | x_t) [B, L, V] with the mask id removed (SUBS) and the filters applied."""
     b = xt.shape[0]
     logits = denoise_fn(xt, jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,)))
+    return logits_to_log_probs(logits, mask_id, temperature, top_k, top_p)
+
+
+def logits_to_log_probs(logits, mask_id, temperature=1.0, top_k=0, top_p=1.0):
+    """Network logits [..., V] -> log p_theta(x_0 | x_t) [..., V]: mask id removed (SUBS), filters applied."""
     logits = logits.astype(jnp.float32).at[..., mask_id].set(losses.NEG_INF)
     logits = categorical.filter_logits(logits, temperature, top_k, top_p)
     return jax.nn.log_softmax(logits, axis=-1)
@@ -172,11 +189,7 @@ def ancestral_sample(
 
     # Only the cached sampler carries p_theta across steps ([B, L, V] can be large).
     logp0 = jnp.zeros((batch, length, vocab) if cache else (), jnp.float32)
-    traj0 = (
-        jnp.zeros((steps + 1, batch, length), jnp.int32).at[0].set(x_init)
-        if return_trajectory
-        else jnp.zeros((), jnp.int32)
-    )
+    traj0 = init_trajectory(steps + 1, x_init, return_trajectory)
     carry = (
         x_init,
         logp0,
@@ -260,15 +273,9 @@ def first_hitting_sample(
             jax.debug.callback(progress_fn, it + 1)
         return x, s, it + 1, traj
 
-    traj0 = (
-        jnp.zeros((length + 1, batch, length), jnp.int32).at[0].set(x_init)
-        if return_trajectory
-        else jnp.zeros((), jnp.int32)
-    )
+    traj0 = init_trajectory(length + 1, x_init, return_trajectory)
     t0 = jnp.ones((batch,), jnp.float32)
     x, _, it, traj = jax.lax.while_loop(cond, body, (x_init, t0, jnp.zeros((), jnp.int32), traj0))
     if return_trajectory:
-        # Rows after the last event repeat the final state.
-        idx = jnp.minimum(jnp.arange(length + 1), it)
-        traj = traj[idx]
+        traj = hold_final_state(traj, it)
     return SampleOutput(x, it, traj if return_trajectory else None)

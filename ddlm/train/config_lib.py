@@ -34,7 +34,7 @@ def diffusion_config(
     loss: str, *, schedule: str = "loglinear", process: str = "absorbing", **schedule_kwargs
 ):
     c = ml_collections.ConfigDict()
-    c.loss = loss  # one of ddlm.losses.LOSSES: mdlm | d3pm | sedd_absorb | sedd_uniform | radd | bd3lm | ar
+    c.loss = loss  # ddlm.losses.LOSSES: mdlm | d3pm | sedd_absorb | sedd_uniform | radd | bd3lm | ar | sft
     c.schedule = (
         schedule  # ddlm.schedules.get_schedule name: loglinear | linear | cosine | polynomial | geometric
     )

@@ -99,10 +99,23 @@ def validate_config(config, num_devices: int | None = None):
         raise ConfigError(
             f"config.train.eval_batch_size={t.eval_batch_size} must be divisible by mesh data*fsdp={data * fsdp}"
         )
+    from ddlm.data import sft
+
+    if (config.diffusion.loss == "sft") != sft.is_sft(config.data):
+        raise ConfigError(
+            "config.diffusion.loss='sft' and config.data.sft_data go together (the SFT loss reads the "
+            f"prompt/response rows of ddlm.data.sft); got loss={config.diffusion.loss!r} with sft_data "
+            + ("set" if sft.is_sft(config.data) else "unset")
+        )
     if config.diffusion.loss == "bd3lm" and t.seq_len % config.model.block_size:
         raise ConfigError(
             f"config.model.block_size={config.model.block_size} must divide config.train.seq_len={t.seq_len}"
         )
+    if t.sample_at_end:  # a bad sampler field fails now, not after training
+        from ddlm.sampling import config as sampler_config
+
+        seq_len = config.sampler.seq_len if "seq_len" in config.sampler else 0
+        sampler_config.validate(config.sampler, diffusion=config.diffusion, seq_len=seq_len or t.seq_len)
 
 
 def check_data_paths(data_config):
