@@ -142,21 +142,34 @@ def _bd3(dec, denoise_block, kv_cache=True, **kw):
 
 
 @pytest.mark.parametrize(
-    "time_conditioning, inner", [(False, "ancestral"), (True, "first_hitting")], ids=["time_free", "time"]
+    "time_conditioning, inner",
+    [(False, "ancestral"), (True, "first_hitting"), (False, "parallel")],
+    ids=["time_free", "time", "commit_rule"],
 )
 def test_bd3lm_with_the_cache_gives_the_tokens_of_bd3lm_without_it(time_conditioning, inner):
     dec = _decoder("bd3lm", time_conditioning)
     x = _prompted(3, 24, [6, 6, 9])  # a block of prompt, a partly known block (and row 2 longer)
-    denoise = _block_denoiser(inner)
-    cached = _bd3(dec, denoise, True)(jax.random.key(1), x)
-    uncached = _bd3(dec, denoise, False)(jax.random.key(1), x)
+    if inner == "parallel":  # through make_sampler: config.sampler.block_sampler, a commit rule per block
+        sched = schedules.LogLinearSchedule()
+        run = lambda kv: fast_jit(
+            sampling.make_sampler(
+                _cfg(name="bd3lm", block_sampler="parallel", rule="threshold", kv_cache=kv, temperature=0.8),
+                decoder=dec,
+                schedule=sched,
+                mask_id=MASK,
+            )
+        )
+    else:
+        run = lambda kv: _bd3(dec, _block_denoiser(inner), kv)
+    cached = run(True)(jax.random.key(1), x)
+    uncached = run(False)(jax.random.key(1), x)
     np.testing.assert_array_equal(cached.tokens, uncached.tokens)
     known = np.asarray(x != MASK)
     np.testing.assert_array_equal(np.asarray(cached.tokens)[known], np.asarray(x)[known])
     assert not np.any(np.asarray(cached.tokens) == MASK)
     # The cache costs one write per finished block (not the last one): 6 blocks, 5 writes.
     assert int(cached.nfe) == int(uncached.nfe) + 5
-    if inner == "first_hitting":  # one call per masked token
+    if inner == "first_hitting":  # one call per masked token (row 0 has the most in every block)
         assert int(uncached.nfe) == int(np.sum(np.asarray(x) == MASK, axis=1).max())
 
 
