@@ -25,13 +25,14 @@ import os
 import platform
 import subprocess
 import time
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddlm import models, schedules, sampling
+from ddlm import models, sampling, schedules
 
 
 class Entry(NamedTuple):
@@ -53,12 +54,12 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("bd3lm block 4, KV cache", "bd3lm4", _fixed(name="bd3lm", block_sampler="first_hitting")),
     Entry("bd3lm block 16, KV cache", "bd3lm16", _fixed(name="bd3lm", block_sampler="first_hitting")),
     Entry("first_hitting", "dit", _fixed(name="first_hitting")),
-    Entry("ancestral, L steps", "dit", lambda n: dict(name="ancestral", steps=n)),
+    Entry("ancestral, L steps", "dit", lambda n: {"name": "ancestral", "steps": n}),
     *(
         Entry(
             f"LLaDA low_confidence, L/{d} steps",
             "dit",
-            lambda n, d=d: dict(name="parallel", rule="low_confidence", steps=n // d, block_length=BLOCK_LENGTH),
+            lambda n, d=d: _fixed(name="parallel", rule="low_confidence", steps=n // d, block_length=BLOCK_LENGTH)(n),
         )
         for d in (2, 4, 8)
     ),

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from model_utils import tiny_decoder, tiny_model
 
-from ddlm import losses, models, schedules, sampling
+from ddlm import losses, models, sampling, schedules
 from ddlm.data import tokenizers
 from ddlm.sampling import autoregressive, block, cli, masked
 from ddlm.sampling import config as sampler_config
-from model_utils import tiny_decoder, tiny_model
 
 VOCAB = 37
 MASK = VOCAB - 1
@@ -51,7 +51,7 @@ def test_ar_with_the_cache_gives_the_tokens_of_ar_without_it():
     dec = _decoder("ar")
     length, chunk = 24, 4
     x = _prompted(4, length, [7, 9, 12, 7]).at[2, 20].set(5)  # row 2 also has a constraint at 20
-    kw = dict(temperature=0.9, top_k=20, top_p=0.95, prefill_chunk=chunk)
+    kw = {"temperature": 0.9, "top_k": 20, "top_p": 0.95, "prefill_chunk": chunk}
     cached = _ar(dec, True, **kw)(jax.random.key(1), x)
     uncached = _ar(dec, False, **kw)(jax.random.key(1), x)
     np.testing.assert_array_equal(cached.tokens, uncached.tokens)
@@ -285,9 +285,9 @@ def test_bad_input_is_one_clear_error():
     x = _prompted(2, 16, [2, 2])
     rng = jax.random.key(0)
     denoise = _block_denoiser("ancestral")
-    with pytest.raises(ValueError, match="causal networks"):
+    with pytest.raises(ValueError, match="decodes causal networks with a KV cache .config.model.name=.ar.."):
         autoregressive.ar_sample(dit, rng, x, mask_id=MASK)
-    with pytest.raises(ValueError, match="needs a block-causal network"):
+    with pytest.raises(ValueError, match="decodes block_causal networks with a KV cache"):
         block.block_sample(ar, rng, x, denoise_block=denoise, mask_id=MASK)
     with pytest.raises(
         ValueError, match=r"block_size=4 \(config.model.block_size\) must divide the length 14"

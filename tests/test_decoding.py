@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from model_utils import tiny_decoder
 
 from ddlm import models
-from model_utils import tiny_decoder
 
 VOCAB, BATCH, LENGTH, BLOCK = 37, 2, 16, 4
 TOL = 1e-9
@@ -88,7 +88,7 @@ def test_causal_prefill_and_single_token_steps_equal_the_full_forward():
 @pytest.mark.parametrize("time_conditioning", [False, True])
 def test_block_causal_noised_block_over_the_clean_cache_equals_the_training_forward(time_conditioning):
     dec = _decoder("bd3lm", time_conditioning)
-    xt, x0, t = _inputs()
+    xt, x0, _ = _inputs()
     t_tokens = jax.random.uniform(jax.random.key(4), (BATCH, LENGTH)) if time_conditioning else None
     full = dec.forward(xt, t_tokens, x0)
     # Clean blocks are written one at a time as a sampler does (t = 0, attending the cache and themselves).

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from ddlm import losses
 from ddlm.models.decoding import Decoder, causal_mask
-from ddlm.sampling import categorical
+from ddlm.sampling import categorical, masked
 from ddlm.sampling.masked import SampleOutput
 
 
@@ -60,6 +60,19 @@ def finish_tokens(x, x_init, mask_id: int, eos_id: int | None, pad_id: int | Non
     return jnp.where(after | (x == mask_id), pad, x)
 
 
+def check_decoding_inputs(decoder, attention: str, model_name: str, x_init, mask_id, stop_at_eos, eos_id):
+    """One clear error for a network whose keys/values this sampler cannot cache (attention other than
+    `attention`), a malformed x_init, or stop_at_eos without an eos id."""
+    if decoder.attention != attention:
+        raise ValueError(
+            f"this sampler decodes {attention} networks with a KV cache (config.model.name={model_name!r}); "
+            f"this network's attention is {decoder.attention!r}: its keys/values cannot be cached exactly"
+        )
+    masked._check_init(x_init, mask_id)
+    if stop_at_eos and eos_id is None:
+        raise ValueError("stop_at_eos=True needs eos_id")
+
+
 def ar_sample(
     decoder: Decoder,
     rng,
@@ -87,15 +100,7 @@ def ar_sample(
     position). progress_fn(position) is called after every position, if given.
     Returns SampleOutput(tokens int32 [B, L], nfe, None).
     """
-    if decoder.attention != "causal":
-        raise ValueError(
-            f"the autoregressive sampler decodes causal networks (config.model.name='ar'); this network's "
-            f"attention is {decoder.attention!r}: its keys/values change with later tokens and cannot be cached"
-        )
-    if x_init.ndim != 2 or not jnp.issubdtype(x_init.dtype, jnp.integer):
-        raise ValueError(f"x_init must be int [batch, length], got {x_init.dtype} {tuple(x_init.shape)}")
-    if stop_at_eos and eos_id is None:
-        raise ValueError("stop_at_eos=True needs eos_id")
+    check_decoding_inputs(decoder, "causal", "ar", x_init, mask_id, stop_at_eos, eos_id)
     if prefill_chunk < 1:
         raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     x_init = x_init.astype(jnp.int32)

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from ddlm.models.decoding import Decoder
-from ddlm.sampling.autoregressive import finish_tokens
+from ddlm.sampling.autoregressive import check_decoding_inputs, finish_tokens
 from ddlm.sampling.masked import SampleOutput
 
 # denoise_block(denoise_fn, rng, x_block int32 [B, block]) -> SampleOutput(tokens [B, block], nfe, None)
@@ -70,13 +70,7 @@ def block_sample(
     Returns:
       SampleOutput(tokens int32 [B, L], nfe = denoiser calls + cache writes, None).
     """
-    if decoder.attention != "block_causal":
-        raise ValueError(
-            f"BD3-LM block decoding needs a block-causal network (config.model.name='bd3lm'); this network's "
-            f"attention is {decoder.attention!r}: its block keys/values cannot be cached exactly"
-        )
-    if x_init.ndim != 2 or not jnp.issubdtype(x_init.dtype, jnp.integer):
-        raise ValueError(f"x_init must be int [batch, length], got {x_init.dtype} {tuple(x_init.shape)}")
+    check_decoding_inputs(decoder, "block_causal", "bd3lm", x_init, mask_id, stop_at_eos, eos_id)
     x_init = x_init.astype(jnp.int32)
     batch, length = x_init.shape
     block = decoder.block_size
@@ -84,8 +78,6 @@ def block_sample(
         raise ValueError(f"block_size={block} (config.model.block_size) must divide the length {length}")
     if window < 0 or window % block:
         raise ValueError(f"window={window} must be 0 or a positive multiple of block_size={block}")
-    if stop_at_eos and eos_id is None:
-        raise ValueError("stop_at_eos=True needs eos_id")
     sliding = 0 < window < length
     if sliding and not kv_cache:
         raise ValueError("a sliding window (0 < window < length) needs kv_cache=True")
