@@ -127,6 +127,9 @@ def base_config(*, model, diffusion, data, optim, mesh, train, sampler) -> ml_co
     c.mesh = mesh
     c.train = train
     c.sampler = sampler
+    from ddlm.eval import config as eval_config
+
+    c.eval = eval_config.default_config()  # --mode=eval: likelihood with error bars, sample quality
     return c
 
 

@@ -89,12 +89,16 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+def format_percent(fraction: float) -> str:
+    return f"{100 * fraction:.2f}%" if math.isfinite(fraction) else "n/a"
+
+
 def progress_line(
     step: int, total: int, loss: float, steps_per_s: float, tokens_per_s: float, mfu: float
 ) -> str:
+    """The plain progress line (logs, CI; ddlm.train.progress draws a live bar on a terminal)."""
     eta = (total - step) / steps_per_s if steps_per_s > 0 else float("inf")
-    mfu_text = f"{100 * mfu:.2f}%" if math.isfinite(mfu) else "n/a"
     return (
         f"step {step}/{total} | loss {loss:.4f} | {steps_per_s:.2f} steps/s | {tokens_per_s:,.0f} tokens/s | "
-        f"MFU {mfu_text} | ETA {format_duration(eta)}"
+        f"MFU {format_percent(mfu)} | ETA {format_duration(eta)}"
     )
