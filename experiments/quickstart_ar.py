@@ -29,7 +29,7 @@ def get_config(arg=None):
         optim=optim,
         mesh=cl.mesh_config(),
         train=train,
-        sampler=cl.sampler_config(name="ancestral", steps=64),
+        sampler=cl.sampler_config(name="ar"),  # left to right with the KV cache
     )
     if a["smoke"]:
         cl.apply_smoke(config)
