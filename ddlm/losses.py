@@ -357,10 +357,186 @@ def autoregressive_loss(logits, tokens):
 
 
 # --------------------------------------------------------------------------------------------
+# Boundary terms of the NELBO: prior (t = 1) and reconstruction (t = 0)
+# --------------------------------------------------------------------------------------------
+# The per-token losses above are the diffusion term over t in [0, 1]. The full bound is
+#     -log p(x_0) <= E[-log p(x_0 | x_{t=0})] + diffusion term + KL(q(x_{t=1} | x_0) || p(x_{t=1})),
+# and the two boundary terms vanish only when alpha(0) = 1 and alpha(1) = 0. Each function below returns
+# nats per token (the same for every token), to add to the diffusion term's per-token estimate. They are
+# closed forms with fixed decoders / priors, so no network call is needed: a valid (conservative) bound.
+
+
+def _alpha_and_complement(schedule: schedules_lib.Schedule, t: float):
+    """(alpha(t), 1 - alpha(t)) as arrays, the complement as -expm1(-sigma) so that 1 - alpha(0) = 1e-4 keeps
+    its digits in float32."""
+    t = jnp.asarray(t)
+    return schedule.alpha(t), -jnp.expm1(-schedule.sigma(t))
+
+
+def absorbing_prior_kl(schedule: schedules_lib.Schedule, num_data_ids: int):
+    """Prior term of masked diffusion when alpha(1) > 0 (e.g. the log-linear schedule's alpha(1) = eps).
+
+    With the prior p(x_1) = mask w.p. 1 - alpha(1), else a uniform data id (which the SUBS reverse process
+    carries over), KL(q(x_1 | x_0) || p(x_1)) = alpha(1) log(num_data_ids) per token; 0 when alpha(1) = 0.
+    MDLM and MD4 drop this term (md4's `latent_loss` returns 0). num_data_ids: ids data can hold (vocab - 1)."""
+    a1, _ = _alpha_and_complement(schedule, 1.0)
+    return a1 * math.log(num_data_ids)
+
+
+def absorbing_reconstruction_nll(schedule: schedules_lib.Schedule, num_data_ids: int):
+    """Reconstruction term of masked diffusion when alpha(0) < 1 (md4's eps-rescaled schedules): a token still
+    masked at t = 0 (probability 1 - alpha(0)) is decoded uniformly, costing log(num_data_ids) nats
+    (md4 `MD4.recon_loss`). 0 when alpha(0) = 1."""
+    _, one_minus_a0 = _alpha_and_complement(schedule, 0.0)
+    return one_minus_a0 * math.log(num_data_ids)
+
+
+def uniform_prior_kl(schedule: schedules_lib.Schedule, vocab_size: int):
+    """Prior term of the uniform graph (SEDD's KL(p_{T|0}(. | x_0) || p_base)): KL(q(x_1 | x_0) || uniform)
+    per token, with q(x_1 = x_0) = a + (1 - a)/V and q(x_1 = y) = (1 - a)/V otherwise, a = alpha(1):
+
+        KL = q_same log(V q_same) + (V - 1) q_other log(V q_other),  V q_same = 1 + a (V - 1), V q_other = 1 - a.
+    """
+    a1, one_minus_a1 = _alpha_and_complement(schedule, 1.0)
+    n = vocab_size
+    q_same = a1 + one_minus_a1 / n
+    q_other = one_minus_a1 / n
+    return q_same * jnp.log1p(a1 * (n - 1)) + (n - 1) * q_other * jnp.log1p(-a1)
+
+
+def uniform_reconstruction_nll(schedule: schedules_lib.Schedule, vocab_size: int):
+    """Reconstruction term of the uniform graph, E[-log p(x_0 | x_{t=0})], with the decoder
+    p(x_0 = y | x_{t=0}) = q(x_{t=0} | x_0 = y) (the kernel is symmetric, so it is normalised over y): the
+    entropy of one row of the kernel at a = alpha(0),
+
+        -[q_same log q_same + (V - 1) q_other log q_other],  q_same = a + (1 - a)/V, q_other = (1 - a)/V.
+
+    For SEDD's geometric schedule (sigma(0) = 1e-4) and V = 50k this is ~1.2e-3 nats per token."""
+    a0, one_minus_a0 = _alpha_and_complement(schedule, 0.0)
+    n = vocab_size
+    q_same = a0 + one_minus_a0 / n
+    q_other = one_minus_a0 / n
+    # 0.0 - (...) rather than -(...): an exact 0 stays +0.0 in reports.
+    return 0.0 - (
+        jax.scipy.special.xlogy(q_same, q_same) + (n - 1) * jax.scipy.special.xlogy(q_other, q_other)
+    )
+
+
+def boundary_terms(name: str, schedule: schedules_lib.Schedule | None, vocab_size: int):
+    """(prior, reconstruction) nats per token that the loss `name` leaves out of the NELBO. The absorbing
+    losses' data ids exclude the mask (vocab_size - 1); RADD's masking rate runs exactly from 0 to 1 and the
+    autoregressive loss is exact, so theirs are 0."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; expected one of {LOSSES}")
+    if name in ("ar", "radd"):
+        return 0.0, 0.0
+    if name == "sedd_uniform":
+        return uniform_prior_kl(schedule, vocab_size), uniform_reconstruction_nll(schedule, vocab_size)
+    return absorbing_prior_kl(schedule, vocab_size - 1), absorbing_reconstruction_nll(
+        schedule, vocab_size - 1
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation: the masked NELBO with the number of masked tokens importance-sampled
+# --------------------------------------------------------------------------------------------
+
+COUNT_SAMPLED_LOSSES = ("mdlm", "sedd_absorb", "radd", "bd3lm")
+
+
+def sample_masks_by_count(rng, num_rows: int, length: int, block_size: int):
+    """For `count_sampled_nelbo`: in each block of block_size positions of each row, k ~ U{1..block_size}
+    positions are masked, chosen uniformly, and a mask rate lam ~ Beta(k, block_size - k + 1) is drawn.
+
+    k is stratified over the rows (k = floor(((u + r / R) mod 1) n) + 1 with one u per block), so R copies
+    of one sequence cover the counts evenly. Returns (mask bool [R, L], lam [R, L / block_size],
+    k [R, L / block_size])."""
+    if length % block_size:
+        raise ValueError(f"block_size must divide seq_len={length}, got {block_size}")
+    nb = length // block_size
+    u_rng, perm_rng, beta_rng = jax.random.split(rng, 3)
+    u = jnp.mod(jax.random.uniform(u_rng, (1, nb)) + jnp.arange(num_rows)[:, None] / num_rows, 1.0)
+    k = jnp.minimum(jnp.floor(u * block_size) + 1.0, block_size)  # [R, nb]
+    keys = jax.random.uniform(perm_rng, (num_rows, nb, block_size))
+    ranks = jnp.argsort(jnp.argsort(keys, axis=-1), axis=-1)  # a uniform random permutation per block
+    mask = (ranks < k[..., None]).reshape(num_rows, length)
+    lam = jax.random.beta(beta_rng, k, block_size - k + 1.0)
+    return mask, lam, k
+
+
+def count_sampled_nelbo(
+    name: str,
+    apply_fn: ApplyFn,
+    x0,
+    loss_mask,
+    rng,
+    *,
+    schedule: schedules_lib.Schedule | None,
+    mask_id: int,
+    block_size: int | None = None,
+):
+    """One estimate per row of the masked-diffusion NELBO (the diffusion term, in nats), sampling the number
+    of masked tokens instead of the time: bounded importance weights.
+
+    With lam = 1 - alpha(t) the continuous-time NELBO of a block of n positions is
+
+        int dlam (dt/dlam) sum_M lam^|M| (1 - lam)^(n - |M|) F(M, t(lam)),
+
+    F the sum of the per-token losses (weights included) over the masked set M. Drawing k ~ U{1..n}, M
+    uniform of size k and lam ~ Beta(k, n - k + 1) (`sample_masks_by_count`) makes the importance weight
+    (n / k) lam dt/dlam = (n / k) / w(t), w = -alpha'/(1 - alpha) the MDLM weight, so
+
+        Y = sum_blocks (n / k) sum_{l in M} loss_l / w(t_l),
+
+    for 'mdlm', 'radd' and 'bd3lm' (n / k) sum_{l in M} -log p(x_0^l | x_M, t): RADD's any-order form with the
+    time a time-conditioned network needs (t | k is Beta, not fixed). Unbiased for the same NELBO as
+    `training_loss`, with weights <= n, where the uniform-t estimator puts weight 1/t on Binomial(n, t) masked
+    tokens: its second moment grows like int dt / t, and rare rows drawn at tiny t carry estimates many
+    times the mean. A lam outside the schedule's range [1 - alpha(0), 1 - alpha(1)] contributes 0 (that part
+    of the integral does not exist: the boundary terms account for it). Pad positions are masked like the
+    others, as in training, and loss_mask [B, L] selects the positions that count. 'radd' is MDLM's loss with
+    alpha = 1 - lam and a time-free network; 'bd3lm' draws per block of block_size. Returns float32 [B].
+    """
+    if name not in COUNT_SAMPLED_LOSSES:
+        raise ValueError(f"count_sampled_nelbo is for {COUNT_SAMPLED_LOSSES}, got {name!r}")
+    _check_tokens("x0", x0)
+    batch, length = x0.shape
+    if name == "radd":
+        schedule = schedules_lib.LinearSchedule()
+    if name == "bd3lm" and block_size is None:
+        raise ValueError("loss 'bd3lm' needs block_size")
+    bs = block_size if name == "bd3lm" else length
+    mask, lam, k = sample_masks_by_count(rng, batch, length, bs)
+    t_blocks = schedule.t_from_alpha(1.0 - lam)  # [B, nb]
+    valid = (t_blocks >= 0.0) & (t_blocks <= 1.0)
+    t_blocks = jnp.clip(t_blocks, 0.0, 1.0)
+    t = jnp.repeat(t_blocks, bs, axis=1)  # [B, L]
+    xt = jnp.where(mask, mask_id, x0).astype(x0.dtype)
+    if name == "radd":
+        logits = apply_fn(xt, None, None)
+    elif name == "bd3lm":
+        logits = apply_fn(xt, t, x0)
+    else:
+        logits = apply_fn(xt, t_blocks[:, 0], None)
+    if name == "sedd_absorb":
+        per_token = score_entropy_absorbing_loss(
+            sedd_absorbing_log_score(logits, t, schedule), x0, xt, t, schedule, mask_id
+        )
+    else:
+        per_token = mdlm_loss(logits, x0, xt, t, schedule, mask_id)
+    weight = jnp.repeat(jnp.where(valid, bs / k, 0.0), bs, axis=1) / schedule.mdlm_weight(t)
+    counted = mask & jnp.repeat(valid, bs, axis=1)
+    if loss_mask is not None:
+        counted = counted & (loss_mask > 0)
+    # where(), not a product: at an invalid (clipped) t the loss may be inf and its weight 0.
+    return jnp.sum(jnp.where(counted, per_token * weight, 0.0), axis=1)
+
+
+# --------------------------------------------------------------------------------------------
 # The glue the trainer calls
 # --------------------------------------------------------------------------------------------
 
-LOSSES = ("mdlm", "d3pm", "sedd_absorb", "sedd_uniform", "radd", "bd3lm", "ar")
+LOSSES = ("mdlm", "d3pm", "sedd_absorb", "sedd_uniform", "radd", "bd3lm", "ar", "sft")
 
 # apply_fn(xt [B, L] int, t [B] | [B, L] | None, x0_context [B, L] | None) -> logits [B, L, V]
 ApplyFn = Callable[..., jax.Array]
@@ -399,6 +575,8 @@ def training_loss(
     returns (masked mean per token in nats, metrics). For the diffusion losses the mean is an unbiased
     estimate of the NELBO per token. `t` passed to apply_fn is [B] (per-token [B, L] for 'bd3lm', None for
     the time-free 'radd' and for 'ar'); x0_context is x0 for 'bd3lm' (block-causal network), else None.
+    For 'sft' (LLaDA's SFT), loss_mask marks the response: positions where it is 0 are the prompt, kept
+    clean, and the result is `sft_mean` (per-example normalisation) instead of the masked token mean.
     The network's output must be [B, L, vocab_size] (a ValueError otherwise). With check_ids=True, call
     under `checkify.checkify` to validate token ids.
     """
@@ -416,7 +594,7 @@ def training_loss(
         per_token = autoregressive_loss(_network_output(apply_fn, vocab_size, x0, None, None), x0)
         return masked_mean(per_token, loss_mask[:, 1:]), {}
 
-    if name in ("mdlm", "d3pm", "sedd_absorb", "radd", "bd3lm") and mask_id is None:
+    if name in ("mdlm", "d3pm", "sedd_absorb", "radd", "bd3lm", "sft") and mask_id is None:
         raise ValueError(f"loss {name!r} uses the absorbing graph and needs mask_id")
     if name != "radd" and schedule is None:
         raise ValueError(f"loss {name!r} needs a noise schedule")
@@ -433,6 +611,17 @@ def training_loss(
         return masked_mean(per_token, loss_mask), {"mask_rate": jnp.mean(xt == mask_id)}
 
     t = sample_times(t_rng, batch, antithetic)
+    if name == "sft":
+        # LLaDA SFT: the prompt (loss_mask == 0) is never noised; the response, eos padding included, is
+        # masked at rate 1 - alpha(t) and scored with the masked-diffusion weight, per example (sft_mean).
+        response = loss_mask > 0
+        alpha = jnp.where(response, schedule.alpha(t)[:, None], 1.0)
+        xt = processes.AbsorbingProcess(vocab_size, mask_id).sample_xt(x_rng, x0, alpha)
+        per_token = mdlm_loss(
+            _network_output(apply_fn, vocab_size, xt, t, None), x0, xt, t, schedule, mask_id
+        )
+        return sft_mean(per_token, loss_mask), {"mask_rate": masked_mean(xt == mask_id, loss_mask)}
+
     if name == "radd":
         xt = processes.AbsorbingProcess(vocab_size, mask_id).sample_xt(x_rng, x0, 1.0 - t)
         per_token = radd_loss(_network_output(apply_fn, vocab_size, xt, None, None), x0, xt, t, mask_id)
@@ -460,3 +649,66 @@ def training_loss(
         log_score = sedd_absorbing_log_score(logits, t, schedule)
         per_token = score_entropy_absorbing_loss(log_score, x0, xt, t, schedule, mask_id)
     return masked_mean(per_token, loss_mask), {"mask_rate": jnp.mean(xt == mask_id)}
+
+
+# --------------------------------------------------------------------------------------------
+# Supervised fine-tuning (LLaDA) and the conditional likelihood of a response
+# --------------------------------------------------------------------------------------------
+
+
+def sft_mean(per_token, response_mask):
+    """LLaDA's SFT normalisation (LLaDA GUIDELINES.md, 'SFT': `token_loss / answer_lengths`, summed, over
+    the batch size): each example's loss is summed over its response positions and divided by its
+    response length R_b (eos padding included), then averaged over the batch,
+
+        loss = 1/B sum_b 1/R_b sum_l per_token[b, l] response_mask[b, l].
+
+    With the masked-diffusion per-token loss, 1/R_b times the sum is an unbiased estimate of the NELBO of
+    the response given the prompt, per response token (LLaDA's SFT objective). A row without response
+    positions counts as 0. per_token, response_mask: [B, L]. Returns a float32 scalar.
+    """
+    per_token = _at_least_f32(per_token)
+    if response_mask.shape != per_token.shape:
+        raise ValueError(
+            f"response_mask must have shape {tuple(per_token.shape)}, got {tuple(response_mask.shape)}"
+        )
+    mask = response_mask.astype(per_token.dtype)
+    lengths = jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+    return jnp.mean(jnp.sum(per_token * mask, axis=1) / lengths)
+
+
+def sample_response_mask(rng, response_mask, stratified: bool = True):
+    """For `any_order_conditional_loss`: bool [B, L] masks with, in row b, l_b ~ U{1..R_b} of its R_b
+    response positions (response_mask [B, L] nonzero) masked, chosen uniformly at random; nothing else is
+    masked (LLaDA eval_llada.py `_forward_process`). Rows without response positions mask nothing.
+
+    stratified: l_b = floor(u_b R_b) + 1 with u = sample_times(antithetic=True): each l_b is still uniform
+    on 1..R_b (so estimates stay unbiased), while a batch covers 1..R evenly (LLaDA spreads l over the
+    batch with a linspace and one random offset, to the same end)."""
+    l_rng, perm_rng = jax.random.split(rng)
+    response = response_mask > 0
+    batch, length = response.shape
+    r = jnp.sum(response, axis=1)
+    u = sample_times(l_rng, batch, antithetic=stratified)
+    num_masked = jnp.minimum(jnp.floor(u * r).astype(jnp.int32) + 1, r)  # min: u * r may round up to r
+    keys = jnp.where(response, jax.random.uniform(perm_rng, (batch, length)), 2.0)
+    ranks = jnp.argsort(jnp.argsort(keys, axis=1), axis=1)  # response positions take ranks 0..R_b-1
+    return response & (ranks < num_masked[:, None])
+
+
+def any_order_conditional_loss(logits, x0, xt, mask_id: int, response_mask):
+    """The any-order bound on -log p(response | prompt) (LLaDA's conditional likelihood estimate; RADD's
+    AO-ARM form, `radd_any_order_loss`, restricted to the response): with R response positions and l of
+    them masked, uniformly, for l ~ U{1..R} (`sample_response_mask`),
+
+        -log p(r | p) <= E_l E_{|M| = l} [ R/l sum_{i in M} -log p_theta(r^i | p, r with M masked) ].
+
+    The bound is an equality for exact conditionals: it averages the chain rule over all orders. The
+    prompt (response_mask == 0) must be unmasked in xt. l is read off xt. Returns float32 [B, L] (0 off
+    the masked response positions).
+    """
+    nll = _masked_nll(logits, x0, xt, mask_id)
+    response = response_mask > 0
+    r = jnp.sum(response, axis=1, keepdims=True).astype(nll.dtype)
+    k = jnp.sum((xt == mask_id) & response, axis=1, keepdims=True).astype(nll.dtype)
+    return jnp.where(response, nll * r / jnp.maximum(k, 1.0), 0.0)

@@ -28,25 +28,63 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes, for multi-process runs.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, for multi-process runs.")
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout",
+    300,
+    "Seconds a multi-process job waits for all processes to join at start-up (and at shutdown) before it "
+    "fails (jax.distributed.initialize's initialization_timeout and shutdown_timeout_seconds).",
+)
+_LOG_LEVEL = flags.DEFINE_enum(
+    "log_level",
+    "warning",
+    ["debug", "info", "warning", "error"],
+    "Lowest level of the log lines of other libraries (orbax, jax, grain, absl) that are shown; ddlm's "
+    "own lines always show (absl's --verbosity / -v sets their level). 'info' brings back orbax's "
+    "per-checkpoint details.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
+
+# Printed (not logged: --verbosity cannot hide it) by each process of a multi-process job once it has
+# joined; launch/multiprocess.py waits for it (--start_timeout).
+JOINED_LINE = "ddlm: process {index} of {count} joined jax.distributed"
 
 
 def _initialize_distributed():
     import jax
 
+    timeouts = {
+        "initialization_timeout": _DISTRIBUTED_TIMEOUT.value,
+        "shutdown_timeout_seconds": _DISTRIBUTED_TIMEOUT.value,
+    }
     if _COORDINATOR.value or _NUM_PROCESSES.value:
         jax.distributed.initialize(
             coordinator_address=_COORDINATOR.value,
             num_processes=_NUM_PROCESSES.value,
             process_id=_PROCESS_ID.value,
+            **timeouts,
         )
     elif _DISTRIBUTED.value:
-        jax.distributed.initialize()
+        jax.distributed.initialize(**timeouts)
+    else:
+        return
+    print(JOINED_LINE.format(index=jax.process_index(), count=jax.process_count()), flush=True)
+
+
+def _fail(message: str, code: int = 1):
+    """The one line a user mistake gets (no traceback), then exit with `code`."""
+    logging.flush()
+    print(f"ddlm: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from ddlm.train import console
+
+    console.quiet_other_loggers(_LOG_LEVEL.value)
+    if os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
+        _fail(f"--workdir={_WORKDIR.value} is a file; expected a directory (created if missing)", 2)
     _initialize_distributed()
     import jax
 
@@ -79,20 +117,45 @@ def main(argv):
         # contract check in ddlm raises ValueError naming the field). DDLM_TRACEBACK=1 shows the traceback.
         if os.environ.get("DDLM_TRACEBACK"):
             raise
-        logging.flush()
-        print(f"ddlm: error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        _fail(f"{type(e).__name__}: {e}")
+
+
+def _config_path(argv) -> str | None:
+    """The file part of --config=<file>[:arg] (or --config <file>) in `argv`."""
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a[len("--config=") :].split(":", 1)[0]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1].split(":", 1)[0]
+    return None
+
+
+def _last_line_of_traceback(message: str) -> str:
+    """ml_collections wraps an error raised by get_config(arg) in a message holding the whole traceback
+    text; its last line ('ValueError: unknown config arg ...') is what the user needs."""
+    if "Traceback (most recent call last)" not in message:
+        return message
+    lines = [line for line in message.splitlines() if line.strip()]
+    head = lines[0].rsplit(": ", 1)[0]  # 'flag --config=experiments/x.py:arg: Error whilst parsing ...'
+    return f"{head}: {lines[-1].strip()}"
 
 
 def _parse_flags(argv):
-    """absl flag parsing, with a config override that names no field (or a bad value) reported as one
-    line: ml_collections raises AttributeError/KeyError/TypeError for those, which absl would let
+    """absl flag parsing, with each mistake reported as one line: a config file that does not exist (or
+    fails to load), a bad `:arg` of get_config, and a config override that names no field (or has a bad
+    value) -- ml_collections raises AttributeError/KeyError/TypeError for those, which absl would let
     through as a traceback."""
+    path = _config_path(argv)
+    if path is not None and not os.path.isfile(path):
+        _fail(f"--config: no such config file {path!r} (expected experiments/<name>.py[:arg])", 2)
     try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:  # a value of the wrong type, a missing required flag, ...
-        print(f"ddlm: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        rest = flags.FLAGS(argv)
+        _CONFIG.value.keys()  # a config file that failed to load raises here (ml_collections defers it)
+        return rest
+    except flags.Error as e:  # a value of the wrong type, a bad :arg, a missing required flag, ...
+        _fail(_last_line_of_traceback(str(e)), 2)
+    except OSError as e:
+        _fail(f"--config: {' '.join(str(e).split())}", 2)
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         message = str(e).replace("\\n", " ").replace("\\'", "'")
         message = " ".join(message.replace("'", "").split())
@@ -105,12 +168,7 @@ def _parse_flags(argv):
             ),
             "",
         )
-        print(
-            f"ddlm: error: bad config override {hint or ' '.join(overrides)}: {type(e).__name__}: {message}",
-            file=sys.stderr,
-            flush=True,
-        )
-        sys.exit(2)
+        _fail(f"bad config override {hint or ' '.join(overrides)}: {type(e).__name__}: {message}", 2)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from ddlm.train import config_lib as cl
 
 def get_config(arg=None):
     config, a = cl.openwebtext_config(arg, loss="ar", model_name="ar", time_conditioning=False)
+    config.sampler.name = "ar"  # left to right with the KV cache (ddlm.sampling.autoregressive)
     if a["smoke"]:
         cl.apply_smoke(config)
     return config

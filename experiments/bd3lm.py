@@ -12,6 +12,7 @@ def get_config(arg=None):
         arg, loss="bd3lm", model_name="bd3lm", time_conditioning=False, extra_args={"block_size": 4}
     )
     config.model.block_size = a["block_size"]  # tokens per block: 4 or 16 in the paper
+    config.sampler.name = "bd3lm"  # block by block with the exact KV cache (ddlm.sampling.block)
     if a["smoke"]:
         cl.apply_smoke(config)
     return config

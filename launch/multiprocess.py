@@ -5,17 +5,32 @@
 
 Each process gets `--devices_per_process` fake CPU devices (XLA_FLAGS) unless --gpus is given, in which
 case process i sees GPU i only (CUDA_VISIBLE_DEVICES). Everything after `--` goes to ddlm.main. The
-processes' output is prefixed with [i]; the launcher exits with the first non-zero exit code.
+processes' output is prefixed with [i].
+
+Fails fast, with one line: when a process exits with an error, the others are stopped at once (they would
+otherwise wait in a collective or at shutdown for minutes), and the launcher exits with that code; when
+not every process has joined jax.distributed within --start_timeout seconds (a coordinator or key-value
+store that never answers), all are stopped. The same timeout goes to ddlm.main as --distributed_timeout.
 """
 
 import argparse
 import os
+import re
 import socket
 import subprocess
 import sys
 import threading
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# ddlm.main.JOINED_LINE, printed by each process once jax.distributed.initialize() has returned.
+STARTED = re.compile(r"ddlm: process \d+ of \d+ joined jax\.distributed")
+# Gloo (the CPU collectives) prints one such line per rank and communicator from C++, where --log_level
+# cannot reach it: dropped here unless ddlm.main is given --log_level=info or debug.
+GLOO_CONNECTED = re.compile(r"^\[Gloo\] Rank \d+ is connected to \d+ peer ranks")
+# SIGTERM, then SIGKILL after this long: jax.distributed catches SIGTERM (its preemption notifier) and a
+# process stuck in a collective may never act on it.
+STOP_GRACE_S = 5.0
 
 
 def free_port() -> int:
@@ -24,10 +39,58 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def pump(i, stream):
+def pump(i, stream, started: threading.Event, quiet: bool = True):
     for line in stream:
+        if not started.is_set() and STARTED.search(line):
+            started.set()
+        if quiet and GLOO_CONNECTED.match(line):
+            continue
         sys.stdout.write(f"[{i}] {line}")
         sys.stdout.flush()
+
+
+def stop(procs) -> None:
+    """SIGTERM every process still running, then SIGKILL those still there after STOP_GRACE_S."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.time() + STOP_GRACE_S
+    for p in procs:
+        try:
+            p.wait(timeout=max(deadline - time.time(), 0.01))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def supervise(procs, started, start_timeout: float, poll_s: float = 0.1) -> tuple[int, str]:
+    """Waits for `procs` (subprocess.Popen); `started[i]` is set once process i has joined. Returns
+    (exit code, error line or ''): the first non-zero exit code, after stopping the others; or 1 when
+    not every process started within `start_timeout` seconds, after stopping all; else 0."""
+    t0 = time.time()
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                i, code = failed[0]
+                stop(procs)
+                return code, (
+                    f"process {i} exited with code {code}; stopped the other {len(procs) - 1} process(es)"
+                )
+            if all(c == 0 for c in codes):
+                return 0, ""
+            late = [i for i, s in enumerate(started) if not s.is_set() and codes[i] is None]
+            if late and time.time() - t0 > start_timeout:
+                stop(procs)
+                return 1, (
+                    f"process(es) {late} did not join jax.distributed within --start_timeout="
+                    f"{start_timeout:g}s; stopped all {len(procs)} processes"
+                )
+            time.sleep(poll_s)
+    except BaseException:  # Ctrl-C or a signal: no process outlives the launcher
+        stop(procs)
+        raise
 
 
 def main():
@@ -38,12 +101,19 @@ def main():
     parser.add_argument("--devices_per_process", type=int, default=4, help="fake CPU devices per process")
     parser.add_argument("--gpus", action="store_true", help="one GPU per process instead of fake CPU devices")
     parser.add_argument("--port", type=int, default=0, help="coordinator port (0 = a free one)")
+    parser.add_argument(
+        "--start_timeout",
+        type=float,
+        default=120.0,
+        help="seconds for every process to join jax.distributed before all are stopped",
+    )
     parser.add_argument("main_args", nargs=argparse.REMAINDER, help="-- then the ddlm.main flags")
     args = parser.parse_args()
     main_args = args.main_args[1:] if args.main_args[:1] == ["--"] else args.main_args
     address = f"localhost:{args.port or free_port()}"
+    quiet = not any(a in ("--log_level=info", "--log_level=debug") for a in main_args)
 
-    procs, threads = [], []
+    procs, started, threads = [], [], []
     for i in range(args.num_processes):
         env = dict(os.environ)
         if args.gpus:
@@ -59,18 +129,21 @@ def main():
             f"--coordinator_address={address}",
             f"--num_processes={args.num_processes}",
             f"--process_id={i}",
+            f"--distributed_timeout={max(int(args.start_timeout), 1)}",
         ]
         p = subprocess.Popen(
             cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
-        t = threading.Thread(target=pump, args=(i, p.stdout), daemon=True)
-        t.start()
+        started.append(threading.Event())
+        threads.append(threading.Thread(target=pump, args=(i, p.stdout, started[-1], quiet), daemon=True))
+        threads[-1].start()
         procs.append(p)
-        threads.append(t)
-    codes = [p.wait() for p in procs]
-    for t in threads:
+    code, error = supervise(procs, started, args.start_timeout)
+    for t in threads:  # the processes' last lines come before the launcher's verdict
         t.join(timeout=5)
-    sys.exit(next((c for c in codes if c), 0))
+    if error:
+        print(f"launch/multiprocess.py: error: {error}", file=sys.stderr, flush=True)
+    sys.exit(code if code >= 0 else 128 - code)  # killed by signal k: 128 + k, as a shell reports it
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from ddlm import models
+from model_utils import random_variables as _random_variables
 
 VOCAB = 37
 BATCH, LENGTH, BLOCK = 2, 16, 4
@@ -33,26 +34,6 @@ def _inputs(seed=0, length=LENGTH):
     x0 = jax.random.randint(k2, (BATCH, length), 0, VOCAB)
     t = jax.random.uniform(k3, (BATCH,))
     return xt, x0, t
-
-
-def _random_variables(model, xt, t, x0=None, seed=1):
-    """Random parameters of the right shapes (with their logical-axis boxes), drawn with numpy: no init compile.
-
-    Unlike the real init, nothing is zero (adaLN-zero and the zero output layer would hide every dependency).
-    """
-    abstract = jax.eval_shape(functools.partial(model.init, jax.random.key(0)), xt, t, x0=x0)
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name = jax.tree_util.keystr(path)
-        if leaf.ndim == 1 or "bias" in name:
-            value = (1.0 if "scale" in name else 0.0) + 0.3 * rng.standard_normal(leaf.shape)
-        else:  # fan-in scaled; the attention output kernel [heads, head_dim, d] has fan-in heads * head_dim
-            fan_in = leaf.shape[0] * (leaf.shape[1] if "out_kernel" in name else 1)
-            value = rng.standard_normal(leaf.shape) / np.sqrt(fan_in)
-        return jnp.asarray(value, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
 def _init(model, xt, t, x0=None):

@@ -184,7 +184,7 @@ def test_sampler_and_diffusion_mismatches_are_one_line_before_loading():
         ("uniform", "sedd_uniform", "linear", {"name": "sedd_euler"}, r"need alpha\(1\) > 0"),
         ("uniform", "sedd_uniform", "geometric", {"name": "sedd_euler", "grid": "cosine"}, "alpha"),
         ("absorbing", "sedd_absorb", "loglinear", {"name": "sedd_euler", "guidance_scale": 1.0}, "denoiser"),
-        ("absorbing", "ar", "loglinear", {"name": "ancestral"}, "diffusion losses"),
+        ("absorbing", "ar", "loglinear", {"name": "ancestral"}, "is sampled with config.sampler.name=.ar."),
     ]:
         c = _config(**fields)
         c.diffusion.process, c.diffusion.loss, c.diffusion.schedule = process, loss, schedule

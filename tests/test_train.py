@@ -246,3 +246,148 @@ def test_config_arg_string():
     assert big.model.d_model == 2048
     with pytest.raises(ValueError, match="unknown config arg 'sise'"):
         load_config(os.path.join(REPO, "experiments", "mdlm.py"), "sise=medium")
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def quick_config(**overrides):
+    """experiments/quickstart.py:smoke (1 layer, 32 wide, 8 x 16 tokens) with `overrides` ('train.steps': 4)."""
+    config = load_config(os.path.join(REPO, "experiments", "quickstart.py"), "smoke")
+    config.update_from_flattened_dict(overrides)
+    return config
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("train.batch_size", 0, "an integer >= 1"),
+        ("train.seq_len", 0, "an integer >= 1"),
+        ("train.eval_batch_size", -8, "an integer >= 1"),
+        ("train.eval_batches", 0, "an integer >= 1"),
+        ("train.steps", 0, "an integer >= 1"),
+        ("train.log_every", 0, "an integer >= 1"),
+        ("train.keep_checkpoints", 0, "an integer >= 1"),
+        ("train.ckpt_every", -1, "an integer >= 0"),
+        ("train.nan_policy", "ignore", "one of"),
+        ("optim.lr", -3e-4, "a finite number > 0"),
+        ("optim.lr", 0.0, "a finite number > 0"),
+        ("optim.lr", float("inf"), "a finite number > 0"),
+        ("optim.lr", float("nan"), "a finite number > 0"),
+        ("optim.warmup_steps", -1, "an integer >= 0"),
+        ("optim.decay", "linear", "'constant' or 'cosine'"),
+        ("optim.min_lr_ratio", 1.5, r"in \[0, 1\]"),
+        ("optim.b1", 1.0, r"in \[0, 1\)"),
+        ("optim.b2", -0.1, r"in \[0, 1\)"),
+        ("optim.eps", 0.0, "a finite number > 0"),
+        ("optim.weight_decay", -0.1, "a finite number >= 0"),
+        ("optim.grad_clip", -1.0, "a finite number >= 0"),
+        ("optim.grad_accum_steps", 0, "an integer >= 1"),
+        ("optim.ema_decay", 1.0, r"in \[0, 1\)"),
+        ("optim.ema_decay", -0.5, r"in \[0, 1\)"),
+    ],
+)
+def test_bad_train_and_optim_fields_are_one_line_naming_the_field(field, value, expected):
+    config = quick_config(**{field: value})
+    with pytest.raises(ConfigError, match=rf"^config\.{field} must be {expected}.*got") as info:
+        trainer.validate_config(config, num_devices=8)
+    assert "\n" not in str(info.value)
+    trainer.validate_config(quick_config(), num_devices=8)  # the defaults pass
+
+
+def test_short_validation_split_fails_before_training(tmp_path, monkeypatch):
+    """The validation split (35 documents, ~230k characters) has no batch of 16384 x 16 tokens: a
+    ConfigError naming both fields, raised before the train step is compiled or anything is written."""
+
+    def no_compile(setup):
+        raise AssertionError("the train step was compiled before the validation split was checked")
+
+    monkeypatch.setattr(trainer, "compile_train_step", no_compile)
+    config = quick_config(**{"train.eval_batch_size": 16384})
+    with pytest.raises(
+        ConfigError, match=r"config\.train\.eval_batch_size=16384 x config\.train\.seq_len=16"
+    ):
+        trainer.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+def test_nan_skip_counts_each_step_once_and_a_finished_rerun_compiles_nothing(tmp_path, monkeypatch, caplog):
+    """The loop's bookkeeping, with a stand-in for the compiled steps (the real train step's NaN flag is
+    tested above): every step is non-finite under nan_policy=skip, and the skipped list is exactly
+    [1, 2, 3, 4] (each step counted once, whichever of the one-step-late, logging and checkpoint checks
+    sees it); the progress bar advances once per step; a rerun of the finished job compiles nothing and
+    samples only while no samples were written."""
+    import json
+    import logging as python_logging
+
+    from ddlm.train import console
+
+    def nan_step(state, batch):
+        nan = jnp.float32(jnp.nan)
+        return state.replace(step=state.step + 1), {"loss": nan, "grad_norm": nan, "finite": jnp.float32(0)}
+
+    def zero_eval(params, batch, rng):
+        return {"loss_sum": jnp.float32(0), "tokens": jnp.float32(1)}
+
+    build = trainer.build
+
+    def build_zero_init(config, devices=None):  # zeros for the parameters: no init to compile
+        setup = build(config, devices)
+        setup.init_state = lambda: jax.tree.map(
+            lambda s: jax.device_put(np.zeros(s.shape, s.dtype), s.sharding), setup.abstract_state()
+        )
+        return setup
+
+    updates, samplings = [], []
+    update = console.TrainProgress.update
+    monkeypatch.setattr(trainer, "build", build_zero_init)
+    monkeypatch.setattr(trainer, "compile_train_step", lambda setup: nan_step)
+    monkeypatch.setattr(trainer, "compile_eval_step", lambda setup: zero_eval)
+    monkeypatch.setattr(
+        console.TrainProgress, "update", lambda self, s, loss: (updates.append(s), update(self, s, loss))
+    )
+    monkeypatch.setattr(
+        trainer, "run_sampling_if_available", lambda config, workdir: samplings.append(workdir)
+    )
+    # Checked one step late (1), at logging (2, 4) and at a checkpoint that is not logged (3).
+    config = quick_config(
+        **{
+            "train.steps": 4,
+            "train.log_every": 2,
+            "train.ckpt_every": 3,
+            "train.nan_policy": "skip",
+            "train.sample_at_end": True,
+        }
+    )
+    workdir = str(tmp_path / "run")
+    devices = jax.devices()[:1]
+    caplog.set_level(python_logging.INFO)
+    trainer.train_and_evaluate(config, workdir, devices=devices)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        train = [r for r in map(json.loads, f) if r["split"] == "train"]
+    assert [(r["step"], r["skipped_steps"]) for r in train] == [(2, 2), (4, 4)]
+    assert "Skipped 4 non-finite steps: [1, 2, 3, 4]" in caplog.text
+    assert updates == [1, 2, 3, 4]
+    assert samplings == [workdir]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "4"]
+
+    # The rerun: restores step 4, compiles nothing, samples again only while no samples exist.
+    def no_compile(setup):
+        raise AssertionError("a finished job's rerun compiled a step")
+
+    monkeypatch.setattr(trainer, "compile_train_step", no_compile)
+    monkeypatch.setattr(trainer, "compile_eval_step", no_compile)
+    caplog.clear()
+    assert trainer.train_and_evaluate(config, workdir, devices=devices) == {}
+    assert "Already trained to step 4 (config.train.steps=4): nothing to do" in caplog.text
+    assert samplings == [workdir, workdir]  # no samples on disk: the first run was stopped before them
+    os.makedirs(os.path.join(workdir, "samples", "20261130-101500-step3-ancestral"))  # another step's
+    trainer.train_and_evaluate(config, workdir, devices=devices)
+    assert samplings == [workdir] * 3
+    os.makedirs(os.path.join(workdir, "samples", "20261130-101600-step4-ancestral"))  # ddlm.sampling.cli's
+    trainer.train_and_evaluate(config, workdir, devices=devices)
+    assert samplings == [workdir] * 3
+    assert "Samples of step 4 are already in" in caplog.text

@@ -59,6 +59,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.num_workers = 0  # grain worker processes for reading + tokenising (0 = in-process)
     c.worker_buffer_size = 4  # documents prefetched per worker
     c.shuffle_seed = 0  # document order seed when make_iterator gets no seed
+    c.sft_data = ""  # SFT records (ddlm.data.sft): a .jsonl | a folder | 'shakespeare_replies'; '' = text
+    c.sft_template = "chat"  # SFT prompt template: 'chat' (plain-text role markers) | 'none'
     return c
 
 
@@ -302,6 +304,20 @@ def _batches_per_process(config, tok, src, split, n_proc, local_batch, seq_len, 
     return min(int(num_epochs * lengths[p::n_proc].sum()) // (local_batch * seq_len) for p in range(n_proc))
 
 
+def prefetch(it_ds: grain.IterDataset, config) -> grain.IterDataset:
+    """Runs the map stages in ``config.num_workers`` grain worker processes (0: in this process)."""
+    if config.num_workers <= 0:
+        return it_ds
+    if not flags.FLAGS.is_parsed():
+        # grain's worker processes read absl flags; a library caller may not have parsed them.
+        flags.FLAGS.mark_as_parsed()
+    return it_ds.mp_prefetch(
+        grain.MultiprocessingOptions(
+            num_workers=config.num_workers, per_worker_buffer_size=config.worker_buffer_size
+        )
+    )
+
+
 def make_iterator(
     config: ml_collections.ConfigDict,
     tok: tokenizers_lib.Tokenizer,
@@ -362,6 +378,21 @@ def make_iterator(
         )
     seed = config.shuffle_seed if seed is None else seed
     local_batch = global_batch_size // n_proc
+    if config.sft_data:  # prompt/response records, one padded row each (ddlm/data/sft.py)
+        from ddlm.data import sft
+
+        return sft.make_iterator(
+            config,
+            tok,
+            split,
+            global_batch_size=global_batch_size,
+            seq_len=seq_len,
+            seed=seed,
+            sharding=sharding,
+            num_epochs=num_epochs,
+            process_index=p,
+            process_count=n_proc,
+        )
     where = f"corpus {config.corpus!r} split {split!r} (process {p} of {n_proc})"
 
     src = corpora.data_source(config, split)
@@ -380,16 +411,7 @@ def make_iterator(
     ds = grain.MapDataset.source(src)[p::n_proc]
     ds = ds.shuffle(seed=int(seed) % 2**32).repeat(num_epochs)
     ds = ds.map(_Tokenize(tok, corpora.record_text_field(config), where))
-    it_ds = ds.to_iter_dataset()
-    if config.num_workers > 0:
-        if not flags.FLAGS.is_parsed():
-            # grain's worker processes read absl flags; a library caller may not have parsed them.
-            flags.FLAGS.mark_as_parsed()
-        it_ds = it_ds.mp_prefetch(
-            grain.MultiprocessingOptions(
-                num_workers=config.num_workers, per_worker_buffer_size=config.worker_buffer_size
-            )
-        )
+    it_ds = prefetch(ds.to_iter_dataset(), config)
     max_batches = None
     if num_epochs is not None and n_proc > 1:
         max_batches = _batches_per_process(config, tok, src, split, n_proc, local_batch, seq_len, num_epochs)

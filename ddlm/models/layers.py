@@ -15,11 +15,13 @@ The names used here:
 Small conditioning parameters (timestep MLP, cond_dim axes) are named None: replicated.
 
 Numerics: parameters in `param_dtype` (float32), matmuls in `dtype` (bfloat16 or float32), the residual
-stream, LayerNorm, rotary and adaLN modulation in float32; logits are float32.
+stream, LayerNorm, rotary and adaLN modulation in float32; logits are float32. A float64 network (dtype and
+param_dtype float64, under `jax.enable_x64`) keeps all of these in float64: the exactness tests of the KV
+cache compare float64 logits, where float32 rounding would hide a wrong formula.
 """
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -32,6 +34,11 @@ BLE = ("batch", "length", "embed")
 BLHK = ("batch", "length", "heads", "kv")
 BLM = ("batch", "length", "mlp")
 BLV = ("batch", "length", "vocab")
+
+
+def stream_dtype(dtype: Dtype):
+    """The dtype of the residual stream, norms and logits: float32, or float64 for a float64 network."""
+    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 
 def _lecun_normal(in_axis=-2, out_axis=-1):
@@ -59,21 +66,22 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, base: float = 10_000.0)
       base: the frequency base.
 
     Returns:
-      [batch, length, heads, head_dim] in x's dtype; computed in float32. For any shift s,
+      [batch, length, heads, head_dim] in x's dtype; computed in float32 (float64 for float64 x). For any s,
       <rot(q, m + s), rot(k, n + s)> = <rot(q, m), rot(k, n)>: scores depend on m - n only.
     """
     head_dim = x.shape[-1]
     if head_dim % 2:
         raise ValueError(f"rotary embedding needs an even head_dim, got {head_dim}")
     half = head_dim // 2
-    inv_freq = 1.0 / (base ** (jnp.arange(half, dtype=jnp.float32) / half))  # [half]
-    positions = jnp.asarray(positions, jnp.float32)
+    compute = jnp.promote_types(x.dtype, jnp.float32)  # float32, or float64 for float64 x
+    inv_freq = 1.0 / (base ** (jnp.arange(half, dtype=compute) / half))  # [half]
+    positions = jnp.asarray(positions, compute)
     if positions.ndim == 1:
         positions = positions[None]  # [1, L]
     angles = positions[..., None] * inv_freq  # [B|1, L, half]
     cos = jnp.cos(angles)[:, :, None, :]  # [B|1, L, 1, half]
     sin = jnp.sin(angles)[:, :, None, :]
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(compute)
     x1, x2 = x32[..., :half], x32[..., half:]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
@@ -117,7 +125,9 @@ def block_diffusion_mask(seq_len: int, block_size: int) -> jax.Array:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def timestep_sinusoids(t: jax.Array, dim: int = 256, max_period: float = 10_000.0) -> jax.Array:
+def timestep_sinusoids(
+    t: jax.Array, dim: int = 256, max_period: float = 10_000.0, dtype: Dtype = jnp.float32
+) -> jax.Array:
     """Sinusoidal features of a (continuous) time, as DiT/MDLM's TimestepEmbedder.
 
     Args:
@@ -125,11 +135,11 @@ def timestep_sinusoids(t: jax.Array, dim: int = 256, max_period: float = 10_000.
       dim: number of features (even).
 
     Returns:
-      [..., dim] float32: [cos(t f_k), sin(t f_k)] with f_k = max_period^(-k / (dim/2)).
+      [..., dim] in dtype (float32): [cos(t f_k), sin(t f_k)] with f_k = max_period^(-k / (dim/2)).
     """
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-    args = jnp.asarray(t, jnp.float32)[..., None] * freqs
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=dtype) / half)
+    args = jnp.asarray(t, dtype)[..., None] * freqs
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
@@ -144,15 +154,16 @@ class TimestepEmbedder(nn.Module):
     frequency_dim: int = 256
     time_scale: float = 1000.0
     param_dtype: Dtype = jnp.float32
+    dtype: Dtype = jnp.float32  # float32 (float64 only for a float64 network)
 
     @nn.compact
     def __call__(self, t: jax.Array) -> jax.Array:
         """t: [batch] or [batch, length] float -> c: [batch, cond_dim] or [batch, length, cond_dim] float32."""
-        h = timestep_sinusoids(t * self.time_scale, self.frequency_dim)
+        h = timestep_sinusoids(t * self.time_scale, self.frequency_dim, dtype=self.dtype)
         for i in range(2):
             h = nn.Dense(
                 self.cond_dim,
-                dtype=jnp.float32,
+                dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None)),
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
@@ -171,6 +182,7 @@ class AdaLNModulation(nn.Module):
     num: int
     d_model: int
     param_dtype: Dtype = jnp.float32
+    dtype: Dtype = jnp.float32  # float32 (float64 only for a float64 network)
 
     @nn.compact
     def __call__(self, c: jax.Array) -> tuple[jax.Array, ...]:
@@ -189,7 +201,7 @@ class AdaLNModulation(nn.Module):
             self.param_dtype,
         )
         # [B, 1|L, cond_dim] x [cond_dim, num, d] -> [B, 1|L, num, d]
-        mod = jnp.einsum("blc,cnd->blnd", c.astype(jnp.float32), kernel.astype(jnp.float32)) + bias
+        mod = jnp.einsum("blc,cnd->blnd", c.astype(self.dtype), kernel.astype(self.dtype)) + bias
         return tuple(mod[..., i, :] for i in range(self.num))
 
 
@@ -197,12 +209,12 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
     return x * (1.0 + scale) + shift
 
 
-def layer_norm(name: str, param_dtype: Dtype) -> nn.LayerNorm:
-    # MDLM's LayerNorm: scale only, no bias, statistics and output in float32.
+def layer_norm(name: str, param_dtype: Dtype, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+    # MDLM's LayerNorm: scale only, no bias, statistics and output in float32 (float64 for a float64 network).
     return nn.LayerNorm(
         epsilon=1e-5,
         use_bias=False,
-        dtype=jnp.float32,
+        dtype=dtype,
         param_dtype=param_dtype,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
         name=name,
@@ -214,12 +226,101 @@ def layer_norm(name: str, param_dtype: Dtype) -> nn.LayerNorm:
 # ------------------------------------------------------------------------------------------------------------
 
 
+class LayerCache(NamedTuple):
+    """One layer's keys and values, [batch, capacity, heads, head_dim] each (keys already rotated)."""
+
+    keys: jax.Array
+    values: jax.Array
+
+
+class KVCache(NamedTuple):
+    """The network's KV cache: per layer, keys and values [batch, capacity, heads, head_dim] (keys rotated).
+
+    A plain pytree: a lax loop carry, updated in place by `Transformer.decode` writes.
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+
+
+class DecodeMasks(NamedTuple):
+    """Who a query slice of S positions attends to in a cached step (shared by every layer).
+
+    attend: bool [B|1, S, C], cache slots each query sees (the cache as it was before this step).
+    self_attend: bool [B|1, S, S], the slice's own fresh keys each query sees.
+    write_index: None (the cache is not changed) or int32 []: the slice's keys/values are written at slots
+      [write_index, write_index + S), replacing what was there (`attend` on those slots is then ignored).
+    """
+
+    attend: jax.Array
+    self_attend: jax.Array
+    write_index: jax.Array | None
+
+
+def attention(q, k, v, mask, is_causal=False, implementation="xla"):
+    """softmax(q k^T / sqrt(Dh), masked) v. q: [B, T, H, Dh]; k, v: [B, S, H, Dh]; mask: bool [B|1, 1, T, S].
+
+    jax.nn.dot_product_attention for float32/bfloat16 (the training path). It takes the softmax in float32
+    even for float64 inputs, so a float64 network (exactness tests) gets the same formula written out.
+    """
+    if q.dtype != jnp.float64:
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=is_causal, implementation=implementation
+        )
+    scores = jnp.einsum("bthd,bshd->bhts", q, k) / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
+    if is_causal:
+        causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
+        mask = causal[None, None] if mask is None else mask & causal
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+    return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v)
+
+
+def cached_attention(q, k, v, cache: LayerCache, masks: DecodeMasks, implementation="xla"):
+    """Attention of a query slice over a KV cache and over its own fresh keys/values.
+
+    q, k, v: [B, S, H, Dh] of the slice (rotary applied); cache: [B, C, H, Dh] keys/values.
+    Without a write the slice attends concat(cache, fresh) under concat(attend, self_attend); with a write the
+    fresh keys/values go into the cache first (dynamic_update_slice: in place inside a loop) and the slice
+    attends the updated cache, with self_attend placed at the written slots; both are the same sum.
+    Returns (out [B, S, H, Dh], the cache, updated if written).
+    """
+    length = q.shape[1]
+    capacity = cache.keys.shape[1]
+    attend = jnp.broadcast_to(masks.attend, (masks.attend.shape[0], length, capacity))
+    self_attend = jnp.broadcast_to(masks.self_attend, (attend.shape[0], length, length))
+    if masks.write_index is None:
+        keys = jnp.concatenate([cache.keys, k.astype(cache.keys.dtype)], axis=1)
+        values = jnp.concatenate([cache.values, v.astype(cache.values.dtype)], axis=1)
+        mask = jnp.concatenate([attend, self_attend], axis=-1)
+    else:
+        w = masks.write_index
+        cache = LayerCache(
+            nn.with_logical_constraint(
+                jax.lax.dynamic_update_slice_in_dim(cache.keys, k.astype(cache.keys.dtype), w, axis=1), BLHK
+            ),
+            nn.with_logical_constraint(
+                jax.lax.dynamic_update_slice_in_dim(cache.values, v.astype(cache.values.dtype), w, axis=1),
+                BLHK,
+            ),
+        )
+        keys, values = cache.keys, cache.values
+        mask = jax.lax.dynamic_update_slice_in_dim(attend, self_attend, w, axis=2)
+    # The fused cuDNN kernel wants long query tiles; a decode slice is a few tokens: XLA's attention.
+    impl = "xla" if implementation == "cudnn" else implementation
+    out = attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask[:, None], implementation=impl)
+    return out, cache
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with rotary positions, through `jax.nn.dot_product_attention`.
 
     implementation: 'xla' (any backend; materialises the [L, L] scores) or 'cudnn' (fused flash attention on
     NVIDIA GPUs, bf16/fp16 only; a boolean mask becomes an additive bias). In jax 0.10.2 implementation=None
     means XLA (jax.nn.dot_product_attention does not auto-select cuDNN), so the choice is explicit.
+
+    Decoding (`cache` given): the slice's queries attend the cache and themselves (see `cached_attention`);
+    returns (out, updated cache).
     """
 
     num_heads: int
@@ -234,10 +335,13 @@ class SelfAttention(nn.Module):
         positions: jax.Array,
         mask: jax.Array | None = None,
         is_causal: bool = False,
-    ) -> jax.Array:
-        """x: [B, L, d] -> [B, L, d] in `dtype`.
+        cache: LayerCache | None = None,
+        decode_masks: DecodeMasks | None = None,
+    ):
+        """x: [B, L, d] -> [B, L, d] in `dtype` (and the updated LayerCache when `cache` is given).
 
-        positions: [L] rotary positions; mask: bool [L, L] (True = attend) or None; is_causal: lower-triangular.
+        positions: [L] or [B, L] rotary positions; mask: bool [L, L] (True = attend) or None; is_causal:
+        lower-triangular. cache, decode_masks: the decode path (mask and is_causal are then unused).
         """
         d_model = x.shape[-1]
         if d_model % self.num_heads:
@@ -262,13 +366,15 @@ class SelfAttention(nn.Module):
         q = nn.with_logical_constraint(rotary_embedding(q, positions), BLHK)
         k = nn.with_logical_constraint(rotary_embedding(k, positions), BLHK)
         v = nn.with_logical_constraint(v, BLHK)
-        if mask is not None:
-            mask = mask[None, None]  # [1, 1, L, L] broadcasts over batch and heads
-        out = jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=is_causal, implementation=self.implementation
-        )
+        if cache is None:
+            if mask is not None:
+                mask = mask[None, None]  # [1, 1, L, L] broadcasts over batch and heads
+            out = attention(q, k, v, mask, is_causal, self.implementation)
+        else:
+            out, cache = cached_attention(q, k, v, cache, decode_masks, self.implementation)
         out = nn.with_logical_constraint(out, BLHK)  # [B, L, H, Dh]
-        return jnp.einsum("blhk,hkd->bld", out, out_kernel.astype(self.dtype))
+        out = jnp.einsum("blhk,hkd->bld", out, out_kernel.astype(self.dtype))
+        return out if cache is None else (out, cache)
 
 
 class MLP(nn.Module):
@@ -313,6 +419,8 @@ class DiTBlock(nn.Module):
                x += gate_m * drop(mlp(modulate(LN(x), shift_m, scale_m)))
     where (shift_a, scale_a, gate_a, shift_m, scale_m, gate_m) = zero-initialised Dense(c): identity at init.
     Without c: x += drop(attn(LN(x))); x += drop(mlp(LN(x))) (time-free networks: RADD, MD4, AR).
+    With `cache` (decoding): the attention runs over the cache (SelfAttention) and the block returns
+    (x, updated LayerCache).
     """
 
     num_heads: int
@@ -332,26 +440,33 @@ class DiTBlock(nn.Module):
         mask: jax.Array | None,
         is_causal: bool,
         train: bool,
-    ) -> jax.Array:
+        cache: LayerCache | None = None,
+        decode_masks: DecodeMasks | None = None,
+    ):
         """x: [B, L, d] float32 residual stream; c: [B, 1 or L, cond_dim] or None -> [B, L, d] float32."""
         d_model = x.shape[-1]
+        stream = stream_dtype(self.dtype)
         if self.time_conditioning:
             shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = AdaLNModulation(
-                6, d_model, self.param_dtype, name="adaln"
+                6, d_model, self.param_dtype, stream, name="adaln"
             )(c)
-        h = layer_norm("norm_attn", self.param_dtype)(x)
+        h = layer_norm("norm_attn", self.param_dtype, stream)(x)
         if self.time_conditioning:
             h = modulate(h, shift_a, scale_a)
         attn = SelfAttention(self.num_heads, self.dtype, self.param_dtype, self.attention_impl, name="attn")
-        h = attn(h, positions, mask, is_causal)
-        h = nn.Dropout(self.dropout)(h, deterministic=not train).astype(jnp.float32)
+        if cache is None:
+            h = attn(h, positions, mask, is_causal)
+        else:
+            h, cache = attn(h, positions, cache=cache, decode_masks=decode_masks)
+        h = nn.Dropout(self.dropout)(h, deterministic=not train).astype(stream)
         x = x + (gate_a * h if self.time_conditioning else h)
         x = nn.with_logical_constraint(x, BLE)
 
-        h = layer_norm("norm_mlp", self.param_dtype)(x)
+        h = layer_norm("norm_mlp", self.param_dtype, stream)(x)
         if self.time_conditioning:
             h = modulate(h, shift_m, scale_m)
         h = MLP(self.mlp_dim, self.dtype, self.param_dtype, name="mlp")(h)
-        h = nn.Dropout(self.dropout)(h, deterministic=not train).astype(jnp.float32)
+        h = nn.Dropout(self.dropout)(h, deterministic=not train).astype(stream)
         x = x + (gate_m * h if self.time_conditioning else h)
-        return nn.with_logical_constraint(x, BLE)
+        x = nn.with_logical_constraint(x, BLE)
+        return x if cache is None else (x, cache)

@@ -107,7 +107,6 @@ class Transformer(nn.Module):
                 f"x0 is only used by attention='block_causal', got x0 with attention={self.attention!r}"
             )
 
-    @nn.compact
     def __call__(
         self,
         tokens: jax.Array,
@@ -129,13 +128,14 @@ class Transformer(nn.Module):
         """
         self._check_inputs(tokens, t, x0)
         batch, length = tokens.shape
+        stream = layers.stream_dtype(self.dtype)
 
         # ---- inputs, positions, mask -----------------------------------------------------------------------
         mask, is_causal = None, False
         positions = jnp.arange(length)
         t_tokens = None
         if self.time_conditioning:
-            t = jnp.asarray(t, jnp.float32)
+            t = jnp.asarray(t, stream)
             t_tokens = t[:, None] if t.ndim == 1 else t  # [B, 1] or [B, L]
         if self.attention == "causal":
             is_causal = True
@@ -145,10 +145,128 @@ class Transformer(nn.Module):
             mask = layers.block_diffusion_mask(length, self.block_size)  # [2L, 2L]
             if t_tokens is not None:  # clean tokens x0 sit at t = 0
                 t_tokens = jnp.concatenate(
-                    [jnp.broadcast_to(t_tokens, (batch, length)), jnp.zeros((batch, length), jnp.float32)],
+                    [jnp.broadcast_to(t_tokens, (batch, length)), jnp.zeros((batch, length), stream)],
                     axis=1,
                 )
+        return self._forward(tokens, positions, t_tokens, mask, is_causal, train, out_length=length)
 
+    # ---- decoding with a KV cache ----------------------------------------------------------------------------
+    # Design: the cache is explicit arrays in and out (a KVCache pytree), not flax's mutable 'cache'
+    # collection (flax lm1b / t5x). The approximate caches for bidirectional networks (Fast-dLLM prefix and
+    # dual caches, dKV-Cache) must attend to cached keys at arbitrary slots, skip or keep the write-back, and
+    # refresh on their own policy; with explicit arrays every choice is an argument of a pure function, the
+    # cache is a lax loop carry updated in place, and it shards by the same logical names as activations.
+
+    def decode(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        cache: layers.KVCache,
+        attend: jax.Array,
+        self_attend: jax.Array | None = None,
+        t: jax.Array | None = None,
+        write_index: jax.Array | int | None = None,
+    ):
+        """One cached step on a slice of S positions: `model.apply(variables, ..., method='decode')`.
+
+        The slice's queries attend (a) the cache slots where `attend` is True (keys/values as they were before
+        this step) and (b) the slice's own fresh keys/values where `self_attend` is True. Masks and writes
+        are the caller's choice, so one step serves every attention kind:
+          causal (AR):        attend = slots before the slice, self_attend = lower-triangular, write.
+          block_causal:       clean blocks are written with t = 0 and self_attend all True (block-causal
+                              prefix); a noised block attends the clean slots + itself, no write.
+          bidirectional:      any slots (validity mask) + itself; write or not (Fast-dLLM dual / prefix).
+
+        Args:
+          tokens: int [batch, S] the slice.
+          positions: int [S] or [batch, S] absolute positions (rotary; keys in the cache carry theirs).
+          cache: KVCache with keys/values [batch, C, heads, head_dim] per layer (see `init_cache`).
+          attend: bool [C], [S, C] or [batch, S, C]: the cache slots each query sees.
+          self_attend: bool [S, S] or [batch, S, S]; None = all True (bidirectional within the slice).
+          t: float [batch] or [batch, S] time of the slice (time-conditioned networks only; the clean
+            blocks of a block-causal network use t = 0, as in the training forward).
+          write_index: None, or int []: write the slice's keys/values at slots [write_index, write_index + S)
+            (then `attend` on those slots is ignored); must fit in the cache (C >= write_index + S).
+
+        Returns:
+          (logits float32 [batch, S, vocab_size], the KVCache: updated if written, else the input cache).
+        """
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"decode: tokens must be int [batch, S], got {tokens.dtype} {tokens.shape}")
+        batch, length = tokens.shape
+        if self.attention_impl not in ("xla", "cudnn"):
+            raise ValueError(f"attention_impl must be 'xla' or 'cudnn', got {self.attention_impl!r}")
+        if len(cache.keys) != self.num_layers or len(cache.values) != self.num_layers:
+            raise ValueError(f"decode: the cache has {len(cache.keys)} layers, the network {self.num_layers}")
+        capacity = cache.keys[0].shape[1]
+        head_dim = self.d_model // self.num_heads
+        expected = (batch, capacity, self.num_heads, head_dim)
+        if cache.keys[0].shape != expected:
+            raise ValueError(f"decode: cache keys must be [batch, C, heads, head_dim] = {expected}, got "
+                             f"{cache.keys[0].shape}")  # fmt: skip
+        positions = jnp.asarray(positions)
+        if positions.shape not in ((length,), (batch, length)):
+            raise ValueError(
+                f"decode: positions must be [{length}] or [{batch}, {length}], got {positions.shape}"
+            )
+        attend = jnp.asarray(attend, bool)
+        if attend.ndim == 1:
+            attend = attend[None]
+        if attend.ndim == 2:
+            attend = attend[None]
+        if attend.shape[1:] not in ((length, capacity), (1, capacity)) or attend.shape[0] not in (1, batch):
+            raise ValueError(f"decode: attend must be bool [C], [S, C] or [batch, S, C] with S={length}, "
+                             f"C={capacity}, got {attend.shape}")  # fmt: skip
+        if self_attend is None:
+            self_attend = jnp.ones((1, length, length), bool)
+        self_attend = jnp.asarray(self_attend, bool)
+        if self_attend.ndim == 2:
+            self_attend = self_attend[None]
+        if self_attend.shape[1:] != (length, length) or self_attend.shape[0] not in (1, batch):
+            raise ValueError(f"decode: self_attend must be bool [S, S] or [batch, S, S] with S={length}, got "
+                             f"{self_attend.shape}")  # fmt: skip
+        mask_batch = max(attend.shape[0], self_attend.shape[0])
+        attend = jnp.broadcast_to(attend, (mask_batch, length, capacity))
+        self_attend = jnp.broadcast_to(self_attend, (mask_batch, length, length))
+        if isinstance(write_index, int) and not 0 <= write_index <= capacity - length:
+            raise ValueError(
+                f"decode: write_index={write_index} + S={length} must fit the cache of {capacity}"
+            )
+        if write_index is not None:
+            write_index = jnp.asarray(write_index, jnp.int32)
+        t_tokens = None
+        if self.time_conditioning:
+            if t is None:
+                raise ValueError(
+                    "decode: t is required when time_conditioning=True: float [batch] or [batch, S]"
+                )
+            t = jnp.asarray(t, layers.stream_dtype(self.dtype))
+            if t.shape not in ((batch,), (batch, length)):
+                raise ValueError(f"decode: t must be float [{batch}] or [{batch}, {length}], got {t.shape}")
+            t_tokens = t[:, None] if t.ndim == 1 else t
+        masks = layers.DecodeMasks(attend, self_attend, write_index)
+        return self._forward(tokens, positions, t_tokens, None, False, False, cache=cache, decode_masks=masks)
+
+    @nn.compact
+    def _forward(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        t_tokens: jax.Array | None,
+        mask: jax.Array | None,
+        is_causal: bool,
+        train: bool,
+        out_length: int | None = None,
+        cache: layers.KVCache | None = None,
+        decode_masks: layers.DecodeMasks | None = None,
+    ):
+        """Embedding -> blocks -> output layer on prepared inputs; the one place the parameters are created.
+
+        tokens: int [B, L']; positions: [L'] or [B, L']; t_tokens: [B, 1 or L'] or None; out_length: logits for
+        the first out_length positions only (the xt half of the block-causal input). With cache: the decode
+        path, returns (logits, updated KVCache).
+        """
+        stream = layers.stream_dtype(self.dtype)
         # ---- embedding and conditioning --------------------------------------------------------------------
         embedding = self.param(
             "token_embedding",
@@ -159,21 +277,22 @@ class Transformer(nn.Module):
         # FSDP-style: gather the table over the 'embed' (fsdp) axis before the lookup; without this XLA cannot
         # partition the gather (batch-sharded ids, embed-sharded table) and replicates the activations.
         table = nn.with_logical_constraint(embedding, ("vocab", None))
-        x = jnp.take(table, tokens, axis=0).astype(jnp.float32)  # [B, L', d]
+        x = jnp.take(table, tokens, axis=0).astype(stream)  # [B, L', d]
         x = nn.with_logical_constraint(x, layers.BLE)
         c = None
         if self.time_conditioning:
-            c = layers.TimestepEmbedder(self.cond_dim, param_dtype=self.param_dtype, name="time_embedding")(
-                t_tokens
-            )
+            c = layers.TimestepEmbedder(
+                self.cond_dim, param_dtype=self.param_dtype, dtype=stream, name="time_embedding"
+            )(t_tokens)
 
         # ---- blocks ----------------------------------------------------------------------------------------
         block_cls = layers.DiTBlock
-        if self.remat:
+        if self.remat and cache is None:
             # self is argument 0: (self, x, c, positions, mask, is_causal, train).
             block_cls = nn.remat(layers.DiTBlock, static_argnums=(5, 6))
+        new_keys, new_values = [], []
         for i in range(self.num_layers):
-            x = block_cls(
+            block = block_cls(
                 num_heads=self.num_heads,
                 mlp_dim=self.mlp_dim,
                 dropout=self.dropout,
@@ -182,22 +301,29 @@ class Transformer(nn.Module):
                 param_dtype=self.param_dtype,
                 attention_impl=self.attention_impl,
                 name=f"block_{i}",
-            )(x, c, positions, mask, is_causal, train)
+            )
+            if cache is None:
+                x = block(x, c, positions, mask, is_causal, train)
+            else:
+                layer_cache = layers.LayerCache(cache.keys[i], cache.values[i])
+                x, layer_cache = block(x, c, positions, None, False, False, layer_cache, decode_masks)
+                new_keys.append(layer_cache.keys)
+                new_values.append(layer_cache.values)
 
         # ---- output layer (MDLM's DDitFinalLayer) ----------------------------------------------------------
-        if self.attention == "block_causal":  # logits for the xt half only
-            x = x[:, :length]
+        if out_length is not None and out_length < x.shape[1]:  # block-causal: logits for the xt half only
+            x = x[:, :out_length]
             if c is not None:
-                c = c[:, :length]
-        x = layers.layer_norm("norm_final", self.param_dtype)(x)
+                c = c[:, :out_length]
+        x = layers.layer_norm("norm_final", self.param_dtype, stream)(x)
         if self.time_conditioning:
-            shift, scale = layers.AdaLNModulation(2, self.d_model, self.param_dtype, name="adaln_final")(c)
+            shift, scale = layers.AdaLNModulation(
+                2, self.d_model, self.param_dtype, stream, name="adaln_final"
+            )(c)
             x = layers.modulate(x, shift, scale)
         x = x.astype(self.dtype)
         if self.tie_embeddings:
-            logits = jnp.einsum(
-                "bld,vd->blv", x, embedding.astype(self.dtype), preferred_element_type=jnp.float32
-            )
+            logits = jnp.einsum("bld,vd->blv", x, embedding.astype(self.dtype), preferred_element_type=stream)
         else:
             # Zero-initialised as MDLM: uniform predictions at init.
             kernel = self.param(
@@ -212,12 +338,13 @@ class Transformer(nn.Module):
                 (self.padded_vocab_size,),
                 self.param_dtype,
             )
-            logits = jnp.einsum(
-                "bld,dv->blv", x, kernel.astype(self.dtype), preferred_element_type=jnp.float32
-            )
-            logits = logits + bias.astype(jnp.float32)
-        logits = nn.with_logical_constraint(logits.astype(jnp.float32), layers.BLV)
-        return logits[..., : self.vocab_size]
+            logits = jnp.einsum("bld,dv->blv", x, kernel.astype(self.dtype), preferred_element_type=stream)
+            logits = logits + bias.astype(stream)
+        logits = nn.with_logical_constraint(logits.astype(stream), layers.BLV)
+        logits = logits[..., : self.vocab_size]
+        if cache is None:
+            return logits
+        return logits, layers.KVCache(tuple(new_keys), tuple(new_values))
 
 
 _ATTENTION_OF_NAME = {"dit": "bidirectional", "ar": "causal", "bd3lm": "block_causal"}

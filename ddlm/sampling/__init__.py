@@ -12,6 +12,11 @@ Samplers (config.sampler.name):
     sedd_euler      SEDD Euler steps, absorbing or uniform graph                score.score_sample(method='euler')
     sedd_analytic   SEDD analytic (Tweedie tau-leaping) steps                   score.score_sample(method='analytic')
     parallel        semi-AR blocks + a commit rule (LLaDA, Fast-dLLM, EB-sampler) parallel.parallel_sample
+    ar              autoregressive decoding with a KV cache (causal networks)   autoregressive.ar_sample
+    bd3lm           BD3-LM blocks with the exact KV cache (block-causal)       block.block_sample
+
+ar and bd3lm decode a network with a KV cache: pass decoder=models.make_decoder(model, variables) instead of
+denoise_fn; bd3lm runs the masked sampler cfg.block_sampler inside each block.
 """
 
 from __future__ import annotations
@@ -21,12 +26,17 @@ import functools
 
 import jax
 
-from ddlm.sampling import categorical, conditioning, masked, parallel, rules, score
+from ddlm.sampling import autoregressive, block, categorical, conditioning, masked, parallel, rules, score
 from ddlm.sampling.config import default_config
 from ddlm.sampling.masked import SampleOutput, ancestral_sample, first_hitting_sample
 from ddlm.sampling.score import absorbing_score_fn, score_sample
 
 SAMPLERS = ("ancestral", "cached", "remdm", "first_hitting", "sedd_euler", "sedd_analytic", "parallel")
+# Samplers that decode a network with its KV cache (make_sampler's `decoder`), and the masked samplers a
+# bd3lm block may run (cfg.block_sampler).
+CACHED_SAMPLERS = ("ar", "bd3lm")
+SAMPLERS += CACHED_SAMPLERS
+BLOCK_SAMPLERS = ("first_hitting", "ancestral", "cached", "remdm", "parallel")
 
 # Number of times each sampler built by `jit_sampler` has been traced (compiled), by name.
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -42,6 +52,9 @@ def make_sampler(
     graph: str = "absorbing",
     return_trajectory: bool = False,
     progress_fn=None,
+    decoder=None,
+    eos_id=None,
+    pad_id=None,
 ):
     """sample(rng, x_init, clamp=None) -> SampleOutput for the sampler named cfg.name (not jitted: pure).
 
@@ -51,9 +64,15 @@ def make_sampler(
     their factor alpha/(1 - alpha)) on the absorbing one, see ddlm.sampling.score. cfg.guidance_scale != 0 wraps denoise_fn in
     classifier-free guidance with the known tokens of x_init as the condition. clamp: bool [B, L], positions
     kept fixed on the uniform graph. progress_fn(steps_done): a host callback after every step (optional).
+    'ar' / 'bd3lm': decoder = models.make_decoder(model, variables) of a causal / block-causal network;
+    eos_id, pad_id for cfg.stop_at_eos (variable length).
     """
     if cfg.name not in SAMPLERS:
         raise ValueError(f"unknown sampler {cfg.name!r}; expected one of {SAMPLERS}")
+    if cfg.name in CACHED_SAMPLERS:
+        return _make_cached_sampler(
+            cfg, decoder, schedule, mask_id, return_trajectory, progress_fn, eos_id, pad_id
+        )
     if graph == "uniform" and not cfg.name.startswith("sedd_"):
         raise ValueError(
             f"sampler {cfg.name!r} is for masked diffusion; the uniform graph needs sedd_euler or sedd_analytic"
@@ -136,6 +155,53 @@ def make_sampler(
     return sample
 
 
+def _make_cached_sampler(cfg, decoder, schedule, mask_id, return_trajectory, progress_fn, eos_id, pad_id):
+    """The 'ar' and 'bd3lm' samplers: a network decoded with its KV cache."""
+    if decoder is None:
+        raise ValueError(f"sampler {cfg.name!r} needs decoder=models.make_decoder(model, variables)")
+    if mask_id is None:
+        raise ValueError(f"sampler {cfg.name!r} needs mask_id (the positions to generate in x_init)")
+    if return_trajectory:
+        raise ValueError(f"sampler {cfg.name!r} records no trajectory: set config.sampler.visualize=False")
+    if cfg.guidance_scale:
+        raise ValueError(
+            f"sampler {cfg.name!r} has no classifier-free guidance: set config.sampler.guidance_scale=0"
+        )
+    common = {
+        "mask_id": mask_id,
+        "kv_cache": bool(cfg.kv_cache),
+        "eos_id": eos_id,
+        "pad_id": pad_id,
+        "stop_at_eos": bool(cfg.stop_at_eos),
+        "progress_fn": progress_fn,
+    }
+    if cfg.name == "ar":
+        filters = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
+
+        def sample(rng, x_init, clamp=None):
+            return autoregressive.ar_sample(
+                decoder, rng, x_init, greedy=bool(cfg.greedy), precision=cfg.precision, **filters, **common
+            )
+
+        return sample
+    if cfg.block_sampler not in BLOCK_SAMPLERS:
+        raise ValueError(
+            f"config.sampler.block_sampler must be one of {BLOCK_SAMPLERS}, got {cfg.block_sampler!r}"
+        )
+    inner = cfg.copy_and_resolve_references()
+    inner.name = cfg.block_sampler
+    denoise_block = lambda fn, rng, x_block: make_sampler(
+        inner, denoise_fn=fn, schedule=schedule, mask_id=mask_id
+    )(rng, x_block)
+
+    def sample(rng, x_init, clamp=None):
+        return block.block_sample(
+            decoder, rng, x_init, denoise_block=denoise_block, window=int(cfg.window), **common
+        )
+
+    return sample
+
+
 def jit_sampler(cfg, compiler_options=None, **kwargs):
     """jax.jit(make_sampler(cfg, **kwargs)): compiled once per x_init shape (the steps and every other
     option are fixed by cfg). Each trace increments TRACE_COUNTS[cfg.name]. compiler_options go to jax.jit
@@ -156,6 +222,8 @@ __all__ = [
     "TRACE_COUNTS",
     "absorbing_score_fn",
     "ancestral_sample",
+    "autoregressive",
+    "block",
     "categorical",
     "conditioning",
     "default_config",

@@ -3,7 +3,7 @@
     run_sampling(config, workdir, load_fn=None) -> list of per-sample records
 
 Validates config.sampler first (ddlm.sampling.config.validate: a bad field is one line, before anything is
-loaded), then loads the latest checkpoint's (EMA) parameters with ddlm.train.trainer.load_params, builds
+loaded), then loads the latest checkpoint's (EMA) parameters with ddlm.checkpoints.load_for_inference, builds
 denoise_fn(xt, t) = model.apply({'params': params}, xt, t) (t = None for time-free networks, loss 'radd'),
 and runs the sampler named by config.sampler.name (ddlm.sampling.make_sampler) in batches of
 config.sampler.batch_size, sharded over the mesh's data axes, jitted once. Each run writes to its own
@@ -43,7 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from ddlm import losses, schedules
+from ddlm import losses, models, schedules
+from ddlm.data import sft
 from ddlm.sampling import conditioning, visualize
 from ddlm.sampling import config as config_lib
 from ddlm.sampling import make_sampler
@@ -53,10 +54,10 @@ resolve_config = config_lib.resolve  # default_config() with the given fields se
 
 
 def _load_checkpoint(config, workdir):
-    from ddlm.train import trainer
+    from ddlm import checkpoints
 
-    setup, params, step = trainer.load_params(config, workdir, ema=bool(config.sampler.use_ema))
-    return setup.model, params, setup.tokenizer, setup, step
+    loaded = checkpoints.load_for_inference(workdir, config, ema=bool(config.sampler.use_ema))
+    return loaded.model, loaded.params, loaded.tokenizer, loaded, loaded.step
 
 
 def _token_entropy(ids: np.ndarray) -> float:
@@ -118,6 +119,20 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
     seq_len = sc.seq_len or config.train.seq_len
     # Every sampler field is checked before the (slow) checkpoint restore.
     sc = config_lib.validate(sc, diffusion=config.diffusion, seq_len=seq_len)
+    # ar / bd3lm decode with the network's KV cache: only exact for a causal / block-causal network.
+    if sc.name in ("ar", "bd3lm") and config.model.name != sc.name:
+        raise ValueError(
+            f"config.sampler.name={sc.name!r} decodes with a KV cache and needs config.model.name="
+            f"{sc.name!r}, got {config.model.name!r}"
+        )
+    if sc.name == "bd3lm":
+        if seq_len % config.model.block_size:
+            raise ValueError(
+                f"config.model.block_size={config.model.block_size} must divide the sample length "
+                f"{seq_len} (config.sampler.seq_len, or config.train.seq_len when 0)"
+            )
+        if sc.window == 0 and seq_len > config.train.seq_len:  # past the training context: slide
+            sc.window = config.train.seq_len - config.model.block_size
     model, params, tok, setup, ckpt_step = (load_fn or _load_checkpoint)(config, workdir)
     mask_id, vocab = tok.mask_id, tok.vocab_size
     loss = config.diffusion.loss
@@ -132,6 +147,15 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
 
     # ------------------------------------------------------------------ initial tokens (conditioning)
     prompt_ids = tok.encode(sc.prompt) if sc.prompt else []
+    if sft.is_sft(config.data):  # an SFT model: rows start with bos and the templated prompt
+        prompt_ids = sft.encode_prompt(tok, sc.prompt, config.data.sft_template)
+    elif sc.name in ("ar", "bd3lm"):  # trained on bos doc eos: the first token is predicted from bos
+        prompt_ids = [tok.bos_id] + prompt_ids
+    if len(prompt_ids) > seq_len:
+        raise ValueError(
+            f"config.sampler.prompt is {len(prompt_ids)} tokens, longer than the sample length {seq_len} "
+            f"(config.sampler.seq_len, or config.train.seq_len when 0)"
+        )
     template_ids = conditioning.parse_infill_template(sc.infill, tok.encode, mask_id) if sc.infill else None
     x_init = conditioning.initial_tokens(
         sc.batch_size,
@@ -157,6 +181,8 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
         )
 
     total_steps = int(np.sum(x_init == mask_id, axis=1).max()) if sc.name == "first_hitting" else sc.steps
+    if sc.name in ("ar", "bd3lm"):  # progress by position / by block
+        total_steps = seq_len - 1 if sc.name == "ar" else seq_len // config.model.block_size
     num_batches = -(-sc.num_samples // sc.batch_size)
     progress = _Progress(sc.num_samples, num_batches, total_steps)
 
@@ -169,6 +195,7 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
             score_fn = denoise_fn  # a uniform-graph SEDD network outputs log ratios
         if not sc.name.startswith("sedd_"):
             score_fn = None
+        cached = sc.name in ("ar", "bd3lm")
         sampler = make_sampler(
             sc,
             denoise_fn=denoise_fn,
@@ -178,6 +205,9 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
             graph=graph,
             return_trajectory=bool(sc.visualize),
             progress_fn=progress.on_step if sc.progress else None,
+            decoder=models.make_decoder(model, {"params": params}) if cached else None,
+            eos_id=tok.eos_id,
+            pad_id=tok.pad_id,
         )
         return sampler(rng, x, clamp if graph == "uniform" else None)
 
@@ -223,7 +253,15 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
             nfe = int(out.nfe)
             batch_time = time.time() - t0
             if sc.truncate_at_eos:
-                tokens = np.asarray(conditioning.truncate_after_eos(tokens, tok.eos_id, tok.pad_id))
+                # ar / bd3lm start with bos, which is the eos of some tokenizers (GPT-2): truncate after it.
+                first = 1 if sc.name in ("ar", "bd3lm") else 0
+                tokens = np.concatenate(
+                    [
+                        tokens[:, :first],
+                        conditioning.truncate_after_eos(tokens[:, first:], tok.eos_id, tok.pad_id),
+                    ],
+                    axis=1,
+                )
             if out.trajectory is not None:
                 keep = min(len(tokens), sc.num_samples - len(records))
                 trajectories.append(np.asarray(jax.device_get(out.trajectory))[:, :keep])

@@ -52,6 +52,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.progress = True  # per-step progress bar (a host callback from the jitted loop after every step)
     c.visualize = False  # write every sample's trajectory to trajectory.html (+ an animation on a terminal)
     c.output_dir = ""  # each run writes to <output_dir>/<date>-<time>-step<N>-<name>/; '' = <workdir>/samples
+    # name=ar (causal networks) and name=bd3lm (block-causal): decoding with the network's KV cache
+    c.kv_cache = True  # reuse the keys/values of finished tokens (False: full forward per call; same tokens)
+    c.greedy = False  # ar: argmax decoding (else temperature / top_k / top_p, float64 Gumbel noise)
+    c.stop_at_eos = False  # stop once every sequence has generated eos (variable length); pad after it
+    c.block_sampler = (
+        "first_hitting"  # bd3lm, inside each block: first_hitting|ancestral|cached|remdm|parallel
+    )
+    c.window = 0  # bd3lm: clean tokens kept in the cache; 0 = all (train.seq_len - block past the context)
     return c
 
 
@@ -72,7 +80,7 @@ def validate(sampler_config, *, diffusion=None, seq_len: int | None = None) -> m
     the process; seq_len: the generated length (sampler.seq_len or train.seq_len), to check positions.
     Raises ValueError naming config.sampler.<field> and what was expected."""
     from ddlm import schedules
-    from ddlm.sampling import SAMPLERS, categorical, conditioning, masked
+    from ddlm.sampling import BLOCK_SAMPLERS, SAMPLERS, categorical, conditioning, masked
 
     c = resolve(sampler_config)
 
@@ -111,6 +119,13 @@ def validate(sampler_config, *, diffusion=None, seq_len: int | None = None) -> m
         fail("eta", "a number in [0, 1]")
     if not is_number(c.guidance_scale) or c.guidance_scale < 0:
         fail("guidance_scale", "a number >= 0 (0 = off)")
+    if c.block_sampler not in BLOCK_SAMPLERS:
+        fail("block_sampler", f"one of {BLOCK_SAMPLERS}")
+    if not is_int(c.window) or c.window < 0:
+        fail("window", "an integer >= 0 (0 = keep every block)")
+    for key in ("kv_cache", "greedy", "stop_at_eos"):
+        if not isinstance(c[key], bool):
+            fail(key, "True or False")
     for key in ("noise_removal", "truncate_at_eos", "use_ema", "progress", "visualize"):
         if not isinstance(c[key], bool):
             fail(key, "True or False")
@@ -124,10 +139,11 @@ def validate(sampler_config, *, diffusion=None, seq_len: int | None = None) -> m
     if seq_len is not None and c.end > seq_len:
         fail("end", f"in [0, {seq_len}] (the generated length; 0 = off)")
     if diffusion is not None:
-        if diffusion.loss in ("ar", "bd3lm"):
+        # A network trained with the 'ar' / 'bd3lm' loss is decoded by the sampler of that name (KV cache).
+        if diffusion.loss in ("ar", "bd3lm") and c.name != diffusion.loss:
             raise ValueError(
-                f"config.diffusion.loss={diffusion.loss!r}: the samplers here are for diffusion losses "
-                f"(config.sampler.name={c.name!r})"
+                f"config.diffusion.loss={diffusion.loss!r} is sampled with config.sampler.name="
+                f"{diffusion.loss!r}, got {c.name!r}"
             )
         if diffusion.process == "uniform" and not c.name.startswith("sedd_"):
             raise ValueError(

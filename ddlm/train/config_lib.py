@@ -34,7 +34,7 @@ def diffusion_config(
     loss: str, *, schedule: str = "loglinear", process: str = "absorbing", **schedule_kwargs
 ):
     c = ml_collections.ConfigDict()
-    c.loss = loss  # one of ddlm.losses.LOSSES: mdlm | d3pm | sedd_absorb | sedd_uniform | radd | bd3lm | ar
+    c.loss = loss  # ddlm.losses.LOSSES: mdlm | d3pm | sedd_absorb | sedd_uniform | radd | bd3lm | ar | sft
     c.schedule = (
         schedule  # ddlm.schedules.get_schedule name: loglinear | linear | cosine | polynomial | geometric
     )
@@ -83,6 +83,7 @@ def train_config(*, steps: int, batch_size: int, seq_len: int):
     c.eval_every = 5000  # steps between evals (0 = only at the end)
     c.ckpt_every = 5000  # steps between checkpoints (0 = only at the end)
     c.keep_checkpoints = 3  # checkpoints kept on disk
+    c.allow_data_change = False  # resume a checkpoint trained on another corpus / tokenizer vocabulary
     c.async_checkpoints = True  # write checkpoints in the background
     c.seed = 0  # parameter init, data order and every random draw derive from it
     c.nan_policy = (
@@ -127,6 +128,9 @@ def base_config(*, model, diffusion, data, optim, mesh, train, sampler) -> ml_co
     c.mesh = mesh
     c.train = train
     c.sampler = sampler
+    from ddlm.eval import config as eval_config
+
+    c.eval = eval_config.default_config()  # --mode=eval: likelihood with error bars, sample quality
     return c
 
 

@@ -4,7 +4,13 @@
     <workdir>/metrics.jsonl                        one object per write: {"step", "split", name: value, ...}
 
 Only process 0 writes. tensorboardX is used because it writes the standard event-file protobufs with only
-`protobuf` and `numpy` (TensorBoard itself, or tf.summary, would pull in TensorFlow).
+`protobuf` and `numpy` (TensorBoard itself, or tf.summary, would pull in TensorFlow). Its low-level
+`EventsWriter` is used directly, synchronously: the SummaryWriter queues events for a background process
+and its flush() does not wait for that queue, so scalars written before a checkpoint could be lost by a
+kill after the checkpoint committed. Here flush() puts every scalar written so far on disk.
+
+A resumed run (resume_step=N) rewrites metrics.jsonl without the rows past step N (atomically) and starts
+its event file with a TensorBoard 'purge' at step N+1, so each step appears once in both.
 """
 
 from __future__ import annotations
@@ -19,36 +25,87 @@ import numpy as np
 
 
 class MetricWriter:
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, *, resume_step: int | None = None):
         self.enabled = jax.process_index() == 0
-        self._tb = None
+        self._events = None
         self._jsonl = None
         if self.enabled:
-            from tensorboardX import SummaryWriter
+            from tensorboardX.event_file_writer import EventsWriter
+            from tensorboardX.proto import event_pb2
 
-            os.makedirs(workdir, exist_ok=True)
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115 -- closed in close()
+            tb_dir = os.path.join(workdir, "tensorboard")
+            os.makedirs(tb_dir, exist_ok=True)
+            path = os.path.join(workdir, "metrics.jsonl")
+            if resume_step is not None:
+                drop_rows_after(path, resume_step)
+            # The pid keeps two writers started in the same second from sharing a file name.
+            self._events = EventsWriter(os.path.join(tb_dir, "events"), f".{os.getpid()}")
+            if resume_step is not None:
+                # TensorBoard drops the events of earlier files at steps >= this one (the interrupted run's).
+                start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+                self._events.write_event(
+                    event_pb2.Event(step=resume_step + 1, wall_time=time.time(), session_log=start)
+                )
+            self._jsonl = open(path, "a")  # noqa: SIM115 -- closed in close()
 
     def write(self, step: int, split: str, scalars: dict):
         if not self.enabled:
             return
+        from tensorboardX.proto import event_pb2, summary_pb2
+
         clean = {k: float(np.asarray(v)) for k, v in scalars.items()}
-        for name, value in clean.items():
-            self._tb.add_scalar(f"{split}/{name}", value, global_step=step)
+        summary = summary_pb2.Summary(
+            value=[summary_pb2.Summary.Value(tag=f"{split}/{k}", simple_value=v) for k, v in clean.items()]
+        )
+        self._events.write_event(event_pb2.Event(step=int(step), wall_time=time.time(), summary=summary))
         record = {"step": int(step), "split": split, "time": time.time(), **clean}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
 
     def flush(self):
-        if self.enabled:
-            self._tb.flush()
+        """Every scalar written so far reaches the files (the event file is fsync'ed)."""
+        if self.enabled and self._events is not None:
+            self._events.flush()
             self._jsonl.flush()
 
     def close(self):
-        if self.enabled:
-            self._tb.close()
+        if self.enabled and self._events is not None:
+            self._events.close()
             self._jsonl.close()
+            self._events = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def drop_rows_after(path: str, step: int) -> int:
+    """Rewrites the JSON-lines file `path` without its rows whose step is past `step` (and any torn last
+    line of a killed writer), atomically (a temporary file renamed over it). Returns the rows dropped."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if int(row.get("step", 0)) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) == len(lines):
+        return 0
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(lines) - len(kept)
 
 
 # Peak dense FLOP/s per device by `device_kind` prefix (bf16 for accelerators), for the MFU estimate.
@@ -89,12 +146,16 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+def format_percent(fraction: float) -> str:
+    return f"{100 * fraction:.2f}%" if math.isfinite(fraction) else "n/a"
+
+
 def progress_line(
     step: int, total: int, loss: float, steps_per_s: float, tokens_per_s: float, mfu: float
 ) -> str:
+    """The plain progress line (logs, CI; ddlm.train.progress draws a live bar on a terminal)."""
     eta = (total - step) / steps_per_s if steps_per_s > 0 else float("inf")
-    mfu_text = f"{100 * mfu:.2f}%" if math.isfinite(mfu) else "n/a"
     return (
         f"step {step}/{total} | loss {loss:.4f} | {steps_per_s:.2f} steps/s | {tokens_per_s:,.0f} tokens/s | "
-        f"MFU {mfu_text} | ETA {format_duration(eta)}"
+        f"MFU {format_percent(mfu)} | ETA {format_duration(eta)}"
     )

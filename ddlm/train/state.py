@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from ddlm.train import sharding
+from ddlm import sharding
+from ddlm.sharding import abstract_params, model_init_inputs  # noqa: F401 -- used here and by callers
 
 
 @flax.struct.dataclass
@@ -28,24 +29,6 @@ class TrainState:
     opt_state: Any  # optax state of `params`
     ema_params: Any  # exponential moving average of `params` (used for eval and sampling)
     rng: jax.Array  # uint32 [2]: the run's base key; step k draws from fold_in(rng, k)
-
-
-def model_init_inputs(loss_name: str, batch_size: int, seq_len: int):
-    """Dummy (tokens, t, x0) that `model.init` traces with; they only fix shapes."""
-    tokens = jnp.zeros((batch_size, seq_len), jnp.int32)
-    t = jnp.full((batch_size,), 0.5, jnp.float32)
-    x0 = tokens if loss_name == "bd3lm" else None
-    return tokens, t, x0
-
-
-def abstract_params(model: nn.Module, init_inputs) -> Any:
-    """The boxed (nn.LogicallyPartitioned) parameter tree as ShapeDtypeStructs: no FLOPs, no memory."""
-    tokens, t, x0 = init_inputs
-
-    def init(rng):
-        return model.init({"params": rng, "dropout": rng}, tokens, t, x0=x0, train=False)["params"]
-
-    return jax.eval_shape(init, jax.random.key(0)), init
 
 
 def state_shardings(boxed_abstract_params, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:

@@ -9,6 +9,7 @@ Sections: setup (mesh, tokenizer, network, optimizer, sharded state) -> restore 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -24,12 +25,12 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from ddlm.train import checkpoint as checkpoint_lib
+from ddlm import checkpoints, sharding
+from ddlm.sharding import ConfigError
+from ddlm.train import console, optim
 from ddlm.train import metrics as metrics_lib
-from ddlm.train import optim, sharding
 from ddlm.train import state as state_lib
 from ddlm.train import step as step_lib
-from ddlm.train.sharding import ConfigError
 
 # Test hook: SIGKILL this process right after the checkpoint of this step is complete on disk.
 KILL_AFTER_CHECKPOINT_ENV = "DDLM_KILL_AFTER_CHECKPOINT_STEP"
@@ -59,37 +60,73 @@ class Setup:
 
     def context(self):
         """Mesh and logical-axis rules in scope while tracing (for the model's activation constraints)."""
-        return _MeshContext(self.mesh)
+        return sharding.mesh_context(self.mesh)
 
 
-class _MeshContext:
-    def __init__(self, mesh):
-        self.mesh = mesh
+def _require(ok: bool, field: str, expected: str, value) -> None:
+    """Raises ConfigError 'config.<field> must be <expected>, got <value>' unless `ok`."""
+    if not ok:
+        raise ConfigError(f"config.{field} must be {expected}, got {value!r}")
 
-    def __enter__(self):
-        self._mesh_cm = jax.set_mesh(self.mesh)
-        self._mesh_cm.__enter__()
-        self._rules_cm = nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES)
-        self._rules_cm.__enter__()
-        return self
 
-    def __exit__(self, *exc):
-        self._rules_cm.__exit__(*exc)
-        self._mesh_cm.__exit__(*exc)
+def _finite(x) -> bool:
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
         return False
+
+
+def validate_optim_config(o) -> None:
+    """The optimizer fields (config.optim): each bad value is one ConfigError naming the field."""
+    positive, non_negative = "a finite number > 0", "a finite number >= 0"
+    checks = (
+        ("name", o.name == "adamw", "'adamw'"),
+        # A zero, negative or non-finite peak learning rate trains nothing or diverges at once.
+        ("lr", _finite(o.lr) and o.lr > 0, positive),
+        ("warmup_steps", o.warmup_steps >= 0, "an integer >= 0"),
+        ("decay", o.decay in ("constant", "cosine"), "'constant' or 'cosine'"),
+        ("min_lr_ratio", _finite(o.min_lr_ratio) and 0 <= o.min_lr_ratio <= 1, "in [0, 1]"),
+        # Adam's moment decays (Kingma & Ba, Alg. 1): b = 1 makes the bias correction 1 - b^t zero (a
+        # division by zero in every update); b < 0 is not a decay.
+        ("b1", _finite(o.b1) and 0 <= o.b1 < 1, "in [0, 1)"),
+        ("b2", _finite(o.b2) and 0 <= o.b2 < 1, "in [0, 1)"),
+        ("eps", _finite(o.eps) and o.eps > 0, positive),
+        ("weight_decay", _finite(o.weight_decay) and o.weight_decay >= 0, non_negative),
+        ("grad_clip", _finite(o.grad_clip) and o.grad_clip >= 0, non_negative + " (0 = off)"),
+        ("grad_accum_steps", o.grad_accum_steps >= 1, "an integer >= 1"),
+        # ema_decay = 1 would keep the random initialisation forever (eval and sampling use the EMA).
+        ("ema_decay", _finite(o.ema_decay) and 0 <= o.ema_decay < 1, "in [0, 1)"),
+    )
+    for name, ok, expected in checks:
+        _require(ok, f"optim.{name}", expected, o[name])
 
 
 def validate_config(config, num_devices: int | None = None):
     """Config errors that can be caught before any work; each raises ConfigError naming the field."""
     t = config.train
-    if t.nan_policy not in NAN_POLICIES:
-        raise ConfigError(f"config.train.nan_policy must be one of {NAN_POLICIES}, got {t.nan_policy!r}")
-    if t.steps <= 0:
-        raise ConfigError(f"config.train.steps must be positive, got {t.steps}")
+    _require(t.nan_policy in NAN_POLICIES, "train.nan_policy", f"one of {NAN_POLICIES}", t.nan_policy)
+    for name in (
+        "steps",
+        "batch_size",
+        "seq_len",
+        "eval_batch_size",
+        "eval_batches",
+        "log_every",
+        "keep_checkpoints",
+    ):
+        _require(t[name] >= 1, f"train.{name}", "an integer >= 1", t[name])
+    for name in ("eval_every", "ckpt_every"):
+        _require(t[name] >= 0, f"train.{name}", "an integer >= 0 (0 = only at the end)", t[name])
+    validate_optim_config(config.optim)
+    if config.optim.warmup_steps > t.steps:
+        logging.warning(
+            "config.optim.warmup_steps=%d exceeds config.train.steps=%d: the learning rate never reaches "
+            "its peak config.optim.lr.",
+            config.optim.warmup_steps,
+            t.steps,
+        )
     data, fsdp, _ = sharding.mesh_shape(config.mesh, num_devices or jax.device_count())
     accum = config.optim.grad_accum_steps
-    if accum < 1:
-        raise ConfigError(f"config.optim.grad_accum_steps must be >= 1, got {accum}")
     if t.batch_size % (data * fsdp * accum):
         raise ConfigError(
             f"config.train.batch_size={t.batch_size} must be divisible by mesh data*fsdp={data * fsdp} "
@@ -98,6 +135,14 @@ def validate_config(config, num_devices: int | None = None):
     if t.eval_batch_size % (data * fsdp):
         raise ConfigError(
             f"config.train.eval_batch_size={t.eval_batch_size} must be divisible by mesh data*fsdp={data * fsdp}"
+        )
+    from ddlm.data import sft
+
+    if (config.diffusion.loss == "sft") != sft.is_sft(config.data):
+        raise ConfigError(
+            "config.diffusion.loss='sft' and config.data.sft_data go together (the SFT loss reads the "
+            f"prompt/response rows of ddlm.data.sft); got loss={config.diffusion.loss!r} with sft_data "
+            + ("set" if sft.is_sft(config.data) else "unset")
         )
     if config.diffusion.loss == "bd3lm" and t.seq_len % config.model.block_size:
         raise ConfigError(
@@ -253,6 +298,32 @@ def make_iterator(setup: Setup, split: str, *, batch_size: int, num_epochs=None)
     )
 
 
+def _no_validation_batch(cfg, reason: str = "") -> ConfigError:
+    return ConfigError(
+        f"the validation split (config.data.eval_split={cfg.data.eval_split!r}) has no full batch of "
+        f"config.train.eval_batch_size={cfg.train.eval_batch_size} x config.train.seq_len="
+        f"{cfg.train.seq_len} tokens" + (f": {reason}" if reason else "")
+    )
+
+
+def check_validation_split(setup: Setup) -> None:
+    """Raises ConfigError unless the validation split yields one full eval batch. Run before training
+    (like the train split's checks in make_iterator), so a too-short split is not found only by the
+    final eval, after all the training, with the final checkpoint unwritten."""
+    cfg = setup.config
+    iterator = make_iterator(setup, "validation", batch_size=cfg.train.eval_batch_size, num_epochs=1)
+    try:
+        next(iterator)
+    except StopIteration:
+        raise _no_validation_batch(cfg) from None
+    except ValueError as e:
+        # ddlm.data.pipeline's "ran out before one batch" / "larger than the whole split"; any other
+        # data error (a bad document, say) keeps its own message.
+        if "ran out" not in str(e) and "larger than the whole split" not in str(e):
+            raise
+        raise _no_validation_batch(cfg, str(e)) from None
+
+
 def run_eval(setup: Setup, eval_step, params) -> dict:
     """NELBO (nats/token), bits per token and the perplexity bound exp(NELBO) of `params` on the first
     `train.eval_batches` validation batches (the same batches and the same noise every time)."""
@@ -269,10 +340,7 @@ def run_eval(setup: Setup, eval_step, params) -> dict:
         rng = jax.device_put(np.asarray(jax.random.fold_in(base_key, i)), rep)
         sums.append(eval_step(params, batch, rng))
     if not sums:
-        raise ConfigError(
-            f"the validation split has no full batch of train.eval_batch_size={cfg.train.eval_batch_size} "
-            f"x train.seq_len={cfg.train.seq_len} tokens"
-        )
+        raise _no_validation_batch(cfg)
     sums = jax.device_get(sums)
     tokens = sum(float(s["tokens"]) for s in sums)
     nelbo = sum(float(s["loss_sum"]) for s in sums) / max(tokens, 1.0)
@@ -330,27 +398,67 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final eval metrics.
 
     `devices` (default: all) are the mesh's devices."""
+    # The checkpointer and the metric writer are closed however the run ends: a pending checkpoint is
+    # committed (or its failure reported) and orbax's threads do not outlive the call.
+    with contextlib.ExitStack() as resources:
+        return _train_and_evaluate(config, workdir, devices, resources)
+
+
+def _train_and_evaluate(config, workdir: str, devices, resources: contextlib.ExitStack) -> dict:
     # ---------------------------------------------------------------- setup
+    checkpoints.check_writable(workdir, "--workdir")
     setup = build(config, devices)
+    check_validation_split(setup)
     cfg = config.train
     total = cfg.steps
     logging.info(
         "Mesh %s on %d devices (%s)", dict(setup.mesh.shape), setup.mesh.size, jax.devices()[0].device_kind
     )
-    writer = metrics_lib.MetricWriter(workdir)
-    checkpointer = checkpoint_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints
+    checkpointer = resources.enter_context(
+        checkpoints.Checkpointer(
+            os.path.join(workdir, checkpoints.CHECKPOINTS_DIR),
+            keep=cfg.keep_checkpoints,
+            async_save=cfg.async_checkpoints,
+        )
     )
     train_iter = make_iterator(setup, "train", batch_size=cfg.batch_size)
+    checkpoint_meta = checkpoints.checkpoint_metadata(config, setup.tokenizer)
 
     # ---------------------------------------------------------------- restore or initialise
-    state, restored = checkpointer.restore_latest(setup.abstract_state(), train_iter)
+    state, restored = checkpointer.restore_latest(
+        setup.abstract_state(),
+        train_iter,
+        metadata=checkpoint_meta,
+        allow_data_change=cfg.allow_data_change,
+    )
     if state is None:
         state = setup.init_state()
         logging.info("No checkpoint in %s: initialised a new model.", checkpointer.directory)
     else:
         logging.info("Restored checkpoint from step %d (of %d).", restored, total)
     start = int(jax.device_get(state.step))
+    if start >= total:
+        # A rerun of a finished job: nothing to train, so nothing to compile (20 s and more).
+        checkpointer.close()
+        logging.info(
+            "Already trained to step %d (config.train.steps=%d): nothing to do. --mode=eval evaluates "
+            "and --mode=sample samples this checkpoint.",
+            start,
+            total,
+        )
+        if cfg.sample_at_end:
+            if _samples_written(config, workdir, start):
+                logging.info(
+                    "Samples of step %d are already in %s: not sampling again (--mode=sample makes new ones).",
+                    start,
+                    _samples_dir(config, workdir),
+                )
+            else:  # the finished run was stopped before its samples were written
+                run_sampling_if_available(config, workdir)
+        return {}
+    # Metrics past the restored step were written by the run that was interrupted: the resumed run writes
+    # them again, so they are dropped (each step once in metrics.jsonl and TensorBoard).
+    writer = resources.enter_context(metrics_lib.MetricWriter(workdir, resume_step=start))
     from ddlm.models import flops_per_token
 
     num_params = state_lib.count_params(state.params)
@@ -374,62 +482,85 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     # ---------------------------------------------------------------- loop
     kill_after = int(os.environ.get(KILL_AFTER_CHECKPOINT_ENV, "0") or 0)
     skipped: list[int] = []
-    pending = None  # (step, metrics) of the previous step, checked for finiteness one step late
+    # Each step's finiteness is checked once, as soon as its metrics are on the host: one step late
+    # (`pending`, so the host does not wait for the step it has just dispatched), or at once where the
+    # step's metrics are fetched anyway (logging, checkpoints).
+    pending = None  # (step, metrics on device) not yet checked
     window = []
     t_window, steps_window = time.time(), 0
     eval_metrics = {}
-    for step in range(start + 1, total + 1):
-        batch = next(train_iter)
-        state, metrics = compiled(state, batch)
-        if pending is not None:
-            _check_finite(jax.device_get(pending[1]), pending[0], cfg.nan_policy, checkpointer, skipped)
-        pending = (step, metrics)
-        window.append(metrics)
-        steps_window += 1
+    progress = console.TrainProgress(
+        start,
+        total,
+        tokens_per_step=tokens_per_step,
+        flops_per_token=flops_per_tok,
+        peak_flops=peak,
+        log_every=cfg.log_every,
+    )
 
-        is_last = step == total
-        if step % cfg.log_every == 0 or is_last:
-            host = jax.device_get(window)
-            _check_finite(host[-1], step, cfg.nan_policy, checkpointer, skipped)
-            elapsed = time.time() - t_window
-            steps_per_s = steps_window / max(elapsed, 1e-9)
-            tokens_per_s = steps_per_s * tokens_per_step
-            mfu = flops_per_tok * tokens_per_s / peak
-            mean = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
-            mean.update(
-                steps_per_s=steps_per_s, tokens_per_s=tokens_per_s, mfu=mfu, skipped_steps=len(skipped)
-            )
-            writer.write(step, "train", mean)
-            logging.info(metrics_lib.progress_line(step, total, mean["loss"], steps_per_s, tokens_per_s, mfu))
-            window, t_window, steps_window = [], time.time(), 0
+    def check(step, host_metrics):
+        _check_finite(host_metrics, step, cfg.nan_policy, checkpointer, skipped)
+        progress.update(step, float(host_metrics["loss"]))
 
-        if (cfg.eval_every and step % cfg.eval_every == 0) or is_last:
-            t_eval = time.time()
-            eval_metrics = run_eval(setup, eval_step, state.ema_params)
-            writer.write(step, "eval", eval_metrics)
-            logging.info(
-                "eval at step %d (EMA params): NELBO %.4f nats/token, %.4f bits/token, perplexity <= %.3f (%.1fs)",
-                step,
-                eval_metrics["nelbo"],
-                eval_metrics["bits_per_token"],
-                eval_metrics["perplexity_bound"],
-                time.time() - t_eval,
-            )
-            t_window += time.time() - t_eval  # eval time is not training throughput
+    try:
+        for step in range(start + 1, total + 1):
+            batch = next(train_iter)
+            state, metrics = compiled(state, batch)
+            if pending is not None:
+                check(pending[0], jax.device_get(pending[1]))
+            pending = (step, metrics)
+            window.append(metrics)
+            steps_window += 1
 
-        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or is_last:
-            _check_finite(jax.device_get(metrics), step, cfg.nan_policy, checkpointer, skipped)
-            checkpointer.save(step, state, train_iter, force=True)
-            if step == kill_after:
-                checkpointer.wait()
-                logging.warning("%s=%d: killing this process (test hook).", KILL_AFTER_CHECKPOINT_ENV, step)
-                writer.flush()
-                os.kill(os.getpid(), signal.SIGKILL)
+            is_last = step == total
+            if step % cfg.log_every == 0 or is_last:
+                host = jax.device_get(window)
+                check(step, host[-1])
+                pending = None
+                elapsed = time.time() - t_window
+                steps_per_s = steps_window / max(elapsed, 1e-9)
+                tokens_per_s = steps_per_s * tokens_per_step
+                mfu = flops_per_tok * tokens_per_s / peak
+                mean = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
+                mean.update(
+                    steps_per_s=steps_per_s, tokens_per_s=tokens_per_s, mfu=mfu, skipped_steps=len(skipped)
+                )
+                writer.write(step, "train", mean)
+                progress.report(step, mean)
+                window, t_window, steps_window = [], time.time(), 0
 
+            if (cfg.eval_every and step % cfg.eval_every == 0) or is_last:
+                t_eval = time.time()
+                eval_metrics = run_eval(setup, eval_step, state.ema_params)
+                writer.write(step, "eval", eval_metrics)
+                logging.info(
+                    "eval at step %d (EMA params): NELBO %.4f nats/token, %.4f bits/token, perplexity <= %.3f (%.1fs)",
+                    step,
+                    eval_metrics["nelbo"],
+                    eval_metrics["bits_per_token"],
+                    eval_metrics["perplexity_bound"],
+                    time.time() - t_eval,
+                )
+                t_window += time.time() - t_eval  # eval time is not training throughput
+
+            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or is_last:
+                if pending is not None:  # never checkpoint a state that has not been checked
+                    check(step, jax.device_get(metrics))
+                    pending = None
+                writer.flush()  # the scalars up to this step are on disk before its checkpoint can commit
+                checkpointer.save(step, state, train_iter, metadata=checkpoint_meta, force=True)
+                if step == kill_after:
+                    checkpointer.wait()
+                    logging.warning(
+                        "%s=%d: killing this process (test hook).", KILL_AFTER_CHECKPOINT_ENV, step
+                    )
+                    writer.flush()
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+    finally:  # also on errors and Ctrl-C: the terminal gets its log stream back
+        progress.close()
     checkpointer.close()
     writer.close()
-    if start >= total:
-        logging.info("Already trained to step %d of %d: nothing to do.", start, total)
     if skipped:
         logging.warning("Skipped %d non-finite steps: %s", len(skipped), skipped[:20])
 
@@ -440,43 +571,41 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
 
 
 def evaluate(config, workdir: str, devices=None) -> dict:
-    """Evaluates the latest checkpoint's EMA parameters on the validation split (--mode=eval)."""
-    setup = build(config, devices)
-    checkpointer = checkpoint_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints
-    )
-    state, step = checkpointer.restore_latest(setup.abstract_state())
-    if state is None:
-        raise ConfigError(f"no checkpoint in {checkpointer.directory}: train first (--mode=train)")
-    logging.info("Restored checkpoint from step %d.", step)
-    result = run_eval(setup, compile_eval_step(setup), state.ema_params)
-    writer = metrics_lib.MetricWriter(workdir)
-    writer.write(step, "eval", result)
-    writer.close()
-    checkpointer.close()
-    logging.info(
-        "eval at step %d (EMA params): NELBO %.4f nats/token, %.4f bits/token, perplexity <= %.3f",
-        step,
-        result["nelbo"],
-        result["bits_per_token"],
-        result["perplexity_bound"],
-    )
-    return result
+    """--mode=eval: ddlm.eval.cli.run_eval (likelihood with standard errors over config.eval.split, report.json
+    and a table), its headline figures also written to metrics.jsonl / TensorBoard as split 'eval'."""
+    del devices  # the checkpoint is loaded on all devices
+    from ddlm.eval import cli as eval_cli
+
+    report = eval_cli.run_eval(config, workdir)
+    try:
+        checkpoints.check_writable(workdir, "--workdir")
+    except checkpoints.CheckpointError as e:  # evaluating a run one may only read: report, don't fail
+        logging.warning("%s: the eval metrics are logged, not saved.", e)
+    else:
+        with metrics_lib.MetricWriter(workdir) as writer:
+            writer.write(report["step"], "eval", eval_cli.headline(report))
+    return report
 
 
 def load_params(config, workdir: str, *, ema: bool = True, devices=None):
-    """(setup, params, step) of the latest checkpoint in `workdir`: what a sampler needs."""
-    setup = build(config, devices)
-    checkpointer = checkpoint_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints
-    )
-    state, step = checkpointer.restore_latest(setup.abstract_state())
-    checkpointer.close()
-    if state is None:
-        raise ConfigError(
-            f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: train first (--mode=train)"
-        )
-    return setup, (state.ema_params if ema else state.params), step
+    """(setup, params, step) of the latest checkpoint in `workdir` (ddlm.checkpoints.load_for_inference,
+    plus the trainer's setup for callers that want the loss or the optimizer)."""
+    loaded = checkpoints.load_for_inference(workdir, config, ema=ema, devices=devices)
+    return build(config, devices), loaded.params, loaded.step
+
+
+def _samples_dir(config, workdir: str) -> str:
+    return config.sampler.output_dir or os.path.join(workdir, "samples")
+
+
+def _samples_written(config, workdir: str, step: int) -> bool:
+    """Whether samples of checkpoint `step` exist: a folder <date>-<time>-step<step>-<sampler>[-n] (the
+    run folders of ddlm.sampling.cli) in the samples directory. A finished job's rerun then does not
+    sample again."""
+    directory = _samples_dir(config, workdir)
+    if not os.path.isdir(directory):
+        return False
+    return any(f"-step{step}-" in entry.name for entry in os.scandir(directory) if entry.is_dir())
 
 
 def run_sampling_if_available(config, workdir: str):

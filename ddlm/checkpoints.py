@@ -1,0 +1,725 @@
+"""Checkpoints: what is saved with each one, how a restore is checked, and the loader sampling/ and eval/ use.
+
+    Checkpointer(directory, keep=3)                 orbax CheckpointManager (async, keep N): the trainer's
+    Checkpointer(directory, read_only=True)         restores only; creates, moves and deletes nothing
+    checkpoint_metadata(config, tokenizer)          the config, its compatibility subset, the data fingerprint
+    load_for_inference(workdir, config=None, ema=True) -> Loaded(config, tokenizer, model, params, step, mesh)
+    check_writable(directory, what)                 one-line CheckpointError if `directory` cannot be written
+
+Layout of <workdir>/checkpoints/<step>/ (orbax writes <step>.orbax-checkpoint-tmp and renames it when every
+item is complete, so a killed job never leaves a half-written checkpoint that is listed):
+
+    state/   the TrainState (params, opt_state, ema_params, step, rng) as sharded arrays
+    data/    the grain iterator's state: a resumed run sees exactly the batches an uninterrupted one would
+    ddlm/    JSON: the whole config, its compatibility subset, the data fingerprint, one checksum per leaf
+
+A restore tries the newest committed checkpoint first and checks, in this order:
+
+  1. compatibility: the fields that fix parameter shapes or what a token id means (COMPATIBILITY_FIELDS and
+     the tokenizer's vocab_size) must equal the current config's, else IncompatibleCheckpointError: one line
+     naming each differing field (old -> new), nothing on disk touched. Steps, learning rate, logging, the
+     mesh, dropout, batch size... may change on resume.
+  2. data: the corpus's and the tokenizer's fingerprints must match, else DataChangedError, unless
+     `config.train.allow_data_change=True` (then the model and optimizer are restored and the data iterator
+     starts afresh on the new data).
+  3. structure: every leaf's shape and dtype on disk must equal the target's (this names what 1 does not
+     cover, e.g. an optimizer change, and checks checkpoints written before configs were stored).
+  4. contents: the arrays are read and their checksums (see leaf_checksums) compared with the stored ones.
+
+A checkpoint whose files cannot be read, or whose checksum differs, is corrupt: a warning names the step
+(and the leaf), the trainer moves it to <workdir>/checkpoints_corrupt/<step>-<time> (a new name every time:
+nothing there is overwritten or deleted) and falls back to the previous checkpoint. Read-only users (eval,
+sampling) skip it and leave it in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging as py_logging
+import os
+import shutil
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from jax import lax
+from jax.experimental import multihost_utils
+
+from ddlm import sharding
+from ddlm.sharding import ConfigError
+
+FORMAT_VERSION = 1
+CHECKPOINTS_DIR = "checkpoints"
+_META_ITEM = "ddlm"  # the orbax item holding our JSON metadata
+
+# Config fields that fix parameter shapes or what a token id means: a checkpoint restores only into a config
+# with the same values. (model.block_size is not here: BD3-LM fine-tunes one block size from another.)
+COMPATIBILITY_FIELDS = (
+    "model.name",
+    "model.num_layers",
+    "model.d_model",
+    "model.num_heads",
+    "model.mlp_dim",
+    "model.cond_dim",
+    "model.time_conditioning",
+    "model.param_dtype",
+    "model.tie_embeddings",
+    "model.vocab_multiple",
+    "data.tokenizer",
+    "diffusion.loss",
+    "diffusion.process",
+    "train.seq_len",
+)
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint problem the user must resolve; its message is one line."""
+
+
+class IncompatibleCheckpointError(CheckpointError):
+    """The checkpoint was written by a config with other shapes or another tokenizer."""
+
+
+class DataChangedError(CheckpointError):
+    """The corpus or the tokenizer's vocabulary differs from the checkpoint's (allow_data_change=False)."""
+
+
+# ------------------------------------------------------------------------------------------------ metadata
+
+
+def _field(config, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        if part not in node:
+            return None  # a config without this field (an older or partial config)
+        node = node[part]
+    return node
+
+
+def compatibility(config, tokenizer) -> dict:
+    """{dotted field: value} of COMPATIBILITY_FIELDS, plus 'tokenizer.vocab_size' (what the network's vocab
+    dimension is built from; config.data.vocab_size may be 0 = 'the tokenizer's')."""
+    out = {name: _field(config, name) for name in COMPATIBILITY_FIELDS}
+    out["tokenizer.vocab_size"] = int(tokenizer.vocab_size)
+    return out
+
+
+def data_fingerprint(data_config, tokenizer) -> dict:
+    """What identifies the training data: the prepared corpus's content hash (for corpora we prepare: the
+    sha256 of every prepared file, from its manifest), the split, the packing, and the tokenizer's
+    vocabulary hash. The corpus name is kept for messages only: a moved local corpus is the same data."""
+    from ddlm.data import corpora
+
+    if corpora.is_local_corpus(data_config.corpus):
+        manifest = corpora.prepare_corpus(data_config).manifest
+        digest = hashlib.sha256(json.dumps([manifest["files"], manifest["splits"]], sort_keys=True).encode())
+        corpus = digest.hexdigest()[:16]
+    else:  # an external tfds dataset: its name is all we know
+        corpus = f"tfds:{data_config.corpus}"
+    return {
+        "corpus": data_config.corpus,
+        "corpus_fingerprint": corpus,
+        "train_split": data_config.train_split,
+        "packing": data_config.packing,
+        "tokenizer_fingerprint": tokenizer.fingerprint,
+    }
+
+
+# Fields of data_fingerprint() that must match ('corpus' is the name, shown with corpus_fingerprint).
+_DATA_FIELDS = ("corpus_fingerprint", "train_split", "packing", "tokenizer_fingerprint")
+
+
+def checkpoint_metadata(config, tokenizer) -> dict:
+    """The JSON saved with every checkpoint (its per-leaf checksums are added at save time)."""
+    return {
+        "format": FORMAT_VERSION,
+        "config": json.loads(config.to_json_best_effort()),
+        "compatibility": compatibility(config, tokenizer),
+        "data": data_fingerprint(config.data, tokenizer),
+    }
+
+
+def _differences(stored: dict, current: dict, fields, prefix: str = "") -> list[str]:
+    """'field: old -> new' for each of `fields` present in both dicts with different values."""
+    return [
+        f"{prefix}{name}: {stored[name]!r} -> {current[name]!r}"
+        for name in fields
+        if name in stored and name in current and stored[name] != current[name]
+    ]
+
+
+def compatibility_differences(stored_meta: dict, current_meta: dict) -> list[str]:
+    stored, current = stored_meta.get("compatibility", {}), current_meta["compatibility"]
+    return _differences(stored, current, sorted(current))
+
+
+def data_differences(stored_meta: dict, current_meta: dict, fields=_DATA_FIELDS) -> list[str]:
+    stored, current = stored_meta.get("data", {}), current_meta["data"]
+    out = _differences(stored, current, fields, prefix="data.")
+    if out and "corpus" in stored and stored["corpus"] != current["corpus"]:
+        out.append(f"data.corpus: {stored['corpus']!r} -> {current['corpus']!r}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ checksums
+#
+# One 64-bit checksum per saved array, computed by XLA where the array lives. Each 32-bit word w at position
+# i of the whole (global) array is mixed as h = fmix32(w ^ (i * K + C)) (murmur3's finaliser); the two
+# 32-bit lanes are sum(h) and sum(h * (i | 1)), mod 2^32. Because the sums run over global positions, the
+# value does not depend on how the array is sharded: a checkpoint restored onto another mesh verifies, and
+# with several processes nothing is gathered (each device reduces its shard, XLA adds the partial sums, two
+# uint32 per leaf reach the host). For a fixed position h is a bijection of w, so any change confined to
+# one word always changes the first lane; other corruption goes unseen with probability about 2^-64.
+# Cost: about 2.4 times a plain sum over the state (benchmarks/checkpoint_overhead.py); one small compile
+# per distinct leaf shape, dtype and sharding.
+
+_MIX = (0x9E3779B1, 0x7F4A7C15)
+
+
+def _fmix32(h):
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _words(x) -> jax.Array:
+    """The array's bits as uint32 words: [...] for 1-4 byte dtypes, [..., 2] for 8-byte ones."""
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    size = x.dtype.itemsize
+    if size in (4, 8):
+        return lax.bitcast_convert_type(x, jnp.uint32)
+    return lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[size]).astype(jnp.uint32)
+
+
+@jax.jit
+def _leaf_checksum(x) -> jax.Array:
+    """uint32 [2]: the two lanes of one array's checksum."""
+    w = _words(x)
+    index = jnp.zeros(w.shape, jnp.uint32)
+    stride = 1
+    for d in reversed(range(w.ndim)):  # the global row-major position, without a (resharding) reshape
+        index = index + lax.broadcasted_iota(jnp.uint32, w.shape, d) * jnp.uint32(stride % 2**32)
+        stride *= w.shape[d]
+    h = _fmix32(w ^ (index * jnp.uint32(_MIX[0]) + jnp.uint32(_MIX[1])))
+    return jnp.stack([jnp.sum(h, dtype=jnp.uint32), jnp.sum(h * (index | 1), dtype=jnp.uint32)])
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def leaf_paths(tree) -> tuple[list[str], list[Any]]:
+    """('params/block_0/attn/qkv_kernel', ...) and the leaves: the same path whether the tree is the
+    TrainState, a dict of some of its fields or orbax's metadata tree."""
+    pairs = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return ["/".join(_key_name(k) for k in path) for path, _ in pairs], [x for _, x in pairs]
+
+
+def leaf_checksums(tree) -> dict[str, str]:
+    """{leaf path: 16 hex digits} of every array in `tree` (see the comment above)."""
+    paths, leaves = leaf_paths(tree)
+    if jax.process_count() > 1:
+        # One leaf at a time, each read back before the next starts: with the checksum programs of all
+        # leaves in flight at once, the trainer's first save hung (2 processes x 2 CPU devices, gloo).
+        jax.block_until_ready(leaves)
+        sums = [_host_value(_leaf_checksum(x)) for x in leaves]
+    else:
+        sums = [_host_value(s) for s in [_leaf_checksum(x) for x in leaves]]  # all dispatched, then read
+    return {path: f"{int(v[0]):08x}{int(v[1]):08x}" for path, v in zip(paths, sums, strict=True)}
+
+
+def _host_value(s) -> np.ndarray:
+    if s.is_fully_replicated:
+        return np.asarray(s.addressable_data(0))
+    return np.asarray(multihost_utils.process_allgather(s, tiled=True))
+
+
+# ------------------------------------------------------------------------------------------------ file system
+
+
+def check_writable(directory: str, what: str) -> None:
+    """Creates `directory` if needed and writes and removes a probe file in it; raises a one-line
+    CheckpointError naming `what` if that fails (read-only file system, permissions, a file in the way).
+    Checked before any work, and before every save: orbax, when it cannot create a checkpoint's directory,
+    waits for a signal that never comes (5 minutes per save) instead of failing."""
+    probe = os.path.join(directory, f".ddlm-write-probe-{jax.process_index()}-{os.getpid()}")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("probe")
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(
+            f"{what} {directory} is not writable ({type(e).__name__}: {e.strerror or e}); "
+            "fix its permissions or choose another --workdir"
+        ) from None
+
+
+def committed_steps(directory: str) -> list[int]:
+    """Steps with a committed checkpoint on disk (orbax renames <step>.orbax-checkpoint-tmp to <step> last)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(
+        int(n) for n in os.listdir(directory) if n.isdigit() and os.path.isdir(os.path.join(directory, n))
+    )
+
+
+class _OrbaxErrors(py_logging.Handler):
+    """Remembers the last error orbax logged: its background threads log a failed save and carry on, so
+    this is where the reason of a checkpoint that never committed can be found."""
+
+    def __init__(self):
+        super().__init__(level=py_logging.ERROR)
+        self.last = ""
+
+    def emit(self, record):
+        if "orbax" in record.pathname:
+            exc = record.exc_info[1] if record.exc_info else None
+            self.last = f"{type(exc).__name__}: {exc}" if exc else record.getMessage()
+
+
+class _IteratorState:
+    """What grain's orbax handler saves/restores for a data iterator, frozen at save time.
+
+    Saves are asynchronous and the iterator keeps moving, so we capture `get_state()` when `save` is
+    called. grain's handler writes `get_state()` as text: dict states (grain DatasetIterator) are
+    JSON-encoded here, bytes states pass through."""
+
+    def __init__(self, iterator, state=None):
+        self._iterator = iterator
+        self._state = state
+
+    def get_state(self) -> bytes:
+        state = self._state
+        if isinstance(state, bytes):
+            return b"B" + state
+        return b"J" + json.dumps(state).encode()
+
+    def set_state(self, blob: bytes):
+        kind, payload = blob[:1], blob[1:]
+        self._iterator.set_state(payload if kind == b"B" else json.loads(payload.decode()))
+
+    def start_prefetch(self):  # called by grain's handler after restore
+        if hasattr(self._iterator, "start_prefetch"):
+            self._iterator.start_prefetch()
+
+
+class _Corrupt(Exception):
+    """This checkpoint cannot be used: unreadable files or a checksum mismatch (message: why)."""
+
+
+# ------------------------------------------------------------------------------------------------ Checkpointer
+
+
+class Checkpointer:
+    """The orbax CheckpointManager of one checkpoint directory, with the checks of the module docstring.
+
+    read_only=True: for eval and sampling. Raises CheckpointError at once if there is no committed
+    checkpoint (and creates nothing); skips corrupt checkpoints without moving them."""
+
+    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
+        self.directory = os.path.abspath(directory)
+        self.corrupt_directory = self.directory + "_corrupt"
+        self.read_only = read_only
+        self._pending: int | None = None  # the step whose asynchronous save may still be running
+        self._closed = False
+        if read_only:
+            if not committed_steps(self.directory):
+                raise CheckpointError(f"no checkpoint in {self.directory}: train first (--mode=train)")
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+        else:
+            check_writable(self.directory, "the checkpoint directory")
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=keep,
+                create=True,
+                enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=True,  # remove half-written checkpoints of a killed run
+            )
+        self._errors = _OrbaxErrors()
+        py_logging.getLogger("absl").addHandler(self._errors)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close(raise_errors=exc_type is None)
+        return False
+
+    # ---------------------------------------------------------------- save
+
+    def save(
+        self, step: int, state, data_iterator=None, *, metadata: dict | None = None, force: bool = False
+    ):
+        """Starts saving `state` (and the iterator's position) as checkpoint `step`, with `metadata`
+        (checkpoint_metadata()) and the state's per-leaf checksums. Raises CheckpointError if the previous
+        asynchronous save did not commit or the directory is no longer writable."""
+        self.wait()
+        check_writable(self.directory, "the checkpoint directory")
+        meta = {
+            **(metadata or {"format": FORMAT_VERSION}),
+            "step": int(step),
+            "checksums": leaf_checksums(state),
+        }
+        items = {"state": ocp.args.StandardSave(state), _META_ITEM: ocp.args.JsonSave(meta)}
+        if data_iterator is not None:
+            from grain import checkpoint as grain_checkpoint
+
+            frozen = _IteratorState(data_iterator, data_iterator.get_state())
+            items["data"] = grain_checkpoint.CheckpointSave(frozen)
+        self._pending = int(step)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def wait(self):
+        """Waits for the pending asynchronous save; CheckpointError if it did not commit."""
+        if self._pending is None:
+            return
+        step, self._pending = self._pending, None
+        failure = ""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 -- reported below as one line
+            failure = f"{type(e).__name__}: {e}"
+        if jax.process_count() > 1:  # process 0 renames the checkpoint into place: look after it did
+            multihost_utils.sync_global_devices(f"ddlm_checkpoint_wait_{step}")
+        if step not in committed_steps(self.directory):
+            reason = failure or self._errors.last or "no error reported"
+            last = committed_steps(self.directory)
+            raise CheckpointError(
+                f"the checkpoint of step {step} was not written to {self.directory} ({reason.splitlines()[0][:300]}); "
+                f"the last committed checkpoint is {f'step {last[-1]}' if last else 'none'}"
+            )
+
+    def close(self, raise_errors: bool = True):
+        """Waits for the pending save and shuts orbax down (also on errors: its threads must not outlive us)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.wait()
+        except CheckpointError:
+            if raise_errors:
+                raise
+        finally:
+            try:
+                self.manager.close()
+            except Exception:  # already reported by wait() or by orbax's own log
+                if raise_errors:
+                    raise
+            py_logging.getLogger("absl").removeHandler(self._errors)
+
+    def all_steps(self) -> list[int]:
+        """Committed checkpoints, after waiting for a pending save (so a step is named only once it is on
+        disk); a save that failed is not listed."""
+        try:
+            self.wait()
+        except CheckpointError as e:
+            logging.warning("%s", e)
+        self.manager.reload()
+        return committed_steps(self.directory)
+
+    # ---------------------------------------------------------------- restore
+
+    def restore_latest(
+        self,
+        abstract_state,
+        data_iterator=None,
+        *,
+        metadata: dict | None = None,
+        allow_data_change: bool = False,
+        partial: bool = False,
+    ) -> tuple[Any, int | None]:
+        """Restores the newest usable checkpoint into `abstract_state`'s shapes and shardings (resharding
+        if the mesh changed) and sets `data_iterator`'s position; the checks of the module docstring, with
+        `metadata` = checkpoint_metadata() of the current config. Returns (state, step), or (None, None)
+        when no checkpoint is usable.
+
+        partial=True: `abstract_state` is a dict of some of the saved state's fields ({'ema_params': ...,
+        'step': ...}), and only those are read (read-only Checkpointers only)."""
+        if partial and not self.read_only:
+            raise ValueError(
+                "a partial restore (a dict of some state fields) needs Checkpointer(read_only=True)"
+            )
+        for step in reversed(committed_steps(self.directory)):
+            problem = None
+            try:
+                stored = self._read_metadata(step)
+                restore_data = self._check_config(step, stored, metadata, allow_data_change)
+                self._check_structure(step, abstract_state, partial)
+            except _Corrupt as e:
+                problem = str(e)
+            problem = _agree(problem)
+            if problem is None:
+                try:
+                    state = self._read(step, abstract_state, data_iterator if restore_data else None, partial)
+                    self._verify(step, stored, state)
+                except _Corrupt as e:
+                    problem = str(e)
+                problem = _agree(problem)
+            if problem:
+                self._corrupt(step, problem)
+                continue
+            return state, step
+        return None, None
+
+    def read_metadata(self, step: int) -> dict | None:
+        """The JSON stored with checkpoint `step` (None for checkpoints written before it existed)."""
+        try:
+            return self._read_metadata(step)
+        except _Corrupt:
+            return None
+
+    def _read_metadata(self, step: int) -> dict | None:
+        if not os.path.isdir(os.path.join(self.directory, str(step), _META_ITEM)):
+            return None
+        try:
+            return self.manager.restore(
+                step, args=ocp.args.Composite(**{_META_ITEM: ocp.args.JsonRestore()})
+            )[_META_ITEM]
+        except Exception as e:  # noqa: BLE001 -- unreadable metadata = unusable checkpoint
+            raise _Corrupt(_reason(e)) from None
+
+    def _check_config(self, step, stored, metadata, allow_data_change) -> bool:
+        """Raises on an incompatible config or changed data; returns whether to restore the iterator."""
+        if stored is None or metadata is None:
+            return True
+        diffs = compatibility_differences(stored, metadata)
+        if diffs:
+            raise IncompatibleCheckpointError(
+                f"the checkpoint at step {step} in {self.directory} was written by an incompatible config: "
+                f"{'; '.join(diffs)}. Use the checkpoint's values, or another --workdir for a new run "
+                "(nothing was changed on disk)"
+            )
+        diffs = data_differences(stored, metadata)
+        if not diffs:
+            return True
+        if not allow_data_change:
+            raise DataChangedError(
+                f"the checkpoint at step {step} in {self.directory} was trained on other data: "
+                f"{'; '.join(diffs)}. Set --config.train.allow_data_change=True to continue on the new data "
+                "(the data iterator then starts afresh), or use the checkpoint's data settings"
+            )
+        logging.warning(
+            "Data changed since the checkpoint at step %d (%s); allow_data_change=True: restoring the model "
+            "and optimizer, the data iterator starts afresh.",
+            step,
+            "; ".join(diffs),
+        )
+        return False
+
+    def _check_structure(self, step, abstract_state, partial):
+        try:
+            # Read with a handler of its own: the manager knows an item's handler only after using it.
+            handler = ocp.StandardCheckpointHandler()
+            try:
+                on_disk = handler.metadata(epath.Path(os.path.join(self.directory, str(step), "state")))
+            finally:
+                handler.close()
+            on_disk = getattr(on_disk, "tree", on_disk)
+        except Exception as e:  # noqa: BLE001 -- unreadable metadata = unusable checkpoint
+            raise _Corrupt(_reason(e)) from None
+        disk_paths, disk_leaves = leaf_paths(on_disk)
+        disk = dict(zip(disk_paths, disk_leaves, strict=True))
+        want_paths, want_leaves = leaf_paths(abstract_state)
+        want = dict(zip(want_paths, want_leaves, strict=True))
+        problems = [f"{p}: missing in the checkpoint" for p in want_paths if p not in disk]
+        if not partial:  # a full restore must also use every saved leaf
+            problems += [f"{p}: in the checkpoint only" for p in disk_paths if p not in want]
+        for p in want_paths:
+            if p in disk:
+                old, new = disk[p], want[p]
+                old_shape, old_dtype = tuple(getattr(old, "shape", ())), getattr(old, "dtype", None)
+                if old_shape != tuple(new.shape):
+                    problems.append(f"{p}: shape {old_shape} -> {tuple(new.shape)}")
+                elif old_dtype is not None and np.dtype(old_dtype) != np.dtype(new.dtype):
+                    problems.append(f"{p}: dtype {np.dtype(old_dtype)} -> {np.dtype(new.dtype)}")
+        if problems:
+            more = f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
+            raise IncompatibleCheckpointError(
+                f"the checkpoint at step {step} in {self.directory} does not fit the current config's state: "
+                f"{'; '.join(problems[:4])}{more}. Use the config it was trained with, or another --workdir "
+                "(nothing was changed on disk)"
+            )
+
+    def _read(self, step, abstract_state, data_iterator, partial):
+        if partial:
+            restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+            items = {
+                "state": ocp.args.PyTreeRestore(
+                    item=abstract_state, restore_args=restore_args, partial_restore=True
+                )
+            }
+        else:
+            items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            from grain import checkpoint as grain_checkpoint
+
+            items["data"] = grain_checkpoint.CheckpointRestore(_IteratorState(data_iterator))
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+        except Exception as e:  # noqa: BLE001 -- any failure to read means this checkpoint is unusable
+            raise _Corrupt(_reason(e)) from None
+
+    def _verify(self, step, stored, state):
+        if stored is None or "checksums" not in stored:
+            logging.warning(
+                "Checkpoint at step %d has no checksums (written by an older ddlm): not verified.", step
+            )
+            return
+        expected = stored["checksums"]
+        actual = leaf_checksums(state)
+        bad = [p for p, c in actual.items() if p in expected and expected[p] != c]
+        if bad:
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            raise _Corrupt(f"checksum mismatch in leaf {', '.join(bad[:3])}{more}")
+
+    def _corrupt(self, step: int, reason: str):
+        if self.read_only:
+            logging.warning(
+                "Checkpoint at step %d is corrupt or unreadable (%s); skipping it (left in place: the next "
+                "training run quarantines it) and falling back to the previous checkpoint.",
+                step,
+                reason,
+            )
+            return
+        destination = self._quarantine(step) or self.corrupt_directory  # named on process 0 only
+        logging.warning(
+            "Checkpoint at step %d is corrupt or unreadable (%s); moved it to %s and falling back to the "
+            "previous checkpoint.",
+            step,
+            reason,
+            destination,
+        )
+
+    def _quarantine(self, step: int) -> str:
+        """Moves checkpoint `step` to checkpoints_corrupt/<step>-<UTC time>[-n], a name not used before."""
+        destination = ""
+        if jax.process_index() == 0:
+            os.makedirs(self.corrupt_directory, exist_ok=True)
+            base = os.path.join(self.corrupt_directory, f"{step}-{_utc_stamp()}")
+            destination, n = base, 1
+            while os.path.exists(destination):
+                destination, n = f"{base}-{n}", n + 1
+            shutil.move(os.path.join(self.directory, str(step)), destination)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"ddlm_checkpoint_quarantine_{step}")
+        self.manager.reload()
+        return destination
+
+
+def _agree(problem: str | None) -> str | None:
+    """With several processes: a checkpoint one process cannot read is corrupt for all (each reads its own
+    shards), so that all fall back together."""
+    if jax.process_count() == 1:
+        return problem
+    failed = multihost_utils.process_allgather(np.int32(problem is not None))
+    if problem is None and np.any(failed):
+        return "unreadable on another process"
+    return problem
+
+
+def _utc_stamp() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
+
+
+def _reason(e: Exception) -> str:
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {text}"[:300]
+
+
+# ------------------------------------------------------------------------------------------------ inference
+
+
+@dataclasses.dataclass
+class Loaded:
+    """What sampling and evaluation need from a checkpoint."""
+
+    config: ml_collections.ConfigDict  # the config the network was built from
+    tokenizer: Any
+    model: Any  # flax.linen Module
+    params: Any  # parameter tree (EMA or raw), sharded over `mesh`
+    step: int
+    mesh: jax.sharding.Mesh
+
+    def context(self):
+        """Mesh and logical-axis rules in scope while tracing the network."""
+        return sharding.mesh_context(self.mesh)
+
+
+def load_for_inference(workdir: str, config=None, *, ema: bool = True, devices=None) -> Loaded:
+    """The newest usable checkpoint of `workdir` as (config, tokenizer, model, params, step, mesh).
+
+    With `config=None` the network is rebuilt from the config stored in the checkpoint; a given config must
+    be compatible with it (IncompatibleCheckpointError otherwise, naming the fields) and use the same
+    tokenizer vocabulary (DataChangedError otherwise: samples would be decoded with the wrong vocabulary).
+    Only the parameters are read (the EMA ones with `ema`), not the optimizer state. Creates nothing in
+    `workdir`: a missing or empty checkpoint directory is a one-line CheckpointError."""
+    from ddlm import models
+    from ddlm.data import tokenizers
+
+    devices = list(jax.devices() if devices is None else devices)
+    with Checkpointer(os.path.join(workdir, CHECKPOINTS_DIR), read_only=True) as checkpointer:
+        steps = committed_steps(checkpointer.directory)
+        stored = checkpointer.read_metadata(steps[-1])
+        if config is None:
+            if stored is None or "config" not in stored:
+                raise CheckpointError(
+                    f"the checkpoint at step {steps[-1]} in {checkpointer.directory} stores no config "
+                    "(written by an older ddlm): pass --config"
+                )
+            config = ml_collections.ConfigDict(stored["config"])
+        tokenizer = tokenizers.get_tokenizer(config.data)
+        current = {
+            "compatibility": compatibility(config, tokenizer),
+            "data": {"tokenizer_fingerprint": tokenizer.fingerprint},
+        }
+        if stored is not None:
+            diffs = compatibility_differences(stored, current) + data_differences(
+                stored, current, fields=("tokenizer_fingerprint",)
+            )
+            if diffs:
+                raise IncompatibleCheckpointError(
+                    f"the checkpoint at step {steps[-1]} in {checkpointer.directory} was written by an "
+                    f"incompatible config: {'; '.join(diffs)}"
+                )
+        model = models.get_model(config.model, tokenizer.vocab_size)
+        mesh = _inference_mesh(config, devices)
+        init_inputs = sharding.model_init_inputs(config.diffusion.loss, 1, config.train.seq_len)
+        boxed, _ = sharding.abstract_params(model, init_inputs)
+        field = "ema_params" if ema else "params"
+        abstract = {
+            field: sharding.sharded_abstract_params(boxed, mesh),
+            "step": jax.ShapeDtypeStruct((), jnp.int32),
+        }
+        restored, step = checkpointer.restore_latest(abstract, partial=True)
+    if restored is None:
+        raise CheckpointError(
+            f"no usable checkpoint in {os.path.join(workdir, CHECKPOINTS_DIR)} (all corrupt)"
+        )
+    return Loaded(
+        config=config, tokenizer=tokenizer, model=model, params=restored[field], step=step, mesh=mesh
+    )
+
+
+def _inference_mesh(config, devices):
+    """The config's mesh if it fits these devices, else plain data parallelism over them."""
+    try:
+        return sharding.make_mesh(config.mesh, devices)
+    except ConfigError as e:
+        logging.info("config.mesh does not fit %d devices (%s): using data parallelism.", len(devices), e)
+        return sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices)

@@ -1,0 +1,202 @@
+"""Plots a researcher looks at instead of reading numbers (matplotlib, Agg backend, PNG):
+
+    loss_curves.png   train loss and eval bits/token (with its standard error, where recorded) against step,
+                      one line per workdir, from <workdir>/metrics.jsonl
+    frontier.png      generative perplexity (log) against unigram entropy, one line per (run, sampler, noise
+                      precision) through its step counts, the data as a star, the Pareto front dashed
+    speed.png         tokens/s of each frontier point (or of a --speed_json table) as bars
+
+    python -m ddlm.eval.plots --workdir=runs/quickstart,runs/quickstart_ar [--out_dir=...] [--tensorboard]
+
+With --tensorboard the figures are also written as images to <workdir>/tensorboard (tag 'plots/<name>').
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from ddlm.eval import frontier as frontier_lib
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """The records of <workdir>/metrics.jsonl ({'step', 'split', name: value}); a step written twice (a
+    resumed run) keeps its last record."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise ValueError(f"{path} does not exist: train first (--mode=train), or check --workdir")
+    last = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                last[(r["split"], r["step"])] = r
+    return sorted(last.values(), key=lambda r: r["step"])
+
+
+def _save(fig, path: str | None):
+    """Writes fig to path as PNG (nothing when path is None); returns fig."""
+    if path is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    return fig
+
+
+def plot_loss_curves(runs: dict[str, list[dict]], path: str | None = None):
+    """Train loss and eval bits/token against step, one line per run ({label: metrics records})."""
+    fig, (ax_train, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, records in runs.items():
+        train = [r for r in records if r["split"] == "train" and "loss" in r]
+        if train:
+            ax_train.plot([r["step"] for r in train], [r["loss"] for r in train], label=label)
+        ev = [r for r in records if r["split"] == "eval" and "bits_per_token" in r]
+        if ev:
+            se = [r.get("bits_per_token_se", 0.0) for r in ev]
+            ax_eval.errorbar(
+                [r["step"] for r in ev],
+                [r["bits_per_token"] for r in ev],
+                yerr=[0.0 if s is None or math.isnan(s) else s for s in se],
+                marker="o",
+                capsize=3,
+                label=label,
+            )
+    ax_train.set(xlabel="step", ylabel="train loss (nats/token)", title="training loss")
+    ax_eval.set(xlabel="step", ylabel="bits/token", title="validation NELBO / NLL (± 1 SE)")
+    for ax in (ax_train, ax_eval):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    return _save(fig, path)
+
+
+def plot_frontier(points: Sequence[frontier_lib.FrontierPoint], path: str | None = None):
+    """Generative perplexity against unigram entropy (module doc)."""
+    fig, ax = plt.subplots(figsize=(7, 5))
+    groups: dict[tuple, list] = {}
+    for p in points:
+        if p.label == "data":
+            continue
+        groups.setdefault((p.label, p.sampler, p.precision, p.temperature), []).append(p)
+    for (label, sampler, precision, temperature), pts in groups.items():
+        pts = sorted(pts, key=lambda p: p.steps)
+        name = f"{label} {sampler} T={temperature:g} {precision}"
+        ax.errorbar(
+            [p.entropy for p in pts],
+            [p.gen_ppl for p in pts],
+            xerr=[p.entropy_se for p in pts],
+            yerr=[p.gen_ppl_se for p in pts],
+            marker="o",
+            capsize=2,
+            label=name,
+            linestyle="--" if precision == "float32" else "-",
+        )
+        for p in pts:
+            ax.annotate(
+                f"{p.steps}", (p.entropy, p.gen_ppl), textcoords="offset points", xytext=(4, 4), fontsize=8
+            )
+    for p in points:
+        if p.label == "data":
+            ax.plot(
+                [p.entropy], [p.gen_ppl], marker="*", markersize=14, color="black", linestyle="", label="data"
+            )
+    front = frontier_lib.pareto_front([p for p in points if p.label != "data"])
+    if len(front) > 1:
+        ax.plot(
+            [p.entropy for p in front], [p.gen_ppl for p in front], color="gray", alpha=0.5, linestyle=":"
+        )
+    ax.set_yscale("log")
+    ax.set(
+        xlabel="unigram entropy per sample (nats)", ylabel="generative perplexity", title="quality frontier"
+    )
+    ax.grid(alpha=0.3, which="both")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_speed(rows: Sequence[tuple[str, float]], path: str | None = None):
+    """Horizontal bars of tokens/s, one per (name, tokens_per_s), the value written on each."""
+    rows = [(n, v) for n, v in rows if v is not None and not math.isnan(v)]
+    fig, ax = plt.subplots(figsize=(7, 0.4 * max(len(rows), 2) + 1))
+    names = [n for n, _ in rows]
+    values = [v for _, v in rows]
+    bars = ax.barh(range(len(rows)), values, color="tab:blue")
+    ax.set_yticks(range(len(rows)), names, fontsize=8)
+    ax.invert_yaxis()
+    for bar, v in zip(bars, values):
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {v:,.0f}", va="center", fontsize=8)
+    ax.set(xlabel="tokens / s", title="sampling speed")
+    ax.grid(alpha=0.3, axis="x")
+    return _save(fig, path)
+
+
+def speed_rows(points: Sequence[frontier_lib.FrontierPoint]) -> list[tuple[str, float]]:
+    return [
+        (f"{p.label} {p.sampler} {p.steps} steps T={p.temperature:g} {p.precision}", p.tokens_per_s)
+        for p in points
+        if p.label != "data"
+    ]
+
+
+def make_plots(workdirs: Sequence[str], out_dir: str, *, speed_json: str = "", tensorboard: bool = False):
+    """Writes loss_curves.png (always), frontier.png and speed.png (when the workdirs have eval/frontier.json,
+    or speed.png from speed_json: {'rows': [{'name', 'tokens_per_s'}]}). Returns the paths written."""
+    label = lambda w: os.path.basename(os.path.normpath(w))
+    figures = {"loss_curves": plot_loss_curves({label(w): read_metrics(w) for w in workdirs})}
+    points = []
+    for w in workdirs:
+        path = os.path.join(w, "eval", frontier_lib.FRONTIER_FILE)
+        if os.path.exists(path):
+            points += frontier_lib.load(path)
+    if points:
+        figures["frontier"] = plot_frontier(points)
+    rows = speed_rows(points)
+    if speed_json:
+        with open(speed_json) as f:
+            rows += [(r["name"], float(r["tokens_per_s"])) for r in json.load(f)["rows"]]
+    if rows:
+        figures["speed"] = plot_speed(rows)
+    written = []
+    for name, fig in figures.items():
+        written.append(os.path.join(out_dir, f"{name}.png"))
+        _save(fig, written[-1])
+    if tensorboard:
+        from tensorboardX import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(workdirs[0], "tensorboard"))
+        for name, fig in figures.items():
+            writer.add_figure(f"plots/{name}", fig)
+        writer.close()
+    for fig in figures.values():
+        plt.close(fig)
+    return written
+
+
+def main(argv):
+    from absl import flags
+
+    del argv
+    f = flags.FLAGS
+    workdirs = [w for w in f.workdir.split(",") if w]
+    if not workdirs:
+        raise ValueError("--workdir: give one or more workdirs, comma-separated")
+    out_dir = f.out_dir or os.path.join(workdirs[0], "eval", "plots")
+    for path in make_plots(workdirs, out_dir, speed_json=f.speed_json, tensorboard=f.tensorboard):
+        print(path)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("workdir", "", "Workdir(s), comma-separated, each with metrics.jsonl.")
+    flags.DEFINE_string("out_dir", "", "Where the PNGs go ('' = <first workdir>/eval/plots).")
+    flags.DEFINE_string("speed_json", "", "Optional speed table {'rows': [{'name', 'tokens_per_s'}]}.")
+    flags.DEFINE_bool("tensorboard", False, "Also write the figures as images to <workdir>/tensorboard.")
+    app.run(main)

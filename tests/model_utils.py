@@ -1,0 +1,50 @@
+"""Helpers shared by the model and decoding tests."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def random_variables(model, xt, t, x0=None, seed=1):
+    """Random parameters of the right shapes (with their logical-axis boxes), drawn with numpy: no init compile.
+
+    Unlike the real init, nothing is zero (adaLN-zero and the zero output layer would hide every dependency).
+    Leaves get the model's param_dtype (float64 for a float64 network, under jax.enable_x64).
+    """
+    abstract = jax.eval_shape(functools.partial(model.init, jax.random.key(0)), xt, t, x0=x0)
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if leaf.ndim == 1 or "bias" in name:
+            value = (1.0 if "scale" in name else 0.0) + 0.3 * rng.standard_normal(leaf.shape)
+        else:  # fan-in scaled; the attention output kernel [heads, head_dim, d] has fan-in heads * head_dim
+            fan_in = leaf.shape[0] * (leaf.shape[1] if "out_kernel" in name else 1)
+            value = rng.standard_normal(leaf.shape) / np.sqrt(fan_in)
+        return jnp.asarray(value, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+def tiny_model(name, vocab, time_conditioning, dtype=jnp.float32, block_size=4):
+    """A 2-layer, 32-wide network of ddlm.models ('dit' | 'ar' | 'bd3lm'); dtype float64 needs jax.enable_x64."""
+    from ddlm import models
+
+    c = models.default_config("tiny")
+    c.name = name
+    c.num_layers, c.d_model, c.num_heads, c.mlp_dim, c.cond_dim = 2, 32, 2, 64, 16
+    c.block_size, c.time_conditioning = block_size, time_conditioning
+    return models.get_model(c, vocab).clone(dtype=dtype, param_dtype=dtype)
+
+
+def tiny_decoder(name, vocab, time_conditioning, dtype=jnp.float32, block_size=4, seed=1):
+    """models.make_decoder of `tiny_model` with random (nowhere zero) parameters."""
+    from ddlm import models
+
+    model = tiny_model(name, vocab, time_conditioning, dtype, block_size)
+    tokens = jnp.zeros((1, 4 * block_size), jnp.int32)
+    t = jnp.zeros((1,), jnp.float32) if time_conditioning else None
+    variables = random_variables(model, tokens, t, tokens if name == "bd3lm" else None, seed=seed)
+    return models.make_decoder(model, variables)

@@ -1,0 +1,144 @@
+"""ddlm/train/console.py: other libraries' log lines below --log_level are dropped (ddlm's are kept), and
+the training progress bar: live on a terminal (through a real pseudo-terminal), plain lines elsewhere."""
+
+import fcntl
+import io
+import logging as python_logging
+import os
+import pty
+import struct
+import termios
+import time
+
+import pytest
+from absl import logging
+
+from ddlm.train import console
+
+
+def record(pathname, level):
+    return python_logging.LogRecord("absl", level, pathname, 1, "message", None, None)
+
+
+@pytest.fixture
+def absl_handler():
+    handler = logging.get_absl_handler()
+    filters, stream = list(handler.filters), handler.python_handler.stream
+    yield handler
+    handler.filters[:] = filters
+    handler.python_handler.setStream(stream)
+
+
+def test_other_libraries_info_lines_are_dropped_and_reachable_with_log_level(absl_handler):
+    ddlm_file = os.path.join(os.path.dirname(console.__file__), "trainer.py")
+    orbax_file = "/venv/lib/python3.11/site-packages/orbax/checkpoint/checkpoint_manager.py"
+    jax_file = (
+        "/venv/lib/python3.11/site-packages/jax/_src/xla_bridge.py"  # "Unable to initialize backend 'tpu'"
+    )
+    lookalike = os.path.dirname(os.path.dirname(console.__file__)) + "_extra/x.py"  # .../ddlm_extra: not ddlm
+    assert all(absl_handler.filter(record(f, python_logging.INFO)) for f in (orbax_file, jax_file))
+
+    console.quiet_other_loggers("warning")
+    assert absl_handler.filter(record(ddlm_file, python_logging.INFO))
+    assert absl_handler.filter(record(ddlm_file, python_logging.DEBUG))
+    for other in (orbax_file, jax_file, lookalike):
+        assert not absl_handler.filter(record(other, python_logging.INFO)), other
+        assert absl_handler.filter(record(other, python_logging.WARNING)), other
+
+    console.quiet_other_loggers("info")  # replaces the filter, does not stack a second one
+    assert absl_handler.filter(record(orbax_file, python_logging.INFO))
+    assert not absl_handler.filter(record(orbax_file, python_logging.DEBUG))
+    assert sum(isinstance(f, console.OtherLoggersFilter) for f in absl_handler.filters) == 1
+    with pytest.raises(ValueError, match="--log_level must be one of"):
+        console.quiet_other_loggers("verbose")
+
+
+def _pty_stream(columns):
+    """A writable file on a pseudo-terminal `columns` wide (0: a terminal that reports no size)."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    os.set_blocking(master, False)
+    return os.fdopen(slave, "w"), master
+
+
+def _read(master) -> str:
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except (BlockingIOError, OSError):
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+def progress(stream, start=0, total=4, live=None):
+    return console.TrainProgress(
+        start,
+        total,
+        tokens_per_step=1000,
+        flops_per_token=1e6,
+        peak_flops=1e12,
+        log_every=3,
+        stream=stream,
+        live=live,
+    )
+
+
+def test_progress_bar_is_live_on_a_terminal_with_loss_tokens_mfu_eta_and_logs_print_above_it(
+    absl_handler, caplog
+):
+    caplog.set_level(python_logging.INFO)
+    stream, master = _pty_stream(columns=160)
+    original = absl_handler.python_handler.stream
+    absl_handler.python_handler.setStream(stream)  # where absl logs go in a job: the same terminal
+    try:
+        bar = progress(stream, start=1, total=5)  # resumed at step 1
+        assert bar.live
+        for step in range(2, 6):
+            time.sleep(0.12)  # past tqdm's minimum redraw interval (0.1 s)
+            bar.update(step, 1.0 / step)
+            if step == 3:
+                bar.report(step, {"loss": 1.0, "steps_per_s": 1.0, "tokens_per_s": 1.0, "mfu": 0.1})
+                absl_handler.python_handler.stream.write("eval at step 3: a log line\n")
+        bar.close()
+        out = _read(master)
+    finally:
+        absl_handler.python_handler.setStream(original)
+        stream.close()
+        os.close(master)
+    frames = [f for f in out.replace("\r\n", "\n").replace("\r", "\n").split("\n") if f.strip()]
+    last = [f for f in frames if "train" in f][-1]
+    assert "5/5" in last and "loss 0.2000" in last and "tok/s" in last and "MFU" in last, last
+    assert "<00:00" in last  # tqdm's elapsed<remaining (the ETA)
+    # The log line is on a line of its own (tqdm.write cleared the bar first), and the bar is redrawn
+    # after it; the periodic plain line is not written while the bar is live.
+    assert "eval at step 3: a log line" in frames
+    log_at = frames.index("eval at step 3: a log line")
+    assert any("train" in f and "loss" in f for f in frames[log_at + 1 :])
+    assert not any(f.startswith("step 3/5") for f in frames) and "step 3/5" not in caplog.text
+
+
+def test_progress_is_plain_lines_when_not_a_terminal(caplog):
+    caplog.set_level(python_logging.INFO)
+    stream, master = _pty_stream(columns=0)  # a terminal without a size: tqdm would draw nothing
+    try:
+        assert not progress(stream).live
+    finally:
+        stream.close()
+        os.close(master)
+    log_file = io.StringIO()
+    bar = progress(log_file)
+    assert not bar.live
+    bar.update(1, 2.5)  # the first step: a line of its own, so a log shows training has started
+    bar.update(2, 2.4)
+    bar.report(4, {"loss": 2.5, "steps_per_s": 2.0, "tokens_per_s": 2000.0, "mfu": 0.002})
+    bar.close()
+    assert log_file.getvalue() == ""
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "step 1/4 | loss 2.5000 | training started; a line every config.train.log_every=3 steps",
+        "step 4/4 | loss 2.5000 | 2.00 steps/s | 2,000 tokens/s | MFU 0.20% | ETA 0s",
+    ]

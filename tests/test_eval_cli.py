@@ -1,0 +1,207 @@
+"""--mode=eval end to end on a tiny MDLM and a tiny AR model trained once for this module (Shakespeare
+characters, 1 layer x 32 wide, 60 steps, in subprocesses on one CPU device): the table with bits/char and
+standard errors, report.json, metrics.jsonl, the AR baseline and generative perplexity beside the MDLM, and
+the AR model's exact NLL against a direct computation from its logits."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = """
+import importlib.util
+
+_spec = importlib.util.spec_from_file_location("_base", {base!r})
+_base = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_base)
+
+
+def get_config(arg=None):
+    c = _base.get_config(arg)
+    m = c.model
+    m.num_layers, m.d_model, m.num_heads, m.mlp_dim, m.cond_dim = 1, 32, 2, 64, 16
+    t = c.train
+    t.steps, t.batch_size, t.eval_batch_size, t.seq_len = 60, 8, 8, 32
+    t.eval_batches, t.log_every, t.eval_every, t.ckpt_every = 1, 20, 0, 0
+    t.sample_at_end = False
+    c.optim.warmup_steps = 5
+    c.sampler.steps, c.sampler.num_samples, c.sampler.batch_size = 8, 4, 4
+    c.eval.num_batches = 4
+    return c
+"""
+
+
+def child_env(cache_dir):
+    env = dict(os.environ)
+    env.update(
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    return env
+
+
+def main_cmd(config, workdir, *args):
+    return [sys.executable, "-m", "ddlm.main", f"--config={config}", f"--workdir={workdir}", *args]
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """Trains the tiny MDLM and AR models side by side; returns {name: (config file, workdir)} and the env."""
+    root = tmp_path_factory.mktemp("eval_runs")
+    env = child_env(root / "jax_cache")
+    runs, procs = {}, {}
+    for name, base in (("mdlm", "quickstart.py"), ("ar", "quickstart_ar.py")):
+        config = root / f"tiny_{name}.py"
+        config.write_text(TINY.format(base=os.path.join(REPO, "experiments", base)))
+        workdir = root / name
+        runs[name] = (str(config), str(workdir))
+        procs[name] = subprocess.Popen(
+            main_cmd(config, workdir),
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=280)
+        assert proc.returncode == 0, (name, out[-3000:])
+    return runs, env
+
+
+def read_records(workdir, split):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+@pytest.mark.timeout(300)
+def test_eval_mode_prints_bits_per_char_with_standard_errors_beside_the_ar_baseline(tiny_runs):
+    runs, env = tiny_runs
+    (mdlm_config, mdlm_dir), (ar_config, ar_dir) = runs["mdlm"], runs["ar"]
+    args = [
+        "--mode=eval",
+        f"--config.eval.ar_workdir={ar_dir}",
+        f"--config.eval.ar_config={ar_config}",
+        "--config.eval.num_samples=4",
+    ]
+    proc = subprocess.run(
+        main_cmd(mdlm_config, mdlm_dir, *args),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=250,
+        check=False,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    out = proc.stdout
+    print(out)
+    assert "bits/char" in out and "Restored checkpoint from step 60" in proc.stderr
+    row = next(line for line in out.splitlines() if line.startswith("mdlm NELBO"))
+    assert row.count("±") == 4 and "<=" in row
+    assert any(line.startswith("ar exact NLL (ar)") for line in out.splitlines())
+
+    with open(os.path.join(mdlm_dir, "eval", "report.json")) as f:
+        report = json.load(f)
+    rows = report["likelihood"]
+    assert list(rows) == ["mdlm NELBO", "T=8 step bound", "ar exact NLL (ar)"]
+    nelbo, ar = rows["mdlm NELBO"], rows["ar exact NLL (ar)"]
+    assert nelbo["sequences"] == 32 and nelbo["tokens"] == 32 * 32
+    assert ar["tokens"] == 32 * 31  # token 0 of a packed row has no context
+    for r in rows.values():
+        assert 0 < r["bits_per_char_se"] < 0.5 and 0 < r["nats_per_token_se"] < 0.5
+        assert r["bits_per_char"] < math.log2(
+            70
+        )  # learned something: below a uniform guess over the characters
+    assert nelbo["kind"] == "NELBO (upper bound)" and ar["kind"] == "exact NLL"
+    samples = report["samples"]
+    assert samples["samples"] == 4 and samples["steps"] == 8
+    assert (
+        1.0 < samples["gen_ppl"] < 70 and samples["gen_ppl_se"] > 0 and 0 < samples["entropy"] < math.log(32)
+    )
+    assert "generative perplexity" in out
+
+    final = read_records(mdlm_dir, "eval")[-1]
+    assert final["step"] == 60 and math.isclose(final["bits_per_char"], nelbo["bits_per_char"], rel_tol=1e-6)
+    assert final["bits_per_char_se"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_eval_of_an_ar_checkpoint_is_its_exact_nll(tiny_runs, capsys):
+    """In-process run_eval on the AR workdir; the NLL recomputed directly from the model's logits on the same
+    batches (numpy log-softmax, positions 1..L-1) must match, and so must the characters counted."""
+    from ddlm.data import pipeline
+    from ddlm.eval import cli
+
+    runs, _ = tiny_runs
+    ar_config_path, ar_dir = runs["ar"]
+    config = cli.load_config_file(ar_config_path)
+    report = cli.run_eval(config, ar_dir)
+    printed = capsys.readouterr().out
+    assert "ar exact NLL" in printed and "<=" not in printed.split("\n")[2]
+    ((label, row),) = report["likelihood"].items()
+    assert label == "ar exact NLL" and row["kind"] == "exact NLL"
+
+    loaded = cli.load_checkpoint(config, ar_dir)
+    tok = loaded.tokenizer
+    it = pipeline.make_iterator(
+        config.data, tok, "validation", global_batch_size=8, seq_len=32, seed=config.train.seed, num_epochs=1
+    )
+    apply = jax.jit(lambda p, x: loaded.model.apply({"params": p}, x, None, train=False))
+    nll, count, chars = 0.0, 0, 0
+    specials = {tok.bos_id, tok.eos_id, tok.pad_id}
+    for _, batch in zip(range(4), it):
+        x = batch["tokens"]
+        logits = np.asarray(apply(loaded.params, x), np.float64)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        nll -= np.take_along_axis(logp[:, :-1], x[:, 1:, None], axis=-1).sum()
+        count += x[:, 1:].size
+        chars += sum(int(i) not in specials for i in x[:, 1:].reshape(-1))
+    assert row["tokens"] == count and row["characters"] == chars
+    np.testing.assert_allclose(row["nats_per_token"], nll / count, rtol=2e-5)
+    np.testing.assert_allclose(row["bits_per_char"], nll / chars / math.log(2), rtol=2e-5)
+
+
+@pytest.mark.timeout(300)
+def test_frontier_sweep_and_plots_on_the_tiny_runs(tiny_runs, tmp_path):
+    """python -m ddlm.eval.frontier: one point per (steps, precision) plus the data, saved and drawn; the plots
+    of both workdirs. The data's generative perplexity under the AR scorer is near the AR model's own
+    validation perplexity (same model, same kind of text: a scorer that mixed up its positions would not be)."""
+    from ddlm.eval import frontier, plots
+
+    runs, env = tiny_runs
+    (mdlm_config, mdlm_dir), (_, ar_dir) = runs["mdlm"], runs["ar"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ddlm.eval.frontier",
+        f"--config={mdlm_config}",
+        f"--workdir={mdlm_dir}",
+        f"--config.eval.ar_workdir={ar_dir}",  # the AR config comes from its checkpoint
+        "--steps=4,8",
+        "--precisions=float64",
+        "--num_samples=4",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=250, check=False)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    points = frontier.load(os.path.join(mdlm_dir, "eval", "frontier.json"))
+    assert [(p.label, p.steps) for p in points] == [("mdlm", 4), ("mdlm", 8), ("data", 0)]
+    for p in points:
+        assert 0 < p.entropy < math.log(32) and 1 < p.gen_ppl < 70 and p.samples == 4
+    assert points[0].nfe <= 4 and points[1].tokens_per_s > 0
+    ar_ppl = math.exp(read_records(ar_dir, "eval")[0]["nelbo"])  # the AR's validation NLL after training
+    assert 0.5 < points[-1].gen_ppl / ar_ppl < 2.0, (points[-1].gen_ppl, ar_ppl)
+    assert os.path.getsize(os.path.join(mdlm_dir, "eval", "frontier.png")) > 1000
+
+    written = plots.make_plots([mdlm_dir, ar_dir], str(tmp_path / "plots"))
+    assert sorted(os.path.basename(p) for p in written) == ["frontier.png", "loss_curves.png", "speed.png"]
