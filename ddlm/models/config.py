@@ -41,6 +41,12 @@ def default_config(size: str = "tiny") -> ml_collections.ConfigDict:
     c.param_dtype = "float32"  # parameter dtype
     c.tie_embeddings = False  # output projection = input embedding^T (MDLM: untied)
     c.remat = False  # recompute each block in the backward pass (less activation memory, ~1/3 more compute)
+    c.remat_policy = (
+        "full"  # with remat: 'full' (recompute whole blocks) | 'dots_saveable' (keep matmul outputs)
+    )
+    c.scan_layers = (
+        False  # one nn.scan over the blocks: compile time flat in depth (params stacked under 'blocks')
+    )
     c.vocab_multiple = (
         128  # pad embedding/output rows to a multiple (even 'tensor' sharding); logits stay [.., V]
     )
