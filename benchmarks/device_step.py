@@ -61,7 +61,7 @@ def main(argv=None):
         rev = "?"
     print(
         f"\n{kind} ({jax.default_backend()}), preset {args.preset}, L={args.seq}, batch {args.batch}, {args.dtype}, "
-        f"attention {args.attention}, scan on, revision {rev}, peak {peak / 1e12:.0f} TFLOP/s\n"
+        f"attention {args.attention}, scan on, revision {rev}, peak {peak / 1e12:.3g} TFLOP/s\n"
     )
     print("| preset | remat | tokens/s | step ms | MFU | compile s | temp GB | arguments GB |")
     print("|---|---|---|---|---|---|---|---|")

@@ -148,3 +148,15 @@ def test_scanned_program_does_not_grow_with_depth():
     assert _program_size(8, scan=True) == _program_size(2, scan=True)
     unrolled_2, unrolled_8 = _program_size(2, scan=False), _program_size(8, scan=False)
     assert unrolled_8 > 3 * unrolled_2 - 10
+
+
+def test_a_stored_config_without_the_new_fields_builds_the_unrolled_network():
+    """Checkpoints store their config: one written before scan_layers/remat_policy existed means unrolled."""
+    c = _config()
+    old = {k: v for k, v in c.items() if k not in ("scan_layers", "remat_policy")}
+    import ml_collections
+
+    model = models.get_model(ml_collections.ConfigDict(old), VOCAB)
+    assert model.scan_layers is False and model.remat_policy == "full"
+    with pytest.raises(ValueError, match="config.model.remat_policy must be one of"):
+        models.get_model(_config(remat_policy="some"), VOCAB)

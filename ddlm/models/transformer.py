@@ -367,8 +367,10 @@ _ATTENTION_OF_NAME = {"dit": "bidirectional", "ar": "causal", "bd3lm": "block_ca
 _REQUIRED_FIELDS = (
     "name", "num_layers", "d_model", "num_heads", "mlp_dim", "cond_dim", "dropout", "time_conditioning",
     "block_size", "dtype", "param_dtype", "tie_embeddings", "remat", "attention_impl", "vocab_multiple",
-    "remat_policy", "scan_layers",
 )  # fmt: skip
+# Fields added after checkpoints began storing their config: a stored config without them means these values
+# (the layout those checkpoints were written with), so older checkpoints stay loadable.
+_LATER_FIELDS = {"remat_policy": "full", "scan_layers": False}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -391,16 +393,17 @@ def get_model(config, vocab_size: int) -> Transformer:
     missing = [f for f in _REQUIRED_FIELDS if f not in config]
     if missing:
         raise ValueError(f"config.model lacks fields {missing}; start from ddlm.models.default_config(size)")
+    later = {name: config[name] if name in config else value for name, value in _LATER_FIELDS.items()}
     if config.name not in _ATTENTION_OF_NAME:
         raise ValueError(f"config.model.name must be one of {tuple(_ATTENTION_OF_NAME)}, got {config.name!r}")
     if config.param_dtype not in _DTYPES:
         raise ValueError(
             f"config.model.param_dtype must be one of {tuple(_DTYPES)}, got {config.param_dtype!r}"
         )
-    if config.remat_policy not in stack.REMAT_POLICIES[1:]:
+    if later["remat_policy"] not in stack.REMAT_POLICIES[1:]:
         raise ValueError(
             f"config.model.remat_policy must be one of {stack.REMAT_POLICIES[1:]} (used when remat=True), "
-            f"got {config.remat_policy!r}"
+            f"got {later['remat_policy']!r}"
         )
     if config.vocab_multiple < 1:
         raise ValueError(f"config.model.vocab_multiple must be >= 1, got {config.vocab_multiple}")
@@ -421,8 +424,8 @@ def get_model(config, vocab_size: int) -> Transformer:
         param_dtype=_DTYPES[config.param_dtype],
         tie_embeddings=config.tie_embeddings,
         remat=config.remat,
-        remat_policy=config.remat_policy,
-        scan_layers=config.scan_layers,
+        remat_policy=later["remat_policy"],
+        scan_layers=later["scan_layers"],
         attention_impl=config.attention_impl,
         vocab_multiple=config.vocab_multiple,
     )
