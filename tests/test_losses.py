@@ -522,7 +522,8 @@ def test_losses_vmap_over_a_leading_axis():
     for name, fn in PER_TOKEN_LOSSES.items():
         batched = jax.jit(jax.vmap(fn))(*stacked)
         for i in range(3):
-            np.testing.assert_allclose(batched[i], fn(*(a[i] for a in stacked)), rtol=1e-6, err_msg=name)
+            # float32: the jitted (fused) and op-by-op logsumexp differ in the last bits (~1e-6 relative)
+            np.testing.assert_allclose(batched[i], fn(*(a[i] for a in stacked)), rtol=5e-6, err_msg=name)
 
 
 def test_shape_errors_say_what_was_expected():
