@@ -43,6 +43,19 @@ def _checkpoint_policy(name: str):
     return {"full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable}.get(name)
 
 
+def _scan(body, num_layers: int, in_axes: tuple):
+    """nn.scan of body(block, carry, *xs) over num_layers copies of the block's parameters (stacked on axis
+    0, logical name 'layers'), each layer with its own dropout key."""
+    return nn.scan(
+        body,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=in_axes,
+        length=num_layers,
+        metadata_params={nn.PARTITION_NAME: LAYER_AXIS},
+    )
+
+
 def apply_blocks(
     block_cls: type[nn.Module],
     block_kwargs: dict,
@@ -73,14 +86,7 @@ def apply_blocks(
     def body(block, carry, *args):
         return block(carry, *args, *static_args), None
 
-    scanned = nn.scan(
-        body,
-        variable_axes={"params": 0},
-        split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast,) * len(broadcast_args),
-        length=num_layers,
-        metadata_params={nn.PARTITION_NAME: LAYER_AXIS},
-    )
+    scanned = _scan(body, num_layers, in_axes=(nn.broadcast,) * len(broadcast_args))
     x, _ = scanned(cls(**block_kwargs, name=SCANNED_NAME), x, *broadcast_args)
     return x
 
@@ -124,14 +130,7 @@ def decode_blocks(
         )
         return carry, (layer_cache.keys, layer_cache.values)
 
-    scanned = nn.scan(
-        body,
-        variable_axes={"params": 0},
-        split_rngs={"params": True, "dropout": True},
-        in_axes=(0, 0) + (nn.broadcast,) * len(broadcast_args),
-        length=num_layers,
-        metadata_params={nn.PARTITION_NAME: LAYER_AXIS},
-    )
+    scanned = _scan(body, num_layers, in_axes=(0, 0) + (nn.broadcast,) * len(broadcast_args))
     x, (keys, values) = scanned(
         block_cls(**block_kwargs, name=SCANNED_NAME),
         x,
