@@ -114,17 +114,25 @@ def test_scanned_init_has_the_layer_axis_and_shards_like_unrolled():
 
 
 def test_scanned_decode_matches_unrolled_decode():
-    """The KV-cache path through scanned parameters: prefill logits and every layer's keys/values equal the
-    unrolled network's (atol 1e-5)."""
+    """The KV-cache path through scanned parameters: prefill, then a step reading the filled cache; logits
+    and every layer's keys/values equal the unrolled network's (atol 1e-5)."""
     params = _unrolled_params("ar")
     tokens, _ = _inputs()
     outs = []
+    new_tokens = jnp.asarray([[3, 4], [5, 6]], jnp.int32)
     for scan, p in ((False, params), (True, stack.stack_layers(params, 3))):
         model = models.get_model(_config("ar", scan_layers=scan), VOCAB)
-        logits, cache = decoding.make_decoder(model, {"params": p}).prefill(tokens, capacity=20)
-        outs.append((logits, cache))
-    (l0, c0), (l1, c1) = outs
+        decoder = decoding.make_decoder(model, {"params": p})
+        logits, cache = decoder.prefill(tokens, capacity=20)
+        # a step that reads the filled cache: two new tokens after the 16 cached ones
+        attend = jnp.arange(20) < 16
+        step_logits, cache = decoder.step(
+            cache, new_tokens, jnp.arange(16, 18), attend, decoding.causal_mask(2), write_index=16
+        )
+        outs.append((logits, step_logits, cache))
+    (l0, s0, c0), (l1, s1, c1) = outs
     np.testing.assert_allclose(l1, l0, atol=1e-5)
+    np.testing.assert_allclose(s1, s0, atol=1e-5)
     assert len(c1.keys) == 3 and c1.keys[0].shape == c0.keys[0].shape
     for a, b in zip(c0.keys + c0.values, c1.keys + c1.values):
         np.testing.assert_allclose(b, a, atol=1e-5)
