@@ -73,11 +73,15 @@ COMPATIBILITY_FIELDS = (
     "model.param_dtype",
     "model.tie_embeddings",
     "model.vocab_multiple",
+    "model.scan_layers",  # stacked ('blocks') vs per-layer parameters: ddlm.models.stack converts between them
     "data.tokenizer",
     "diffusion.loss",
     "diffusion.process",
     "train.seq_len",
 )
+
+# Fields added after checkpoints were first written, with the value an older checkpoint implies.
+_COMPATIBILITY_DEFAULTS = {"model.scan_layers": False}
 
 
 class CheckpointError(ConfigError):
@@ -108,6 +112,8 @@ def compatibility(config, tokenizer) -> dict:
     """{dotted field: value} of COMPATIBILITY_FIELDS, plus 'tokenizer.vocab_size' (what the network's vocab
     dimension is built from; config.data.vocab_size may be 0 = 'the tokenizer's')."""
     out = {name: _field(config, name) for name in COMPATIBILITY_FIELDS}
+    for name, default in _COMPATIBILITY_DEFAULTS.items():
+        out[name] = default if out[name] is None else out[name]
     out["tokenizer.vocab_size"] = int(tokenizer.vocab_size)
     return out
 
@@ -157,7 +163,8 @@ def _differences(stored: dict, current: dict, fields, prefix: str = "") -> list[
 
 
 def compatibility_differences(stored_meta: dict, current_meta: dict) -> list[str]:
-    stored, current = stored_meta.get("compatibility", {}), current_meta["compatibility"]
+    stored = {**_COMPATIBILITY_DEFAULTS, **stored_meta.get("compatibility", {})}
+    current = {**_COMPATIBILITY_DEFAULTS, **current_meta["compatibility"]}
     return _differences(stored, current, sorted(current))
 
 
