@@ -404,7 +404,7 @@ def main(argv):
     cli.check_ar_config(ar_config, ec)
     scorer = cli.make_scorer(ar_config, ar_loaded)
     samples_dir = os.path.join(f.workdir, "eval", "frontier_samples")
-    common = dict(num_samples=f.num_samples, batch_size=f.batch_size, samples_dir=samples_dir)
+    common = {"num_samples": f.num_samples, "batch_size": f.batch_size, "samples_dir": samples_dir}
     points = sweep(config, f.workdir, loaded, scorer, grid, **common)
     if f.ar:  # the AR baseline's own samples, timed in this same run
         ar_grid = Grid(
