@@ -134,6 +134,7 @@ def test_eval_mode_prints_bits_per_char_with_standard_errors_beside_the_ar_basel
     final = read_records(mdlm_dir, "eval")[-1]
     assert final["step"] == 60 and math.isclose(final["bits_per_char"], nelbo["bits_per_char"], rel_tol=1e-6)
     assert final["bits_per_char_se"] > 0
+    assert final["samples_gen_ppl"] == samples["gen_ppl"] and final["samples_entropy"] == samples["entropy"]
 
 
 @pytest.mark.timeout(300)

@@ -391,7 +391,8 @@ def run_eval(config, workdir: str, load_fn: Callable[..., Loaded] | None = None)
 
 
 def headline(report: dict) -> dict:
-    """The scalar figures of the report's first row (for metrics.jsonl / TensorBoard)."""
+    """The scalar figures of the report's first row, and of its samples when drawn (for metrics.jsonl /
+    TensorBoard: the sample quality of each evaluated step beside its NELBO)."""
     r = next(iter(report["likelihood"].values()))
     keys = ("nats_per_token", "bits_per_token", "bits_per_char", "perplexity")
     out = {"nelbo": r["nats_per_token"], "perplexity_bound": r["perplexity"], "tokens": r["tokens"]}
@@ -399,4 +400,8 @@ def headline(report: dict) -> dict:
         if k in r:
             out[k] = r[k]
             out[k + "_se"] = r[k + "_se"]
+    s = report.get("samples", {})
+    for k in ("gen_ppl", "gen_ppl_se", "entropy", "entropy_se", "distinct_4"):
+        if k in s:
+            out[f"samples_{k}"] = s[k]
     return out
