@@ -89,9 +89,13 @@ def plot_frontier(points: Sequence[frontier_lib.FrontierPoint], path: str | None
     for p in points:
         if p.label != "data":
             groups.setdefault(_series_key(p), []).append(p)
+    # One colour per (run, sampler, temperature), whatever the noise precision: a float32 line is drawn dashed
+    # with open markers over its float64 twin, so identical samples show as one line.
+    colours: dict[tuple, str] = {}
     for key, pts in groups.items():
         label, sampler, precision = key[:3]
         stepped = len(key) == 4
+        colour = colours.setdefault(key[:2] + key[3:], f"C{len(colours) % 10}")
         pts = sorted(pts, key=lambda p: p.steps if stepped else p.temperature)
         name = f"{label} {frontier_lib.short_name(sampler)} {precision}" + (
             f" T={key[3]:g}" if stepped else ""
@@ -102,6 +106,8 @@ def plot_frontier(points: Sequence[frontier_lib.FrontierPoint], path: str | None
             xerr=[p.entropy_se for p in pts],
             yerr=[p.gen_ppl_se for p in pts],
             marker="s" if sampler == "ar" else "o",
+            markerfacecolor="none" if precision == "float32" else colour,
+            color=colour,
             capsize=2,
             label=name,
             linestyle="--" if precision == "float32" else "-",
