@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddlm.models import layers
+from ddlm.models import layers, stack
 
 Dtype = Any
 
@@ -37,6 +37,9 @@ class Transformer(nn.Module):
       dtype: compute dtype of the matmuls; param_dtype: parameter dtype.
       tie_embeddings: output projection = input embedding transposed (no output bias).
       remat: recompute each block in the backward pass (saves activation memory).
+      remat_policy: with remat, 'full' (recompute the whole block) or 'dots_saveable' (keep matmul outputs).
+      scan_layers: one nn.scan over the blocks (parameters stacked under 'blocks'; compile time flat in
+        depth) instead of unrolled blocks 'block_0'...; see ddlm/models/stack.py for converting checkpoints.
       attention_impl: 'xla' (any backend) or 'cudnn' (fused attention on NVIDIA GPUs, needs bfloat16 dtype).
       vocab_multiple: the embedding and output rows are padded to a multiple of this, so that they shard
         evenly over the 'tensor' mesh axis (GPT-2's 50,258 ids do not divide by 4) and tile well; the padded
@@ -57,6 +60,8 @@ class Transformer(nn.Module):
     param_dtype: Dtype = jnp.float32
     tie_embeddings: bool = False
     remat: bool = False
+    remat_policy: str = "full"
+    scan_layers: bool = False
     attention_impl: str = "xla"
     vocab_multiple: int = 128
 
@@ -286,29 +291,40 @@ class Transformer(nn.Module):
             )(t_tokens)
 
         # ---- blocks ----------------------------------------------------------------------------------------
-        block_cls = layers.DiTBlock
-        if self.remat and cache is None:
-            # self is argument 0: (self, x, c, positions, mask, is_causal, train).
-            block_cls = nn.remat(layers.DiTBlock, static_argnums=(5, 6))
-        new_keys, new_values = [], []
-        for i in range(self.num_layers):
-            block = block_cls(
-                num_heads=self.num_heads,
-                mlp_dim=self.mlp_dim,
-                dropout=self.dropout,
-                time_conditioning=self.time_conditioning,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                attention_impl=self.attention_impl,
-                name=f"block_{i}",
+        block_kwargs = dict(
+            num_heads=self.num_heads,
+            mlp_dim=self.mlp_dim,
+            dropout=self.dropout,
+            time_conditioning=self.time_conditioning,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            attention_impl=self.attention_impl,
+        )
+        if cache is None:
+            x = stack.apply_blocks(
+                layers.DiTBlock,
+                block_kwargs,
+                self.num_layers,
+                x,
+                (c, positions, mask),
+                (is_causal, train),
+                scan=self.scan_layers,
+                remat_policy=self.remat_policy if self.remat else "none",
             )
-            if cache is None:
-                x = block(x, c, positions, mask, is_causal, train)
-            else:
-                layer_cache = layers.LayerCache(cache.keys[i], cache.values[i])
-                x, layer_cache = block(x, c, positions, None, False, False, layer_cache, decode_masks)
-                new_keys.append(layer_cache.keys)
-                new_values.append(layer_cache.values)
+        else:
+            x, new_keys, new_values = stack.decode_blocks(
+                layers.DiTBlock,
+                block_kwargs,
+                self.num_layers,
+                x,
+                (c, positions, None),
+                (False, False),
+                cache.keys,
+                cache.values,
+                decode_masks,
+                layers.LayerCache,
+                scan=self.scan_layers,
+            )
 
         # ---- output layer (MDLM's DDitFinalLayer) ----------------------------------------------------------
         if out_length is not None and out_length < x.shape[1]:  # block-causal: logits for the xt half only
@@ -344,7 +360,7 @@ class Transformer(nn.Module):
         logits = logits[..., : self.vocab_size]
         if cache is None:
             return logits
-        return logits, layers.KVCache(tuple(new_keys), tuple(new_values))
+        return logits, layers.KVCache(new_keys, new_values)
 
 
 _ATTENTION_OF_NAME = {"dit": "bidirectional", "ar": "causal", "bd3lm": "block_causal"}
@@ -352,7 +368,21 @@ _REQUIRED_FIELDS = (
     "name", "num_layers", "d_model", "num_heads", "mlp_dim", "cond_dim", "dropout", "time_conditioning",
     "block_size", "dtype", "param_dtype", "tie_embeddings", "remat", "attention_impl", "vocab_multiple",
 )  # fmt: skip
+# Fields added after checkpoints began storing their config: a stored config without them means these values
+# (the layout those checkpoints were written with), so older checkpoints stay loadable.
+_LATER_FIELDS = {"remat_policy": "full", "scan_layers": False}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str, backend: str | None = None):
+    """config.model.dtype -> a jnp dtype. 'auto' picks by backend: bfloat16 on accelerators (their matmul
+    units' native type), float32 on CPU, where XLA's bfloat16 matmuls are slower than float32 ones (6% on
+    the peers' benchmark shape, and no memory pressure worth the precision)."""
+    if name == "auto":
+        return jnp.float32 if (backend or jax.default_backend()) == "cpu" else jnp.bfloat16
+    if name not in _DTYPES:
+        raise ValueError(f"config.model.dtype must be 'auto' or one of {tuple(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
 
 
 def get_model(config, vocab_size: int) -> Transformer:
@@ -363,11 +393,18 @@ def get_model(config, vocab_size: int) -> Transformer:
     missing = [f for f in _REQUIRED_FIELDS if f not in config]
     if missing:
         raise ValueError(f"config.model lacks fields {missing}; start from ddlm.models.default_config(size)")
+    later = {name: config[name] if name in config else value for name, value in _LATER_FIELDS.items()}
     if config.name not in _ATTENTION_OF_NAME:
         raise ValueError(f"config.model.name must be one of {tuple(_ATTENTION_OF_NAME)}, got {config.name!r}")
-    for field in ("dtype", "param_dtype"):
-        if config[field] not in _DTYPES:
-            raise ValueError(f"config.model.{field} must be one of {tuple(_DTYPES)}, got {config[field]!r}")
+    if config.param_dtype not in _DTYPES:
+        raise ValueError(
+            f"config.model.param_dtype must be one of {tuple(_DTYPES)}, got {config.param_dtype!r}"
+        )
+    if later["remat_policy"] not in stack.REMAT_POLICIES[1:]:
+        raise ValueError(
+            f"config.model.remat_policy must be one of {stack.REMAT_POLICIES[1:]} (used when remat=True), "
+            f"got {later['remat_policy']!r}"
+        )
     if config.vocab_multiple < 1:
         raise ValueError(f"config.model.vocab_multiple must be >= 1, got {config.vocab_multiple}")
     if config.d_model % config.num_heads:
@@ -383,10 +420,12 @@ def get_model(config, vocab_size: int) -> Transformer:
         dropout=config.dropout,
         time_conditioning=config.time_conditioning,
         block_size=config.block_size,
-        dtype=_DTYPES[config.dtype],
+        dtype=compute_dtype(config.dtype),
         param_dtype=_DTYPES[config.param_dtype],
         tie_embeddings=config.tie_embeddings,
         remat=config.remat,
+        remat_policy=later["remat_policy"],
+        scan_layers=later["scan_layers"],
         attention_impl=config.attention_impl,
         vocab_multiple=config.vocab_multiple,
     )
