@@ -252,6 +252,8 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
             progress.on_batch(b, len(records))
 
     # ------------------------------------------------------------------ outputs
+    if jax.process_index() != 0:  # every process sampled its shard of the batch; process 0 writes
+        return records
     out_dir = _new_run_dir(sc.output_dir or os.path.join(workdir, "samples"), run_name)
     with open(os.path.join(out_dir, "samples.txt"), "w") as f:
         for r in records:
