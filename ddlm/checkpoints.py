@@ -141,6 +141,7 @@ def checkpoint_metadata(config, tokenizer) -> dict:
     """The JSON saved with every checkpoint (its per-leaf checksums are added at save time)."""
     return {
         "format": FORMAT_VERSION,
+        "process_count": jax.process_count(),  # whose data iterator states the checkpoint holds
         "config": json.loads(config.to_json_best_effort()),
         "compatibility": compatibility(config, tokenizer),
         "data": data_fingerprint(config.data, tokenizer),
@@ -460,13 +461,16 @@ class Checkpointer:
             try:
                 stored = self._read_metadata(step)
                 restore_data = self._check_config(step, stored, metadata, allow_data_change)
+                data_source = restore_data and self._data_source(step, stored, metadata)
                 self._check_structure(step, abstract_state, partial)
             except _Corrupt as e:
                 problem = str(e)
             problem = _agree(problem)
             if problem is None:
                 try:
-                    state = self._read(step, abstract_state, data_iterator if restore_data else None, partial)
+                    data = data_iterator if data_source is not False else None
+                    data_from = None if data_source is True else data_source
+                    state = self._read(step, abstract_state, data, partial, data_from)
                     self._verify(step, stored, state)
                 except _Corrupt as e:
                     problem = str(e)
@@ -556,7 +560,35 @@ class Checkpointer:
                 "(nothing was changed on disk)"
             )
 
-    def _read(self, step, abstract_state, data_iterator, partial):
+    def _data_source(self, step, stored, metadata) -> bool | int:
+        """How to restore the data iterator: True = this process's own saved state (same process count);
+        N = the state of process 0 of the N that saved it (every process of the old and the new job read
+        the one global stream: config.data.shard_by_process=False, or a single process); False = start
+        afresh (each old process read its own share of the documents: no position maps onto the new
+        processes' shares)."""
+        count = jax.process_count()
+        old = (stored or {}).get("process_count")
+        if old is None or metadata is None or old == count:
+            return True
+
+        def global_stream(meta, processes):
+            data = meta.get("config", {}).get("data", {})
+            return processes == 1 or data.get("shard_by_process") is False
+
+        if global_stream(stored, old) and global_stream(metadata, count):
+            return old
+        logging.warning(
+            "The checkpoint at step %d was written by %d process(es), this job has %d: each process read its "
+            "own share of the documents (config.data.shard_by_process=True), so the model and optimizer are "
+            "restored and the data iterator starts afresh. With shard_by_process=False the data stream does "
+            "not depend on the process count.",
+            step,
+            old,
+            count,
+        )
+        return False
+
+    def _read(self, step, abstract_state, data_iterator, partial, data_from: int | None = None):
         if partial:
             restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
             items = {
@@ -566,12 +598,19 @@ class Checkpointer:
             }
         else:
             items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
+        if data_iterator is not None and data_from is None:
             from grain import checkpoint as grain_checkpoint
 
             items["data"] = grain_checkpoint.CheckpointRestore(_IteratorState(data_iterator))
         try:
-            return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+            state = self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+            if data_iterator is not None and data_from is not None:
+                # grain's handler reads only this job's process_<i>-of-<n> file
+                blob = (epath.Path(self.directory) / str(step) / "data" / f"process_0-of-{data_from}.json")
+                frozen = _IteratorState(data_iterator)
+                frozen.set_state(blob.read_text().encode())
+                frozen.start_prefetch()
+            return state
         except Exception as e:  # noqa: BLE001 -- any failure to read means this checkpoint is unusable
             raise _Corrupt(_reason(e)) from None
 
