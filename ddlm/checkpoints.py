@@ -606,7 +606,7 @@ class Checkpointer:
             state = self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
             if data_iterator is not None and data_from is not None:
                 # grain's handler reads only this job's process_<i>-of-<n> file
-                blob = (epath.Path(self.directory) / str(step) / "data" / f"process_0-of-{data_from}.json")
+                blob = epath.Path(self.directory) / str(step) / "data" / f"process_0-of-{data_from}.json"
                 frozen = _IteratorState(data_iterator)
                 frozen.set_state(blob.read_text().encode())
                 frozen.start_prefetch()

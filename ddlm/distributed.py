@@ -141,11 +141,11 @@ def start(plan: Plan | None, *, init_timeout: int = 300, heartbeat_timeout: int 
 
     kwargs = {}
     if plan.source == "flags":
-        kwargs = dict(
-            coordinator_address=plan.coordinator_address,
-            num_processes=plan.num_processes,
-            process_id=plan.process_id,
-        )
+        kwargs = {
+            "coordinator_address": plan.coordinator_address,
+            "num_processes": plan.num_processes,
+            "process_id": plan.process_id,
+        }
     jax.distributed.initialize(
         **kwargs,
         initialization_timeout=init_timeout,
@@ -272,7 +272,7 @@ class FailureFilter:
         if self.done:  # after the one line: the stack dump and anything the dying process adds
             return [line] if line.startswith("ddlm:") else []
         if self.fatal is not None:
-            if line.startswith("*** Check failure") or line.startswith("    @ "):
+            if line.startswith(("*** Check failure", "    @ ")):
                 return self._finish()
             self.fatal.append(line)
             return []
@@ -308,10 +308,11 @@ class FailureFilter:
     def _finish(self) -> list[str]:
         self.done = True
         summary = summarize_fatal("".join(self.fatal or []))
-        return [
+        line = (
             f"ddlm: error: {self.label}: {summary}; jax.distributed ended this process "
             f"(--heartbeat_timeout={self.heartbeat_timeout}s)\n"
-        ]
+        )
+        return [line]
 
 
 def guard_stderr(plan: Plan, heartbeat_timeout: int) -> None:

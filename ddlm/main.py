@@ -169,13 +169,18 @@ def _parse_flags(argv):
         message = str(e).replace("\\n", " ").replace("\\'", "'")
         message = " ".join(message.replace("'", "").split())
         overrides = [a for a in argv[1:] if a.startswith("--config.")]
-        hint = next(
-            (
-                a.split("=")[0]
-                for a in overrides
-                if any(part and part in message for part in a.split("=")[0][len("--config.") :].split("."))
+        names = [a.split("=")[0] for a in overrides]
+        first_word = message.split(" ", 1)[0]
+        hint = next(  # the override whose last part the message starts with ('stepz Did you mean...')
+            (n for n in names if n.rsplit(".", 1)[-1] == first_word),
+            next(
+                (
+                    n
+                    for n in names
+                    if any(part and part in message for part in n[len("--config.") :].split("."))
+                ),
+                "",
             ),
-            "",
         )
         _fail(f"bad config override {hint or ' '.join(overrides)}: {type(e).__name__}: {message}", 2)
 

@@ -17,6 +17,7 @@ ddlm.main flags are parsed by ddlm.main's own parser, so a typo in a script fail
 """
 
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -209,7 +210,9 @@ def test_a_dead_process_ends_the_other_with_one_line_within_the_heartbeat_bound(
     assert killed["codes"][1] == -signal.SIGKILL, killed
     assert killed["codes"][0] not in (0, None), killed
     assert killed["seconds_after_death"] < HEARTBEAT_S + 5, killed["seconds_after_death"]
-    errors = [line for line in killed["stderr"].splitlines() if "error" in line.lower() or "fatal" in line.lower()]
+    errors = [
+        line for line in killed["stderr"].splitlines() if "error" in line.lower() or "fatal" in line.lower()
+    ]
     assert errors == [
         f"ddlm: error: process 0 of 2: process 1 stopped sending heartbeats (died, was killed or preempted, "
         f"or hangs); jax.distributed ended this process (--heartbeat_timeout={HEARTBEAT_S}s)"
@@ -224,12 +227,16 @@ def test_relaunch_resumes_and_sigterm_checkpoints_the_current_step_and_exits_cle
     assert code == 0, log[-3000:]
     # Each process says once who and where it is; only process 0 logs the training.
     for i, devices in ((0, "0-3"), (1, "2048-2051")):
-        joined = re.findall(rf"^\[{i}\] ddlm: process {i} of 2 joined jax.distributed \((.*)\)$", log, re.M)
+        joined = re.findall(
+            rf"^\[{i}\] ddlm: process {i} of 2 joined jax.distributed \((.*)\)$", log, re.MULTILINE
+        )
         assert len(joined) == 1 and f"4 local cpu devices [{devices}] of 8, found by flags" in joined[0], log
-    assert "[0] I" in log and not re.search(r"^\[1\] I", log, re.M)
+    assert "[0] I" in log and not re.search(r"^\[1\] I", log, re.MULTILINE)
     assert f"Restored checkpoint from step 2 (of {STEPS})" in log
     assert f"step 3/{STEPS} | loss" in log and f"step 2/{STEPS} | loss" not in log
-    stops = re.findall(r"^\[(\d)\] W.*Stop requested \(SIGTERM\): saved the checkpoint of step (\d+)", log, re.M)
+    stops = re.findall(
+        r"^\[(\d)\] W.*Stop requested \(SIGTERM\): saved the checkpoint of step (\d+)", log, re.MULTILINE
+    )
     assert sorted(p for p, _ in stops) == ["0", "1"] and stops[0][1] == stops[1][1], log[-3000:]
     stop = int(stops[0][1])
     assert 4 < stop < STEPS
@@ -281,3 +288,185 @@ def test_two_process_checkpoint_continues_in_one_process_on_another_mesh(job, tm
 
 
 # ------------------------------------------------------------------------------------------------ detection
+
+
+def test_detect_reads_flags_slurm_and_tpu_and_stays_single_otherwise():
+    env = {}
+    assert distributed.detect(env) is None
+    assert distributed.detect(env, force=True) == distributed.Plan("forced")
+    flags = dict(coordinator_address="h:1234", num_processes=2, process_id=1)
+    assert distributed.detect(env, **flags) == distributed.Plan("flags", "h:1234", 2, 1)
+    assert distributed.detect(env, coordinator_address="h:1", num_processes=1, process_id=0) is None
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_PROCID": "1", "SLURM_LOCALID": "0"}
+    assert distributed.detect({**slurm, "SLURM_NTASKS": "2"}) == distributed.Plan("slurm")
+    # A batch script outside srun (one task in the step) or a one-task job: a single process.
+    assert distributed.detect({**slurm, "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "1"}) is None
+    assert distributed.detect({**slurm, "SLURM_NTASKS": "1"}) is None
+    assert distributed.detect({**slurm, "SLURM_NTASKS": "2"}, force=False) is None
+    assert distributed.detect({"TPU_WORKER_HOSTNAMES": "w0,w1"}) == distributed.Plan("tpu")
+    assert distributed.detect({"TPU_WORKER_HOSTNAMES": "w0"}) is None
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            dict(num_processes=2, process_id=0),
+            "--num_processes, --process_id given without --coordinator_address",
+        ),
+        (dict(coordinator_address="h:1", num_processes=2, process_id=2), "--process_id=2 must lie in [0, "),
+        (dict(coordinator_address="h", num_processes=2, process_id=0), "must be host:port"),
+        (dict(coordinator_address="h:1", num_processes=2, process_id=0, force=False), "--nodistributed"),
+    ],
+)
+def test_bad_distributed_flags_are_one_line(flags, message):
+    with pytest.raises(distributed.DistributedConfigError, match=re.escape(message)):
+        distributed.detect({}, **flags)
+
+
+# What jaxlib 0.10.2 prints when the job loses a process (recorded from the runs above, times shortened).
+HEARTBEAT_BLOCK = """\
+E1130 21:47:45.374571   24002 coordination_service.cc:1549] [1269] Use error polling to propagate the following error to all tasks: UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats):
+1
+The tasks have crashed. Check the task logs for an earlier error, or scheduler events (e.g. preemption, eviction) to debug further. [type.googleapis.com/tensorflow.CoordinationServiceError='']
+E1130 21:47:45.375019   24013 coordination_service_agent.cc:289] Polled an error from coordination service (this can be an error from this or another task).
+F1130 21:47:45.375163   24013 client.h:80] Terminating process because the JAX distributed service detected fatal errors. This most likely indicates that another task died; see the other task logs for more details. Disable Python buffering, i.e. `python -u`, to be sure to see all the previous output. absl::Status: UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats):
+1
+The tasks have crashed. Check the task logs for an earlier error, or scheduler events (e.g. preemption, eviction) to debug further.
+
+RPC: /xla.coordination.CoordinationService/PollForError [type.googleapis.com/tensorflow.CoordinationServiceError='']
+*** Check failure stack trace: ***
+    @     0x7f1921840634  absl::lts_20260107::log_internal::LogMessage::SendToLog()
+    @     0x7f1928ca71f5  (unknown)
+"""
+COORDINATOR_BLOCK = """\
+W1130 21:50:07.467094   24987 preemption_sync_manager.cc:147] Failed to retrieve preemption notice from coordination service: UNAVAILABLE: Socket closed
+Additional GRPC error information from remote target coordination_service while calling /xla.coordination.CoordinationService/GetKeyValue:
+E1130 21:50:07.467175   24987 coordination_service_agent.cc:289] Polled an error from coordination service (this can be an error from this or another task).
+F1130 21:50:07.467182   24987 client.h:80] Terminating process because the JAX distributed service detected fatal errors. This most likely indicates that another task died; see the other task logs for more details. absl::Status: UNAVAILABLE: Failed to send RPC to coordination service. Either the leader task was preempted/died/restarted unexpectedly or this task is experiencing network issues.
+*** Check failure stack trace: ***
+    @     0x7f1e0e10cd5b  std::_Function_handler<>::_M_invoke()
+"""
+
+
+def filtered(text: str, now: float = 0.0) -> list[str]:
+    f = distributed.FailureFilter("process 0 of 2", heartbeat_timeout=10)
+    out = []
+    for line in text.splitlines(keepends=True):
+        out += f.feed(line, now)
+    return out + f.close()
+
+
+@pytest.mark.parametrize(
+    "block, summary",
+    [
+        (HEARTBEAT_BLOCK, "process 1 stopped sending heartbeats (died, was killed or preempted, or hangs)"),
+        (
+            COORDINATOR_BLOCK,
+            "lost the coordinator (process 0 died, was killed or preempted, or the network failed)",
+        ),
+    ],
+)
+def test_failure_filter_turns_the_fatal_block_into_one_line(block, summary):
+    before = "I1130 21:47:40.1 1 trainer.py:549] step 2/6 | loss 5.1\n"
+    assert filtered(before + block) == [
+        before,
+        f"ddlm: error: process 0 of 2: {summary}; jax.distributed ended this process (--heartbeat_timeout=10s)\n",
+    ]
+
+
+def test_failure_filter_passes_other_lines_and_releases_held_warnings():
+    warning = "W1130 22:14:20.583115    8418 preemption_notifier.cc:90] SIGTERM caught at 2026-11-30\n"
+    lines = ["plain\n", "E1130 22:00:00.1 1 other.cc:1] not the runtime\n", warning, "next\n"]
+    assert filtered("".join(lines)) == lines  # a held warning goes out with the next line
+    f = distributed.FailureFilter("process 0 of 2", heartbeat_timeout=10)
+    assert f.feed(warning, now=100.0) == []
+    assert f.release(now=101.0) == [] and f.release(now=100.0 + distributed._HOLD_S) == [warning]
+
+
+def dry_run(cmd, env=None) -> str:
+    proc = subprocess.run(
+        cmd, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def main_args(command: list[str]) -> list[str]:
+    """The ddlm.main flags of a `python -m ddlm.main ...` command line."""
+    i = command.index("ddlm.main")
+    return command[i + 1 :]
+
+
+@pytest.mark.timeout(120)
+def test_launchers_dry_run_print_commands_whose_flags_ddlm_main_accepts(tmp_path):
+    overrides = ["--config.train.steps=3", "--config.mesh.fsdp=2"]
+    local = shlex.split(
+        dry_run(["bash", "launch/local.sh", "--dry-run", QUICKSTART, str(tmp_path), *overrides])
+    )
+    slurm_env = {"SLURM_JOB_ID": "77", "SLURM_NNODES": "2", "SLURM_NTASKS": "2", "HEARTBEAT_TIMEOUT": "20"}
+    slurm_out = dry_run(
+        ["bash", "launch/slurm.sbatch", "--dry-run", QUICKSTART, str(tmp_path), *overrides], slurm_env
+    )
+    assert slurm_out.startswith("# job 77: 2 node(s), 2 task(s)\n")
+    slurm = shlex.split(slurm_out.splitlines()[1])
+    assert slurm[:3] == ["srun", "--kill-on-bad-exit=1", "--unbuffered"] and "--heartbeat_timeout=20" in slurm
+    tpu_out = dry_run(
+        ["bash", "launch/tpu_pod.sh", "--dry-run", "--create", "v4-32", "my-tpu", "us-central2-b"]
+        + ["experiments/quickstart.py", "gs://bucket/run", *overrides, "--config.data.corpus=local:/a b"]
+    ).splitlines()
+    assert len(tpu_out) == 2 and "describe my-tpu" in tpu_out[0] and "|| gcloud" in tpu_out[0]
+    assert "create my-tpu --zone=us-central2-b --accelerator-type=v4-32" in tpu_out[0]
+    ssh = shlex.split(tpu_out[1])
+    assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-tpu"] and "--worker=all" in ssh
+    remote = shlex.split(ssh[-1][len("--command=") :])
+    assert remote[:3] == ["cd", "~/ddlm", "&&"] and "--distributed" in remote
+    assert remote[-1] == "--config.data.corpus=local:/a b"  # quoting survives the remote shell
+    mp = [
+        shlex.split(line)
+        for line in dry_run(
+            [
+                sys.executable,
+                "launch/multiprocess.py",
+                "--dry_run",
+                "--",
+                f"--config={QUICKSTART}",
+                f"--workdir={tmp_path}",
+                *overrides,
+            ]
+        ).splitlines()
+    ]
+    assert [c[0] for c in mp] == ["JAX_PLATFORMS=cpu"] * 2 and "--process_id=1" in mp[1]
+    # A gs:// workdir is required on a pod; and every printed ddlm.main command parses (config loaded,
+    # overrides applied), so a typo'd flag in a launcher fails here.
+    bad = subprocess.run(
+        ["bash", "launch/tpu_pod.sh", "--dry-run", "t", "z", QUICKSTART, "/local"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "must be a gs:// path" in bad.stderr
+    commands = [main_args(local), main_args(slurm), main_args(remote), main_args(mp[0][2:])]
+    commands.append([*main_args(local), "--config.train.stepz=3"])  # a typo: must fail
+    # Each in its own interpreter, with sys.argv set (absl parses once per process; ml_collections reads
+    # the overrides from sys.argv).
+    check = (
+        "import sys, json; sys.argv = ['ddlm', *json.loads(sys.argv[1])]; "
+        "from ddlm import main; main._parse_flags(sys.argv)"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", check, json.dumps(args)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args in commands
+    ]
+    results = [(p.wait(timeout=60), p.communicate()[1]) for p in procs]
+    for args, (code, err) in zip(commands[:-1], results[:-1], strict=True):
+        assert code == 0, (args, err[-2000:])
+    code, err = results[-1]
+    assert code == 2 and "ddlm: error: bad config override --config.train.stepz" in err, err
