@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from ddlm import checkpoints, distributed, sharding
+from ddlm import checkpoints, distributed, paths, sharding
 from ddlm.sharding import ConfigError
 from ddlm.train import console, optim
 from ddlm.train import metrics as metrics_lib
@@ -398,7 +398,9 @@ def _check_finite(metrics_host: dict, step: int, policy: str, checkpointer, skip
 def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final eval metrics.
 
-    `devices` (default: all) are the mesh's devices."""
+    `devices` (default: all) are the mesh's devices. `workdir`: a local path, a file:// URI or a bucket
+    (gs://...; see ddlm.paths)."""
+    workdir = paths.resolve(workdir)
     # The checkpointer and the metric writer are closed however the run ends: a pending checkpoint is
     # committed (or its failure reported) and orbax's threads do not outlive the call.
     with contextlib.ExitStack() as resources:
@@ -632,10 +634,10 @@ def _samples_written(config, workdir: str, step: int) -> bool:
     """Whether samples of checkpoint `step` exist: a folder <date>-<time>-step<step>-<sampler>[-n] (the
     run folders of ddlm.sampling.cli) in the samples directory. A finished job's rerun then does not
     sample again."""
-    directory = _samples_dir(config, workdir)
-    if not os.path.isdir(directory):
+    directory = paths.path(_samples_dir(config, workdir))
+    if not directory.is_dir():
         return False
-    return any(f"-step{step}-" in entry.name for entry in os.scandir(directory) if entry.is_dir())
+    return any(f"-step{step}-" in entry.name for entry in directory.iterdir() if entry.is_dir())
 
 
 def run_sampling_if_available(config, workdir: str):
