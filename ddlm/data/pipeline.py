@@ -64,7 +64,7 @@ def default_config() -> ml_collections.ConfigDict:
     # False: every process reads the one stream a single process would and keeps its rows of each global
     # batch: the batches do not depend on the process count (a run on 2 hosts equals one on 1 host, and
     # resumes on any count), for P times the reading and tokenising per host.
-    c.shard_by_process = True
+    c.shard_by_process = True  # see above
     c.sft_data = ""  # SFT records (ddlm.data.sft): a .jsonl | a folder | 'shakespeare_replies'; '' = text
     c.sft_template = "chat"  # SFT prompt template: 'chat' (plain-text role markers) | 'none'
     return c
