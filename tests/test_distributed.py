@@ -155,7 +155,7 @@ def job(tmp_path_factory):
         from ddlm.train import trainer
 
         config = quickstart_config([*ARGS, "--config.train.ckpt_every=1"])
-        trainer.train_and_evaluate(config, ref)
+        trainer.train_and_evaluate(config, "file://" + ref)  # a URI workdir: the ddlm.paths route
 
         for t in waiters:
             t.join(timeout=JOB_TIMEOUT_S)
