@@ -324,6 +324,15 @@ def test_bad_distributed_flags_are_one_line(flags, message):
         distributed.detect({}, **flags)
 
 
+def test_stop_request_catches_sigterm_on_one_process_and_restores_the_handler():
+    previous = signal.getsignal(signal.SIGTERM)
+    with distributed.StopRequest() as stop:
+        assert not stop.reached(1)
+        os.kill(os.getpid(), signal.SIGTERM)  # the process is not killed: the handler only sets a flag
+        assert stop.reached(2) and stop.reached(3)
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
 # What jaxlib 0.10.2 prints when the job loses a process (recorded from the runs above, times shortened).
 HEARTBEAT_BLOCK = """\
 E1130 21:47:45.374571   24002 coordination_service.cc:1549] [1269] Use error polling to propagate the following error to all tasks: UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats):
