@@ -327,15 +327,17 @@ def guard_stderr(plan: Plan, heartbeat_timeout: int) -> None:
         )
     sys.stderr.flush()
     read_end, write_end = os.pipe()
+    real_stderr = os.dup(2)
     subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), label, str(heartbeat_timeout)],  # stdlib only
         stdin=read_end,
-        stdout=os.dup(2),
+        stdout=real_stderr,
         stderr=subprocess.DEVNULL,
         close_fds=True,
         start_new_session=True,  # a Ctrl-C or a signal to the process group reaches the job, not the filter
     )
     os.close(read_end)
+    os.close(real_stderr)
     os.dup2(write_end, 2)
     os.close(write_end)
 

@@ -384,6 +384,26 @@ def test_failure_filter_turns_the_fatal_block_into_one_line(block, summary):
     ]
 
 
+def test_guarded_stderr_of_an_aborting_process_is_one_line():
+    """The filter process end to end: a process that writes jaxlib's fatal block to fd 2 (as the C++
+    client does) and aborts leaves one line on its stderr; its ordinary lines pass on."""
+    code = (
+        "import os, sys; from ddlm import distributed; "
+        "distributed.guard_stderr(distributed.Plan('flags', 'h:1', 2, 0), 10); "
+        "print('ordinary line', file=sys.stderr, flush=True); "
+        f"os.write(2, {HEARTBEAT_BLOCK.encode()!r}); os.abort()"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == -signal.SIGABRT
+    assert proc.stderr.splitlines() == [
+        "ordinary line",
+        "ddlm: error: process 0 of 2: process 1 stopped sending heartbeats (died, was killed or preempted, "
+        "or hangs); jax.distributed ended this process (--heartbeat_timeout=10s)",
+    ], proc.stderr
+
+
 def test_failure_filter_passes_other_lines_and_releases_held_warnings():
     warning = "W1130 22:14:20.583115    8418 preemption_notifier.cc:90] SIGTERM caught at 2026-11-30\n"
     lines = ["plain\n", "E1130 22:00:00.1 1 other.cc:1] not the runtime\n", warning, "next\n"]
