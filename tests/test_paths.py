@@ -50,6 +50,17 @@ def test_resolve_keeps_buckets_and_makes_file_uris_local(tmp_path):
         paths.resolve("file://relative/x")
 
 
+def test_a_bucket_data_dir_keeps_prepared_data_on_the_host(monkeypatch, tmp_path):
+    import ml_collections
+
+    from ddlm.data import corpora
+
+    monkeypatch.setenv("DDLM_DATA_DIR", str(tmp_path / "cache"))
+    bucket_dir = ml_collections.ConfigDict({"data_dir": "gs://b/tfds"})
+    assert corpora.cache_dir(bucket_dir) == str(tmp_path / "cache")  # not '<cwd>/gs:/b/tfds'
+    assert corpora.cache_dir(ml_collections.ConfigDict({"data_dir": "d"})) == os.path.abspath("d")
+
+
 def test_probe_listing_metrics_and_sample_folders_on_a_bucket(bucket):
     workdir = "gs://fake/run"
     checkpoints.check_writable(workdir, "--workdir")
