@@ -26,7 +26,7 @@ client's callback cannot be replaced from Python in jaxlib 0.10.2: its status ar
 so `start` routes this process's stderr through a small filter process (this file run as a script)
 that turns that block into one line
 
-    ddlm: error: process 0 of 2: process 1 stopped sending heartbeats (died, killed or preempted) ...
+    ddlm: error: process 0 of 2: process 1 stopped sending heartbeats (died, was killed or preempted, ...
 
 and passes everything else through unchanged. The process still exits non-zero (SIGABRT, 134).
 
@@ -136,7 +136,7 @@ def start(plan: Plan | None, *, init_timeout: int = 300, heartbeat_timeout: int 
     for name, value in (("--distributed_timeout", init_timeout), ("--heartbeat_timeout", heartbeat_timeout)):
         if value < 1:
             raise DistributedConfigError(f"{name} must be an integer >= 1 (seconds), got {value}")
-    guard_stderr(plan, heartbeat_timeout)
+    guard_stderr(plan, heartbeat_timeout, init_timeout)
     import jax
 
     kwargs = {}
@@ -240,16 +240,24 @@ _FATAL = "Terminating process because the JAX distributed service detected fatal
 _HOLD_S = 2.0  # how long warnings of the runtime are held back, waiting for a fatal line
 
 
-def summarize_fatal(status: str) -> str:
-    """What the fatal block of jax.distributed's client says, in a few words (status: the absl::Status
-    text after 'absl::Status: ', possibly several lines)."""
+def summarize_fatal(status: str, heartbeat_timeout: int, init_timeout: int) -> str:
+    """What the fatal block of jax.distributed's client says, in a few words, naming the flag that bounds
+    it (status: the absl::Status text after 'absl::Status: ', possibly several lines)."""
     text = " ".join(status.split())
+    beat = f"--heartbeat_timeout={heartbeat_timeout}s"
     m = re.search(r"unhealthy \(stopped sending heartbeats\):\s*([\d ,]+?)\s*The tasks", text)
     if m:
         who = ", ".join(m.group(1).replace(",", " ").split())
-        return f"process {who} stopped sending heartbeats (died, was killed or preempted, or hangs)"
+        return f"process {who} stopped sending heartbeats (died, was killed or preempted, or hangs; {beat})"
+    if "RegisterTask" in text or "barrier" in text.lower() and "DEADLINE_EXCEEDED" in text:
+        return (
+            f"not every process joined within --distributed_timeout={init_timeout}s (is each one started, "
+            "with the same --coordinator_address and --num_processes?)"
+        )
     if "leader task was preempted/died" in text or "Failed to send RPC to coordination service" in text:
-        return "lost the coordinator (process 0 died, was killed or preempted, or the network failed)"
+        return (
+            f"lost the coordinator (process 0 died, was killed or preempted, or the network failed; {beat})"
+        )
     first = re.split(r"(?<=\.) ", text, maxsplit=1)[0]
     return f"the job failed ({first[:200]})"
 
@@ -258,9 +266,10 @@ class FailureFilter:
     """Turns the fatal block of jax.distributed (held-back runtime warnings, the 'F... Terminating process'
     line with its status, the stack dump) into one `ddlm: error:` line; passes every other line on."""
 
-    def __init__(self, label: str, heartbeat_timeout: int):
+    def __init__(self, label: str, heartbeat_timeout: int, init_timeout: int = 300):
         self.label = label  # 'process 0 of 2'
         self.heartbeat_timeout = heartbeat_timeout
+        self.init_timeout = init_timeout
         self.held: list[str] = []
         self.held_since = 0.0
         self.fatal: list[str] | None = None  # the status lines once the fatal line was seen
@@ -307,15 +316,12 @@ class FailureFilter:
 
     def _finish(self) -> list[str]:
         self.done = True
-        summary = summarize_fatal("".join(self.fatal or []))
-        line = (
-            f"ddlm: error: {self.label}: {summary}; jax.distributed ended this process "
-            f"(--heartbeat_timeout={self.heartbeat_timeout}s)\n"
-        )
+        summary = summarize_fatal("".join(self.fatal or []), self.heartbeat_timeout, self.init_timeout)
+        line = f"ddlm: error: {self.label}: {summary}; jax.distributed ended this process\n"
         return [line]
 
 
-def guard_stderr(plan: Plan, heartbeat_timeout: int) -> None:
+def guard_stderr(plan: Plan, heartbeat_timeout: int, init_timeout: int = 300) -> None:
     """Routes this process's stderr (fd 2, C++ included) through this file run as a script (a
     FailureFilter writing to the real stderr). The filter ignores SIGTERM/SIGINT (a preemption signal
     sent to every process of the job must not cut this process's stderr) and ends at end of input."""
@@ -329,7 +335,7 @@ def guard_stderr(plan: Plan, heartbeat_timeout: int) -> None:
     read_end, write_end = os.pipe()
     real_stderr = os.dup(2)
     subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), label, str(heartbeat_timeout)],  # stdlib only
+        [sys.executable, os.path.abspath(__file__), label, str(heartbeat_timeout), str(init_timeout)],
         stdin=read_end,
         stdout=real_stderr,
         stderr=subprocess.DEVNULL,
@@ -342,10 +348,10 @@ def guard_stderr(plan: Plan, heartbeat_timeout: int) -> None:
     os.close(write_end)
 
 
-def _filter_main(label: str, heartbeat_timeout: str) -> None:
+def _filter_main(label: str, heartbeat_timeout: str, init_timeout: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
-    filt = FailureFilter(label, int(heartbeat_timeout))
+    filt = FailureFilter(label, int(heartbeat_timeout), int(init_timeout))
     out = sys.stdout.buffer
     fd = sys.stdin.fileno()
     pending = b""
@@ -378,4 +384,4 @@ def _filter_main(label: str, heartbeat_timeout: str) -> None:
 
 
 if __name__ == "__main__":
-    _filter_main(*sys.argv[1:3])
+    _filter_main(*sys.argv[1:4])  # stdlib only: this file runs as a script, without the ddlm package

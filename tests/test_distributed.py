@@ -215,7 +215,7 @@ def test_a_dead_process_ends_the_other_with_one_line_within_the_heartbeat_bound(
     ]
     assert errors == [
         f"ddlm: error: process 0 of 2: process 1 stopped sending heartbeats (died, was killed or preempted, "
-        f"or hangs); jax.distributed ended this process (--heartbeat_timeout={HEARTBEAT_S}s)"
+        f"or hangs; --heartbeat_timeout={HEARTBEAT_S}s); jax.distributed ended this process"
     ], killed["stderr"][-3000:]
     assert "Check failure" not in killed["stderr"] and "Traceback" not in killed["stderr"]
     assert killed["checkpoints"] == ["2"]  # the pair got as far as the kill
@@ -358,6 +358,13 @@ F1130 21:50:07.467182   24987 client.h:80] Terminating process because the JAX d
 """
 
 
+JOIN_BLOCK = """\
+F1130 23:01:02.000001   1001 client.h:80] Terminating process because the JAX distributed service detected fatal errors. absl::Status: DEADLINE_EXCEEDED: Deadline Exceeded
+RPC: /xla.coordination.CoordinationService/RegisterTask
+*** Check failure stack trace: ***
+"""
+
+
 def filtered(text: str, now: float = 0.0) -> list[str]:
     f = distributed.FailureFilter("process 0 of 2", heartbeat_timeout=10)
     out = []
@@ -369,10 +376,20 @@ def filtered(text: str, now: float = 0.0) -> list[str]:
 @pytest.mark.parametrize(
     "block, summary",
     [
-        (HEARTBEAT_BLOCK, "process 1 stopped sending heartbeats (died, was killed or preempted, or hangs)"),
+        (
+            HEARTBEAT_BLOCK,
+            "process 1 stopped sending heartbeats (died, was killed or preempted, or hangs; "
+            "--heartbeat_timeout=10s)",
+        ),
         (
             COORDINATOR_BLOCK,
-            "lost the coordinator (process 0 died, was killed or preempted, or the network failed)",
+            "lost the coordinator (process 0 died, was killed or preempted, or the network failed; "
+            "--heartbeat_timeout=10s)",
+        ),
+        (
+            JOIN_BLOCK,
+            "not every process joined within --distributed_timeout=300s (is each one started, with the same "
+            "--coordinator_address and --num_processes?)",
         ),
     ],
 )
@@ -380,7 +397,7 @@ def test_failure_filter_turns_the_fatal_block_into_one_line(block, summary):
     before = "I1130 21:47:40.1 1 trainer.py:549] step 2/6 | loss 5.1\n"
     assert filtered(before + block) == [
         before,
-        f"ddlm: error: process 0 of 2: {summary}; jax.distributed ended this process (--heartbeat_timeout=10s)\n",
+        f"ddlm: error: process 0 of 2: {summary}; jax.distributed ended this process\n",
     ]
 
 
@@ -400,7 +417,7 @@ def test_guarded_stderr_of_an_aborting_process_is_one_line():
     assert proc.stderr.splitlines() == [
         "ordinary line",
         "ddlm: error: process 0 of 2: process 1 stopped sending heartbeats (died, was killed or preempted, "
-        "or hangs); jax.distributed ended this process (--heartbeat_timeout=10s)",
+        "or hangs; --heartbeat_timeout=10s); jax.distributed ended this process",
     ], proc.stderr
 
 
