@@ -15,7 +15,9 @@ import sys
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("configs", nargs="+", help="experiments/<name>.py[:arg]")
     parser.add_argument("--devices", type=int, default=8, help="fake CPU devices when no accelerator")
     parser.add_argument("--mesh", action="append", default=[], help="data=..,fsdp=..,tensor=.. (repeatable)")
@@ -34,7 +36,7 @@ def main():
     from ddlm.train import trainer
 
     devices = jax.devices()[: args.devices]
-    print(f"| config | mesh | parameters | batch x seq | arguments GiB/device | temporaries GiB/device |")
+    print("| config | mesh | parameters | batch x seq | arguments GiB/device | temporaries GiB/device |")
     print("|---|---|---|---|---|---|")
     for spec in args.configs:
         path, _, arg = spec.partition(":")

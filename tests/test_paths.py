@@ -73,13 +73,13 @@ def test_probe_listing_metrics_and_sample_folders_on_a_bucket(bucket):
         for step in (1, 2, 3):
             writer.write(step, "train", {"loss": 1.0 / step})
         writer.flush()  # before a checkpoint: the rows are in the bucket
-        rows = [json.loads(line) for line in open(bucket / "run" / "metrics.jsonl")]
+        rows = [json.loads(line) for line in (bucket / "run" / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [1, 2, 3]
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(bucket / "run" / "tensorboard"))
     # A run resumed from step 2 drops the bucket's rows past it, then appends its own.
     with metrics_lib.MetricWriter(workdir, resume_step=2) as writer:
         writer.write(3, "train", {"loss": 0.5})
-    rows = [json.loads(line) for line in open(bucket / "run" / "metrics.jsonl")]
+    rows = [json.loads(line) for line in (bucket / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 0.5), (3, 0.5)]
 
     from ddlm.sampling import cli as sampling_cli
