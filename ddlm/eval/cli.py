@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from ddlm import checkpoints, losses, schedules, sharding
+from ddlm import checkpoints, losses, paths, schedules, sharding
 from ddlm.eval import config as config_lib
 from ddlm.eval import likelihood, sample_quality
 
@@ -366,9 +366,9 @@ def run_eval(config, workdir: str, load_fn: Callable[..., Loaded] | None = None)
         report["samples"]["scorer"] = scorer_dir
 
     if jax.process_index() == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        path = os.path.join(out_dir, "report.json")
-        with open(path, "w") as f:
+        paths.path(out_dir).mkdir(parents=True, exist_ok=True)  # a bucket too (ddlm.paths)
+        path = paths.path(out_dir, "report.json")
+        with path.open("w") as f:
             json.dump(report, f, indent=1)
         first = next(iter(rows.values()))
         print(
