@@ -36,6 +36,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.factor = 1.0  # rule=factor: Fast-dLLM's f, commit the largest n with (n + 1)(1 - c_(n)) <= f
     c.gamma = 0.01  # rule=entropy_bounded: EB-sampler's entropy budget (nats)
     c.parallel_remasking = "none"  # ReMDM remasking in name=parallel: none | cap | rescale | confidence (eta)
+    c.cache = "none"  # name=parallel, a dit network: Fast-dLLM KV cache none | prefix | dual (approximate)
+    c.refresh_every = 0  # cache refreshes: 0 = once per block (Fast-dLLM); k = also every k steps of a block
     c.guidance_scale = (
         0.0  # classifier-free guidance w (LLaDA form, prompt masked as unconditional input); 0 = off
     )
@@ -80,7 +82,16 @@ def validate(sampler_config, *, diffusion=None, seq_len: int | None = None) -> m
     the process; seq_len: the generated length (sampler.seq_len or train.seq_len), to check positions.
     Raises ValueError naming config.sampler.<field> and what was expected."""
     from ddlm import schedules
-    from ddlm.sampling import BLOCK_SAMPLERS, SAMPLERS, categorical, conditioning, masked
+    from ddlm.sampling import (
+        BLOCK_SAMPLERS,
+        SAMPLERS,
+        caches,
+        categorical,
+        conditioning,
+        masked,
+        parallel,
+        rules,
+    )
 
     c = resolve(sampler_config)
 
@@ -119,6 +130,27 @@ def validate(sampler_config, *, diffusion=None, seq_len: int | None = None) -> m
         fail("eta", "a number in [0, 1]")
     if not is_number(c.guidance_scale) or c.guidance_scale < 0:
         fail("guidance_scale", "a number >= 0 (0 = off)")
+    if c.cache not in caches.CACHES:
+        fail("cache", f"one of {caches.CACHES}")
+    if c.cache != "none" and c.name != "parallel":
+        fail("cache", f"'none' for sampler {c.name!r} (the prefix / dual caches serve name='parallel')")
+    if c.cache != "none" and c.guidance_scale:
+        fail("cache", "'none' with classifier-free guidance (config.sampler.guidance_scale != 0)")
+    if not is_int(c.refresh_every) or c.refresh_every < 0:
+        fail("refresh_every", "an integer >= 0 (0 = once per block)")
+    if c.name == "parallel":
+        rules.get_rule(c.rule)
+        rules.check_options(rules.RuleOptions(c.threshold, c.factor, c.gamma))
+        if not is_int(c.block_length):
+            fail("block_length", "an integer >= 0 (0 = one block)")
+        if seq_len is not None:
+            parallel.plan(
+                seq_len,
+                rule=c.rule,
+                steps=c.steps,
+                block_length=c.block_length,
+                remasking=c.parallel_remasking,
+            )
     if c.block_sampler not in BLOCK_SAMPLERS:
         fail("block_sampler", f"one of {BLOCK_SAMPLERS}")
     if not is_int(c.window) or c.window < 0:
