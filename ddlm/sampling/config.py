@@ -18,7 +18,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.steps = 128  # reverse steps (ignored by first_hitting: one network call per masked token)
     c.grid = ""  # schedule whose alpha(t) spaces the steps: loglinear | linear | cosine | ...; '' = config.diffusion.schedule
     c.t_min = 0.0  # the grid runs from t = 1 down to t_min
-    c.temperature = 1.0  # softmax temperature of p_theta(x_0 | x_t)
+    c.temperature = 1.0  # softmax temperature of p_theta(x_0 | x_t); name=parallel: 0 = greedy (argmax)
     c.top_k = 0  # keep the k most likely tokens (0 = off)
     c.top_p = 1.0  # nucleus sampling mass (1 = off)
     c.noise_removal = (
@@ -117,8 +117,9 @@ def validate(sampler_config, *, diffusion=None, seq_len: int | None = None) -> m
         fail("grid", f"'' (the diffusion schedule) or one of {sorted(schedules.SCHEDULES)}")
     if not is_number(c.t_min) or not 0.0 <= c.t_min < 1.0:
         fail("t_min", "a number in [0, 1)")
-    if not is_number(c.temperature) or c.temperature <= 0:
-        fail("temperature", "a number > 0")
+    greedy_ok = c.name == "parallel"  # parallel_sample takes the argmax at temperature 0 (LLaDA, Fast-dLLM)
+    if not is_number(c.temperature) or c.temperature < 0 or (c.temperature == 0 and not greedy_ok):
+        fail("temperature", "a number > 0 (0 = greedy, for name='parallel' only)")
     if not is_number(c.top_p) or not 0.0 < c.top_p <= 1.0:
         fail("top_p", "a number in (0, 1] (1 = off)")
     if c.precision not in categorical.PRECISIONS:
