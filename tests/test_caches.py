@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -24,12 +25,12 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from model_utils import tiny_decoder
+from test_parallel_decoding import cfg as _cfg  # config.sampler with name='parallel' and these fields
 
 from ddlm import checkpoints, models, sampling, schedules
 from ddlm.data import corpora
 from ddlm.eval import likelihood
 from ddlm.sampling import caches, cli, parallel
-from ddlm.sampling import config as sampler_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 37
@@ -38,14 +39,6 @@ SCHED = schedules.LogLinearSchedule()
 FAST = {"xla_backend_optimization_level": 0}  # tiny programs compile ~5x faster on CPU
 fast_jit = functools.partial(jax.jit, compiler_options=FAST)
 LENGTH, BLOCK = 24, 8
-
-
-def _cfg(**kw):
-    c = sampler_config.default_config()
-    c.name = "parallel"
-    for k, v in kw.items():
-        c[k] = v
-    return c
 
 
 def _partly_decoded(batch=2, seed=0):
@@ -195,47 +188,35 @@ def test_refresh_policies_decide_when_the_full_forward_runs():
 
 # ------------------------------------------------------------------------------------------ trained model
 
-TINY_CONFIG = """
-import importlib.util
-
-_spec = importlib.util.spec_from_file_location("_base", {base!r})
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
-
-
-def get_config(arg=None):
-    c = _base.get_config(arg)
-    m = c.model
-    m.num_layers, m.d_model, m.num_heads, m.mlp_dim, m.cond_dim = 2, 64, 4, 256, 16
-    m.time_conditioning = False  # time-free, as LLaDA (Fast-dLLM's network)
-    t = c.train
-    t.steps, t.batch_size, t.eval_batch_size, t.seq_len = 400, 32, 32, 32
-    t.eval_batches, t.log_every, t.eval_every, t.ckpt_every = 2, 100, 0, 0
-    t.sample_at_end = False
-    c.optim.lr, c.optim.warmup_steps, c.optim.decay = 3e-3, 20, "constant"
-    c.sampler.name, c.sampler.rule, c.sampler.block_length = "parallel", "threshold", 8
-    c.sampler.num_samples, c.sampler.batch_size, c.sampler.progress = 4, 4, False
-    return c
-"""
+QUICKSTART = os.path.join(REPO, "experiments", "quickstart.py")
+# The quickstart with a 2 x 64 time-free DiT (as LLaDA, Fast-dLLM's network) on 32-character windows, 400
+# steps; the same fields are --config overrides for the subprocess test.
+TINY_FIELDS = {
+    "model.num_layers": 2, "model.d_model": 64, "model.num_heads": 4, "model.mlp_dim": 256, "model.cond_dim": 16,
+    "model.time_conditioning": False, "train.steps": 400, "train.batch_size": 32, "train.eval_batch_size": 32,
+    "train.seq_len": 32, "train.eval_batches": 2, "train.log_every": 100, "train.eval_every": 0,
+    "train.ckpt_every": 0, "train.sample_at_end": False, "optim.lr": 3e-3, "optim.warmup_steps": 20,
+    "optim.decay": "constant", "sampler.name": "parallel", "sampler.rule": "threshold",
+    "sampler.block_length": 8, "sampler.num_samples": 4, "sampler.batch_size": 4, "sampler.progress": False,
+}  # fmt: skip
 
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-    """A 2 x 64 time-free DiT trained for 400 steps on 32-character Shakespeare windows (MDLM loss), in this
-    process on one device (~25 s idle; validation NELBO ~3.9 bits/char, the unigram entropy is ~4.7).
-    Returns (config file, workdir, loaded checkpoint)."""
+    """The TINY_FIELDS quickstart trained in this process on one device (~25 s idle; validation NELBO ~3.9
+    bits/char, the unigram entropy is ~4.7). Returns (workdir, loaded checkpoint)."""
     from ddlm.train import trainer
 
-    root = tmp_path_factory.mktemp("caches_run")
-    path = root / "tiny_dit.py"
-    path.write_text(TINY_CONFIG.format(base=os.path.join(REPO, "experiments", "quickstart.py")))
-    spec = importlib.util.spec_from_file_location("tiny_dit", path)
+    spec = importlib.util.spec_from_file_location("quickstart", QUICKSTART)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    workdir = str(root / "run")
-    trainer.train_and_evaluate(module.get_config(), workdir, devices=jax.devices()[:1])
-    loaded = checkpoints.load_for_inference(workdir, devices=jax.devices()[:1])
-    return str(path), workdir, loaded
+    config = module.get_config()
+    for key, value in TINY_FIELDS.items():
+        section, field = key.split(".")
+        config[section][field] = value
+    workdir = str(tmp_path_factory.mktemp("caches_run"))
+    trainer.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+    return workdir, checkpoints.load_for_inference(workdir, devices=jax.devices()[:1])
 
 
 def _prompts(loaded, n, prompt_len, length, seed=0):
@@ -272,7 +253,7 @@ def test_trained_model_cached_outputs_agree_and_keep_their_likelihood(trained):
     distribution falls within the prediction interval mean +- t s sqrt(1 + 1/K), t = t_{K-1}(0.9975) = 4.03,
     but for a 0.5% chance; the cached runs must too: the cache may move the output distribution no further
     than that (measured about +1 s for both caches and both NLLs; benchmarks/RESULTS.md)."""
-    _, _, loaded = trained
+    _, loaded = trained
     tok = loaded.tokenizer
     mask_id = tok.mask_id
     decoder = models.make_decoder(loaded.model, {"params": loaded.params})
@@ -327,7 +308,7 @@ def test_trained_model_cached_outputs_agree_and_keep_their_likelihood(trained):
 
 def test_sample_mode_with_a_cache_on_the_trained_checkpoint(trained, tmp_path):
     """run_sampling (the --mode=sample path) with config.sampler.cache='dual' on the trained checkpoint."""
-    _path, workdir, loaded = trained
+    workdir, loaded = trained
     config = ml_collections.ConfigDict(loaded.config.to_dict())
     config.sampler.cache, config.sampler.prompt, config.sampler.output_dir = "dual", "ROMEO:", str(tmp_path)
     records = cli.run_sampling(config, workdir)
@@ -345,8 +326,6 @@ def test_cached_parallel_samplers_compile_once_and_run_sharded_over_8_devices():
     rules = (("batch", "data"), ("heads", None), ("kv", None), ("length", None), ("embed", None))
     rules += (("mlp", None), ("vocab", None))
     dec = tiny_decoder("dit", VOCAB, True)
-    import flax.linen as nn
-
     for kind in ("prefix", "dual"):
         c = _cfg(cache=kind, rule="threshold", block_length=BLOCK, refresh_every=2)
         fn = sampling.jit_sampler(c, compiler_options=FAST, decoder=dec, schedule=SCHED, mask_id=MASK)
@@ -448,10 +427,18 @@ def test_sample_mode_errors_are_one_line_before_the_checkpoint_is_loaded(fields,
 def test_main_prints_one_line_for_a_prompt_longer_than_the_sequence(trained):
     """Through `python -m ddlm.main --mode=sample` on the trained checkpoint: a 40-character prompt for 32
     positions is one line naming config.sampler.prompt (the check needs the checkpoint's tokenizer)."""
-    path, workdir, _ = trained
+    workdir, _ = trained
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "ddlm.main", f"--config={path}", f"--workdir={workdir}", "--mode=sample"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ddlm.main",
+        f"--config={QUICKSTART}",
+        f"--workdir={workdir}",
+        "--mode=sample",
+    ]
+    cmd += [f"--config.{key}={value}" for key, value in TINY_FIELDS.items()]
     cmd += ["--config.sampler.cache=prefix", "--config.sampler.prompt=" + "x" * 40]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False)
     lines = [line for line in proc.stderr.splitlines() if line.startswith("ddlm: error:")]

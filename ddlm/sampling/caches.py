@@ -14,7 +14,8 @@ What is cached, and when (as Fast-dLLM's llada/generate.py, generate_with_prefix
            refresh), and at any other step where the refresh policy says so.
   prefix   between refreshes a step recomputes the current block AND everything after it, x[:, s:] with
            s = block * block_length: its queries attend the cached keys/values of the prefix [0, s) and
-           their own fresh ones. Cost per step: (L - s) queries over L keys.
+           their own fresh ones. Cost per step: (L - s) queries over L keys (and the suffix's logits, which
+           are discarded). The slice length must be static, so a prefix step compiles once per block.
   dual     between refreshes a step recomputes only the current block [s, s + block_length): it attends
            the cached prefix, its own fresh keys/values and the cached suffix (in semi-AR decoding the
            suffix is still masked). Cost per step: block_length queries over L keys.
@@ -40,8 +41,8 @@ The refresh policy is one function, so dKV-Cache- or dLLM-Cache-style schedules 
 
 `step` counts from 0 inside each block (step 0 always refreshes); `state.tokens` is the sequence at the last
 refresh and `state.since` the cached steps since then. Examples: parallel.refresh_every(k) (every k steps of
-a block, config.sampler.refresh_every=k), `refresh_when_changed(n)` (once n tokens of some row were committed
-since the last refresh: dKV-Cache's view that a decoded token's keys go stale).
+a block, config.sampler.refresh_every=k) and `refresh_when_changed(n)` (adaptive: once some row has n tokens
+committed since the last refresh, the keys that went stale with them).
 """
 
 from __future__ import annotations
