@@ -28,17 +28,8 @@ import functools
 
 import jax
 
-from ddlm.sampling import (
-    autoregressive,
-    block,
-    caches,
-    categorical,
-    conditioning,
-    masked,
-    parallel,
-    rules,
-    score,
-)
+from ddlm.sampling import autoregressive, block, categorical, conditioning, masked, parallel, rules, score
+from ddlm.sampling import caches
 from ddlm.sampling.config import default_config
 from ddlm.sampling.masked import SampleOutput, ancestral_sample, first_hitting_sample
 from ddlm.sampling.score import absorbing_score_fn, score_sample
