@@ -5,16 +5,22 @@
     python benchmarks/decode_speed.py --size=small --vocab=50258 --lengths=256 --batches=8
     python benchmarks/decode_speed.py --device-suite       # small, GPT-2 vocab, the same grid, < 8 min on a GPU
     python benchmarks/decode_speed.py --dry-run            # every row once, tiny and short: checks the script
+    python benchmarks/decode_speed.py --workdir=runs/quickstart --lengths=128 --only=threshold,LLaDA,EB
 
 Networks have random weights (speed does not depend on them; the adaptive parallel rules' NFE does: with a
 near-uniform random network they commit about one token per step, so their rows here are an upper bound
 on NFE). Masked-diffusion rows use a time-free bidirectional DiT, BD3-LM rows a time-free block-causal
-network, the AR rows a causal one, all of --size. Each sampler is compiled once per (batch, length)
-(compilation excluded from the time), then run --repeats times; the best time counts. tokens/s = batch x
-length / seconds; "vs AR" = tokens/s over the AR-with-cache row of the same cell.
+network, the AR rows a causal one, all of --size. With --workdir the masked-diffusion rows use the trained
+DiT of that run's latest checkpoint instead (ddlm.checkpoints.load_for_inference: its size, vocabulary, time
+conditioning and mask id; EMA parameters), so that threshold / EB commit what a trained model is confident
+about; the AR and BD3-LM rows keep random weights of the same size (their NFE and time do not depend on the
+weights). Each sampler is compiled once per (batch, length) (compilation excluded from the time), then run
+--repeats times; the best time counts. tokens/s = batch x length / seconds; "vs AR" = tokens/s over the
+AR-with-cache row of the same cell.
 
-A new row is one line in ENTRIES: (label, network kind, the config.sampler fields), e.g. the Fast-dLLM
-prefix / dual caches once they are samplers.
+A new row is one line in ENTRIES: (label, network kind, the config.sampler fields). The Fast-dLLM rows
+('+ prefix cache', '+ dual cache': config.sampler.cache, refreshed once per block) decode the same DiT through
+its KV-cache path (ddlm.sampling.caches).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from ddlm import models, sampling, schedules
 
@@ -64,15 +71,29 @@ ENTRIES: tuple[Entry, ...] = (
         for d in (2, 4, 8)
     ),
     Entry("threshold 0.9", "dit", _fixed(name="parallel", rule="threshold", threshold=0.9, block_length=BLOCK_LENGTH)),
+    Entry("threshold 0.9 + prefix cache", "dit", _fixed(name="parallel", rule="threshold", threshold=0.9, block_length=BLOCK_LENGTH, cache="prefix")),
+    Entry("threshold 0.9 + dual cache", "dit", _fixed(name="parallel", rule="threshold", threshold=0.9, block_length=BLOCK_LENGTH, cache="dual")),
+    Entry(
+        "LLaDA low_confidence, L/4 steps + dual cache",
+        "dit",
+        lambda n: _fixed(name="parallel", rule="low_confidence", steps=n // 4, block_length=BLOCK_LENGTH, cache="dual")(n),
+    ),
     Entry("EB gamma 0.1", "dit", _fixed(name="parallel", rule="entropy_bounded", gamma=0.1, block_length=BLOCK_LENGTH)),
     Entry("bd3lm block 16, no cache", "bd3lm16", _fixed(name="bd3lm", block_sampler="first_hitting", kv_cache=False)),
     Entry("ar, no cache", "ar", _fixed(name="ar", kv_cache=False)),
 )  # fmt: skip
 
 
-def build_network(kind: str, size: str, vocab: int):
-    """(model, params) of a random network of `size` for a row's network kind."""
-    mc = models.default_config(size)
+class Network(NamedTuple):
+    model: Any
+    params: Any
+    vocab: int
+    mask_id: int
+
+
+def build_network(kind: str, size: str | ml_collections.ConfigDict, vocab: int) -> Network:
+    """A random network for a row's network kind: of a preset `size`, or the shape of a model config."""
+    mc = models.default_config(size) if isinstance(size, str) else ml_collections.ConfigDict(size.to_dict())
     mc.dropout, mc.time_conditioning = 0.0, False
     mc.name = "bd3lm" if kind.startswith("bd3lm") else kind
     if kind.startswith("bd3lm"):
@@ -85,33 +106,52 @@ def build_network(kind: str, size: str, vocab: int):
     # The output layer starts at zero (uniform predictions): perturb it so that sampling sees real logits.
     params = dict(params)
     params["output_kernel"] = jax.random.normal(jax.random.key(1), params["output_kernel"].shape) * 0.02
-    return model, params
+    return Network(model, params, vocab, vocab - 1)
 
 
-def make_run(entry: Entry, model, vocab: int, length: int):
+def load_network(workdir: str) -> tuple[Network, ml_collections.ConfigDict]:
+    """The trained DiT of `workdir`'s latest checkpoint (EMA parameters) on one device, and its config."""
+    from ddlm import checkpoints
+
+    loaded = checkpoints.load_for_inference(workdir, devices=jax.devices()[:1])
+    if loaded.config.model.name != "dit":
+        raise ValueError(
+            f"--workdir={workdir}: the masked-diffusion rows need a 'dit' network, got "
+            f"config.model.name={loaded.config.model.name!r}"
+        )
+    tok = loaded.tokenizer
+    return Network(loaded.model, loaded.params, tok.vocab_size, tok.mask_id), loaded.config
+
+
+def make_run(entry: Entry, net: Network, length: int):
     """run(params, rng, x_init) -> SampleOutput for one row (pure, to be jitted)."""
     cfg = sampling.default_config()
     cfg.update(entry.fields(length))
-    mask_id = vocab - 1
     sched = schedules.LogLinearSchedule()
+    model = net.model
+    time_conditioning = getattr(model, "time_conditioning", False)
 
     def run(params, rng, x):
         variables = {"params": params}
+        decoder = models.make_decoder(model, variables)
         if cfg.name in sampling.CACHED_SAMPLERS:
-            return sampling.make_sampler(
-                cfg, decoder=models.make_decoder(model, variables), schedule=sched, mask_id=mask_id
-            )(rng, x)
-        denoise_fn = lambda xt, t: model.apply(variables, xt, None, x0=None, train=False)
-        return sampling.make_sampler(cfg, denoise_fn=denoise_fn, schedule=sched, mask_id=mask_id)(rng, x)
+            return sampling.make_sampler(cfg, decoder=decoder, schedule=sched, mask_id=net.mask_id)(rng, x)
+        denoise_fn = lambda xt, t: model.apply(
+            variables, xt, t if time_conditioning else None, x0=None, train=False
+        )
+        return sampling.make_sampler(
+            cfg, denoise_fn=denoise_fn, decoder=decoder, schedule=sched, mask_id=net.mask_id
+        )(rng, x)
 
     return run
 
 
-def time_row(entry: Entry, model, params, vocab: int, batch: int, length: int, repeats: int):
+def time_row(entry: Entry, net: Network, batch: int, length: int, repeats: int):
     """(nfe, best seconds, compile seconds) of one row; x_init: bos (id 0) then masks."""
-    x = jnp.full((batch, length), vocab - 1, jnp.int32).at[:, 0].set(0)
+    x = jnp.full((batch, length), net.mask_id, jnp.int32).at[:, 0].set(0)
+    params = net.params
     t0 = time.time()
-    fn = jax.jit(make_run(entry, model, vocab, length)).lower(params, jax.random.key(0), x).compile()
+    fn = jax.jit(make_run(entry, net, length)).lower(params, jax.random.key(0), x).compile()
     compile_s = time.time() - t0
     best = float("inf")
     for i in range(repeats):
@@ -131,10 +171,11 @@ def header(args) -> str:
         rev = "?"
     device = jax.devices()[0]
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    weights = f"trained DiT of {args.workdir}" if args.workdir else "random weights"
     return (
         f"{datetime.date.today()}, revision {rev}, {device.platform} ({device.device_kind}, "
         f"{jax.device_count()} device(s)), {platform.node()}, {os.cpu_count()} CPUs, load {load}; "
-        f"size {args.size}, vocab {args.vocab}, best of {args.repeats}, random weights"
+        f"size {args.size}, vocab {args.vocab}, best of {args.repeats}, {weights}"
     )
 
 
@@ -163,6 +204,11 @@ def main():
     parser.add_argument(
         "--dry-run", action="store_true", help="tiny network, L 32 and 64, batch 1 and 2, once"
     )
+    parser.add_argument(
+        "--workdir",
+        default="",
+        help="a run whose trained DiT (latest checkpoint) the masked-diffusion rows use; sets --size/--vocab",
+    )
     args = parser.parse_args()
     if args.device_suite:
         # The long sequences first: if the time budget runs out, the short ones lose their rows (AR stays).
@@ -175,9 +221,17 @@ def main():
     entries = [e for e in ENTRIES if not args.only or any(s in e.label for s in args.only.split(","))]
     if entries[0] is not ENTRIES[0]:
         entries.insert(0, ENTRIES[0])  # the baseline is always measured
+    trained, size = None, args.size
+    if args.workdir:
+        trained, run_config = load_network(args.workdir)
+        size, args.vocab = run_config.model, trained.vocab
+        args.size = f"{run_config.model.num_layers}x{run_config.model.d_model} (from --workdir)"
     print(header(args), flush=True)
 
-    networks = {kind: build_network(kind, args.size, args.vocab) for kind in {e.network for e in entries}}
+    networks = {
+        kind: trained if (trained and kind == "dit") else build_network(kind, size, args.vocab)
+        for kind in {e.network for e in entries}
+    }
     start = time.time()
     for length in lengths:
         for batch in batches:
@@ -189,9 +243,8 @@ def main():
                 if args.budget_s and time.time() - start > args.budget_s and entry is not entries[0]:
                     print(f"| {entry.label} | skipped: --budget_s={args.budget_s:.0f} spent | | | | |")
                     continue
-                model, params = networks[entry.network]
                 nfe, seconds, compile_s = time_row(
-                    entry, model, params, args.vocab, batch, length, args.repeats
+                    entry, networks[entry.network], batch, length, args.repeats
                 )
                 rate = batch * length / seconds
                 base = base or rate

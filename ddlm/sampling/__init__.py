@@ -12,11 +12,13 @@ Samplers (config.sampler.name):
     sedd_euler      SEDD Euler steps, absorbing or uniform graph                score.score_sample(method='euler')
     sedd_analytic   SEDD analytic (Tweedie tau-leaping) steps                   score.score_sample(method='analytic')
     parallel        semi-AR blocks + a commit rule (LLaDA, Fast-dLLM, EB-sampler) parallel.parallel_sample
+                    (cfg.cache='prefix' | 'dual': Fast-dLLM's KV caches, decoder=...)  caches.cached_logits_provider
     ar              autoregressive decoding with a KV cache (causal networks)   autoregressive.ar_sample
     bd3lm           BD3-LM blocks with the exact KV cache (block-causal)       block.block_sample
 
 ar and bd3lm decode a network with a KV cache: pass decoder=models.make_decoder(model, variables) instead of
-denoise_fn; bd3lm runs the masked sampler cfg.block_sampler inside each block.
+denoise_fn; bd3lm runs the masked sampler cfg.block_sampler inside each block. So does parallel with
+cfg.cache != 'none' (a bidirectional network, approximate caches refreshed per cfg.refresh_every).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import functools
 import jax
 
 from ddlm.sampling import autoregressive, block, categorical, conditioning, masked, parallel, rules, score
+from ddlm.sampling import caches
 from ddlm.sampling.config import default_config
 from ddlm.sampling.masked import SampleOutput, ancestral_sample, first_hitting_sample
 from ddlm.sampling.score import absorbing_score_fn, score_sample
@@ -65,10 +68,15 @@ def make_sampler(
     classifier-free guidance with the known tokens of x_init as the condition. clamp: bool [B, L], positions
     kept fixed on the uniform graph. progress_fn(steps_done): a host callback after every step (optional).
     'ar' / 'bd3lm': decoder = models.make_decoder(model, variables) of a causal / block-causal network;
-    eos_id, pad_id for cfg.stop_at_eos (variable length).
+    eos_id, pad_id for cfg.stop_at_eos (variable length). 'parallel' with cfg.cache='prefix' | 'dual':
+    decoder of a bidirectional network (denoise_fn unused).
     """
     if cfg.name not in SAMPLERS:
         raise ValueError(f"unknown sampler {cfg.name!r}; expected one of {SAMPLERS}")
+    if cfg.cache != "none" and cfg.name != "parallel":
+        raise ValueError(
+            f"config.sampler.cache={cfg.cache!r} serves name='parallel' (semi-AR blocks), not {cfg.name!r}"
+        )
     if cfg.name in CACHED_SAMPLERS:
         return _make_cached_sampler(
             cfg, decoder, schedule, mask_id, return_trajectory, progress_fn, eos_id, pad_id
@@ -79,12 +87,21 @@ def make_sampler(
         )
     if cfg.name.startswith("sedd_") and score_fn is None and (graph != "absorbing" or denoise_fn is None):
         raise ValueError(f"sampler {cfg.name!r} on the {graph} graph needs a score_fn")
-    if score_fn is None and denoise_fn is None:
-        raise ValueError("make_sampler needs denoise_fn (masked samplers) or score_fn (score samplers)")
-    filters = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+    refresh = None
     if cfg.name == "parallel":  # fail before tracing; the length-dependent checks run at trace time
         rules.get_rule(cfg.rule)
         rules.check_options(rules.RuleOptions(cfg.threshold, cfg.factor, cfg.gamma))
+        caches.check_cache(cfg.cache, decoder)
+        refresh = caches.refresh_policy(cfg.refresh_every)
+        if cfg.cache != "none" and cfg.guidance_scale:
+            raise ValueError(
+                f"config.sampler.cache={cfg.cache!r} has no classifier-free guidance: set "
+                "config.sampler.guidance_scale=0 or cache='none'"
+            )
+    cached_parallel = cfg.name == "parallel" and cfg.cache != "none"
+    if score_fn is None and denoise_fn is None and not cached_parallel:
+        raise ValueError("make_sampler needs denoise_fn (masked samplers) or score_fn (score samplers)")
+    filters = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
 
     def sample(rng, x_init, clamp=None):
         fn = denoise_fn
@@ -98,6 +115,16 @@ def make_sampler(
             progress_fn=progress_fn,
         )
         if cfg.name == "parallel":
+            provider = None
+            if cached_parallel:  # Fast-dLLM's prefix / dual KV cache over the network's decode path
+                provider = caches.cached_logits_provider(
+                    decoder,
+                    cache=cfg.cache,
+                    mask_id=mask_id,
+                    schedule=schedule,
+                    block_length=cfg.block_length,
+                    refresh=refresh,
+                )
             return parallel.parallel_sample(
                 fn,
                 rng,
@@ -110,6 +137,7 @@ def make_sampler(
                 gamma=cfg.gamma,
                 remasking=cfg.parallel_remasking,
                 eta=cfg.eta,
+                logits_provider=provider,
                 **common,
                 **filters,
             )
@@ -224,6 +252,7 @@ __all__ = [
     "ancestral_sample",
     "autoregressive",
     "block",
+    "caches",
     "categorical",
     "conditioning",
     "default_config",

@@ -125,6 +125,12 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
             f"config.sampler.name={sc.name!r} decodes with a KV cache and needs config.model.name="
             f"{sc.name!r}, got {config.model.name!r}"
         )
+    # Fast-dLLM's prefix / dual caches approximate a bidirectional network's keys/values.
+    if sc.cache != "none" and config.model.name != "dit":
+        raise ValueError(
+            f"config.sampler.cache={sc.cache!r} caches a bidirectional network (config.model.name='dit'), got "
+            f"config.model.name={config.model.name!r}: use cache='none'"
+        )
     if sc.name == "bd3lm":
         if seq_len % config.model.block_size:
             raise ValueError(
@@ -195,7 +201,7 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
             score_fn = denoise_fn  # a uniform-graph SEDD network outputs log ratios
         if not sc.name.startswith("sedd_"):
             score_fn = None
-        cached = sc.name in ("ar", "bd3lm")
+        cached = sc.name in ("ar", "bd3lm") or sc.cache != "none"
         sampler = make_sampler(
             sc,
             denoise_fn=denoise_fn,

@@ -18,7 +18,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.steps = 128  # reverse steps (ignored by first_hitting: one network call per masked token)
     c.grid = ""  # schedule whose alpha(t) spaces the steps: loglinear | linear | cosine | ...; '' = config.diffusion.schedule
     c.t_min = 0.0  # the grid runs from t = 1 down to t_min
-    c.temperature = 1.0  # softmax temperature of p_theta(x_0 | x_t)
+    c.temperature = 1.0  # softmax temperature of p_theta(x_0 | x_t); name=parallel: 0 = greedy (argmax)
     c.top_k = 0  # keep the k most likely tokens (0 = off)
     c.top_p = 1.0  # nucleus sampling mass (1 = off)
     c.noise_removal = (
@@ -36,6 +36,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.factor = 1.0  # rule=factor: Fast-dLLM's f, commit the largest n with (n + 1)(1 - c_(n)) <= f
     c.gamma = 0.01  # rule=entropy_bounded: EB-sampler's entropy budget (nats)
     c.parallel_remasking = "none"  # ReMDM remasking in name=parallel: none | cap | rescale | confidence (eta)
+    c.cache = "none"  # name=parallel, a dit network: Fast-dLLM KV cache none | prefix | dual (approximate)
+    c.refresh_every = 0  # cache refreshes: 0 = once per block (Fast-dLLM); k = also every k steps of a block
     c.guidance_scale = (
         0.0  # classifier-free guidance w (LLaDA form, prompt masked as unconditional input); 0 = off
     )
@@ -80,7 +82,16 @@ def validate(sampler_config, *, diffusion=None, seq_len: int | None = None) -> m
     the process; seq_len: the generated length (sampler.seq_len or train.seq_len), to check positions.
     Raises ValueError naming config.sampler.<field> and what was expected."""
     from ddlm import schedules
-    from ddlm.sampling import BLOCK_SAMPLERS, SAMPLERS, categorical, conditioning, masked
+    from ddlm.sampling import (
+        BLOCK_SAMPLERS,
+        SAMPLERS,
+        caches,
+        categorical,
+        conditioning,
+        masked,
+        parallel,
+        rules,
+    )
 
     c = resolve(sampler_config)
 
@@ -106,8 +117,9 @@ def validate(sampler_config, *, diffusion=None, seq_len: int | None = None) -> m
         fail("grid", f"'' (the diffusion schedule) or one of {sorted(schedules.SCHEDULES)}")
     if not is_number(c.t_min) or not 0.0 <= c.t_min < 1.0:
         fail("t_min", "a number in [0, 1)")
-    if not is_number(c.temperature) or c.temperature <= 0:
-        fail("temperature", "a number > 0")
+    greedy_ok = c.name == "parallel"  # parallel_sample takes the argmax at temperature 0 (LLaDA, Fast-dLLM)
+    if not is_number(c.temperature) or c.temperature < 0 or (c.temperature == 0 and not greedy_ok):
+        fail("temperature", "a number > 0 (0 = greedy, for name='parallel' only)")
     if not is_number(c.top_p) or not 0.0 < c.top_p <= 1.0:
         fail("top_p", "a number in (0, 1] (1 = off)")
     if c.precision not in categorical.PRECISIONS:
@@ -119,6 +131,27 @@ def validate(sampler_config, *, diffusion=None, seq_len: int | None = None) -> m
         fail("eta", "a number in [0, 1]")
     if not is_number(c.guidance_scale) or c.guidance_scale < 0:
         fail("guidance_scale", "a number >= 0 (0 = off)")
+    if c.cache not in caches.CACHES:
+        fail("cache", f"one of {caches.CACHES}")
+    if c.cache != "none" and c.name != "parallel":
+        fail("cache", f"'none' for sampler {c.name!r} (the prefix / dual caches serve name='parallel')")
+    if c.cache != "none" and c.guidance_scale:
+        fail("cache", "'none' with classifier-free guidance (config.sampler.guidance_scale != 0)")
+    if not is_int(c.refresh_every) or c.refresh_every < 0:
+        fail("refresh_every", "an integer >= 0 (0 = once per block)")
+    if c.name == "parallel":
+        rules.get_rule(c.rule)
+        rules.check_options(rules.RuleOptions(c.threshold, c.factor, c.gamma))
+        if not is_int(c.block_length):
+            fail("block_length", "an integer >= 0 (0 = one block)")
+        if seq_len is not None:
+            parallel.plan(
+                seq_len,
+                rule=c.rule,
+                steps=c.steps,
+                block_length=c.block_length,
+                remasking=c.parallel_remasking,
+            )
     if c.block_sampler not in BLOCK_SAMPLERS:
         fail("block_sampler", f"one of {BLOCK_SAMPLERS}")
     if not is_int(c.window) or c.window < 0:

@@ -33,7 +33,8 @@ A cache plugs in by swapping the logits provider (one function):
 `step` counts from 0 inside each block, so a provider implements its refresh policy (every step, every
 k steps, once per block) by testing it; `calls` is the network calls it made (0 when it reused logits).
 full_logits_provider(..., refresh=refresh_every(k)) is the simplest such policy: the last full call's
-logits reused between refreshes.
+logits reused between refreshes. Fast-dLLM's prefix and dual KV caches are such providers
+(ddlm.sampling.caches, config.sampler.cache).
 """
 
 from __future__ import annotations
@@ -59,11 +60,12 @@ def sequence_time(x, mask_id: int, schedule: schedules_lib.Schedule):
     return jnp.clip(schedule.t_from_alpha(1.0 - masked_fraction), 0.0, 1.0).astype(jnp.float32)
 
 
-def refresh_every(k: int) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """Refresh policy: call the network at steps 0, k, 2k, ... of each block (k >= 1)."""
+def refresh_every(k: int) -> Callable[..., jax.Array]:
+    """Refresh policy: call the network at steps 0, k, 2k, ... of each block (k >= 1). It takes
+    (block, step) here and (block, step, state, x) in the caches (ddlm.sampling.caches); it reads only step."""
     if k < 1:
         raise ValueError(f"refresh_every: k must be >= 1, got {k}")
-    return lambda block, step: step % k == 0
+    return lambda block, step, *state_and_x: step % k == 0
 
 
 def full_logits_provider(
