@@ -73,6 +73,11 @@ COMPATIBILITY_FIELDS = (
     "model.param_dtype",
     "model.tie_embeddings",
     "model.vocab_multiple",
+    "model.attention",
+    "model.num_kv_heads",
+    "model.head_dim",
+    "model.qkv_bias",
+    "model.logit_shift",
     "data.tokenizer",
     "diffusion.loss",
     "diffusion.process",
@@ -701,7 +706,8 @@ def load_for_inference(workdir: str, config=None, *, ema: bool = True, devices=N
         mesh = _inference_mesh(config, devices)
         init_inputs = sharding.model_init_inputs(config.diffusion.loss, 1, config.train.seq_len)
         boxed, _ = sharding.abstract_params(model, init_inputs)
-        field = "ema_params" if ema else "params"
+        # A converted checkpoint (ddlm.models.convert) holds one parameter set, 'params', and no EMA.
+        field = "ema_params" if ema and not (stored or {}).get("params_only") else "params"
         abstract = {
             field: sharding.sharded_abstract_params(boxed, mesh),
             "step": jax.ShapeDtypeStruct((), jnp.int32),
