@@ -91,6 +91,14 @@ def train_config(*, steps: int, batch_size: int, seq_len: int):
     )
     c.peak_flops_per_device = 0.0  # for the MFU estimate; 0 = look up the device kind
     c.sample_at_end = False  # write samples (ddlm.sampling.cli.run_sampling) after training
+    c.init_from = ""  # start from the parameters of this workdir's checkpoint (ddlm/train/adapt.py); '' = init
+    return c
+
+
+def adapt_config():
+    """AR-to-diffusion adaptation (ddlm/train/adapt.py); the starting checkpoint is config.train.init_from."""
+    c = ml_collections.ConfigDict()
+    c.anneal_steps = 0  # DiffuLLaMA: steps over which attention opens from causal to bidirectional; 0 = off
     return c
 
 
@@ -128,6 +136,7 @@ def base_config(*, model, diffusion, data, optim, mesh, train, sampler) -> ml_co
     c.mesh = mesh
     c.train = train
     c.sampler = sampler
+    c.adapt = adapt_config()
     from ddlm.eval import config as eval_config
 
     c.eval = eval_config.default_config()  # --mode=eval: likelihood with error bars, sample quality
