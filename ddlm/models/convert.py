@@ -302,10 +302,20 @@ def converted_config(hf_dir: str, *, tokenizer: str = "", seq_len: int = 0) -> m
     return config
 
 
-def convert(hf_dir: str, workdir: str, *, tokenizer: str = "", seq_len: int = 0, devices=None, log_every: int = 0):
+def convert(
+    hf_dir: str,
+    workdir: str,
+    *,
+    tokenizer: str = "",
+    seq_len: int = 0,
+    devices=None,
+    log_every: int = 0,
+    timings: dict | None = None,
+):
     """Writes <workdir>/checkpoints/0 (parameters only: 'params' and 'step', the stored config, checksums)
     and <workdir>/config.py (get_config() returning that config, for --config). Never touches an existing
-    checkpoint: a workdir that has one is an error. Returns (config, params)."""
+    checkpoint: a workdir that has one is an error. Returns (config, params); `timings` (a dict, optional)
+    receives the seconds of the load onto the mesh ('load_s') and of the checkpoint write ('save_s')."""
     from ddlm import checkpoints, models, sharding
     from ddlm.data import tokenizers
 
@@ -317,7 +327,10 @@ def convert(hf_dir: str, workdir: str, *, tokenizer: str = "", seq_len: int = 0,
     model = models.get_model(config.model, tok.vocab_size)
     devices = list(jax.devices() if devices is None else devices)
     mesh = sharding.make_mesh(config.mesh, devices)
+    t0 = time.time()
     params = load_params(hf_dir, model, mesh, vocab=tok.vocab_size - 1, log_every=log_every)
+    jax.block_until_ready(params)
+    t1 = time.time()
     step = jax.device_put(np.zeros((), np.int32), sharding.replicated(mesh))
     meta = {
         "format": checkpoints.FORMAT_VERSION,
@@ -329,6 +342,8 @@ def convert(hf_dir: str, workdir: str, *, tokenizer: str = "", seq_len: int = 0,
     }
     with checkpoints.Checkpointer(ckpt_dir, keep=1, async_save=False) as checkpointer:
         checkpointer.save(0, {"params": params, "step": step}, metadata=meta, force=True)
+    if timings is not None:
+        timings.update(load_s=t1 - t0, save_s=time.time() - t1)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.py"), "w") as f:
             f.write(_CONFIG_PY.format(hf_dir=os.path.abspath(hf_dir), config=config.to_json_best_effort(indent=1)))
@@ -358,10 +373,10 @@ def main(argv):
 
     del argv
     f = flags.FLAGS
-    t0 = time.time()
+    t0, timings = time.time(), {}
     try:
         config, params = convert(
-            f.hf_dir, f.workdir, tokenizer=f.tokenizer, seq_len=f.seq_len, log_every=f.log_every
+            f.hf_dir, f.workdir, tokenizer=f.tokenizer, seq_len=f.seq_len, log_every=f.log_every, timings=timings
         )
     except (ConfigError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"ddlm: error: {type(e).__name__}: {e}") from None
@@ -369,7 +384,8 @@ def main(argv):
 
     print(
         f"converted {f.hf_dir} ({config.model.num_layers} layers, {config.model.d_model} wide, "
-        f"{count_params(params):,} parameters) to {f.workdir} in {time.time() - t0:.1f}s; sample with\n"
+        f"{count_params(params):,} parameters) to {f.workdir} in {time.time() - t0:.1f}s (load onto the mesh "
+        f"{timings['load_s']:.1f}s, checkpoint write {timings['save_s']:.1f}s); sample with\n"
         f"  python -m ddlm.main --mode=sample --config={os.path.join(f.workdir, 'config.py')} --workdir={f.workdir}"
     )
 
