@@ -52,7 +52,9 @@ def main():
     p.add_argument("--route", default="both", choices=["diffullama", "fastdllm_v2", "both"])
     p.add_argument("--steps", type=int, default=600, help="optimizer steps of each diffusion run")
     p.add_argument("--eval_every", type=int, default=50)
-    p.add_argument("--target", type=float, default=0.0, help="NELBO to reach (0 = the scratch run's final one)")
+    p.add_argument(
+        "--target", type=float, default=0.0, help="NELBO to reach (0 = the scratch run's final one)"
+    )
     p.add_argument("--out", default="/tmp/ddlm_adapt_vs_scratch")
     p.add_argument("--dry-run", action="store_true", help="4 steps each at the smoke size")
     p.add_argument("--append", action="store_true", help="append the table to benchmarks/RESULTS.md")
@@ -61,7 +63,11 @@ def main():
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.setdefault("JAX_PLATFORMS", "cpu")
     steps, eval_every, arg = (4, 2, ":smoke") if args.dry_run else (args.steps, args.eval_every, "")
-    common = [f"--config.train.steps={steps}", f"--config.train.eval_every={eval_every}", "--config.train.sample_at_end=False"]
+    common = [
+        f"--config.train.steps={steps}",
+        f"--config.train.eval_every={eval_every}",
+        "--config.train.sample_at_end=False",
+    ]
     if args.dry_run:
         common += ["--config.train.eval_batches=1"]
     os.makedirs(args.out, exist_ok=True)
@@ -73,9 +79,14 @@ def main():
     results = {}
     for route in routes:
         config = f"experiments/adapt_{route}.py"
-        adapted, scratch = os.path.join(args.out, f"{route}_adapted"), os.path.join(args.out, f"{route}_scratch")
+        adapted, scratch = (
+            os.path.join(args.out, f"{route}_adapted"),
+            os.path.join(args.out, f"{route}_scratch"),
+        )
         sep = "," if arg else ":"
-        seconds[f"{route} adapted"] = run(config + arg, adapted, common + [f"--config.train.init_from={ar_dir}"], env)
+        seconds[f"{route} adapted"] = run(
+            config + arg, adapted, common + [f"--config.train.init_from={ar_dir}"], env
+        )
         seconds[f"{route} scratch"] = run(config + arg + sep + "scratch", scratch, common, env)
         curves = {"adapted": eval_curve(adapted), "scratch": eval_curve(scratch)}
         target = args.target or curves["scratch"][-1][1]
@@ -89,9 +100,17 @@ def main():
         lines.append("|---|---|---|")
         for (step, a), (_, s) in zip(curves["adapted"], curves["scratch"]):
             lines.append(f"| {step} | {a:.4f} | {s:.4f} |")
-        ratio = f"{reach['scratch'] / reach['adapted']:.1f}x fewer steps" if reach["adapted"] and reach["scratch"] else "n/a"
-        lines.append(f"steps to reach {target:.4f}: adapted {reach['adapted']}, scratch {reach['scratch']} ({ratio})")
-    lines.append("wall time (s, includes compilation): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
+        ratio = (
+            f"{reach['scratch'] / reach['adapted']:.1f}x fewer steps"
+            if reach["adapted"] and reach["scratch"]
+            else "n/a"
+        )
+        lines.append(
+            f"steps to reach {target:.4f}: adapted {reach['adapted']}, scratch {reach['scratch']} ({ratio})"
+        )
+    lines.append(
+        "wall time (s, includes compilation): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
+    )
     text = "\n".join(lines)
     print(text)
 
@@ -114,7 +133,9 @@ def main():
     except ImportError:
         pass
     if args.append and not args.dry_run:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False
+        ).stdout.strip()
         with open(os.path.join(REPO, "benchmarks", "RESULTS.md"), "a") as f:
             f.write(
                 f"\n## AR-to-diffusion adaptation vs scratch (`python benchmarks/adapt_vs_scratch.py`, "

@@ -29,7 +29,8 @@ def write_checkpoint(directory: str, size: str, shard_params: float = 5e8) -> in
     import ml_dtypes
     import numpy as np
     from safetensors.numpy import save_file
-    from tokenizers import Tokenizer, models as tm
+    from tokenizers import Tokenizer
+    from tokenizers import models as tm
 
     sys.path.insert(0, REPO)
     from ddlm.models import convert, llama_config
@@ -94,11 +95,16 @@ def main():
     headers = time.time() - t0
     timings = {}
     t0 = time.time()
-    config, params = convert.convert(hf_dir, workdir, timings=timings)
+    convert.convert(hf_dir, workdir, timings=timings)
     total = time.time() - t0
-    ckpt_gb = sum(
-        os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(os.path.join(workdir, "checkpoints")) for f in files
-    ) / 1e9
+    ckpt_gb = (
+        sum(
+            os.path.getsize(os.path.join(d, f))
+            for d, _, files in os.walk(os.path.join(workdir, "checkpoints"))
+            for f in files
+        )
+        / 1e9
+    )
     print(
         f"{args.size}: {n:,} parameters in {len(index)} tensors, {size_gb:.2f} GB of bfloat16 safetensors "
         f"(written in {written:.0f}s); {jax.device_count()} {jax.devices()[0].platform} device(s)\n"

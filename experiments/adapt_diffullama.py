@@ -30,7 +30,9 @@ def get_config(arg=None):
     train.eval_every = 50
     train.ckpt_every = 200
     train.eval_batches = 8
-    train.init_from = "" if a["scratch"] else a["init_from"]  # the AR checkpoint whose parameters start the run
+    train.init_from = (
+        "" if a["scratch"] else a["init_from"]
+    )  # the AR checkpoint whose parameters start the run
     optim = cl.optim_config(lr=2e-3, warmup_steps=50, decay="cosine")
     optim.ema_decay = 0.99
     sampler = cl.sampler_config(name="ancestral", steps=64)

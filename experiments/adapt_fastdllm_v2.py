@@ -15,7 +15,9 @@ from ddlm.train import config_lib as cl
 
 
 def get_config(arg=None):
-    a = cl.parse_arg(arg, size="tiny", smoke=False, scratch=False, init_from="runs/quickstart_ar", block_size=16)
+    a = cl.parse_arg(
+        arg, size="tiny", smoke=False, scratch=False, init_from="runs/quickstart_ar", block_size=16
+    )
     model = cl.model_config(a["size"], name="bd3lm", dropout=0.0, time_conditioning=False, logit_shift=True)
     model.block_size = a["block_size"]  # Fast-dLLM v2 uses 32-token blocks on 2k contexts; 16 of 128 here
     train = cl.train_config(steps=600, batch_size=32, seq_len=128)

@@ -26,7 +26,9 @@ def get_config(arg=None):
         optim.ema_decay = 0.99
         train.log_every, train.eval_every, train.ckpt_every, train.eval_batches = 50, 200, 200, 8
     else:
-        tokenizer_json = "data/llada/tokenizer.json" if a["size"] == "llada_8b" else "data/tinyllama/tokenizer.json"
+        tokenizer_json = (
+            "data/llada/tokenizer.json" if a["size"] == "llada_8b" else "data/tinyllama/tokenizer.json"
+        )
         data = cl.data_config(
             corpus="local:data/openwebtext", tokenizer="hf", tokenizer_path=tokenizer_json, vocab_size=vocab
         )

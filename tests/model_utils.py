@@ -62,11 +62,15 @@ def tiny_llama(attention, vocab, dtype=jnp.float32, block_size=4, logit_shift=Fa
     return models.get_model(c, vocab).clone(dtype=dtype, param_dtype=dtype)
 
 
-def tiny_llama_decoder(attention, vocab, dtype=jnp.float32, block_size=4, logit_shift=False, seed=1, name="llama"):
+def tiny_llama_decoder(
+    attention, vocab, dtype=jnp.float32, block_size=4, logit_shift=False, seed=1, name="llama"
+):
     """models.make_decoder of `tiny_llama` with random (nowhere zero) parameters."""
     from ddlm import models
 
     model = tiny_llama(attention, vocab, dtype, block_size, logit_shift, name)
     tokens = jnp.zeros((1, 4 * block_size), jnp.int32)
-    variables = random_variables(model, tokens, None, tokens if attention == "block_causal" else None, seed=seed)
+    variables = random_variables(
+        model, tokens, None, tokens if attention == "block_causal" else None, seed=seed
+    )
     return models.make_decoder(model, variables)

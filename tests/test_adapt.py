@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddlm import checkpoints, losses, models, schedules
+from ddlm import checkpoints, losses, schedules
 from ddlm.models import layers
 from ddlm.sharding import ConfigError
 from ddlm.train import adapt, trainer
@@ -38,7 +38,9 @@ def test_anneal_ratio_and_mask():
     assert np.all(mask[causal])
     future = mask[~causal]  # 2016 Bernoulli(0.25) draws: mean within 5 standard errors
     assert abs(future.mean() - 0.25) < 5 * np.sqrt(0.25 * 0.75 / future.size)
-    assert not np.array_equal(mask, np.asarray(adapt.annealed_attention_mask(jax.random.key(2), 1, length, 8)))
+    assert not np.array_equal(
+        mask, np.asarray(adapt.annealed_attention_mask(jax.random.key(2), 1, length, 8))
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +74,12 @@ def test_diffullama_adaptation_starts_from_the_ar_parameters_and_anneals(ar_work
     keys = jax.random.split(jax.random.key(5), len(leaves))
     params = treedef.unflatten([p + 0.3 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
     # Jitted without LLVM's optimisations: a tiny program compiles ~5x faster, and eager flax is slower still.
-    loss_at = jax.jit(lambda p, step: setup.loss_fn(p, batch, rng, False, step=step)[0], compiler_options=FAST)
-    eval_loss = float(jax.jit(lambda p: setup.loss_fn(p, batch, rng, False)[0], compiler_options=FAST)(params))
+    loss_at = jax.jit(
+        lambda p, step: setup.loss_fn(p, batch, rng, False, step=step)[0], compiler_options=FAST
+    )
+    eval_loss = float(
+        jax.jit(lambda p: setup.loss_fn(p, batch, rng, False)[0], compiler_options=FAST)(params)
+    )
     loss_at_start = loss_at(params, 0)
 
     def shifted_ar(xt, t, x0_context):
@@ -114,7 +120,9 @@ def test_adaptation_errors_are_one_line_naming_the_field(ar_workdir, tmp_path):
     config = _config("adapt_diffullama")
     config.model.d_model = 64  # not the AR checkpoint's width
     setup = trainer.build(config, jax.devices()[:1])
-    with pytest.raises(ConfigError, match=r"config.train.init_from=.* does not fit.*params/block_0/.*shape") as e:
+    with pytest.raises(
+        ConfigError, match=r"config.train.init_from=.* does not fit.*params/block_0/.*shape"
+    ) as e:
         adapt.load_init_params(ar_workdir, setup.abstract_state().params, setup.tokenizer)
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="has no checkpoint"):

@@ -5,7 +5,6 @@ float64), also loaded sharded over 8 fake devices; a missing, mis-shaped or unkn
 naming it; the written checkpoint loads for inference, refuses to be resumed, and its greedy 'ar' samples
 through the sampling CLI are PyTorch's greedy continuation."""
 
-import functools
 import importlib.util
 import json
 import os
@@ -29,12 +28,15 @@ FAST = {"xla_backend_optimization_level": 0}
 
 def _tokenizer_files(directory):
     """A small BPE tokenizer.json (trained here on a few lines) with <s> / </s>, and its tokenizer_config.json."""
-    from tokenizers import Tokenizer, models as tm, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, pre_tokenizers, trainers
+    from tokenizers import models as tm
 
     tok = Tokenizer(tm.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     text = ["to be or not to be that is the question", "whether tis nobler in the mind to suffer"] * 20
-    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok.train_from_iterator(
+        text, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"])
+    )
     tok.save(os.path.join(directory, "tokenizer.json"))
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
         json.dump({"bos_token": "<s>", "eos_token": {"content": "</s>"}, "pad_token": None}, f)
@@ -44,10 +46,10 @@ def _tokenizer_files(directory):
 def hf_models(tmp_path_factory):
     """{'llama' | 'qwen2': (folder, tokens [2, 16], torch float64 model)} saved with save_pretrained."""
     torch.manual_seed(0)
-    common = dict(
-        vocab_size=HF_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
+    common = {
+        "vocab_size": HF_VOCAB, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 64,
+    }  # fmt: skip
     made = {
         "llama": transformers.LlamaForCausalLM(
             transformers.LlamaConfig(**common, rope_theta=500.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
@@ -92,14 +94,18 @@ def test_imported_logits_equal_pytorch(hf_models, name):
     forward = jax.jit(lambda p, x: model.apply({"params": p}, x), compiler_options=FAST)
     logits = np.asarray(forward(params, jnp.asarray(tokens.numpy())))
     assert logits.shape == (2, 16, HF_VOCAB + 1)
-    np.testing.assert_allclose(logits[..., :HF_VOCAB], _reference(torch_model, tokens, torch.float32), atol=1e-5)
+    np.testing.assert_allclose(
+        logits[..., :HF_VOCAB], _reference(torch_model, tokens, torch.float32), atol=1e-5
+    )
     # Both in float64: the float64 attention path (its own GQA grouping) is the same function too, to the
     # float32 rounding of the rotary angles, which transformers computes in float32 whatever the dtype.
     with jax.enable_x64(True):
         model64 = model.clone(dtype=jnp.float64, param_dtype=jnp.float64)
         p64 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params)
         logits64 = np.asarray(model64.apply({"params": p64}, jnp.asarray(tokens.numpy())))
-    np.testing.assert_allclose(logits64[..., :HF_VOCAB], _reference(torch_model, tokens, torch.float64), atol=1e-6)
+    np.testing.assert_allclose(
+        logits64[..., :HF_VOCAB], _reference(torch_model, tokens, torch.float64), atol=1e-6
+    )
 
 
 def test_sharded_import_over_8_devices_places_each_tensor_and_keeps_the_logits(hf_models):
@@ -111,7 +117,9 @@ def test_sharded_import_over_8_devices_places_each_tensor_and_keeps_the_logits(h
     assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (16, 2, 8)
     emb = params["token_embedding"]  # [V', d] = [384, 32]: ('vocab', 'embed')
     assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
-    x = jax.device_put(jnp.tile(jnp.asarray(tokens.numpy()), (2, 1)), sharding.batch_sharding(mesh))  # batch 4
+    x = jax.device_put(
+        jnp.tile(jnp.asarray(tokens.numpy()), (2, 1)), sharding.batch_sharding(mesh)
+    )  # batch 4
     with sharding.mesh_context(mesh):
         logits = jax.jit(lambda p, x: model.apply({"params": p}, x), compiler_options=FAST)(params, x)
     reference = _reference(torch_model, tokens, torch.float32)
@@ -187,7 +195,14 @@ def test_converted_checkpoint_samples_pytorchs_greedy_continuation(hf_models, tm
     loaded = checkpoints.load_for_inference(workdir)  # the stored config; the parameters ('params', no EMA)
     assert loaded.step == 0 and loaded.tokenizer.vocab_size == HF_VOCAB + 1
     s = config.sampler
-    s.prompt, s.greedy, s.stop_at_eos, s.num_samples, s.batch_size, s.progress = "to be or", True, True, 2, 2, False
+    s.prompt, s.greedy, s.stop_at_eos, s.num_samples, s.batch_size, s.progress = (
+        "to be or",
+        True,
+        True,
+        2,
+        2,
+        False,
+    )
     records = cli.run_sampling(config, workdir)
     tok = loaded.tokenizer
     expected = _torch_greedy(torch_model.float(), [tok.bos_id] + tok.encode("to be or"), 24, tok.eos_id)

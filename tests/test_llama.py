@@ -46,7 +46,9 @@ def test_causal_llama_decode_equals_the_full_forward_float64():
         step = fast_jit(dec.step)
         slots = jnp.arange(capacity)
         for p in range(5, LENGTH):
-            logits, cache = step(cache, xt[:, p : p + 1], jnp.array([p]), slots < p, jnp.ones((1, 1), bool), None, p)
+            logits, cache = step(
+                cache, xt[:, p : p + 1], jnp.array([p]), slots < p, jnp.ones((1, 1), bool), None, p
+            )
             out.append(logits)
         assert _err(jnp.concatenate(out, axis=1), full) < TOL
         # The network is causal: a later token does not change earlier logits.
@@ -79,7 +81,10 @@ def test_block_causal_decode_with_the_logit_shift_equals_the_shifted_forward_flo
             last = written[:, -1]
         # The first position of block 1 depends on the clean tokens before it only, not on the noised block.
         other = fast_jit(dec.forward)(xt.at[:, BLOCK:].set(MASK), None, x0)
-        assert _err(other[:, BLOCK], full[:, BLOCK]) < TOL and _err(other[:, BLOCK + 1], full[:, BLOCK + 1]) > 1e-3
+        assert (
+            _err(other[:, BLOCK], full[:, BLOCK]) < TOL
+            and _err(other[:, BLOCK + 1], full[:, BLOCK + 1]) > 1e-3
+        )
 
 
 def _first_hitting(denoise_fn, rng, x_block):
@@ -94,7 +99,9 @@ def test_block_sampler_on_a_shifted_network_gives_the_tokens_of_the_uncached_for
     known = np.arange(24)[None] < np.array([[6], [6], [9]])
     x = jnp.asarray(np.where(known, prompt, MASK), jnp.int32)
     run = lambda kv: fast_jit(
-        lambda rng, x: block.block_sample(dec, rng, x, denoise_block=_first_hitting, mask_id=MASK, kv_cache=kv)
+        lambda rng, x: block.block_sample(
+            dec, rng, x, denoise_block=_first_hitting, mask_id=MASK, kv_cache=kv
+        )
     )
     cached, uncached = run(True)(jax.random.key(1), x), run(False)(jax.random.key(1), x)
     np.testing.assert_array_equal(cached.tokens, uncached.tokens)
@@ -130,7 +137,9 @@ def test_llama_presets_have_the_published_parameter_counts(size, params, non_emb
     boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
     assert models.count_params(boxed) == params
     assert models.count_params(boxed) - 2 * vocab * config.d_model == non_embedding
-    for path, leaf in jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(
+        boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+    )[0]:
         assert isinstance(leaf, nn.LogicallyPartitioned) and len(leaf.names) == leaf.value.ndim, path
     assert models.flops_per_token(config, vocab, 4096) > 6 * params  # matmul params + attention
 

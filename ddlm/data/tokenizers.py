@@ -416,7 +416,9 @@ def get_tokenizer(config) -> Tokenizer:
                 f"{config.tokenizer_path!r}"
             )
         if not config.vocab_size:
-            raise ValueError("config.data.tokenizer='hf' needs config.data.vocab_size (the network's vocabulary)")
+            raise ValueError(
+                "config.data.tokenizer='hf' needs config.data.vocab_size (the network's vocabulary)"
+            )
         return HFTokenizer(config.tokenizer_path, config.vocab_size)
     else:
         raise ValueError(

@@ -78,7 +78,13 @@ def llama_config(size: str = "tiny") -> tuple[ml_collections.ConfigDict, int]:
     layers, d_model, heads, kv_heads, mlp_dim, rope_base, vocab, tie, attention = _LLAMA_SIZES[size]
     c = default_config("tiny" if size == "tiny" else "1b")
     c.name, c.attention = "llama", attention
-    c.num_layers, c.d_model, c.num_heads, c.num_kv_heads, c.mlp_dim = layers, d_model, heads, kv_heads, mlp_dim
+    c.num_layers, c.d_model, c.num_heads, c.num_kv_heads, c.mlp_dim = (
+        layers,
+        d_model,
+        heads,
+        kv_heads,
+        mlp_dim,
+    )
     c.rope_base, c.tie_embeddings, c.time_conditioning = rope_base, tie, False
     c.dropout = 0.0  # LLaMA / LLaDA train without dropout
     return c, vocab

@@ -90,9 +90,13 @@ def model_config_from_hf(hf: dict) -> tuple[ml_collections.ConfigDict, int]:
 
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED:
-        raise ConversionError(f"config.json: model_type {model_type!r} is not supported; expected one of {SUPPORTED}")
+        raise ConversionError(
+            f"config.json: model_type {model_type!r} is not supported; expected one of {SUPPORTED}"
+        )
     if hf.get("hidden_act", "silu") != "silu":
-        raise ConversionError(f"config.json: hidden_act={hf['hidden_act']!r}; the LLaMA network's SwiGLU uses 'silu'")
+        raise ConversionError(
+            f"config.json: hidden_act={hf['hidden_act']!r}; the LLaMA network's SwiGLU uses 'silu'"
+        )
     if model_type == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
         raise ConversionError(
             "config.json: attention_bias / mlp_bias = true (biases on the output and MLP projections) are not "
@@ -154,7 +158,11 @@ def tensor_plan(model_config, vocab: int) -> dict[str, tuple[tuple[str, ...], tu
             lambda w: w.T.reshape(heads, head_dim, d),
         )
         for name in ("gate", "up"):
-            plan[pre + f"mlp.{name}_proj.weight"] = ((blk, "mlp", f"{name}_kernel"), (c.mlp_dim, d), np.transpose)
+            plan[pre + f"mlp.{name}_proj.weight"] = (
+                (blk, "mlp", f"{name}_kernel"),
+                (c.mlp_dim, d),
+                np.transpose,
+            )
         plan[pre + "mlp.down_proj.weight"] = ((blk, "mlp", "down_kernel"), (d, c.mlp_dim), np.transpose)
     plan["model.norm.weight"] = (("norm_final", "scale"), (d,), None)
     if not c.tie_embeddings:
@@ -168,11 +176,13 @@ def index_safetensors(hf_dir: str) -> dict[str, tuple[str, tuple[int, ...]]]:
 
     files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
     if not files:
-        raise ConversionError(f"--hf_dir={hf_dir}: no *.safetensors files (PyTorch .bin checkpoints are not read)")
+        raise ConversionError(
+            f"--hf_dir={hf_dir}: no *.safetensors files (PyTorch .bin checkpoints are not read)"
+        )
     index = {}
     for path in files:
         with safe_open(path, framework="numpy") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 -- a safetensors file handle, not a dict
                 if name in index:
                     raise ConversionError(f"tensor {name!r} is in both {index[name][0]} and {path}")
                 index[name] = (path, tuple(f.get_slice(name).get_shape()))
@@ -322,7 +332,9 @@ def convert(
     config = converted_config(hf_dir, tokenizer=tokenizer, seq_len=seq_len)
     ckpt_dir = os.path.join(workdir, checkpoints.CHECKPOINTS_DIR)
     if checkpoints.committed_steps(ckpt_dir):
-        raise ConversionError(f"--workdir={workdir} already holds a checkpoint; choose a new workdir (nothing changed)")
+        raise ConversionError(
+            f"--workdir={workdir} already holds a checkpoint; choose a new workdir (nothing changed)"
+        )
     tok = tokenizers.get_tokenizer(config.data)
     model = models.get_model(config.model, tok.vocab_size)
     devices = list(jax.devices() if devices is None else devices)
@@ -346,7 +358,9 @@ def convert(
         timings.update(load_s=t1 - t0, save_s=time.time() - t1)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.py"), "w") as f:
-            f.write(_CONFIG_PY.format(hf_dir=os.path.abspath(hf_dir), config=config.to_json_best_effort(indent=1)))
+            f.write(
+                _CONFIG_PY.format(hf_dir=os.path.abspath(hf_dir), config=config.to_json_best_effort(indent=1))
+            )
     return config, params
 
 
@@ -376,7 +390,12 @@ def main(argv):
     t0, timings = time.time(), {}
     try:
         config, params = convert(
-            f.hf_dir, f.workdir, tokenizer=f.tokenizer, seq_len=f.seq_len, log_every=f.log_every, timings=timings
+            f.hf_dir,
+            f.workdir,
+            tokenizer=f.tokenizer,
+            seq_len=f.seq_len,
+            log_every=f.log_every,
+            timings=timings,
         )
     except (ConfigError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"ddlm: error: {type(e).__name__}: {e}") from None
@@ -393,9 +412,13 @@ def main(argv):
 if __name__ == "__main__":
     from absl import app, flags
 
-    flags.DEFINE_string("hf_dir", None, "Hugging Face model folder: config.json + *.safetensors (+ tokenizer.json)")
+    flags.DEFINE_string(
+        "hf_dir", None, "Hugging Face model folder: config.json + *.safetensors (+ tokenizer.json)"
+    )
     flags.DEFINE_string("workdir", None, "new ddlm workdir to write the checkpoint and config.py to")
-    flags.DEFINE_string("tokenizer", "", "ddlm tokenizer of the config ('' = 'hf' with the folder's tokenizer.json)")
+    flags.DEFINE_string(
+        "tokenizer", "", "ddlm tokenizer of the config ('' = 'hf' with the folder's tokenizer.json)"
+    )
     flags.DEFINE_integer("seq_len", 0, "train.seq_len of the config (0 = min(max_position_embeddings, 1024))")
     flags.DEFINE_integer("log_every", 0, "print progress every this many tensors (0 = never)")
     flags.mark_flags_as_required(["hf_dir", "workdir"])

@@ -142,7 +142,9 @@ class GroupedQueryAttention(nn.Module):
         k = nn.with_logical_constraint(layers.rotary_embedding(k, positions, self.rope_base), layers.BLHK)
         v = nn.with_logical_constraint(v, layers.BLHK)
         if cache is None:
-            out = layers.attention(q, k, v, None if mask is None else mask[None, None], is_causal, self.implementation)
+            out = layers.attention(
+                q, k, v, None if mask is None else mask[None, None], is_causal, self.implementation
+            )
         else:
             out, cache = layers.cached_attention(q, k, v, cache, decode_masks, self.implementation)
         out = nn.with_logical_constraint(out, layers.BLHK)  # [B, L, H, Dh]
@@ -251,19 +253,19 @@ class Llama(Transformer):
         return LlamaBlock
 
     def _block_kwargs(self) -> dict:
-        return dict(
-            num_heads=self.num_heads,
-            num_kv_heads=self.kv_heads,
-            head_dim=self.dim_per_head,
-            mlp_dim=self.mlp_dim,
-            rope_base=self.rope_base,
-            qkv_bias=self.qkv_bias,
-            norm_eps=self.norm_eps,
-            dropout=self.dropout,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            attention_impl=self.attention_impl,
-        )
+        return {
+            "num_heads": self.num_heads,
+            "num_kv_heads": self.kv_heads,
+            "head_dim": self.dim_per_head,
+            "mlp_dim": self.mlp_dim,
+            "rope_base": self.rope_base,
+            "qkv_bias": self.qkv_bias,
+            "norm_eps": self.norm_eps,
+            "dropout": self.dropout,
+            "dtype": self.dtype,
+            "param_dtype": self.param_dtype,
+            "attention_impl": self.attention_impl,
+        }
 
     def _final_norm(self, stream_dtype) -> nn.Module:
         return RMSNorm(self.norm_eps, self.param_dtype, stream_dtype, name="norm_final")
@@ -287,7 +289,9 @@ def check_shape(num_heads: int, num_kv_heads: int, d_model: int, head_dim: int) 
             f"config.model.num_heads={num_heads} must divide d_model={d_model} (or set config.model.head_dim)"
         )
     if (head_dim or d_model // num_heads) % 2:
-        raise ValueError(f"the rotary embedding needs an even head width, got {head_dim or d_model // num_heads}")
+        raise ValueError(
+            f"the rotary embedding needs an even head width, got {head_dim or d_model // num_heads}"
+        )
 
 
 def get_llama(config, vocab_size: int) -> Llama:
@@ -295,7 +299,9 @@ def get_llama(config, vocab_size: int) -> Llama:
     if config.attention not in ATTENTION_KINDS:
         raise ValueError(f"config.model.attention must be one of {ATTENTION_KINDS}, got {config.attention!r}")
     if config.time_conditioning:
-        raise ValueError("config.model.time_conditioning must be False for name='llama' (a time-free network)")
+        raise ValueError(
+            "config.model.time_conditioning must be False for name='llama' (a time-free network)"
+        )
     check_shape(config.num_heads, config.num_kv_heads, config.d_model, config.head_dim)
     if not config.rope_base > 0:
         raise ValueError(f"config.model.rope_base must be > 0, got {config.rope_base!r}")

@@ -107,15 +107,15 @@ class Transformer(nn.Module):
         return layers.DiTBlock
 
     def _block_kwargs(self) -> dict:
-        return dict(
-            num_heads=self.num_heads,
-            mlp_dim=self.mlp_dim,
-            dropout=self.dropout,
-            time_conditioning=self.time_conditioning,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            attention_impl=self.attention_impl,
-        )
+        return {
+            "num_heads": self.num_heads,
+            "mlp_dim": self.mlp_dim,
+            "dropout": self.dropout,
+            "time_conditioning": self.time_conditioning,
+            "dtype": self.dtype,
+            "param_dtype": self.param_dtype,
+            "attention_impl": self.attention_impl,
+        }
 
     def _final_norm(self, stream_dtype) -> nn.Module:
         return layers.layer_norm("norm_final", self.param_dtype, stream_dtype)
@@ -427,7 +427,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 def _optional(config, field: str, default):
     """A model field added after checkpoints stored their configs (those configs lack it): its default."""
-    return config[field] if field in config else default
+    return config.get(field, default)
 
 
 def attention_of(config) -> str:

@@ -124,7 +124,8 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
     if needed and models.attention_of(config.model) != needed:
         raise ValueError(
             f"config.sampler.name={sc.name!r} decodes with a KV cache and needs config.model.name="
-            f"{sc.name!r} (or 'llama' with attention={needed!r}), got {config.model.name!r}"
+            f"{sc.name!r}, got {config.model.name!r} (or name 'llama' with config.model.attention={needed!r}, "
+            f"got {models.attention_of(config.model)!r})"
         )
     if sc.name == "bd3lm":
         if seq_len % config.model.block_size:

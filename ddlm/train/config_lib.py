@@ -91,7 +91,9 @@ def train_config(*, steps: int, batch_size: int, seq_len: int):
     )
     c.peak_flops_per_device = 0.0  # for the MFU estimate; 0 = look up the device kind
     c.sample_at_end = False  # write samples (ddlm.sampling.cli.run_sampling) after training
-    c.init_from = ""  # start from the parameters of this workdir's checkpoint (ddlm/train/adapt.py); '' = init
+    c.init_from = (
+        ""  # start from the parameters of this workdir's checkpoint (ddlm/train/adapt.py); '' = init
+    )
     return c
 
 
