@@ -56,6 +56,9 @@ def main():
         "--target", type=float, default=0.0, help="NELBO to reach (0 = the scratch run's final one)"
     )
     p.add_argument("--out", default="/tmp/ddlm_adapt_vs_scratch")
+    p.add_argument(
+        "--ar_workdir", default="", help="a finished quickstart_ar run to start from (default: train one)"
+    )
     p.add_argument("--dry-run", action="store_true", help="4 steps each at the smoke size")
     p.add_argument("--append", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = p.parse_args()
@@ -72,9 +75,11 @@ def main():
         common += ["--config.train.eval_batches=1"]
     os.makedirs(args.out, exist_ok=True)
 
-    ar_dir = os.path.join(args.out, "quickstart_ar")
+    ar_dir = args.ar_workdir or os.path.join(args.out, "quickstart_ar")
     ar_steps = ["--config.train.steps=4"] if args.dry_run else []
-    seconds = {"ar": run(f"experiments/quickstart_ar.py{arg}", ar_dir, ar_steps, env)}
+    seconds = (
+        {} if args.ar_workdir else {"ar": run(f"experiments/quickstart_ar.py{arg}", ar_dir, ar_steps, env)}
+    )
     routes = ["diffullama", "fastdllm_v2"] if args.route == "both" else [args.route]
     results = {}
     for route in routes:

@@ -23,32 +23,15 @@ def get_config(arg=None):
     a = cl.parse_arg(
         arg, size="tiny", smoke=False, scratch=False, init_from="runs/quickstart_ar", anneal_steps=100
     )
-    # The quickstart AR network's shape, bidirectional and time-free (DiffuLLaMA adds no time input).
-    model = cl.model_config(a["size"], name="dit", dropout=0.0, time_conditioning=False, logit_shift=True)
-    train = cl.train_config(steps=600, batch_size=32, seq_len=128)
-    train.log_every = 50
-    train.eval_every = 50
-    train.ckpt_every = 200
-    train.eval_batches = 8
-    train.init_from = (
-        "" if a["scratch"] else a["init_from"]
-    )  # the AR checkpoint whose parameters start the run
-    optim = cl.optim_config(lr=2e-3, warmup_steps=50, decay="cosine")
-    optim.ema_decay = 0.99
-    sampler = cl.sampler_config(name="ancestral", steps=64)
-    sampler.num_samples = 4
-    sampler.batch_size = 4
-    config = cl.base_config(
-        model=model,
+    config = cl.quickstart_config(
+        # The quickstart AR network's shape, bidirectional and time-free (DiffuLLaMA adds no time input).
+        model=cl.model_config(a["size"], name="dit", dropout=0.0, time_conditioning=False, logit_shift=True),
         diffusion=cl.diffusion_config("mdlm", schedule="loglinear"),
-        data=cl.data_config(corpus="shakespeare", tokenizer="char"),
-        optim=optim,
-        mesh=cl.mesh_config(),
-        train=train,
-        sampler=sampler,
+        sampler=cl.sampler_config(name="ancestral", steps=64),
     )
-    # Causal -> bidirectional over this many steps (0 = bidirectional at once; from scratch there is nothing
-    # causal to keep).
+    config.train.eval_every = 50  # the adaptation curve
+    config.train.init_from = "" if a["scratch"] else a["init_from"]  # the AR checkpoint that starts the run
+    # Causal -> bidirectional over this many steps (from scratch there is nothing causal to keep).
     config.adapt.anneal_steps = 0 if a["scratch"] else a["anneal_steps"]
     if a["smoke"]:
         cl.apply_smoke(config)

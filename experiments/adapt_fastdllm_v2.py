@@ -20,26 +20,13 @@ def get_config(arg=None):
     )
     model = cl.model_config(a["size"], name="bd3lm", dropout=0.0, time_conditioning=False, logit_shift=True)
     model.block_size = a["block_size"]  # Fast-dLLM v2 uses 32-token blocks on 2k contexts; 16 of 128 here
-    train = cl.train_config(steps=600, batch_size=32, seq_len=128)
-    train.log_every = 50
-    train.eval_every = 50
-    train.ckpt_every = 200
-    train.eval_batches = 8
-    train.init_from = "" if a["scratch"] else a["init_from"]
-    optim = cl.optim_config(lr=2e-3, warmup_steps=50, decay="cosine")
-    optim.ema_decay = 0.99
-    sampler = cl.sampler_config(name="bd3lm", steps=16)
-    sampler.num_samples = 4
-    sampler.batch_size = 4
-    config = cl.base_config(
+    config = cl.quickstart_config(
         model=model,
         diffusion=cl.diffusion_config("bd3lm", schedule="loglinear"),
-        data=cl.data_config(corpus="shakespeare", tokenizer="char"),
-        optim=optim,
-        mesh=cl.mesh_config(),
-        train=train,
-        sampler=sampler,
+        sampler=cl.sampler_config(name="bd3lm", steps=16),
     )
+    config.train.eval_every = 50  # the adaptation curve
+    config.train.init_from = "" if a["scratch"] else a["init_from"]
     if a["smoke"]:
         cl.apply_smoke(config)
     return config

@@ -19,35 +19,32 @@ def get_config(arg=None):
     a = cl.parse_arg(arg, size="tiny", smoke=False)
     model, vocab = models.llama_config(a["size"])
     model.attention = "bidirectional"
+    sampler = cl.sampler_config(name="parallel", steps=64)  # LLaDA's low-confidence remasking
+    diffusion = cl.diffusion_config("mdlm", schedule="linear", eps=0.0)  # t ~ U[0, 1], weight 1/t
     if a["size"] == "tiny":
-        data = cl.data_config(corpus="shakespeare", tokenizer="char")
-        train = cl.train_config(steps=600, batch_size=32, seq_len=128)
-        optim = cl.optim_config(lr=2e-3, warmup_steps=50, decay="cosine")
-        optim.ema_decay = 0.99
-        train.log_every, train.eval_every, train.ckpt_every, train.eval_batches = 50, 200, 200, 8
+        config = cl.quickstart_config(model=model, diffusion=diffusion, sampler=sampler)
     else:
         tokenizer_json = (
             "data/llada/tokenizer.json" if a["size"] == "llada_8b" else "data/tinyllama/tokenizer.json"
         )
-        data = cl.data_config(
-            corpus="local:data/openwebtext", tokenizer="hf", tokenizer_path=tokenizer_json, vocab_size=vocab
-        )
         seq_len, batch = (4096, 1280) if a["size"] == "llada_8b" else (2048, 512)
-        train = cl.train_config(steps=100_000, batch_size=batch, seq_len=seq_len)
         optim = cl.optim_config(lr=4e-4, warmup_steps=2000, decay="cosine")
         optim.weight_decay = 0.1
         model.dtype, model.remat = "bfloat16", True
-    sampler = cl.sampler_config(name="parallel", steps=64)  # LLaDA's low-confidence remasking
-    sampler.num_samples, sampler.batch_size = 4, 4
-    config = cl.base_config(
-        model=model,
-        diffusion=cl.diffusion_config("mdlm", schedule="linear", eps=0.0),
-        data=data,
-        optim=optim,
-        mesh=cl.mesh_config(fsdp=1 if a["size"] == "tiny" else 8),
-        train=train,
-        sampler=sampler,
-    )
+        config = cl.base_config(
+            model=model,
+            diffusion=diffusion,
+            data=cl.data_config(
+                corpus="local:data/openwebtext",
+                tokenizer="hf",
+                tokenizer_path=tokenizer_json,
+                vocab_size=vocab,
+            ),
+            optim=optim,
+            mesh=cl.mesh_config(fsdp=8),
+            train=cl.train_config(steps=100_000, batch_size=batch, seq_len=seq_len),
+            sampler=sampler,
+        )
     if a["smoke"]:
         cl.apply_smoke(config)
     return config

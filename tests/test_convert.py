@@ -47,8 +47,8 @@ def hf_models(tmp_path_factory):
     """{'llama' | 'qwen2': (folder, tokens [2, 16], torch float64 model)} saved with save_pretrained."""
     torch.manual_seed(0)
     common = {
-        "vocab_size": HF_VOCAB, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 64,
+        "vocab_size": HF_VOCAB, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
     }  # fmt: skip
     made = {
         "llama": transformers.LlamaForCausalLM(

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from ddlm.models import layers
-from ddlm.models.transformer import _DTYPES, ATTENTION_KINDS, Transformer
+from ddlm.models.transformer import ATTENTION_KINDS, Transformer, network_kwargs
 
 Dtype = Any
 
@@ -308,23 +308,7 @@ def get_llama(config, vocab_size: int) -> Llama:
     if not config.norm_eps > 0:
         raise ValueError(f"config.model.norm_eps must be > 0, got {config.norm_eps!r}")
     return Llama(
-        vocab_size=vocab_size,
-        attention=config.attention,
-        num_layers=config.num_layers,
-        d_model=config.d_model,
-        num_heads=config.num_heads,
-        mlp_dim=config.mlp_dim,
-        cond_dim=config.cond_dim,
-        dropout=config.dropout,
-        time_conditioning=False,
-        block_size=config.block_size,
-        dtype=_DTYPES[config.dtype],
-        param_dtype=_DTYPES[config.param_dtype],
-        tie_embeddings=config.tie_embeddings,
-        remat=config.remat,
-        attention_impl=config.attention_impl,
-        vocab_multiple=config.vocab_multiple,
-        logit_shift=bool(config.logit_shift),
+        **network_kwargs(config, vocab_size),
         num_kv_heads=config.num_kv_heads,
         head_dim=config.head_dim,
         rope_base=float(config.rope_base),

@@ -471,12 +471,16 @@ def get_model(config, vocab_size: int) -> Transformer:
         from ddlm.models import llama
 
         return llama.get_llama(config, vocab_size)
-    attention = attention_of(config)
     if config.d_model % config.num_heads:
         raise ValueError(f"num_heads={config.num_heads} must divide d_model={config.d_model}")
-    return Transformer(
+    return Transformer(**network_kwargs(config, vocab_size))
+
+
+def network_kwargs(config, vocab_size: int) -> dict:
+    """The Transformer fields every network family reads from config.model (checked by `get_model`)."""
+    return dict(  # noqa: C408 -- the constructor's keyword arguments
         vocab_size=vocab_size,
-        attention=attention,
+        attention=attention_of(config),
         num_layers=config.num_layers,
         d_model=config.d_model,
         num_heads=config.num_heads,

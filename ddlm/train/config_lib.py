@@ -168,6 +168,25 @@ def model_config(size: str, **fields) -> ml_collections.ConfigDict:
     return _with_fields(models.default_config(size), fields, "model")
 
 
+def quickstart_config(*, model, diffusion, sampler) -> ml_collections.ConfigDict:
+    """experiments/quickstart.py's recipe (Shakespeare characters, 600 steps of 32 x 128 tokens, AdamW 2e-3 with
+    50 warmup steps and cosine decay, EMA 0.99, 8 eval batches, 4 samples) for another network, loss and sampler."""
+    train = train_config(steps=600, batch_size=32, seq_len=128)
+    train.log_every, train.eval_every, train.ckpt_every, train.eval_batches = 50, 200, 200, 8
+    optim = optim_config(lr=2e-3, warmup_steps=50, decay="cosine")
+    optim.ema_decay = 0.99
+    sampler.num_samples, sampler.batch_size = 4, 4
+    return base_config(
+        model=model,
+        diffusion=diffusion,
+        data=data_config(corpus="shakespeare", tokenizer="char"),
+        optim=optim,
+        mesh=mesh_config(),
+        train=train,
+        sampler=sampler,
+    )
+
+
 def apply_smoke(config) -> None:
     """Shrinks a config in place to a seconds-long CPU run (the `smoke` arg): tiny network, short
     sequences, char-level Shakespeare, a few steps."""
