@@ -91,8 +91,13 @@ def masked_mean(per_token, mask=None):
 
 
 def _gather(values, ids):
-    """values [B, L, V], ids [B, L] -> values[b, l, ids[b, l]] as [B, L]."""
-    return jnp.take_along_axis(values, ids[..., None], axis=-1)[..., 0]
+    """values [B, L, V], ids [B, L] -> values[b, l, ids[b, l]] as [B, L].
+
+    A one-hot select and sum rather than take_along_axis: exactly the same value (the other terms are exact
+    zeros), but its gradient is an elementwise select that fuses into the softmax's backward pass, where
+    take_along_axis's gradient is a scatter into a fresh [B, L, V] buffer."""
+    hit = jnp.arange(values.shape[-1]) == ids[..., None]
+    return jnp.sum(jnp.where(hit, values, jnp.zeros((), values.dtype)), axis=-1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,11 +145,19 @@ def _masked_weight(is_masked, weight):
 
 
 def _masked_nll(logits, x0, xt, mask_id):
-    """-log p_theta(x_0 | x_t) at masked positions, 0 elsewhere: float32 [B, L]."""
+    """-log p_theta(x_0 | x_t) at masked positions, 0 elsewhere: float32 [B, L].
+
+    At a masked position SUBS's log-probabilities (`subs_log_probs`) are the log-softmax over the ids other
+    than the mask, so -log p(x_0) = logsumexp_{v != mask}(logits_v) - logits_{x_0} (x_0 is never the mask).
+    Written so, the loss reads the [B, L, V] logits in a few reductions and its gradient is one fused
+    elementwise pass (softmax - one-hot); the log-probability tensor, the carry-over one-hot and a scatter
+    are never built."""
     _check_logits("logits", logits, x0)
     _check_tokens("xt", xt, x0.shape)
-    nll = -_gather(subs_log_probs(logits, xt, mask_id), x0)
-    return jnp.where(xt == mask_id, nll, 0.0)
+    logits = _at_least_f32(logits)
+    not_mask = jnp.arange(logits.shape[-1]) != mask_id
+    log_norm = jax.nn.logsumexp(jnp.where(not_mask, logits, NEG_INF), axis=-1)
+    return jnp.where(xt == mask_id, log_norm - _gather(logits, x0), 0.0)
 
 
 def mdlm_loss(logits, x0, xt, t, schedule: schedules_lib.Schedule, mask_id: int):
@@ -339,8 +352,8 @@ def block_diffusion_loss(
 def autoregressive_loss(logits, tokens):
     """Next-token cross-entropy: logits[:, i] predicts tokens[:, i + 1]. Returns float32 [B, L - 1]."""
     _check_logits("logits", logits, tokens)
-    log_probs = jax.nn.log_softmax(_at_least_f32(logits[:, :-1]), axis=-1)
-    return -_gather(log_probs, tokens[:, 1:])
+    logits = _at_least_f32(logits[:, :-1])
+    return jax.nn.logsumexp(logits, axis=-1) - _gather(logits, tokens[:, 1:])
 
 
 # --------------------------------------------------------------------------------------------

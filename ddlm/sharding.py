@@ -35,6 +35,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv", None),
+    ("layers", None),  # the stacked-layer axis of scanned blocks (ddlm/models/stack.py): never split
     ("vocab", "tensor"),
     ("length", None),
 )

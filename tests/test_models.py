@@ -405,3 +405,15 @@ def test_sharded_forward_matches_unsharded():
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         out = jax.jit(lambda v, a, b, c: model.apply(v, a, b, x0=c))(sharded_vars, xt, t, x0)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_compute_dtype_auto_follows_the_backend_unless_pinned():
+    from ddlm.models.transformer import compute_dtype
+
+    assert models.default_config("small").dtype == "auto"
+    assert compute_dtype("auto", "cpu") == jnp.float32
+    assert compute_dtype("auto", "gpu") == jnp.bfloat16 and compute_dtype("auto", "tpu") == jnp.bfloat16
+    assert compute_dtype("bfloat16", "cpu") == jnp.bfloat16  # pinned
+    assert models.get_model(_config("dit", dtype="auto"), VOCAB).dtype == jnp.float32  # tests run on CPU
+    with pytest.raises(ValueError, match="config.model.dtype must be 'auto' or one of"):
+        models.get_model(_config("dit", dtype="float16"), VOCAB)

@@ -51,10 +51,18 @@ def default_config(size: str = "tiny") -> ml_collections.ConfigDict:
     c.dropout = 0.0 if size == "tiny" else 0.1  # dropout after attention and MLP (MDLM: 0.1)
     c.time_conditioning = True  # adaLN-zero on t; False: time-free (RADD, MD4, BD3-LM's default, and 'ar')
     c.block_size = 4 if size == "tiny" else 16  # tokens per block for 'bd3lm' (must divide seq_len)
-    c.dtype = "float32" if size == "tiny" else "bfloat16"  # matmul compute dtype: 'float32' | 'bfloat16'
+    c.dtype = (
+        "auto"  # matmul compute dtype: 'auto' (bfloat16 on GPU/TPU, float32 on CPU) | 'float32' | 'bfloat16'
+    )
     c.param_dtype = "float32"  # parameter dtype
     c.tie_embeddings = False  # output projection = input embedding^T (MDLM: untied)
     c.remat = False  # recompute each block in the backward pass (less activation memory, ~1/3 more compute)
+    c.remat_policy = (
+        "full"  # with remat: 'full' (recompute whole blocks) | 'dots_saveable' (keep matmul outputs)
+    )
+    c.scan_layers = (
+        False  # one nn.scan over the blocks: compile time flat in depth (params stacked under 'blocks')
+    )
     c.vocab_multiple = (
         128  # pad embedding/output rows to a multiple (even 'tensor' sharding); logits stay [.., V]
     )

@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddlm.models import layers
+from ddlm.models import layers, stack
 
 Dtype = Any
 
@@ -64,6 +64,9 @@ class Transformer(nn.Module):
       dtype: compute dtype of the matmuls; param_dtype: parameter dtype.
       tie_embeddings: output projection = input embedding transposed (no output bias).
       remat: recompute each block in the backward pass (saves activation memory).
+      remat_policy: with remat, 'full' (recompute the whole block) or 'dots_saveable' (keep matmul outputs).
+      scan_layers: one nn.scan over the blocks (parameters stacked under 'blocks'; compile time flat in
+        depth) instead of unrolled blocks 'block_0'...; see ddlm/models/stack.py for converting checkpoints.
       attention_impl: 'xla' (any backend) or 'cudnn' (fused attention on NVIDIA GPUs, needs bfloat16 dtype).
       vocab_multiple: the embedding and output rows are padded to a multiple of this, so that they shard
         evenly over the 'tensor' mesh axis (GPT-2's 50,258 ids do not divide by 4) and tile well; the padded
@@ -84,6 +87,8 @@ class Transformer(nn.Module):
     param_dtype: Dtype = jnp.float32
     tie_embeddings: bool = False
     remat: bool = False
+    remat_policy: str = "full"
+    scan_layers: bool = False
     attention_impl: str = "xla"
     vocab_multiple: int = 128
     logit_shift: bool = False
@@ -358,20 +363,31 @@ class Transformer(nn.Module):
             )(t_tokens)
 
         # ---- blocks ----------------------------------------------------------------------------------------
-        block_cls = self._block_class()
-        if self.remat and cache is None:
-            # self is argument 0: (self, x, c, positions, mask, is_causal, train).
-            block_cls = nn.remat(block_cls, static_argnums=(5, 6))
-        new_keys, new_values = [], []
-        for i in range(self.num_layers):
-            block = block_cls(**self._block_kwargs(), name=f"block_{i}")
-            if cache is None:
-                x = block(x, c, positions, mask, is_causal, train)
-            else:
-                layer_cache = layers.LayerCache(cache.keys[i], cache.values[i])
-                x, layer_cache = block(x, c, positions, None, False, False, layer_cache, decode_masks)
-                new_keys.append(layer_cache.keys)
-                new_values.append(layer_cache.values)
+        if cache is None:
+            x = stack.apply_blocks(
+                self._block_class(),
+                self._block_kwargs(),
+                self.num_layers,
+                x,
+                (c, positions, mask),
+                (is_causal, train),
+                scan=self.scan_layers,
+                remat_policy=self.remat_policy if self.remat else "none",
+            )
+        else:
+            x, new_keys, new_values = stack.decode_blocks(
+                self._block_class(),
+                self._block_kwargs(),
+                self.num_layers,
+                x,
+                (c, positions, None),
+                (False, False),
+                cache.keys,
+                cache.values,
+                decode_masks,
+                layers.LayerCache,
+                scan=self.scan_layers,
+            )
 
         # ---- output layer (MDLM's DDitFinalLayer) ----------------------------------------------------------
         two_halves = out_length is not None and out_length < x.shape[1]
@@ -414,7 +430,7 @@ class Transformer(nn.Module):
         logits = logits[..., : self.vocab_size]
         if cache is None:
             return logits
-        return logits, layers.KVCache(tuple(new_keys), tuple(new_values))
+        return logits, layers.KVCache(new_keys, new_values)
 
 
 _ATTENTION_OF_NAME = {"dit": "bidirectional", "ar": "causal", "bd3lm": "block_causal"}
@@ -422,12 +438,26 @@ _REQUIRED_FIELDS = (
     "name", "num_layers", "d_model", "num_heads", "mlp_dim", "cond_dim", "dropout", "time_conditioning",
     "block_size", "dtype", "param_dtype", "tie_embeddings", "remat", "attention_impl", "vocab_multiple",
 )  # fmt: skip
+# Fields added after checkpoints began storing their config: a stored config without them means these values
+# (the layout those checkpoints were written with), so older checkpoints stay loadable.
+_LATER_FIELDS = {"remat_policy": "full", "scan_layers": False, "logit_shift": False, "attention": ""}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def _optional(config, field: str, default):
-    """A model field added after checkpoints stored their configs (those configs lack it): its default."""
-    return config.get(field, default)
+def compute_dtype(name: str, backend: str | None = None):
+    """config.model.dtype -> a jnp dtype. 'auto' picks by backend: bfloat16 on accelerators (their matmul
+    units' native type), float32 on CPU, where XLA's bfloat16 matmuls are slower than float32 ones (6% on
+    the peers' benchmark shape, and no memory pressure worth the precision)."""
+    if name == "auto":
+        return jnp.float32 if (backend or jax.default_backend()) == "cpu" else jnp.bfloat16
+    if name not in _DTYPES:
+        raise ValueError(f"config.model.dtype must be 'auto' or one of {tuple(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
+
+
+def _later(config, field: str):
+    """A model field of _LATER_FIELDS: its value, or its default for a stored config written before it."""
+    return config[field] if field in config else _LATER_FIELDS[field]
 
 
 def attention_of(config) -> str:
@@ -439,7 +469,7 @@ def attention_of(config) -> str:
         raise ValueError(
             f"config.model.name must be one of {(*_ATTENTION_OF_NAME, 'llama')}, got {config.name!r}"
         )
-    attention = _optional(config, "attention", "")
+    attention = _later(config, "attention")
     if attention not in ("", _ATTENTION_OF_NAME[config.name]):
         raise ValueError(
             f"config.model.attention={attention!r} contradicts config.model.name={config.name!r} (whose "
@@ -457,12 +487,20 @@ def get_model(config, vocab_size: int) -> Transformer:
     missing = [f for f in _REQUIRED_FIELDS if f not in config]
     if missing:
         raise ValueError(f"config.model lacks fields {missing}; start from ddlm.models.default_config(size)")
-    for field in ("dtype", "param_dtype"):
-        if config[field] not in _DTYPES:
-            raise ValueError(f"config.model.{field} must be one of {tuple(_DTYPES)}, got {config[field]!r}")
+    attention_of(config)  # a known name, and an attention field that agrees with it
+    if config.param_dtype not in _DTYPES:
+        raise ValueError(
+            f"config.model.param_dtype must be one of {tuple(_DTYPES)}, got {config.param_dtype!r}"
+        )
+    compute_dtype(config.dtype)
+    if _later(config, "remat_policy") not in stack.REMAT_POLICIES[1:]:
+        raise ValueError(
+            f"config.model.remat_policy must be one of {stack.REMAT_POLICIES[1:]} (used when remat=True), "
+            f"got {_later(config, 'remat_policy')!r}"
+        )
     if config.vocab_multiple < 1:
         raise ValueError(f"config.model.vocab_multiple must be >= 1, got {config.vocab_multiple}")
-    if _optional(config, "logit_shift", False) and attention_of(config) == "causal":
+    if _later(config, "logit_shift") and attention_of(config) == "causal":
         raise ValueError(
             "config.model.logit_shift=True is for diffusion networks adapted from an AR one (bidirectional or "
             "block_causal attention); a causal network already predicts the next token"
@@ -489,11 +527,13 @@ def network_kwargs(config, vocab_size: int) -> dict:
         dropout=config.dropout,
         time_conditioning=config.time_conditioning,
         block_size=config.block_size,
-        dtype=_DTYPES[config.dtype],
+        dtype=compute_dtype(config.dtype),
         param_dtype=_DTYPES[config.param_dtype],
         tie_embeddings=config.tie_embeddings,
         remat=config.remat,
+        remat_policy=_later(config, "remat_policy"),
+        scan_layers=_later(config, "scan_layers"),
         attention_impl=config.attention_impl,
         vocab_multiple=config.vocab_multiple,
-        logit_shift=bool(_optional(config, "logit_shift", False)),
+        logit_shift=bool(_later(config, "logit_shift")),
     )

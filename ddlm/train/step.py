@@ -100,8 +100,9 @@ def train_step(
 ) -> tuple[TrainState, dict]:
     """One optimizer update on `batch` (split into `accum_steps` micro-batches whose grads are averaged).
 
-    A non-finite loss, gradient or update leaves the state unchanged except for `step` and reports
-    metrics['finite'] = 0; the trainer then stops or skips according to `train.nan_policy`."""
+    A non-finite loss or gradient leaves the state unchanged except for `step` and reports metrics['finite']
+    = 0 (update_norm and param_norm are then NaN); the trainer then stops or skips according to
+    `train.nan_policy`."""
     grad_fn = jax.value_and_grad(lambda p, b, r: loss_fn(p, b, r, True), has_aux=True)
 
     if accum_steps == 1:
@@ -130,28 +131,37 @@ def train_step(
         loss = loss * scale
         aux = jax.tree.map(lambda a: a * scale, aux)
 
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-
     grad_norm = optax.tree.norm(grads)
-    update_norm = optax.tree.norm(updates)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
-
+    # With a finite loss and a finite gradient norm every g^2 is finite, so AdamW's moments and direction are
+    # finite too: the guard is known before the update, without a pass over the updates. lax.cond makes it a
+    # scalar branch: a skipped step returns the state as it was, and the update is written in place into
+    # the donated buffers (a `where(finite, new, old)` over the state made XLA copy params, mu and nu first,
+    # since the old values were still read after the new ones were written).
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    n = state.step.astype(jnp.float32)
     # EMA with the usual warm start (decay grows as (1+n)/(10+n) up to ema_decay), so short runs'
     # averages are not dominated by the random initialisation.
-    n = state.step.astype(jnp.float32)
     decay = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
-    ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
 
-    proposed = state.replace(params=params, opt_state=opt_state, ema_params=ema_params)
-    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), proposed, state)
-    new_state = kept.replace(step=state.step + 1)
+    def update(state):
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+        norms = (optax.tree.norm(updates), optax.tree.norm(params))
+        return state.replace(params=params, opt_state=opt_state, ema_params=ema_params), norms
+
+    def skip(state):
+        nan = jnp.full((), jnp.nan, jnp.float32)
+        return state, (nan, nan)
+
+    new_state, (update_norm, param_norm) = jax.lax.cond(finite, update, skip, state)
+    new_state = new_state.replace(step=state.step + 1)
 
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,
         "update_norm": update_norm,
-        "param_norm": optax.tree.norm(params),
+        "param_norm": param_norm,
         "learning_rate": lr_schedule(state.step),
         "finite": finite.astype(jnp.float32),
     }

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The device suite: what a GPU (or TPU) session runs once, in under 8 minutes, appending its figures to
+# benchmarks/RESULTS.md with the card's name, the date and the revision.
+#   1. train step of `small` at L=1024, bf16, cuDNN attention, layer scan, remat none / dots_saveable / full:
+#      tokens/s and MFU against the device's peak (benchmarks/device_step.py);
+#   2. the same for `medium` (batch 8);
+#   3. memory_analysis of small / medium / 1b and the largest batch per device in 80 GB (benchmarks/memory.py);
+#   4. the decoding speed table (benchmarks/decode_speed.py, KV-cache samplers), with a time budget.
+#
+#   bash benchmarks/device_suite.sh             # on the device; appends to benchmarks/RESULTS.md
+#   bash benchmarks/device_suite.sh --dry-run   # CPU: tiny sizes, traces and compiles every part (~minutes),
+#                                               # prints the section but does not touch RESULTS.md
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python}
+OUT=$(mktemp)
+T0=$(date +%s)
+device=$($PY -c "import jax; d = jax.devices()[0]; print(f'{jax.device_count()} x {d.device_kind} ({d.platform})')")
+{
+  echo
+  echo "## Device suite (\`bash benchmarks/device_suite.sh\`$([ $DRY = 1 ] && echo ' --dry-run'), $(date -u +%Y-%m-%d), $device, revision $(git rev-parse --short HEAD 2>/dev/null || echo '?'))"
+} | tee -a "$OUT"
+if [ $DRY = 1 ]; then
+  $PY benchmarks/device_step.py --dry-run | tee -a "$OUT"
+  $PY benchmarks/memory.py --presets=tiny --seq=64 --batches=4,8 --remat=full --dtype=float32 | tee -a "$OUT"
+  $PY benchmarks/decode_speed.py --dry-run | tee -a "$OUT"
+else
+  timeout 200 $PY benchmarks/device_step.py --preset=small --seq=1024 --batch=16 --budget_s=150 | tee -a "$OUT" || echo "(small: timed out or failed)" | tee -a "$OUT"
+  timeout 120 $PY benchmarks/device_step.py --preset=medium --seq=1024 --batch=8 --remat=dots_saveable,full --budget_s=80 | tee -a "$OUT" || echo "(medium: timed out or failed)" | tee -a "$OUT"
+  timeout 60 $PY benchmarks/memory.py --presets=small,medium,1b --remat=full --seq=1024 | tee -a "$OUT" || echo "(memory: timed out or failed)" | tee -a "$OUT"
+  remaining=$(( 450 - ($(date +%s) - T0) ))
+  if [ $remaining -gt 30 ]; then
+    timeout $remaining $PY benchmarks/decode_speed.py --size=small --vocab=50258 --repeats=2 --lengths=1024,256 --budget_s=$((remaining - 20)) | tee -a "$OUT" || echo "(decoding: timed out or failed)" | tee -a "$OUT"
+  fi
+fi
+echo "suite wall time: $(( $(date +%s) - T0 )) s" | tee -a "$OUT"
+if [ $DRY = 0 ]; then
+  cat "$OUT" >> benchmarks/RESULTS.md
+  echo "appended to benchmarks/RESULTS.md"
+fi
+rm -f "$OUT"

@@ -1,0 +1,198 @@
+"""Same-process, interleaved A/B of the train step: two ddlm checkouts, or two configs of one checkout.
+
+    python benchmarks/step_ab.py --a=/path/to/main/checkout --b=.            # this branch vs another checkout
+    python benchmarks/step_ab.py --b_set=model.dtype=bfloat16                # one config change, same code
+    python benchmarks/step_ab.py --size=small --steps=3 --rounds=4 --a=../main --b=.
+
+Both steps are built by the checkout's own trainer (`ddlm.train.trainer.build` + `compile_train_step`, the
+step `train_and_evaluate` runs) for the peers' shapes (benchmarks/peers: experiments/mdlm.py resized, float32,
+dropout 0, vocabulary 4096 + mask, one device, byte tokens), compiled once each, then run in alternating blocks
+of --steps steps (A B, B A, A B, ...), so that the machine's load drifts hit both alike. Printed: each
+block's median step time, wall-clock and process CPU time (all threads), the ratios A/B per round (> 1: B
+is faster), and their median and spread. On a shared machine absolute times are noise and wall-clock ratios
+swing by tens of percent with the other jobs; the CPU-time ratio (work done per step) stays within a few
+percent, and on an idle machine both agree.
+
+A checkout is loaded by putting its root first on sys.path and importing `ddlm` afresh (the modules of the
+other one are dropped from sys.modules first): both compiled steps stay callable. Code that both checkouts
+share (jax, flax, optax) is imported once; XLA flags are the process's, so they cannot differ between A and B
+(benchmarks/xla_flags_ab.py compares flags in separate processes).
+"""
+
+import argparse
+import importlib
+import importlib.util
+import os
+import statistics
+import sys
+import time
+
+SIZES = {"tiny": (4, 256, 4), "small": (12, 768, 12)}  # (layers, d_model, heads), as benchmarks/peers
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p.add_argument("--a", default=here, help="root of checkout A (default: this one)")
+    p.add_argument("--b", default=here, help="root of checkout B (default: this one)")
+    p.add_argument("--a_set", action="append", default=[], help="config override for A: key.path=value")
+    p.add_argument("--b_set", action="append", default=[], help="config override for B: key.path=value")
+    p.add_argument("--config", default="experiments/mdlm.py", help="experiment file, relative to each root")
+    p.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    p.add_argument("--layers", type=int, default=0, help="override the size's layer count")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=4096, help="data ids; the model's vocabulary is vocab + 1")
+    p.add_argument("--steps", type=int, default=10, help="steps per block")
+    p.add_argument("--rounds", type=int, default=5, help="A/B block pairs")
+    return p.parse_args(argv)
+
+
+def _set(config, assignment: str):
+    """'model.dtype=bfloat16' -> config.model.dtype = 'bfloat16' (typed like the current value)."""
+    path, _, value = assignment.partition("=")
+    *parents, leaf = path.split(".")
+    node = config
+    for key in parents:
+        node = node[key]
+    old = node[leaf]
+    if isinstance(old, bool):
+        new = value.lower() in ("1", "true", "yes")
+    elif old is None:
+        new = value
+    else:
+        new = type(old)(value)
+    with node.unlocked() if hasattr(node, "unlocked") else _null():
+        node[leaf] = new
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _Tokenizer:
+    """What trainer.build needs of a tokenizer: vocab_size (with the mask id) and mask_id."""
+
+    def __init__(self, vocab_size, mask_id):
+        self.vocab_size, self.mask_id = vocab_size, mask_id
+
+
+def load_step(root: str, overrides, args):
+    """(compiled step, initial state, get_batch, description, compile seconds) built by checkout `root`."""
+    import jax
+    import numpy as np
+
+    for name in [m for m in sys.modules if m == "ddlm" or m.startswith("ddlm.")]:
+        del sys.modules[name]
+    sys.path.insert(0, os.path.abspath(root))
+    try:
+        importlib.invalidate_caches()
+        # The second checkout's tfds builders have the first one's names: skip tfds's name registry (no
+        # data is read here).
+        from tensorflow_datasets.core import registered
+
+        with registered.skip_registration():
+            ddlm = importlib.import_module("ddlm")
+            tokenizers = importlib.import_module("ddlm.data.tokenizers")
+            trainer = importlib.import_module("ddlm.train.trainer")
+        assert os.path.abspath(ddlm.__file__).startswith(os.path.abspath(root)), ddlm.__file__
+        spec = importlib.util.spec_from_file_location("experiment", os.path.join(root, args.config))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config("size=small")
+        layers, dim, heads = SIZES[args.size]
+        m = config.model
+        m.num_layers, m.d_model, m.num_heads = args.layers or layers, dim, heads
+        m.mlp_dim, m.cond_dim, m.dropout, m.dtype = 4 * dim, 128, 0.0, "float32"
+        config.data.corpus = "shakespeare"  # unused: batches are made here
+        config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
+        t = config.train
+        t.batch_size = t.eval_batch_size = args.batch
+        t.seq_len = args.seq
+        t.steps = 10_000
+        for assignment in overrides:
+            _set(config, assignment)
+        tokenizers.get_tokenizer = lambda data_config: _Tokenizer(args.vocab + 1, args.vocab)
+        setup = trainer.build(config, jax.devices()[:1])
+        state = setup.init_state()
+        t0 = time.perf_counter()
+        compiled = trainer.compile_train_step(setup)
+        compile_s = time.perf_counter() - t0
+    finally:
+        sys.path.pop(0)
+
+    rng = np.random.default_rng(0)
+    batches = [
+        jax.device_put(
+            {
+                "tokens": rng.integers(0, 256, (args.batch, args.seq), dtype=np.int32),
+                "loss_mask": np.ones((args.batch, args.seq), np.float32),
+            },
+            setup.batch_sharding,
+        )
+        for _ in range(4)
+    ]
+    state, metrics = compiled(state, batches[0])  # first execution (allocations, caches)
+    jax.block_until_ready(metrics)
+    desc = f"{root} {' '.join(overrides)}".strip()
+    return compiled, state, (lambda i: batches[i % len(batches)]), desc, compile_s
+
+
+def run_block(compiled, state, get_batch, steps):
+    import jax
+
+    times, cpu = [], []
+    for i in range(steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        state, metrics = compiled(state, get_batch(i))
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return state, statistics.median(times), statistics.median(cpu), float(metrics["loss"])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import jax
+
+    sides = {}
+    for name, root, overrides in (("A", args.a, args.a_set), ("B", args.b, args.b_set)):
+        compiled, state, get_batch, desc, compile_s = load_step(root, overrides, args)
+        sides[name] = [compiled, state, get_batch]
+        print(f"{name}: {desc} | compile {compile_s:.1f}s", flush=True)
+    layers = args.layers or SIZES[args.size][0]
+    print(
+        f"shape {args.size} ({layers} layers), batch {args.batch} x {args.seq}, vocab {args.vocab}+1, "
+        f"{jax.devices()[0].device_kind}, load {open('/proc/loadavg').read().split()[:3]}",
+        flush=True,
+    )
+    ratios, cpu_ratios = [], []
+    for r in range(args.rounds):
+        order = ("A", "B") if r % 2 == 0 else ("B", "A")
+        ms, cpu_ms = {}, {}
+        for name in order:
+            compiled, state, get_batch = sides[name]
+            state, med, cpu, loss = run_block(compiled, state, get_batch, args.steps)
+            sides[name][1] = state
+            ms[name], cpu_ms[name] = med * 1e3, cpu * 1e3
+        ratios.append(ms["A"] / ms["B"])
+        cpu_ratios.append(cpu_ms["A"] / cpu_ms["B"])
+        print(
+            f"round {r + 1}: wall A {ms['A']:8.1f} ms | B {ms['B']:8.1f} ms | A/B {ratios[-1]:.3f}; "
+            f"cpu A {cpu_ms['A']:8.1f} ms | B {cpu_ms['B']:8.1f} ms | A/B {cpu_ratios[-1]:.3f} "
+            f"(load {open('/proc/loadavg').read().split()[0]})",
+            flush=True,
+        )
+    for what, values in (("wall-clock", ratios), ("process CPU", cpu_ratios)):
+        print(
+            f"A/B {what} step-time ratio (> 1: B faster): median {statistics.median(values):.3f}, "
+            f"range {min(values):.3f}-{max(values):.3f} over {len(values)} rounds"
+        )
+
+
+if __name__ == "__main__":
+    main()
