@@ -14,6 +14,7 @@ import pytest
 from model_utils import tiny_llama, tiny_llama_decoder
 
 from ddlm import models, schedules
+from ddlm.models import stack
 from ddlm.sampling import block, masked
 
 VOCAB, BATCH, LENGTH, BLOCK = 37, 2, 16, 4
@@ -116,13 +117,25 @@ def test_shifted_forward_is_the_unshifted_forward_moved_one_position(name):
     dec = tiny_llama_decoder("bidirectional", VOCAB, logit_shift=True, name=name)
     plain = models.make_decoder(dec.model.clone(logit_shift=False), dec.variables)
     xt, _ = _tokens(2)
-    shifted, unshifted = dec.forward(xt), plain.forward(xt)
+    shifted, unshifted = fast_jit(dec.forward)(xt), fast_jit(plain.forward)(xt)
     np.testing.assert_allclose(shifted[:, 1:], unshifted[:, :-1], atol=1e-6)
     np.testing.assert_allclose(shifted[:, 0], unshifted[:, 0], atol=1e-6)
     assert _err(shifted[:, 1:], unshifted[:, 1:]) > 1e-2
     np.testing.assert_array_equal(
         models.logit_shift_sources(8, 4), [0, 0, 1, 2, 11, 4, 5, 6]
     )  # block-causal: block 1 starts from the clean position 3 (index 8 + 3 of [xt | x0])
+
+
+def test_scanned_llama_matches_the_unrolled_one():
+    """The LLaMA block runs in ddlm/models/stack.py's layer scan too: same parameters (stacked), same logits,
+    and the scanned decode step equals the unrolled one."""
+    dec = tiny_llama_decoder("causal", VOCAB)
+    params = nn.meta.unbox(dec.variables)["params"]
+    scanned = models.make_decoder(dec.model.clone(scan_layers=True), {"params": stack.stack_layers(params, 2)})
+    xt, _ = _tokens(3)
+    np.testing.assert_allclose(fast_jit(scanned.forward)(xt), fast_jit(dec.forward)(xt), atol=1e-5)
+    prefill = lambda d: fast_jit(d.prefill, static_argnums=1)(xt, LENGTH)[0]
+    np.testing.assert_allclose(prefill(scanned), prefill(dec), atol=1e-5)
 
 
 @pytest.mark.parametrize(
