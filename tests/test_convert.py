@@ -91,6 +91,10 @@ def test_imported_logits_equal_pytorch(hf_models, name):
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     model, params = _imported(directory, mesh)
     assert model.tie_embeddings == (name == "qwen2") and model.qkv_bias == (name == "qwen2")
+    # The appended mask id starts at the mean embedding; the rows padding the table to 384 are zero.
+    emb = np.asarray(params["token_embedding"])
+    np.testing.assert_allclose(emb[HF_VOCAB], emb[:HF_VOCAB].mean(axis=0), atol=1e-6)
+    assert emb.shape == (384, 32) and not np.any(emb[HF_VOCAB + 1 :])
     forward = jax.jit(lambda p, x: model.apply({"params": p}, x), compiler_options=FAST)
     logits = np.asarray(forward(params, jnp.asarray(tokens.numpy())))
     assert logits.shape == (2, 16, HF_VOCAB + 1)
