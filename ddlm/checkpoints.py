@@ -73,6 +73,7 @@ COMPATIBILITY_FIELDS = (
     "model.param_dtype",
     "model.tie_embeddings",
     "model.vocab_multiple",
+    "model.scan_layers",  # stacked ('blocks') vs per-layer parameters: ddlm.models.stack converts between them
     "model.attention",
     "model.num_kv_heads",
     "model.head_dim",
@@ -83,6 +84,16 @@ COMPATIBILITY_FIELDS = (
     "diffusion.process",
     "train.seq_len",
 )
+
+# Fields added after checkpoints were first written, with the value an older checkpoint implies.
+_COMPATIBILITY_DEFAULTS = {
+    "model.scan_layers": False,
+    "model.attention": "",  # implied by model.name (the LLaMA family's fields came later)
+    "model.num_kv_heads": 0,
+    "model.head_dim": 0,
+    "model.qkv_bias": False,
+    "model.logit_shift": False,
+}
 
 
 class CheckpointError(ConfigError):
@@ -113,6 +124,8 @@ def compatibility(config, tokenizer) -> dict:
     """{dotted field: value} of COMPATIBILITY_FIELDS, plus 'tokenizer.vocab_size' (what the network's vocab
     dimension is built from; config.data.vocab_size may be 0 = 'the tokenizer's')."""
     out = {name: _field(config, name) for name in COMPATIBILITY_FIELDS}
+    for name, default in _COMPATIBILITY_DEFAULTS.items():
+        out[name] = default if out[name] is None else out[name]
     out["tokenizer.vocab_size"] = int(tokenizer.vocab_size)
     return out
 
@@ -162,7 +175,8 @@ def _differences(stored: dict, current: dict, fields, prefix: str = "") -> list[
 
 
 def compatibility_differences(stored_meta: dict, current_meta: dict) -> list[str]:
-    stored, current = stored_meta.get("compatibility", {}), current_meta["compatibility"]
+    stored = {**_COMPATIBILITY_DEFAULTS, **stored_meta.get("compatibility", {})}
+    current = {**_COMPATIBILITY_DEFAULTS, **current_meta["compatibility"]}
     return _differences(stored, current, sorted(current))
 
 

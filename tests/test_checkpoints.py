@@ -93,8 +93,9 @@ def _setup_and_meta(config):
     [
         ({"model.d_model": 64}, ["model.d_model: 32 -> 64"]),
         ({"data.tokenizer": "char"}, ["data.tokenizer: 'byte' -> 'char'", "tokenizer.vocab_size: 260 ->"]),
+        ({"model.scan_layers": True}, ["model.scan_layers: False -> True"]),
     ],
-    ids=["d_model", "tokenizer"],
+    ids=["d_model", "tokenizer", "scan_layers"],
 )
 def test_incompatible_resume_is_one_line_and_touches_no_file(trained, tmp_path, override, expected):
     """Issue 9 item 1: before, every checkpoint was moved to checkpoints_corrupt/ and training restarted."""
