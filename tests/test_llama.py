@@ -131,7 +131,9 @@ def test_scanned_llama_matches_the_unrolled_one():
     and the scanned decode step equals the unrolled one."""
     dec = tiny_llama_decoder("causal", VOCAB)
     params = nn.meta.unbox(dec.variables)["params"]
-    scanned = models.make_decoder(dec.model.clone(scan_layers=True), {"params": stack.stack_layers(params, 2)})
+    scanned = models.make_decoder(
+        dec.model.clone(scan_layers=True), {"params": stack.stack_layers(params, 2)}
+    )
     xt, _ = _tokens(3)
     np.testing.assert_allclose(fast_jit(scanned.forward)(xt), fast_jit(dec.forward)(xt), atol=1e-5)
     prefill = lambda d: fast_jit(d.prefill, static_argnums=1)(xt, LENGTH)[0]
