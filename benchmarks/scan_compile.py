@@ -45,7 +45,7 @@ def main():
                 flush=True,
             )
     lo, hi = depths[0], depths[-1]
-    print(f"\n| layers | compile unrolled (s) | compile scan (s) | step unrolled (ms) | step scan (ms) |")
+    print("\n| layers | compile unrolled (s) | compile scan (s) | step unrolled (ms) | step scan (ms) |")
     print("|---|---|---|---|---|")
     for depth in depths:
         (cu, su), (cs, ss) = rows[False, depth], rows[True, depth]

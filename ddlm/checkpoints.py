@@ -40,7 +40,6 @@ import hashlib
 import json
 import logging as py_logging
 import os
-import shutil
 from typing import Any
 
 import jax
@@ -49,11 +48,10 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from etils import epath
 from jax import lax
 from jax.experimental import multihost_utils
 
-from ddlm import sharding
+from ddlm import paths, sharding
 from ddlm.sharding import ConfigError
 
 FORMAT_VERSION = 1
@@ -159,6 +157,7 @@ def checkpoint_metadata(config, tokenizer) -> dict:
     """The JSON saved with every checkpoint (its per-leaf checksums are added at save time)."""
     return {
         "format": FORMAT_VERSION,
+        "process_count": jax.process_count(),  # whose data iterator states the checkpoint holds
         "config": json.loads(config.to_json_best_effort()),
         "compatibility": compatibility(config, tokenizer),
         "data": data_fingerprint(config.data, tokenizer),
@@ -276,26 +275,25 @@ def check_writable(directory: str, what: str) -> None:
     CheckpointError naming `what` if that fails (read-only file system, permissions, a file in the way).
     Checked before any work, and before every save: orbax, when it cannot create a checkpoint's directory,
     waits for a signal that never comes (5 minutes per save) instead of failing."""
-    probe = os.path.join(directory, f".ddlm-write-probe-{jax.process_index()}-{os.getpid()}")
+    probe = paths.path(directory, f".ddlm-write-probe-{jax.process_index()}-{os.getpid()}")
     try:
-        os.makedirs(directory, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("probe")
-        os.remove(probe)
-    except OSError as e:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text("probe")
+        probe.unlink()
+    except Exception as e:  # noqa: BLE001 -- OSError locally; a bucket's client raises its own errors
+        reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:200]
         raise CheckpointError(
-            f"{what} {directory} is not writable ({type(e).__name__}: {e.strerror or e}); "
+            f"{what} {directory} is not writable ({type(e).__name__}: {reason}); "
             "fix its permissions or choose another --workdir"
         ) from None
 
 
 def committed_steps(directory: str) -> list[int]:
     """Steps with a committed checkpoint on disk (orbax renames <step>.orbax-checkpoint-tmp to <step> last)."""
-    if not os.path.isdir(directory):
+    directory = paths.path(directory)
+    if not directory.is_dir():
         return []
-    return sorted(
-        int(n) for n in os.listdir(directory) if n.isdigit() and os.path.isdir(os.path.join(directory, n))
-    )
+    return sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit() and d.is_dir())
 
 
 class _OrbaxErrors(py_logging.Handler):
@@ -352,7 +350,7 @@ class Checkpointer:
     checkpoint (and creates nothing); skips corrupt checkpoints without moving them."""
 
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
-        self.directory = os.path.abspath(directory)
+        self.directory = paths.resolve(directory)
         self.corrupt_directory = self.directory + "_corrupt"
         self.read_only = read_only
         self._pending: int | None = None  # the step whose asynchronous save may still be running
@@ -479,13 +477,16 @@ class Checkpointer:
             try:
                 stored = self._read_metadata(step)
                 restore_data = self._check_config(step, stored, metadata, allow_data_change)
+                data_source = restore_data and self._data_source(step, stored, metadata)
                 self._check_structure(step, abstract_state, partial)
             except _Corrupt as e:
                 problem = str(e)
             problem = _agree(problem)
             if problem is None:
                 try:
-                    state = self._read(step, abstract_state, data_iterator if restore_data else None, partial)
+                    data = data_iterator if data_source is not False else None
+                    data_from = None if data_source is True else data_source
+                    state = self._read(step, abstract_state, data, partial, data_from)
                     self._verify(step, stored, state)
                 except _Corrupt as e:
                     problem = str(e)
@@ -504,7 +505,7 @@ class Checkpointer:
             return None
 
     def _read_metadata(self, step: int) -> dict | None:
-        if not os.path.isdir(os.path.join(self.directory, str(step), _META_ITEM)):
+        if not paths.path(self.directory, str(step), _META_ITEM).is_dir():
             return None
         try:
             return self.manager.restore(
@@ -546,7 +547,7 @@ class Checkpointer:
             # Read with a handler of its own: the manager knows an item's handler only after using it.
             handler = ocp.StandardCheckpointHandler()
             try:
-                on_disk = handler.metadata(epath.Path(os.path.join(self.directory, str(step), "state")))
+                on_disk = handler.metadata(paths.path(self.directory, str(step), "state"))
             finally:
                 handler.close()
             on_disk = getattr(on_disk, "tree", on_disk)
@@ -575,7 +576,35 @@ class Checkpointer:
                 "(nothing was changed on disk)"
             )
 
-    def _read(self, step, abstract_state, data_iterator, partial):
+    def _data_source(self, step, stored, metadata) -> bool | int:
+        """How to restore the data iterator: True = this process's own saved state (same process count);
+        N = the state of process 0 of the N that saved it (every process of the old and the new job read
+        the one global stream: config.data.shard_by_process=False, or a single process); False = start
+        afresh (each old process read its own share of the documents: no position maps onto the new
+        processes' shares)."""
+        count = jax.process_count()
+        old = (stored or {}).get("process_count")
+        if old is None or metadata is None or old == count:
+            return True
+
+        def global_stream(meta, processes):
+            data = meta.get("config", {}).get("data", {})
+            return processes == 1 or data.get("shard_by_process") is False
+
+        if global_stream(stored, old) and global_stream(metadata, count):
+            return old
+        logging.warning(
+            "The checkpoint at step %d was written by %d process(es), this job has %d: each process read its "
+            "own share of the documents (config.data.shard_by_process=True), so the model and optimizer are "
+            "restored and the data iterator starts afresh. With shard_by_process=False the data stream does "
+            "not depend on the process count.",
+            step,
+            old,
+            count,
+        )
+        return False
+
+    def _read(self, step, abstract_state, data_iterator, partial, data_from: int | None = None):
         if partial:
             restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
             items = {
@@ -585,12 +614,19 @@ class Checkpointer:
             }
         else:
             items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
+        if data_iterator is not None and data_from is None:
             from grain import checkpoint as grain_checkpoint
 
             items["data"] = grain_checkpoint.CheckpointRestore(_IteratorState(data_iterator))
         try:
-            return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+            state = self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+            if data_iterator is not None and data_from is not None:
+                # grain's handler reads only this job's process_<i>-of-<n> file
+                blob = paths.path(self.directory, str(step), "data", f"process_0-of-{data_from}.json")
+                frozen = _IteratorState(data_iterator)
+                frozen.set_state(blob.read_text().encode())
+                frozen.start_prefetch()
+            return state
         except Exception as e:  # noqa: BLE001 -- any failure to read means this checkpoint is unusable
             raise _Corrupt(_reason(e)) from None
 
@@ -629,12 +665,12 @@ class Checkpointer:
         """Moves checkpoint `step` to checkpoints_corrupt/<step>-<UTC time>[-n], a name not used before."""
         destination = ""
         if jax.process_index() == 0:
-            os.makedirs(self.corrupt_directory, exist_ok=True)
-            base = os.path.join(self.corrupt_directory, f"{step}-{_utc_stamp()}")
+            paths.path(self.corrupt_directory).mkdir(parents=True, exist_ok=True)
+            base = f"{self.corrupt_directory}/{step}-{_utc_stamp()}"
             destination, n = base, 1
-            while os.path.exists(destination):
+            while paths.path(destination).exists():
                 destination, n = f"{base}-{n}", n + 1
-            shutil.move(os.path.join(self.directory, str(step)), destination)
+            paths.path(self.directory, str(step)).rename(destination)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"ddlm_checkpoint_quarantine_{step}")
         self.manager.reload()

@@ -5,8 +5,9 @@
 
 Rerunning the same command in the same workdir resumes from its latest checkpoint. Any config field can be
 overridden with --config.<path>=<value>; an unknown field or a value of the wrong type is an error.
-Multi-process: pass --coordinator_address/--num_processes/--process_id, or --distributed=auto on SLURM
-and TPU pods (jax.distributed.initialize() then reads the cluster environment).
+Multi-process (see ddlm/distributed.py and launch/README.md): srun on SLURM and TPU pods are detected;
+launch/multiprocess.py passes --coordinator_address/--num_processes/--process_id. --heartbeat_timeout
+bounds how long the others run on after a process dies; SIGTERM saves a checkpoint and exits cleanly.
 """
 
 import os
@@ -15,13 +16,19 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ddlm import distributed
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (experiments/*.py[:arg]).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to do.")
 _DISTRIBUTED = flags.DEFINE_boolean(
-    "distributed", False, "Call jax.distributed.initialize() (auto-detects SLURM / TPU pods)."
+    "distributed",
+    None,
+    "Join a multi-process job with jax.distributed.initialize(). Unset: only when the flags below, SLURM "
+    "(srun, more than one task) or a TPU pod (TPU_WORKER_HOSTNAMES) say so; --distributed: always (jax "
+    "detects the cluster); --nodistributed: never.",
 )
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for multi-process runs."
@@ -34,6 +41,12 @@ _DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
     "Seconds a multi-process job waits for all processes to join at start-up (and at shutdown) before it "
     "fails (jax.distributed.initialize's initialization_timeout and shutdown_timeout_seconds).",
 )
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout",
+    30,
+    "Seconds without a heartbeat after which a process of a multi-process job counts as dead; every other "
+    "process then exits non-zero with one line (jax.distributed's heartbeat_timeout_seconds).",
+)
 _LOG_LEVEL = flags.DEFINE_enum(
     "log_level",
     "warning",
@@ -44,30 +57,23 @@ _LOG_LEVEL = flags.DEFINE_enum(
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
-# Printed (not logged: --verbosity cannot hide it) by each process of a multi-process job once it has
-# joined; launch/multiprocess.py waits for it (--start_timeout).
-JOINED_LINE = "ddlm: process {index} of {count} joined jax.distributed"
+JOINED_LINE = distributed.JOINED_LINE
 
 
 def _initialize_distributed():
-    import jax
-
-    timeouts = {
-        "initialization_timeout": _DISTRIBUTED_TIMEOUT.value,
-        "shutdown_timeout_seconds": _DISTRIBUTED_TIMEOUT.value,
-    }
-    if _COORDINATOR.value or _NUM_PROCESSES.value:
-        jax.distributed.initialize(
-            coordinator_address=_COORDINATOR.value,
-            num_processes=_NUM_PROCESSES.value,
-            process_id=_PROCESS_ID.value,
-            **timeouts,
-        )
-    elif _DISTRIBUTED.value:
-        jax.distributed.initialize(**timeouts)
-    else:
-        return
-    print(JOINED_LINE.format(index=jax.process_index(), count=jax.process_count()), flush=True)
+    """Joins the multi-process job that the flags or the cluster describe (nothing for one process); the
+    processes other than 0 then log warnings and errors only."""
+    plan = distributed.detect(
+        coordinator_address=_COORDINATOR.value,
+        num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value,
+        force=_DISTRIBUTED.value,
+    )
+    distributed.start(
+        plan, init_timeout=_DISTRIBUTED_TIMEOUT.value, heartbeat_timeout=_HEARTBEAT_TIMEOUT.value
+    )
+    if plan is not None and not distributed.is_main_process():
+        logging.set_verbosity(logging.WARNING)
 
 
 def _fail(message: str, code: int = 1):
@@ -85,7 +91,10 @@ def main(argv):
     console.quiet_other_loggers(_LOG_LEVEL.value)
     if os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
         _fail(f"--workdir={_WORKDIR.value} is a file; expected a directory (created if missing)", 2)
-    _initialize_distributed()
+    try:
+        _initialize_distributed()
+    except distributed.DistributedConfigError as e:
+        _fail(str(e), 2)
     import jax
 
     from ddlm.train import trainer
@@ -160,13 +169,18 @@ def _parse_flags(argv):
         message = str(e).replace("\\n", " ").replace("\\'", "'")
         message = " ".join(message.replace("'", "").split())
         overrides = [a for a in argv[1:] if a.startswith("--config.")]
-        hint = next(
-            (
-                a.split("=")[0]
-                for a in overrides
-                if any(part and part in message for part in a.split("=")[0][len("--config.") :].split("."))
+        names = [a.split("=")[0] for a in overrides]
+        first_word = message.split(" ", 1)[0]
+        hint = next(  # the override whose last part the message starts with ('stepz Did you mean...')
+            (n for n in names if n.rsplit(".", 1)[-1] == first_word),
+            next(
+                (
+                    n
+                    for n in names
+                    if any(part and part in message for part in n[len("--config.") :].split("."))
+                ),
+                "",
             ),
-            "",
         )
         _fail(f"bad config override {hint or ' '.join(overrides)}: {type(e).__name__}: {message}", 2)
 

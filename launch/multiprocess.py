@@ -7,15 +7,24 @@ Each process gets `--devices_per_process` fake CPU devices (XLA_FLAGS) unless --
 case process i sees GPU i only (CUDA_VISIBLE_DEVICES). Everything after `--` goes to ddlm.main. The
 processes' output is prefixed with [i].
 
-Fails fast, with one line: when a process exits with an error, the others are stopped at once (they would
-otherwise wait in a collective or at shutdown for minutes), and the launcher exits with that code; when
-not every process has joined jax.distributed within --start_timeout seconds (a coordinator or key-value
-store that never answers), all are stopped. The same timeout goes to ddlm.main as --distributed_timeout.
+Fails fast, with one line: when a process exits with an error, the others are killed at once (they would
+otherwise wait in a collective until jax.distributed's heartbeat timeout), and the launcher exits with that
+code; when not every process has joined jax.distributed within --start_timeout seconds (a coordinator or
+key-value store that never answers), all are stopped. The same timeout goes to ddlm.main as
+--distributed_timeout.
+
+Preemption: a SIGTERM (or SIGINT) to the launcher is passed on to every process, which saves a checkpoint
+at the next step boundary and exits; the launcher waits up to --stop_grace seconds for that, then kills
+what is left. Rerunning the same command resumes.
+
+--dry_run prints each process's command (with its environment) and starts nothing.
 """
 
 import argparse
 import os
 import re
+import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -49,12 +58,13 @@ def pump(i, stream, started: threading.Event, quiet: bool = True):
         sys.stdout.flush()
 
 
-def stop(procs) -> None:
-    """SIGTERM every process still running, then SIGKILL those still there after STOP_GRACE_S."""
+def stop(procs, grace: float = STOP_GRACE_S) -> None:
+    """SIGTERM every process still running, then SIGKILL those still there after `grace` seconds (0: SIGKILL
+    at once)."""
     for p in procs:
         if p.poll() is None:
-            p.terminate()
-    deadline = time.time() + STOP_GRACE_S
+            p.terminate() if grace > 0 else p.kill()
+    deadline = time.time() + grace
     for p in procs:
         try:
             p.wait(timeout=max(deadline - time.time(), 0.01))
@@ -65,8 +75,9 @@ def stop(procs) -> None:
 
 def supervise(procs, started, start_timeout: float, poll_s: float = 0.1) -> tuple[int, str]:
     """Waits for `procs` (subprocess.Popen); `started[i]` is set once process i has joined. Returns
-    (exit code, error line or ''): the first non-zero exit code, after stopping the others; or 1 when
-    not every process started within `start_timeout` seconds, after stopping all; else 0."""
+    (exit code, line or ''): the first non-zero exit code, after killing the others; or 1 when not every
+    process started within `start_timeout` seconds, after stopping all; after a SIGTERM/SIGINT (see
+    raise_on_signals), the first non-zero exit code of the processes it was passed on to, or 0; else 0."""
     t0 = time.time()
     try:
         while True:
@@ -74,7 +85,8 @@ def supervise(procs, started, start_timeout: float, poll_s: float = 0.1) -> tupl
             failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
             if failed:
                 i, code = failed[0]
-                stop(procs)
+                # The others cannot finish (or checkpoint: that takes every process) without process i.
+                stop(procs, grace=0)
                 return code, (
                     f"process {i} exited with code {code}; stopped the other {len(procs) - 1} process(es)"
                 )
@@ -88,9 +100,33 @@ def supervise(procs, started, start_timeout: float, poll_s: float = 0.1) -> tupl
                     f"{start_timeout:g}s; stopped all {len(procs)} processes"
                 )
             time.sleep(poll_s)
-    except BaseException:  # Ctrl-C or a signal: no process outlives the launcher
+    except Preempted as e:  # SIGTERM / SIGINT: every process checkpoints at its next step and exits
+        stop(procs, grace=e.grace)
+        codes = [p.returncode for p in procs]
+        bad = [c for c in codes if c != 0]
+        return (bad[0] if bad else 0), f"stopped by signal {e.signum}: process exit codes {codes}"
+    except BaseException:  # anything else: no process outlives the launcher
         stop(procs)
         raise
+
+
+class Preempted(Exception):
+    def __init__(self, signum: int, grace: float):
+        super().__init__(signum)
+        self.signum, self.grace = signum, grace
+
+
+def raise_on_signals(grace: float) -> None:
+    """SIGTERM and SIGINT raise Preempted in the main thread (caught by supervise)."""
+
+    def handler(signum, frame):
+        del frame
+        for sig in (signal.SIGTERM, signal.SIGINT):  # one stop at a time; the grace period ends in SIGKILL
+            signal.signal(sig, signal.SIG_IGN)
+        raise Preempted(signum, grace)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
 
 
 def main():
@@ -107,15 +143,22 @@ def main():
         default=120.0,
         help="seconds for every process to join jax.distributed before all are stopped",
     )
+    parser.add_argument(
+        "--stop_grace",
+        type=float,
+        default=120.0,
+        help="seconds the processes get to checkpoint and exit after a SIGTERM/SIGINT to the launcher",
+    )
+    parser.add_argument("--dry_run", action="store_true", help="print the commands, start nothing")
     parser.add_argument("main_args", nargs=argparse.REMAINDER, help="-- then the ddlm.main flags")
     args = parser.parse_args()
     main_args = args.main_args[1:] if args.main_args[:1] == ["--"] else args.main_args
     address = f"localhost:{args.port or free_port()}"
     quiet = not any(a in ("--log_level=info", "--log_level=debug") for a in main_args)
 
-    procs, started, threads = [], [], []
+    commands = []
     for i in range(args.num_processes):
-        env = dict(os.environ)
+        env = {}
         if args.gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(i)
         else:
@@ -131,8 +174,23 @@ def main():
             f"--process_id={i}",
             f"--distributed_timeout={max(int(args.start_timeout), 1)}",
         ]
+        commands.append((env, cmd))
+    if args.dry_run:
+        for env, cmd in commands:
+            print(shlex.join([f"{k}={v}" for k, v in env.items()] + cmd))
+        return
+
+    raise_on_signals(args.stop_grace)
+    procs, started, threads = [], [], []
+    for i, (env, cmd) in enumerate(commands):
         p = subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            cmd,
+            cwd=REPO,
+            env={**os.environ, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,  # a Ctrl-C reaches the processes once, through the launcher
         )
         started.append(threading.Event())
         threads.append(threading.Thread(target=pump, args=(i, p.stdout, started[-1], quiet), daemon=True))
@@ -142,7 +200,7 @@ def main():
     for t in threads:  # the processes' last lines come before the launcher's verdict
         t.join(timeout=5)
     if error:
-        print(f"launch/multiprocess.py: error: {error}", file=sys.stderr, flush=True)
+        print(f"launch/multiprocess.py: {'error: ' if code else ''}{error}", file=sys.stderr, flush=True)
     sys.exit(code if code >= 0 else 128 - code)  # killed by signal k: 128 + k, as a shell reports it
 
 

@@ -134,21 +134,27 @@ def test_eval_mode_prints_bits_per_char_with_standard_errors_beside_the_ar_basel
     final = read_records(mdlm_dir, "eval")[-1]
     assert final["step"] == 60 and math.isclose(final["bits_per_char"], nelbo["bits_per_char"], rel_tol=1e-6)
     assert final["bits_per_char_se"] > 0
+    assert final["samples_gen_ppl"] == samples["gen_ppl"] and final["samples_entropy"] == samples["entropy"]
 
 
 @pytest.mark.timeout(300)
 def test_eval_of_an_ar_checkpoint_is_its_exact_nll(tiny_runs, capsys):
     """In-process run_eval on the AR workdir; the NLL recomputed directly from the model's logits on the same
-    batches (numpy log-softmax, positions 1..L-1) must match, and so must the characters counted."""
+    batches (numpy log-softmax, positions 1..L-1) must match, and so must the characters counted. With
+    config.eval.num_samples the AR model samples with its KV cache and scores its own samples: their
+    generative NLL must equal the same direct computation on the sample rows (decode, re-encode, bos frame)."""
     from ddlm.data import pipeline
     from ddlm.eval import cli
 
     runs, _ = tiny_runs
     ar_config_path, ar_dir = runs["ar"]
     config = cli.load_config_file(ar_config_path)
+    with config.unlocked():
+        config.eval.num_samples = 4
     report = cli.run_eval(config, ar_dir)
     printed = capsys.readouterr().out
     assert "ar exact NLL" in printed and "<=" not in printed.split("\n")[2]
+    assert "(scored by this model itself)" in printed
     ((label, row),) = report["likelihood"].items()
     assert label == "ar exact NLL" and row["kind"] == "exact NLL"
 
@@ -158,25 +164,45 @@ def test_eval_of_an_ar_checkpoint_is_its_exact_nll(tiny_runs, capsys):
         config.data, tok, "validation", global_batch_size=8, seq_len=32, seed=config.train.seed, num_epochs=1
     )
     apply = jax.jit(lambda p, x: loaded.model.apply({"params": p}, x, None, train=False))
+
+    def token_logp(x):
+        logits = np.asarray(apply(loaded.params, x), np.float64)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        return np.take_along_axis(logp[:, :-1], x[:, 1:, None], axis=-1)[..., 0]  # [B, L - 1]
+
     nll, count, chars = 0.0, 0, 0
     specials = {tok.bos_id, tok.eos_id, tok.pad_id}
     for _, batch in zip(range(4), it):
         x = batch["tokens"]
-        logits = np.asarray(apply(loaded.params, x), np.float64)
-        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        nll -= np.take_along_axis(logp[:, :-1], x[:, 1:, None], axis=-1).sum()
+        nll -= token_logp(x).sum()
         count += x[:, 1:].size
         chars += sum(int(i) not in specials for i in x[:, 1:].reshape(-1))
     assert row["tokens"] == count and row["characters"] == chars
     np.testing.assert_allclose(row["nats_per_token"], nll / count, rtol=2e-5)
     np.testing.assert_allclose(row["bits_per_char"], nll / chars / math.log(2), rtol=2e-5)
 
+    s = report["samples"]
+    assert s["sampler"] == "ar" and s["nfe"] == 31 and s["scorer"] == os.path.abspath(ar_dir)
+    (run_dir,) = os.listdir(os.path.join(ar_dir, "eval", "samples"))
+    with open(os.path.join(ar_dir, "eval", "samples", run_dir, "samples.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert len(records) == 4 and all(r["tokens"][0] == tok.bos_id and len(r["tokens"]) == 32 for r in records)
+    # What is scored: the sample's text (specials dropped) re-encoded after bos, each character given its prefix.
+    encoded = [[tok.bos_id] + tok.encode(r["text"]) for r in records]
+    rows = np.array([ids + [tok.pad_id] * (32 - len(ids)) for ids in encoded])
+    scored = np.arange(1, 32)[None, :] < np.array([len(ids) for ids in encoded])[:, None]  # [4, 31]
+    gen_nll = -(token_logp(rows) * scored).sum()
+    assert s["scored_tokens"] == scored.sum() > 0
+    np.testing.assert_allclose(s["gen_nll_per_token"], gen_nll / scored.sum(), rtol=2e-5)
+
 
 @pytest.mark.timeout(300)
 def test_frontier_sweep_and_plots_on_the_tiny_runs(tiny_runs, tmp_path):
-    """python -m ddlm.eval.frontier: one point per (steps, precision) plus the data, saved and drawn; the plots
-    of both workdirs. The data's generative perplexity under the AR scorer is near the AR model's own
-    validation perplexity (same model, same kind of text: a scorer that mixed up its positions would not be)."""
+    """python -m ddlm.eval.frontier: one point per (steps, precision) of ancestral, one for parallel with the
+    threshold rule (no step count), one for the AR baseline's own samples, plus the data, saved and drawn;
+    the plots of both workdirs. The data's generative perplexity under the AR scorer is near the AR model's own
+    validation perplexity (same model, same kind of text: a scorer that mixed up its positions would not be),
+    and so is that of the AR model's own samples at temperature 1 (it scores text drawn from itself)."""
     from ddlm.eval import frontier, plots
 
     runs, env = tiny_runs
@@ -188,19 +214,31 @@ def test_frontier_sweep_and_plots_on_the_tiny_runs(tiny_runs, tmp_path):
         f"--config={mdlm_config}",
         f"--workdir={mdlm_dir}",
         f"--config.eval.ar_workdir={ar_dir}",  # the AR config comes from its checkpoint
+        "--samplers=ancestral,parallel:rule=threshold:threshold=0.9",
         "--steps=4,8",
         "--precisions=float64",
         "--num_samples=4",
+        "--batch_size=4",
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=250, check=False)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     points = frontier.load(os.path.join(mdlm_dir, "eval", "frontier.json"))
-    assert [(p.label, p.steps) for p in points] == [("mdlm", 4), ("mdlm", 8), ("data", 0)]
+    assert [(p.label, p.sampler, p.steps) for p in points] == [
+        ("mdlm", "ancestral", 4),
+        ("mdlm", "ancestral", 8),
+        ("mdlm", "parallel:rule=threshold:threshold=0.9", 0),
+        ("ar", "ar", 0),
+        ("data", "", 0),
+    ]
     for p in points:
         assert 0 < p.entropy < math.log(32) and 1 < p.gen_ppl < 70 and p.samples == 4
     assert points[0].nfe <= 4 and points[1].tokens_per_s > 0
+    assert 1 <= points[2].nfe <= 32 and points[3].nfe == 31 and points[3].tokens_per_s > 0
     ar_ppl = math.exp(read_records(ar_dir, "eval")[0]["nelbo"])  # the AR's validation NLL after training
     assert 0.5 < points[-1].gen_ppl / ar_ppl < 2.0, (points[-1].gen_ppl, ar_ppl)
+    assert 0.5 < points[3].gen_ppl / ar_ppl < 2.0, (points[3].gen_ppl, ar_ppl)
+    assert "ar ar NFE 31 T=1 float64" in proc.stdout  # the matching summary names the AR point
+    assert not os.path.exists(os.path.join(ar_dir, "eval", "frontier_samples"))  # samples go to the mdlm run
     assert os.path.getsize(os.path.join(mdlm_dir, "eval", "frontier.png")) > 1000
 
     written = plots.make_plots([mdlm_dir, ar_dir], str(tmp_path / "plots"))

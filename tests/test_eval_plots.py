@@ -11,19 +11,21 @@ import pytest
 from ddlm.eval import frontier, plots
 
 
-def point(label, entropy, ppl, steps=8, precision="float64", tps=100.0):
+def point(
+    label, entropy, ppl, steps=8, precision="float64", tps=100.0, sampler=None, temperature=1.0, nfe=None
+):
     return frontier.FrontierPoint(
         label=label,
-        sampler="ancestral" if label != "data" else "",
+        sampler=sampler if sampler is not None else ("ancestral" if label != "data" else ""),
         steps=steps,
-        temperature=1.0,
+        temperature=temperature,
         precision=precision,
         entropy=entropy,
         entropy_se=0.05,
         gen_ppl=ppl,
         gen_ppl_se=0.5,
         tokens_per_s=tps,
-        nfe=steps,
+        nfe=steps if nfe is None else nfe,
         samples=16,
     )
 
@@ -96,3 +98,95 @@ def test_plots_write_pngs_of_the_recorded_values(tmp_path):
         assert b"plots/frontier" in f.read()
     with pytest.raises(ValueError, match="metrics.jsonl does not exist"):
         plots.read_metrics(str(tmp_path))
+
+
+def test_sampler_specs_and_the_settings_they_expand_to():
+    """A spec sets config.sampler fields (typed); samplers without a step count give one setting per
+    temperature and precision; a bad spec is one ValueError naming it."""
+    from ddlm.sampling import config as sampling_config
+
+    assert frontier.parse_sampler_spec("parallel:rule=threshold:threshold=0.85") == (
+        "parallel",
+        {"rule": "threshold", "threshold": 0.85},
+    )
+    assert frontier.parse_sampler_spec("ancestral") == ("ancestral", {})
+    for bad, match in (
+        ("nope", "unknown sampler"),
+        ("parallel:rule", "field=value"),
+        ("parallel:colour=red", "field=value"),
+        ("parallel:steps=4", "field=value"),  # the grid sets steps
+        ("parallel:threshold=high", "not a float"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            frontier.parse_sampler_spec(bad)
+
+    grid = frontier.Grid(
+        samplers=("ancestral", "first_hitting", "parallel:rule=low_confidence", "parallel:rule=threshold"),
+        steps=(32, 64),
+        temperatures=(1.0, 0.8),
+        precisions=("float64",),
+    )
+    base = sampling_config.default_config()
+    base.batch_size = 3  # kept from the experiment's own sampler config
+    got = [
+        (spec, sc.name, steps, sc.temperature) for spec, sc, steps in frontier.sampler_settings(grid, base)
+    ]
+    assert got == [
+        ("ancestral", "ancestral", 32, 1.0),
+        ("ancestral", "ancestral", 32, 0.8),
+        ("ancestral", "ancestral", 64, 1.0),
+        ("ancestral", "ancestral", 64, 0.8),
+        ("first_hitting", "first_hitting", 0, 1.0),
+        ("first_hitting", "first_hitting", 0, 0.8),
+        ("parallel:rule=low_confidence", "parallel", 32, 1.0),
+        ("parallel:rule=low_confidence", "parallel", 32, 0.8),
+        ("parallel:rule=low_confidence", "parallel", 64, 1.0),
+        ("parallel:rule=low_confidence", "parallel", 64, 0.8),
+        ("parallel:rule=threshold", "parallel", 0, 1.0),
+        ("parallel:rule=threshold", "parallel", 0, 0.8),
+    ]
+    settings = frontier.sampler_settings(grid, base)
+    assert all(sc.batch_size == 3 for _, sc, _ in settings)
+    assert [sc.steps for _, sc, _ in settings[6:10]] == [32, 32, 64, 64]
+    assert {sc.rule for _, sc, _ in settings[10:]} == {"threshold"}
+    ar = frontier.sampler_settings(frontier.Grid(samplers=("ar",), steps=(0,)), base)
+    assert [(s, steps, sc.precision) for s, sc, steps in ar] == [("ar", 0, "float64"), ("ar", 0, "float32")]
+    assert not frontier.uses_steps(frontier.dict_config(base, name="bd3lm", block_sampler="first_hitting"))
+    assert frontier.uses_steps(frontier.dict_config(base, name="bd3lm", block_sampler="ancestral"))
+
+
+def test_matches_ar_finds_the_cheapest_diffusion_point_within_the_error_bars():
+    """SEs are 0.05 (entropy) and 0.5 (gen. ppl) everywhere, so the tolerances at z = 2 are 2 * sqrt(2) times
+    those: 0.141 nats and 1.41 in perplexity (a lower perplexity always passes)."""
+    ar = point("ar", 3.00, 7.0, steps=0, sampler="ar", tps=1000.0, nfe=127)
+    cheap = point("mdlm", 3.10, 8.3, steps=32, tps=400.0)  # within both tolerances, 32 calls
+    costly = point("mdlm", 2.95, 5.0, steps=128, tps=100.0)  # much better perplexity, 128 calls
+    # More tokens/s than `cheap` (a noisy timing) but 64 calls: the cheapest is the one with fewest calls.
+    fast = point("mdlm", 3.05, 7.5, steps=0, sampler="first_hitting", tps=600.0, nfe=64)
+    too_high_ppl = point("mdlm", 3.00, 8.5, steps=16, tps=800.0)  # 1.5 worse: out
+    too_low_entropy = point("mdlm", 2.85, 5.0, steps=8, tps=900.0)  # 0.15 nats away: out
+    data = point("data", 3.0, 7.0, steps=0, sampler="", tps=float("nan"))
+    (m,) = frontier.matches_ar([ar, fast, cheap, costly, too_high_ppl, too_low_entropy, data])
+    assert m["ar"] is ar and m["matches"] == [fast, cheap, costly] and m["best"] is cheap
+    assert m["speed_ratio"] == pytest.approx(0.4)
+    ar_cold = point("ar", 2.0, 3.0, steps=0, sampler="ar", temperature=0.5, nfe=127)
+    assert frontier.matches_ar([ar_cold, cheap, costly])[0]["best"] is None
+    text = frontier.format_points([ar, cheap, costly, ar_cold, data])
+    assert "cheapest mdlm ancestral 32 steps T=1 float64 at 0.40x its tokens/s" in text
+    assert "ar ar NFE 127 T=0.5 float64: no diffusion point matches" in text
+
+
+def test_frontier_plot_joins_steps_and_temperatures():
+    """A stepped sampler is one line per temperature through its steps; AR (no steps) one line through its
+    temperatures, drawn with squares."""
+    pts = [
+        point("m", 4.0, 20.0, 16),
+        point("m", 4.2, 15.0, 32),
+        point("m", 3.5, 12.0, 16, temperature=0.8),
+        point("ar", 4.1, 9.0, 0, sampler="ar", nfe=127),
+        point("ar", 3.6, 6.0, 0, sampler="ar", temperature=0.8, nfe=127),
+    ]
+    fig = plots.plot_frontier(pts)
+    lines = {(tuple(ln.get_xdata()), tuple(ln.get_ydata())): ln.get_marker() for ln in fig.axes[0].lines}
+    assert lines[((4.0, 4.2), (20.0, 15.0))] == "o" and lines[((3.5,), (12.0,))] == "o"
+    assert lines[((3.6, 4.1), (6.0, 9.0))] == "s"  # sorted by temperature: 0.8, then 1.0

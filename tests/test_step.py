@@ -6,9 +6,7 @@ import os
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from ddlm.train import config_lib, trainer

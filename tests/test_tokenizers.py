@@ -106,7 +106,7 @@ def test_vocab_size_mismatch_is_an_error(tmp_path):
 
 
 def test_unknown_tokenizer_name():
-    config = real_config("shakespeare", "wordpiece")
+    config = real_config("shakespeare", "tiktoken")
     with pytest.raises(ValueError, match="config.data.tokenizer must be"):
         tokenizers.get_tokenizer(config)
 
@@ -181,3 +181,32 @@ def test_sentencepiece_unigram_and_bpe_are_distinct_models(tmp_path):
         assert tok.decode(tok.encode("Romeo, Romeo!  wherefore\n")) == "Romeo, Romeo!  wherefore\n"
         assert len(tok.encode("wherefore art thou Romeo")) < 12  # learned multi-character pieces
     assert paths[0] != paths[1] and all(os.path.exists(p) for p in paths)
+
+
+def test_wordpiece_tokenizer_from_a_vocab_file(tmp_path):
+    """BERT uncased WordPiece: the file's line numbers as ids, [CLS]/[SEP]/[PAD] as bos/eos/pad, the mask id
+    after the last line; greedy longest-match subwords, lower-casing, punctuation split; picklable."""
+    import pickle
+
+    lines = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "h", "##at", "##s", ","]
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(lines) + "\n")
+    config = pipeline.default_config()
+    config.tokenizer, config.tokenizer_path = "wordpiece", str(vocab)
+    tok = tokenizers.get_tokenizer(config)
+    assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.mask_id, tok.vocab_size) == (0, 2, 3, 13, 14)
+    ids = tok.encode("The cats sat on THE hat, dog")
+    assert ids == [5, 6, 11, 7, 8, 5, 9, 10, 12, 1]  # the cat ##s sat on the h ##at , [UNK]
+    assert tok.mask_id not in ids
+    assert tok.decode([tok.bos_id] + ids + [tok.eos_id, tok.pad_id]) == "the cats sat on the hat, [UNK]"
+    assert pickle.loads(pickle.dumps(tok)).encode("a cat") == [1, 6]
+    config.vocab_size = 30523
+    with pytest.raises(ValueError, match="vocab_size=14"):
+        tokenizers.get_tokenizer(config)
+    config.vocab_size, config.tokenizer_path = 0, str(tmp_path / "missing.txt")
+    with pytest.raises(ValueError, match="needs config.data.tokenizer_path"):
+        tokenizers.get_tokenizer(config)
+    vocab.write_text("a\nb\n")
+    config.tokenizer_path = str(vocab)
+    with pytest.raises(ValueError, match=r"must contain the tokens \['\[PAD\]'"):
+        tokenizers.get_tokenizer(config)

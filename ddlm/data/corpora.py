@@ -29,6 +29,7 @@ import shutil
 import tensorflow_datasets as tfds
 from absl import logging
 
+from ddlm import paths
 from ddlm.data import sources
 
 MANIFEST = "ddlm_manifest.json"
@@ -50,8 +51,10 @@ VERIFY_CHECKSUMS_MAX_BYTES = 1 << 30
 
 def cache_dir(config) -> str:
     """The folder holding prepared data, downloads and tokenizers: config.data_dir, else
-    $DDLM_DATA_DIR, else ~/.cache/ddlm."""
-    d = config.data_dir or os.environ.get("DDLM_DATA_DIR") or os.path.join("~", ".cache", "ddlm")
+    $DDLM_DATA_DIR, else ~/.cache/ddlm. A bucket data_dir (gs://...) holds external tfds datasets only
+    (read by tfds through etils.epath): what we prepare, with its file locks, stays on each host."""
+    local = os.environ.get("DDLM_DATA_DIR") or os.path.join("~", ".cache", "ddlm")
+    d = local if paths.is_remote(config.data_dir) else config.data_dir or local
     return os.path.abspath(os.path.expanduser(d))
 
 

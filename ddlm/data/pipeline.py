@@ -3,7 +3,8 @@
 Per process (host) ``p`` of ``P``::
 
     tfds data source (documents of the split)
-      -> MapDataset.source -> [p::P]        documents sharded by process
+      -> MapDataset.source -> [p::P]        documents sharded by process (config.shard_by_process=False:
+                                            all of them, packed into global batches, rows of p kept)
       -> shuffle(seed)      -> repeat(num_epochs)   a new permutation every epoch
       -> map(tokenize)                      int32 [bos, ids..., eos], ids checked < vocab_size, != mask
       -> to_iter_dataset -> mp_prefetch     tokenisation in `num_workers` processes, order preserved
@@ -51,16 +52,20 @@ def default_config() -> ml_collections.ConfigDict:
     c.validation_fraction = 0.05  # share of documents (by hash of their key) in our validation split
     c.train_split = "train"  # dataset split read for split='train' (tfds slicing allowed: 'train[:90%]')
     c.eval_split = "validation"  # dataset split read for split='validation' (lm1b: 'test')
-    c.tokenizer = (
-        "char"  # 'char' | 'byte' | 'sentencepiece' | 'gpt2' | 'hf' (a tokenizer.json: tokenizer_path)
-    )
-    c.tokenizer_path = ""  # explicit tokenizer file ('' = the one saved next to the corpus)
+    c.tokenizer = "char"  # 'char' | 'byte' | 'sentencepiece' | 'gpt2' | 'wordpiece' (BERT vocab.txt) | 'hf'
+    # explicit tokenizer file ('' = the one saved next to the corpus; wordpiece: vocab.txt; hf: tokenizer.json)
+    c.tokenizer_path = ""
     c.vocab_size = 0  # ids incl. specials and mask; 0 = tokenizer's; sentencepiece: size to train
     c.spm_model_type = "bpe"  # SentencePiece model: 'bpe' | 'unigram'
     c.packing = "wrap"  # 'wrap' (concatenate bos doc eos and cut) | 'pad' (one doc per sequence)
     c.num_workers = 0  # grain worker processes for reading + tokenising (0 = in-process)
     c.worker_buffer_size = 4  # documents prefetched per worker
     c.shuffle_seed = 0  # document order seed when make_iterator gets no seed
+    # True: process p of P reads documents [p::P] and packs its own rows (host work does not grow with P).
+    # False: every process reads the one stream a single process would and keeps its rows of each global
+    # batch: the batches do not depend on the process count (a run on 2 hosts equals one on 1 host, and
+    # resumes on any count), for P times the reading and tokenising per host.
+    c.shard_by_process = True  # see above
     c.sft_data = ""  # SFT records (ddlm.data.sft): a .jsonl | a folder | 'shakespeare_replies'; '' = text
     c.sft_template = "chat"  # SFT prompt template: 'chat' (plain-text role markers) | 'none'
     return c
@@ -235,13 +240,17 @@ class DataIterator(grain.DatasetIterator):
     ``grain.checkpoint.CheckpointSave(it)`` / ``CheckpointRestore(it)`` work on it.
     """
 
-    def __init__(self, parent: grain.DatasetIterator, *, sharding, global_shape: tuple[int, int]):
+    def __init__(self, parent: grain.DatasetIterator, *, sharding, global_shape: tuple[int, int], rows=None):
+        """rows: this process's slice of each global batch `parent` yields (shard_by_process=False)."""
         super().__init__(parent)
         self._sharding = sharding
         self._global_shape = global_shape
+        self._rows = rows
 
     def __next__(self):
         batch = next(self._parent)
+        if self._rows is not None:
+            batch = {k: v[self._rows] for k, v in batch.items()}
         if self._sharding is None:
             return batch
         return {
@@ -398,7 +407,8 @@ def make_iterator(
     where = f"corpus {config.corpus!r} split {split!r} (process {p} of {n_proc})"
 
     src = corpora.data_source(config, split)
-    if len(src) < n_proc:
+    per_process = config.shard_by_process and n_proc > 1
+    if per_process and len(src) < n_proc:
         raise ValueError(f"{where}: {len(src)} documents cannot be shared by {n_proc} processes")
     if corpora.is_local_corpus(config.corpus) and config.packing == "wrap":
         prepared = corpora.prepare_corpus(config)
@@ -410,20 +420,23 @@ def make_iterator(
                     f"{where}: seq_len={seq_len} is larger than the whole split (at most {most} tokens)"
                 )
 
-    ds = grain.MapDataset.source(src)[p::n_proc]
+    ds = grain.MapDataset.source(src)
+    if per_process:
+        ds = ds[p::n_proc]
     ds = ds.shuffle(seed=int(seed) % 2**32).repeat(num_epochs)
     ds = ds.map(_Tokenize(tok, corpora.record_text_field(config), where))
     it_ds = prefetch(ds.to_iter_dataset(), config)
     max_batches = None
-    if num_epochs is not None and n_proc > 1:
+    if num_epochs is not None and per_process:
         max_batches = _batches_per_process(config, tok, src, split, n_proc, local_batch, seq_len, num_epochs)
     it_ds = PackIterDataset(
         it_ds,
         seq_len=seq_len,
-        batch_size=local_batch,
+        batch_size=local_batch if per_process else global_batch_size,
         mode=config.packing,
         pad_id=tok.pad_id,
         where=where,
         max_batches=max_batches,
     )
-    return DataIterator(iter(it_ds), sharding=sharding, global_shape=(global_batch_size, seq_len))
+    rows = None if per_process or n_proc == 1 else slice(p * local_batch, (p + 1) * local_batch)
+    return DataIterator(iter(it_ds), sharding=sharding, global_shape=(global_batch_size, seq_len), rows=rows)

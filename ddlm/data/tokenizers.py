@@ -20,6 +20,11 @@ pad, bos, eos and ONE reserved mask id (the last id) that ``encode`` never produ
   ``config.vocab_size`` is the imported network's (the checkpoint's rows plus the mask id the converter
   appends, the last id). bos / eos / pad are the special tokens named in ``tokenizer_config.json`` (else
   ``config.json``) beside it; a missing bos or pad is the eos (as GPT-2's).
+* ``wordpiece``: BERT's uncased WordPiece from a ``vocab.txt`` given as ``config.tokenizer_path``
+  (bert-base-uncased's for LM1B, as MDLM and BD3-LM), run by Hugging Face ``tokenizers``: the file's
+  ids, ``[CLS]`` as bos, ``[SEP]`` as eos, ``[PAD]`` as pad, plus the mask id after the last line
+  (bert-base-uncased: vocab_size 30,523). Lower-cases and splits punctuation, so decoding is not an
+  exact inverse.
 """
 
 from __future__ import annotations
@@ -226,6 +231,44 @@ class HFTokenizer(Tokenizer):
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
 
+class WordPieceTokenizer(Tokenizer):
+    """BERT's uncased WordPiece from a vocab.txt (one token per line, id = line number)."""
+
+    name = "wordpiece"
+
+    def __init__(self, vocab_path: str):
+        from tokenizers import BertWordPieceTokenizer
+
+        self.vocab_path = vocab_path
+        with open(vocab_path, encoding="utf-8") as f:
+            lines = {line.rstrip("\n") for line in f}
+        missing = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]") if t not in lines]
+        if missing:
+            raise ValueError(f"{vocab_path}: a WordPiece vocab.txt must contain the tokens {missing}")
+        self._tok = BertWordPieceTokenizer(vocab_path, lowercase=True)
+        ids = {t: self._tok.token_to_id(t) for t in ("[PAD]", "[CLS]", "[SEP]")}
+        self.pad_id, self.bos_id, self.eos_id = ids["[PAD]"], ids["[CLS]"], ids["[SEP]"]
+        self.mask_id = self._tok.get_vocab_size()  # BERT's own [MASK] stays an ordinary (unused) id
+        self.vocab_size = self.mask_id + 1
+
+    def __getstate__(self):
+        return {"vocab_path": self.vocab_path}
+
+    def __setstate__(self, state):
+        self.__init__(state["vocab_path"])
+
+    @property
+    def fingerprint(self) -> str:
+        with open(self.vocab_path, "rb") as f:
+            return f"wordpiece-{self.vocab_size}-{hash_text(f.read())}"
+
+    def _encode(self, text):
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def _decode(self, ids):
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+
 def _hf_special_ids(directory: str, tok) -> dict:
     """{'bos' | 'eos' | 'pad': id or None} from tokenizer_config.json (token strings), else config.json (ids)."""
     out = {}
@@ -387,7 +430,8 @@ def _gpt2_tokenizer(config) -> GPT2Tokenizer:
 
 
 def get_tokenizer(config) -> Tokenizer:
-    """The tokenizer named by ``config.tokenizer`` ('char' | 'byte' | 'sentencepiece' | 'gpt2' | 'hf').
+    """The tokenizer named by ``config.tokenizer`` ('char' | 'byte' | 'sentencepiece' | 'gpt2' | 'wordpiece' |
+    'hf').
 
     Prepares what it needs on first use (corpus, alphabet, SentencePiece model, GPT-2 files).
     ``config.vocab_size`` (0 = take the tokenizer's) must equal the tokenizer's vocab_size.
@@ -420,9 +464,18 @@ def get_tokenizer(config) -> Tokenizer:
                 "config.data.tokenizer='hf' needs config.data.vocab_size (the network's vocabulary)"
             )
         return HFTokenizer(config.tokenizer_path, config.vocab_size)
+    elif kind == "wordpiece":
+        path = os.path.expanduser(config.tokenizer_path)
+        if not path or not os.path.isfile(path):
+            raise ValueError(
+                f"config.data.tokenizer='wordpiece' needs config.data.tokenizer_path=<a BERT vocab.txt> "
+                f"(bert-base-uncased's for LM1B); got {config.tokenizer_path!r}"
+            )
+        tok = WordPieceTokenizer(path)
     else:
         raise ValueError(
-            f"config.data.tokenizer must be 'char', 'byte', 'sentencepiece', 'gpt2' or 'hf', got {kind!r}"
+            "config.data.tokenizer must be 'char', 'byte', 'sentencepiece', 'gpt2', 'wordpiece' or 'hf', "
+            f"got {kind!r}"
         )
     if config.vocab_size and config.vocab_size != tok.vocab_size:
         raise ValueError(

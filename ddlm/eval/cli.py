@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from ddlm import checkpoints, losses, schedules, sharding
+from ddlm import checkpoints, losses, paths, schedules, sharding
 from ddlm.eval import config as config_lib
 from ddlm.eval import likelihood, sample_quality
 
@@ -347,9 +347,14 @@ def run_eval(config, workdir: str, load_fn: Callable[..., Loaded] | None = None)
                 f"the AR model was trained on corpus {ar_config.data.corpus!r}, this model on {config.data.corpus!r}"
             )
     if ec.num_samples:
-        if name in ("ar", "bd3lm"):
-            raise ValueError(f"config.eval.num_samples: the samplers are for diffusion losses, not {name!r}")
-        scorer = make_scorer(ar_config, ar_loaded) if ar_loaded is not None else None
+        # 'ar' and 'bd3lm' checkpoints sample with their KV-cache samplers (config.sampler.name 'ar' /
+        # 'bd3lm'). The scorer is the AR checkpoint of config.eval.ar_workdir; an AR model without one
+        # scores its own samples (self-scored: a reference point, not an independent judgement).
+        scorer, scorer_dir = None, ""
+        if ar_loaded is not None:
+            scorer, scorer_dir = make_scorer(ar_config, ar_loaded), os.path.abspath(ec.ar_workdir)
+        elif name == "ar":
+            scorer, scorer_dir = make_scorer(config, loaded), os.path.abspath(workdir)
         report["samples"] = sample_and_score(
             config,
             workdir,
@@ -358,11 +363,12 @@ def run_eval(config, workdir: str, load_fn: Callable[..., Loaded] | None = None)
             num_samples=ec.num_samples,
             output_dir=os.path.join(out_dir, "samples"),
         )
+        report["samples"]["scorer"] = scorer_dir
 
     if jax.process_index() == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        path = os.path.join(out_dir, "report.json")
-        with open(path, "w") as f:
+        paths.path(out_dir).mkdir(parents=True, exist_ok=True)  # a bucket too (ddlm.paths)
+        path = paths.path(out_dir, "report.json")
+        with path.open("w") as f:
             json.dump(report, f, indent=1)
         first = next(iter(rows.values()))
         print(
@@ -374,8 +380,10 @@ def run_eval(config, workdir: str, load_fn: Callable[..., Loaded] | None = None)
         if "samples" in report:
             s = report["samples"]
             gen = _fmt(s.get("gen_ppl"), s.get("gen_ppl_se"), 3) if "gen_ppl" in s else "- (no scorer)"
+            if s["scorer"] == report["workdir"]:
+                gen += " (scored by this model itself)"
             print(
-                f"samples ({s['samples']}, {s['sampler']}, {s['steps']} steps): generative perplexity {gen}, "
+                f"samples ({s['samples']}, {s['sampler']}, {s['steps']} steps, NFE {s['nfe']:g}): generative perplexity {gen}, "
                 f"unigram entropy {_fmt(s['entropy'], s['entropy_se'], 3)} nats, distinct-4 {s['distinct_4']:.3f}"
             )
         print(f"report: {path}")
@@ -383,7 +391,8 @@ def run_eval(config, workdir: str, load_fn: Callable[..., Loaded] | None = None)
 
 
 def headline(report: dict) -> dict:
-    """The scalar figures of the report's first row (for metrics.jsonl / TensorBoard)."""
+    """The scalar figures of the report's first row, and of its samples when drawn (for metrics.jsonl /
+    TensorBoard: the sample quality of each evaluated step beside its NELBO)."""
     r = next(iter(report["likelihood"].values()))
     keys = ("nats_per_token", "bits_per_token", "bits_per_char", "perplexity")
     out = {"nelbo": r["nats_per_token"], "perplexity_bound": r["perplexity"], "tokens": r["tokens"]}
@@ -391,4 +400,8 @@ def headline(report: dict) -> dict:
         if k in r:
             out[k] = r[k]
             out[k + "_se"] = r[k + "_se"]
+    s = report.get("samples", {})
+    for k in ("gen_ppl", "gen_ppl_se", "entropy", "entropy_se", "distinct_4"):
+        if k in s:
+            out[f"samples_{k}"] = s[k]
     return out

@@ -76,31 +76,45 @@ def plot_loss_curves(runs: dict[str, list[dict]], path: str | None = None):
     return _save(fig, path)
 
 
+def _series_key(p: frontier_lib.FrontierPoint) -> tuple:
+    """Points joined by one line: a sampler with steps through its step counts (one line per temperature),
+    a sampler without (first_hitting, ar, adaptive rules) through its temperatures."""
+    return (p.label, p.sampler, p.precision) + ((p.temperature,) if p.steps else ())
+
+
 def plot_frontier(points: Sequence[frontier_lib.FrontierPoint], path: str | None = None):
-    """Generative perplexity against unigram entropy (module doc)."""
-    fig, ax = plt.subplots(figsize=(7, 5))
+    """Generative perplexity against unigram entropy (module doc); AR points as squares."""
+    fig, ax = plt.subplots(figsize=(8, 5.5))
     groups: dict[tuple, list] = {}
     for p in points:
-        if p.label == "data":
-            continue
-        groups.setdefault((p.label, p.sampler, p.precision, p.temperature), []).append(p)
-    for (label, sampler, precision, temperature), pts in groups.items():
-        pts = sorted(pts, key=lambda p: p.steps)
-        name = f"{label} {sampler} T={temperature:g} {precision}"
+        if p.label != "data":
+            groups.setdefault(_series_key(p), []).append(p)
+    # One colour per (run, sampler, temperature), whatever the noise precision: a float32 line is drawn dashed
+    # with open markers over its float64 twin, so identical samples show as one line.
+    colours: dict[tuple, str] = {}
+    for key, pts in groups.items():
+        label, sampler, precision = key[:3]
+        stepped = len(key) == 4
+        colour = colours.setdefault(key[:2] + key[3:], f"C{len(colours) % 10}")
+        pts = sorted(pts, key=lambda p: p.steps if stepped else p.temperature)
+        name = f"{label} {frontier_lib.short_name(sampler)} {precision}" + (
+            f" T={key[3]:g}" if stepped else ""
+        )
         ax.errorbar(
             [p.entropy for p in pts],
             [p.gen_ppl for p in pts],
             xerr=[p.entropy_se for p in pts],
             yerr=[p.gen_ppl_se for p in pts],
-            marker="o",
+            marker="s" if sampler == "ar" else "o",
+            markerfacecolor="none" if precision == "float32" else colour,
+            color=colour,
             capsize=2,
             label=name,
             linestyle="--" if precision == "float32" else "-",
         )
         for p in pts:
-            ax.annotate(
-                f"{p.steps}", (p.entropy, p.gen_ppl), textcoords="offset points", xytext=(4, 4), fontsize=8
-            )
+            text = f"{p.steps}" if stepped else f"T={p.temperature:g}"
+            ax.annotate(text, (p.entropy, p.gen_ppl), textcoords="offset points", xytext=(4, 4), fontsize=7)
     for p in points:
         if p.label == "data":
             ax.plot(
@@ -113,11 +127,13 @@ def plot_frontier(points: Sequence[frontier_lib.FrontierPoint], path: str | None
         )
     ax.set_yscale("log")
     ax.set(
-        xlabel="unigram entropy per sample (nats)", ylabel="generative perplexity", title="quality frontier"
+        xlabel="unigram entropy per sample (nats)",
+        ylabel="generative perplexity (AR scorer)",
+        title="quality frontier (numbers: steps, or temperature)",
     )
     ax.grid(alpha=0.3, which="both")
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _save(fig, path)
 
 
@@ -138,11 +154,17 @@ def plot_speed(rows: Sequence[tuple[str, float]], path: str | None = None):
 
 
 def speed_rows(points: Sequence[frontier_lib.FrontierPoint]) -> list[tuple[str, float]]:
-    return [
-        (f"{p.label} {p.sampler} {p.steps} steps T={p.temperature:g} {p.precision}", p.tokens_per_s)
-        for p in points
-        if p.label != "data"
-    ]
+    return [(frontier_lib.point_name(p), p.tokens_per_s) for p in points if p.label != "data"]
+
+
+def write_tensorboard(logdir: str, figures: dict) -> None:
+    """Writes each figure as an image (tag 'plots/<name>') to the TensorBoard event files in logdir."""
+    from tensorboardX import SummaryWriter
+
+    writer = SummaryWriter(logdir)
+    for name, fig in figures.items():
+        writer.add_figure(f"plots/{name}", fig, close=False)
+    writer.close()
 
 
 def make_plots(workdirs: Sequence[str], out_dir: str, *, speed_json: str = "", tensorboard: bool = False):
@@ -168,12 +190,7 @@ def make_plots(workdirs: Sequence[str], out_dir: str, *, speed_json: str = "", t
         written.append(os.path.join(out_dir, f"{name}.png"))
         _save(fig, written[-1])
     if tensorboard:
-        from tensorboardX import SummaryWriter
-
-        writer = SummaryWriter(os.path.join(workdirs[0], "tensorboard"))
-        for name, fig in figures.items():
-            writer.add_figure(f"plots/{name}", fig)
-        writer.close()
+        write_tensorboard(os.path.join(workdirs[0], "tensorboard"), figures)
     for fig in figures.values():
         plt.close(fig)
     return written

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from ddlm import losses, models, schedules
+from ddlm import losses, models, paths, schedules
 from ddlm.data import sft
 from ddlm.sampling import conditioning, visualize
 from ddlm.sampling import config as config_lib
@@ -289,14 +289,16 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
             progress.on_batch(b, len(records))
 
     # ------------------------------------------------------------------ outputs
+    if jax.process_index() != 0:  # every process sampled its shard of the batch; process 0 writes
+        return records
     out_dir = _new_run_dir(sc.output_dir or os.path.join(workdir, "samples"), run_name)
-    with open(os.path.join(out_dir, "samples.txt"), "w") as f:
+    with paths.path(out_dir, "samples.txt").open("w") as f:
         for r in records:
             f.write(r["text"] + "\n" + "=" * 80 + "\n")
-    with open(os.path.join(out_dir, "samples.jsonl"), "w") as f:
+    with paths.path(out_dir, "samples.jsonl").open("w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
+    with paths.path(out_dir, "config.json").open("w") as f:
         run_info = {
             "sampler": sc.to_dict(),
             "checkpoint_step": None if ckpt_step is None else int(ckpt_step),
@@ -312,7 +314,7 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
         if sc.truncate_at_eos:  # the last row then equals the sample as written to samples.txt
             trajectory = np.asarray(conditioning.truncate_after_eos(trajectory, tok.eos_id, tok.pad_id))
         token_text = lambda i: tok.decode([i]) if i not in (tok.pad_id, tok.eos_id, tok.bos_id) else ""
-        with open(os.path.join(out_dir, "trajectory.html"), "w") as f:
+        with paths.path(out_dir, "trajectory.html").open("w") as f:
             f.write(
                 visualize.trajectory_html(
                     trajectory,
@@ -341,16 +343,18 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
 
 
 def _new_run_dir(base: str, name: str) -> str:
-    """Creates and returns base/name, or base/name-2, -3, ... if it exists: a run never writes into another's."""
-    os.makedirs(base, exist_ok=True)
-    path, n = os.path.join(base, name), 1
+    """Creates and returns base/name, or base/name-2, -3, ... if it exists: a run never writes into another's.
+    `base` may be a bucket (ddlm.paths)."""
+    base = paths.resolve(base)
+    paths.path(base).mkdir(parents=True, exist_ok=True)
+    path, n = f"{base}/{name}", 1
     while True:
         try:
-            os.makedirs(path)
+            paths.path(path).mkdir()
             return path
         except FileExistsError:
             n += 1
-            path = os.path.join(base, f"{name}-{n}")
+            path = f"{base}/{name}-{n}"
 
 
 def _trajectory_title(sc, records, ckpt_step) -> str:

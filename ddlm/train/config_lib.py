@@ -203,6 +203,12 @@ def apply_smoke(config) -> None:
     config.sampler.steps, config.sampler.num_samples, config.sampler.batch_size = 4, 2, 2
 
 
+OWT_DOCUMENTS = 8_013_769  # documents of OpenWebText (Hugging Face 'openwebtext', train split)
+# The corpora of the paper recipes (experiments/mdlm.py, sedd_absorb.py, ar.py, bd3lm.py: arg corpus=...).
+PAPER_CORPORA = ("owt", "lm1b", "lm1b_wrap")
+BERT_VOCAB = "data/bert-base-uncased/vocab.txt"  # where experiments/README.md puts bert-base-uncased's vocab
+
+
 def openwebtext_config(
     arg,
     *,
@@ -220,7 +226,9 @@ def openwebtext_config(
     tiny), smoke, plus `extra_args` ({name: default}). Returns (config, parsed args).
 
     OpenWebText is read from jsonl/txt files under data/openwebtext (corpus 'local:data/openwebtext'),
-    e.g. `--config.data.corpus=local:/path/to/openwebtext`."""
+    e.g. `--config.data.corpus=local:/path/to/openwebtext` (experiments/README.md: preparing it). About
+    100k documents are held out for the test perplexity, as MDLM and BD3-LM do (they hold out the last 100k
+    of Hugging Face's order; here a hash of each document picks as many)."""
     a = parse_arg(arg, size="small", smoke=False, **(extra_args or {}))
     model = model_config(a["size"], name=model_name, time_conditioning=time_conditioning)
     config = base_config(
@@ -232,7 +240,31 @@ def openwebtext_config(
         train=train_config(steps=steps, batch_size=512, seq_len=1024),
         sampler=sampler_config(steps=1000),
     )
+    config.data.validation_fraction = 100_000 / OWT_DOCUMENTS
+    config.eval.discrete_steps = 0  # the papers report the continuous-time bound only
     if a["size"] in ("medium", "1b"):
         config.mesh.fsdp = 8 if a["size"] == "1b" else 4  # shard params/opt state; needs >= that many devices
         config.model.remat = True
     return config, a
+
+
+def set_corpus(config, corpus: str) -> None:
+    """Puts a paper recipe (openwebtext_config) on its corpus and evaluation protocol, in place:
+
+    owt        OpenWebText as openwebtext_config sets it (GPT-2 tokenizer, L=1024, documents wrapped).
+    lm1b       One Billion Words as MDLM's Table 1: tfds 'lm1b', bert-base-uncased WordPiece, L=128, one
+               sentence per sequence padded to 128 (the loss and the bound over real tokens only), test split.
+    lm1b_wrap  the same with the sentences concatenated and cut into sequences of 128, as BD3-LM retrained
+               every LM1B model (its Table 3).
+
+    Batch 512, AdamW 3e-4 with 2.5k warmup and a constant rate, EMA 0.9999 stay (both papers use them on both
+    corpora); experiments/README.md says how to prepare LM1B and the vocab file."""
+    if corpus not in PAPER_CORPORA:
+        raise ValueError(f"corpus must be one of {PAPER_CORPORA}, got {corpus!r}")
+    if corpus == "owt":
+        return
+    d = config.data
+    d.corpus, d.text_field, d.train_split, d.eval_split = "lm1b", "text", "train", "test"
+    d.tokenizer, d.tokenizer_path, d.vocab_size = "wordpiece", BERT_VOCAB, 0
+    d.packing = "wrap" if corpus == "lm1b_wrap" else "pad"
+    config.train.seq_len = 128

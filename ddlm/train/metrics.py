@@ -11,6 +11,9 @@ kill after the checkpoint committed. Here flush() puts every scalar written so f
 
 A resumed run (resume_step=N) rewrites metrics.jsonl without the rows past step N (atomically) and starts
 its event file with a TensorBoard 'purge' at step N+1, so each step appears once in both.
+
+A workdir in a bucket (gs://...; ddlm.paths) cannot be appended to: both files are written in a local
+staging folder and copied into the workdir by flush() (before every checkpoint) and close().
 """
 
 from __future__ import annotations
@@ -18,10 +21,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 
 import jax
 import numpy as np
+
+from ddlm import paths
 
 
 class MetricWriter:
@@ -29,13 +36,21 @@ class MetricWriter:
         self.enabled = jax.process_index() == 0
         self._events = None
         self._jsonl = None
+        self._remote = paths.is_remote(workdir)
+        self._workdir = paths.resolve(workdir)
+        self._local = None
         if self.enabled:
             from tensorboardX.event_file_writer import EventsWriter
             from tensorboardX.proto import event_pb2
 
-            tb_dir = os.path.join(workdir, "tensorboard")
+            # A bucket: write here, copy there (see the module docstring).
+            self._local = tempfile.mkdtemp(prefix="ddlm-metrics-") if self._remote else self._workdir
+            tb_dir = os.path.join(self._local, "tensorboard")
             os.makedirs(tb_dir, exist_ok=True)
-            path = os.path.join(workdir, "metrics.jsonl")
+            path = os.path.join(self._local, "metrics.jsonl")
+            remote_jsonl = paths.path(self._workdir, "metrics.jsonl")
+            if self._remote and remote_jsonl.exists():
+                remote_jsonl.copy(path, overwrite=True)
             if resume_step is not None:
                 drop_rows_after(path, resume_step)
             # The pid keeps two writers started in the same second from sharing a file name.
@@ -47,6 +62,8 @@ class MetricWriter:
                     event_pb2.Event(step=resume_step + 1, wall_time=time.time(), session_log=start)
                 )
             self._jsonl = open(path, "a")  # noqa: SIM115 -- closed in close()
+            if self._remote:
+                self._upload()
 
     def write(self, step: int, split: str, scalars: dict):
         if not self.enabled:
@@ -63,16 +80,30 @@ class MetricWriter:
         self._jsonl.flush()
 
     def flush(self):
-        """Every scalar written so far reaches the files (the event file is fsync'ed)."""
+        """Every scalar written so far reaches the files (the event file is fsync'ed), in the workdir."""
         if self.enabled and self._events is not None:
             self._events.flush()
             self._jsonl.flush()
+            if self._remote:
+                self._upload()
 
     def close(self):
         if self.enabled and self._events is not None:
             self._events.close()
             self._jsonl.close()
             self._events = None
+            if self._remote:
+                self._upload()
+                shutil.rmtree(self._local, ignore_errors=True)
+
+    def _upload(self):
+        """Copies the staged files into the bucket workdir (whole files: a bucket has no append)."""
+        for root, _, files in os.walk(self._local):
+            for name in files:
+                local = os.path.join(root, name)
+                target = paths.path(self._workdir, os.path.relpath(local, self._local))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                paths.path(local).copy(target, overwrite=True)
 
     def __enter__(self):
         return self

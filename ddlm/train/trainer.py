@@ -25,14 +25,15 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from ddlm import checkpoints, sharding
+from ddlm import checkpoints, distributed, paths, sharding
 from ddlm.sharding import ConfigError
 from ddlm.train import console, optim
 from ddlm.train import metrics as metrics_lib
 from ddlm.train import state as state_lib
 from ddlm.train import step as step_lib
 
-# Test hook: SIGKILL this process right after the checkpoint of this step is complete on disk.
+# Test hook: SIGKILL this process right after the checkpoint of this step is complete on disk. 'STEP@P':
+# only process P dies (every process must be given the same value: all wait for the checkpoint together).
 KILL_AFTER_CHECKPOINT_ENV = "DDLM_KILL_AFTER_CHECKPOINT_STEP"
 
 NAN_POLICIES = ("stop", "skip")
@@ -407,7 +408,9 @@ def _check_finite(metrics_host: dict, step: int, policy: str, checkpointer, skip
 def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final eval metrics.
 
-    `devices` (default: all) are the mesh's devices."""
+    `devices` (default: all) are the mesh's devices. `workdir`: a local path, a file:// URI or a bucket
+    (gs://...; see ddlm.paths)."""
+    workdir = paths.resolve(workdir)
     # The checkpointer and the metric writer are closed however the run ends: a pending checkpoint is
     # committed (or its failure reported) and orbax's threads do not outlive the call.
     with contextlib.ExitStack() as resources:
@@ -497,7 +500,9 @@ def _train_and_evaluate(config, workdir: str, devices, resources: contextlib.Exi
     _log_memory(compiled)
 
     # ---------------------------------------------------------------- loop
-    kill_after = int(os.environ.get(KILL_AFTER_CHECKPOINT_ENV, "0") or 0)
+    kill_step, _, kill_process = (os.environ.get(KILL_AFTER_CHECKPOINT_ENV) or "0").partition("@")
+    kill_after = int(kill_step)
+    kill_self = not kill_process or int(kill_process) == jax.process_index()
     skipped: list[int] = []
     # Each step's finiteness is checked once, as soon as its metrics are on the host: one step late
     # (`pending`, so the host does not wait for the step it has just dispatched), or at once where the
@@ -518,6 +523,19 @@ def _train_and_evaluate(config, workdir: str, devices, resources: contextlib.Exi
     def check(step, host_metrics):
         _check_finite(host_metrics, step, cfg.nan_policy, checkpointer, skipped)
         progress.update(step, float(host_metrics["loss"]))
+
+    def save(step, metrics):
+        nonlocal pending
+        if pending is not None:  # never checkpoint a state that has not been checked
+            check(step, jax.device_get(metrics))
+            pending = None
+        writer.flush()  # the scalars up to this step are on disk before its checkpoint can commit
+        checkpointer.save(step, state, train_iter, metadata=checkpoint_meta, force=True)
+
+    # SIGTERM (preemption, scancel, the launcher) from here on: checkpoint at the next step boundary, exit
+    # cleanly. Installed after compiling: a job stopped before its first step has nothing new to save.
+    stop = resources.enter_context(distributed.StopRequest())
+    stopped_at = None
 
     try:
         for step in range(start + 1, total + 1):
@@ -560,19 +578,31 @@ def _train_and_evaluate(config, workdir: str, devices, resources: contextlib.Exi
                 )
                 t_window += time.time() - t_eval  # eval time is not training throughput
 
-            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or is_last:
-                if pending is not None:  # never checkpoint a state that has not been checked
-                    check(step, jax.device_get(metrics))
-                    pending = None
-                writer.flush()  # the scalars up to this step are on disk before its checkpoint can commit
-                checkpointer.save(step, state, train_iter, metadata=checkpoint_meta, force=True)
+            saved = (cfg.ckpt_every and step % cfg.ckpt_every == 0) or is_last
+            if saved:
+                save(step, metrics)
                 if step == kill_after:
-                    checkpointer.wait()
-                    logging.warning(
-                        "%s=%d: killing this process (test hook).", KILL_AFTER_CHECKPOINT_ENV, step
-                    )
-                    writer.flush()
-                    os.kill(os.getpid(), signal.SIGKILL)
+                    checkpointer.wait()  # a barrier with several processes: every one waits
+                    if kill_self:
+                        logging.warning(
+                            "%s=%d: killing this process (test hook).", KILL_AFTER_CHECKPOINT_ENV, step
+                        )
+                        writer.flush()
+                        os.kill(os.getpid(), signal.SIGKILL)
+            # Every process asks at every step (a collective agreement when there are several), so that
+            # all stop after the same step with the same checkpoint.
+            if not is_last and stop.reached(step):
+                if not saved:
+                    save(step, metrics)
+                checkpointer.wait()
+                stopped_at = step
+                logging.warning(
+                    "Stop requested (SIGTERM): saved the checkpoint of step %d of %d and stopped. Rerun the "
+                    "same command to resume.",
+                    step,
+                    total,
+                )
+                break
 
     finally:  # also on errors and Ctrl-C: the terminal gets its log stream back
         progress.close()
@@ -580,6 +610,8 @@ def _train_and_evaluate(config, workdir: str, devices, resources: contextlib.Exi
     writer.close()
     if skipped:
         logging.warning("Skipped %d non-finite steps: %s", len(skipped), skipped[:20])
+    if stopped_at is not None:
+        return {}
 
     # ---------------------------------------------------------------- samples
     if cfg.sample_at_end:
@@ -619,10 +651,10 @@ def _samples_written(config, workdir: str, step: int) -> bool:
     """Whether samples of checkpoint `step` exist: a folder <date>-<time>-step<step>-<sampler>[-n] (the
     run folders of ddlm.sampling.cli) in the samples directory. A finished job's rerun then does not
     sample again."""
-    directory = _samples_dir(config, workdir)
-    if not os.path.isdir(directory):
+    directory = paths.path(_samples_dir(config, workdir))
+    if not directory.is_dir():
         return False
-    return any(f"-step{step}-" in entry.name for entry in os.scandir(directory) if entry.is_dir())
+    return any(f"-step{step}-" in entry.name for entry in directory.iterdir() if entry.is_dir())
 
 
 def run_sampling_if_available(config, workdir: str):
