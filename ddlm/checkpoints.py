@@ -72,6 +72,11 @@ COMPATIBILITY_FIELDS = (
     "model.tie_embeddings",
     "model.vocab_multiple",
     "model.scan_layers",  # stacked ('blocks') vs per-layer parameters: ddlm.models.stack converts between them
+    "model.attention",
+    "model.num_kv_heads",
+    "model.head_dim",
+    "model.qkv_bias",
+    "model.logit_shift",
     "data.tokenizer",
     "diffusion.loss",
     "diffusion.process",
@@ -79,7 +84,14 @@ COMPATIBILITY_FIELDS = (
 )
 
 # Fields added after checkpoints were first written, with the value an older checkpoint implies.
-_COMPATIBILITY_DEFAULTS = {"model.scan_layers": False}
+_COMPATIBILITY_DEFAULTS = {
+    "model.scan_layers": False,
+    "model.attention": "",  # implied by model.name (the LLaMA family's fields came later)
+    "model.num_kv_heads": 0,
+    "model.head_dim": 0,
+    "model.qkv_bias": False,
+    "model.logit_shift": False,
+}
 
 
 class CheckpointError(ConfigError):
@@ -744,7 +756,8 @@ def load_for_inference(workdir: str, config=None, *, ema: bool = True, devices=N
         mesh = _inference_mesh(config, devices)
         init_inputs = sharding.model_init_inputs(config.diffusion.loss, 1, config.train.seq_len)
         boxed, _ = sharding.abstract_params(model, init_inputs)
-        field = "ema_params" if ema else "params"
+        # A converted checkpoint (ddlm.models.convert) holds one parameter set, 'params', and no EMA.
+        field = "ema_params" if ema and not (stored or {}).get("params_only") else "params"
         abstract = {
             field: sharding.sharded_abstract_params(boxed, mesh),
             "step": jax.ShapeDtypeStruct((), jnp.int32),

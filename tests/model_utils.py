@@ -48,3 +48,29 @@ def tiny_decoder(name, vocab, time_conditioning, dtype=jnp.float32, block_size=4
     t = jnp.zeros((1,), jnp.float32) if time_conditioning else None
     variables = random_variables(model, tokens, t, tokens if name == "bd3lm" else None, seed=seed)
     return models.make_decoder(model, variables)
+
+
+def tiny_llama(attention, vocab, dtype=jnp.float32, block_size=4, logit_shift=False, name="llama"):
+    """A 2-layer, 32-wide LLaMA network (4 query heads, 2 key/value heads, q/k/v biases, rotary base 500) or,
+    with name='dit' / 'bd3lm', the time-free DiT of that attention; dtype float64 needs jax.enable_x64."""
+    from ddlm import models
+
+    c, _ = models.llama_config("tiny")
+    c.name, c.attention = name, attention if name == "llama" else ""
+    c.num_layers, c.d_model, c.num_heads, c.num_kv_heads, c.mlp_dim = 2, 32, 4, 2, 48
+    c.qkv_bias, c.rope_base, c.block_size, c.logit_shift = True, 500.0, block_size, logit_shift
+    return models.get_model(c, vocab).clone(dtype=dtype, param_dtype=dtype)
+
+
+def tiny_llama_decoder(
+    attention, vocab, dtype=jnp.float32, block_size=4, logit_shift=False, seed=1, name="llama"
+):
+    """models.make_decoder of `tiny_llama` with random (nowhere zero) parameters."""
+    from ddlm import models
+
+    model = tiny_llama(attention, vocab, dtype, block_size, logit_shift, name)
+    tokens = jnp.zeros((1, 4 * block_size), jnp.int32)
+    variables = random_variables(
+        model, tokens, None, tokens if attention == "block_causal" else None, seed=seed
+    )
+    return models.make_decoder(model, variables)

@@ -189,6 +189,7 @@ SMALL_OVERRIDES = {
     "model.num_heads": 2,
     "model.mlp_dim": 64,
     "model.cond_dim": 16,
+    "model.num_kv_heads": 0,  # LLaMA presets with grouped-query attention: as many as the 2 heads
     "model.dtype": "float32",
     "model.dropout": 0.0,
     "model.remat": False,

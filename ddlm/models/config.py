@@ -7,6 +7,13 @@ conditioning on (off: minus the adaLN and timestep MLP), see benchmarks/model_fl
                                                    169.7M in total.
   medium 24 layers, 1024 wide, 16 heads, cond 128: MDLM/SEDD "medium", 321.5M non-embedding (302.2M), 424.6M.
   1b     24 layers, 2048 wide, 16 heads, cond 256: 1.285B non-embedding (1.208B), 1.491B in total.
+
+LLaMA-family presets (`llama_config(size)`, name 'llama', ddlm/models/llama.py), parameters as published:
+  tiny      2 layers,  128 wide, 4 heads (2 kv), SwiGLU 256:      tests and quickstarts.
+  1b       22 layers, 2048 wide, 32 heads (4 kv), SwiGLU 5632, vocab 32,000, untied, rope 1e4: the
+           TinyLlama-1.1B shape, 1,100,048,384 parameters.
+  llada_8b 32 layers, 4096 wide, 32 heads (32 kv), SwiGLU 12,288, vocab 126,464, untied, rope 5e5,
+           bidirectional: LLaDA-8B (Nie et al. 2025), 8,015,581,184 parameters (6.98B non-embedding).
 """
 
 import ml_collections
@@ -19,7 +26,14 @@ _SIZES = {
     "1b": (24, 2048, 16, 256),
 }
 
-MODEL_NAMES = ("dit", "ar", "bd3lm")
+MODEL_NAMES = ("dit", "ar", "bd3lm", "llama")
+
+# name -> (num_layers, d_model, num_heads, num_kv_heads, mlp_dim, rope_base, vocab_size, tie, attention)
+_LLAMA_SIZES = {
+    "tiny": (2, 128, 4, 2, 256, 10_000.0, 0, False, "bidirectional"),
+    "1b": (22, 2048, 32, 4, 5632, 10_000.0, 32_000, False, "causal"),
+    "llada_8b": (32, 4096, 32, 32, 12_288, 500_000.0, 126_464, False, "bidirectional"),
+}
 
 
 def default_config(size: str = "tiny") -> ml_collections.ConfigDict:
@@ -53,4 +67,32 @@ def default_config(size: str = "tiny") -> ml_collections.ConfigDict:
         128  # pad embedding/output rows to a multiple (even 'tensor' sharding); logits stay [.., V]
     )
     c.attention_impl = "xla"  # 'xla' (any backend) | 'cudnn' (fused, NVIDIA GPUs, dtype bfloat16)
+    c.logit_shift = False  # output i = output layer at i - 1 (AR-to-diffusion adaptation, DiffuLLaMA)
+    # name='llama' only (ddlm/models/llama.py):
+    c.attention = ""  # 'causal' | 'bidirectional' | 'block_causal'; '' = implied by the name (dit/ar/bd3lm)
+    c.num_kv_heads = 0  # key/value heads of grouped-query attention; 0 = num_heads
+    c.head_dim = 0  # per-head width; 0 = d_model // num_heads
+    c.rope_base = 10_000.0  # rotary frequency base (LLaMA 3 / LLaDA: 5e5, Qwen2: 1e6)
+    c.qkv_bias = False  # biases on the q/k/v projections (Qwen2)
+    c.norm_eps = 1e-5  # RMSNorm epsilon
     return c
+
+
+def llama_config(size: str = "tiny") -> tuple[ml_collections.ConfigDict, int]:
+    """(config.model, vocab_size) of a LLaMA-family preset ('tiny' | '1b' | 'llada_8b'); vocab_size 0 = the
+    tokenizer's. See the module docstring for the shapes and their published parameter counts."""
+    if size not in _LLAMA_SIZES:
+        raise ValueError(f"llama size must be one of {tuple(_LLAMA_SIZES)}, got {size!r}")
+    layers, d_model, heads, kv_heads, mlp_dim, rope_base, vocab, tie, attention = _LLAMA_SIZES[size]
+    c = default_config("tiny" if size == "tiny" else "1b")
+    c.name, c.attention = "llama", attention
+    c.num_layers, c.d_model, c.num_heads, c.num_kv_heads, c.mlp_dim = (
+        layers,
+        d_model,
+        heads,
+        kv_heads,
+        mlp_dim,
+    )
+    c.rope_base, c.tie_embeddings, c.time_conditioning = rope_base, tie, False
+    c.dropout = 0.0  # LLaMA / LLaDA train without dropout
+    return c, vocab

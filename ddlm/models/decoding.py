@@ -38,9 +38,10 @@ def block_causal_mask(length: int, block_size: int) -> jax.Array:
 
 def init_cache(model: Transformer, batch: int, capacity: int) -> KVCache:
     """Zeros: per layer keys and values [batch, capacity, heads, head_dim] in the model's compute dtype,
-    constrained to ('batch', 'length', 'heads', 'kv') (sharded over the batch and heads under the rules)."""
-    head_dim = model.d_model // model.num_heads
-    shape = (batch, capacity, model.num_heads, head_dim)
+    constrained to ('batch', 'length', 'heads', 'kv') (sharded over the batch and heads under the rules);
+    heads = the key/value heads (`model.cache_layout`: fewer than the query heads under GQA)."""
+    heads, head_dim = model.cache_layout
+    shape = (batch, capacity, heads, head_dim)
 
     def zeros():
         return nn.with_logical_constraint(jnp.zeros(shape, model.dtype), layers.BLHK)
@@ -76,6 +77,13 @@ class Decoder:
     @property
     def vocab_size(self) -> int:
         return self.model.vocab_size
+
+    @property
+    def logit_shift(self) -> bool:
+        """With the logit shift, `forward` is shifted (position i = output at i - 1) but `step` and `prefill`
+        return the output layer at each position of their slice: the prediction for a slice's first position
+        is the output at the position before it, which the caller keeps (ddlm/sampling/block.py)."""
+        return self.model.logit_shift
 
     def forward(self, tokens, t=None, x0=None):
         """The training forward (no cache): logits [B, L, V]."""

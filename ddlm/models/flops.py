@@ -15,6 +15,11 @@ def count_params(params: Any) -> int:
 
 def _block_matmul_params(config) -> int:
     d, m = config.d_model, config.mlp_dim
+    if config.name == "llama":  # q, out: H * Dh wide; k, v: kv_heads * Dh; SwiGLU: gate, up, down
+        heads = config.num_heads
+        head_dim = config.head_dim or d // heads
+        kv = config.num_kv_heads or heads
+        return 2 * d * heads * head_dim + 2 * d * kv * head_dim + 3 * d * m
     return 4 * d * d + 2 * d * m  # qkv + attention out + MLP in/out
 
 
@@ -40,7 +45,7 @@ def flops_per_token(config, vocab_size: int, seq_len: int) -> float:
     block = config.num_layers * _block_matmul_params(config)
     attention = 12 * config.num_layers * config.d_model
     output = config.d_model * vocab_size
-    if config.name == "bd3lm":
+    if config.name == "bd3lm" or (config.name == "llama" and config.attention == "block_causal"):
         cond_2l = cond_l = 0  # per-token conditioning matmuls on the 2L input tokens, and on the L outputs
         if config.time_conditioning:
             c = config.cond_dim

@@ -120,6 +120,24 @@ def block_diffusion_mask(seq_len: int, block_size: int) -> jax.Array:
     return xt_to_xt | xt_to_x0 | x0_to_x0
 
 
+def annealed_causal_mask(rng, length: int, ratio) -> jax.Array:
+    """DiffuLLaMA's attention-mask annealing (Gong et al. 2025, "Scaling Diffusion Language Models via
+    Adaptation from Autoregressive Models", Sec. 3.2; `get_anneal_attn_mask` of HKUNLP/DiffuLLaMA): the causal
+    mask OR'ed with i.i.d. Bernoulli(ratio) entries, so that the attention of an adapted AR model opens up
+    gradually: ratio = 0 is causal, ratio = 1 bidirectional.
+
+    Args:
+      rng: key of this step's draw (one mask for the whole batch, as DiffuLLaMA).
+      length: L.
+      ratio: float [] in [0, 1], the probability that a future key is visible.
+
+    Returns:
+      bool [L, L], mask[q, k] True where query q may attend key k (always for k <= q).
+    """
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    return causal | jax.random.bernoulli(rng, ratio, (length, length))
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Time conditioning.
 # ------------------------------------------------------------------------------------------------------------
@@ -258,15 +276,23 @@ class DecodeMasks(NamedTuple):
 
 
 def attention(q, k, v, mask, is_causal=False, implementation="xla"):
-    """softmax(q k^T / sqrt(Dh), masked) v. q: [B, T, H, Dh]; k, v: [B, S, H, Dh]; mask: bool [B|1, 1, T, S].
+    """softmax(q k^T / sqrt(Dh), masked) v. q: [B, T, H, Dh]; k, v: [B, S, K, Dh]; mask: bool [B|1, 1, T, S].
+
+    K = H is multi-head attention; K < H (K dividing H) is grouped-query attention (Ainslie et al. 2023):
+    query head h reads key/value head h // (H / K), the grouping of jax.nn.dot_product_attention and of
+    Hugging Face's `repeat_kv`.
 
     jax.nn.dot_product_attention for float32/bfloat16 (the training path). It takes the softmax in float32
     even for float64 inputs, so a float64 network (exactness tests) gets the same formula written out.
     """
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"key/value heads ({k.shape[2]}) must divide query heads ({q.shape[2]})")
     if q.dtype != jnp.float64:
         return jax.nn.dot_product_attention(
             q, k, v, mask=mask, is_causal=is_causal, implementation=implementation
         )
+    groups = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
     scores = jnp.einsum("bthd,bshd->bhts", q, k) / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
     if is_causal:
         causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))

@@ -8,6 +8,16 @@ The three variants share the code path and differ only in the attention mask:
   'causal'         lower-triangular attention, no time conditioning (the autoregressive baseline).
   'block_causal'   the BD3-LM 2L-input trick: the network sees concat(xt, x0) of length 2L with the mask of
                    `block_diffusion_mask`, rotary positions 0..L-1 for both halves, and returns logits for xt only.
+
+A second family, the LLaMA network (ddlm/models/llama.py: RMSNorm, SwiGLU, grouped-query attention), is a
+subclass that swaps the block, the final norm and the output layer through the hooks `_block_class`,
+`_block_kwargs`, `_final_norm` and `_output_bias`; masks, rotary, the KV-cache decode path and the logit
+shift are this class's.
+
+Logit shift (AR-to-diffusion adaptation, DiffuLLaMA / Fast-dLLM v2): with `logit_shift=True` the output at
+position i is the output layer applied at position i - 1 (`logit_shift_sources`), so an adapted AR network
+keeps predicting the next token with its own head, and every loss and sampler still reads "logits[:, i]
+predict x_i".
 """
 
 from typing import Any
@@ -21,6 +31,23 @@ from ddlm.models import layers, stack
 Dtype = Any
 
 ATTENTION_KINDS = ("bidirectional", "causal", "block_causal")
+
+
+def logit_shift_sources(length: int, block_size: int | None = None) -> jax.Array:
+    """int32 [length]: under the logit shift, the forward position whose output layer predicts position i.
+
+    One-sequence networks (DiffuLLaMA, Gong et al. 2025, Sec. 3.2): i - 1, so position i is predicted where
+    the AR network predicted its next token. Position 0 has no left neighbour and keeps its own output (the
+    convention of DiffuLLaMA's and Fast-dLLM v2's `cat([logits[:, :1], logits[:, :-1]])`).
+    The block-causal 2L input [xt | x0] (block_size given; Fast-dLLM v2, Wu et al. 2025): inside a block, the
+    noised position i - 1; at the first position of block b > 0, the clean position i - 1 of the x0 half
+    (index length + i - 1), which attends exactly x_0^{<i}: the AR network's own context for token i.
+    """
+    i = jnp.arange(length)
+    sources = jnp.maximum(i - 1, 0)
+    if block_size is not None:
+        sources = jnp.where((i % block_size == 0) & (i > 0), length + i - 1, sources)
+    return sources.astype(jnp.int32)
 
 
 class Transformer(nn.Module):
@@ -64,10 +91,39 @@ class Transformer(nn.Module):
     scan_layers: bool = False
     attention_impl: str = "xla"
     vocab_multiple: int = 128
+    logit_shift: bool = False
+
+    # The output layer has a bias (MDLM's DDitFinalLayer); the LLaMA family has none.
+    _output_bias = True
 
     @property
     def padded_vocab_size(self) -> int:
         return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+    @property
+    def cache_layout(self) -> tuple[int, int]:
+        """(heads, head_dim) of the KV cache: the key/value heads (fewer than the query heads under GQA)."""
+        return self.num_heads, self.d_model // self.num_heads
+
+    # ---- hooks of the network family (overridden by ddlm.models.llama.Llama) -----------------------------
+
+    def _block_class(self):
+        """The block module class: called as block(x, c, positions, mask, is_causal, train[, cache, masks])."""
+        return layers.DiTBlock
+
+    def _block_kwargs(self) -> dict:
+        return {
+            "num_heads": self.num_heads,
+            "mlp_dim": self.mlp_dim,
+            "dropout": self.dropout,
+            "time_conditioning": self.time_conditioning,
+            "dtype": self.dtype,
+            "param_dtype": self.param_dtype,
+            "attention_impl": self.attention_impl,
+        }
+
+    def _final_norm(self, stream_dtype) -> nn.Module:
+        return layers.layer_norm("norm_final", self.param_dtype, stream_dtype)
 
     def _check_inputs(self, tokens, t, x0):
         if self.attention not in ATTENTION_KINDS:
@@ -118,6 +174,7 @@ class Transformer(nn.Module):
         t: jax.Array | None = None,
         x0: jax.Array | None = None,
         train: bool = False,
+        attention_mask: jax.Array | None = None,
     ) -> jax.Array:
         """Logits of the network.
 
@@ -127,9 +184,13 @@ class Transformer(nn.Module):
             conditioning. Block-causal: the clean half x0 is conditioned on t = 0.
           x0: int [batch, length] clean tokens; only for attention='block_causal'.
           train: enables dropout (then pass rngs={'dropout': key}).
+          attention_mask: bool [length, length] (True = attend) replacing the full attention of a
+            bidirectional network: the causal-to-bidirectional annealing of an adapted AR model
+            (`layers.annealed_causal_mask`); None = the network's own pattern.
 
         Returns:
-          float32 [batch, length, vocab_size] logits (for the xt positions).
+          float32 [batch, length, vocab_size] logits (for the xt positions); with logit_shift, position i
+          holds the output layer at position i - 1 (`logit_shift_sources`).
         """
         self._check_inputs(tokens, t, x0)
         batch, length = tokens.shape
@@ -142,6 +203,13 @@ class Transformer(nn.Module):
         if self.time_conditioning:
             t = jnp.asarray(t, stream)
             t_tokens = t[:, None] if t.ndim == 1 else t  # [B, 1] or [B, L]
+        if attention_mask is not None:
+            if self.attention != "bidirectional" or tuple(attention_mask.shape) != (length, length):
+                raise ValueError(
+                    f"attention_mask must be bool [length, length] = [{length}, {length}] for a bidirectional "
+                    f"network, got {tuple(attention_mask.shape)} with attention={self.attention!r}"
+                )
+            mask = attention_mask.astype(bool)
         if self.attention == "causal":
             is_causal = True
         elif self.attention == "block_causal":
@@ -153,7 +221,9 @@ class Transformer(nn.Module):
                     [jnp.broadcast_to(t_tokens, (batch, length)), jnp.zeros((batch, length), stream)],
                     axis=1,
                 )
-        return self._forward(tokens, positions, t_tokens, mask, is_causal, train, out_length=length)
+        return self._forward(
+            tokens, positions, t_tokens, mask, is_causal, train, out_length=length, shift=self.logit_shift
+        )
 
     # ---- decoding with a KV cache ----------------------------------------------------------------------------
     # Design: the cache is explicit arrays in and out (a KVCache pytree), not flax's mutable 'cache'
@@ -204,8 +274,8 @@ class Transformer(nn.Module):
         if len(cache.keys) != self.num_layers or len(cache.values) != self.num_layers:
             raise ValueError(f"decode: the cache has {len(cache.keys)} layers, the network {self.num_layers}")
         capacity = cache.keys[0].shape[1]
-        head_dim = self.d_model // self.num_heads
-        expected = (batch, capacity, self.num_heads, head_dim)
+        heads, head_dim = self.cache_layout
+        expected = (batch, capacity, heads, head_dim)
         if cache.keys[0].shape != expected:
             raise ValueError(f"decode: cache keys must be [batch, C, heads, head_dim] = {expected}, got "
                              f"{cache.keys[0].shape}")  # fmt: skip
@@ -264,12 +334,14 @@ class Transformer(nn.Module):
         out_length: int | None = None,
         cache: layers.KVCache | None = None,
         decode_masks: layers.DecodeMasks | None = None,
+        shift: bool = False,
     ):
         """Embedding -> blocks -> output layer on prepared inputs; the one place the parameters are created.
 
         tokens: int [B, L']; positions: [L'] or [B, L']; t_tokens: [B, 1 or L'] or None; out_length: logits for
-        the first out_length positions only (the xt half of the block-causal input). With cache: the decode
-        path, returns (logits, updated KVCache).
+        the first out_length positions only (the xt half of the block-causal input). shift: the logit shift
+        (`logit_shift_sources`). With cache: the decode path, returns (logits, updated KVCache); the decode
+        path never shifts (a slice's first prediction comes from a position outside it: the caller's).
         """
         stream = layers.stream_dtype(self.dtype)
         # ---- embedding and conditioning --------------------------------------------------------------------
@@ -291,19 +363,10 @@ class Transformer(nn.Module):
             )(t_tokens)
 
         # ---- blocks ----------------------------------------------------------------------------------------
-        block_kwargs = dict(
-            num_heads=self.num_heads,
-            mlp_dim=self.mlp_dim,
-            dropout=self.dropout,
-            time_conditioning=self.time_conditioning,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            attention_impl=self.attention_impl,
-        )
         if cache is None:
             x = stack.apply_blocks(
-                layers.DiTBlock,
-                block_kwargs,
+                self._block_class(),
+                self._block_kwargs(),
                 self.num_layers,
                 x,
                 (c, positions, mask),
@@ -313,8 +376,8 @@ class Transformer(nn.Module):
             )
         else:
             x, new_keys, new_values = stack.decode_blocks(
-                layers.DiTBlock,
-                block_kwargs,
+                self._block_class(),
+                self._block_kwargs(),
                 self.num_layers,
                 x,
                 (c, positions, None),
@@ -327,11 +390,17 @@ class Transformer(nn.Module):
             )
 
         # ---- output layer (MDLM's DDitFinalLayer) ----------------------------------------------------------
-        if out_length is not None and out_length < x.shape[1]:  # block-causal: logits for the xt half only
+        two_halves = out_length is not None and out_length < x.shape[1]
+        if shift:  # the hidden states whose outputs predict each position (per token, so c too)
+            sources = logit_shift_sources(out_length or x.shape[1], self.block_size if two_halves else None)
+            x = jnp.take(x, sources, axis=1)
+            if c is not None and c.shape[1] > 1:
+                c = jnp.take(c, sources, axis=1)
+        elif two_halves:  # block-causal: logits for the xt half only
             x = x[:, :out_length]
             if c is not None:
                 c = c[:, :out_length]
-        x = layers.layer_norm("norm_final", self.param_dtype, stream)(x)
+        x = self._final_norm(stream)(x)
         if self.time_conditioning:
             shift, scale = layers.AdaLNModulation(
                 2, self.d_model, self.param_dtype, stream, name="adaln_final"
@@ -348,14 +417,15 @@ class Transformer(nn.Module):
                 (self.d_model, self.padded_vocab_size),
                 self.param_dtype,
             )
-            bias = self.param(
-                "output_bias",
-                nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
-                (self.padded_vocab_size,),
-                self.param_dtype,
-            )
             logits = jnp.einsum("bld,dv->blv", x, kernel.astype(self.dtype), preferred_element_type=stream)
-            logits = logits + bias.astype(stream)
+            if self._output_bias:
+                bias = self.param(
+                    "output_bias",
+                    nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+                    (self.padded_vocab_size,),
+                    self.param_dtype,
+                )
+                logits = logits + bias.astype(stream)
         logits = nn.with_logical_constraint(logits.astype(stream), layers.BLV)
         logits = logits[..., : self.vocab_size]
         if cache is None:
@@ -370,7 +440,7 @@ _REQUIRED_FIELDS = (
 )  # fmt: skip
 # Fields added after checkpoints began storing their config: a stored config without them means these values
 # (the layout those checkpoints were written with), so older checkpoints stay loadable.
-_LATER_FIELDS = {"remat_policy": "full", "scan_layers": False}
+_LATER_FIELDS = {"remat_policy": "full", "scan_layers": False, "logit_shift": False, "attention": ""}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -385,33 +455,70 @@ def compute_dtype(name: str, backend: str | None = None):
     return _DTYPES[name]
 
 
+def _later(config, field: str):
+    """A model field of _LATER_FIELDS: its value, or its default for a stored config written before it."""
+    return config[field] if field in config else _LATER_FIELDS[field]
+
+
+def attention_of(config) -> str:
+    """'bidirectional' | 'causal' | 'block_causal': the attention of the network config.model describes
+    (implied by the name, or config.model.attention for 'llama')."""
+    if config.name == "llama":
+        return config.attention
+    if config.name not in _ATTENTION_OF_NAME:
+        raise ValueError(
+            f"config.model.name must be one of {(*_ATTENTION_OF_NAME, 'llama')}, got {config.name!r}"
+        )
+    attention = _later(config, "attention")
+    if attention not in ("", _ATTENTION_OF_NAME[config.name]):
+        raise ValueError(
+            f"config.model.attention={attention!r} contradicts config.model.name={config.name!r} (whose "
+            f"attention is {_ATTENTION_OF_NAME[config.name]!r}); set it to '' or use name='llama'"
+        )
+    return _ATTENTION_OF_NAME[config.name]
+
+
 def get_model(config, vocab_size: int) -> Transformer:
     """The network of `config` (a config.model ConfigDict, see ddlm.models.config.default_config).
 
-    name 'dit' -> bidirectional DiT; 'ar' -> causal transformer; 'bd3lm' -> block-causal 2L-input transformer.
+    name 'dit' -> bidirectional DiT; 'ar' -> causal transformer; 'bd3lm' -> block-causal 2L-input transformer;
+    'llama' -> the LLaMA family (ddlm.models.llama) with config.model.attention.
     """
     missing = [f for f in _REQUIRED_FIELDS if f not in config]
     if missing:
         raise ValueError(f"config.model lacks fields {missing}; start from ddlm.models.default_config(size)")
-    later = {name: config[name] if name in config else value for name, value in _LATER_FIELDS.items()}
-    if config.name not in _ATTENTION_OF_NAME:
-        raise ValueError(f"config.model.name must be one of {tuple(_ATTENTION_OF_NAME)}, got {config.name!r}")
+    attention_of(config)  # a known name, and an attention field that agrees with it
     if config.param_dtype not in _DTYPES:
         raise ValueError(
             f"config.model.param_dtype must be one of {tuple(_DTYPES)}, got {config.param_dtype!r}"
         )
-    if later["remat_policy"] not in stack.REMAT_POLICIES[1:]:
+    compute_dtype(config.dtype)
+    if _later(config, "remat_policy") not in stack.REMAT_POLICIES[1:]:
         raise ValueError(
             f"config.model.remat_policy must be one of {stack.REMAT_POLICIES[1:]} (used when remat=True), "
-            f"got {later['remat_policy']!r}"
+            f"got {_later(config, 'remat_policy')!r}"
         )
     if config.vocab_multiple < 1:
         raise ValueError(f"config.model.vocab_multiple must be >= 1, got {config.vocab_multiple}")
+    if _later(config, "logit_shift") and attention_of(config) == "causal":
+        raise ValueError(
+            "config.model.logit_shift=True is for diffusion networks adapted from an AR one (bidirectional or "
+            "block_causal attention); a causal network already predicts the next token"
+        )
+    if config.name == "llama":
+        from ddlm.models import llama
+
+        return llama.get_llama(config, vocab_size)
     if config.d_model % config.num_heads:
         raise ValueError(f"num_heads={config.num_heads} must divide d_model={config.d_model}")
-    return Transformer(
+    return Transformer(**network_kwargs(config, vocab_size))
+
+
+def network_kwargs(config, vocab_size: int) -> dict:
+    """The Transformer fields every network family reads from config.model (checked by `get_model`)."""
+    return dict(  # noqa: C408 -- the constructor's keyword arguments
         vocab_size=vocab_size,
-        attention=_ATTENTION_OF_NAME[config.name],
+        attention=attention_of(config),
         num_layers=config.num_layers,
         d_model=config.d_model,
         num_heads=config.num_heads,
@@ -424,8 +531,9 @@ def get_model(config, vocab_size: int) -> Transformer:
         param_dtype=_DTYPES[config.param_dtype],
         tie_embeddings=config.tie_embeddings,
         remat=config.remat,
-        remat_policy=later["remat_policy"],
-        scan_layers=later["scan_layers"],
+        remat_policy=_later(config, "remat_policy"),
+        scan_layers=_later(config, "scan_layers"),
         attention_impl=config.attention_impl,
         vocab_multiple=config.vocab_multiple,
+        logit_shift=bool(_later(config, "logit_shift")),
     )

@@ -21,6 +21,11 @@ absolute positions and scores depend on position differences only, so nothing is
 most window + block_size positions, so a window of the training length minus one block keeps every relative
 distance inside what the network was trained on.
 
+Logit shift (a network adapted from an AR one, Fast-dLLM v2: decoder.logit_shift): the prediction for position
+i is the output at i - 1. Inside a block that is the step's own output one slot to the left; for a block's first
+position it is the output at the last position of the previous clean block, which the cache write of that block
+computes and the loop keeps (the first block's first position keeps its own output, as the training forward).
+
 Variable length (BD3-LM's variable-length generation): with stop_at_eos the loop ends once every row has
 generated eos_id, and the output is padded after each row's first generated eos.
 """
@@ -32,6 +37,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from ddlm.models import layers
 from ddlm.models.decoding import Decoder
 from ddlm.sampling.autoregressive import check_decoding_inputs, finish_tokens
 from ddlm.sampling.masked import SampleOutput
@@ -86,9 +92,10 @@ def block_sample(
     capacity = window_blocks * block
     time_conditioning = decoder.time_conditioning
     in_block = jnp.arange(block)
+    shift = kv_cache and decoder.logit_shift  # without the cache, the training forward shifts by itself
 
     def body(carry):
-        b, x, cache, slot_block, nfe, done = carry
+        b, x, cache, slot_block, nfe, done, last_logits = carry
         start = b * block
         positions = start + in_block
         x_block = jax.lax.dynamic_slice_in_dim(x, start, block, axis=1)
@@ -98,7 +105,11 @@ def block_sample(
         def denoise_fn(xt_block, t):
             t = t if time_conditioning else None
             if kv_cache:
-                return decoder.step(cache, xt_block, positions, attend, None, t, None)[0]
+                logits = decoder.step(cache, xt_block, positions, attend, None, t, None)[0]
+                if shift:  # position i from the output at i - 1 (see the module docstring)
+                    first = jnp.where(b == 0, logits[:, 0], last_logits.astype(logits.dtype))
+                    logits = jnp.concatenate([first[:, None], logits[:, :-1]], axis=1)
+                return logits
             # No cache: the training forward on [xt | x0]; only block b of xt and the clean blocks < b of x
             # reach block b's logits (block_diffusion_mask), so the other positions may hold anything.
             xt = jax.lax.dynamic_update_slice_in_dim(jnp.full_like(x, mask_id), xt_block, start, axis=1)
@@ -121,20 +132,23 @@ def block_sample(
                 # The clean block at t = 0 attends the cached blocks and itself (block-causal), as the x0 half
                 # of the training input; its keys/values replace the oldest block in the ring.
                 t0 = jnp.zeros((batch,), jnp.float32) if time_conditioning else None
-                _, new_cache = decoder.step(cache, tokens, positions, attend, None, t0, slot * block)
-                return new_cache, slot_block.at[slot].set(b), nfe + 1
+                logits, new_cache = decoder.step(cache, tokens, positions, attend, None, t0, slot * block)
+                last = logits[:, -1].astype(last_logits.dtype) if shift else last_logits
+                return new_cache, slot_block.at[slot].set(b), nfe + 1, last
 
             # The last block's keys are never read: skip its write.
-            cache, slot_block, nfe = jax.lax.cond(b < num_blocks - 1, write, lambda: (cache, slot_block, nfe))
+            cache, slot_block, nfe, last_logits = jax.lax.cond(
+                b < num_blocks - 1, write, lambda: (cache, slot_block, nfe, last_logits)
+            )
         if stop_at_eos:
             generated = jax.lax.dynamic_slice_in_dim(x_init, start, block, axis=1) == mask_id
             done = done | jnp.any((tokens == eos_id) & generated, axis=1)
         if progress_fn is not None:
             jax.debug.callback(progress_fn, b + 1)
-        return b + 1, x, cache, slot_block, nfe, done
+        return b + 1, x, cache, slot_block, nfe, done, last_logits
 
     def cond(carry):
-        b, *_, done = carry
+        b, *_, done, _ = carry
         return (b < num_blocks) & ~jnp.all(done)
 
     cache = decoder.init_cache(batch, capacity) if kv_cache else None
@@ -146,6 +160,8 @@ def block_sample(
         slot_block,
         jnp.zeros((), jnp.int32),
         jnp.zeros((batch,), bool),
+        # The previous clean block's last output (logit shift); a scalar placeholder otherwise.
+        jnp.zeros((batch, decoder.vocab_size) if shift else (), layers.stream_dtype(decoder.model.dtype)),
     )
-    _, x, _, _, nfe, _ = jax.lax.while_loop(cond, body, carry)
+    _, x, _, _, nfe, _, _ = jax.lax.while_loop(cond, body, carry)
     return SampleOutput(finish_tokens(x, x_init, mask_id, eos_id if stop_at_eos else None, pad_id), nfe, None)

@@ -120,10 +120,12 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
     # Every sampler field is checked before the (slow) checkpoint restore.
     sc = config_lib.validate(sc, diffusion=config.diffusion, seq_len=seq_len)
     # ar / bd3lm decode with the network's KV cache: only exact for a causal / block-causal network.
-    if sc.name in ("ar", "bd3lm") and config.model.name != sc.name:
+    needed = {"ar": "causal", "bd3lm": "block_causal"}.get(sc.name)
+    if needed and models.attention_of(config.model) != needed:
         raise ValueError(
             f"config.sampler.name={sc.name!r} decodes with a KV cache and needs config.model.name="
-            f"{sc.name!r}, got {config.model.name!r}"
+            f"{sc.name!r}, got {config.model.name!r} (or name 'llama' with config.model.attention={needed!r}, "
+            f"got {models.attention_of(config.model)!r})"
         )
     # Fast-dLLM's prefix / dual caches approximate a bidirectional network's keys/values.
     if sc.cache != "none" and config.model.name != "dit":

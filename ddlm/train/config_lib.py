@@ -91,6 +91,16 @@ def train_config(*, steps: int, batch_size: int, seq_len: int):
     )
     c.peak_flops_per_device = 0.0  # for the MFU estimate; 0 = look up the device kind
     c.sample_at_end = False  # write samples (ddlm.sampling.cli.run_sampling) after training
+    c.init_from = (
+        ""  # start from the parameters of this workdir's checkpoint (ddlm/train/adapt.py); '' = init
+    )
+    return c
+
+
+def adapt_config():
+    """AR-to-diffusion adaptation (ddlm/train/adapt.py); the starting checkpoint is config.train.init_from."""
+    c = ml_collections.ConfigDict()
+    c.anneal_steps = 0  # DiffuLLaMA: steps over which attention opens from causal to bidirectional; 0 = off
     return c
 
 
@@ -128,6 +138,7 @@ def base_config(*, model, diffusion, data, optim, mesh, train, sampler) -> ml_co
     c.mesh = mesh
     c.train = train
     c.sampler = sampler
+    c.adapt = adapt_config()
     from ddlm.eval import config as eval_config
 
     c.eval = eval_config.default_config()  # --mode=eval: likelihood with error bars, sample quality
@@ -155,6 +166,25 @@ def model_config(size: str, **fields) -> ml_collections.ConfigDict:
     from ddlm import models
 
     return _with_fields(models.default_config(size), fields, "model")
+
+
+def quickstart_config(*, model, diffusion, sampler) -> ml_collections.ConfigDict:
+    """experiments/quickstart.py's recipe (Shakespeare characters, 600 steps of 32 x 128 tokens, AdamW 2e-3 with
+    50 warmup steps and cosine decay, EMA 0.99, 8 eval batches, 4 samples) for another network, loss and sampler."""
+    train = train_config(steps=600, batch_size=32, seq_len=128)
+    train.log_every, train.eval_every, train.ckpt_every, train.eval_batches = 50, 200, 200, 8
+    optim = optim_config(lr=2e-3, warmup_steps=50, decay="cosine")
+    optim.ema_decay = 0.99
+    sampler.num_samples, sampler.batch_size = 4, 4
+    return base_config(
+        model=model,
+        diffusion=diffusion,
+        data=data_config(corpus="shakespeare", tokenizer="char"),
+        optim=optim,
+        mesh=mesh_config(),
+        train=train,
+        sampler=sampler,
+    )
 
 
 def apply_smoke(config) -> None:

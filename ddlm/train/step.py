@@ -20,14 +20,18 @@ import optax
 
 from ddlm.train.state import TrainState
 
-# loss_fn(params, batch, rng, train) -> (scalar loss, metrics dict)
+# loss_fn(params, batch, rng, train[, step]) -> (scalar loss, metrics dict)
 LossFn = Callable[[Any, dict, jax.Array, bool], tuple[jax.Array, dict]]
 
 
 def make_loss_fn(
-    model: nn.Module, diffusion_config, model_config, *, vocab_size: int, mask_id: int
+    model: nn.Module, diffusion_config, model_config, *, vocab_size: int, mask_id: int, anneal_steps: int = 0
 ) -> LossFn:
-    """Binds the network and the diffusion config into loss_fn(params, batch, rng, train)."""
+    """Binds the network and the diffusion config into loss_fn(params, batch, rng, train, step=None).
+
+    anneal_steps > 0 (AR-to-diffusion adaptation, ddlm/train/adapt.py): when given the optimizer `step`, the
+    network attends through that step's annealed causal-to-bidirectional mask; without a step (eval) it
+    uses its own (bidirectional) attention."""
     from ddlm import losses, schedules  # the lead's modules (see CONTRACTS.md)
 
     schedule = schedules.get_schedule(diffusion_config.schedule, **dict(diffusion_config.schedule_kwargs))
@@ -35,12 +39,20 @@ def make_loss_fn(
     block_size = int(model_config.block_size) if loss_name == "bd3lm" else None
     num_steps = int(diffusion_config.num_steps) or None
 
-    def loss_fn(params, batch, rng, train):
+    def loss_fn(params, batch, rng, train, step=None):
         dropout_rng, loss_rng = jax.random.split(rng)
+        extra = {}
+        if anneal_steps and step is not None:
+            from ddlm.train import adapt
+
+            mask_rng = jax.random.fold_in(rng, 0x616E6E)  # its own stream: the other draws are unchanged
+            extra["attention_mask"] = adapt.annealed_attention_mask(
+                mask_rng, step, batch["tokens"].shape[1], anneal_steps
+            )
 
         def apply_fn(xt, t, x0_context):
             logits = model.apply(
-                {"params": params}, xt, t, x0=x0_context, train=train, rngs={"dropout": dropout_rng}
+                {"params": params}, xt, t, x0=x0_context, train=train, rngs={"dropout": dropout_rng}, **extra
             )
             return logits.astype(jnp.float32)
 

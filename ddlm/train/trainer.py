@@ -138,7 +138,9 @@ def validate_config(config, num_devices: int | None = None):
             f"config.train.eval_batch_size={t.eval_batch_size} must be divisible by mesh data*fsdp={data * fsdp}"
         )
     from ddlm.data import sft
+    from ddlm.train import adapt
 
+    adapt.validate(config)
     if (config.diffusion.loss == "sft") != sft.is_sft(config.data):
         raise ConfigError(
             "config.diffusion.loss='sft' and config.data.sft_data go together (the SFT loss reads the "
@@ -178,7 +180,12 @@ def build(config, devices=None) -> Setup:
     tokenizer = tokenizers.get_tokenizer(config.data)
     model = models.get_model(config.model, tokenizer.vocab_size)
     loss_fn = step_lib.make_loss_fn(
-        model, config.diffusion, config.model, vocab_size=tokenizer.vocab_size, mask_id=tokenizer.mask_id
+        model,
+        config.diffusion,
+        config.model,
+        vocab_size=tokenizer.vocab_size,
+        mask_id=tokenizer.mask_id,
+        anneal_steps=config.adapt.anneal_steps,
     )
     lr_schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
     tx = optim.make_optimizer(config.optim, config.train.steps)
@@ -214,11 +221,14 @@ def jit_train_step(setup: Setup):
 
     def stepped(state, batch):
         rng = jax.random.fold_in(state.rng, state.step)
+        loss_fn = setup.loss_fn
+        if cfg.adapt.anneal_steps:  # the annealed attention mask depends on the step (ddlm/train/adapt.py)
+            loss_fn = functools.partial(loss_fn, step=state.step)
         return step_lib.train_step(
             state,
             batch,
             rng,
-            loss_fn=setup.loss_fn,
+            loss_fn=loss_fn,
             tx=setup.tx,
             lr_schedule=setup.lr_schedule,
             accum_steps=cfg.optim.grad_accum_steps,
@@ -410,6 +420,9 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
 def _train_and_evaluate(config, workdir: str, devices, resources: contextlib.ExitStack) -> dict:
     # ---------------------------------------------------------------- setup
     checkpoints.check_writable(workdir, "--workdir")
+    from ddlm.train import adapt
+
+    adapt.check_resumable(workdir)  # a converted (parameters-only) folder is a start, not a run to resume
     setup = build(config, devices)
     check_validation_split(setup)
     cfg = config.train
@@ -437,6 +450,10 @@ def _train_and_evaluate(config, workdir: str, devices, resources: contextlib.Exi
     if state is None:
         state = setup.init_state()
         logging.info("No checkpoint in %s: initialised a new model.", checkpointer.directory)
+        if cfg.init_from:  # AR-to-diffusion adaptation and fine-tuning: the parameters of another run
+            params = adapt.load_init_params(cfg.init_from, setup.abstract_state().params, setup.tokenizer)
+            # Two buffers: the train step donates the state, and one buffer cannot be donated twice.
+            state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
     else:
         logging.info("Restored checkpoint from step %d (of %d).", restored, total)
     start = int(jax.device_get(state.step))

@@ -1,0 +1,425 @@
+"""Import of Hugging Face LLaMA / Qwen2 causal LMs (config.json + *.safetensors on local disk) into the LLaMA
+network, written as an ordinary ddlm checkpoint.
+
+    python -m ddlm.models.convert --hf_dir=/path/to/TinyLlama-1.1B --workdir=runs/tinyllama
+    python -m ddlm.main --mode=sample --config=runs/tinyllama/config.py --workdir=runs/tinyllama \\
+        --config.sampler.prompt="Once upon a time" --config.sampler.stop_at_eos=True
+    # adapt it to diffusion (ddlm/train/adapt.py): a new workdir that starts from its parameters
+    python -m ddlm.main --config=runs/tinyllama/config.py --workdir=runs/tinyllama_mdlm \\
+        --config.train.init_from=runs/tinyllama --config.model.attention=bidirectional \\
+        --config.model.logit_shift=True --config.diffusion.loss=mdlm --config.data.corpus=...
+
+Nothing is downloaded: the files are read with the `safetensors` library, one tensor at a time, each laid out
+in ddlm's shapes on the host and placed on the mesh with its target NamedSharding
+(`jax.make_array_from_callback`: every device receives only its shard), so the full model never sits on one
+device; the host holds one tensor at a time.
+
+Layout (Hugging Face -> ddlm, ddlm/models/llama.py); nn.Linear weights are [out, in]:
+    model.embed_tokens.weight [V, d]              token_embedding [V', d]  (rows V.. padded; row V = mask)
+    model.layers.i.input_layernorm.weight         block_i/norm_attn/scale
+    model.layers.i.self_attn.{q,k,v}_proj.weight  block_i/attn/{q,k,v}_kernel [d, heads, head_dim] (= W^T)
+    model.layers.i.self_attn.{q,k,v}_proj.bias    block_i/attn/{q,k,v}_bias [heads, head_dim] (Qwen2)
+    model.layers.i.self_attn.o_proj.weight        block_i/attn/out_kernel [heads, head_dim, d] (= W^T)
+    model.layers.i.post_attention_layernorm       block_i/norm_mlp/scale
+    model.layers.i.mlp.{gate,up,down}_proj        block_i/mlp/{gate,up,down}_kernel (= W^T)
+    model.norm.weight                             norm_final/scale
+    lm_head.weight [V, d] (untied only)           output_kernel [d, V'] (= W^T, padded)
+Hugging Face's LLaMA layout already uses the rotate-half rotary convention of `layers.rotary_embedding`, so
+no permutation is needed. The converter appends one id, the mask of the diffusion losses and samplers
+(ddlm's vocabulary convention: the mask is the last id): its embedding row is the mean of the others (a
+common start for a new token), its output column zero.
+
+A missing tensor, a tensor of another shape, or a tensor that is not part of the model is one ConversionError
+naming it. Not supported (a clear error): rope_scaling (LLaMA 3.1's frequency scaling), sliding-window
+attention, MLP or output-projection biases, activations other than SiLU.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+
+import flax
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding
+
+from ddlm.sharding import ConfigError
+
+SUPPORTED = ("llama", "qwen2")
+# Tensors some checkpoints carry that are not parameters (old LLaMA exports store the rotary frequencies).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class ConversionError(ConfigError):
+    """A checkpoint that cannot be imported; the message is one line naming the file, field or tensor."""
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def read_hf_config(hf_dir: str) -> dict:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ConversionError(f"--hf_dir={hf_dir}: no config.json (expected a Hugging Face model folder)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _rope_base(hf: dict) -> float:
+    """rope_theta, top level (transformers 4) or in rope_parameters (transformers 5); only plain rotary."""
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling")
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type")) or rope.get("rope_type", "default")
+    if kind != "default":
+        raise ConversionError(
+            f"config.json: rope scaling {kind!r} is not supported (plain rotary only; rope_scaling / "
+            "rope_parameters.rope_type must be absent or 'default')"
+        )
+    base = hf.get("rope_theta", rope.get("rope_theta", 10_000.0))
+    return float(base)
+
+
+def model_config_from_hf(hf: dict) -> tuple[ml_collections.ConfigDict, int]:
+    """(config.model for name 'llama' with causal attention, the checkpoint's vocabulary size V) of a
+    Hugging Face config.json; ConversionError naming the field for what the LLaMA network cannot express."""
+    from ddlm.models.config import default_config
+
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED:
+        raise ConversionError(
+            f"config.json: model_type {model_type!r} is not supported; expected one of {SUPPORTED}"
+        )
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConversionError(
+            f"config.json: hidden_act={hf['hidden_act']!r}; the LLaMA network's SwiGLU uses 'silu'"
+        )
+    if model_type == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
+        raise ConversionError(
+            "config.json: attention_bias / mlp_bias = true (biases on the output and MLP projections) are not "
+            "supported; only Qwen2's q/k/v biases are"
+        )
+    if hf.get("use_sliding_window"):
+        raise ConversionError("config.json: use_sliding_window=true is not supported (full attention only)")
+    d_model, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    c = default_config("tiny")
+    c.name, c.attention = "llama", "causal"
+    c.num_layers = int(hf["num_hidden_layers"])
+    c.d_model, c.num_heads = d_model, heads
+    c.num_kv_heads = int(hf.get("num_key_value_heads") or heads)
+    head_dim = int(hf.get("head_dim") or d_model // heads)
+    c.head_dim = 0 if head_dim * heads == d_model else head_dim
+    c.mlp_dim = int(hf["intermediate_size"])
+    c.rope_base = _rope_base(hf)
+    c.norm_eps = float(hf.get("rms_norm_eps", 1e-6))
+    c.qkv_bias = model_type == "qwen2"
+    c.tie_embeddings = bool(hf.get("tie_word_embeddings", False))
+    c.time_conditioning, c.dropout, c.cond_dim = False, 0.0, 1
+    c.dtype = "float32"
+    return c, int(hf["vocab_size"])
+
+
+# ------------------------------------------------------------------------------------------------ tensors
+
+
+def _heads_out(heads: int, head_dim: int):
+    """[heads * head_dim, d] (nn.Linear) -> [d, heads, head_dim]."""
+    return lambda w: w.T.reshape(w.shape[1], heads, head_dim)
+
+
+def tensor_plan(model_config, vocab: int) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], object]]:
+    """{Hugging Face tensor name: (ddlm parameter path, the tensor's expected shape, host transform)}."""
+    c = model_config
+    d, heads, kv = c.d_model, c.num_heads, c.num_kv_heads or c.num_heads
+    head_dim = c.head_dim or d // heads
+    plan = {"model.embed_tokens.weight": (("token_embedding",), (vocab, d), None)}
+    for i in range(c.num_layers):
+        pre, blk = f"model.layers.{i}.", f"block_{i}"
+        plan[pre + "input_layernorm.weight"] = ((blk, "norm_attn", "scale"), (d,), None)
+        plan[pre + "post_attention_layernorm.weight"] = ((blk, "norm_mlp", "scale"), (d,), None)
+        for name, n in (("q", heads), ("k", kv), ("v", kv)):
+            plan[pre + f"self_attn.{name}_proj.weight"] = (
+                (blk, "attn", f"{name}_kernel"),
+                (n * head_dim, d),
+                _heads_out(n, head_dim),
+            )
+            if c.qkv_bias:
+                plan[pre + f"self_attn.{name}_proj.bias"] = (
+                    (blk, "attn", f"{name}_bias"),
+                    (n * head_dim,),
+                    lambda b, n=n: b.reshape(n, head_dim),
+                )
+        plan[pre + "self_attn.o_proj.weight"] = (
+            (blk, "attn", "out_kernel"),
+            (d, heads * head_dim),
+            lambda w: w.T.reshape(heads, head_dim, d),
+        )
+        for name in ("gate", "up"):
+            plan[pre + f"mlp.{name}_proj.weight"] = (
+                (blk, "mlp", f"{name}_kernel"),
+                (c.mlp_dim, d),
+                np.transpose,
+            )
+        plan[pre + "mlp.down_proj.weight"] = ((blk, "mlp", "down_kernel"), (d, c.mlp_dim), np.transpose)
+    plan["model.norm.weight"] = (("norm_final", "scale"), (d,), None)
+    if not c.tie_embeddings:
+        plan["lm_head.weight"] = (("output_kernel",), (vocab, d), np.transpose)
+    return plan
+
+
+def index_safetensors(hf_dir: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{tensor name: (file, shape)} from the headers of every *.safetensors file in hf_dir (nothing read)."""
+    from safetensors import safe_open
+
+    files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
+    if not files:
+        raise ConversionError(
+            f"--hf_dir={hf_dir}: no *.safetensors files (PyTorch .bin checkpoints are not read)"
+        )
+    index = {}
+    for path in files:
+        with safe_open(path, framework="numpy") as f:
+            for name in f.keys():  # noqa: SIM118 -- a safetensors file handle, not a dict
+                if name in index:
+                    raise ConversionError(f"tensor {name!r} is in both {index[name][0]} and {path}")
+                index[name] = (path, tuple(f.get_slice(name).get_shape()))
+    return index
+
+
+def check_tensors(plan: dict, index: dict, tied: bool) -> None:
+    """ConversionError naming the first missing, mis-shaped or unexpected tensor."""
+    for name, (_, shape, _) in plan.items():
+        if name not in index:
+            raise ConversionError(f"tensor {name!r} (shape {shape}) is missing from the safetensors files")
+        if index[name][1] != shape:
+            raise ConversionError(
+                f"tensor {name!r} in {os.path.basename(index[name][0])} has shape {index[name][1]}, expected "
+                f"{shape} from config.json"
+            )
+    for name in index:
+        if name in plan or name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            continue
+        raise ConversionError(
+            f"tensor {name!r} in {os.path.basename(index[name][0])} is not a parameter of the model config.json "
+            "describes (a config / weights mismatch?)"
+        )
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def load_params(hf_dir: str, model, mesh, *, vocab: int, log_every: int = 0):
+    """The parameter tree of `model` (a ddlm Llama with vocab_size = vocab + 1) from the safetensors files of
+    hf_dir, each leaf a jax.Array sharded over `mesh` per the logical axis rules. The host holds one tensor
+    (in its ddlm layout) at a time; each device receives only its shard."""
+    from safetensors import safe_open
+
+    from ddlm import sharding
+
+    hf = read_hf_config(hf_dir)
+    model_config, hf_vocab = model_config_from_hf(hf)
+    if hf_vocab != vocab or model.vocab_size != vocab + 1:
+        raise ConversionError(
+            f"the network's vocab_size={model.vocab_size} must be config.json's vocab_size={hf_vocab} + 1 (mask)"
+        )
+    plan = tensor_plan(model_config, vocab)
+    index = index_safetensors(hf_dir)
+    check_tensors(plan, index, model_config.tie_embeddings)
+
+    boxed, _ = sharding.abstract_params(model, sharding.model_init_inputs("ar", 1, 8))
+    targets = flax.traverse_util.flatten_dict(sharding.sharded_abstract_params(boxed, mesh))
+    planned = {path: name for name, (path, _, _) in plan.items()}
+    missing = sorted("/".join(p) for p in targets if p not in planned)
+    if missing:  # a network / plan disagreement: a bug here, not in the checkpoint
+        raise ConversionError(f"no Hugging Face tensor is mapped to the parameters {missing}")
+    handles = {}
+    out = {}
+    t0 = time.time()
+    try:
+        for k, (path, target) in enumerate(targets.items()):
+            name = planned[path]
+            file = index[name][0]
+            if file not in handles:
+                handles[file] = safe_open(file, framework="numpy").__enter__()
+            value = handles[file].get_tensor(name)
+            transform = plan[name][2]
+            value = np.asarray(transform(value) if transform is not None else value)
+            value = _pad_vocab(path, value, target.shape, vocab)
+            out[path] = _place(value.astype(target.dtype), target.sharding)
+            if log_every and (k + 1) % log_every == 0:
+                print(f"convert: {k + 1}/{len(targets)} tensors, {time.time() - t0:.1f}s", flush=True)
+    finally:
+        for handle in handles.values():
+            handle.__exit__(None, None, None)
+    return flax.traverse_util.unflatten_dict(out)
+
+
+def _pad_vocab(path, value: np.ndarray, shape, vocab: int) -> np.ndarray:
+    """The embedding [V, d] / output kernel [d, V] into the padded [V', d] / [d, V'] with the mask id V: its
+    embedding row the mean of the others, its output column zero; padding rows zero."""
+    if path not in (("token_embedding",), ("output_kernel",)):
+        return value
+    out = np.zeros(shape, value.dtype)
+    if path == ("token_embedding",):
+        out[:vocab] = value
+        out[vocab] = value.astype(np.float64).mean(axis=0)
+    else:
+        out[:, :vocab] = value
+    return out
+
+
+def _place(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """value on sharding's devices, each device sent only its shard (multi-process safe)."""
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+# ------------------------------------------------------------------------------------------------ checkpoint
+
+
+def converted_config(hf_dir: str, *, tokenizer: str = "", seq_len: int = 0) -> ml_collections.ConfigDict:
+    """The experiment config stored with a converted checkpoint: the LLaMA network (causal), the AR loss, the
+    checkpoint's tokenizer ('hf' reading its tokenizer.json, or a ddlm tokenizer whose vocab_size equals the
+    checkpoint's + 1), the 'ar' sampler; train.seq_len = seq_len or min(max_position_embeddings, 1024)."""
+    from ddlm.train import config_lib as cl
+
+    hf = read_hf_config(hf_dir)
+    model, vocab = model_config_from_hf(hf)
+    tokenizer_json = os.path.join(os.path.abspath(hf_dir), "tokenizer.json")
+    if not tokenizer:
+        tokenizer = "hf" if os.path.exists(tokenizer_json) else ""
+    if not tokenizer:
+        raise ConversionError(
+            f"--hf_dir={hf_dir} has no tokenizer.json: pass --tokenizer=<a ddlm tokenizer with vocab_size "
+            f"{vocab + 1}> (e.g. byte for 259 ids)"
+        )
+    data = cl.data_config(tokenizer=tokenizer, vocab_size=vocab + 1)
+    if tokenizer == "hf":
+        data.tokenizer_path = tokenizer_json
+    seq_len = seq_len or min(int(hf.get("max_position_embeddings", 1024)), 1024)
+    train = cl.train_config(steps=1, batch_size=8, seq_len=seq_len)
+    config = cl.base_config(
+        model=model,
+        diffusion=cl.diffusion_config("ar"),
+        data=data,
+        optim=cl.optim_config(lr=1e-5, warmup_steps=0),
+        mesh=cl.mesh_config(),
+        train=train,
+        sampler=cl.sampler_config(name="ar"),
+    )
+    return config
+
+
+def convert(
+    hf_dir: str,
+    workdir: str,
+    *,
+    tokenizer: str = "",
+    seq_len: int = 0,
+    devices=None,
+    log_every: int = 0,
+    timings: dict | None = None,
+):
+    """Writes <workdir>/checkpoints/0 (parameters only: 'params' and 'step', the stored config, checksums)
+    and <workdir>/config.py (get_config() returning that config, for --config). Never touches an existing
+    checkpoint: a workdir that has one is an error. Returns (config, params); `timings` (a dict, optional)
+    receives the seconds of the load onto the mesh ('load_s') and of the checkpoint write ('save_s')."""
+    from ddlm import checkpoints, models, sharding
+    from ddlm.data import tokenizers
+
+    config = converted_config(hf_dir, tokenizer=tokenizer, seq_len=seq_len)
+    ckpt_dir = os.path.join(workdir, checkpoints.CHECKPOINTS_DIR)
+    if checkpoints.committed_steps(ckpt_dir):
+        raise ConversionError(
+            f"--workdir={workdir} already holds a checkpoint; choose a new workdir (nothing changed)"
+        )
+    tok = tokenizers.get_tokenizer(config.data)
+    model = models.get_model(config.model, tok.vocab_size)
+    devices = list(jax.devices() if devices is None else devices)
+    mesh = sharding.make_mesh(config.mesh, devices)
+    t0 = time.time()
+    params = load_params(hf_dir, model, mesh, vocab=tok.vocab_size - 1, log_every=log_every)
+    jax.block_until_ready(params)
+    t1 = time.time()
+    step = jax.device_put(np.zeros((), np.int32), sharding.replicated(mesh))
+    meta = {
+        "format": checkpoints.FORMAT_VERSION,
+        "config": json.loads(config.to_json_best_effort()),
+        "compatibility": checkpoints.compatibility(config, tok),
+        "data": {"corpus": "", "tokenizer_fingerprint": tok.fingerprint},
+        "params_only": True,
+        "converted_from": os.path.abspath(hf_dir),
+    }
+    with checkpoints.Checkpointer(ckpt_dir, keep=1, async_save=False) as checkpointer:
+        checkpointer.save(0, {"params": params, "step": step}, metadata=meta, force=True)
+    if timings is not None:
+        timings.update(load_s=t1 - t0, save_s=time.time() - t1)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.py"), "w") as f:
+            f.write(
+                _CONFIG_PY.format(hf_dir=os.path.abspath(hf_dir), config=config.to_json_best_effort(indent=1))
+            )
+    return config, params
+
+
+_CONFIG_PY = '''"""The config of the checkpoint converted from {hf_dir} by ddlm.models.convert: the LLaMA network, loss 'ar',
+the checkpoint's tokenizer. Use it with --config=<this file>; override fields on the command line."""
+
+import json
+
+import ml_collections
+
+CONFIG = json.loads(r"""
+{config}
+""")
+
+
+def get_config(arg=None):
+    del arg
+    return ml_collections.ConfigDict(CONFIG)
+'''
+
+
+def main(argv):
+    from absl import flags
+
+    del argv
+    f = flags.FLAGS
+    t0, timings = time.time(), {}
+    try:
+        config, params = convert(
+            f.hf_dir,
+            f.workdir,
+            tokenizer=f.tokenizer,
+            seq_len=f.seq_len,
+            log_every=f.log_every,
+            timings=timings,
+        )
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"ddlm: error: {type(e).__name__}: {e}") from None
+    from ddlm.models import count_params
+
+    print(
+        f"converted {f.hf_dir} ({config.model.num_layers} layers, {config.model.d_model} wide, "
+        f"{count_params(params):,} parameters) to {f.workdir} in {time.time() - t0:.1f}s (load onto the mesh "
+        f"{timings['load_s']:.1f}s, checkpoint write {timings['save_s']:.1f}s); sample with\n"
+        f"  python -m ddlm.main --mode=sample --config={os.path.join(f.workdir, 'config.py')} --workdir={f.workdir}"
+    )
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string(
+        "hf_dir", None, "Hugging Face model folder: config.json + *.safetensors (+ tokenizer.json)"
+    )
+    flags.DEFINE_string("workdir", None, "new ddlm workdir to write the checkpoint and config.py to")
+    flags.DEFINE_string(
+        "tokenizer", "", "ddlm tokenizer of the config ('' = 'hf' with the folder's tokenizer.json)"
+    )
+    flags.DEFINE_integer("seq_len", 0, "train.seq_len of the config (0 = min(max_position_embeddings, 1024))")
+    flags.DEFINE_integer("log_every", 0, "print progress every this many tensors (0 = never)")
+    flags.mark_flags_as_required(["hf_dir", "workdir"])
+    app.run(main)

@@ -1,0 +1,218 @@
+"""Hugging Face checkpoint import (ddlm/models/convert.py): tiny random LlamaForCausalLM (untied, grouped-query
+attention) and Qwen2ForCausalLM (tied, q/k/v biases) made locally with `transformers` (save_pretrained, nothing
+downloaded); the imported network's logits equal PyTorch's on the same tokens (1e-5 in float32, and in
+float64), also loaded sharded over 8 fake devices; a missing, mis-shaped or unknown tensor is one error
+naming it; the written checkpoint loads for inference, refuses to be resumed, and its greedy 'ar' samples
+through the sampling CLI are PyTorch's greedy continuation."""
+
+import importlib.util
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file, save_file
+
+from ddlm import checkpoints, models, sharding
+from ddlm.models import convert
+from ddlm.sharding import ConfigError
+
+HF_VOCAB = 259  # + the mask id the converter appends = 260 = the byte tokenizer's vocabulary
+FAST = {"xla_backend_optimization_level": 0}
+
+
+def _tokenizer_files(directory):
+    """A small BPE tokenizer.json (trained here on a few lines) with <s> / </s>, and its tokenizer_config.json."""
+    from tokenizers import Tokenizer, pre_tokenizers, trainers
+    from tokenizers import models as tm
+
+    tok = Tokenizer(tm.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    text = ["to be or not to be that is the question", "whether tis nobler in the mind to suffer"] * 20
+    tok.train_from_iterator(
+        text, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"])
+    )
+    tok.save(os.path.join(directory, "tokenizer.json"))
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<s>", "eos_token": {"content": "</s>"}, "pad_token": None}, f)
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    """{'llama' | 'qwen2': (folder, tokens [2, 16], torch float64 model)} saved with save_pretrained."""
+    torch.manual_seed(0)
+    common = {
+        "vocab_size": HF_VOCAB, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+    }  # fmt: skip
+    made = {
+        "llama": transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(**common, rope_theta=500.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+        ),
+        "qwen2": transformers.Qwen2ForCausalLM(
+            transformers.Qwen2Config(**common, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)
+        ),
+    }
+    out = {}
+    for name, model in made.items():
+        with torch.no_grad():  # random norms and biases (their init is 1 / 0: a wrong mapping would hide)
+            for pname, p in model.named_parameters():
+                if "norm" in pname or "bias" in pname:
+                    p.add_(0.3 * torch.randn_like(p))
+        directory = str(tmp_path_factory.mktemp(name))
+        model.save_pretrained(directory)
+        if name == "llama":
+            _tokenizer_files(directory)
+        tokens = torch.randint(0, HF_VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+        out[name] = (directory, tokens, model.eval().double())
+    return out
+
+
+def _reference(model, tokens, dtype):
+    with torch.no_grad():
+        return model.to(dtype)(tokens).logits.double().numpy()
+
+
+def _imported(directory, mesh, dtype=jnp.float32):
+    config = convert.converted_config(directory, tokenizer="byte")
+    model = models.get_model(config.model, HF_VOCAB + 1)
+    params = convert.load_params(directory, model, mesh, vocab=HF_VOCAB)
+    return model.clone(dtype=dtype, param_dtype=dtype), params
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_imported_logits_equal_pytorch(hf_models, name):
+    directory, tokens, torch_model = hf_models[name]
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    model, params = _imported(directory, mesh)
+    assert model.tie_embeddings == (name == "qwen2") and model.qkv_bias == (name == "qwen2")
+    # The appended mask id starts at the mean embedding; the rows padding the table to 384 are zero.
+    emb = np.asarray(params["token_embedding"])
+    np.testing.assert_allclose(emb[HF_VOCAB], emb[:HF_VOCAB].mean(axis=0), atol=1e-6)
+    assert emb.shape == (384, 32) and not np.any(emb[HF_VOCAB + 1 :])
+    forward = jax.jit(lambda p, x: model.apply({"params": p}, x), compiler_options=FAST)
+    logits = np.asarray(forward(params, jnp.asarray(tokens.numpy())))
+    assert logits.shape == (2, 16, HF_VOCAB + 1)
+    np.testing.assert_allclose(
+        logits[..., :HF_VOCAB], _reference(torch_model, tokens, torch.float32), atol=1e-5
+    )
+    # Both in float64: the float64 attention path (its own GQA grouping) is the same function too, to the
+    # float32 rounding of the rotary angles, which transformers computes in float32 whatever the dtype.
+    with jax.enable_x64(True):
+        model64 = model.clone(dtype=jnp.float64, param_dtype=jnp.float64)
+        p64 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params)
+        logits64 = np.asarray(model64.apply({"params": p64}, jnp.asarray(tokens.numpy())))
+    np.testing.assert_allclose(
+        logits64[..., :HF_VOCAB], _reference(torch_model, tokens, torch.float64), atol=1e-6
+    )
+
+
+def test_sharded_import_over_8_devices_places_each_tensor_and_keeps_the_logits(hf_models):
+    directory, tokens, torch_model = hf_models["qwen2"]
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    model, params = _imported(directory, mesh)
+    q = params["block_0"]["attn"]["q_kernel"]  # [d, heads, head_dim]: ('embed', 'heads', 'kv')
+    assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+    assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (16, 2, 8)
+    emb = params["token_embedding"]  # [V', d] = [384, 32]: ('vocab', 'embed')
+    assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    x = jax.device_put(
+        jnp.tile(jnp.asarray(tokens.numpy()), (2, 1)), sharding.batch_sharding(mesh)
+    )  # batch 4
+    with sharding.mesh_context(mesh):
+        logits = jax.jit(lambda p, x: model.apply({"params": p}, x), compiler_options=FAST)(params, x)
+    reference = _reference(torch_model, tokens, torch.float32)
+    np.testing.assert_allclose(np.asarray(logits)[:2, :, :HF_VOCAB], reference, atol=1e-5)
+
+
+def _broken_copy(src, dst, edit_tensors=None, edit_config=None):
+    shutil.copytree(src, dst)
+    if edit_tensors:
+        path = os.path.join(dst, "model.safetensors")
+        tensors = load_file(path)
+        edit_tensors(tensors)
+        save_file(tensors, path)
+    if edit_config:
+        with open(os.path.join(dst, "config.json")) as f:
+            hf = json.load(f)
+        edit_config(hf)
+        with open(os.path.join(dst, "config.json"), "w") as f:
+            json.dump(hf, f)
+    return dst
+
+
+@pytest.mark.parametrize(
+    "tensors, config, message",
+    [
+        (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), None,
+         r"tensor 'model.layers.1.mlp.up_proj.weight' \(shape \(48, 32\)\) is missing"),
+        (lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": np.zeros((32, 32), np.float32)}), None,
+         r"tensor 'model.layers.0.self_attn.k_proj.weight' in model.safetensors has shape \(32, 32\), expected \(16, 32\)"),
+        (lambda t: t.update({"model.layers.0.self_attn.o_proj.bias": np.zeros((32,), np.float32)}), None,
+         r"tensor 'model.layers.0.self_attn.o_proj.bias' in model.safetensors is not a parameter"),
+        (None, lambda c: c.update(num_hidden_layers=3),
+         r"tensor 'model.layers.2.input_layernorm.weight' \(shape \(32,\)\) is missing"),
+        (None, lambda c: c.update(rope_scaling={"rope_type": "llama3", "factor": 8.0}),
+         r"config.json: rope scaling 'llama3' is not supported"),
+        (None, lambda c: c.update(model_type="gemma"), r"config.json: model_type 'gemma' is not supported"),
+    ],
+    ids=["missing", "mismatched", "unexpected", "config_more_layers", "rope_scaling", "model_type"],
+)  # fmt: skip
+def test_a_missing_or_mismatched_tensor_is_one_error_naming_it(hf_models, tmp_path, tensors, config, message):
+    directory = _broken_copy(hf_models["llama"][0], str(tmp_path / "hf"), tensors, config)
+    with pytest.raises(convert.ConversionError, match=message) as info:
+        convert.convert(directory, str(tmp_path / "workdir"), tokenizer="byte")
+    assert "\n" not in str(info.value)
+    assert not checkpoints.committed_steps(str(tmp_path / "workdir" / "checkpoints"))
+
+
+def _torch_greedy(model, ids, length, eos):
+    """PyTorch's greedy continuation of ids up to `length` tokens, stopping after eos."""
+    ids = list(ids)
+    with torch.no_grad():
+        while len(ids) < length:
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+            if ids[-1] == eos:
+                break
+    return ids
+
+
+def test_converted_checkpoint_samples_pytorchs_greedy_continuation(hf_models, tmp_path):
+    """convert() -> <workdir>/checkpoints/0 + config.py (tokenizer 'hf' from the folder's tokenizer.json);
+    --mode=sample's code path with the 'ar' sampler (KV cache, greedy, until eos) gives PyTorch's tokens."""
+    from ddlm.sampling import cli
+    from ddlm.train import trainer
+
+    directory, _, torch_model = hf_models["llama"]
+    workdir = str(tmp_path / "tinyllama")
+    convert.convert(directory, workdir, seq_len=24)
+    spec = importlib.util.spec_from_file_location("converted", os.path.join(workdir, "config.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    assert (config.model.name, config.model.attention, config.data.tokenizer) == ("llama", "causal", "hf")
+    loaded = checkpoints.load_for_inference(workdir)  # the stored config; the parameters ('params', no EMA)
+    assert loaded.step == 0 and loaded.tokenizer.vocab_size == HF_VOCAB + 1
+    s = config.sampler
+    s.prompt, s.greedy, s.stop_at_eos, s.num_samples, s.batch_size, s.progress = (
+        "to be or",
+        True,
+        True,
+        2,
+        2,
+        False,
+    )
+    records = cli.run_sampling(config, workdir)
+    tok = loaded.tokenizer
+    expected = _torch_greedy(torch_model.float(), [tok.bos_id] + tok.encode("to be or"), 24, tok.eos_id)
+    got = records[0]["tokens"][: len(expected)]
+    assert got == expected, (got, expected)
+    assert len(set(expected[5:])) > 1  # a real continuation, not one repeated id
+    # A converted folder is a start (config.train.init_from), not a run to resume.
+    with pytest.raises(ConfigError, match="holds converted parameters only.*init_from="):
+        trainer.train_and_evaluate(config, workdir)
