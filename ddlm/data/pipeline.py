@@ -53,9 +53,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train_split = "train"  # dataset split read for split='train' (tfds slicing allowed: 'train[:90%]')
     c.eval_split = "validation"  # dataset split read for split='validation' (lm1b: 'test')
     c.tokenizer = "char"  # 'char' | 'byte' | 'sentencepiece' | 'gpt2' | 'wordpiece' (a BERT vocab.txt)
-    c.tokenizer_path = (
-        ""  # explicit tokenizer file ('' = the one saved next to the corpus; wordpiece: vocab.txt)
-    )
+    c.tokenizer_path = ""  # explicit tokenizer file ('' = the one next to the corpus; wordpiece: vocab.txt)
     c.vocab_size = 0  # ids incl. specials and mask; 0 = tokenizer's; sentencepiece: size to train
     c.spm_model_type = "bpe"  # SentencePiece model: 'bpe' | 'unigram'
     c.packing = "wrap"  # 'wrap' (concatenate bos doc eos and cut) | 'pad' (one doc per sequence)
