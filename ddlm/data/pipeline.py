@@ -53,8 +53,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train_split = "train"  # dataset split read for split='train' (tfds slicing allowed: 'train[:90%]')
     c.eval_split = "validation"  # dataset split read for split='validation' (lm1b: 'test')
     c.tokenizer = "char"  # 'char' | 'byte' | 'sentencepiece' | 'gpt2' | 'wordpiece' (BERT vocab.txt) | 'hf'
-    # explicit tokenizer file ('' = the one saved next to the corpus; wordpiece: vocab.txt; hf: tokenizer.json)
-    c.tokenizer_path = ""
+    c.tokenizer_path = ""  # explicit file ('' = next to the corpus; wordpiece: vocab.txt; hf: tokenizer.json)
     c.vocab_size = 0  # ids incl. specials and mask; 0 = tokenizer's; sentencepiece: size to train
     c.spm_model_type = "bpe"  # SentencePiece model: 'bpe' | 'unigram'
     c.packing = "wrap"  # 'wrap' (concatenate bos doc eos and cut) | 'pad' (one doc per sequence)
