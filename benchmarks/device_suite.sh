@@ -10,6 +10,8 @@
 #   bash benchmarks/device_suite.sh             # on the device; appends to benchmarks/RESULTS.md
 #   bash benchmarks/device_suite.sh --dry-run   # CPU: tiny sizes, traces and compiles every part (~minutes),
 #                                               # prints the section but does not touch RESULTS.md
+# On an image without ml-collections / grain / tensorflow-datasets / tensorboardX / portpicker (the H200 image
+# of 2026-11), carry them as wheels and install them first: benchmarks/RESULTS.md, "GPU spot checks".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
