@@ -234,6 +234,12 @@ def _leaf_checksum(x) -> jax.Array:
     return jnp.stack([jnp.sum(h, dtype=jnp.uint32), jnp.sum(h * (index | 1), dtype=jnp.uint32)])
 
 
+@jax.jit
+def _tree_checksums(leaves) -> jax.Array:
+    """uint32 [n, 2]: `_leaf_checksum` of each of `leaves`, in one program."""
+    return jnp.stack([_leaf_checksum(x) for x in leaves])
+
+
 def _key_name(key) -> str:
     for attr in ("key", "name", "idx"):
         if hasattr(key, attr):
@@ -256,8 +262,13 @@ def leaf_checksums(tree) -> dict[str, str]:
         # leaves in flight at once, the trainer's first save hung (2 processes x 2 CPU devices, gloo).
         jax.block_until_ready(leaves)
         sums = [_host_value(_leaf_checksum(x)) for x in leaves]
+    elif leaves:
+        # One program for the whole tree. Separate programs in flight at once, each with its own
+        # cross-device reductions, can starve XLA:CPU's collective rendezvous on a loaded machine (8 fake
+        # devices on 2 cores: the process aborted after the rendezvous timeout in a restore).
+        sums = list(_host_value(_tree_checksums(leaves)))
     else:
-        sums = [_host_value(s) for s in [_leaf_checksum(x) for x in leaves]]  # all dispatched, then read
+        sums = []
     return {path: f"{int(v[0]):08x}{int(v[1]):08x}" for path, v in zip(paths, sums, strict=True)}
 
 
