@@ -74,3 +74,18 @@ def tiny_llama_decoder(
         model, tokens, None, tokens if attention == "block_causal" else None, seed=seed
     )
     return models.make_decoder(model, variables)
+
+
+def decode_one_token_at_a_time(prefill, step, tokens, start, capacity):
+    """Causal decoding of `tokens` [B, L] through a decoder's (prefill, step): prefill tokens[:, :start], then
+    one token per step attending the cache slots before it (written in place). Returns the logits of every
+    position [B, L, V] and the final cache."""
+    logits, cache = prefill(tokens[:, :start], capacity)
+    out = [logits]
+    slots = jnp.arange(capacity)
+    for p in range(start, tokens.shape[1]):
+        logits, cache = step(
+            cache, tokens[:, p : p + 1], jnp.array([p]), slots < p, jnp.ones((1, 1), bool), None, p
+        )
+        out.append(logits)
+    return jnp.concatenate(out, axis=1), cache

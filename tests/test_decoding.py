@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from model_utils import tiny_decoder
+from model_utils import decode_one_token_at_a_time, tiny_decoder
 
 from ddlm import models
 
@@ -69,16 +69,8 @@ def test_causal_prefill_and_single_token_steps_equal_the_full_forward():
     assert _err(logits, full) < TOL
     assert len(cache.keys) == 2 and cache.keys[0].shape == (BATCH, capacity, 2, 16)
     # Prefill 5 tokens, then one token per step, each attending the slots before it (written in place).
-    step = dec.step
-    logits, cache = dec.prefill(xt[:, :5], capacity)
-    out = [logits]
-    slots = jnp.arange(capacity)
-    for p in range(5, LENGTH):
-        logits, cache = step(
-            cache, xt[:, p : p + 1], jnp.array([p]), slots < p, jnp.ones((1, 1), bool), None, p
-        )
-        out.append(logits)
-    assert _err(jnp.concatenate(out, axis=1), full) < TOL
+    logits, cache = decode_one_token_at_a_time(dec.prefill, dec.step, xt, 5, capacity)
+    assert _err(logits, full) < TOL
     # The cache written token by token holds the prefill's keys and values.
     _, prefilled = dec.prefill(xt, capacity)
     for a, b in zip(cache.keys + cache.values, prefilled.keys + prefilled.values):
