@@ -8,7 +8,9 @@ vocabulary 50,258) with the layer scan on, compiled once per remat policy, on on
 median of --steps executed steps after a warm-up; MFU = flops_per_token x tokens/s / the device's peak
 (ddlm.train.metrics.peak_flops_per_second: bf16 dense peak for accelerators). A policy that does not fit
 (RESOURCE_EXHAUSTED) is reported as such and the next one is tried. --dry-run: preset tiny, L=64, batch 2,
-float32, XLA attention, 2 steps: traces and compiles everything the device suite runs.
+float32, XLA attention (or pallas_interpret if asked), the first remat policy, 2 steps: traces and compiles
+everything the device suite runs. --experiment=bd3lm --attention=xla|pallas: the BD3-LM step (2L input), the
+dense against the block-sparse attention kernel (MFU counts dense attention FLOPs for both).
 """
 
 import argparse
@@ -29,21 +31,18 @@ def main(argv=None):
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--batch", type=int, default=16, help="sequences per step (one device)")
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--attention", default="cudnn", help="config.model.attention_impl: xla | cudnn")
+    p.add_argument("--attention", default="cudnn", help="config.model.attention_impl: xla | cudnn | pallas")
+    p.add_argument("--experiment", default="mdlm", help="experiments/<name>.py: mdlm (DiT) or bd3lm (2L input)")
     p.add_argument("--remat", default="none,dots_saveable,full", help="policies to try, in order")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--budget_s", type=float, default=0, help="skip policies once this much time is spent")
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args(argv)
-    if args.dry_run:
-        args.preset, args.seq, args.batch, args.dtype, args.attention, args.steps = (
-            "tiny",
-            64,
-            2,
-            "float32",
-            "xla",
-            2,
-        )
+    if args.dry_run:  # attention: XLA's for cudnn/pallas (GPU only); pallas_interpret is kept
+        args.preset, args.seq, args.batch, args.dtype, args.steps = "tiny", 64, 2, "float32", 2
+        args.remat = args.remat.split(",")[0]
+        if args.attention in ("cudnn", "pallas"):
+            args.attention = "xla"
     import jax
 
     import memory
@@ -60,8 +59,9 @@ def main(argv=None):
     except OSError:
         rev = "?"
     print(
-        f"\n{kind} ({jax.default_backend()}), preset {args.preset}, L={args.seq}, batch {args.batch}, {args.dtype}, "
-        f"attention {args.attention}, scan on, revision {rev}, peak {peak / 1e12:.3g} TFLOP/s\n"
+        f"\n{kind} ({jax.default_backend()}), experiments/{args.experiment}.py, preset {args.preset}, "
+        f"L={args.seq}, batch {args.batch}, {args.dtype}, attention {args.attention}, scan on, revision {rev}, "
+        f"peak {peak / 1e12:.3g} TFLOP/s\n"
     )
     print("| preset | remat | tokens/s | step ms | MFU | compile s | temp GB | arguments GB |")
     print("|---|---|---|---|---|---|---|---|")
@@ -104,7 +104,7 @@ def main(argv=None):
 def _compile(memory, args, policy):
     return memory.compile_step(
         args.preset, seq=args.seq, batch_per_device=args.batch, dtype=args.dtype, remat=policy, scan=True,
-        mesh=(1, 1, 1), attention_impl=args.attention,
+        mesh=(1, 1, 1), attention_impl=args.attention, experiment=args.experiment,
     )  # fmt: skip
 
 

@@ -3,7 +3,8 @@
 # benchmarks/RESULTS.md with the card's name, the date and the revision.
 #   1. train step of `small` at L=1024, bf16, cuDNN attention, layer scan, remat none / dots_saveable / full:
 #      tokens/s and MFU against the device's peak (benchmarks/device_step.py);
-#   2. the same for `medium` (batch 8);
+#   2. the same for `medium` (batch 8); BD3-LM `small` (2L input) with XLA's dense attention and with the
+#      block-sparse Pallas kernel (attention_impl='pallas'), remat none;
 #   3. memory_analysis of small / medium / 1b and the largest batch per device in 80 GB (benchmarks/memory.py);
 #   4. the decoding speed table (benchmarks/decode_speed.py, KV-cache samplers), with a time budget.
 #
@@ -27,11 +28,15 @@ device=$($PY -c "import jax; d = jax.devices()[0]; print(f'{jax.device_count()} 
 } | tee -a "$OUT"
 if [ $DRY = 1 ]; then
   $PY benchmarks/device_step.py --dry-run | tee -a "$OUT"
+  $PY benchmarks/device_step.py --dry-run --experiment=bd3lm --attention=pallas_interpret | tee -a "$OUT"
   $PY benchmarks/memory.py --presets=tiny --seq=64 --batches=4,8 --remat=full --dtype=float32 | tee -a "$OUT"
   $PY benchmarks/decode_speed.py --dry-run | tee -a "$OUT"
 else
   timeout 200 $PY benchmarks/device_step.py --preset=small --seq=1024 --batch=16 --budget_s=150 | tee -a "$OUT" || echo "(small: timed out or failed)" | tee -a "$OUT"
   timeout 120 $PY benchmarks/device_step.py --preset=medium --seq=1024 --batch=8 --remat=dots_saveable,full --budget_s=80 | tee -a "$OUT" || echo "(medium: timed out or failed)" | tee -a "$OUT"
+  for impl in xla pallas; do
+    timeout 75 $PY benchmarks/device_step.py --experiment=bd3lm --attention=$impl --preset=small --seq=1024 --batch=8 --remat=none --steps=5 | tee -a "$OUT" || echo "(bd3lm $impl: timed out or failed)" | tee -a "$OUT"
+  done
   timeout 60 $PY benchmarks/memory.py --presets=small,medium,1b --remat=full --seq=1024 | tee -a "$OUT" || echo "(memory: timed out or failed)" | tee -a "$OUT"
   remaining=$(( 450 - ($(date +%s) - T0) ))
   if [ $remaining -gt 30 ]; then

@@ -32,15 +32,17 @@ class _Tokenizer:
 
 
 def compile_step(
-    preset, *, seq, batch_per_device, dtype, remat, scan, mesh, attention_impl="xla", vocab=GPT2_VOCAB
+    preset, *, seq, batch_per_device, dtype, remat, scan, mesh, attention_impl="xla", vocab=GPT2_VOCAB,
+    experiment="mdlm",
 ):
-    """(compiled train step, setup) of experiments/mdlm.py:size=preset for a per-device batch."""
+    """(compiled train step, setup) of experiments/<experiment>.py:size=preset for a per-device batch."""
     import jax
 
     from ddlm.data import tokenizers
     from ddlm.train import trainer
 
-    spec = importlib.util.spec_from_file_location("mdlm", os.path.join(ROOT, "experiments", "mdlm.py"))
+    path = os.path.join(ROOT, "experiments", f"{experiment}.py")
+    spec = importlib.util.spec_from_file_location(experiment, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config(f"size={preset}")

@@ -66,7 +66,7 @@ def default_config(size: str = "tiny") -> ml_collections.ConfigDict:
     c.vocab_multiple = (
         128  # pad embedding/output rows to a multiple (even 'tensor' sharding); logits stay [.., V]
     )
-    c.attention_impl = "xla"  # 'xla' (any backend) | 'cudnn' (fused, NVIDIA GPUs, dtype bfloat16)
+    c.attention_impl = "xla"  # 'xla' (any backend) | 'cudnn' (fused, GPU, bf16) | 'pallas' (block-sparse, GPU)
     c.logit_shift = False  # output i = output layer at i - 1 (AR-to-diffusion adaptation, DiffuLLaMA)
     # name='llama' only (ddlm/models/llama.py):
     c.attention = ""  # 'causal' | 'bidirectional' | 'block_causal'; '' = implied by the name (dit/ar/bd3lm)

@@ -20,6 +20,7 @@ param_dtype float64, under `jax.enable_x64`) keeps all of these in float64: the 
 cache compare float64 logits, where float32 rounding would hide a wrong formula.
 """
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -27,7 +28,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddlm.models import sparse_attention
+
 Dtype = Any
+
+# attention_impl values: XLA's attention (any backend), cuDNN's fused attention (NVIDIA GPUs, bfloat16), the
+# block-sparse Pallas kernel (NVIDIA GPUs) and the same kernel under the Pallas interpreter (any backend, slow).
+ATTENTION_IMPLS = ("xla", "cudnn", "pallas", "pallas_interpret")
+PALLAS_IMPLS = ("pallas", "pallas_interpret")
 
 # Activation layouts at block boundaries.
 BLE = ("batch", "length", "embed")
@@ -282,11 +290,16 @@ def attention(q, k, v, mask, is_causal=False, implementation="xla"):
     query head h reads key/value head h // (H / K), the grouping of jax.nn.dot_product_attention and of
     Hugging Face's `repeat_kv`.
 
-    jax.nn.dot_product_attention for float32/bfloat16 (the training path). It takes the softmax in float32
-    even for float64 inputs, so a float64 network (exactness tests) gets the same formula written out.
+    implementation: 'xla' / 'cudnn' go to jax.nn.dot_product_attention for float32/bfloat16 (the training
+    path); it takes the softmax in float32 even for float64 inputs, so a float64 network (exactness tests) gets
+    the same formula written out. 'pallas' / 'pallas_interpret': the block-sparse kernel of
+    ddlm/models/sparse_attention.py (computes only the tiles the mask allows; the mask must be shared by the
+    batch).
     """
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"key/value heads ({k.shape[2]}) must divide query heads ({q.shape[2]})")
+    if implementation in PALLAS_IMPLS:
+        return _pallas_attention(q, k, v, mask, is_causal, interpret=implementation == "pallas_interpret")
     if q.dtype != jnp.float64:
         return jax.nn.dot_product_attention(
             q, k, v, mask=mask, is_causal=is_causal, implementation=implementation
@@ -300,6 +313,33 @@ def attention(q, k, v, mask, is_causal=False, implementation="xla"):
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
     return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v)
+
+
+def _pallas_attention(q, k, v, mask, is_causal, interpret):
+    """`sparse_attention.block_sparse_attention`, run per shard under the ambient mesh (a Pallas call is not
+    partitioned by XLA): the batch and heads split as the activations' logical names say; the length never is."""
+    if mask is not None:
+        if mask.shape[0] != 1 or mask.shape[1] != 1:
+            raise ValueError(f"attention_impl='pallas' takes one mask for the whole batch, got {mask.shape}")
+        mask = mask[0, 0]
+    kernel = functools.partial(
+        sparse_attention.block_sparse_attention, is_causal=is_causal, interpret=interpret
+    )
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return kernel(q, k, v, mask)
+    spec = nn.logical_to_mesh_axes(BLHK)
+    if spec[1] is not None:
+        raise ValueError("attention_impl='pallas' cannot split the sequence ('length') over devices")
+    # check_vma=False: a pallas_call's outputs carry no varying-axes annotation (each shard is independent).
+    if mask is None:
+        per_shard = jax.shard_map(
+            lambda q, k, v: kernel(q, k, v, None), in_specs=(spec,) * 3, out_specs=spec, check_vma=False
+        )
+        return per_shard(q, k, v)
+    replicated = jax.sharding.PartitionSpec()
+    per_shard = jax.shard_map(kernel, in_specs=(spec,) * 3 + (replicated,), out_specs=spec, check_vma=False)
+    return per_shard(q, k, v, mask)
 
 
 def cached_attention(q, k, v, cache: LayerCache, masks: DecodeMasks, implementation="xla"):
@@ -332,8 +372,8 @@ def cached_attention(q, k, v, cache: LayerCache, masks: DecodeMasks, implementat
         )
         keys, values = cache.keys, cache.values
         mask = jax.lax.dynamic_update_slice_in_dim(attend, self_attend, w, axis=2)
-    # The fused cuDNN kernel wants long query tiles; a decode slice is a few tokens: XLA's attention.
-    impl = "xla" if implementation == "cudnn" else implementation
+    # The fused kernels want long query tiles; a decode slice is a few tokens: XLA's attention.
+    impl = "xla"
     out = attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask[:, None], implementation=impl)
     return out, cache
 
@@ -343,7 +383,9 @@ class SelfAttention(nn.Module):
 
     implementation: 'xla' (any backend; materialises the [L, L] scores) or 'cudnn' (fused flash attention on
     NVIDIA GPUs, bf16/fp16 only; a boolean mask becomes an additive bias). In jax 0.10.2 implementation=None
-    means XLA (jax.nn.dot_product_attention does not auto-select cuDNN), so the choice is explicit.
+    means XLA (jax.nn.dot_product_attention does not auto-select cuDNN), so the choice is explicit. 'pallas':
+    the block-sparse flash kernel (NVIDIA GPUs; the BD3-LM 2L mask computes ~1/4 of the dense tiles);
+    'pallas_interpret': the same kernel under the Pallas interpreter (any backend, slow: tests).
 
     Decoding (`cache` given): the slice's queries attend the cache and themselves (see `cached_attention`);
     returns (out, updated cache).

@@ -50,6 +50,24 @@ def logit_shift_sources(length: int, block_size: int | None = None) -> jax.Array
     return sources.astype(jnp.int32)
 
 
+def check_attention_impl(impl: str, dtype, backend: str | None = None) -> None:
+    """One-line ValueError for an attention kernel that cannot run here (see `layers.ATTENTION_IMPLS`)."""
+    backend = backend or jax.default_backend()
+    if impl not in layers.ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {layers.ATTENTION_IMPLS}, got {impl!r}")
+    if impl == "cudnn" and (backend != "gpu" or jnp.dtype(dtype) == jnp.float32):
+        raise ValueError(
+            f"attention_impl='cudnn' needs a GPU and dtype bfloat16, got backend {backend!r} "
+            f"and dtype {jnp.dtype(dtype).name}; use attention_impl='xla'"
+        )
+    if impl == "pallas" and backend != "gpu":
+        raise ValueError(
+            f"attention_impl='pallas' (the block-sparse Triton kernel) needs an NVIDIA GPU, got backend "
+            f"{backend!r}; use attention_impl='xla' ('pallas_interpret' runs the same kernel in the Pallas "
+            "interpreter: slow, for tests)"
+        )
+
+
 class Transformer(nn.Module):
     """Token embedding -> num_layers DiT blocks -> (adaLN) LayerNorm -> output projection (fp32 logits).
 
@@ -67,7 +85,9 @@ class Transformer(nn.Module):
       remat_policy: with remat, 'full' (recompute the whole block) or 'dots_saveable' (keep matmul outputs).
       scan_layers: one nn.scan over the blocks (parameters stacked under 'blocks'; compile time flat in
         depth) instead of unrolled blocks 'block_0'...; see ddlm/models/stack.py for converting checkpoints.
-      attention_impl: 'xla' (any backend) or 'cudnn' (fused attention on NVIDIA GPUs, needs bfloat16 dtype).
+      attention_impl: 'xla' (any backend), 'cudnn' (fused attention on NVIDIA GPUs, needs bfloat16 dtype),
+        'pallas' (block-sparse flash attention, NVIDIA GPUs: skips the tiles the mask forbids, ~3/4 of BD3-LM's
+        2L scores) or 'pallas_interpret' (that kernel in the Pallas interpreter: any backend, slow; tests).
       vocab_multiple: the embedding and output rows are padded to a multiple of this, so that they shard
         evenly over the 'tensor' mesh axis (GPT-2's 50,258 ids do not divide by 4) and tile well; the padded
         rows are never looked up and their logits are sliced off, so the output is [..., vocab_size].
@@ -128,13 +148,7 @@ class Transformer(nn.Module):
     def _check_inputs(self, tokens, t, x0):
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
-        if self.attention_impl not in ("xla", "cudnn"):
-            raise ValueError(f"attention_impl must be 'xla' or 'cudnn', got {self.attention_impl!r}")
-        if self.attention_impl == "cudnn" and (jax.default_backend() != "gpu" or self.dtype == jnp.float32):
-            raise ValueError(
-                f"attention_impl='cudnn' needs a GPU and dtype bfloat16, got backend {jax.default_backend()!r} "
-                f"and dtype {jnp.dtype(self.dtype).name}; use attention_impl='xla'"
-            )
+        check_attention_impl(self.attention_impl, self.dtype)
         if self.attention == "causal" and self.time_conditioning:
             raise ValueError(
                 "the causal (AR) transformer has no time conditioning: set time_conditioning=False"
@@ -269,8 +283,8 @@ class Transformer(nn.Module):
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"decode: tokens must be int [batch, S], got {tokens.dtype} {tokens.shape}")
         batch, length = tokens.shape
-        if self.attention_impl not in ("xla", "cudnn"):
-            raise ValueError(f"attention_impl must be 'xla' or 'cudnn', got {self.attention_impl!r}")
+        if self.attention_impl not in layers.ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {layers.ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if len(cache.keys) != self.num_layers or len(cache.values) != self.num_layers:
             raise ValueError(f"decode: the cache has {len(cache.keys)} layers, the network {self.num_layers}")
         capacity = cache.keys[0].shape[1]

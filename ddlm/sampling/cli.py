@@ -45,10 +45,9 @@ from absl import logging
 
 from ddlm import losses, models, paths, schedules
 from ddlm.data import sft
-from ddlm.sampling import conditioning, visualize
+from ddlm.eval.sample_quality import unigram_entropy
+from ddlm.sampling import conditioning, make_sampler, visualize
 from ddlm.sampling import config as config_lib
-from ddlm.sampling import make_sampler
-
 
 resolve_config = config_lib.resolve  # default_config() with the given fields set (unknown field: error)
 
@@ -58,15 +57,6 @@ def _load_checkpoint(config, workdir):
 
     loaded = checkpoints.load_for_inference(workdir, config, ema=bool(config.sampler.use_ema))
     return loaded.model, loaded.params, loaded.tokenizer, loaded, loaded.step
-
-
-def _token_entropy(ids: np.ndarray) -> float:
-    """Entropy (nats) of the unigram distribution of the ids in one sample (MDLM/ReMDM's diversity check)."""
-    if len(ids) == 0:
-        return 0.0
-    _, counts = np.unique(ids, return_counts=True)
-    p = counts / counts.sum()
-    return float(-(p * np.log(p)).sum())
 
 
 class _Progress:
@@ -286,7 +276,7 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
                         "time_s": batch_time / len(tokens),
                         "batch_time_s": batch_time,
                         "compile_s": compile_s,
-                        "entropy": _token_entropy(content),
+                        "entropy": unigram_entropy(content),
                         "sampler": sc.name,
                         "steps": sc.steps,
                         "checkpoint_step": None if ckpt_step is None else int(ckpt_step),
