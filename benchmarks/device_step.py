@@ -8,7 +8,7 @@ vocabulary 50,258) with the layer scan on, compiled once per remat policy, on on
 median of --steps executed steps after a warm-up; MFU = flops_per_token x tokens/s / the device's peak
 (ddlm.train.metrics.peak_flops_per_second: bf16 dense peak for accelerators). A policy that does not fit
 (RESOURCE_EXHAUSTED) is reported as such and the next one is tried. --dry-run: preset tiny, L=64, batch 2,
-float32, XLA attention (or pallas_interpret if asked), the first remat policy, 2 steps: traces and compiles
+float32, XLA attention (or pallas_interpret if asked), 2 steps: traces and compiles
 everything the device suite runs. --experiment=bd3lm --attention=xla|pallas: the BD3-LM step (2L input), the
 dense against the block-sparse attention kernel (MFU counts dense attention FLOPs for both).
 """
@@ -40,7 +40,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.dry_run:  # attention: XLA's for cudnn/pallas (GPU only); pallas_interpret is kept
         args.preset, args.seq, args.batch, args.dtype, args.steps = "tiny", 64, 2, "float32", 2
-        args.remat = args.remat.split(",")[0]
         if args.attention in ("cudnn", "pallas"):
             args.attention = "xla"
     import jax
