@@ -331,12 +331,9 @@ def _pallas_attention(q, k, v, mask, is_causal, interpret):
     spec = nn.logical_to_mesh_axes(BLHK)
     if spec[1] is not None:
         raise ValueError("attention_impl='pallas' cannot split the sequence ('length') over devices")
+    if mask is None:  # what the kernel assumes too: every key allowed
+        mask = jnp.ones((q.shape[1], k.shape[1]), bool)
     # check_vma=False: a pallas_call's outputs carry no varying-axes annotation (each shard is independent).
-    if mask is None:
-        per_shard = jax.shard_map(
-            lambda q, k, v: kernel(q, k, v, None), in_specs=(spec,) * 3, out_specs=spec, check_vma=False
-        )
-        return per_shard(q, k, v)
     replicated = jax.sharding.PartitionSpec()
     per_shard = jax.shard_map(kernel, in_specs=(spec,) * 3 + (replicated,), out_specs=spec, check_vma=False)
     return per_shard(q, k, v, mask)

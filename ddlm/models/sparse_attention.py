@@ -99,16 +99,24 @@ def _tn(a, b):
     return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
+def _listed_tile(table_ref, j, size):
+    """The j-th tile listed in a kernel's table row (see `_table`), as a slice of `size` rows."""
+    return pl.ds(pl.multiple_of(table_ref[j + 1] * size, size), size)
+
+
+def _scores(q, k, mask_tile, scale):
+    """float32 scores q k^T * scale of one tile, _MASK where the int8 mask tile is 0."""
+    return jnp.where(mask_tile != 0, _nt(q, k) * scale, _MASK)
+
+
 def _forward_kernel(table_ref, mask_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_k, scale):
     q = q_ref[...]
     block_q, head_dim = q.shape
 
     def visit(j, carry):
         acc, m_prev, l_prev = carry
-        start = pl.multiple_of(table_ref[j + 1] * block_k, block_k)
-        keys = pl.ds(start, block_k)
-        s = _nt(q, k_ref[keys, :]) * scale
-        s = jnp.where(mask_ref[:, keys] != 0, s, _MASK)
+        keys = _listed_tile(table_ref, j, block_k)
+        s = _scores(q, k_ref[keys, :], mask_ref[:, keys], scale)
         m_next = jnp.maximum(m_prev, s.max(axis=1))
         p = jnp.exp(s - m_next[:, None])
         correction = jnp.exp(m_prev - m_next)
@@ -132,12 +140,9 @@ def _dq_kernel(table_ref, mask_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
     lse, delta = lse_ref[...], delta_ref[...]
 
     def visit(j, dq):
-        start = pl.multiple_of(table_ref[j + 1] * block_k, block_k)
-        keys = pl.ds(start, block_k)
+        keys = _listed_tile(table_ref, j, block_k)
         k = k_ref[keys, :]
-        s = _nt(q, k) * scale
-        s = jnp.where(mask_ref[:, keys] != 0, s, _MASK)
-        p = jnp.exp(s - lse[:, None])
+        p = jnp.exp(_scores(q, k, mask_ref[:, keys], scale) - lse[:, None])
         ds = p * (_nt(do, v_ref[keys, :]) - delta[:, None])
         return dq + _nn(ds.astype(k.dtype), k)
 
@@ -152,12 +157,9 @@ def _dkv_kernel(
 
     def visit(j, carry):
         dk, dv = carry
-        start = pl.multiple_of(table_ref[j + 1] * block_q, block_q)
-        queries = pl.ds(start, block_q)
+        queries = _listed_tile(table_ref, j, block_q)
         q, do = q_ref[queries, :], do_ref[queries, :]
-        s = _nt(q, k) * scale
-        s = jnp.where(mask_ref[queries, :] != 0, s, _MASK)
-        p = jnp.exp(s - lse_ref[queries][:, None])  # [block_q, block_k]
+        p = jnp.exp(_scores(q, k, mask_ref[queries, :], scale) - lse_ref[queries][:, None])  # [block_q, block_k]
         dv = dv + _tn(p.astype(do.dtype), do)
         ds = p * (_nt(do, v) - delta_ref[queries][:, None])
         return dk + _tn(ds.astype(q.dtype), q), dv
@@ -174,24 +176,44 @@ def _compiler_params():
     return plgpu.CompilerParams(num_warps=4, num_stages=2)
 
 
+# Index maps of the grid (tile i, example b, head h): a tile of rows of one head, all rows of one head, a tile
+# or all of one head's softmax statistics [B, H, T], and row i of a tile table.
+def _tile_rows(i, b, h):
+    return b, i, h, 0
+
+
+def _all_rows(i, b, h):
+    return b, 0, h, 0
+
+
+def _tile_stats(i, b, h):
+    return b, h, i
+
+
+def _all_stats(i, b, h):
+    return b, h, 0
+
+
+def _table_row(i, b, h):
+    return i, 0
+
+
 def _forward(q, k, v, mask, table, block_q, block_k, interpret):
     batch, t, heads, head_dim = q.shape
     s = k.shape[1]
-    row = lambda i, b, h: (b, i, h, 0)
-    whole = lambda i, b, h: (b, 0, h, 0)
     return pl.pallas_call(
         functools.partial(_forward_kernel, block_k=block_k, scale=1.0 / math.sqrt(head_dim)),
         grid=(t // block_q, batch, heads),
         in_specs=[
-            pl.BlockSpec((None, table.shape[1]), lambda i, b, h: (i, 0)),
-            pl.BlockSpec((block_q, s), lambda i, b, h: (i, 0)),
-            pl.BlockSpec((None, block_q, None, head_dim), row),
-            pl.BlockSpec((None, s, None, head_dim), whole),
-            pl.BlockSpec((None, s, None, head_dim), whole),
+            pl.BlockSpec((None, table.shape[1]), _table_row),
+            pl.BlockSpec((block_q, s), _table_row),
+            pl.BlockSpec((None, block_q, None, head_dim), _tile_rows),
+            pl.BlockSpec((None, s, None, head_dim), _all_rows),
+            pl.BlockSpec((None, s, None, head_dim), _all_rows),
         ],
         out_specs=[
-            pl.BlockSpec((None, block_q, None, head_dim), row),
-            pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i)),
+            pl.BlockSpec((None, block_q, None, head_dim), _tile_rows),
+            pl.BlockSpec((None, None, block_q), _tile_stats),
         ],
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -209,24 +231,20 @@ def _backward(q, k, v, mask, table, table_t, out, lse, do, block_q, block_k, int
     scale = 1.0 / math.sqrt(head_dim)
     delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
     params = None if interpret else _compiler_params()
-    q_rows = lambda i, b, h: (b, i, h, 0)
-    whole = lambda i, b, h: (b, 0, h, 0)
-    stats_rows = lambda i, b, h: (b, h, i)
-    stats_whole = lambda i, b, h: (b, h, 0)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, block_k=block_k, scale=scale),
         grid=(t // block_q, batch, heads),
         in_specs=[
-            pl.BlockSpec((None, table.shape[1]), lambda i, b, h: (i, 0)),
-            pl.BlockSpec((block_q, s), lambda i, b, h: (i, 0)),
-            pl.BlockSpec((None, block_q, None, head_dim), q_rows),
-            pl.BlockSpec((None, s, None, head_dim), whole),
-            pl.BlockSpec((None, s, None, head_dim), whole),
-            pl.BlockSpec((None, block_q, None, head_dim), q_rows),
-            pl.BlockSpec((None, None, block_q), stats_rows),
-            pl.BlockSpec((None, None, block_q), stats_rows),
+            pl.BlockSpec((None, table.shape[1]), _table_row),
+            pl.BlockSpec((block_q, s), _table_row),
+            pl.BlockSpec((None, block_q, None, head_dim), _tile_rows),
+            pl.BlockSpec((None, s, None, head_dim), _all_rows),
+            pl.BlockSpec((None, s, None, head_dim), _all_rows),
+            pl.BlockSpec((None, block_q, None, head_dim), _tile_rows),
+            pl.BlockSpec((None, None, block_q), _tile_stats),
+            pl.BlockSpec((None, None, block_q), _tile_stats),
         ],
-        out_specs=pl.BlockSpec((None, block_q, None, head_dim), q_rows),
+        out_specs=pl.BlockSpec((None, block_q, None, head_dim), _tile_rows),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=params,
         interpret=interpret,
@@ -236,18 +254,18 @@ def _backward(q, k, v, mask, table, table_t, out, lse, do, block_q, block_k, int
         functools.partial(_dkv_kernel, block_q=block_q, scale=scale),
         grid=(s // block_k, batch, heads),
         in_specs=[
-            pl.BlockSpec((None, table_t.shape[1]), lambda i, b, h: (i, 0)),
-            pl.BlockSpec((t, block_k), lambda i, b, h: (0, i)),
-            pl.BlockSpec((None, block_k, None, head_dim), q_rows),
-            pl.BlockSpec((None, block_k, None, head_dim), q_rows),
-            pl.BlockSpec((None, t, None, head_dim), whole),
-            pl.BlockSpec((None, t, None, head_dim), whole),
-            pl.BlockSpec((None, None, t), stats_whole),
-            pl.BlockSpec((None, None, t), stats_whole),
+            pl.BlockSpec((None, table_t.shape[1]), _table_row),
+            pl.BlockSpec((t, block_k), lambda i, b, h: (0, i)),  # the key tile's columns of the mask
+            pl.BlockSpec((None, block_k, None, head_dim), _tile_rows),
+            pl.BlockSpec((None, block_k, None, head_dim), _tile_rows),
+            pl.BlockSpec((None, t, None, head_dim), _all_rows),
+            pl.BlockSpec((None, t, None, head_dim), _all_rows),
+            pl.BlockSpec((None, None, t), _all_stats),
+            pl.BlockSpec((None, None, t), _all_stats),
         ],
         out_specs=[
-            pl.BlockSpec((None, block_k, None, head_dim), q_rows),
-            pl.BlockSpec((None, block_k, None, head_dim), q_rows),
+            pl.BlockSpec((None, block_k, None, head_dim), _tile_rows),
+            pl.BlockSpec((None, block_k, None, head_dim), _tile_rows),
         ],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=params,
