@@ -16,7 +16,7 @@ percent, and on an idle machine both agree.
 A checkout is loaded by putting its root first on sys.path and importing `ddlm` afresh (the modules of the
 other one are dropped from sys.modules first): both compiled steps stay callable. Code that both checkouts
 share (jax, flax, optax) is imported once; XLA flags are the process's, so they cannot differ between A and B
-(benchmarks/xla_flags_ab.py compares flags in separate processes).
+(benchmarks/process_ab.py compares flags in separate processes).
 """
 
 import argparse

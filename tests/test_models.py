@@ -407,6 +407,35 @@ def test_sharded_forward_matches_unsharded():
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_padded_vocabulary_rows_cut_from_weights_unless_split(tie):
+    """Outside a vocabulary split the padded rows are cut from the output weights (no [B, L, padded vocab]
+    activation, whose slice costs a pad in the backward pass); under a split over 'tensor' the logits are cut.
+    Both give the same loss gradients, and the padded rows get exactly zero gradient."""
+    model, variables, _ = _model_and_vars("dit", tie_embeddings=tie)
+    xt, x0, t = _inputs()
+
+    def loss(v):
+        return jnp.sum(jax.nn.log_softmax(model.apply(v, xt, t)) * jax.nn.one_hot(x0, VOCAB))
+
+    wide = f"f32[{BATCH},{LENGTH},{model.padded_vocab_size}]"  # as the jaxpr prints it, sub-jaxprs included
+    assert wide not in str(jax.make_jaxpr(jax.grad(loss))(variables))
+    expected = jax.jit(jax.grad(loss))(variables)
+    # The batch of 2 splits evenly over 'data' (an uneven split gives XLA a wrong embedding gradient).
+    rules = (("batch", "data"), ("vocab", "tensor"))
+    mesh = jax.make_mesh((2, 1, 4), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        assert models.layers.mesh_split("vocab") == 4
+        assert wide in str(jax.make_jaxpr(jax.grad(loss))(variables))
+        split = jax.jit(jax.grad(loss))(variables)
+    out = "token_embedding" if tie else "output_kernel"
+    for got, want in zip(jax.tree.leaves(split), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(np.abs(want).max()))
+    rows = nn.unbox(expected["params"][out])
+    rows = rows[VOCAB:] if tie else rows[:, VOCAB:]
+    assert rows.size and not np.any(np.asarray(rows))
+
+
 def test_compute_dtype_auto_follows_the_backend_unless_pinned():
     from ddlm.models.transformer import compute_dtype
 
