@@ -196,8 +196,9 @@ def data_differences(stored_meta: dict, current_meta: dict, fields=_DATA_FIELDS)
 # with several processes nothing is gathered (each device reduces its shard, XLA adds the partial sums, two
 # uint32 per leaf reach the host). For a fixed position h is a bijection of w, so any change confined to
 # one word always changes the first lane; other corruption goes unseen with probability about 2^-64.
-# Cost: about 2.4 times a plain sum over the state (benchmarks/checkpoint_overhead.py); one small compile
-# per distinct leaf shape, dtype and sharding.
+# Cost: about 2.4 times a plain sum over the state (benchmarks/checkpoint_overhead.py), plus one compile
+# per process of a program over the whole tree (the TrainState of the '1b' preset, 1,000 leaves: 10 s on 2
+# CPU cores; 'small', 520 leaves: 4.5 s).
 
 _MIX = (0x9E3779B1, 0x7F4A7C15)
 

@@ -50,11 +50,14 @@ def logit_shift_sources(length: int, block_size: int | None = None) -> jax.Array
     return sources.astype(jnp.int32)
 
 
-def check_attention_impl(impl: str, dtype, backend: str | None = None) -> None:
-    """One-line ValueError for an attention kernel that cannot run here (see `layers.ATTENTION_IMPLS`)."""
-    backend = backend or jax.default_backend()
+def check_attention_impl(impl: str, dtype=None, backend: str | None = None) -> None:
+    """One-line ValueError for an attention kernel that cannot run here (see `layers.ATTENTION_IMPLS`). With
+    dtype None only the name is checked (the decode path, which runs XLA's attention whatever the kernel)."""
     if impl not in layers.ATTENTION_IMPLS:
         raise ValueError(f"attention_impl must be one of {layers.ATTENTION_IMPLS}, got {impl!r}")
+    if dtype is None:
+        return
+    backend = backend or jax.default_backend()
     if impl == "cudnn" and (backend != "gpu" or jnp.dtype(dtype) == jnp.float32):
         raise ValueError(
             f"attention_impl='cudnn' needs a GPU and dtype bfloat16, got backend {backend!r} "
@@ -283,8 +286,7 @@ class Transformer(nn.Module):
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"decode: tokens must be int [batch, S], got {tokens.dtype} {tokens.shape}")
         batch, length = tokens.shape
-        if self.attention_impl not in layers.ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl must be one of {layers.ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        check_attention_impl(self.attention_impl)
         if len(cache.keys) != self.num_layers or len(cache.values) != self.num_layers:
             raise ValueError(f"decode: the cache has {len(cache.keys)} layers, the network {self.num_layers}")
         capacity = cache.keys[0].shape[1]
