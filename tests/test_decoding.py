@@ -162,9 +162,8 @@ def test_decode_errors_name_the_argument():
         unknown.step(cache, xt[:, :2], jnp.arange(2), slots < 0)
     # The decode path runs XLA's attention for every kernel, so one that cannot run here still decodes.
     pallas = models.make_decoder(dec.model.clone(attention_impl="pallas"), dec.variables)
-    np.testing.assert_array_equal(
-        pallas.step(cache, xt[:, :2], jnp.arange(2), slots < 0)[0], dec.step(cache, xt[:, :2], jnp.arange(2), slots < 0)[0]
-    )
+    args = (cache, xt[:, :2], jnp.arange(2), slots < 0)
+    np.testing.assert_array_equal(pallas.step(*args)[0], dec.step(*args)[0])
 
 
 def test_sharded_decode_step_matches_unsharded_and_keeps_the_cache_sharded():
