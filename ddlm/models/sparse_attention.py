@@ -198,19 +198,25 @@ def _table_row(i, b, h):
     return i, 0
 
 
+def _query_tile_inputs(table, block_q, s, head_dim):
+    """BlockSpecs of (table, mask, q, k, v) for a grid over query tiles (the forward and dQ kernels): the
+    tile's table row and mask rows, its query rows, all key and value rows of its (batch, head)."""
+    return [
+        pl.BlockSpec((None, table.shape[1]), _table_row),
+        pl.BlockSpec((block_q, s), _table_row),
+        pl.BlockSpec((None, block_q, None, head_dim), _tile_rows),
+        pl.BlockSpec((None, s, None, head_dim), _all_rows),
+        pl.BlockSpec((None, s, None, head_dim), _all_rows),
+    ]
+
+
 def _forward(q, k, v, mask, table, block_q, block_k, interpret):
     batch, t, heads, head_dim = q.shape
     s = k.shape[1]
     return pl.pallas_call(
         functools.partial(_forward_kernel, block_k=block_k, scale=1.0 / math.sqrt(head_dim)),
         grid=(t // block_q, batch, heads),
-        in_specs=[
-            pl.BlockSpec((None, table.shape[1]), _table_row),
-            pl.BlockSpec((block_q, s), _table_row),
-            pl.BlockSpec((None, block_q, None, head_dim), _tile_rows),
-            pl.BlockSpec((None, s, None, head_dim), _all_rows),
-            pl.BlockSpec((None, s, None, head_dim), _all_rows),
-        ],
+        in_specs=_query_tile_inputs(table, block_q, s, head_dim),
         out_specs=[
             pl.BlockSpec((None, block_q, None, head_dim), _tile_rows),
             pl.BlockSpec((None, None, block_q), _tile_stats),
@@ -235,12 +241,8 @@ def _backward(q, k, v, mask, table, table_t, out, lse, do, block_q, block_k, int
         functools.partial(_dq_kernel, block_k=block_k, scale=scale),
         grid=(t // block_q, batch, heads),
         in_specs=[
-            pl.BlockSpec((None, table.shape[1]), _table_row),
-            pl.BlockSpec((block_q, s), _table_row),
-            pl.BlockSpec((None, block_q, None, head_dim), _tile_rows),
-            pl.BlockSpec((None, s, None, head_dim), _all_rows),
-            pl.BlockSpec((None, s, None, head_dim), _all_rows),
-            pl.BlockSpec((None, block_q, None, head_dim), _tile_rows),
+            *_query_tile_inputs(table, block_q, s, head_dim),
+            pl.BlockSpec((None, block_q, None, head_dim), _tile_rows),  # dO, then lse and delta
             pl.BlockSpec((None, None, block_q), _tile_stats),
             pl.BlockSpec((None, None, block_q), _tile_stats),
         ],
