@@ -12,6 +12,7 @@ import pytest
 
 from ddlm import models
 from model_utils import random_variables as _random_variables
+from model_utils import tiny_llama
 
 VOCAB = 37
 BATCH, LENGTH, BLOCK = 2, 16, 4
@@ -446,3 +447,86 @@ def test_compute_dtype_auto_follows_the_backend_unless_pinned():
     assert models.get_model(_config("dit", dtype="auto"), VOCAB).dtype == jnp.float32  # tests run on CPU
     with pytest.raises(ValueError, match="config.model.dtype must be 'auto' or one of"):
         models.get_model(_config("dit", dtype="float16"), VOCAB)
+
+
+@pytest.mark.parametrize(
+    "kernel_shape, n_in",
+    [((24, 40), 1), ((40, 24), 1), ((24, 2, 8), 1), ((2, 8, 24), 2)],
+    ids=["narrow_input", "wide_input", "heads_out", "heads_in"],
+)
+def test_projection_derivatives_match_the_plain_product(kernel_shape, n_in):
+    """`layers.project` on CPU (a custom JVP whose weight gradient reads a materialised transpose of the input
+    or of the cotangent, whichever is narrower) has the plain contraction's value, gradients, forward-mode
+    derivatives and second derivatives; in bfloat16 with float32 outputs too (to bfloat16 rounding)."""
+    assert models.layers.transposed_weight_grads()  # the tests run on CPU
+    kx, kk, kt = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(kx, (3, 5) + kernel_shape[:n_in])
+    kernel = jax.random.normal(kk, kernel_shape) / 5
+
+    def plain(x, kernel):
+        return jnp.tensordot(x, kernel, n_in)
+
+    def loss(product):
+        return lambda x, kernel: jnp.sum(jnp.sin(product(x, kernel)) * jnp.arange(1.0, 1.0 + kernel_shape[-1]))
+
+    project = functools.partial(models.layers.project, n_in=n_in)
+    close = functools.partial(np.testing.assert_allclose, rtol=2e-5, atol=2e-5)
+    close(project(x, kernel), plain(x, kernel))
+    for got, want in zip(jax.grad(loss(project), (0, 1))(x, kernel), jax.grad(loss(plain), (0, 1))(x, kernel)):
+        close(got, want)
+    tangents = (jax.random.normal(kt, x.shape), kernel[::-1] * 0.3)
+    close(jax.jvp(project, (x, kernel), tangents)[1], jax.jvp(plain, (x, kernel), tangents)[1])
+    hvp = [jax.jvp(jax.grad(loss(p), (0, 1)), (x, kernel), tangents)[1] for p in (project, plain)]
+    for got, want in zip(*hvp):
+        close(got, want)
+    # bfloat16 operands, float32 products (the logits' case)
+    x16, kernel16 = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+    out = models.layers.project(x16, kernel16, n_in, preferred_element_type=jnp.float32)
+    assert out.dtype == jnp.float32
+    close(out, plain(x16.astype(jnp.float32), kernel16.astype(jnp.float32)))
+    grads = jax.grad(lambda x, k: jnp.sum(models.layers.project(x, k, n_in, jnp.float32) ** 2), (0, 1))
+    want = jax.grad(lambda x, k: jnp.sum(plain(x, k) ** 2), (0, 1))
+    grads, want = grads(x16, kernel16), want(x16.astype(jnp.float32), kernel16.astype(jnp.float32))
+    for got, w in zip(grads, want):
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(got, np.float32), w, rtol=2e-2, atol=2e-2 * float(np.abs(w).max()))
+
+
+def _dots_contracting(hlo: str, size: int):
+    """(lhs rank-2 shape, lhs contracting dims) of the dots in an HLO module that contract `size` elements."""
+    import re
+
+    shapes = dict(re.findall(r"%([\w.\-]+) = \w+\[([\d,]*)\]", hlo))
+    found = []
+    dots = re.findall(r"= \w+\[[\d,]*\]\S* dot\(%([\w.\-]+), %[\w.\-]+\), lhs_contracting_dims=\{([\d,]*)\}", hlo)
+    for lhs, dims in dots:
+        lhs_shape = [int(d) for d in shapes[lhs].split(",") if d]
+        if [lhs_shape[int(i)] for i in dims.split(",")] == [size] and len(lhs_shape) == 2:
+            found.append((tuple(lhs_shape), int(dims)))
+    return found
+
+
+@pytest.mark.parametrize("name", ["dit", "llama"])
+def test_cpu_weight_gradients_are_products_of_a_materialised_transpose(monkeypatch, name):
+    """The products contracting batch x length (the weight gradients) of a CPU train step read their left
+    operand [M, K], contracting its minor axis: the only form XLA:CPU hands to its fast YNNPACK dot (the
+    others run through Eigen at about half the rate). With the plain product's gradient (what GPUs get) some
+    contract the left operand's major axis -- checked too, so the test can fail."""
+    length = 20  # batch x length = 40: no width of either network is 40
+    model = models.get_model(_config(name), VOCAB) if name == "dit" else tiny_llama("bidirectional", VOCAB)
+    xt, x0, t = _inputs(length=length)
+    t = t if name == "dit" else None
+    variables = _random_variables(model, xt, t)
+
+    def weight_grad_dots():
+        def loss(v):
+            return jnp.sum(jax.nn.log_softmax(model.apply(v, xt, t)) * jax.nn.one_hot(x0, VOCAB))
+
+        hlo = jax.jit(jax.grad(loss)).lower(variables).compile().as_text()
+        return _dots_contracting(hlo, BATCH * length)
+
+    dots = weight_grad_dots()
+    assert len(dots) >= 4 * 2  # per block at least the attention and MLP projections' weight gradients
+    assert all(dim == 1 for _, dim in dots), dots
+    monkeypatch.setattr(models.layers, "transposed_weight_grads", lambda: False)
+    assert any(dim == 0 for _, dim in weight_grad_dots())

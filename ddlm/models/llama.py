@@ -77,9 +77,9 @@ class SwiGLU(nn.Module):
         gate = kernel("gate_kernel", (d_model, self.mlp_dim), ("embed", "mlp"))
         up = kernel("up_kernel", (d_model, self.mlp_dim), ("embed", "mlp"))
         down = kernel("down_kernel", (self.mlp_dim, d_model), ("mlp", "embed"))
-        h = nn.silu(jnp.einsum("bld,dm->blm", x, gate)) * jnp.einsum("bld,dm->blm", x, up)
+        h = nn.silu(layers.project(x, gate)) * layers.project(x, up)
         h = nn.with_logical_constraint(h, layers.BLM)
-        return jnp.einsum("blm,md->bld", h, down)
+        return layers.project(h, down)
 
 
 class GroupedQueryAttention(nn.Module):
@@ -124,7 +124,7 @@ class GroupedQueryAttention(nn.Module):
                 (d_model, heads, self.head_dim),
                 self.param_dtype,
             )
-            out = jnp.einsum("bld,dhk->blhk", x, kernel.astype(self.dtype))
+            out = layers.project(x, kernel.astype(self.dtype))
             if self.qkv_bias:
                 bias = self.param(
                     f"{name}_bias",
@@ -154,7 +154,7 @@ class GroupedQueryAttention(nn.Module):
             (self.num_heads, self.head_dim, d_model),
             self.param_dtype,
         )
-        out = jnp.einsum("blhk,hkd->bld", out, out_kernel.astype(self.dtype))
+        out = layers.project(out, out_kernel.astype(self.dtype), n_in=2)
         return out if cache is None else (out, cache)
 
 

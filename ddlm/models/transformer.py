@@ -429,9 +429,7 @@ class Transformer(nn.Module):
         # of the (much smaller) weight gradient.
         rows = self.vocab_size if layers.mesh_split("vocab") == 1 else self.padded_vocab_size
         if self.tie_embeddings:
-            logits = jnp.einsum(
-                "bld,vd->blv", x, embedding[:rows].astype(self.dtype), preferred_element_type=stream
-            )
+            logits = layers.project(x, embedding[:rows].T.astype(self.dtype), preferred_element_type=stream)
         else:
             # Zero-initialised as MDLM: uniform predictions at init.
             kernel = self.param(
@@ -440,9 +438,7 @@ class Transformer(nn.Module):
                 (self.d_model, self.padded_vocab_size),
                 self.param_dtype,
             )
-            logits = jnp.einsum(
-                "bld,dv->blv", x, kernel[:, :rows].astype(self.dtype), preferred_element_type=stream
-            )
+            logits = layers.project(x, kernel[:, :rows].astype(self.dtype), preferred_element_type=stream)
             if self._output_bias:
                 bias = self.param(
                     "output_bias",
