@@ -119,10 +119,11 @@ def _matmul_transposed_grad_jvp(preferred_element_type, primals, tangents):
     dot = functools.partial(jax.lax.dot_general, preferred_element_type=preferred_element_type)
     barrier = jax.lax.optimization_barrier
     if kernel.shape[0] <= kernel.shape[1]:
-        # x_t [in, n], a residual of the forward pass. The inner barrier keeps x's producer out of the
-        # transposing loop: XLA fused a GELU into it, recomputed in transposed order (26-32 ms for a
-        # [1024, 2048] copy in the tiny step). Transposed, the kernel term is the weight gradient x_t @ g.
-        x_t = barrier(barrier(x).T)
+        # x_t [in, n], a residual of the forward pass; transposed, the kernel term is the weight gradient
+        # x_t @ g. XLA fuses x's elementwise producer into the transposing loop (a barrier does not stop it),
+        # which then recomputes it in transposed order: the reason the narrower side is the one transposed
+        # (the tiny MLP's [2048, 1024] GELU output took 26-32 ms that way, its [2048, 256] cotangent ~1 ms).
+        x_t = barrier(x.T)
         dy_kernel = dot(x_t, dkernel, (((0,), (0,)), ((), ())))
     else:
         # The transpose of the program dW = (barrier(g^T) @ x)^T, written forward: a barrier transposes to
