@@ -3,6 +3,7 @@ invariance, parameter counts of the presets, and logical-partitioning metadata."
 
 import functools
 import itertools
+import re
 
 import flax.linen as nn
 import jax
@@ -493,9 +494,7 @@ def test_projection_derivatives_match_the_plain_product(kernel_shape, n_in):
 
 
 def _dots_contracting(hlo: str, size: int):
-    """(lhs rank-2 shape, lhs contracting dims) of the dots in an HLO module that contract `size` elements."""
-    import re
-
+    """(lhs shape, lhs contracting axis) of the rank-2 dots in an HLO module that contract `size` elements."""
     shapes = dict(re.findall(r"%([\w.\-]+) = \w+\[([\d,]*)\]", hlo))
     found = []
     dots = re.findall(r"= \w+\[[\d,]*\]\S* dot\(%([\w.\-]+), %[\w.\-]+\), lhs_contracting_dims=\{([\d,]*)\}", hlo)

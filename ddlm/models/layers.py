@@ -138,11 +138,10 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
     """`lax.dot_general` for nn.Dense (`dot_general=`): its contraction, through `project`."""
     (contract_lhs, contract_rhs), batch = dimension_numbers
     n_in = len(contract_lhs)
-    plain = precision is not None or batch != ((), ())
-    plain = plain or tuple(contract_lhs) != tuple(range(lhs.ndim - n_in, lhs.ndim))
-    if plain or tuple(contract_rhs) != tuple(range(n_in)):
-        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
-    return project(lhs, rhs, n_in, preferred_element_type)
+    dense = (tuple(contract_lhs), tuple(contract_rhs)) == (tuple(range(lhs.ndim - n_in, lhs.ndim)), tuple(range(n_in)))
+    if dense and batch == ((), ()) and precision is None:
+        return project(lhs, rhs, n_in, preferred_element_type)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
 
 
 # ------------------------------------------------------------------------------------------------------------
