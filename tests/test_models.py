@@ -529,3 +529,61 @@ def test_cpu_weight_gradients_are_products_of_a_materialised_transpose(monkeypat
     assert all(dim == 1 for _, dim in dots), dots
     monkeypatch.setattr(models.layers, "transposed_weight_grads", lambda: False)
     assert any(dim == 0 for _, dim in weight_grad_dots())
+
+
+def _attention_inputs(batch, kv_heads, dtype=jnp.float32, length=12, heads=4, head_dim=8):
+    kq, kk, kv, kg = jax.random.split(jax.random.key(5), 4)
+    q = jax.random.normal(kq, (batch, length, heads, head_dim), dtype)
+    k = jax.random.normal(kk, (batch, length, kv_heads, head_dim), dtype)
+    v = jax.random.normal(kv, (batch, length, kv_heads, head_dim), dtype)
+    return q, k, v, jax.random.normal(kg, q.shape, dtype)
+
+
+@pytest.mark.parametrize(
+    "batch, kv_heads, masking",
+    [(8, 4, "per_example"), (8, 2, "shared_causal"), (3, 4, "none"), (3, 2, "per_example")],
+    ids=["4chunks-mha-per_example", "4chunks-gqa-shared_causal", "3chunks-mha-none", "3chunks-gqa-per_example"],
+)
+def test_cpu_attention_matches_jax_attention(batch, kv_heads, masking):
+    """`attention(implementation='xla')` on CPU (ddlm's custom-JVP attention, the batch cut into independent
+    chunks) against `jax.nn.dot_product_attention`: values, gradients and forward-mode derivatives, with
+    grouped-query heads, per-example masks with a fully masked query row, and a shared mask with is_causal."""
+    assert models.layers.cpu_attention()  # the tests run on CPU
+    q, k, v, g = _attention_inputs(batch, kv_heads)
+    mask, causal = None, masking == "shared_causal"
+    if masking != "none":
+        mask = jax.random.bernoulli(jax.random.key(6), 0.6, (batch if masking == "per_example" else 1, 1, 12, 12))
+        mask = mask.at[0, 0, 3].set(False)  # no key at all: a uniform row, no gradient through it
+    ours = functools.partial(models.layers.attention, mask=mask, is_causal=causal)
+    ref = functools.partial(jax.nn.dot_product_attention, mask=mask, is_causal=causal)
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5)
+    out, vjp = jax.vjp(ours, q, k, v)
+    want, vjp_ref = jax.vjp(ref, q, k, v)
+    close(out, want)
+    for got, w in zip(vjp(g), vjp_ref(g)):
+        close(got, w)
+    tangents = (0.3 * g, 0.2 * k[:, ::-1], 0.1 * v)
+    close(jax.jvp(ours, (q, k, v), tangents)[1], jax.jvp(ref, (q, k, v), tangents)[1])
+    # bfloat16: float32 logits and softmax, bfloat16 probabilities into the value product, as jax's
+    q16, k16, v16, g16 = (a.astype(jnp.bfloat16) for a in (q, k, v, g))
+    out16, vjp16 = jax.vjp(ours, q16, k16, v16)
+    want16, vjp_ref16 = jax.vjp(ref, q16, k16, v16)
+    assert out16.dtype == jnp.bfloat16
+    for got, w in zip((out16,) + vjp16(g16), (want16,) + vjp_ref16(g16)):
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(w, np.float32), rtol=0.05, atol=0.05)
+
+
+def test_cpu_attention_runs_batch_chunks_unless_the_batch_is_split():
+    """On CPU the batch of 8 is attended as 4 independent chunks of 2 (XLA:CPU then runs their single-threaded
+    batched products side by side); when the batch is split over devices it stays whole."""
+    q, k, v, _ = _attention_inputs(8, 4)
+
+    def score_batches():  # the batch of each [batch, heads, T, S] score product of the forward pass
+        jaxpr = str(jax.make_jaxpr(models.layers.attention)(q, k, v, None))
+        return re.findall(r"f32\[(\d+),4,12,12\] = dot_general", jaxpr)
+
+    assert score_batches() == ["2"] * 4
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    with jax.set_mesh(mesh), nn.logical_axis_rules((("batch", "data"),)):
+        assert models.layers.mesh_split("batch") == 2
+        assert score_batches() == ["8"]
