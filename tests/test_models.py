@@ -328,6 +328,23 @@ def test_rotary_scores_depend_on_relative_position_only():
     assert float(jnp.abs(scores(0) - jnp.einsum("bqhd,bkhd->bhqk", q, k)).max()) > 1e-2
 
 
+@pytest.mark.parametrize("name", ["dit", "bd3lm"])
+def test_rotary_tables_of_the_full_forward_pass_are_constants(name):
+    """The full forward pass's positions are numpy, so its cos/sin tables are constants of the program (as MDLM's
+    cached tables), not operations XLA:CPU would fuse into the rotation and repeat per example and head; they
+    equal the tables computed in the graph (traced positions, as in decoding) to float32 rounding."""
+    model, variables, _ = _model_and_vars(name)
+    xt, x0, t = _inputs()
+    jaxpr = str(jax.make_jaxpr(lambda v: model.apply(v, xt, t, x0=x0 if name == "bd3lm" else None))(variables))
+    half = _config(name).d_model // _config(name).num_heads // 2
+    rotary_tables = re.compile(rf"f32\[1,\d+,{half}\] = (cos|sin) ")  # [1, L, half]; the time embedding's differ
+    assert not rotary_tables.search(jaxpr)
+    x = jax.random.normal(jax.random.key(4), (2, 300, 2, 16))
+    traced = jax.jit(models.rotary_embedding)(x, jnp.arange(300))
+    np.testing.assert_allclose(models.rotary_embedding(x, np.arange(300)), traced, rtol=0, atol=1e-4)
+    assert rotary_tables.search(str(jax.make_jaxpr(models.rotary_embedding)(x, jnp.arange(300))))  # can fail
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Presets, parameter counts, FLOPs, partitioning metadata.
 # ------------------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ param_dtype float64, under `jax.enable_x64`) keeps all of these in float64: the 
 cache compare float64 logits, where float32 rounding would hide a wrong formula.
 """
 
+import contextlib
 import functools
 import math
 from typing import Any, NamedTuple
@@ -27,6 +28,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ddlm.models import sparse_attention
 
@@ -166,13 +168,17 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, base: float = 10_000.0)
         raise ValueError(f"rotary embedding needs an even head_dim, got {head_dim}")
     half = head_dim // 2
     compute = jnp.promote_types(x.dtype, jnp.float32)  # float32, or float64 for float64 x
-    inv_freq = 1.0 / (base ** (jnp.arange(half, dtype=compute) / half))  # [half]
-    positions = jnp.asarray(positions, compute)
-    if positions.ndim == 1:
-        positions = positions[None]  # [1, L]
-    angles = positions[..., None] * inv_freq  # [B|1, L, half]
-    cos = jnp.cos(angles)[:, :, None, :]  # [B|1, L, 1, half]
-    sin = jnp.sin(angles)[:, :, None, :]
+    # numpy positions (the full forward pass's 0..L-1) give constant tables, as MDLM's cached cos/sin: built in
+    # the graph, XLA:CPU fuses them into the rotation and evaluates cos and sin once per element of x (per
+    # example and head), ~15 ms of the peers' small step per layer. The same jnp operations either way.
+    with jax.ensure_compile_time_eval() if isinstance(positions, np.ndarray) else contextlib.nullcontext():
+        inv_freq = 1.0 / (base ** (jnp.arange(half, dtype=compute) / half))  # [half]
+        positions = jnp.asarray(positions, compute)
+        if positions.ndim == 1:
+            positions = positions[None]  # [1, L]
+        angles = positions[..., None] * inv_freq  # [B|1, L, half]
+        cos = jnp.cos(angles)[:, :, None, :]  # [B|1, L, 1, half]
+        sin = jnp.sin(angles)[:, :, None, :]
     x32 = x.astype(compute)
     x1, x2 = x32[..., :half], x32[..., half:]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

@@ -25,6 +25,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ddlm.models import layers, stack
 
@@ -215,7 +216,7 @@ class Transformer(nn.Module):
 
         # ---- inputs, positions, mask -----------------------------------------------------------------------
         mask, is_causal = None, False
-        positions = jnp.arange(length)
+        positions = np.arange(length)  # numpy: constant rotary tables (`layers.rotary_embedding`)
         t_tokens = None
         if self.time_conditioning:
             t = jnp.asarray(t, stream)
@@ -231,7 +232,7 @@ class Transformer(nn.Module):
             is_causal = True
         elif self.attention == "block_causal":
             tokens = jnp.concatenate([tokens, x0], axis=1)  # [B, 2L]
-            positions = jnp.concatenate([positions, positions])  # both halves at 0..L-1
+            positions = np.concatenate([positions, positions])  # both halves at 0..L-1
             mask = layers.block_diffusion_mask(length, self.block_size)  # [2L, 2L]
             if t_tokens is not None:  # clean tokens x0 sit at t = 0
                 t_tokens = jnp.concatenate(
