@@ -592,8 +592,16 @@ def test_cpu_attention_matches_jax_attention(batch, kv_heads, masking):
 
 def test_cpu_attention_runs_batch_chunks_unless_the_batch_is_split():
     """On CPU the batch of 8 is attended as 4 independent chunks of 2 (XLA:CPU then runs their single-threaded
-    batched products side by side); when the batch is split over devices it stays whole."""
-    q, k, v, _ = _attention_inputs(8, 4)
+    batched products side by side); when the batch is split over devices it stays whole. Every product of the
+    compiled gradient contracts its left operand's minor axis (YNNPACK's form; the key gradient read the score
+    cotangent in place before)."""
+    q, k, v, g = _attention_inputs(8, 4)
+    grad = jax.jit(lambda q, k, v: jax.vjp(lambda *a: models.layers.attention(*a, None), q, k, v)[1](g))
+    hlo = grad.lower(q, k, v).compile().as_text()
+    shapes = dict(re.findall(r"%([\w.\-]+) = \w+\[([\d,]*)\]", hlo))
+    dots = re.findall(r"dot\(%([\w.\-]+), %[\w.\-]+\), lhs_batch_dims=\{[\d,]*\}, lhs_contracting_dims=\{(\d+)\}", hlo)
+    assert len(dots) >= 4 * 4  # four products per chunk
+    assert all(int(axis) == shapes[lhs].count(",") for lhs, axis in dots), dots
 
     def score_batches():  # the batch of each [batch, heads, T, S] score product of the forward pass
         jaxpr = str(jax.make_jaxpr(models.layers.attention)(q, k, v, None))
