@@ -558,8 +558,8 @@ def _attention_inputs(batch, kv_heads, dtype=jnp.float32, length=12, heads=4, he
 
 @pytest.mark.parametrize(
     "batch, kv_heads, masking",
-    [(8, 4, "per_example"), (8, 2, "shared_causal"), (3, 4, "none"), (3, 2, "per_example")],
-    ids=["4chunks-mha-per_example", "4chunks-gqa-shared_causal", "3chunks-mha-none", "3chunks-gqa-per_example"],
+    [(8, 4, "per_example"), (8, 2, "shared_causal"), (5, 4, "none"), (3, 2, "per_example")],
+    ids=["4chunks-mha-per_example", "4chunks-gqa-shared_causal", "whole-mha-none", "3chunks-gqa-per_example"],
 )
 def test_cpu_attention_matches_jax_attention(batch, kv_heads, masking):
     """`attention(implementation='xla')` on CPU (ddlm's custom-JVP attention, the batch cut into independent

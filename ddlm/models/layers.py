@@ -381,7 +381,8 @@ def attention(q, k, v, mask, is_causal=False, implementation="xla"):
     Hugging Face's `repeat_kv`.
 
     implementation: 'xla' / 'cudnn' go to jax.nn.dot_product_attention for float32/bfloat16 (the training
-    path); it takes the softmax in float32 even for float64 inputs, so a float64 network (exactness tests) gets
+    path), except 'xla' on CPU, which takes `_cpu_attention` (the same numerics, arranged for XLA:CPU);
+    jax's takes the softmax in float32 even for float64 inputs, so a float64 network (exactness tests) gets
     the same formula written out. 'pallas' / 'pallas_interpret': the block-sparse kernel of
     ddlm/models/sparse_attention.py (computes only the tiles the mask allows; the mask must be shared by the
     batch).
@@ -471,8 +472,8 @@ def _attention_core(q, k, v, mask):
 @_attention_core.defjvp
 def _attention_core_jvp(primals, tangents):
     # With s the logits and p = softmax(s): ds = (dq k^T + q dk^T) / sqrt(Dh) (0 at masked keys), dp = p * (ds -
-    # sum(p * ds)), dout = dp v + p dv. JAX transposes this for reverse mode: the residual is p, and the
-    # backward is the four products plus one elementwise pass over [B, H, T, S].
+    # sum(p * ds)), dout = dp v + p dv. JAX transposes this for reverse mode: p is saved (with q, k, v), and
+    # the backward is the four products plus one elementwise pass over [B, H, T, S].
     q, k, v, mask = primals
     dq, dk, dv, _ = tangents
     p = _attention_probs(q, k, mask)
