@@ -397,15 +397,23 @@ def attention(q, k, v, mask, is_causal=False, implementation="xla"):
         return jax.nn.dot_product_attention(
             q, k, v, mask=mask, is_causal=is_causal, implementation=implementation
         )
-    groups = q.shape[2] // k.shape[2]
-    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    k, v, mask = _dense_operands(q, k, v, mask, is_causal)
     scores = jnp.einsum("bthd,bshd->bhts", q, k) / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
-    if is_causal:
-        causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
-        mask = causal[None, None] if mask is None else mask & causal
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
     return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v)
+
+
+def _dense_operands(q, k, v, mask, is_causal):
+    """(k, v, mask) for attention written out: grouped key/value heads repeated to the query heads, is_causal
+    folded into the boolean mask ([B|1, 1, T, S], or None)."""
+    if q.shape[2] != k.shape[2]:
+        groups = q.shape[2] // k.shape[2]
+        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    if is_causal:
+        causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None, None]
+        mask = causal if mask is None else mask & causal
+    return k, v, mask
 
 
 def cpu_attention() -> bool:
@@ -426,12 +434,7 @@ def _cpu_attention(q, k, v, mask, is_causal):
     of 64) forward + backward: 92 -> 56 ms a layer. The chunks stay whole when the batch is split over
     devices (`mesh_split('batch')`), where a chunk of a sharded axis would move data between devices.
     """
-    if q.shape[2] != k.shape[2]:
-        groups = q.shape[2] // k.shape[2]
-        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
-    if is_causal:
-        causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None, None]
-        mask = causal if mask is None else mask & causal
+    k, v, mask = _dense_operands(q, k, v, mask, is_causal)
     batch = q.shape[0]
     chunks = 1
     if mesh_split("batch") == 1:
