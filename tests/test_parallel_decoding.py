@@ -6,6 +6,7 @@ exact any-order factorisation); low_confidence does not (the order depends on th
 favours likely tokens); its exact output distribution is enumerated here and the samples match it.
 """
 
+import collections
 import itertools
 import re
 
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+import oracle
 from ddlm import schedules, sampling
 from ddlm.sampling import conditioning, parallel, rules
 from test_sampling import (
@@ -271,6 +273,102 @@ def test_remdm_remasking_inside_blocks():
         assert np.sum(~masked[:-1] & masked[1:]) > 0, f"{strategy}: nothing was remasked"
         assert not np.any(masked[-1]) and int(out.nfe) == 8, strategy
         assert np.all(out.trajectory[:, :, 5] == 4), strategy
+
+
+def _remasking_sigma(strategy, eta, a_s, a_t):
+    """ReMDM's sigma_t (Wang et al. 2025, sec. 4.1), written out independently of the sampler's code."""
+    sigma_max = 1.0 if a_t == 0 else min(1.0, (1.0 - a_s) / a_t)
+    return min(eta, sigma_max) if strategy == "cap" else eta * sigma_max
+
+
+def exact_single_row_remasking_law(toy, steps, strategy, eta):
+    """Output law over toy.seqs of rule='random' with ReMDM remasking, one block, for a batch of ONE
+    all-masked row (float64, enumerated). At step j of `steps`: count = ceil(masked / (steps - j))
+    uniformly random masked positions take a draw from the exact p(x_0 | x_t); every position decoded at an
+    earlier step is remasked independently with probability sigma_j (times softmax(-confidence) over the
+    decoded positions for 'confidence'), on the block's grid alpha_t = j / steps, alpha_s = (j + 1) / steps.
+    A row with nothing masked is finished: it never changes again (a batch of one stops there)."""
+    table = toy.absorbing_posterior_table()
+    n_pos, mask = toy.length, toy.mask_id
+    dist = {((mask,) * n_pos, (0.0,) * n_pos): 1.0}
+    for j in range(steps):
+        sigma = _remasking_sigma(strategy, eta, (j + 1) / steps, j / steps)
+        nxt = collections.defaultdict(float)
+        for (x, conf), pr in dist.items():
+            hidden = [l for l in range(n_pos) if x[l] == mask]
+            if not hidden:
+                nxt[(x, conf)] += pr
+                continue
+            decoded = [l for l in range(n_pos) if x[l] != mask]
+            if strategy == "confidence" and decoded:
+                w = np.exp(-np.array([conf[l] for l in decoded]))
+                sig = dict(zip(decoded, sigma * w / w.sum()))
+            else:
+                sig = dict.fromkeys(decoded, sigma)
+            post = table[int(toy.index(np.asarray(x), toy.num_tokens + 1))]
+            count = min(-(-len(hidden) // (steps - j)), len(hidden))
+            subsets = list(itertools.combinations(hidden, count))
+            for chosen in subsets:
+                for draw in itertools.product(range(toy.num_tokens), repeat=count):
+                    p_draw = np.prod([post[l, v] for l, v in zip(chosen, draw)]) / len(subsets)
+                    for remask in itertools.product((False, True), repeat=len(decoded)):
+                        p_remask = np.prod([sig[l] if r else 1.0 - sig[l] for l, r in zip(decoded, remask)])
+                        if p_remask == 0.0:
+                            continue
+                        y, c = list(x), list(conf)
+                        for l, v in zip(chosen, draw):
+                            y[l], c[l] = v, post[l, v]
+                        for l, r in zip(decoded, remask):
+                            if r:
+                                y[l] = mask
+                        nxt[(tuple(y), tuple(c))] += pr * p_draw * p_remask
+        dist = nxt
+    law = np.zeros(len(toy.seqs))
+    for (x, _), pr in dist.items():
+        assert mask not in x, "the last step of a block commits every masked position"
+        law[int(toy.index(np.asarray(x)))] += pr
+    return law
+
+
+@pytest.mark.parametrize("strategy", ["cap", "rescale", "confidence"])
+def test_remasking_a_rows_law_does_not_depend_on_the_rest_of_the_batch(strategy):
+    """Issue 21 item 1: two tokens, p = [.45, .05, .05, .45] over {0, 1}^2, rule random, 4 steps, eta 0.5.
+    A batch of one stops stepping once its block is decoded; in a big batch the finished rows used to be
+    remasked and re-decoded while other rows still had masks (P(x0 != x1) 0.15 instead of 0.10 for 'cap').
+    The batch's histogram must match the exact law of a batch of one."""
+    toy = oracle.ToyDistribution(num_tokens=2, length=2)
+    toy.probs = np.array([0.45, 0.05, 0.05, 0.45])
+    steps, eta, n = 4, 0.5, 20000
+    exact = exact_single_row_remasking_law(toy, steps, strategy, eta)
+    x = jnp.full((n, 2), toy.mask_id, jnp.int32)
+    kw = dict(mask_id=toy.mask_id, schedule=SCHED, rule="random", steps=steps, remasking=strategy, eta=eta)
+    out = tjit(lambda r: parallel.parallel_sample(toy.absorbing_denoiser(), r, x, **kw))(jax.random.key(35))
+    tokens = np.asarray(out.tokens)
+    assert tokens.min() >= 0 and tokens.max() < 2
+    emp = np.bincount(np.asarray(toy.index(tokens)), minlength=4) / n
+    assert tv(emp, exact) < tv_bound(exact, n), (strategy, emp, exact)
+    differ, want = np.mean(tokens[:, 0] != tokens[:, 1]), exact[1] + exact[2]
+    assert abs(differ - want) < 5 * np.sqrt(want * (1 - want) / n), (strategy, differ, want)
+    assert int(out.nfe) == steps
+
+
+def test_remasking_freezes_a_row_once_its_block_is_decoded():
+    """Even rows have one masked position: step 0 decodes it and the row is done. The odd rows keep the
+    block going for 4 steps; with eta = 1, sigma_1 = min(1, (1 - 2/4) / (1/4)) = 1, so a finished row that
+    was not frozen would have its decoded token remasked at step 1 with certainty (every strategy)."""
+    x = np.full((8, L), MASK, np.int32)
+    x[0::2, :3] = [2, 0, 1]
+    kw = dict(mask_id=MASK, schedule=SCHED, rule="random", steps=4, eta=1.0, return_trajectory=True)
+    for strategy in ("cap", "rescale", "confidence"):
+        sample = lambda r: parallel.parallel_sample(
+            TOY.absorbing_denoiser(), r, jnp.asarray(x), remasking=strategy, **kw
+        )
+        traj = np.asarray(tjit(sample)(jax.random.key(36)).trajectory)  # [5, B, L]
+        assert traj.shape == (5, 8, L) and not np.any(traj[-1] == MASK), strategy
+        np.testing.assert_array_equal(traj[1:, 0::2], np.broadcast_to(traj[1, 0::2], (4, 4, L)), strategy)
+        assert np.all(traj[:, 0::2, :3] == [2, 0, 1]), strategy
+        odd = traj[:, 1::2] == MASK
+        assert np.any(~odd[:-1] & odd[1:]), f"{strategy}: the unfinished rows were never remasked"
 
 
 def test_logits_provider_hook_and_refresh_policy():

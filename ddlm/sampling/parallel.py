@@ -20,7 +20,8 @@ Fixed-count rules (random, low_confidence, margin, entropy) commit LLaDA's numbe
 takes steps / num_blocks steps; adaptive rules (threshold, factor, entropy_bounded) take as many steps as
 they need (at most block_length), `steps` unused. Prompt, infill and constrained positions (x_init !=
 mask_id) are never changed. The batch moves in lockstep: a block ends when no row has a masked
-position in it; nfe counts the network calls (batch-wide). With rule='random' and one token per step
+position in it, and a row whose block is decoded is left as it is (no remasking: its law is that of a
+batch of one); nfe counts the network calls (batch-wide). With rule='random' and one token per step
 this samples the exact model distribution, like the first-hitting sampler.
 
 A cache plugs in by swapping the logits provider (one function):
@@ -214,7 +215,11 @@ def parallel_sample(
             a_s = (j + 1).astype(jnp.float32) / p.steps_per_block
             sigma = masked.remasking_sigma(remasking, eta, a_s, a_t)
             conf_blk = jax.lax.dynamic_slice_in_dim(conf, start, bl, axis=1)
-            decoded = ~editable & ~jax.lax.dynamic_slice_in_dim(clamped, start, bl, axis=1)
+            # A row whose block is decoded is finished: frozen, as a batch of one stops there (the batch
+            # keeps stepping for the rows that still have masks; remasking a finished row would make its
+            # law depend on the rest of the batch).
+            unfinished = jnp.any(editable, axis=-1, keepdims=True)
+            decoded = ~editable & ~jax.lax.dynamic_slice_in_dim(clamped, start, bl, axis=1) & unfinished
             if remasking == "confidence":
                 weights = jax.nn.softmax(jnp.where(decoded, -conf_blk, -jnp.inf), axis=-1)
                 sigma_tok = jnp.where(jnp.any(decoded, axis=-1, keepdims=True), weights, 0.0) * sigma
