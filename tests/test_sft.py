@@ -101,7 +101,7 @@ def test_bad_records_and_paths_are_one_clear_error(tmp_path):
     ):
         sft.read_records(str(path))
     path.write_text("not json\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: not a JSON object"):
+    with pytest.raises(ValueError, match=r"^config\.data\.sft_data: .*bad.jsonl:1: not a JSON object"):
         sft.read_records(str(path))
     with pytest.raises(ValueError, match="config.data.sft_data: .*missing does not exist"):
         sft.read_records(str(tmp_path / "missing"))
@@ -109,6 +109,24 @@ def test_bad_records_and_paths_are_one_clear_error(tmp_path):
     write_jsonl(path, RECORDS)
     with pytest.raises(ValueError, match="config.data.sft_template must be one of"):
         pipeline.make_iterator(config, BYTE, "train", global_batch_size=1, seq_len=64)
+
+
+def test_a_binary_file_is_one_line_naming_the_field_the_file_and_the_line(tmp_path):
+    """A file that is not UTF-8 text (here a PNG's header on line 3, after a good record and a blank line)
+    used to be a bare UnicodeDecodeError naming neither the file nor config.data.sft_data."""
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b'{"prompt": "a", "response": "b"}\n\n\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\n')
+    for config in (str(path), str(tmp_path)):  # the file, and a folder of .jsonl files
+        with pytest.raises(ValueError) as info:
+            sft.read_records(config)
+        message = str(info.value)
+        assert message == (
+            f"config.data.sft_data: {path}:3: not UTF-8 text (byte 0x89 at offset 34); expected JSON lines "
+            "with string fields 'prompt' and 'response'"
+        )
+    # Through the pipeline (what --mode=train reads) the same line reaches the user.
+    with pytest.raises(ValueError, match=rf"^config\.data\.sft_data: {path}:3: not UTF-8 text"):
+        pipeline.make_iterator(sft_config(path), BYTE, "train", global_batch_size=1, seq_len=64)
 
 
 def test_processes_get_disjoint_records_and_state_restores_exactly(tmp_path):

@@ -40,6 +40,7 @@ The train/validation split is by a hash of each record's key (``<file>:<line>``)
 from __future__ import annotations
 
 import glob
+import io
 import itertools
 import json
 import os
@@ -134,7 +135,8 @@ class _EncodeExample:
 def read_records(path: str) -> list[dict[str, str]]:
     """Every record of a .jsonl file, or of all .jsonl files under a directory (sorted, recursive), as
     {'id': '<file>:<line>', 'prompt': str, 'response': str}. A line that is not a JSON object with string
-    fields 'prompt' and 'response' is an error naming the file and line; blank lines are skipped."""
+    fields 'prompt' and 'response', or not UTF-8 text, is an error naming config.data.sft_data, the file and
+    the line; blank lines are skipped."""
     path = os.path.abspath(os.path.expanduser(path))
     if os.path.isdir(path):
         files = sorted(glob.glob(os.path.join(path, "**", "*.jsonl"), recursive=True))
@@ -151,30 +153,45 @@ def read_records(path: str) -> list[dict[str, str]]:
     records = []
     for name in files:
         rel = os.path.relpath(name, root)
-        with open(name, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{name}:{lineno}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: not a JSON object ({e})") from None
-                if not (
-                    isinstance(record, dict)
-                    and isinstance(record.get("prompt"), str)
-                    and isinstance(record.get("response"), str)
-                ):
-                    raise ValueError(
-                        f"{where}: expected a JSON object with string fields 'prompt' and 'response' "
-                        f"(an SFT record), got {line.strip()[:80]!r}"
-                    )
-                records.append(
-                    {"id": f"{rel}:{lineno}", "prompt": record["prompt"], "response": record["response"]}
+        for lineno, line in enumerate(_text_lines(name), 1):
+            if not line.strip():
+                continue
+            where = f"config.data.sft_data: {name}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not a JSON object ({e})") from None
+            if not (
+                isinstance(record, dict)
+                and isinstance(record.get("prompt"), str)
+                and isinstance(record.get("response"), str)
+            ):
+                raise ValueError(
+                    f"{where}: expected a JSON object with string fields 'prompt' and 'response' "
+                    f"(an SFT record), got {line.strip()[:80]!r}"
                 )
+            records.append(
+                {"id": f"{rel}:{lineno}", "prompt": record["prompt"], "response": record["response"]}
+            )
     if not records:
         raise ValueError(f"config.data.sft_data: {path} holds no records")
     return records
+
+
+def _text_lines(name: str) -> list[str]:
+    """The lines of a UTF-8 text file (newlines as open() reads them); a file that is not UTF-8 text (a
+    binary file, another encoding) is an error naming config.data.sft_data, the file and the line."""
+    with open(name, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lineno = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(
+            f"config.data.sft_data: {name}:{lineno}: not UTF-8 text (byte {data[e.start]:#04x} at offset "
+            f"{e.start}); expected JSON lines with string fields 'prompt' and 'response'"
+        ) from None
+    return io.StringIO(text, newline=None).readlines()
 
 
 def shakespeare_reply_pairs(texts, max_chars: int = BUILTIN_MAX_CHARS) -> list[tuple[str, str]]:
