@@ -3,7 +3,8 @@
     out = ar_sample(decoder, rng, x_init, mask_id=tok.mask_id)      # decoder = models.make_decoder(model, vars)
 
 x_init int32 [B, L]: known tokens (a prompt, which must include position 0: a bos token when there is no
-prompt; hard constraints anywhere) and mask_id where tokens are generated. Position p is drawn from the
+prompt; hard constraints anywhere) and mask_id where tokens are generated. A masked position 0 is an error
+when x_init is a concrete array (under jit its values are unknown: such a row would keep mask_id there). Position p is drawn from the
 network's logits at position p - 1 (next-token prediction, the 'ar' loss), known positions are kept.
 
 One compiled program per (B, L): the prompt is prefilled in chunks of `prefill_chunk` tokens by a lax loop
@@ -20,6 +21,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ddlm import losses
 from ddlm.models.decoding import Decoder, causal_mask
@@ -101,6 +103,14 @@ def ar_sample(
     Returns SampleOutput(tokens int32 [B, L], nfe, None).
     """
     check_decoding_inputs(decoder, "causal", "ar", x_init, mask_id, stop_at_eos, eos_id)
+    if not isinstance(x_init, jax.core.Tracer):  # values are known only outside jit
+        unprompted = np.flatnonzero(np.asarray(x_init)[:, 0] == mask_id)
+        if unprompted.size:
+            raise ValueError(
+                f"ar_sample: x_init[:, 0] is mask_id in row(s) {unprompted[:8].tolist()}: position 0 is never "
+                "generated (nothing precedes it); start every row with a known token (bos when there is no "
+                "prompt)"
+            )
     if prefill_chunk < 1:
         raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     x_init = x_init.astype(jnp.int32)

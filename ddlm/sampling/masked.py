@@ -127,7 +127,8 @@ def ancestral_sample(
     noise_removal: after the last step, positions still masked (t_min > 0) are set to argmax p_theta (one
     more call, made only if some are masked; MDLM's final greedy step).
     progress_fn(steps_done) is called from the loop (a host callback) after every step, if given.
-    Returns SampleOutput; trajectory [steps + 1, B, L] if return_trajectory.
+    Returns SampleOutput; trajectory [steps + 1, B, L] if return_trajectory: x_init then the state after
+    each step, the last row the result (after noise removal).
     """
     _check_init(x_init, mask_id)
     if remasking not in REMASKING:

@@ -169,7 +169,8 @@ def score_sample(
     Noise removal: absorbing graph: the positions still masked become argmax_y c_y at t_min, the denoiser's
     most likely token (one more call, made only if some are masked); uniform graph: the analytic step to
     sigma = 0 taken greedily (one more call). nfe counts the calls made. progress_fn(steps_done) is called
-    after every step, if given.
+    after every step, if given. trajectory (return_trajectory) [steps + 1, B, L]: the starting state (the
+    uniform graph: its noise) then the state after each step; the last row is the result (noise removed).
     """
     if graph not in GRAPHS:
         raise ValueError(f"unknown graph {graph!r}; expected one of {GRAPHS}")
