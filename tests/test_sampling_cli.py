@@ -175,6 +175,116 @@ def test_a_bad_sampler_field_is_one_line_before_the_checkpoint_is_loaded(field, 
     assert "\n" not in str(info.value)
 
 
+def _must_not_load(config, workdir):
+    raise AssertionError("the checkpoint was loaded before the inputs were checked")
+
+
+def _one_line_error(config, workdir, load_fn=_must_not_load) -> str:
+    with pytest.raises(ValueError) as info:
+        cli.run_sampling(config, str(workdir), load_fn=load_fn)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_an_unwritable_samples_folder_is_one_line_before_loading(tmp_path):
+    """--mode=sample on a workdir it cannot write used to sample everything and then fail with an OSError
+    traceback: the trainer's write probe (checkpoints.check_writable) now runs before the checkpoint is
+    loaded. chmod does not stop root (CI runs as root), a file in the way stops everyone: the probe sees the
+    same OSError either way."""
+    (tmp_path / "samples").write_text("a file where the samples folder goes")
+    message = _one_line_error(_config(), tmp_path)
+    folder = tmp_path / "samples"
+    assert message.startswith(
+        f"the samples folder (config.sampler.output_dir) {folder} is not writable (FileExistsError"
+    )
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    message = _one_line_error(_config(output_dir=str(blocked / "out" / "samples")), tmp_path)
+    assert f"config.sampler.output_dir) {blocked} is not writable (FileExistsError" in message
+    if os.geteuid() != 0:  # permissions bind only non-root users; the file in the way above binds root too
+        readonly = tmp_path / "readonly"
+        readonly.mkdir(mode=0o555)
+        message = _one_line_error(_config(), readonly)
+        assert f"{readonly} is not writable (PermissionError" in message
+    # The probe creates nothing: a mistyped workdir is not left behind by a load that finds no checkpoint.
+    def no_checkpoint(config, workdir):
+        raise ValueError(f"no checkpoint in {workdir}/checkpoints")
+
+    assert _one_line_error(_config(), tmp_path / "typo", no_checkpoint).startswith("no checkpoint in")
+    assert not (tmp_path / "typo").exists()
+
+
+def test_a_sample_length_past_the_network_context_is_one_line_before_loading():
+    """seq_len=100000 on a network trained at 12 used to allocate 320 GB and end in an out-of-memory
+    traceback. Only bd3lm goes past the training context, with a sliding window that fits inside it."""
+    message = _one_line_error(_config(seq_len=100000), "/unused")
+    assert message == (
+        "config.sampler.seq_len=100000 is longer than the network's context, config.train.seq_len=12 "
+        "(positions past it were never trained; only name='bd3lm' samples past it, with a sliding window): "
+        "use at most 12 (0 = 12)"
+    )
+    sc, seq_len = cli.check_config(_config(seq_len=12))  # the context itself is fine
+    assert seq_len == 12 and sc.window == 0
+
+    def bd3lm(**fields):
+        c = _config(name="bd3lm", **fields)
+        c.model.name, c.model.block_size, c.diffusion.loss = "bd3lm", 4, "bd3lm"
+        return c
+
+    c = bd3lm(seq_len=40)
+    sc, seq_len = cli.check_config(c)
+    assert seq_len == 40 and sc.window == 8 and c.sampler.window == 0  # 12 - 4, on the run's copy only
+    assert cli.check_config(bd3lm(seq_len=40, window=4))[0].window == 4
+    assert "use a window of at most 8 (0 = 8)" in _one_line_error(bd3lm(seq_len=40, window=12), "/unused")
+    assert "window=40 keeps all 40 tokens" in _one_line_error(bd3lm(seq_len=40, window=40), "/unused")
+    message = _one_line_error(bd3lm(seq_len=40, kv_cache=False), "/unused")
+    assert message.startswith("config.sampler.kv_cache must be True for seq_len=40 past the network's")
+
+
+def test_a_sampler_too_big_for_the_device_is_one_line_before_it_runs(tmp_path, monkeypatch):
+    """The compiled sampler's memory (XLA's memory_analysis) against what a device holds: past it, one line
+    instead of an out-of-memory traceback, and no run folder. The limit of a CPU device is the host's
+    memory (/proc/meminfo) shared by the local devices."""
+    with open("/proc/meminfo") as f:
+        total_kib = int(next(line for line in f if line.startswith("MemTotal:")).split()[1])
+    assert cli._memory_limit_bytes(jax.devices("cpu")[0]) == total_kib * 1024 // jax.local_device_count()
+    monkeypatch.setattr(cli, "_memory_limit_bytes", lambda device: 1 << 10)
+    message = _one_line_error(_config(), tmp_path, _random_loader)
+    assert re.fullmatch(
+        r"config\.sampler\.batch_size=2 x seq_len=12: the compiled sampler needs [0-9.]+ MiB per device, "
+        r"more than the 0\.0 MiB one holds; "
+        r"lower config\.sampler\.batch_size or config\.sampler\.seq_len",
+        message,
+    ), message
+    assert not (tmp_path / "samples").exists() or not any((tmp_path / "samples").iterdir())
+    monkeypatch.setattr(cli, "_memory_limit_bytes", lambda device: 1 << 40)
+    assert len(cli.run_sampling(_config(), str(tmp_path), load_fn=_random_loader)) == 3
+
+
+def test_sampling_imports_nothing_from_the_layers_above_it():
+    """ddlm/sampling sits below ddlm/eval, ddlm/train and ddlm/main (STYLE.md, one-way layers): no module of
+    it imports them, at the top or inside a function (sampling/cli used to import eval.sample_quality)."""
+    import ast
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ddlm", "sampling")
+    found = []
+    for name in sorted(os.listdir(root)):
+        if not name.endswith(".py"):
+            continue
+        with open(os.path.join(root, name)) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            modules = []
+            if isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                modules = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for m in modules:
+                if m.split(".")[:2] in (["ddlm", "eval"], ["ddlm", "train"], ["ddlm", "main"]):
+                    found.append(f"{name}:{node.lineno} imports {m}")
+    assert not found, found
+
+
 def test_sampler_and_diffusion_mismatches_are_one_line_before_loading():
     def must_not_load(config, workdir):
         raise AssertionError("loaded before the config was checked")
@@ -234,10 +344,10 @@ def test_malformed_infill_templates_name_the_field(template, expected):
         ("-13:5", "position -13 in '-13:5' is outside a sequence of length 12"),
     ],
 )
-def test_bad_constraints_name_the_field(spec, expected):
+def test_bad_constraints_name_the_field(spec, expected, tmp_path):
     """Checked against the tokenizer after loading (0:99999 used to be a bare IndexError in decode)."""
     with pytest.raises(ValueError, match=rf"config\.sampler\.constraints: {expected}"):
-        cli.run_sampling(_config(constraints=spec), "/unused", load_fn=_random_loader)
+        cli.run_sampling(_config(constraints=spec), str(tmp_path), load_fn=_random_loader)
 
 
 def test_conditioning_keeps_well_formed_input():

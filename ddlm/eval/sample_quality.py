@@ -30,20 +30,11 @@ import numpy as np
 
 from ddlm import losses
 from ddlm.eval import likelihood
+from ddlm.sampling.stats import unigram_entropy  # defined below eval: the sampling CLI writes it too
 
 # --------------------------------------------------------------------------------------------
 # Per-sample statistics of token ids
 # --------------------------------------------------------------------------------------------
-
-
-def unigram_entropy(ids: Sequence[int]) -> float:
-    """Entropy (nats) of the token histogram of one sample (MDLM/DUO's sample entropy); 0 for an empty one."""
-    ids = np.asarray(ids).reshape(-1)
-    if ids.size == 0:
-        return 0.0
-    _, counts = np.unique(ids, return_counts=True)
-    p = counts / counts.sum()
-    return float(-(p * np.log(p)).sum())
 
 
 def distinct_ngrams(ids: Sequence[int], n: int) -> float:

@@ -2,13 +2,27 @@
 
     run_sampling(config, workdir, load_fn=None) -> list of per-sample records
 
-Validates config.sampler first (ddlm.sampling.config.validate: a bad field is one line, before anything is
-loaded), then loads the latest checkpoint's (EMA) parameters with ddlm.checkpoints.load_for_inference, builds
-denoise_fn(xt, t) = model.apply({'params': params}, xt, t) (t = None for time-free networks, loss 'radd'),
-and runs the sampler named by config.sampler.name (ddlm.sampling.make_sampler) in batches of
-config.sampler.batch_size, sharded over the mesh's data axes, jitted once. Each run writes to its own
-folder, <config.sampler.output_dir or <workdir>/samples>/<date>-<time>-step<checkpoint>-<sampler>/, so
-that no run overwrites another and a trajectory never sits beside another run's samples:
+The steps, in order:
+  validate  every config.sampler field (ddlm.sampling.config.validate), the sampler against the network and
+            the sample length against the network's context (`check_config`), and that the output folder
+            can be written (`check_output_dir`): each mistake is one line, before anything is loaded;
+  load      the latest checkpoint's (EMA) parameters (ddlm.checkpoints.load_for_inference);
+  build     the initial tokens (conditioning) and sample(params, rng, x, clamp): the sampler named by
+            config.sampler.name (ddlm.sampling.make_sampler) over denoise_fn(xt, t) = model.apply(...)
+            (t = None for time-free networks, loss 'radd');
+  run       compiled once (a sampler that would not fit in a device's memory is one line, not an
+            out-of-memory traceback), in batches of config.sampler.batch_size sharded over the mesh's data
+            axes;
+  write     the files below, from process 0.
+
+Length: config.sampler.seq_len (0 = config.train.seq_len) may not exceed the training context
+config.train.seq_len, whose positions are the only ones the network was trained on, except with
+name='bd3lm', which goes past it with a sliding window of clean blocks (config.sampler.window, at most
+train.seq_len - block_size; 0 = that).
+
+Each run writes to its own folder, <config.sampler.output_dir or <workdir>/samples>/<date>-<time>-step
+<checkpoint>-<sampler>/, so that no run overwrites another and a trajectory never sits beside another run's
+samples:
 
     samples.txt          the decoded samples, separated by lines of '='
     samples.jsonl        one JSON object per sample: text, tokens, nfe, time_s (batch time / batch size,
@@ -40,21 +54,19 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 
-from ddlm import losses, models, paths, schedules
+from ddlm import checkpoints, losses, models, paths, schedules
 from ddlm.data import sft
-from ddlm.eval.sample_quality import unigram_entropy
-from ddlm.sampling import conditioning, make_sampler, visualize
+from ddlm.sampling import conditioning, make_sampler, stats, visualize
 from ddlm.sampling import config as config_lib
 
 resolve_config = config_lib.resolve  # default_config() with the given fields set (unknown field: error)
 
 
 def _load_checkpoint(config, workdir):
-    from ddlm import checkpoints
-
     loaded = checkpoints.load_for_inference(workdir, config, ema=bool(config.sampler.use_ema))
     return loaded.model, loaded.params, loaded.tokenizer, loaded, loaded.step
 
@@ -105,9 +117,37 @@ class _Progress:
 
 def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None) -> list[dict]:
     """Samples per config.sampler from the latest checkpoint in workdir and writes them (see module doc)."""
+    sc, seq_len = check_config(config)  # every field, before the (slow) checkpoint restore
+    out_base = sc.output_dir or os.path.join(workdir, "samples")
+    check_output_dir(out_base, "the samples folder (config.sampler.output_dir)")  # before any work
+    model, params, tok, setup, ckpt_step = (load_fn or _load_checkpoint)(config, workdir)
+    x_init, clamp = _initial_tokens(config, sc, tok, seq_len)
+    num_batches = -(-sc.num_samples // sc.batch_size)
+    progress = _Progress(sc.num_samples, num_batches, _progress_steps(config, sc, x_init, tok.mask_id))
+    sample = _sample_fn(config, sc, model, tok, progress)
+    records, trajectories = _sample_batches(
+        sample, params, x_init, clamp, sc, tok, setup=setup, ckpt_step=ckpt_step, progress=progress
+    )
+    if jax.process_index() != 0:  # every process sampled its shard of the batch; process 0 writes
+        return records
+    run_name = f"{time.strftime('%Y%m%d-%H%M%S')}-step{ckpt_step}-{sc.name}"
+    out_dir = _new_run_dir(out_base, run_name)
+    _write_outputs(out_dir, config, workdir, sc, seq_len, tok, records, trajectories, ckpt_step)
+    _print_summary(records, out_dir, trajectories)
+    return records
+
+
+# ------------------------------------------------------------------------------------------------ validate
+
+
+def check_config(config) -> tuple[ml_collections.ConfigDict, int]:
+    """(the resolved sampler config, the sample length) after every check that needs no checkpoint: the
+    sampler fields (ddlm.sampling.config.validate), the sampler against the network (KV-cache samplers need
+    their attention, Fast-dLLM caches a bidirectional one) and against its context (`_check_context`).
+    Raises ValueError naming the field. The caller's config is not modified (bd3lm's window is set on the
+    copy)."""
     sc = resolve_config(config.sampler)
     seq_len = sc.seq_len or config.train.seq_len
-    # Every sampler field is checked before the (slow) checkpoint restore.
     sc = config_lib.validate(sc, diffusion=config.diffusion, seq_len=seq_len)
     # ar / bd3lm decode with the network's KV cache: only exact for a causal / block-causal network.
     needed = {"ar": "causal", "bd3lm": "block_causal"}.get(sc.name)
@@ -123,27 +163,72 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
             f"config.sampler.cache={sc.cache!r} caches a bidirectional network (config.model.name='dit'), got "
             f"config.model.name={config.model.name!r}: use cache='none'"
         )
-    if sc.name == "bd3lm":
-        if seq_len % config.model.block_size:
-            raise ValueError(
-                f"config.model.block_size={config.model.block_size} must divide the sample length "
-                f"{seq_len} (config.sampler.seq_len, or config.train.seq_len when 0)"
-            )
-        if sc.window == 0 and seq_len > config.train.seq_len:  # past the training context: slide
-            sc.window = config.train.seq_len - config.model.block_size
-    model, params, tok, setup, ckpt_step = (load_fn or _load_checkpoint)(config, workdir)
-    mask_id, vocab = tok.mask_id, tok.vocab_size
-    loss = config.diffusion.loss
-    graph = config.diffusion.process
-    diffusion_schedule = schedules.get_schedule(
-        config.diffusion.schedule, **dict(config.diffusion.schedule_kwargs)
-    )
-    schedule = (
-        diffusion_schedule if sc.grid in ("", config.diffusion.schedule) else schedules.get_schedule(sc.grid)
-    )
-    time_free = loss == "radd"
+    if sc.name == "bd3lm" and seq_len % config.model.block_size:
+        raise ValueError(
+            f"config.model.block_size={config.model.block_size} must divide the sample length "
+            f"{seq_len} (config.sampler.seq_len, or config.train.seq_len when 0)"
+        )
+    _check_context(sc, seq_len, context=int(config.train.seq_len), block_size=int(config.model.block_size))
+    return sc, seq_len
 
-    # ------------------------------------------------------------------ initial tokens (conditioning)
+
+def _check_context(sc, seq_len: int, *, context: int, block_size: int) -> None:
+    """No position attends further than the network was trained to (config.train.seq_len): its rotary
+    positions past that are untrained, and attention memory grows with the square of the length (a typo'd
+    100000 asked for 320 GB). Only bd3lm samples past the context, with its sliding window over the clean
+    blocks (README, KV-cache decoding): a block then attends to `window` clean tokens and itself; a window
+    of 0 becomes context - block_size there (on `sc`)."""
+    if sc.name != "bd3lm":
+        if seq_len > context:
+            raise ValueError(
+                f"config.sampler.seq_len={seq_len} is longer than the network's context, "
+                f"config.train.seq_len={context} (positions past it were never trained; only name='bd3lm' "
+                f"samples past it, with a sliding window): use at most {context} (0 = {context})"
+            )
+        return
+    if seq_len <= context:
+        return
+    if sc.window == 0:
+        sc.window = context - block_size
+    if sc.window < seq_len:  # sliding (a window >= seq_len keeps every block)
+        if sc.window + block_size > context:
+            raise ValueError(
+                f"config.sampler.window={sc.window}: a block would attend to {sc.window} clean tokens and "
+                f"its own {block_size}, past the network's context config.train.seq_len={context}: use a "
+                f"window of at most {context - block_size} (0 = {context - block_size})"
+            )
+        if not sc.kv_cache:
+            raise ValueError(
+                f"config.sampler.kv_cache must be True for seq_len={seq_len} past the network's context "
+                f"config.train.seq_len={context}: the sliding window lives in the cache"
+            )
+    else:
+        raise ValueError(
+            f"config.sampler.window={sc.window} keeps all {seq_len} tokens, past the network's context "
+            f"config.train.seq_len={context}: use a window of at most {context - block_size} "
+            f"(0 = {context - block_size})"
+        )
+
+
+def check_output_dir(directory: str, what: str) -> None:
+    """Fails with one line (checkpoints.check_writable, the trainer's probe) if `directory` cannot be
+    written, before any work, so that a read-only workdir is not found out after sampling / evaluating.
+    A folder not there yet is probed through its nearest existing parent: the probe creates nothing, so a
+    mistyped --workdir is not left behind as an empty folder (the load then says there is no checkpoint)."""
+    target = paths.path(directory)
+    if not paths.is_remote(directory):  # a bucket's folders are prefixes: nothing to create
+        while not target.exists() and target.parent != target:
+            target = target.parent
+    checkpoints.check_writable(str(target), what)
+
+
+# ------------------------------------------------------------------------------------------------ build
+
+
+def _initial_tokens(config, sc, tok, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(x_init int [batch_size, seq_len], clamp bool [batch_size, seq_len]): the canvas every batch starts
+    from (masks, with the prompt / infill template / constraints / end filled in) and the known positions."""
+    mask_id, vocab = tok.mask_id, tok.vocab_size
     prompt_ids = tok.encode(sc.prompt) if sc.prompt else []
     if sft.is_sft(config.data):  # an SFT model: rows start with bos and the templated prompt
         prompt_ids = sft.encode_prompt(tok, sc.prompt, config.data.sft_template)
@@ -169,20 +254,38 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
         pad_id=tok.pad_id,
     )
     clamp = x_init != mask_id
-    if graph == "uniform":
+    if config.diffusion.process == "uniform":
         x_init = np.where(clamp, x_init, 0)
+    return x_init, clamp
 
-    # ------------------------------------------------------------------ the jitted sampler
+
+def _progress_steps(config, sc, x_init: np.ndarray, mask_id: int) -> int:
+    """The steps the progress bar counts in one batch: network steps, positions (ar) or blocks (bd3lm)."""
+    if sc.name == "ar":
+        return x_init.shape[1] - 1
+    if sc.name == "bd3lm":
+        return x_init.shape[1] // config.model.block_size
+    if sc.name == "first_hitting":  # one step per masked position
+        return int(np.sum(x_init == mask_id, axis=1).max())
+    return sc.steps
+
+
+def _sample_fn(config, sc, model, tok, progress: _Progress) -> Callable[..., Any]:
+    """sample(params, rng, x [B, L], clamp [B, L]) -> SampleOutput: the sampler of config.sampler.name
+    (ddlm.sampling.make_sampler) over the network, its score (SEDD) or its decoder (KV caches)."""
+    loss, graph = config.diffusion.loss, config.diffusion.process
+    diffusion_schedule = schedules.get_schedule(
+        config.diffusion.schedule, **dict(config.diffusion.schedule_kwargs)
+    )
+    schedule = (
+        diffusion_schedule if sc.grid in ("", config.diffusion.schedule) else schedules.get_schedule(sc.grid)
+    )
+    time_free = loss == "radd"
+
     def network(params, xt, t):
         return model.apply({"params": params}, xt, None if time_free else t, x0=None, train=False).astype(
             jnp.float32
         )
-
-    total_steps = int(np.sum(x_init == mask_id, axis=1).max()) if sc.name == "first_hitting" else sc.steps
-    if sc.name in ("ar", "bd3lm"):  # progress by position / by block
-        total_steps = seq_len - 1 if sc.name == "ar" else seq_len // config.model.block_size
-    num_batches = -(-sc.num_samples // sc.batch_size)
-    progress = _Progress(sc.num_samples, num_batches, total_steps)
 
     def sample(params, rng, x, clamp):
         denoise_fn = lambda xt, t: network(params, xt, t)
@@ -199,7 +302,7 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
             denoise_fn=denoise_fn,
             score_fn=score_fn,
             schedule=schedule,
-            mask_id=mask_id,
+            mask_id=tok.mask_id,
             graph=graph,
             return_trajectory=bool(sc.visualize),
             progress_fn=progress.on_step if sc.progress else None,
@@ -209,20 +312,73 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
         )
         return sampler(rng, x, clamp if graph == "uniform" else None)
 
-    mesh = getattr(setup, "mesh", None)
-    x_sharding = None
-    if mesh is not None:
-        from jax.sharding import NamedSharding, PartitionSpec
+    return sample
 
-        data_axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
-        size = math.prod(mesh.shape[a] for a in data_axes)
-        if sc.batch_size % size == 0:
-            x_sharding = NamedSharding(mesh, PartitionSpec(data_axes))
+
+def _batch_sharding(setup, batch_size: int):
+    """The batch split over the mesh's data axes (None: one device, or a batch they do not divide)."""
+    mesh = getattr(setup, "mesh", None)
+    if mesh is None:
+        return None
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    data_axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+    size = math.prod(mesh.shape[a] for a in data_axes)
+    return NamedSharding(mesh, PartitionSpec(data_axes)) if batch_size % size == 0 else None
+
+
+def _memory_limit_bytes(device) -> int | None:
+    """What one device can hold: its allocator's limit (GPU, TPU), or for CPU devices the host's physical
+    memory shared by the local devices; None when unknown."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 -- not every backend reports it
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu":
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):  # not POSIX
+            return None
+        return total // max(1, jax.local_device_count())
+    return None
+
+
+def _check_memory(compiled, sc, seq_len: int) -> None:
+    """One line instead of an out-of-memory traceback: the compiled sampler's memory per device (XLA's
+    memory_analysis: arguments, outputs and temporaries) against what a device holds."""
+    try:
+        mem = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 -- not every backend reports it
+        mem = None
+    limit = _memory_limit_bytes(jax.local_devices()[0])
+    if mem is None or limit is None:
+        return
+    need = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+    need -= getattr(mem, "alias_size_in_bytes", 0)
+    if need > limit:
+        raise ValueError(
+            f"config.sampler.batch_size={sc.batch_size} x seq_len={seq_len}: the compiled sampler needs "
+            f"{_size(need)} per device, more than the {_size(limit)} one holds; lower "
+            "config.sampler.batch_size or config.sampler.seq_len"
+        )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+def _sample_batches(sample, params, x_init, clamp, sc, tok, *, setup, ckpt_step, progress):
+    """Compiles `sample` once (every batch has one shape) and runs it for ceil(num_samples / batch_size)
+    batches with keys fold_in(key(seed), batch). Returns (records: one dict per sample, see the module doc;
+    trajectories: [steps, batch, L] arrays, one per batch, with config.sampler.visualize, else empty)."""
+    x_sharding = _batch_sharding(setup, sc.batch_size)
     jitted = jax.jit(sample)
     context = setup.context() if hasattr(setup, "context") else _null_context()
-
-    # ------------------------------------------------------------------ sample in batches
-    run_name = f"{time.strftime('%Y%m%d-%H%M%S')}-step{ckpt_step}-{sc.name}"
     base_rng = jax.random.key(sc.seed)
     records, trajectories = [], []
     x_dev = jnp.asarray(x_init) if x_sharding is None else jax.device_put(x_init, x_sharding)
@@ -230,20 +386,19 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
     logging.info(
         "Sampling %d sequences of %d tokens with %s (%d steps), checkpoint step %s.",
         sc.num_samples,
-        seq_len,
+        x_init.shape[1],
         sc.name,
         sc.steps,
         ckpt_step,
     )
     with context:
         t0 = time.time()
-        compiled = jitted.lower(
-            params, base_rng, x_dev, clamp_dev
-        ).compile()  # once: every batch has this shape
+        compiled = jitted.lower(params, base_rng, x_dev, clamp_dev).compile()
         compile_s = time.time() - t0
         logging.info("Compiled the sampler in %.1fs.", compile_s)
+        _check_memory(compiled, sc, x_init.shape[1])
         progress.start = time.time()
-        for b in range(num_batches):
+        for b in range(progress.num_batches):
             progress.batch, progress.step = b, 0
             t0 = time.time()
             out = compiled(params, jax.random.fold_in(base_rng, b), x_dev, clamp_dev)
@@ -266,7 +421,7 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
             for row in tokens:
                 if len(records) >= sc.num_samples:
                     break
-                content = row[(row != tok.pad_id) & (row != mask_id)]
+                content = row[(row != tok.pad_id) & (row != tok.mask_id)]
                 records.append(
                     {
                         "index": len(records),
@@ -276,18 +431,21 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
                         "time_s": batch_time / len(tokens),
                         "batch_time_s": batch_time,
                         "compile_s": compile_s,
-                        "entropy": unigram_entropy(content),
+                        "entropy": stats.unigram_entropy(content),
                         "sampler": sc.name,
                         "steps": sc.steps,
                         "checkpoint_step": None if ckpt_step is None else int(ckpt_step),
                     }
                 )
             progress.on_batch(b, len(records))
+    return records, trajectories
 
-    # ------------------------------------------------------------------ outputs
-    if jax.process_index() != 0:  # every process sampled its shard of the batch; process 0 writes
-        return records
-    out_dir = _new_run_dir(sc.output_dir or os.path.join(workdir, "samples"), run_name)
+
+# ------------------------------------------------------------------------------------------------ write
+
+
+def _write_outputs(out_dir, config, workdir, sc, seq_len, tok, records, trajectories, ckpt_step) -> None:
+    """Writes samples.txt, samples.jsonl, config.json (and trajectory.html) into the run folder out_dir."""
     with paths.path(out_dir, "samples.txt").open("w") as f:
         for r in records:
             f.write(r["text"] + "\n" + "=" * 80 + "\n")
@@ -300,8 +458,8 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
             "checkpoint_step": None if ckpt_step is None else int(ckpt_step),
             "workdir": workdir,
             "seq_len": seq_len,
-            "loss": loss,
-            "process": graph,
+            "loss": config.diffusion.loss,
+            "process": config.diffusion.process,
             "schedule": config.diffusion.schedule,
         }
         json.dump(run_info, f, indent=2, default=str)
@@ -315,12 +473,15 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
                 visualize.trajectory_html(
                     trajectory,
                     token_text,
-                    mask_id,
+                    tok.mask_id,
                     title=_trajectory_title(sc, records, ckpt_step),
                     labels=[f"sample {r['index']} (NFE {r['nfe']})" for r in records],
                 )
             )
-        visualize.animate_terminal(trajectory[:, 0], token_text, mask_id)
+        visualize.animate_terminal(trajectory[:, 0], token_text, tok.mask_id)
+
+
+def _print_summary(records, out_dir: str, trajectories) -> None:
     for r in records[:8]:
         print(f"--- sample {r['index']} (NFE {r['nfe']}, entropy {r['entropy']:.2f}) ---\n{r['text']}")
     print(
@@ -335,7 +496,6 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
         records[0]["nfe"] if records else 0,
         mean_entropy,
     )
-    return records
 
 
 def _new_run_dir(base: str, name: str) -> str:
