@@ -243,3 +243,92 @@ def test_frontier_sweep_and_plots_on_the_tiny_runs(tiny_runs, tmp_path):
 
     written = plots.make_plots([mdlm_dir, ar_dir], str(tmp_path / "plots"))
     assert sorted(os.path.basename(p) for p in written) == ["frontier.png", "loss_curves.png", "speed.png"]
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+# Checked before any checkpoint is restored: no trained model needed (the fixture above is not used).
+
+
+def _quickstart_config(**fields):
+    """experiments/quickstart.py with `fields` ('eval.x' / 'sampler.y') set."""
+    from ddlm.eval import cli
+
+    config = cli.load_config_file(os.path.join(REPO, "experiments", "quickstart.py"))
+    with config.unlocked():
+        for dotted, value in fields.items():
+            group, key = dotted.split(".")
+            config[group][key] = value
+    return config
+
+
+def _must_not_load(config, workdir, ema):
+    raise AssertionError(f"restored {workdir} before the inputs were checked")
+
+
+def _eval_error(config, workdir, load_fn=_must_not_load) -> str:
+    from ddlm.eval import cli
+
+    with pytest.raises(ValueError) as info:
+        cli.run_eval(config, str(workdir), load_fn=load_fn)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_eval_inputs_are_one_line_before_any_checkpoint_is_restored(tmp_path):
+    """A missing config.eval.ar_workdir used to be found after the whole evaluation of the main checkpoint
+    (41 s), a read-only workdir after all of it (an OSError writing report.json), a bad sampler field after
+    the likelihood: each is now one line naming the field before anything is loaded."""
+    run = tmp_path / "run"
+    missing = tmp_path / "missing"
+    message = _eval_error(_quickstart_config(**{"eval.ar_workdir": str(missing)}), run)
+    assert message.startswith(f"config.eval.ar_workdir='{missing}' is not a folder")
+    # A folder without a checkpoint, with the default loader (which would otherwise restore `run` first).
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    message = _eval_error(_quickstart_config(**{"eval.ar_workdir": str(empty)}), run, load_fn=None)
+    assert message == (
+        f"config.eval.ar_workdir='{empty}' holds no checkpoint (nothing in {empty / 'checkpoints'}): "
+        "train the AR model first"
+    )
+    # The sampler config of config.eval.num_samples (the whole check of ddlm.sampling.cli).
+    bad = _quickstart_config(**{"eval.num_samples": 4, "sampler.name": "nonexistent"})
+    assert _eval_error(bad, run).startswith("config.sampler.name must be one of")
+    long = _quickstart_config(**{"eval.num_samples": 4, "sampler.seq_len": 100000})
+    assert _eval_error(long, run).startswith("config.sampler.seq_len=100000 is longer than the network's")
+    # The report's folder: in the way of the default <workdir>/eval, or of config.eval.output_dir.
+    run.mkdir()
+    (run / "eval").write_text("a file where the report folder goes")
+    message = _eval_error(_quickstart_config(), run)
+    assert message.startswith(
+        f"the eval report folder (config.eval.output_dir) {run / 'eval'} is not writable (FileExistsError"
+    )
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    message = _eval_error(_quickstart_config(**{"eval.output_dir": str(blocked / "eval")}), run)
+    assert f"(config.eval.output_dir) {blocked} is not writable" in message
+    assert not missing.exists() and not (tmp_path / "file" / "eval").exists()
+
+
+def test_the_ar_checkpoint_is_restored_before_the_main_one_is_evaluated(tmp_path, monkeypatch):
+    """Both checkpoints are restored (and checked) before either is evaluated: a damaged or incompatible AR
+    checkpoint is one line in seconds, not after the evaluation of the main one."""
+    from ddlm import checkpoints
+    from ddlm.eval import cli
+
+    ar_dir = tmp_path / "ar"
+    ar_dir.mkdir()
+    restored = []
+
+    def load(config, workdir, ema):
+        restored.append(workdir)
+        if workdir == str(ar_dir):
+            raise checkpoints.IncompatibleCheckpointError(f"the checkpoint in {workdir} is incompatible")
+        return cli.Loaded(None, None, None, None, 7)
+
+    def evaluate(*args, **kwargs):
+        raise AssertionError("evaluated before the AR checkpoint was restored")
+
+    monkeypatch.setattr(cli, "evaluate_checkpoint", evaluate)
+    message = _eval_error(_quickstart_config(**{"eval.ar_workdir": str(ar_dir)}), tmp_path / "run", load)
+    assert message == f"the checkpoint in {ar_dir} is incompatible"
+    assert restored == [str(tmp_path / "run"), str(ar_dir)]

@@ -10,6 +10,10 @@ config.eval.ar_config) the AR model's exact NLL on the same split is evaluated b
 config.eval.num_samples samples drawn with config.sampler (generative perplexity, unigram entropy,
 distinct n-grams). Writes <workdir>/eval/report.json (or config.eval.output_dir) and prints a table.
 
+Every input is checked before any work (`check_inputs`: the AR workdir holds a checkpoint, the sampler
+config, the report's folder can be written), and both checkpoints are restored before either is evaluated,
+so a mistake is one line in seconds, not a traceback after the evaluation.
+
 load_fn(config, workdir, ema) -> Loaded replaces the checkpoint loading (tests; other checkpoint formats).
 """
 
@@ -254,18 +258,25 @@ def format_table(rows: dict) -> str:
     return "\n".join(lines)
 
 
-def sample_and_score(config, workdir, loaded: Loaded, scorer, *, num_samples: int, output_dir: str) -> dict:
-    """Draws num_samples samples with config.sampler (ddlm.sampling.cli.run_sampling, samples written to
-    output_dir) and returns their quality (sample_quality.sample_quality), the sampler settings, the network
-    calls and tokens/s (sampling time without compilation)."""
-    from ddlm.sampling import cli as sampling_cli
-
+def sampling_config(config, *, num_samples: int, output_dir: str):
+    """A copy of `config` whose sampler draws num_samples samples (in batches of at most that) into
+    output_dir, without a progress bar: what sample_and_score runs."""
     cfg = copy.deepcopy(config)
     with cfg.unlocked():
         cfg.sampler.num_samples = num_samples
         cfg.sampler.batch_size = min(cfg.sampler.batch_size, num_samples)
         cfg.sampler.output_dir = output_dir
         cfg.sampler.progress = False
+    return cfg
+
+
+def sample_and_score(config, workdir, loaded: Loaded, scorer, *, num_samples: int, output_dir: str) -> dict:
+    """Draws num_samples samples with config.sampler (ddlm.sampling.cli.run_sampling, samples written to
+    output_dir) and returns their quality (sample_quality.sample_quality), the sampler settings, the network
+    calls and tokens/s (sampling time without compilation)."""
+    from ddlm.sampling import cli as sampling_cli
+
+    cfg = sampling_config(config, num_samples=num_samples, output_dir=output_dir)
     load = lambda *_: (loaded.model, loaded.params, loaded.tokenizer, None, loaded.step)
     records = sampling_cli.run_sampling(cfg, workdir, load_fn=load)
     rows = [r["tokens"] for r in records]
@@ -304,28 +315,62 @@ def check_ar_config(ar_config, ec) -> None:
         )
 
 
+def check_inputs(config, ec, out_dir: str, *, ddlm_checkpoints: bool = True) -> None:
+    """The inputs of run_eval that need no checkpoint restored, each mistake one line naming its field:
+    config.eval.ar_workdir is a folder holding a committed checkpoint (with ddlm_checkpoints: the default
+    loader's format), config.sampler when samples are drawn (ddlm.sampling.cli.check_config), and the
+    report's folder can be written (the trainer's probe). Checked before anything is loaded or evaluated."""
+    from ddlm.sampling import cli as sampling_cli
+
+    if ec.ar_workdir:
+        if not paths.path(ec.ar_workdir).is_dir():
+            raise sharding.ConfigError(
+                f"config.eval.ar_workdir={ec.ar_workdir!r} is not a folder (expected the --workdir of a "
+                "trained AR model)"
+            )
+        ckpt_dir = os.path.join(ec.ar_workdir, checkpoints.CHECKPOINTS_DIR)
+        if ddlm_checkpoints and not checkpoints.committed_steps(ckpt_dir):
+            raise sharding.ConfigError(
+                f"config.eval.ar_workdir={ec.ar_workdir!r} holds no checkpoint (nothing in {ckpt_dir}): "
+                "train the AR model first"
+            )
+    if ec.num_samples:
+        sampling_cli.check_config(
+            sampling_config(config, num_samples=ec.num_samples, output_dir=os.path.join(out_dir, "samples"))
+        )
+    sampling_cli.check_output_dir(out_dir, "the eval report folder (config.eval.output_dir)")
+
+
 def run_eval(config, workdir: str, load_fn: Callable[..., Loaded] | None = None) -> dict:
     """Evaluates the latest checkpoint in `workdir` per config.eval (module doc); returns the report."""
+    # ---------------------------------------------------------------- every input, before any work
     ec = resolve_config(config.eval)
     load = load_fn or (lambda c, w, ema: load_checkpoint(c, w, ema=ema))
     ar_config = load_config_file(ec.ar_config) if ec.ar_config else None
     check_ar_config(ar_config, ec)
+    out_dir = ec.output_dir or os.path.join(workdir, "eval")
+    check_inputs(config, ec, out_dir, ddlm_checkpoints=load_fn is None)
+    # Both checkpoints are restored (and checked) before either is evaluated: a bad AR checkpoint is found
+    # in seconds, not after the whole split.
     loaded = load(config, workdir, ec.use_ema)
     logging.info("Restored checkpoint from step %d.", loaded.step)
-    name = config.diffusion.loss
-    discrete = int(config.sampler.steps) if ec.discrete_steps < 0 else int(ec.discrete_steps)
-    rows = evaluate_checkpoint(config, loaded, ec, discrete_steps=discrete)
-
+    _batch_size(config, ec, loaded)
     ar_loaded = None
     if ec.ar_workdir:
         ar_loaded = load(ar_config, ec.ar_workdir, ec.use_ema)  # ar_config None: the checkpoint's own config
         ar_config = ar_config or ar_loaded.config
         check_ar_config(ar_config, ec)
+        _batch_size(ar_config, ec, ar_loaded)
         logging.info("Restored the AR checkpoint %s at step %d.", ec.ar_workdir, ar_loaded.step)
+
+    # ---------------------------------------------------------------- evaluate
+    name = config.diffusion.loss
+    discrete = int(config.sampler.steps) if ec.discrete_steps < 0 else int(ec.discrete_steps)
+    rows = evaluate_checkpoint(config, loaded, ec, discrete_steps=discrete)
+    if ar_loaded is not None:
         for label, r in evaluate_checkpoint(ar_config, ar_loaded, ec).items():
             rows[f"{label} ({os.path.basename(os.path.normpath(ec.ar_workdir))})"] = r
 
-    out_dir = ec.output_dir or os.path.join(workdir, "eval")
     report = {
         "workdir": os.path.abspath(workdir),
         "step": loaded.step,
