@@ -32,7 +32,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from test_main import QUICKSTART, REPO, TINY_OVERRIDES
+from test_main import KILLABLE_MAIN, QUICKSTART, REPO, TINY_OVERRIDES
 
 from ddlm import distributed
 
@@ -124,7 +124,6 @@ def job(tmp_path_factory):
         JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),  # the relaunch compiles the same programs
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
-        DDLM_KILL_AFTER_CHECKPOINT_STEP="2@1",  # every process waits for checkpoint 2; process 1 dies
     )
     started = []
     try:
@@ -132,7 +131,9 @@ def job(tmp_path_factory):
         address = f"localhost:{free_port()}"
         pair = []
         for i in range(2):
-            cmd = [sys.executable, "-m", "ddlm.main", f"--config={QUICKSTART}", f"--workdir={work}", *ARGS]
+            # tests/killable_main.py: every process waits for checkpoint 2; process 1 dies.
+            cmd = [sys.executable, *KILLABLE_MAIN, "--kill_after_checkpoint=2@1", f"--config={QUICKSTART}"]
+            cmd += [f"--workdir={work}", *ARGS]
             cmd += [f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"]
             cmd += [f"--heartbeat_timeout={HEARTBEAT_S}", "--distributed_timeout=120"]
             p = subprocess.Popen(
@@ -170,7 +171,6 @@ def job(tmp_path_factory):
         }
 
         # 3. The relaunch through the launcher, SIGTERM once step 4 is logged.
-        env.pop("DDLM_KILL_AFTER_CHECKPOINT_STEP")
         launcher = subprocess.Popen(
             [sys.executable, os.path.join(REPO, "launch", "multiprocess.py"), "--num_processes=2"]
             + ["--devices_per_process=4", "--start_timeout=120", "--stop_grace=120", "--"]

@@ -17,6 +17,9 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO, "experiments", "quickstart.py")
+MAIN = ["-m", "ddlm.main"]
+# ddlm.main with --kill_after_checkpoint=STEP[@PROCESS]: SIGKILL right after that checkpoint is on disk.
+KILLABLE_MAIN = [os.path.join(REPO, "tests", "killable_main.py")]
 
 # The session's quickstart run: 150 steps at a constant learning rate after 10 warmup steps, instead of
 # 600 with 50 warmup steps and cosine decay (validation NELBO ~4.07 bits/char, 0.70 below the unigram
@@ -64,12 +67,11 @@ def child_env(tmp_path_factory):
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
     )
-    env.pop("DDLM_KILL_AFTER_CHECKPOINT_STEP", None)
     return env
 
 
-def run_main(env, workdir, *args, config=QUICKSTART, timeout=240, extra_env=None):
-    cmd = [sys.executable, "-m", "ddlm.main", f"--config={config}", f"--workdir={workdir}", *args]
+def run_main(env, workdir, *args, config=QUICKSTART, timeout=240, extra_env=None, entry=MAIN):
+    cmd = [sys.executable, *entry, f"--config={config}", f"--workdir={workdir}", *args]
     return subprocess.run(
         cmd,
         cwd=REPO,
@@ -230,8 +232,10 @@ def test_kill_and_rerun_resumes_to_identical_parameters(child_env, tmp_path):
     killed, clean = str(tmp_path / "killed"), str(tmp_path / "clean")
     # The uninterrupted run and the run killed (SIGKILL, by itself) right after checkpoint 2 is on disk.
     uninterrupted = start_main(child_env, clean, *args)
-    first = run_main(child_env, killed, *args, extra_env={"DDLM_KILL_AFTER_CHECKPOINT_STEP": "2"})
+    first = run_main(child_env, killed, *args, "--kill_after_checkpoint=2", entry=KILLABLE_MAIN)
     assert first.returncode == -signal.SIGKILL, (first.returncode, first.stderr[-2000:])
+    assert "--kill_after_checkpoint=2: killing this process" in first.stderr
+    assert records(killed, "train")[-1]["step"] == 2  # the metrics up to the checkpoint are on disk
     assert os.listdir(os.path.join(killed, "checkpoints")) == ["2"]
     out, _ = uninterrupted.communicate(timeout=240)
     assert uninterrupted.returncode == 0, out[-3000:]

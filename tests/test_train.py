@@ -5,6 +5,7 @@ import functools
 import glob
 import importlib.util
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -344,6 +345,120 @@ def test_bad_train_and_optim_fields_are_one_line_naming_the_field(field, value, 
     trainer.validate_config(quick_config(), num_devices=8)  # the defaults pass
 
 
+def llama_config(**overrides):
+    """experiments/llada.py:smoke (a 1-layer, 32-wide LLaMA network, 2 heads) with `overrides`."""
+    config = load_config(os.path.join(REPO, "experiments", "llada.py"), "smoke")
+    config.update_from_flattened_dict(overrides)
+    return config
+
+
+NAN = float("nan")
+# (config maker, overrides, field the line must start with, what it must say): every model field of both
+# network families, the diffusion fields and how the loss pairs with the network, and the data fields.
+BAD_FIELDS = [
+    # ---- model, DiT family (quickstart: d_model 32, 2 heads, seq_len 16)
+    (quick_config, {"model.name": "gpt"}, "model.name", "must be one of"),
+    (quick_config, {"model.num_layers": 0}, "model.num_layers", "must be an integer >= 1"),
+    (quick_config, {"model.d_model": 0}, "model.d_model", "must be an integer >= 1"),
+    (quick_config, {"model.d_model": -32}, "model.d_model", "must be an integer >= 1"),
+    (quick_config, {"model.num_heads": 0}, "model.num_heads", "must be an integer >= 1"),
+    (quick_config, {"model.mlp_dim": 0}, "model.mlp_dim", "must be an integer >= 1"),
+    (quick_config, {"model.cond_dim": -1}, "model.cond_dim", "must be an integer >= 1"),
+    (quick_config, {"model.block_size": 0}, "model.block_size", "must be an integer >= 1"),
+    (quick_config, {"model.vocab_multiple": 0}, "model.vocab_multiple", "must be an integer >= 1"),
+    (quick_config, {"model.dropout": 1.5}, "model.dropout", r"must be in \[0, 1\), got 1.5"),
+    (quick_config, {"model.dropout": -0.5}, "model.dropout", r"must be in \[0, 1\), got -0.5"),
+    (quick_config, {"model.dropout": 1.0}, "model.dropout", r"must be in \[0, 1\)"),
+    (quick_config, {"model.dropout": NAN}, "model.dropout", r"must be in \[0, 1\), got nan"),
+    (quick_config, {"model.dtype": "float16"}, "model.dtype", "must be one of .*'auto'"),
+    (quick_config, {"model.param_dtype": "auto"}, "model.param_dtype", "must be one of"),
+    (quick_config, {"model.remat_policy": "none"}, "model.remat_policy", "'full', 'dots_saveable'"),
+    (quick_config, {"model.attention_impl": "flash"}, "model.attention_impl", "must be one of"),
+    (quick_config, {"model.attention_impl": "cudnn"}, "model.attention_impl", "needs a GPU"),
+    (quick_config, {"model.num_heads": 3}, "model.num_heads", "=3 must divide config.model.d_model=32"),
+    (quick_config, {"model.num_heads": 32}, "model.num_heads", "width 1 .*needs an even head width"),
+    (quick_config, {"model.attention": "causal"}, "model.attention", "contradicts config.model.name='dit'"),
+    (quick_config, {"model.num_kv_heads": 1}, "model.num_kv_heads", "must be 0 for name='dit'"),
+    (quick_config, {"model.head_dim": 16}, "model.head_dim", "must be 0 for name='dit'"),
+    (quick_config, {"model.rope_base": 5e5}, "model.rope_base", "must be 10000.0 for name='dit'"),
+    (quick_config, {"model.qkv_bias": True}, "model.qkv_bias", "must be False for name='dit'"),
+    (quick_config, {"model.norm_eps": 1e-6}, "model.norm_eps", "must be 1e-05 for name='dit'"),
+    (quick_config, {"model.norm_eps": -1.0}, "model.norm_eps", "must be a finite number > 0"),
+    (quick_config, {"model.num_kv_heads": -1}, "model.num_kv_heads", "must be an integer >= 0"),
+    (quick_config, {"model.name": "ar"}, "model.time_conditioning", "must be False for a causal network"),
+    (
+        quick_config,
+        {"model.name": "ar", "model.time_conditioning": False, "model.logit_shift": True},
+        "model.logit_shift",
+        "must be False for a causal network",
+    ),
+    (
+        quick_config,
+        {"model.name": "bd3lm", "diffusion.loss": "bd3lm", "model.block_size": 5},
+        "model.block_size",
+        "=5 must divide config.train.seq_len=16",
+    ),
+    # ---- model, LLaMA family (llada: d_model 32, 2 heads, 2 kv heads)
+    (llama_config, {"model.attention": ""}, "model.attention", "must be one of .*for name='llama'"),
+    (llama_config, {"model.num_kv_heads": 3}, "model.num_kv_heads", "=3 must divide .*num_heads=2"),
+    (llama_config, {"model.head_dim": 7}, "model.head_dim", "=7 gives heads of width 7"),
+    (llama_config, {"model.head_dim": -2}, "model.head_dim", "must be an integer >= 0"),
+    (llama_config, {"model.num_heads": 6}, "model.num_heads", "must divide .*or set config.model.head_dim"),
+    (llama_config, {"model.rope_base": 0.0}, "model.rope_base", "must be a finite number > 0"),
+    (llama_config, {"model.rope_base": float("inf")}, "model.rope_base", "must be a finite number > 0"),
+    (llama_config, {"model.norm_eps": 0.0}, "model.norm_eps", "must be a finite number > 0"),
+    (llama_config, {"model.time_conditioning": True}, "model.time_conditioning", "must be False for a LLaMA"),
+    (llama_config, {"model.dropout": 1.5}, "model.dropout", r"must be in \[0, 1\)"),
+    # ---- diffusion
+    (quick_config, {"diffusion.loss": "foo"}, "diffusion.loss", "must be one of .*'mdlm'.*got 'foo'"),
+    (quick_config, {"diffusion.schedule": "exp"}, "diffusion.schedule", "must be one of .*'loglinear'"),
+    (
+        quick_config,
+        {"diffusion.schedule_kwargs.eps": 2.0},
+        "diffusion.schedule_kwargs",
+        r"eps must be in \[0, 1.0\), got 2.0",
+    ),
+    (quick_config, {"diffusion.schedule": "geometric"}, "diffusion.schedule_kwargs", "unknown parameters"),
+    (quick_config, {"diffusion.process": "gaussian"}, "diffusion.process", "must be one of"),
+    (quick_config, {"diffusion.process": "uniform"}, "diffusion.process", "must be 'absorbing' for loss="),
+    (quick_config, {"diffusion.loss": "sedd_uniform"}, "diffusion.process", "must be 'uniform' for loss="),
+    (quick_config, {"diffusion.num_steps": -1}, "diffusion.num_steps", "must be an integer >= 0"),
+    (quick_config, {"diffusion.num_steps": 10}, "diffusion.num_steps", "must be 0 for loss='mdlm'"),
+    (quick_config, {"diffusion.loss": "d3pm"}, "diffusion.num_steps", "must be >= 1 for loss='d3pm'"),
+    (quick_config, {"diffusion.loss": "bd3lm"}, "diffusion.loss", "do not go together"),
+    (quick_config, {"diffusion.loss": "ar"}, "diffusion.loss", "needs a causal network"),
+    (quick_config, {"diffusion.loss": "radd"}, "model.time_conditioning", "must be False for loss='radd'"),
+    # ---- data and train
+    (quick_config, {"data.validation_fraction": 1.0}, "data.validation_fraction", r"must be in \[0, 1\)"),
+    (quick_config, {"data.validation_fraction": -0.1}, "data.validation_fraction", r"must be in \[0, 1\)"),
+    (quick_config, {"data.vocab_size": -1}, "data.vocab_size", "must be an integer >= 0"),
+    (quick_config, {"data.num_workers": -1}, "data.num_workers", "must be an integer >= 0"),
+    (quick_config, {"data.worker_buffer_size": 0}, "data.worker_buffer_size", "must be an integer >= 1"),
+    (quick_config, {"data.packing": "none"}, "data.packing", "must be one of .*'wrap'"),
+    (quick_config, {"data.spm_model_type": "word"}, "data.spm_model_type", "must be one of .*'bpe'"),
+    (quick_config, {"data.sft_template": "alpaca"}, "data.sft_template", "must be one of"),
+    (quick_config, {"data.corpus": ""}, "data.corpus", "must be a non-empty string"),
+    (quick_config, {"data.text_field": ""}, "data.text_field", "must be a non-empty string"),
+    (quick_config, {"train.peak_flops_per_device": -1.0}, "train.peak_flops_per_device", ">= 0"),
+    (quick_config, {"train.peak_flops_per_device": NAN}, "train.peak_flops_per_device", ">= 0"),
+]
+
+
+@pytest.mark.parametrize(
+    "make, overrides, field, expected",
+    BAD_FIELDS,
+    ids=[f"{f}={list(o.values())[-1]!r}" for _, o, f, _ in BAD_FIELDS],
+)
+def test_bad_model_diffusion_and_data_fields_are_one_line_naming_the_field(make, overrides, field, expected):
+    """Issue 21 item 7: no model field was checked (dropout 1.5 trained; d_model 0 was a ZeroDivisionError
+    deep in the network); nor were several diffusion and data fields (diffusion.loss=foo failed only once
+    traced, after the metrics files were written)."""
+    with pytest.raises(ConfigError, match=rf"^config\.{re.escape(field)}\b.*{expected}") as info:
+        trainer.validate_config(make(**overrides), num_devices=8)
+    assert "\n" not in str(info.value)
+    trainer.validate_config(make(), num_devices=8)  # the experiment's own values pass
+
+
 def test_short_validation_split_fails_before_training(tmp_path, monkeypatch):
     """The validation split (35 documents, ~230k characters) has no batch of 16384 x 16 tokens: a
     ConfigError naming both fields, raised before the train step is compiled or anything is written."""
@@ -357,10 +472,62 @@ def test_short_validation_split_fails_before_training(tmp_path, monkeypatch):
         ConfigError, match=r"config\.train\.eval_batch_size=16384 x config\.train\.seq_len=16"
     ):
         trainer.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])
-    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+    # Issue 21 item 12: the workdir did not exist, and a rejected config leaves none behind.
+    assert not os.path.exists(tmp_path / "run")
+    # A workdir that existed stays, and so does everything in it.
+    os.makedirs(tmp_path / "mine" / "notes")
+    (tmp_path / "mine" / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match=r"config\.train\.eval_batch_size=16384"):
+        trainer.train_and_evaluate(config, str(tmp_path / "mine"), devices=jax.devices()[:1])
+    assert (tmp_path / "mine" / "notes" / "todo.txt").read_text() == "keep me"
+    assert sorted(os.listdir(tmp_path / "mine")) == ["notes"]
+
+
+def test_config_mistakes_create_nothing_and_an_untraceable_network_writes_no_metrics(tmp_path, monkeypatch):
+    """Issue 21 item 12: diffusion.loss=foo was rejected only when the loss was traced, after metrics.jsonl
+    and the TensorBoard files were written. Now the config's own mistakes are found before the workdir is
+    touched, and the metric files are opened only once the steps compiled: a network that cannot be traced
+    leaves no workdir behind."""
+
+    def no_build(config, devices=None):
+        raise AssertionError("built (the workdir probed, the tokenizer loaded) before the config was checked")
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "build", no_build)
+        with pytest.raises(ConfigError, match=r"^config\.diffusion\.loss must be one of .*got 'foo'"):
+            trainer.train_and_evaluate(quick_config(**{"diffusion.loss": "foo"}), str(run))
+    assert not os.path.exists(run)
+
+    def untraceable(setup):
+        raise ValueError("the network cannot be traced")
+
+    monkeypatch.setattr(trainer, "compile_eval_step", untraceable)
+    with pytest.raises(ValueError, match="cannot be traced"):
+        trainer.train_and_evaluate(quick_config(), str(run), devices=jax.devices()[:1])
+    assert not os.path.exists(run)
+
+
+def test_remove_empty_folders_keeps_every_folder_that_holds_a_file(tmp_path):
+    root = tmp_path / "run"
+    for folder in ("checkpoints/a/b", "empty/deeper", "kept/empty"):
+        os.makedirs(root / folder)
+    (root / "kept" / "metrics.jsonl").write_text("")  # an empty file is still a file
+    trainer.remove_empty_folders(str(root))
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == ["kept", "kept/metrics.jsonl"]
+    (root / "kept" / "metrics.jsonl").unlink()
+    trainer.remove_empty_folders(str(root))
+    assert not root.exists()
+    trainer.remove_empty_folders(str(root))  # a folder that is gone: nothing to do
 
 
 # ------------------------------------------------------------------------------------------------ the loop
+
+
+def _committed(directory) -> list[int]:
+    from ddlm import checkpoints
+
+    return checkpoints.committed_steps(directory)
 
 
 def test_nan_skip_counts_each_step_once_and_a_finished_rerun_compiles_nothing(tmp_path, monkeypatch, caplog):
@@ -390,7 +557,7 @@ def test_nan_skip_counts_each_step_once_and_a_finished_rerun_compiles_nothing(tm
         )
         return setup
 
-    updates, samplings = [], []
+    updates, samplings, hooked = [], [], []
     update = console.TrainProgress.update
     monkeypatch.setattr(trainer, "build", build_zero_init)
     monkeypatch.setattr(trainer, "compile_train_step", lambda setup: nan_step)
@@ -400,6 +567,12 @@ def test_nan_skip_counts_each_step_once_and_a_finished_rerun_compiles_nothing(tm
     )
     monkeypatch.setattr(
         trainer, "run_sampling_if_available", lambda config, workdir: samplings.append(workdir)
+    )
+    # The seam of the kill tests (tests/killable_main.py): called after each checkpoint, once it is on disk.
+    monkeypatch.setattr(
+        trainer,
+        "AFTER_CHECKPOINT_HOOKS",
+        [lambda step: hooked.append((step, _committed(os.path.join(tmp_path, "run", "checkpoints"))))],
     )
     # Checked one step late (1), at logging (2, 4) and at a checkpoint that is not logged (3).
     config = quick_config(
@@ -422,6 +595,7 @@ def test_nan_skip_counts_each_step_once_and_a_finished_rerun_compiles_nothing(tm
     assert updates == [1, 2, 3, 4]
     assert samplings == [workdir]
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "4"]
+    assert hooked == [(3, [3]), (4, [3, 4])]
 
     # The rerun: restores step 4, compiles nothing, samples again only while no samples exist.
     def no_compile(setup):

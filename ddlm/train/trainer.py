@@ -14,8 +14,8 @@ import dataclasses
 import functools
 import math
 import os
-import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -31,12 +31,17 @@ from ddlm.train import console, optim
 from ddlm.train import metrics as metrics_lib
 from ddlm.train import state as state_lib
 from ddlm.train import step as step_lib
+from ddlm.train.validation import (  # noqa: F401 -- trainer.validate_config, as before the checks moved
+    NAN_POLICIES,
+    validate_config,
+    validate_optim_config,
+)
 
-# Test hook: SIGKILL this process right after the checkpoint of this step is complete on disk. 'STEP@P':
-# only process P dies (every process must be given the same value: all wait for the checkpoint together).
-KILL_AFTER_CHECKPOINT_ENV = "DDLM_KILL_AFTER_CHECKPOINT_STEP"
-
-NAN_POLICIES = ("stop", "skip")
+# Called as hook(step) once the checkpoint of `step` is complete on disk. While any is installed, the loop
+# waits for each checkpoint it saves (with several processes, a barrier every process passes), then calls
+# them. The seam of the tests that crash a run right after a checkpoint (tests/killable_main.py installs a
+# SIGKILL there); production runs install none.
+AFTER_CHECKPOINT_HOOKS: list[Callable[[int], None]] = []
 
 
 class NonFiniteError(RuntimeError):
@@ -64,98 +69,15 @@ class Setup:
         return sharding.mesh_context(self.mesh)
 
 
-def _require(ok: bool, field: str, expected: str, value) -> None:
-    """Raises ConfigError 'config.<field> must be <expected>, got <value>' unless `ok`."""
-    if not ok:
-        raise ConfigError(f"config.{field} must be {expected}, got {value!r}")
-
-
-def _finite(x) -> bool:
-    try:
-        return math.isfinite(float(x))
-    except (TypeError, ValueError):
-        return False
-
-
-def validate_optim_config(o) -> None:
-    """The optimizer fields (config.optim): each bad value is one ConfigError naming the field."""
-    positive, non_negative = "a finite number > 0", "a finite number >= 0"
-    checks = (
-        ("name", o.name == "adamw", "'adamw'"),
-        # A zero, negative or non-finite peak learning rate trains nothing or diverges at once.
-        ("lr", _finite(o.lr) and o.lr > 0, positive),
-        ("warmup_steps", o.warmup_steps >= 0, "an integer >= 0"),
-        ("decay", o.decay in ("constant", "cosine"), "'constant' or 'cosine'"),
-        ("min_lr_ratio", _finite(o.min_lr_ratio) and 0 <= o.min_lr_ratio <= 1, "in [0, 1]"),
-        # Adam's moment decays (Kingma & Ba, Alg. 1): b = 1 makes the bias correction 1 - b^t zero (a
-        # division by zero in every update); b < 0 is not a decay.
-        ("b1", _finite(o.b1) and 0 <= o.b1 < 1, "in [0, 1)"),
-        ("b2", _finite(o.b2) and 0 <= o.b2 < 1, "in [0, 1)"),
-        ("eps", _finite(o.eps) and o.eps > 0, positive),
-        ("weight_decay", _finite(o.weight_decay) and o.weight_decay >= 0, non_negative),
-        ("grad_clip", _finite(o.grad_clip) and o.grad_clip >= 0, non_negative + " (0 = off)"),
-        ("grad_accum_steps", o.grad_accum_steps >= 1, "an integer >= 1"),
-        # ema_decay = 1 would keep the random initialisation forever (eval and sampling use the EMA).
-        ("ema_decay", _finite(o.ema_decay) and 0 <= o.ema_decay < 1, "in [0, 1)"),
-    )
-    for name, ok, expected in checks:
-        _require(ok, f"optim.{name}", expected, o[name])
-
-
-def validate_config(config, num_devices: int | None = None):
-    """Config errors that can be caught before any work; each raises ConfigError naming the field."""
-    t = config.train
-    _require(t.nan_policy in NAN_POLICIES, "train.nan_policy", f"one of {NAN_POLICIES}", t.nan_policy)
-    for name in (
-        "steps",
-        "batch_size",
-        "seq_len",
-        "eval_batch_size",
-        "eval_batches",
-        "log_every",
-        "keep_checkpoints",
-    ):
-        _require(t[name] >= 1, f"train.{name}", "an integer >= 1", t[name])
-    for name in ("eval_every", "ckpt_every"):
-        _require(t[name] >= 0, f"train.{name}", "an integer >= 0 (0 = only at the end)", t[name])
-    validate_optim_config(config.optim)
-    if config.optim.warmup_steps > t.steps:
+def warn_config(config) -> None:
+    """Settings that train but are probably not meant (a warning, not an error)."""
+    if config.optim.warmup_steps > config.train.steps:
         logging.warning(
             "config.optim.warmup_steps=%d exceeds config.train.steps=%d: the learning rate never reaches "
             "its peak config.optim.lr.",
             config.optim.warmup_steps,
-            t.steps,
+            config.train.steps,
         )
-    data, fsdp, _ = sharding.mesh_shape(config.mesh, num_devices or jax.device_count())
-    accum = config.optim.grad_accum_steps
-    if t.batch_size % (data * fsdp * accum):
-        raise ConfigError(
-            f"config.train.batch_size={t.batch_size} must be divisible by mesh data*fsdp={data * fsdp} "
-            f"times optim.grad_accum_steps={accum}"
-        )
-    if t.eval_batch_size % (data * fsdp):
-        raise ConfigError(
-            f"config.train.eval_batch_size={t.eval_batch_size} must be divisible by mesh data*fsdp={data * fsdp}"
-        )
-    from ddlm.data import sft
-    from ddlm.train import adapt
-
-    adapt.validate(config)
-    if (config.diffusion.loss == "sft") != sft.is_sft(config.data):
-        raise ConfigError(
-            "config.diffusion.loss='sft' and config.data.sft_data go together (the SFT loss reads the "
-            f"prompt/response rows of ddlm.data.sft); got loss={config.diffusion.loss!r} with sft_data "
-            + ("set" if sft.is_sft(config.data) else "unset")
-        )
-    if config.diffusion.loss == "bd3lm" and t.seq_len % config.model.block_size:
-        raise ConfigError(
-            f"config.model.block_size={config.model.block_size} must divide config.train.seq_len={t.seq_len}"
-        )
-    if t.sample_at_end:  # a bad sampler field fails now, not after training
-        from ddlm.sampling import config as sampler_config
-
-        seq_len = config.sampler.seq_len if "seq_len" in config.sampler else 0
-        sampler_config.validate(config.sampler, diffusion=config.diffusion, seq_len=seq_len or t.seq_len)
 
 
 def check_data_paths(data_config):
@@ -411,10 +333,30 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     `devices` (default: all) are the mesh's devices. `workdir`: a local path, a file:// URI or a bucket
     (gs://...; see ddlm.paths)."""
     workdir = paths.resolve(workdir)
-    # The checkpointer and the metric writer are closed however the run ends: a pending checkpoint is
-    # committed (or its failure reported) and orbax's threads do not outlive the call.
-    with contextlib.ExitStack() as resources:
-        return _train_and_evaluate(config, workdir, devices, resources)
+    # The config's own mistakes are found before the workdir is touched; a mistake found later, in the data
+    # or the network (before the first metrics are written), leaves no workdir behind if there was none.
+    validate_config(config, None if devices is None else len(devices))
+    new_workdir = not paths.path(workdir).exists()
+    try:
+        # The checkpointer and the metric writer are closed however the run ends: a pending checkpoint is
+        # committed (or its failure reported) and orbax's threads do not outlive the call.
+        with contextlib.ExitStack() as resources:
+            return _train_and_evaluate(config, workdir, devices, resources)
+    except BaseException:
+        if new_workdir:
+            remove_empty_folders(workdir)
+        raise
+
+
+def remove_empty_folders(directory: str) -> None:
+    """Removes `directory` and the folders under it, as long as they hold no file: what a run that fails
+    before it writes anything leaves (the write probe's folder, an empty checkpoints/). A folder with a file
+    anywhere below it stays, so nothing written is ever deleted. Buckets have no empty folders."""
+    if paths.is_remote(directory):
+        return
+    for folder, _, _ in os.walk(directory, topdown=False):
+        with contextlib.suppress(OSError):  # not empty (or gone): kept
+            os.rmdir(folder)
 
 
 def _train_and_evaluate(config, workdir: str, devices, resources: contextlib.ExitStack) -> dict:
@@ -426,6 +368,7 @@ def _train_and_evaluate(config, workdir: str, devices, resources: contextlib.Exi
     setup = build(config, devices)
     check_validation_split(setup)
     cfg = config.train
+    warn_config(config)
     total = cfg.steps
     logging.info(
         "Mesh %s on %d devices (%s)", dict(setup.mesh.shape), setup.mesh.size, jax.devices()[0].device_kind
@@ -476,9 +419,6 @@ def _train_and_evaluate(config, workdir: str, devices, resources: contextlib.Exi
             else:  # the finished run was stopped before its samples were written
                 run_sampling_if_available(config, workdir)
         return {}
-    # Metrics past the restored step were written by the run that was interrupted: the resumed run writes
-    # them again, so they are dropped (each step once in metrics.jsonl and TensorBoard).
-    writer = resources.enter_context(metrics_lib.MetricWriter(workdir, resume_step=start))
     from ddlm.models import flops_per_token
 
     num_params = state_lib.count_params(state.params)
@@ -500,9 +440,10 @@ def _train_and_evaluate(config, workdir: str, devices, resources: contextlib.Exi
     _log_memory(compiled)
 
     # ---------------------------------------------------------------- loop
-    kill_step, _, kill_process = (os.environ.get(KILL_AFTER_CHECKPOINT_ENV) or "0").partition("@")
-    kill_after = int(kill_step)
-    kill_self = not kill_process or int(kill_process) == jax.process_index()
+    # Opened once the steps compiled (a network that cannot be traced leaves no metrics files). Metrics past
+    # the restored step were written by the run that was interrupted: the resumed run writes them again, so
+    # they are dropped (each step once in metrics.jsonl and TensorBoard).
+    writer = resources.enter_context(metrics_lib.MetricWriter(workdir, resume_step=start))
     skipped: list[int] = []
     # Each step's finiteness is checked once, as soon as its metrics are on the host: one step late
     # (`pending`, so the host does not wait for the step it has just dispatched), or at once where the
@@ -581,14 +522,10 @@ def _train_and_evaluate(config, workdir: str, devices, resources: contextlib.Exi
             saved = (cfg.ckpt_every and step % cfg.ckpt_every == 0) or is_last
             if saved:
                 save(step, metrics)
-                if step == kill_after:
+                if AFTER_CHECKPOINT_HOOKS:
                     checkpointer.wait()  # a barrier with several processes: every one waits
-                    if kill_self:
-                        logging.warning(
-                            "%s=%d: killing this process (test hook).", KILL_AFTER_CHECKPOINT_ENV, step
-                        )
-                        writer.flush()
-                        os.kill(os.getpid(), signal.SIGKILL)
+                    for hook in AFTER_CHECKPOINT_HOOKS:
+                        hook(step)
             # Every process asks at every step (a collective agreement when there are several), so that
             # all stop after the same step with the same checkpoint.
             if not is_last and stop.reached(step):
