@@ -216,3 +216,170 @@ def test_converted_checkpoint_samples_pytorchs_greedy_continuation(hf_models, tm
     # A converted folder is a start (config.train.init_from), not a run to resume.
     with pytest.raises(ConfigError, match="holds converted parameters only.*init_from="):
         trainer.train_and_evaluate(config, workdir)
+
+
+# ------------------------------------------------------------------------------------------------ hardening
+
+HOSTILE = [
+    'hf""";import os;os.system("touch PWNED");"""x',  # closes the docstring the config.py used to have
+    "q'''r\"s\\\\t\\n\nu\\",  # quotes of both kinds, backslashes (one at the end), an escape, a newline
+]
+
+
+@pytest.mark.parametrize("name", HOSTILE, ids=["docstring_injection", "quotes_backslashes_newline"])
+def test_a_hostile_folder_name_converts_and_never_becomes_code(hf_models, tmp_path, monkeypatch, name):
+    """The folder's path (in the config's tokenizer_path and in config.py) is data: importing the generated
+    config.py runs nothing of it, and its get_config() is the converted config, path included."""
+    directory = str(tmp_path / "s" / name)
+    shutil.copytree(hf_models["llama"][0], directory)
+    monkeypatch.chdir(tmp_path)  # where an injected `touch PWNED` would leave its file
+    config, _ = convert.convert(directory, str(tmp_path / "workdir"), seq_len=24)
+    assert config.data.tokenizer_path == os.path.join(directory, "tokenizer.json")
+    spec = importlib.util.spec_from_file_location("converted", str(tmp_path / "workdir" / "config.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert not os.path.exists(tmp_path / "PWNED") and not os.path.exists(tmp_path / "s" / "PWNED")
+    assert module.CONVERTED_FROM == directory
+    assert module.get_config().to_dict() == json.loads(config.to_json_best_effort())
+
+
+def _damage(path, how):
+    data = open(path, "rb").read()
+    damaged = {
+        "empty": b"",
+        "truncated": data[: len(data) // 2],
+        "garbage_header": b"\x20\x00\x00\x00\x00\x00\x00\x00{this is not the json header} " + data[40:],
+    }[how]
+    with open(path, "wb") as f:
+        f.write(damaged)
+
+
+@pytest.mark.parametrize("how", ["empty", "truncated", "garbage_header"])
+def test_a_damaged_safetensors_file_is_one_error_naming_it(hf_models, tmp_path, how):
+    directory = str(tmp_path / "hf")
+    shutil.copytree(hf_models["llama"][0], directory)
+    _damage(os.path.join(directory, "model.safetensors"), how)
+    with pytest.raises(convert.ConversionError, match="model.safetensors: not a readable safetensors file") as e:
+        convert.convert(directory, str(tmp_path / "workdir"), tokenizer="byte")
+    assert "\n" not in str(e.value) and directory in str(e.value)
+    assert not os.path.exists(tmp_path / "workdir")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"model_type": "llama",', r"hf/config.json: not valid JSON \(Expecting"),
+        ("[1, 2]", r"hf/config.json: expected a JSON object of model fields, got a list"),
+        (lambda c: c.pop("hidden_size"), r"config.json: hidden_size is missing \(expected a positive integer\)"),
+        (lambda c: c.update(hidden_size="32"), r"config.json: hidden_size='32'; expected a positive integer"),
+        (lambda c: c.update(num_hidden_layers=0), r"config.json: num_hidden_layers=0; expected a positive"),
+        (lambda c: c.update(num_key_value_heads=3), r"num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
+        (lambda c: c.update(hidden_size=30, head_dim=None), r"hidden_size=30 is not a multiple of num_attention_heads=4"),
+        (lambda c: c.update(rms_norm_eps="tiny"), r"config.json: rms_norm_eps='tiny'; expected a number >= 0"),
+        (lambda c: c.update(rope_theta=-1.0), r"config.json: rope_theta=-1.0; expected a number > 0"),
+    ],
+    ids=["not_json", "not_object", "missing", "string", "zero_layers", "kv_heads", "head_split", "eps", "theta"],
+)  # fmt: skip
+def test_a_malformed_config_json_is_one_error_naming_file_and_field(hf_models, tmp_path, text, message):
+    directory = str(tmp_path / "hf")
+    shutil.copytree(hf_models["llama"][0], directory)
+    path = os.path.join(directory, "config.json")
+    if callable(text):
+        with open(path) as f:
+            hf = json.load(f)
+        text(hf)
+        text = json.dumps(hf)
+    with open(path, "w") as f:
+        f.write(text)
+    with pytest.raises(convert.ConversionError, match=message) as e:
+        convert.convert(directory, str(tmp_path / "workdir"), tokenizer="byte")
+    assert "\n" not in str(e.value)
+    assert not os.path.exists(tmp_path / "workdir")
+
+
+@pytest.mark.parametrize("seq_len", [-1, 1])
+def test_a_sequence_length_below_two_is_refused(hf_models, tmp_path, seq_len):
+    with pytest.raises(convert.ConversionError, match=rf"--seq_len={seq_len}: expected a sequence length >= 2"):
+        convert.convert(hf_models["llama"][0], str(tmp_path / "workdir"), tokenizer="byte", seq_len=seq_len)
+    assert not os.path.exists(tmp_path / "workdir")
+
+
+def test_a_failed_conversion_leaves_no_workdir_and_touches_nothing_that_existed(hf_models, tmp_path, monkeypatch):
+    """The checkpoint and config.py are written into a sibling folder renamed to the workdir last: a
+    failure after the checkpoint was written (here: the disk fills while config.py is written) leaves
+    neither a workdir nor the sibling; an empty workdir that existed stays. A workdir that is not empty, or
+    the leftover sibling of a killed conversion, is refused with nothing touched."""
+    directory = hf_models["llama"][0]
+
+    def full_disk(path, *args):
+        open(path, "w").close()  # a half-written config.py beside the complete checkpoint
+        raise OSError(28, "No space left on device", path)
+
+    monkeypatch.setattr(convert, "write_config_py", full_disk)
+    for existed in (False, True):
+        workdir = tmp_path / f"run_{existed}"
+        if existed:
+            workdir.mkdir()
+        with pytest.raises(OSError, match="No space left"):
+            convert.convert(directory, str(workdir), tokenizer="byte")
+        assert os.path.isdir(workdir) == existed and (not existed or not os.listdir(workdir))
+    assert sorted(os.listdir(tmp_path)) == ["run_True"]  # no .run_*.converting left behind
+    monkeypatch.undo()
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(convert.ConversionError, match="busy is not empty; choose a new workdir"):
+        convert.convert(directory, str(busy), tokenizer="byte")
+    assert os.listdir(busy) == ["notes.txt"]
+    leftover = tmp_path / ".killed.converting"
+    leftover.mkdir()
+    with pytest.raises(convert.ConversionError, match=r"\.killed\.converting exists: the leftover"):
+        convert.convert(directory, str(tmp_path / "killed"), tokenizer="byte")
+    assert os.path.isdir(leftover) and not os.path.exists(tmp_path / "killed")
+    convert.convert(directory, str(tmp_path / "run_True"), tokenizer="byte")  # the empty folder: converted
+    assert checkpoints.committed_steps(str(tmp_path / "run_True" / "checkpoints")) == [0]
+    assert os.path.isfile(tmp_path / "run_True" / "config.py")
+
+
+def test_bfloat16_safetensors_convert_to_their_float32_values(hf_models, tmp_path):
+    """Published checkpoints store bfloat16 (numpy reads it as ml_dtypes.bfloat16, registered by jax)."""
+    directory = str(tmp_path / "bf16")
+    shutil.copytree(hf_models["qwen2"][0], directory)
+    path = os.path.join(directory, "model.safetensors")
+    from safetensors.torch import load_file as load_torch
+    from safetensors.torch import save_file as save_torch
+
+    save_torch({k: v.to(torch.bfloat16) for k, v in load_torch(path).items()}, path)
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    _, params = _imported(directory, mesh)
+    expected = load_torch(path)["model.layers.1.mlp.down_proj.weight"].float().numpy().T
+    np.testing.assert_array_equal(np.asarray(params["block_1"]["mlp"]["down_kernel"]), expected)
+
+
+def _run_cli(*args, cwd):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "ddlm.models.convert", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_command_line_mistakes_are_one_line(hf_models, tmp_path):
+    """A missing flag: one line, code 2 (absl's own is two lines); a damaged file: one line naming it, code 1."""
+    proc = _run_cli(f"--workdir={tmp_path / 'w'}", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "ddlm: error: --hf_dir is required: Hugging Face model folder: config.json + *.safetensors (+ "
+        "tokenizer.json)"
+    ], proc.stderr
+    directory = str(tmp_path / "hf")
+    shutil.copytree(hf_models["llama"][0], directory)
+    _damage(os.path.join(directory, "model.safetensors"), "truncated")
+    proc = _run_cli(f"--hf_dir={directory}", f"--workdir={tmp_path / 'w'}", "--tokenizer=byte", cwd=tmp_path)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"ddlm: error: ConversionError: {directory}/model.safetensors: not a readable")
+    assert not os.path.exists(tmp_path / "w")

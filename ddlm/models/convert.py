@@ -30,15 +30,22 @@ no permutation is needed. The converter appends one id, the mask of the diffusio
 common start for a new token), its output column zero.
 
 A missing tensor, a tensor of another shape, or a tensor that is not part of the model is one ConversionError
-naming it. Not supported (a clear error): rope_scaling (LLaMA 3.1's frequency scaling), sliding-window
-attention, MLP or output-projection biases, activations other than SiLU.
+naming it; so is a config.json field that is missing or malformed, and a safetensors file that is empty,
+truncated or damaged (named with its path). Not supported (a clear error): rope_scaling (LLaMA 3.1's
+frequency scaling), sliding-window attention, MLP or output-projection biases, activations other than SiLU.
+
+The workdir must be new (or an empty folder); it appears complete or not at all (written as a sibling
+folder, renamed last). Its config.py holds the config as JSON text and the source folder's path as Python
+string literals (repr): no user string is ever written as code.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import math
 import os
+import shutil
 import time
 
 import flax
@@ -62,25 +69,53 @@ class ConversionError(ConfigError):
 
 
 def read_hf_config(hf_dir: str) -> dict:
+    """config.json of hf_dir as a dict; a ConversionError naming the file if it is missing or not a JSON
+    object."""
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
         raise ConversionError(f"--hf_dir={hf_dir}: no config.json (expected a Hugging Face model folder)")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            hf = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path}: not valid JSON ({e}); expected a Hugging Face config.json") from None
+    if not isinstance(hf, dict):
+        raise ConversionError(f"{path}: expected a JSON object of model fields, got a {type(hf).__name__}")
+    return hf
+
+
+def _count(hf: dict, key: str, default: int | None = None) -> int:
+    """config.json's `key`, a positive integer (null or absent: `default`); a ConversionError naming it."""
+    value = default if hf.get(key) is None else hf[key]
+    if value is None:
+        raise ConversionError(f"config.json: {key} is missing (expected a positive integer)")
+    if type(value) is not int or value < 1:
+        raise ConversionError(f"config.json: {key}={value!r}; expected a positive integer")
+    return value
+
+
+def _number(hf: dict, key: str, default: float, *, positive: bool) -> float:
+    """config.json's `key`, a finite number > 0 (positive) or >= 0; a ConversionError naming it."""
+    value = default if hf.get(key) is None else hf[key]
+    ok = type(value) in (int, float) and math.isfinite(value) and (value > 0 if positive else value >= 0)
+    if not ok:
+        raise ConversionError(f"config.json: {key}={value!r}; expected a number {'>' if positive else '>='} 0")
+    return float(value)
 
 
 def _rope_base(hf: dict) -> float:
     """rope_theta, top level (transformers 4) or in rope_parameters (transformers 5); only plain rotary."""
     rope = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling")
+    if not isinstance(rope, dict) or not isinstance(scaling or {}, dict):
+        raise ConversionError("config.json: rope_parameters / rope_scaling must be JSON objects (or absent)")
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type")) or rope.get("rope_type", "default")
     if kind != "default":
         raise ConversionError(
             f"config.json: rope scaling {kind!r} is not supported (plain rotary only; rope_scaling / "
             "rope_parameters.rope_type must be absent or 'default')"
         )
-    base = hf.get("rope_theta", rope.get("rope_theta", 10_000.0))
-    return float(base)
+    return _number(hf if "rope_theta" in hf else rope, "rope_theta", 10_000.0, positive=True)
 
 
 def model_config_from_hf(hf: dict) -> tuple[ml_collections.ConfigDict, int]:
@@ -104,22 +139,32 @@ def model_config_from_hf(hf: dict) -> tuple[ml_collections.ConfigDict, int]:
         )
     if hf.get("use_sliding_window"):
         raise ConversionError("config.json: use_sliding_window=true is not supported (full attention only)")
-    d_model, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    d_model, heads = _count(hf, "hidden_size"), _count(hf, "num_attention_heads")
+    kv_heads = _count(hf, "num_key_value_heads", heads)
+    if heads % kv_heads:
+        raise ConversionError(
+            f"config.json: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
+        )
+    if hf.get("head_dim") is None and d_model % heads:
+        raise ConversionError(
+            f"config.json: hidden_size={d_model} is not a multiple of num_attention_heads={heads} (and no "
+            "head_dim is given)"
+        )
+    head_dim = _count(hf, "head_dim", d_model // heads)
     c = default_config("tiny")
     c.name, c.attention = "llama", "causal"
-    c.num_layers = int(hf["num_hidden_layers"])
+    c.num_layers = _count(hf, "num_hidden_layers")
     c.d_model, c.num_heads = d_model, heads
-    c.num_kv_heads = int(hf.get("num_key_value_heads") or heads)
-    head_dim = int(hf.get("head_dim") or d_model // heads)
+    c.num_kv_heads = kv_heads
     c.head_dim = 0 if head_dim * heads == d_model else head_dim
-    c.mlp_dim = int(hf["intermediate_size"])
+    c.mlp_dim = _count(hf, "intermediate_size")
     c.rope_base = _rope_base(hf)
-    c.norm_eps = float(hf.get("rms_norm_eps", 1e-6))
+    c.norm_eps = _number(hf, "rms_norm_eps", 1e-6, positive=False)
     c.qkv_bias = model_type == "qwen2"
     c.tie_embeddings = bool(hf.get("tie_word_embeddings", False))
     c.time_conditioning, c.dropout, c.cond_dim = False, 0.0, 1
     c.dtype = "float32"
-    return c, int(hf["vocab_size"])
+    return c, _count(hf, "vocab_size")
 
 
 # ------------------------------------------------------------------------------------------------ tensors
@@ -172,8 +217,6 @@ def tensor_plan(model_config, vocab: int) -> dict[str, tuple[tuple[str, ...], tu
 
 def index_safetensors(hf_dir: str) -> dict[str, tuple[str, tuple[int, ...]]]:
     """{tensor name: (file, shape)} from the headers of every *.safetensors file in hf_dir (nothing read)."""
-    from safetensors import safe_open
-
     files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
     if not files:
         raise ConversionError(
@@ -181,12 +224,26 @@ def index_safetensors(hf_dir: str) -> dict[str, tuple[str, tuple[int, ...]]]:
         )
     index = {}
     for path in files:
-        with safe_open(path, framework="numpy") as f:
+        with _open_safetensors(path) as f:
             for name in f.keys():  # noqa: SIM118 -- a safetensors file handle, not a dict
                 if name in index:
                     raise ConversionError(f"tensor {name!r} is in both {index[name][0]} and {path}")
                 index[name] = (path, tuple(f.get_slice(name).get_shape()))
     return index
+
+
+def _open_safetensors(path: str):
+    """safe_open(path) (numpy arrays), a ConversionError naming the file if its header cannot be read: an
+    empty, truncated or damaged file (safetensors checks the header and that the data fills the file)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(path, framework="numpy")
+    except (SafetensorError, OSError) as e:
+        raise ConversionError(
+            f"{path}: not a readable safetensors file ({' '.join(str(e).split())}): a truncated or damaged "
+            "download? expected the files of save_pretrained"
+        ) from None
 
 
 def check_tensors(plan: dict, index: dict, tied: bool) -> None:
@@ -215,8 +272,6 @@ def load_params(hf_dir: str, model, mesh, *, vocab: int, log_every: int = 0):
     """The parameter tree of `model` (a ddlm Llama with vocab_size = vocab + 1) from the safetensors files of
     hf_dir, each leaf a jax.Array sharded over `mesh` per the logical axis rules. The host holds one tensor
     (in its ddlm layout) at a time; each device receives only its shard."""
-    from safetensors import safe_open
-
     from ddlm import sharding
 
     hf = read_hf_config(hf_dir)
@@ -243,8 +298,8 @@ def load_params(hf_dir: str, model, mesh, *, vocab: int, log_every: int = 0):
             name = planned[path]
             file = index[name][0]
             if file not in handles:
-                handles[file] = safe_open(file, framework="numpy").__enter__()
-            value = handles[file].get_tensor(name)
+                handles[file] = _open_safetensors(file).__enter__()
+            value = _read_tensor(handles[file], file, name)
             transform = plan[name][2]
             value = np.asarray(transform(value) if transform is not None else value)
             value = _pad_vocab(path, value, target.shape, vocab)
@@ -255,6 +310,19 @@ def load_params(hf_dir: str, model, mesh, *, vocab: int, log_every: int = 0):
         for handle in handles.values():
             handle.__exit__(None, None, None)
     return flax.traverse_util.unflatten_dict(out)
+
+
+def _read_tensor(handle, file: str, name: str) -> np.ndarray:
+    """Tensor `name` of an open safetensors file as numpy (bfloat16 too: jax's ml_dtypes registers it); a
+    ConversionError naming the file and tensor if it cannot be read (an I/O error, a dtype numpy lacks)."""
+    from safetensors import SafetensorError
+
+    try:
+        return handle.get_tensor(name)
+    except (SafetensorError, OSError, TypeError) as e:
+        raise ConversionError(
+            f"{file}: tensor {name!r} cannot be read ({type(e).__name__}: {' '.join(str(e).split())})"
+        ) from None
 
 
 def _pad_vocab(path, value: np.ndarray, shape, vocab: int) -> np.ndarray:
@@ -298,7 +366,11 @@ def converted_config(hf_dir: str, *, tokenizer: str = "", seq_len: int = 0) -> m
     data = cl.data_config(tokenizer=tokenizer, vocab_size=vocab + 1)
     if tokenizer == "hf":
         data.tokenizer_path = tokenizer_json
-    seq_len = seq_len or min(int(hf.get("max_position_embeddings", 1024)), 1024)
+    if type(seq_len) is not int or (seq_len != 0 and seq_len < 2):
+        raise ConversionError(
+            f"--seq_len={seq_len}: expected a sequence length >= 2 (0 = min(max_position_embeddings, 1024))"
+        )
+    seq_len = seq_len or min(_count(hf, "max_position_embeddings", 1024), 1024)
     train = cl.train_config(steps=1, batch_size=8, seq_len=seq_len)
     config = cl.base_config(
         model=model,
@@ -323,18 +395,19 @@ def convert(
     timings: dict | None = None,
 ):
     """Writes <workdir>/checkpoints/0 (parameters only: 'params' and 'step', the stored config, checksums)
-    and <workdir>/config.py (get_config() returning that config, for --config). Never touches an existing
-    checkpoint: a workdir that has one is an error. Returns (config, params); `timings` (a dict, optional)
-    receives the seconds of the load onto the mesh ('load_s') and of the checkpoint write ('save_s')."""
+    and <workdir>/config.py (get_config() returning that config, for --config). Returns (config, params);
+    `timings` (a dict, optional) receives the seconds of the load onto the mesh ('load_s') and of the
+    checkpoint write ('save_s').
+
+    workdir must be new (or an empty folder): nothing that exists is touched. Everything is written into
+    a sibling folder, .<name>.converting, renamed to workdir last, so a failed or killed conversion never
+    leaves a workdir that looks converted (a failure removes the sibling; a kill leaves it, and the next
+    conversion to the same workdir names it)."""
     from ddlm import checkpoints, models, sharding
     from ddlm.data import tokenizers
 
     config = converted_config(hf_dir, tokenizer=tokenizer, seq_len=seq_len)
-    ckpt_dir = os.path.join(workdir, checkpoints.CHECKPOINTS_DIR)
-    if checkpoints.committed_steps(ckpt_dir):
-        raise ConversionError(
-            f"--workdir={workdir} already holds a checkpoint; choose a new workdir (nothing changed)"
-        )
+    workdir, partial = _new_workdir(workdir)
     tok = tokenizers.get_tokenizer(config.data)
     model = models.get_model(config.model, tok.vocab_size)
     devices = list(jax.devices() if devices is None else devices)
@@ -352,28 +425,71 @@ def convert(
         "params_only": True,
         "converted_from": os.path.abspath(hf_dir),
     }
-    with checkpoints.Checkpointer(ckpt_dir, keep=1, async_save=False) as checkpointer:
-        checkpointer.save(0, {"params": params, "step": step}, metadata=meta, force=True)
+    try:
+        ckpt_dir = os.path.join(partial, checkpoints.CHECKPOINTS_DIR)
+        with checkpoints.Checkpointer(ckpt_dir, keep=1, async_save=False) as checkpointer:
+            checkpointer.save(0, {"params": params, "step": step}, metadata=meta, force=True)
+        if jax.process_index() == 0:
+            write_config_py(os.path.join(partial, "config.py"), config, os.path.abspath(hf_dir))
+            os.rename(partial, workdir)  # onto a missing or empty folder only
+    except BaseException:
+        if jax.process_index() == 0:
+            shutil.rmtree(partial, ignore_errors=True)  # created by this conversion (_new_workdir)
+        raise
     if timings is not None:
         timings.update(load_s=t1 - t0, save_s=time.time() - t1)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.py"), "w") as f:
-            f.write(
-                _CONFIG_PY.format(hf_dir=os.path.abspath(hf_dir), config=config.to_json_best_effort(indent=1))
-            )
     return config, params
 
 
-_CONFIG_PY = '''"""The config of the checkpoint converted from {hf_dir} by ddlm.models.convert: the LLaMA network, loss 'ar',
-the checkpoint's tokenizer. Use it with --config=<this file>; override fields on the command line."""
+def _new_workdir(workdir: str) -> tuple[str, str]:
+    """(workdir, the sibling folder the conversion writes first) as absolute local paths; a ConversionError,
+    with nothing changed, unless workdir is new or an empty folder and the sibling does not exist."""
+    from ddlm import checkpoints, paths
+
+    if paths.is_remote(workdir):
+        raise ConversionError(f"--workdir={workdir}: expected a local folder (copy the converted one to a bucket)")
+    workdir = os.path.abspath(workdir)
+    partial = os.path.join(os.path.dirname(workdir), f".{os.path.basename(workdir)}.converting")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConversionError(f"--workdir={workdir} is a file; expected a new folder (nothing changed)")
+    if checkpoints.committed_steps(os.path.join(workdir, checkpoints.CHECKPOINTS_DIR)):
+        raise ConversionError(
+            f"--workdir={workdir} already holds a checkpoint; choose a new workdir (nothing changed)"
+        )
+    if os.path.isdir(workdir) and os.listdir(workdir):
+        raise ConversionError(
+            f"--workdir={workdir} is not empty; choose a new workdir (nothing changed)"
+        )
+    if os.path.lexists(partial):
+        raise ConversionError(
+            f"{partial} exists: the leftover of an interrupted conversion to --workdir={workdir}? remove it "
+            "(nothing changed)"
+        )
+    return workdir, partial
+
+
+def write_config_py(path: str, config, converted_from: str) -> None:
+    """<workdir>/config.py: get_config() returns `config`. No string of the user's (the folder's path, the
+    tokenizer's) becomes code: the config goes in as JSON text and the path as a Python literal, each
+    written with repr(), which Python reads back as the same string whatever its quotes or newlines."""
+    text = config.to_json_best_effort(indent=1)
+    lines = "\n".join(f"    {line!r}" for line in text.splitlines(keepends=True))
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(_CONFIG_PY.format(converted_from=repr(converted_from), config=lines))
+
+
+_CONFIG_PY = '''"""The config of a checkpoint that ddlm.models.convert converted from the Hugging Face folder CONVERTED_FROM:
+the LLaMA network, loss 'ar', the checkpoint's tokenizer. Use it with --config=<this file>; override fields on
+the command line."""
 
 import json
 
 import ml_collections
 
-CONFIG = json.loads(r"""
+CONVERTED_FROM = {converted_from}
+CONFIG = json.loads(
 {config}
-""")
+)
 
 
 def get_config(arg=None):
@@ -385,10 +501,17 @@ def get_config(arg=None):
 def main(argv):
     from absl import flags
 
-    del argv
+    from ddlm import command
+
+    del argv  # command.parse_flags refused positional arguments
     f = flags.FLAGS
     t0, timings = time.time(), {}
-    try:
+    with command.one_line_errors():
+        for flag in ("hf_dir", "workdir"):
+            if not f[flag].value:
+                raise command.FlagError(f"--{flag} is required: {f[flag].help}")
+        if f.log_every < 0:
+            raise command.FlagError(f"--log_every={f.log_every}: expected a number of tensors >= 0 (0 = never)")
         config, params = convert(
             f.hf_dir,
             f.workdir,
@@ -397,8 +520,6 @@ def main(argv):
             log_every=f.log_every,
             timings=timings,
         )
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"ddlm: error: {type(e).__name__}: {e}") from None
     from ddlm.models import count_params
 
     print(
@@ -412,6 +533,8 @@ def main(argv):
 if __name__ == "__main__":
     from absl import app, flags
 
+    from ddlm import command
+
     flags.DEFINE_string(
         "hf_dir", None, "Hugging Face model folder: config.json + *.safetensors (+ tokenizer.json)"
     )
@@ -421,5 +544,4 @@ if __name__ == "__main__":
     )
     flags.DEFINE_integer("seq_len", 0, "train.seq_len of the config (0 = min(max_position_embeddings, 1024))")
     flags.DEFINE_integer("log_every", 0, "print progress every this many tensors (0 = never)")
-    flags.mark_flags_as_required(["hf_dir", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=command.parse_flags)
