@@ -403,42 +403,42 @@ def _sample_batches(sample, params, x_init, clamp, sc, tok, *, setup, ckpt_step,
             t0 = time.time()
             out = compiled(params, jax.random.fold_in(base_rng, b), x_dev, clamp_dev)
             tokens = np.asarray(jax.device_get(out.tokens))
-            nfe = int(out.nfe)
             batch_time = time.time() - t0
             if sc.truncate_at_eos:
-                # ar / bd3lm start with bos, which is the eos of some tokenizers (GPT-2): truncate after it.
-                first = 1 if sc.name in ("ar", "bd3lm") else 0
-                tokens = np.concatenate(
-                    [
-                        tokens[:, :first],
-                        conditioning.truncate_after_eos(tokens[:, first:], tok.eos_id, tok.pad_id),
-                    ],
-                    axis=1,
-                )
+                tokens = _truncate_at_eos(tokens, sc, tok)
             if out.trajectory is not None:
                 keep = min(len(tokens), sc.num_samples - len(records))
                 trajectories.append(np.asarray(jax.device_get(out.trajectory))[:, :keep])
-            for row in tokens:
-                if len(records) >= sc.num_samples:
-                    break
-                content = row[(row != tok.pad_id) & (row != tok.mask_id)]
-                records.append(
-                    {
-                        "index": len(records),
-                        "text": tok.decode(row.tolist()),
-                        "tokens": row.tolist(),
-                        "nfe": nfe,
-                        "time_s": batch_time / len(tokens),
-                        "batch_time_s": batch_time,
-                        "compile_s": compile_s,
-                        "entropy": stats.unigram_entropy(content),
-                        "sampler": sc.name,
-                        "steps": sc.steps,
-                        "checkpoint_step": None if ckpt_step is None else int(ckpt_step),
-                    }
-                )
+            timing = {"time_s": batch_time / len(tokens), "batch_time_s": batch_time, "compile_s": compile_s}
+            for row in tokens[: sc.num_samples - len(records)]:
+                record = _record(len(records), row, sc, tok, nfe=int(out.nfe), ckpt_step=ckpt_step, **timing)
+                records.append(record)
             progress.on_batch(b, len(records))
     return records, trajectories
+
+
+def _truncate_at_eos(tokens: np.ndarray, sc, tok) -> np.ndarray:
+    """tokens int [B, L] with everything after each row's first eos made padding."""
+    # ar / bd3lm start with bos, which is the eos of some tokenizers (GPT-2): truncate after it.
+    first = 1 if sc.name in ("ar", "bd3lm") else 0
+    rest = conditioning.truncate_after_eos(tokens[:, first:], tok.eos_id, tok.pad_id)
+    return np.concatenate([tokens[:, :first], rest], axis=1)
+
+
+def _record(index: int, row: np.ndarray, sc, tok, *, nfe: int, ckpt_step, **timing) -> dict:
+    """The samples.jsonl line of one sample (row int [L])."""
+    content = row[(row != tok.pad_id) & (row != tok.mask_id)]
+    return {
+        "index": index,
+        "text": tok.decode(row.tolist()),
+        "tokens": row.tolist(),
+        "nfe": nfe,
+        **timing,  # time_s, batch_time_s, compile_s
+        "entropy": stats.unigram_entropy(content),
+        "sampler": sc.name,
+        "steps": sc.steps,
+        "checkpoint_step": None if ckpt_step is None else int(ckpt_step),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ write
