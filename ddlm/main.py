@@ -12,7 +12,9 @@ bounds how long the others run on after a process dies; SIGTERM saves a checkpoi
 
 import os
 import sys
+import traceback
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -85,7 +87,7 @@ def _fail(message: str, code: int = 1):
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        _fail(_unexpected_arguments(argv), 2)
     from ddlm.train import console
 
     console.quiet_other_loggers(_LOG_LEVEL.value)
@@ -139,6 +141,37 @@ def _config_path(argv) -> str | None:
     return None
 
 
+def _unexpected_arguments(argv) -> str:
+    return f"unexpected arguments {argv[1:]}: every option is a flag (--config=..., --workdir=..., ...)"
+
+
+def _config_file_error(error: BaseException, path: str | None) -> str | None:
+    """The one line for an error raised while the config file `path` was loaded: a syntax error (in it or
+    in a module it imports), or an exception raised by its code (get_config or its top level): the file, the
+    line and the error. None if `error` does not come from loading it (an override's, say).
+
+    '--config: experiments/x.py line 12: SyntaxError: invalid syntax'
+    '--config: experiments/x.py line 7 (get_config): KeyError: ...'"""
+    if path is None:
+        return None
+    # ml_collections keeps a load failure of the OSError kind until the config is read, then raises
+    # another OSError 'from' it: the original carries the traceback.
+    while error.__cause__ is not None and not isinstance(error, SyntaxError):
+        error = error.__cause__
+    target = os.path.abspath(path)
+    text = " ".join(str(error).split())
+    if isinstance(error, SyntaxError) and error.filename:
+        where = path if os.path.abspath(error.filename) == target else f"{path}: {error.filename}"
+        message = " ".join((error.msg or "").split())
+        return f"--config: {where} line {error.lineno}: {type(error).__name__}: {message}"
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if os.path.abspath(f.filename) == target]
+    if not frames:
+        return None
+    frame = frames[-1]  # the innermost line of the config file on the way to the error
+    where = "" if frame.name == "<module>" else f" ({frame.name})"
+    return f"--config: {path} line {frame.lineno}{where}: {type(error).__name__}: {text}"
+
+
 def _last_line_of_traceback(message: str) -> str:
     """ml_collections wraps an error raised by get_config(arg) in a message holding the whole traceback
     text; its last line ('ValueError: unknown config arg ...') is what the user needs."""
@@ -159,13 +192,21 @@ def _parse_flags(argv):
         _fail(f"--config: no such config file {path!r} (expected experiments/<name>.py[:arg])", 2)
     try:
         rest = flags.FLAGS(argv)
-        _CONFIG.value.keys()  # a config file that failed to load raises here (ml_collections defers it)
-        return rest
+        # A config file that failed to load raises here, at the first attribute read (ml_collections
+        # defers it).
+        getattr(_CONFIG.value, "keys", None)
     except flags.Error as e:  # a value of the wrong type, a bad :arg, a missing required flag, ...
+        if path is not None and _CONFIG.present and _CONFIG.value is None:  # get_config() returned None
+            _fail(f"--config: {path}: get_config() returned None; expected an ml_collections.ConfigDict", 2)
         _fail(_last_line_of_traceback(str(e)), 2)
-    except OSError as e:
-        _fail(f"--config: {' '.join(str(e).split())}", 2)
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 -- whatever a user's config file raises is reported, not thrown
+        line = _config_file_error(e, path)
+        if line is not None:
+            _fail(line, 2)
+        if isinstance(e, OSError):
+            _fail(f"--config: {' '.join(str(e).split())}", 2)
+        if not isinstance(e, (AttributeError, KeyError, TypeError, ValueError)):
+            raise
         message = str(e).replace("\\n", " ").replace("\\'", "'")
         message = " ".join(message.replace("'", "").split())
         overrides = [a for a in argv[1:] if a.startswith("--config.")]
@@ -183,6 +224,12 @@ def _parse_flags(argv):
             ),
         )
         _fail(f"bad config override {hint or ' '.join(overrides)}: {type(e).__name__}: {message}", 2)
+    if not isinstance(_CONFIG.value, ml_collections.ConfigDict):
+        returned = type(_CONFIG.value).__name__
+        _fail(f"--config: {path}: get_config() returned {returned}; expected an ml_collections.ConfigDict", 2)
+    if len(rest) > 1:
+        _fail(_unexpected_arguments(rest), 2)
+    return rest
 
 
 if __name__ == "__main__":

@@ -335,3 +335,89 @@ def test_errors_are_one_clear_line(child_env, tmp_path):
     a_file.write_text("")
     line = _one_error_line(run_main(child_env, str(a_file), timeout=60))
     assert f"--workdir={a_file} is a file" in line
+
+
+# Config files with mistakes in them (issue 21 item 11): each error names the file and the line.
+BROKEN_CONFIGS = {
+    "syntax.py": (
+        "def get_config(arg=None):\n    x = (1,\n    return x\n",
+        "line 2: SyntaxError: '(' was never closed",
+    ),
+    "indent.py": (
+        "def get_config(arg=None):\nreturn 1\n",
+        "line 2: IndentationError: expected an indented block after function definition on line 1",
+    ),
+    "top_level.py": ("import os\nx = undefined\n", "line 2: NameError: name 'undefined' is not defined"),
+    "raises.py": (
+        "def get_config(arg=None):\n    return helper()\n\n\n"
+        "def helper():\n    raise RuntimeError('no such size')\n",
+        "line 6 (helper): RuntimeError: no such size",
+    ),
+    "key.py": ("def get_config(arg=None):\n    return {}['x']\n", "line 2 (get_config): KeyError: 'x'"),
+}
+
+
+def _load_config_flag(path):
+    """Parses --config=`path` as ddlm.main's flag does, on flags of its own: the loaded config."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    own = flags.FlagValues()
+    holder = config_flags.DEFINE_config_file("config", None, flag_values=own, lock_config=True)
+    own(["test", f"--config={path}"])
+    return holder.value
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN_CONFIGS))
+def test_config_file_errors_name_the_file_and_the_line(tmp_path, name):
+    """ddlm.main._config_file_error on what ml_collections' config-file parser raises for each broken file."""
+    from ddlm import main as ddlm_main
+
+    source, expected = BROKEN_CONFIGS[name]
+    path = tmp_path / name
+    path.write_text(source)
+    with pytest.raises(BaseException) as info:  # noqa: PT011 -- whatever the user's file raises
+        _load_config_flag(str(path))
+    assert ddlm_main._config_file_error(info.value, str(path)) == f"--config: {path} {expected}"
+
+
+def test_config_file_os_errors_are_deferred_and_still_name_the_line(tmp_path):
+    """ml_collections keeps an OSError raised by get_config until the config is read, then raises another
+    OSError from it; an error raised elsewhere (an override's) is not the config file's."""
+    from ddlm import main as ddlm_main
+
+    path = tmp_path / "reads.py"
+    path.write_text("def get_config(arg=None):\n    return open('/no/such/file.txt').read()\n")
+    config = _load_config_flag(str(path))
+    with pytest.raises(OSError) as info:
+        config.keys()
+    assert ddlm_main._config_file_error(info.value, str(path)) == (
+        f"--config: {path} line 2 (get_config): FileNotFoundError: [Errno 2] No such file or directory: "
+        "'/no/such/file.txt'"
+    )
+    try:
+        {}["stepz"]
+    except KeyError as e:
+        assert ddlm_main._config_file_error(e, str(path)) is None
+
+
+@pytest.mark.timeout(200)
+def test_config_file_and_argument_mistakes_are_one_line(child_env, tmp_path):
+    """End to end (issue 21 items 11 and 12): a config file with a syntax error (54 lines before), one whose
+    get_config raises, a stray positional argument (absl's 41-line usage before) and diffusion.loss=foo
+    (rejected after metrics.jsonl and the TensorBoard files were written, before): one line each, and the
+    workdir that did not exist still does not."""
+    workdir = tmp_path / "run"
+    syntax, raises = tmp_path / "syntax.py", tmp_path / "raises.py"
+    syntax.write_text(BROKEN_CONFIGS["syntax.py"][0])
+    raises.write_text(BROKEN_CONFIGS["raises.py"][0])
+    line = _one_error_line(run_main(child_env, workdir, config=str(syntax), timeout=60))
+    assert line == f"ddlm: error: --config: {syntax} line 2: SyntaxError: '(' was never closed"
+    line = _one_error_line(run_main(child_env, workdir, config=str(raises), timeout=60))
+    assert line == f"ddlm: error: --config: {raises} line 6 (helper): RuntimeError: no such size"
+    proc = run_main(child_env, workdir, "stray", timeout=60)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
+    assert _one_error_line(proc).startswith("ddlm: error: unexpected arguments ['stray']")
+    line = _one_error_line(run_main(child_env, workdir, "--config.diffusion.loss=foo", timeout=120))
+    assert "ConfigError: config.diffusion.loss must be one of" in line and "got 'foo'" in line
+    assert not workdir.exists()
