@@ -366,9 +366,9 @@ def _train_and_evaluate(config, workdir: str, devices, resources: contextlib.Exi
 
     adapt.check_resumable(workdir)  # a converted (parameters-only) folder is a start, not a run to resume
     setup = build(config, devices)
+    warn_config(config)
     check_validation_split(setup)
     cfg = config.train
-    warn_config(config)
     total = cfg.steps
     logging.info(
         "Mesh %s on %d devices (%s)", dict(setup.mesh.shape), setup.mesh.size, jax.devices()[0].device_kind
@@ -438,12 +438,12 @@ def _train_and_evaluate(config, workdir: str, devices, resources: contextlib.Exi
     compiled = compile_train_step(setup)
     logging.info("Compiled the train step in %.1fs.", time.time() - t0)
     _log_memory(compiled)
-
-    # ---------------------------------------------------------------- loop
     # Opened once the steps compiled (a network that cannot be traced leaves no metrics files). Metrics past
     # the restored step were written by the run that was interrupted: the resumed run writes them again, so
     # they are dropped (each step once in metrics.jsonl and TensorBoard).
     writer = resources.enter_context(metrics_lib.MetricWriter(workdir, resume_step=start))
+
+    # ---------------------------------------------------------------- loop
     skipped: list[int] = []
     # Each step's finiteness is checked once, as soon as its metrics are on the host: one step late
     # (`pending`, so the host does not wait for the step it has just dispatched), or at once where the
