@@ -7,5 +7,6 @@
     checkpoint.py  re-exports ddlm/checkpoints.py: orbax checkpoints with the config and checksums, checked restore
     metrics.py     TensorBoard events (tensorboardX) + metrics.jsonl; progress line with MFU and ETA
     trainer.py     train_and_evaluate / evaluate: the loop, read top to bottom
+    validation.py  validate_config: every config field checked before any work, one ConfigError line each
     config_lib.py  the default config sections shared by experiments/*.py
 """
