@@ -49,6 +49,13 @@ _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     "Seconds without a heartbeat after which a process of a multi-process job counts as dead; every other "
     "process then exits non-zero with one line (jax.distributed's heartbeat_timeout_seconds).",
 )
+_COLLECTIVE_TIMEOUT = flags.DEFINE_integer(
+    "collective_timeout",
+    distributed.COLLECTIVE_TIMEOUT_S,
+    "Seconds a process of a multi-process job waits in a collective (a step's all-reduce; XLA's "
+    "--xla_cpu_collective_timeout_seconds on CPU) and before the first step for the other processes, "
+    "before it exits with one line naming what timed out.",
+)
 _LOG_LEVEL = flags.DEFINE_enum(
     "log_level",
     "warning",
@@ -72,7 +79,10 @@ def _initialize_distributed():
         force=_DISTRIBUTED.value,
     )
     distributed.start(
-        plan, init_timeout=_DISTRIBUTED_TIMEOUT.value, heartbeat_timeout=_HEARTBEAT_TIMEOUT.value
+        plan,
+        init_timeout=_DISTRIBUTED_TIMEOUT.value,
+        heartbeat_timeout=_HEARTBEAT_TIMEOUT.value,
+        collective_timeout=_COLLECTIVE_TIMEOUT.value,
     )
     if plan is not None and not distributed.is_main_process():
         logging.set_verbosity(logging.WARNING)

@@ -365,8 +365,25 @@ RPC: /xla.coordination.CoordinationService/RegisterTask
 """
 
 
+# What jaxlib 0.10.2 prints when a process ends (here after an error) and another one never reaches the
+# shutdown barrier (recorded: process 1 slower than Gloo's connection deadline at the first collective).
+SHUTDOWN_BLOCK = """\
+E1206 22:45:14.786996    8941 coordination_service_agent.cc:289] Polled an error from coordination service (this can be an error from this or another task).
+F1206 22:45:14.787168    8941 client.h:80] Terminating process because the JAX distributed service detected fatal errors. This most likely indicates that another task died; see the other task logs for more details. Disable Python buffering, i.e. `python -u`, to be sure to see all the previous output. absl::Status: INTERNAL: Shutdown barrier has failed.
+Barrier result: 'DEADLINE_EXCEEDED: Barrier timed out. Id: Shutdown::14583502393719643639::0. This usually happens because a task triggered the barrier too early or too slowly. Please look at the task logs (both timed out and first task) to debug further.
+# of tasks that reached the barrier: 1/2.
+The first task at the barrier: 0. Some timed out task names:
+1
+ [type.googleapis.com/tensorflow.CoordinationServiceError=''] [type.googleapis.com/tensorflow.BarrierError='\\n\\x1eShutdown::14583502393719643639']
+
+RPC: /xla.coordination.CoordinationService/PollForError [type.googleapis.com/tensorflow.CoordinationServiceError='']
+*** Check failure stack trace: ***
+    @     0x7fec7fe40634  absl::lts_20260107::log_internal::LogMessage::SendToLog()
+"""
+
+
 def filtered(text: str, now: float = 0.0) -> list[str]:
-    f = distributed.FailureFilter("process 0 of 2", heartbeat_timeout=10)
+    f = distributed.FailureFilter("process 0 of 2", heartbeat_timeout=10, collective_timeout=5)
     out = []
     for line in text.splitlines(keepends=True):
         out += f.feed(line, now)
@@ -390,6 +407,11 @@ def filtered(text: str, now: float = 0.0) -> list[str]:
             JOIN_BLOCK,
             "not every process joined within --distributed_timeout=300s (is each one started, with the same "
             "--coordinator_address and --num_processes?)",
+        ),
+        (
+            SHUTDOWN_BLOCK,  # was reported as 'not every process joined'
+            "process 1 did not reach the end of the job within --distributed_timeout=300s (it failed earlier "
+            "or is still working: see its output)",
         ),
     ],
 )
@@ -428,6 +450,89 @@ def test_failure_filter_passes_other_lines_and_releases_held_warnings():
     f = distributed.FailureFilter("process 0 of 2", heartbeat_timeout=10)
     assert f.feed(warning, now=100.0) == []
     assert f.release(now=101.0) == [] and f.release(now=100.0 + distributed._HOLD_S) == [warning]
+
+
+# The errors jaxlib 0.10.2 raises in Python when the other process of a pair is late for a collective or a
+# barrier, or leaves one (recorded on 2 processes x 2 CPU devices: process 1 slept before the collective).
+LATE = "slower: still compiling, overloaded or stuck, or dead; see its output"
+COLLECTIVE_ERRORS = [
+    (  # the first collective of a program: Gloo's connection set-up, a fixed 30 s (process 1 was 40 s late)
+        "UNKNOWN: Gloo context initialization failed: DEADLINE_EXCEEDED: GetKeyValue() timed out with key: "
+        "cpu:gloo/0,1,2048,2049/2 and duration: 29.99999995s "
+        "[type.googleapis.com/tensorflow.CoordinationServiceError='']",
+        "a collective timed out: Gloo's connection set-up (at a program's first collective) gave up after 30s "
+        f"waiting for another process ({LATE}); jaxlib fixes this deadline, unlike --collective_timeout=5s",
+    ),
+    (  # a later all-reduce, with --xla_cpu_collective_timeout_seconds=5 (--collective_timeout=5)
+        "UNKNOWN: Gloo all-reduce failed: [external/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out "
+        "waiting 5000ms for recv operation to complete",
+        f"a collective (all-reduce) timed out after 5s waiting for another process ({LATE}; "
+        "--collective_timeout=5s)",
+    ),
+    (  # the other side of it: the process that timed out has left the all-reduce
+        "UNKNOWN: Gloo all-reduce failed: [external/gloo/gloo/transport/tcp/pair.cc:547] Connection closed by "
+        "peer [127.0.0.1]:35539",
+        "a collective (all-reduce) failed: another process left it (see its output)",
+    ),
+    (  # a barrier of the coordination service (wait_for_all's, 3 s), process 1 late
+        "DEADLINE_EXCEEDED: Barrier timed out. Id: ddlm_1_the_first_train_step::0. This usually happens because "
+        "a task triggered the barrier too early or too slowly. Please look at the task logs (both timed out "
+        "and first task) to debug further.\n# of tasks that reached the barrier: 1/2.\nThe first task at the "
+        "barrier: 0. Some timed out task names:\n1\n\n\nRPC: /xla.coordination.CoordinationService/Barrier "
+        "[type.googleapis.com/tensorflow.CoordinationServiceError='']",
+        f"process 1 did not reach the barrier ddlm_1_the_first_train_step in time ({LATE})",
+    ),
+]
+
+
+@pytest.mark.parametrize("error, summary", COLLECTIVE_ERRORS, ids=["connect", "all-reduce", "left", "barrier"])
+def test_a_timed_out_collective_is_named_with_its_deadline(error, summary):
+    assert distributed.summarize_runtime_error(error, collective_timeout=5) == summary
+    # ddlm.main's line for an error it catches (jax raises some as ValueError) becomes the process's line;
+    # the first line of a longer message (a barrier's) is left as it is.
+    line = f"ddlm: error: ValueError: {error}\n"
+    expected = [f"ddlm: error: process 0 of 2: {summary}\n"] if "\n" not in error else line.splitlines(True)
+    assert filtered(line) == expected
+
+
+def test_other_errors_are_not_taken_for_collective_timeouts():
+    assert distributed.summarize_runtime_error("RESOURCE_EXHAUSTED: Out of memory allocating 320GB", 5) is None
+    line = "ddlm: error: ValueError: config.model.d_model must be an integer >= 1, got 0\n"
+    assert filtered(line) == [line]
+
+
+def test_wait_for_all_names_the_place_and_the_flag():
+    error = COLLECTIVE_ERRORS[-1][0]
+    assert distributed.summarize_runtime_error(error, 3, where="the first train step") == (
+        f"process 1 did not reach the first train step within --collective_timeout=3s ({LATE})"
+    )
+
+
+def test_collective_timeout_becomes_xla_cpu_collective_timeout_seconds():
+    flags = "--xla_force_host_platform_device_count=4 --xla_cpu_collective_timeout_seconds=9"
+    assert distributed.with_collective_timeout(flags, 60) == (
+        "--xla_force_host_platform_device_count=4 --xla_cpu_collective_timeout_seconds=60"
+    )
+    assert distributed.with_collective_timeout("", 7) == "--xla_cpu_collective_timeout_seconds=7"
+    with pytest.raises(distributed.DistributedConfigError, match=r"--collective_timeout must be an integer"):
+        distributed.start(distributed.Plan("flags", "h:1", 2, 0), collective_timeout=0)
+
+
+def test_a_process_whose_collective_timed_out_ends_with_one_line_at_once():
+    """start()'s excepthook: the error a collective raised is one line and exit 1, without a traceback and
+    without the shutdown barrier (which would wait --distributed_timeout for a process that is not coming)."""
+    code = (
+        "import atexit, sys; from ddlm import distributed; "
+        "atexit.register(lambda: print('atexit ran', file=sys.stderr)); "
+        "distributed._job.label, distributed._job.collective_timeout = 'process 0 of 2', 5; "
+        "sys.excepthook = distributed._excepthook(sys.excepthook); "
+        f"raise RuntimeError({COLLECTIVE_ERRORS[0][0]!r})"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [f"ddlm: error: process 0 of 2: {COLLECTIVE_ERRORS[0][1]}"], proc.stderr
 
 
 def dry_run(cmd, env=None) -> str:
@@ -485,6 +590,7 @@ def test_launchers_dry_run_print_commands_whose_flags_ddlm_main_accepts(tmp_path
                 f"--config={QUICKSTART}",
                 f"--workdir={tmp_path}",
                 *overrides,
+                "--collective_timeout=60",
             ]
         ).splitlines()
     ]

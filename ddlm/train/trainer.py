@@ -438,6 +438,9 @@ def _train_and_evaluate(config, workdir: str, devices, resources: contextlib.Exi
     compiled = compile_train_step(setup)
     logging.info("Compiled the train step in %.1fs.", time.time() - t0)
     _log_memory(compiled)
+    # The processes meet before the first step: one that compiled faster would otherwise wait in the step's
+    # first collective, whose connection set-up gives up after a fixed 30 s (see ddlm.distributed).
+    distributed.wait_for_all("the first train step")
     # Opened once the steps compiled (a network that cannot be traced leaves no metrics files). Metrics past
     # the restored step were written by the run that was interrupted: the resumed run writes them again, so
     # they are dropped (each step once in metrics.jsonl and TensorBoard).
