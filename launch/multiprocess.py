@@ -13,6 +13,11 @@ code; when not every process has joined jax.distributed within --start_timeout s
 key-value store that never answers), all are stopped. The same timeout goes to ddlm.main as
 --distributed_timeout.
 
+The processes die with the launcher: a kill -9 of the launcher (or its crash) SIGKILLs every process at
+once (Linux: PR_SET_PDEATHSIG), rather than leaving them to train on, orphaned and unseen, where a rerun
+would start a second job on the same workdir. (ddlm.main also refuses a second training job on a workdir:
+ddlm/workdir_lock.py.)
+
 Preemption: a SIGTERM (or SIGINT) to the launcher is passed on to every process, which saves a checkpoint
 at the next step boundary and exits; the launcher waits up to --stop_grace seconds for that, then kills
 what is left. Rerunning the same command resumes.
@@ -21,6 +26,7 @@ what is left. Rerunning the same command resumes.
 """
 
 import argparse
+import ctypes
 import os
 import re
 import shlex
@@ -42,10 +48,50 @@ GLOO_CONNECTED = re.compile(r"^\[Gloo\] Rank \d+ is connected to \d+ peer ranks"
 STOP_GRACE_S = 5.0
 
 
+# prctl(2) option: the signal the kernel sends this process when its parent thread ends.
+PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
+
+
+def die_with_this_process():
+    """A Popen preexec_fn: the child gets SIGKILL when this process ends, however it ends (Linux; elsewhere
+    nothing). SIGKILL, not SIGTERM: with the launcher gone, nobody reads the processes' output or ends one
+    stuck in a collective, and a kill at any point resumes from the last committed checkpoint.
+
+    The kernel sends the signal when the *thread* that forked the child ends, so children must be
+    started from the main thread; and, as with any preexec_fn, before other threads start (a lock held by
+    another thread at fork would never be released in the child)."""
+    if _LIBC is None:
+        return None
+    assert threading.current_thread() is threading.main_thread(), "PR_SET_PDEATHSIG follows the thread"
+    parent = os.getpid()
+
+    def preexec():
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the launcher died before prctl took effect: no signal will come
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
+def spawn(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """Starts one process of the job (output piped, text), which dies with this process."""
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # a Ctrl-C reaches the processes once, through the launcher
+        preexec_fn=die_with_this_process(),
+    )
 
 
 def pump(i, stream, started: threading.Event, quiet: bool = True):
@@ -181,21 +227,20 @@ def main():
         return
 
     raise_on_signals(args.stop_grace)
-    procs, started, threads = [], [], []
-    for i, (env, cmd) in enumerate(commands):
-        p = subprocess.Popen(
-            cmd,
-            cwd=REPO,
-            env={**os.environ, **env},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,  # a Ctrl-C reaches the processes once, through the launcher
-        )
-        started.append(threading.Event())
-        threads.append(threading.Thread(target=pump, args=(i, p.stdout, started[-1], quiet), daemon=True))
-        threads[-1].start()
-        procs.append(p)
+    procs = []
+    try:
+        for env, cmd in commands:  # every process before any output thread (see die_with_this_process)
+            procs.append(spawn(cmd, env))
+    except BaseException:
+        stop(procs, grace=0)
+        raise
+    started = [threading.Event() for _ in procs]
+    threads = [
+        threading.Thread(target=pump, args=(i, p.stdout, started[i], quiet), daemon=True)
+        for i, p in enumerate(procs)
+    ]
+    for t in threads:
+        t.start()
     code, error = supervise(procs, started, args.start_timeout)
     for t in threads:  # the processes' last lines come before the launcher's verdict
         t.join(timeout=5)

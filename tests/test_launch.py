@@ -1,13 +1,20 @@
 """launch/multiprocess.py fails fast: a process that dies stops its siblings at once (they would wait
 minutes in a collective or at shutdown), and processes that never join jax.distributed are stopped after
---start_timeout. Stand-in processes (python -c) play the ddlm.main processes."""
+--start_timeout. Stand-in processes (python -c) play the ddlm.main processes; the last test kills the
+launcher of a real two-process job: its processes die with it.""" 
 
+import contextlib
 import importlib.util
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,3 +89,82 @@ def test_processes_that_succeed_exit_zero_and_gloo_connection_lines_are_dropped(
     out = capsys.readouterr().out
     assert "[0] step 0.2" in out and "[0] step 0.6" in out and "joined jax.distributed" in out
     assert "Gloo" not in out
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (a dead child nobody has reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
+@pytest.mark.timeout(300)
+def test_a_killed_launcher_takes_its_processes_along_and_a_second_job_was_refused(tmp_path):
+    """kill -9 of launch/multiprocess.py while its two ddlm.main processes train: both are gone within
+    seconds (they would train on, orphaned), and the workdir's lock with them. Before that, a second
+    training job on the workdir is refused with one line naming the holder, process 0 of the first."""
+    from test_main import QUICKSTART, TINY_OVERRIDES
+
+    from ddlm import workdir_lock
+
+    work = str(tmp_path / "run")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    launcher = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "launch", "multiprocess.py"), "--num_processes=2"]
+        + ["--devices_per_process=1", "--", f"--config={QUICKSTART}", f"--workdir={work}", *TINY_OVERRIDES]
+        + ["--config.train.steps=100000"],  # trains until killed
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines = []
+    threading.Thread(target=lambda: lines.extend(launcher.stdout), daemon=True).start()
+    pids = []
+    try:
+        deadline = time.monotonic() + 240
+        while len(pids) < 2 or workdir_lock.holder(work) is None:
+            assert launcher.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+            joined = re.findall(r"joined jax\.distributed \(host \S+, pid (\d+),", "".join(lines))
+            pids = [int(p) for p in joined]
+            time.sleep(0.1)
+        held_by = workdir_lock.holder(work)
+        assert held_by.startswith(f"pid {pids[0]} on host {socket.gethostname()}, process 0 of 2, since ")
+
+        second = subprocess.run(
+            [sys.executable, "-m", "ddlm.main", f"--config={QUICKSTART}", f"--workdir={work}"]
+            + TINY_OVERRIDES,
+            cwd=REPO,
+            env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1"),
+            capture_output=True,
+            text=True,
+            timeout=240,
+            check=False,
+        )
+        assert second.returncode == 1, second.stderr[-3000:]
+        assert second.stderr.splitlines()[-1] == (
+            f"ddlm: error: WorkdirInUse: --workdir {work} is in use by another training job ({held_by}): "
+            "wait for it to end or stop it, or train in another --workdir"
+        )
+
+        assert all(running(p) for p in pids), "".join(lines)[-3000:]
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait(timeout=30)
+        # (A killed process shows as a zombie while its other threads still exit and hold its files.)
+        deadline = time.monotonic() + 30
+        while any(running(p) for p in pids) or workdir_lock.holder(work) is not None:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert not [p for p in pids if running(p)], "the launcher's processes outlived it"
+        assert workdir_lock.holder(work) is None
+    finally:
+        for p in [launcher.pid, *pids]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        launcher.wait(timeout=30)

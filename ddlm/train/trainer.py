@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from ddlm import checkpoints, distributed, paths, sharding
+from ddlm import checkpoints, distributed, paths, sharding, workdir_lock
 from ddlm.sharding import ConfigError
 from ddlm.train import console, optim
 from ddlm.train import metrics as metrics_lib
@@ -362,6 +362,8 @@ def remove_empty_folders(directory: str) -> None:
 def _train_and_evaluate(config, workdir: str, devices, resources: contextlib.ExitStack) -> dict:
     # ---------------------------------------------------------------- setup
     checkpoints.check_writable(workdir, "--workdir")
+    # One training job per workdir: a second is refused here, before it reads or writes anything.
+    resources.enter_context(workdir_lock.hold(workdir))
     from ddlm.train import adapt
 
     adapt.check_resumable(workdir)  # a converted (parameters-only) folder is a start, not a run to resume
