@@ -265,6 +265,100 @@ def test_sedd_uniform_oracle_nelbo():
     assert abs(diff + recon + prior - (H + kl_marginal)) < 1e-6
 
 
+# ------------------------------------------------------------------------------ boundary terms (alpha(0) < 1, alpha(1) > 0)
+
+ABSORBING_LOSSES = ("mdlm", "d3pm", "sedd_absorb", "bd3lm", "sft")
+
+
+def _kl_rows(p, q):
+    """sum_j p_j log(p_j / q_j) over the last axis (0 log 0 = 0)."""
+    p, q = np.broadcast_arrays(p, q)
+    pos = p > 0
+    return np.sum(np.where(pos, p * np.log(np.where(pos, p, 1.0) / np.where(pos, q, 1.0)), 0.0), axis=-1)
+
+
+def _absorbing_decoder_and_prior(a1):
+    """The fixed decoder and prior the absorbing boundary terms assume, over whole sequences: dec [x_0, x_t] =
+    prod_l (1/V if x_t^l is the mask, else 1[x_t^l = x_0^l]) (a token still masked at t = 0 is decoded uniformly,
+    md4's recon_loss) and prior [x_1] = prod_l (1 - a1 if x_1^l is the mask, else a1 / V)."""
+    x0, xt = TOY.seqs[:, None, :], TOY.abs_states[None, :, :]
+    dec = np.prod(np.where(xt == MASK, 1.0 / V, (xt == x0).astype(float)), axis=-1)
+    prior = np.prod(np.where(TOY.abs_states == MASK, 1.0 - a1, a1 / V), axis=-1)
+    return dec, prior
+
+
+@pytest.mark.parametrize(
+    "sched", [schedules.CosineSchedule(eps=0.05), schedules.LinearSchedule(eps=0.1)], ids=repr
+)
+def test_absorbing_boundary_terms_when_alpha0_is_below_one(sched):
+    """alpha(0) = 1 - eps < 1 and alpha(1) = eps > 0: both boundary terms are material. By enumeration over every
+    (x_0, x_t) of the toy, the reconstruction term E[-log dec(x_0 | x_{t=0})] and the prior term
+    E KL(q(x_1 | x_0) || prior) are L times the per-token values `boundary_terms` gives every absorbing loss
+    (log V, not log(V + 1): the mask is no data id). With the exact denoiser the diffusion term (quadrature) is
+    I(x_0; x_{t=0}) - I(x_0; x_1), and the whole bound is the entropy plus the two gaps a fixed decoder and a
+    fixed prior leave: H + E_{x_0'} KL(q(x_0 | x_0') || dec(. | x_0')) + KL(q(x_1) || prior)."""
+    a0, a1 = float(sched.alpha(0.0)), float(sched.alpha(1.0))
+    assert a0 < 0.96 and a1 > 0.04
+    p = TOY.probs
+    k0, k1 = TOY.absorbing_kernel(a0), TOY.absorbing_kernel(a1)  # q(x_t | x_0): [N, M]
+    dec, prior = _absorbing_decoder_and_prior(a1)
+    recon = -np.sum(p[:, None] * k0 * np.log(np.where(k0 > 0, dec, 1.0)))
+    prior_term = float(np.sum(p * _kl_rows(k1, prior[None])))
+    for name in ABSORBING_LOSSES:
+        got_prior, got_recon = losses.boundary_terms(name, sched, V + 1)
+        np.testing.assert_allclose(L * float(got_recon), recon, rtol=1e-9, err_msg=name)
+        np.testing.assert_allclose(L * float(got_prior), prior_term, rtol=1e-9, err_msg=name)
+
+    diffusion = integrate(mdlm(sched), sched, n=64)
+    i0, i1 = TOY.mutual_information(k0), TOY.mutual_information(k1)
+    assert abs(diffusion - (i0 - i1)) < 1e-8, (diffusion, i0 - i1)
+    assert abs(integrate(oracle_sedd_absorbing_score(sched), sched, n=64) - diffusion) < 1e-8
+    q0, q1 = p @ k0, p @ k1  # the marginals of x_{t=0} and x_1
+    posterior = p[:, None] * k0 / np.where(q0 > 0, q0, 1.0)  # q(x_0 | x_{t=0}): [N, M]
+    decoder_gap = float(np.sum(q0 * _kl_rows(posterior.T, dec.T)))
+    prior_gap = float(_kl_rows(q1, prior))
+    assert decoder_gap > 1e-3 and prior_gap > 1e-3  # both gaps are material: the test can tell
+    assert abs(diffusion + recon + prior_term - (H + decoder_gap + prior_gap)) < 1e-8
+
+
+def test_uniform_boundary_terms_against_enumeration():
+    """The uniform graph with sigma(0) = 0.05 and sigma(1) = 1 (alpha(0) < 1, alpha(1) = e^-1 > 0): the decoder is
+    the kernel itself, dec(x_0 | x_0') = q(x_0' | x_0) (symmetric); by enumeration the reconstruction and prior
+    terms are L times `boundary_terms('sedd_uniform')`, and with the exact scores the bound is
+    H + E KL(q(x_0 | x_0') || dec) + KL(q(x_1) || uniform)."""
+    sched = schedules.GeometricSchedule(sigma_min=0.05, sigma_max=1.0)
+    p, n = TOY.probs, len(TOY.seqs)
+    k0 = TOY.uniform_kernel(float(sched.alpha(0.0)))  # [N, N]
+    k1 = TOY.uniform_kernel(float(sched.alpha(1.0)))
+    recon = -np.sum(p[:, None] * k0 * np.log(k0))
+    prior_term = float(np.sum(p * _kl_rows(k1, np.full(n, 1.0 / n))))
+    got_prior, got_recon = losses.boundary_terms("sedd_uniform", sched, V)
+    np.testing.assert_allclose(L * float(got_recon), recon, rtol=1e-9)
+    np.testing.assert_allclose(L * float(got_prior), prior_term, rtol=1e-9)
+
+    diffusion = uniform_diffusion_term(sched, n=96)
+    q0, q1 = p @ k0, p @ k1
+    posterior = p[:, None] * k0 / q0
+    decoder_gap = float(np.sum(q0 * _kl_rows(posterior.T, k0.T)))
+    prior_gap = float(_kl_rows(q1, np.full(n, 1.0 / n)))
+    assert decoder_gap > 1e-3 and prior_gap > 1e-3
+    assert abs(diffusion + recon + prior_term - (H + decoder_gap + prior_gap)) < 1e-7
+
+
+def test_boundary_terms_vanish_exactly_where_the_schedule_spans_zero_to_one():
+    """alpha(0) = 1 and alpha(1) = 0: no boundary term for any loss; 'radd' and 'ar' never have one; an unknown
+    loss name is an error."""
+    for name in ABSORBING_LOSSES:
+        assert [float(x) for x in losses.boundary_terms(name, schedules.LinearSchedule(), V + 1)] == [0.0, 0.0]
+    loglinear = schedules.LogLinearSchedule(eps=0.01)  # alpha(0) = 1 exactly: a prior term only
+    prior, recon = losses.boundary_terms("mdlm", loglinear, V + 1)
+    assert float(recon) == 0.0 and float(prior) == pytest.approx(0.01 * math.log(V), rel=1e-12)
+    for name in ("radd", "ar"):
+        assert losses.boundary_terms(name, schedules.CosineSchedule(eps=0.05), V + 1) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="unknown loss 'vlb'"):
+        losses.boundary_terms("vlb", schedules.LinearSchedule(), V + 1)
+
+
 # ------------------------------------------------------------------------------ block diffusion
 
 
@@ -462,6 +556,163 @@ def test_estimator_detects_a_wrong_weight(wrong):
     den = TOY.absorbing_denoiser()
     mean, se = mc_estimate("mdlm", lambda xt, t, c: den(xt), wrong)
     assert abs(mean - H / L) > 6 * se, (mean, H / L, se)
+
+
+# ------------------------------------------------------------------------------ time draws and the auxiliary metrics
+
+
+def test_sample_times_antithetic_grid_and_uniform_marginals():
+    """Antithetic times are one uniform offset plus i/B (sorted, they are B apart by exactly 1/B), and every t_i
+    is still U[0, 1) (mean 1/2, variance 1/12: the estimators stay unbiased); i.i.d. times are not on a grid."""
+    keys = jax.random.split(jax.random.key(0), 4000)
+    for antithetic in (True, False):
+        t = np.asarray(jax.jit(jax.vmap(lambda k, a=antithetic: losses.sample_times(k, 8, a)))(keys))
+        assert t.shape == (4000, 8) and t.dtype == np.float32 and (t >= 0).all() and (t < 1).all()
+        se = math.sqrt(1 / 12 / len(t))
+        assert np.all(np.abs(t.mean(0) - 0.5) < 4 * se), t.mean(0)
+        assert np.all(np.abs(t.var(0) - 1 / 12) < 4 * math.sqrt(1 / 180 / len(t))), t.var(0)
+        gaps = np.diff(np.sort(t, axis=1), axis=1)
+        if antithetic:
+            np.testing.assert_allclose(gaps, 1 / 8, atol=1e-6)
+            np.testing.assert_allclose(np.mod(t - t[:, :1] - np.arange(8) / 8 + 0.5, 1.0), 0.5, atol=1e-6)
+        else:
+            assert np.abs(gaps - 1 / 8).max() > 0.1
+            assert abs(np.corrcoef(t[:, 0], t[:, 1])[0, 1]) < 4 / math.sqrt(len(t))
+
+
+def test_discretize_times_maps_onto_the_grid():
+    t = jnp.array([0.0, 0.1, 0.2499, 0.25, 0.5, 0.74, 0.9999])
+    np.testing.assert_allclose(losses.discretize_times(t, 4), [0.25, 0.25, 0.25, 0.5, 0.75, 0.75, 1.0])
+
+
+def _seen_by_network(name, x0, loss_mask, *, sched, vocab_size, **kw):
+    """training_loss(name) with a network that outputs zero logits, jitted once: key -> (aux, and the x_t and t
+    the network was shown)."""
+
+    @jax.jit
+    def run(key):
+        seen = {}
+
+        def apply_fn(xt, t, ctx):
+            seen.update(xt=xt, t=t)
+            return jnp.zeros(xt.shape + (vocab_size,), jnp.float32)
+
+        _, aux = losses.training_loss(
+            name, apply_fn, x0, loss_mask, key, schedule=sched, vocab_size=vocab_size, mask_id=MASK, **kw
+        )
+        return aux, seen["xt"], seen["t"]
+
+    def call(key):
+        aux, xt, t = run(key)
+        return aux, np.asarray(xt), None if t is None else np.asarray(t)
+
+    return call
+
+
+AUX_KW = {"mdlm": {}, "d3pm": {"num_steps": 4}, "sedd_absorb": {}, "radd": {}, "bd3lm": {"block_size": 8}, "sft": {}}
+
+
+@pytest.mark.parametrize("name", [*AUX_KW, "ar", "sedd_uniform"])
+def test_mask_rate_is_the_masked_fraction_of_the_batch_the_network_saw(name):
+    """The auxiliary metrics (logged by the trainer): 'mask_rate' is exactly the fraction of mask ids in the x_t
+    the network was shown, over every position for the pretraining losses (padding is noised like the rest),
+    over the response for 'sft' (whose prompt is never masked); 'ar' and the uniform graph (no mask id) return
+    none. x_t differs from x_0 only by masks."""
+    b, n = 8, 32
+    x0 = jnp.asarray(np.random.default_rng(0).integers(0, V, (b, n)), jnp.int32)
+    loss_mask = np.ones((b, n), np.float32)
+    loss_mask[:, :12 if name == "sft" else 0] = 0.0  # the prompt
+    loss_mask[:, 24:] = 0.0 if name != "sft" else 1.0  # padding
+    vocab = V if name == "sedd_uniform" else V + 1
+    told_apart = False
+    run = _seen_by_network(
+        name, x0, jnp.asarray(loss_mask), sched=schedules.LinearSchedule(), vocab_size=vocab, **AUX_KW.get(name, {})
+    )
+    for seed in range(3):
+        aux, xt, _ = run(jax.random.key(seed))
+        if name in ("ar", "sedd_uniform"):
+            assert aux == {}
+            continue
+        assert set(aux) == {"mask_rate"} and aux["mask_rate"].shape == ()
+        masked = xt == MASK
+        np.testing.assert_array_equal(np.where(masked, 0, xt), np.where(masked, 0, x0))
+        if name == "sft":
+            assert not masked[loss_mask == 0].any()
+            want = masked[loss_mask > 0].mean()
+        else:
+            want = masked.mean()
+            told_apart |= want != masked[loss_mask > 0].mean()
+        assert 0.0 < want < 1.0
+        assert float(aux["mask_rate"]) == pytest.approx(want, rel=1e-6)
+    assert told_apart or name in ("ar", "sedd_uniform", "sft")  # padding counted or not: the test can tell
+
+
+@pytest.mark.parametrize("name", ["mdlm", "d3pm", "sedd_absorb", "bd3lm", "sft"])
+def test_each_row_is_masked_at_the_rate_of_the_time_the_network_is_shown(name):
+    """Per row (per block for bd3lm), the masked fraction of x_t is 1 - alpha(t) for the t the network is shown
+    (within 5 binomial standard errors; cosine schedule), and mask_rate is within 5 of their mean: a corruption
+    drawn at another time than the one the network is told would show here. d3pm's t lies on the grid k/T."""
+    b, n = 16, 256
+    sched = schedules.CosineSchedule()
+    x0 = jnp.zeros((b, n), jnp.int32)
+    loss_mask = np.ones((b, n), np.float32)
+    if name == "sft":
+        loss_mask[:, :64] = 0.0
+    kw = {"d3pm": {"num_steps": 8}, "bd3lm": {"block_size": 64}}.get(name, {})
+    aux, xt, t = _seen_by_network(name, x0, jnp.asarray(loss_mask), sched=sched, vocab_size=V + 1, **kw)(
+        jax.random.key(3)
+    )
+    assert t.shape == ((b, n) if name == "bd3lm" else (b,))
+    if name == "d3pm":
+        np.testing.assert_allclose(t * 8, np.round(t * 8), atol=1e-5)
+        assert t.min() >= 1 / 8 - 1e-6 and t.max() <= 1.0 + 1e-6
+    group = 64 if name == "bd3lm" else n  # positions sharing one time
+    t_tok = np.broadcast_to(t if t.ndim == 2 else t[:, None], (b, n))
+    np.testing.assert_array_equal(t_tok.reshape(b, -1, group), t_tok.reshape(b, -1, group)[..., :1].repeat(group, -1))
+    p = 1.0 - np.asarray(sched.alpha(jnp.asarray(t_tok, jnp.float64)))
+    p = np.where(loss_mask > 0, p, 0.0)  # the sft prompt is never masked
+    masked = (xt == MASK).astype(float)
+    count = lambda x: x.reshape(b, -1, group).sum(-1)
+    z = (count(masked) - count(p)) / np.sqrt(count(p * (1 - p)) + 1e-12)
+    assert np.abs(z).max() < 5, z
+    region = loss_mask > 0
+    se = math.sqrt(np.sum(p * (1 - p))) / region.sum()
+    assert abs(float(aux["mask_rate"]) - p[region].mean()) < 5 * se + 1e-7
+
+
+def test_radd_masks_rows_at_rates_spread_over_the_antithetic_grid():
+    """RADD's network is not shown a time: its masking rates lambda_i = (u + i/B) mod 1 show in x_t. Sorted, the
+    rows' masked fractions are one offset in [0, 1/B) plus i/B (within the binomial noise, sd <= 0.008)."""
+    b, n = 8, 4096
+    x0 = jnp.zeros((b, n), jnp.int32)
+    run = _seen_by_network("radd", x0, None, sched=None, vocab_size=V + 1)
+    for seed in range(2):
+        aux, xt, t = run(jax.random.key(seed))
+        assert t is None
+        frac = (xt == MASK).mean(1)
+        offset = np.sort(frac) - np.arange(b) / b
+        assert offset.max() - offset.min() < 0.05 and -0.03 < offset.mean() < 1 / b + 0.03, offset
+        assert float(aux["mask_rate"]) == pytest.approx(frac.mean(), rel=1e-6)
+
+
+@pytest.mark.parametrize("antithetic", [True, False])
+def test_mask_rate_expectation_is_the_mean_of_one_minus_alpha(antithetic):
+    """E[mask_rate] = E_t[1 - alpha(t)] = int_0^1 cos(pi/2 (1 - t)) dt = 2/pi for the cosine schedule, with either
+    time draw (each t_i is U[0, 1)); antithetic times make the batch's rate far less variable."""
+    sched = schedules.CosineSchedule()
+    x0 = jnp.zeros((16, 32), jnp.int32)
+    zeros = lambda xt, t, c: jnp.zeros(xt.shape + (V + 1,))
+    rate = jax.jit(
+        jax.vmap(
+            lambda key: losses.training_loss(
+                "mdlm", zeros, x0, None, key, schedule=sched, vocab_size=V + 1, mask_id=MASK, antithetic=antithetic
+            )[1]["mask_rate"]
+        )
+    )
+    r = np.asarray(rate(jax.random.split(jax.random.key(0), 400)))
+    se = r.std(ddof=1) / math.sqrt(len(r))
+    assert abs(r.mean() - 2 / math.pi) < 4 * se, (r.mean(), se)
+    assert r.std() < (0.1 if antithetic else 0.2)
 
 
 # ------------------------------------------------------------------------------ sharding, vmap, contracts

@@ -1,11 +1,13 @@
 """ddlm/train/step.py: the compiled train step against the plain formulas (AdamW with clipping, EMA with
 warm start), a skipped non-finite step leaving the whole state bitwise unchanged, and the update written in
-place (no copy of a state buffer in the compiled program)."""
+place (no copy of a state buffer in the compiled program); every metric the step reports (the loss's auxiliary
+ones included, averaged over micro-batches) against an independent computation."""
 
 import os
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -122,3 +124,119 @@ def test_compiled_step_updates_the_state_in_place(compiled_step):
     assert not big, f"{len(big)} state buffers copied, e.g. {big[:3]}"
     # the check can see copies: the parameters' HLO names are what it looks for
     assert re.search(r"%?state_params\w*", hlo)
+
+
+def test_step_metrics_are_the_loss_functions_outputs(compiled_step):
+    """Every metric of the compiled step against an independent computation: 'loss' and the loss's auxiliary
+    'mask_rate' are what loss_fn gives for the step's key fold_in(rng, step) (the same masks: the draw does not
+    depend on the parameters); 'learning_rate' is the schedule at the step the update was made with;
+    'param_norm' and 'update_norm' are the norms of the new parameters and of new - old."""
+    setup, step = compiled_step
+    loss_fn = jax.jit(lambda p, b, r: setup.loss_fn(p, b, r, True))
+    norm = lambda tree: np.sqrt(sum(np.sum(np.square(x, dtype=np.float64)) for x in jax.tree.leaves(tree)))
+    state = setup.init_state()
+    assert float(setup.lr_schedule(0)) != float(setup.lr_schedule(1))  # the step index shows in the rate
+    for n in range(2):
+        before = jax.device_get(state)
+        batch = _batch(setup, 10 + n)
+        with setup.context():
+            loss, aux = jax.device_get(loss_fn(state.params, batch, jax.random.fold_in(state.rng, n)))
+        state, metrics = step(state, batch)
+        metrics = jax.device_get(metrics)
+        assert set(metrics) == {"loss", "grad_norm", "update_norm", "param_norm", "learning_rate", "finite", "mask_rate"}
+        np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+        assert 0.0 < aux["mask_rate"] < 1.0 and metrics["mask_rate"] == aux["mask_rate"]
+        np.testing.assert_allclose(metrics["learning_rate"], float(setup.lr_schedule(n)), rtol=1e-6)
+        after = jax.device_get(state.params)
+        np.testing.assert_allclose(metrics["param_norm"], norm(after), rtol=1e-5)
+        update = jax.tree.map(lambda a, b: a.astype(np.float64) - b, after, before.params)
+        np.testing.assert_allclose(metrics["update_norm"], norm(update), rtol=1e-3)
+
+
+def _toy_loss_fn(params, batch, rng, train):
+    """A small loss with a key-dependent part and auxiliary outputs: a scalar metric, a per-row array (not a
+    metric) and a scalar named like one of the step's own metrics (which must not replace it)."""
+    x = batch["tokens"].astype(jnp.float32)
+    noise = jax.random.uniform(rng, ())
+    per_row = (x @ params["w"] - noise - (0.0 if train else 1.0)) ** 2
+    loss = jnp.sum(per_row * batch["loss_mask"][:, 0]) / x.shape[0]
+    return loss, {"mask_rate": jnp.mean(x) * noise, "rows": per_row, "loss": jnp.float32(123.0)}
+
+
+def _toy_state(tx, step):
+    from ddlm.train.state import TrainState
+
+    params = {"w": jnp.array([0.3, -0.2, 0.1], jnp.float32)}
+    return TrainState(
+        step=jnp.array(step, jnp.int32), params=params, opt_state=tx.init(params), ema_params=params,
+        rng=jax.random.key_data(jax.random.key(0)),
+    )
+
+
+@pytest.mark.parametrize("accum_steps", [1, 2, 4])
+def test_accumulated_step_averages_loss_and_metrics_over_micro_batches(accum_steps):
+    """With A micro-batches (rows j, j + A, j + 2A, ... with key split(rng, A)[j]; the whole batch and rng itself
+    when A = 1) 'loss', the gradient and every scalar auxiliary metric are the means over the micro-batches of
+    what loss_fn gives for each; the per-row auxiliary array is no metric and the auxiliary 'loss' does not
+    replace the loss. With SGD (lr 0.1) the update is -0.1 x the mean gradient, and the EMA decay at step 3 is
+    min(0.9, 4/13); the learning-rate metric is the schedule at the state's step."""
+    import functools
+
+    import optax
+
+    from ddlm.train import step as step_lib
+
+    tx = optax.sgd(0.1)
+    lr_schedule = lambda s: 0.5 / (1.0 + s)
+    state = _toy_state(tx, 3)
+    rng_np = np.random.default_rng(accum_steps)
+    batch = {
+        "tokens": jnp.asarray(rng_np.integers(0, 5, (8, 3)), jnp.int32),
+        "loss_mask": jnp.asarray(rng_np.integers(0, 2, (8, 1)) * np.ones((8, 3)), jnp.float32),
+    }
+    rng = jax.random.PRNGKey(5)
+    step = jax.jit(
+        functools.partial(
+            step_lib.train_step, loss_fn=_toy_loss_fn, tx=tx, lr_schedule=lr_schedule, accum_steps=accum_steps,
+            ema_decay=0.9,
+        )
+    )
+    new, metrics = jax.device_get(step(state, batch, rng))
+
+    keys = [rng] if accum_steps == 1 else list(jax.random.split(rng, accum_steps))
+    outs = [
+        jax.value_and_grad(_toy_loss_fn, has_aux=True)(
+            state.params, jax.tree.map(lambda x, j=j: x[j::accum_steps], batch), keys[j], True
+        )
+        for j in range(accum_steps)
+    ]
+    loss = np.mean([float(l) for (l, _), _ in outs])
+    mask_rate = np.mean([float(a["mask_rate"]) for (_, a), _ in outs])
+    grad = np.mean([np.asarray(g["w"]) for _, g in outs], axis=0)
+    assert set(metrics) == {"loss", "grad_norm", "update_norm", "param_norm", "learning_rate", "finite", "mask_rate"}
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-6)
+    np.testing.assert_allclose(metrics["mask_rate"], mask_rate, rtol=1e-6)
+    np.testing.assert_allclose(metrics["grad_norm"], np.linalg.norm(grad), rtol=1e-6)
+    want = np.asarray(state.params["w"]) - 0.1 * grad
+    np.testing.assert_allclose(new.params["w"], want, rtol=1e-6)
+    np.testing.assert_allclose(metrics["update_norm"], 0.1 * np.linalg.norm(grad), rtol=1e-5)
+    np.testing.assert_allclose(metrics["param_norm"], np.linalg.norm(want), rtol=1e-6)
+    np.testing.assert_allclose(metrics["learning_rate"], 0.5 / 4.0, rtol=1e-7)
+    d = 4.0 / 13.0
+    np.testing.assert_allclose(new.ema_params["w"], d * np.asarray(state.params["w"]) + (1 - d) * want, rtol=1e-6)
+    assert int(new.step) == 4 and metrics["finite"] == 1.0
+
+
+def test_eval_step_is_the_loss_without_dropout_as_a_token_weighted_sum():
+    """eval_step: loss_sum = loss_fn(params, batch, rng, train=False) x the number of scored tokens."""
+    from ddlm.train import step as step_lib
+
+    params = {"w": jnp.array([0.3, -0.2, 0.1], jnp.float32)}
+    mask = np.ones((4, 3), np.float32)
+    mask[1:, 2] = 0.0
+    batch = {"tokens": jnp.arange(12, dtype=jnp.int32).reshape(4, 3) % 5, "loss_mask": jnp.asarray(mask)}
+    rng = jax.random.PRNGKey(1)
+    out = step_lib.eval_step(params, batch, rng, loss_fn=_toy_loss_fn)
+    assert set(out) == {"loss_sum", "tokens"}
+    assert float(out["tokens"]) == 9.0
+    np.testing.assert_allclose(out["loss_sum"], 9.0 * float(_toy_loss_fn(params, batch, rng, False)[0]), rtol=1e-6)
