@@ -11,7 +11,9 @@ goes through `path()` (etils.epath; gs:// needs `pip install gcsfs`), never thro
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 
 from etils import epath
 
@@ -38,3 +40,29 @@ def resolve(p) -> str:
 def path(p, *parts) -> epath.Path:
     """etils.epath.Path of resolve(p) / parts."""
     return epath.Path(resolve(p), *parts)
+
+
+def folder_name(text: str, max_len: int = 120) -> str:
+    """`text` (a user's string: a sampler spec, a label) as one safe folder name: every character other than
+    a letter, a digit, '.', '_', '-', '=' or ',' becomes '_', so no '/', '..' or absolute path survives; a
+    name longer than max_len keeps its start and gains a hash of the whole (two long names stay apart)."""
+    name = re.sub(r"[^A-Za-z0-9._=,-]", "_", text).strip(".") or "_"
+    if len(name) > max_len:
+        digest = hashlib.sha1(text.encode(errors="surrogatepass")).hexdigest()
+        name = f"{name[: max_len - 9]}_{digest[:8]}"
+    return name
+
+
+def inside(base, name: str) -> str:
+    """resolve(base)/name, or a ValueError naming both if that is not strictly inside base: a name with
+    '..' or a leading '/', or a symbolic link leading out (followed for a local path)."""
+    root = resolve(base)
+    target = f"{root}/{name}"
+    parts = name.split("/")
+    outside = not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts)
+    if not outside and not is_remote(root):
+        real_root, real_target = os.path.realpath(root), os.path.realpath(target)
+        outside = real_target == real_root or os.path.commonpath([real_root, real_target]) != real_root
+    if outside:
+        raise ValueError(f"{name!r} leads out of {root}: a folder name must stay inside it")
+    return target

@@ -190,3 +190,77 @@ def test_frontier_plot_joins_steps_and_temperatures():
     lines = {(tuple(ln.get_xdata()), tuple(ln.get_ydata())): ln.get_marker() for ln in fig.axes[0].lines}
     assert lines[((4.0, 4.2), (20.0, 15.0))] == "o" and lines[((3.5,), (12.0,))] == "o"
     assert lines[((3.6, 4.1), (6.0, 9.0))] == "s"  # sorted by temperature: 0.8, then 1.0
+
+
+def test_a_metrics_file_without_records_or_with_a_damaged_line_is_one_error_naming_it(tmp_path):
+    cases = {
+        "empty": ("", r"metrics.jsonl holds no records"),
+        "blank": ("\n\n", r"metrics.jsonl holds no records"),
+        "garbage": ('{"step": 1, "split": "train", "loss": 2}\n{"step": 2, "spl', r"metrics.jsonl:2: not a metrics record"),
+        "no_step": ('{"split": "train", "loss": 2}\n', r"metrics.jsonl:1: not a metrics record .*integer 'step'"),
+        "float_step": ('{"step": 1.5, "split": "train"}\n', r"metrics.jsonl:1: not a metrics record"),
+        "not_object": ("[1, 2]\n", r"metrics.jsonl:1: not a metrics record"),
+    }  # fmt: skip
+    for name, (text, message) in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text(text)
+        with pytest.raises(ValueError, match=message) as e:
+            plots.read_metrics(str(tmp_path / name))
+        assert str(tmp_path / name / "metrics.jsonl") in str(e.value)
+
+
+def test_nothing_to_plot_or_a_bad_speed_table_writes_no_figure(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "metrics.jsonl").write_text(json.dumps({"step": 1, "split": "train", "lr": 0.1}) + "\n")
+    out = tmp_path / "plots"
+    with pytest.raises(ValueError, match=r"no train 'loss' or eval 'bits_per_token' in the metrics.jsonl of"):
+        plots.make_plots([str(workdir)], str(out))
+    (workdir / "metrics.jsonl").write_text(json.dumps({"step": 1, "split": "train", "loss": 2.0}) + "\n")
+    for text, message in (
+        (None, r"--speed_json=.*speed.json does not exist"),
+        ("not json", r"--speed_json=.*speed.json: expected \{'rows'"),
+        ('{"rows": [{"name": "a"}]}', r"expected \{'rows'.*KeyError: 'tokens_per_s'"),
+        ('{"rows": [{"name": "a", "tokens_per_s": "fast"}]}', r"expected \{'rows'.*ValueError"),
+    ):
+        speed = tmp_path / "speed.json"
+        if text is not None:
+            speed.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            plots.make_plots([str(workdir)], str(out), speed_json=str(speed))
+    assert not out.exists()
+    assert [os.path.basename(p) for p in plots.make_plots([str(workdir)], str(out))] == ["loss_curves.png"]
+
+
+def test_plots_flag_mistakes(tmp_path):
+    import types
+
+    from ddlm import command
+
+    (tmp_path / "a_file").write_text("")
+    for workdir, out_dir, message in (
+        (",", "", r"--workdir: give one or more workdirs"),
+        (str(tmp_path / "nope"), "", r"--workdir: .*nope is not a directory"),
+        (str(tmp_path), str(tmp_path / "a_file"), r"--out_dir=.*a_file is a file; expected a directory"),
+    ):
+        f = types.SimpleNamespace(workdir=workdir, out_dir=out_dir, speed_json="", tensorboard=False)
+        with pytest.raises(command.FlagError, match=message):
+            plots.run(f)
+
+
+def test_plots_on_an_empty_metrics_file_print_one_line_and_write_no_png(tmp_path):
+    """The command line: one line naming the file, exit code 1, no empty PNG."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("")
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "ddlm.eval.plots", f"--workdir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        f"ddlm: error: ValueError: {tmp_path / 'run' / 'metrics.jsonl'} holds no records: train first "
+        "(--mode=train), or check --workdir"
+    ], proc.stderr
+    assert not list(tmp_path.rglob("*.png"))

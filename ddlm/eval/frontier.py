@@ -36,11 +36,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import itertools
 import json
 import math
 import os
 from collections.abc import Sequence
+
+from ddlm import command, paths
 
 FRONTIER_FILE = "frontier.json"
 
@@ -89,14 +92,28 @@ def save(path: str, points: Sequence[FrontierPoint]) -> None:
 
 
 def load(path: str) -> list[FrontierPoint]:
-    with open(path) as f:
-        data = json.load(f)
+    """The points of a frontier file (`save`); a ValueError naming the file if it is missing, not JSON, or
+    not a 'points' list of FrontierPoint fields of their types."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} does not exist: sweep that workdir first (python -m ddlm.eval.frontier)")
+    expected = "a 'points' list of FrontierPoint fields"
     try:
-        return [FrontierPoint(**p) for p in data["points"]]
+        with open(path) as f:
+            data = json.load(f)
+        points = [FrontierPoint(**p) for p in data["points"]]
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a frontier file (not JSON: {e}); expected {expected}") from None
     except (KeyError, TypeError) as e:
-        raise ValueError(
-            f"{path}: not a frontier file (a 'points' list of FrontierPoint fields): {e}"
-        ) from None
+        raise ValueError(f"{path}: not a frontier file ({expected}): {e}") from None
+    types = {"str": (str,), "int": (int,), "float": (int, float)}
+    for i, p in enumerate(points):
+        for field in dataclasses.fields(FrontierPoint):
+            value = getattr(p, field.name)
+            if isinstance(value, bool) or not isinstance(value, types[field.type]):
+                raise ValueError(
+                    f"{path}: point {i}: {field.name}={value!r} is not a {field.type} (not a frontier file)"
+                )
+    return points
 
 
 def pareto_front(points: Sequence[FrontierPoint]) -> list[FrontierPoint]:
@@ -148,35 +165,43 @@ class Grid:
     precisions: Sequence[str] = ("float64", "float32")
 
 
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+# config.sampler fields a spec may not set: the grid and the sweep's flags set them.
+SWEPT_FIELDS = ("name", "steps", "temperature", "precision", "num_samples", "output_dir")
+
+
 def parse_sampler_spec(spec: str) -> tuple[str, dict]:
     """'parallel:rule=threshold:threshold=0.9' -> ('parallel', {'rule': 'threshold', 'threshold': 0.9}).
 
-    Fields are config.sampler fields, cast to the type of their default; an unknown sampler or field, or a
-    value of the wrong type, is a ValueError naming the spec."""
+    Fields are config.sampler fields, cast to the type of their default; an unknown sampler or field, a field
+    the sweep sets (SWEPT_FIELDS), or a value of the wrong type, is a FlagError (a ValueError) naming the
+    spec."""
     from ddlm import sampling
 
     name, *items = spec.strip().split(":")
     if name not in sampling.SAMPLERS:
-        raise ValueError(
+        raise command.FlagError(
             f"--samplers: {spec!r}: unknown sampler {name!r}; expected one of {sampling.SAMPLERS}"
         )
     defaults = sampling.default_config()
     fields = {}
     for item in items:
         key, eq, value = item.partition("=")
-        if not eq or key not in defaults or key in ("name", "steps", "temperature", "precision"):
-            raise ValueError(
+        if not eq or key not in defaults or key in SWEPT_FIELDS:
+            raise command.FlagError(
                 f"--samplers: {spec!r}: {item!r} is not field=value of a config.sampler field other than "
-                f"name/steps/temperature/precision (the grid sets those)"
+                f"{'/'.join(SWEPT_FIELDS)} (the sweep sets those)"
             )
         default = defaults[key]
         try:
             if isinstance(default, bool):
-                fields[key] = value.lower() in ("1", "true", "yes")
+                if value.lower() not in _BOOLS:
+                    raise ValueError(value)
+                fields[key] = _BOOLS[value.lower()]
             else:
                 fields[key] = type(default)(value)
         except ValueError:
-            raise ValueError(
+            raise command.FlagError(
                 f"--samplers: {spec!r}: {key}={value!r} is not a {type(default).__name__}"
             ) from None
     return name, fields
@@ -260,13 +285,26 @@ def sweep(
             cfg.sampler = sc
             if batch_size:
                 cfg.sampler.batch_size = batch_size
-        tag = f"{label}_{spec.replace(':', '_').replace('=', '')}_{steps}_t{sc.temperature:g}_{sc.precision}"
         q = cli.sample_and_score(
-            cfg, workdir, loaded, scorer, num_samples=num_samples, output_dir=os.path.join(samples_dir, tag)
+            cfg,
+            workdir,
+            loaded,
+            scorer,
+            num_samples=num_samples,
+            output_dir=samples_folder(samples_dir, label, spec, steps, sc),
         )
         q.update(sampler=spec, steps=steps)
         points.append(FrontierPoint.from_quality(label, q))
     return points
+
+
+def samples_folder(samples_dir: str, label: str, spec: str, steps: int, sampler_config) -> str:
+    """<samples_dir>/<label>_<spec>_<steps>_t<temperature>_<precision>, a spec's characters other than
+    letters, digits and '._=,-' replaced (a prompt in a spec is the user's text: '/' or '..' in it must
+    not lead out of samples_dir; ddlm.paths.inside checks that too)."""
+    sc = sampler_config
+    tag = f"{label}_{spec.replace(':', '_').replace('=', '')}_{steps}_t{sc.temperature:g}_{sc.precision}"
+    return paths.inside(samples_dir, paths.folder_name(tag))
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,8 +389,51 @@ def format_points(points: Sequence[FrontierPoint]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _csv(text: str, cast):
-    return tuple(cast(x) for x in text.split(",") if x.strip())
+def _csv(flag: str, text: str, cast, what: str) -> tuple:
+    """The comma-separated values of --flag, each cast; a FlagError naming the flag for an empty list or a
+    value that is not `what`."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    try:
+        values = tuple(cast(x) for x in items)
+    except ValueError:
+        raise command.FlagError(f"--{flag}={text!r}: expected comma-separated {what}") from None
+    if not values:
+        raise command.FlagError(f"--{flag} is empty: expected comma-separated {what}")
+    return values
+
+
+def grid_from_flags(samplers: str, steps: str, temperatures: str, precisions: str) -> Grid:
+    """The Grid of the command line's comma-separated lists; a FlagError naming the flag for an empty list,
+    a value of the wrong type or a step count < 1 (config.sampler.validate checks the rest, check_grid)."""
+    grid = Grid(
+        samplers=_csv("samplers", samplers, str, "sampler specs (module doc)"),
+        steps=_csv("steps", steps, int, "integers"),
+        temperatures=_csv("temperatures", temperatures, float, "numbers"),
+        precisions=_csv("precisions", precisions, str, "Gumbel-noise precisions"),
+    )
+    if min(grid.steps) < 1:
+        raise command.FlagError(
+            f"--steps={steps}: every step count must be >= 1 (samplers that take none ignore it)"
+        )
+    return grid
+
+
+def check_grid(
+    grid: Grid, base_sampler, *, diffusion=None, seq_len: int | None = None, what: str = ""
+) -> None:
+    """config.sampler.validate of every setting of `grid` over base_sampler (and, given, against the loss and
+    the length), before anything is loaded: a FlagError naming the setting (`what`, default its spec) and
+    the field (e.g. a temperature of 0 for a sampler that cannot be greedy)."""
+    from ddlm.sampling import config as sampling_config
+
+    for spec, sc, steps in sampler_settings(grid, base_sampler):
+        try:
+            sampling_config.validate(sc, diffusion=diffusion, seq_len=seq_len)
+        except ValueError as e:
+            raise command.FlagError(
+                f"{what or '--samplers=' + spec} with --steps={steps}, --temperatures={sc.temperature:g}, "
+                f"--precisions={sc.precision}: {e}"
+            ) from None
 
 
 def _draw(points, out: str, tensorboard_dir: str = "") -> None:
@@ -363,40 +444,64 @@ def _draw(points, out: str, tensorboard_dir: str = "") -> None:
         plots.write_tensorboard(tensorboard_dir, {"frontier": fig})
 
 
-def main(argv):
-    from absl import flags
+def _check_out(out: str) -> None:
+    """A FlagError unless --out names an image file matplotlib writes (checked before the sweep)."""
+    from matplotlib.backend_bases import FigureCanvasBase
 
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    if out and (os.path.isdir(out) or os.path.splitext(out)[1][1:].lower() not in kinds):
+        raise command.FlagError(f"--out={out}: expected an image file named *.png (or {', '.join(kinds)})")
+
+
+def _check_workdir(flag: str, workdir: str) -> None:
+    if not paths.is_remote(workdir) and not os.path.isdir(workdir):
+        raise command.FlagError(f"{flag}={workdir} is not a directory (expected a workdir with a checkpoint)")
+
+
+def draw_saved(workdirs: Sequence[str], out: str, tensorboard: bool) -> None:
+    """--draw: the saved frontiers of `workdirs` in one plot, and their table."""
+    if not workdirs:
+        raise command.FlagError("--draw needs --workdirs=dir1,dir2 (each with eval/frontier.json)")
+    points = [p for w in workdirs for p in load(os.path.join(w, "eval", FRONTIER_FILE))]
+    if not points:
+        raise ValueError(f"no frontier points in the eval/{FRONTIER_FILE} of {', '.join(workdirs)}")
+    out = out or os.path.join(workdirs[0], "eval", "frontier.png")
+    _draw(points, out, os.path.join(workdirs[0], "tensorboard") if tensorboard else "")
+    print(format_points(points))
+    print(f"frontier plot: {out}")
+
+
+def run(f) -> None:
+    """The command line (module doc) with the parsed flags `f`; every mistake in them is a FlagError raised
+    before a checkpoint is loaded."""
     from ddlm.eval import cli
+    from ddlm.sampling import config as sampling_config
 
-    del argv
-    f = flags.FLAGS
+    _check_out(f.out)
     if f.draw:
-        workdirs = _csv(f.workdirs or f.workdir or "", str)
-        if not workdirs:
-            raise ValueError("--draw needs --workdirs=dir1,dir2 (each with eval/frontier.json)")
-        points = [p for w in workdirs for p in load(os.path.join(w, "eval", FRONTIER_FILE))]
-        out = f.out or os.path.join(workdirs[0], "eval", "frontier.png")
-        _draw(points, out, os.path.join(workdirs[0], "tensorboard") if f.tensorboard else "")
-        print(format_points(points))
-        print(f"frontier plot: {out}")
-        return
+        return draw_saved([w for w in (f.workdirs or f.workdir or "").split(",") if w], f.out, f.tensorboard)
     config = f.config
     if config is None or not f.workdir:
-        raise ValueError("--config and --workdir are required (or --draw --workdirs=...)")
+        raise command.FlagError("--config and --workdir are required (or --draw --workdirs=...)")
     if f.batch_size < 0 or f.num_samples < 1:
-        raise ValueError(
+        raise command.FlagError(
             f"--batch_size must be >= 0 and --num_samples >= 1, got {f.batch_size}, {f.num_samples}"
         )
     ec = cli.resolve_config(config.eval)
     if not ec.ar_workdir:
-        raise ValueError("config.eval.ar_workdir: the frontier needs an AR scorer checkpoint")
-    grid = Grid(
-        samplers=_csv(f.samplers, str),
-        steps=_csv(f.steps, int),
-        temperatures=_csv(f.temperatures, float),
-        precisions=_csv(f.precisions, str),
-    )
-    sampler_settings(grid, config.sampler)  # a bad --samplers spec fails before anything is loaded
+        raise command.FlagError(
+            "--config.eval.ar_workdir is not set: the frontier scores every sample with that AR checkpoint "
+            "(generative perplexity), with --ar=false too (which leaves out only the AR model's own samples)"
+        )
+    _check_workdir("--workdir", f.workdir)
+    _check_workdir("--config.eval.ar_workdir", ec.ar_workdir)
+    grid = grid_from_flags(f.samplers, f.steps, f.temperatures, f.precisions)
+    # Every setting is checked before anything is loaded; the AR baseline's against its own loss later.
+    seq_len = config.sampler.seq_len or config.train.seq_len
+    check_grid(grid, config.sampler, diffusion=config.diffusion, seq_len=seq_len)
+    ar_grid = Grid(samplers=("ar",), steps=(0,), temperatures=grid.temperatures, precisions=grid.precisions)
+    if f.ar:  # its temperatures and precisions (the rest of its sampler config is the AR checkpoint's)
+        check_grid(ar_grid, sampling_config.default_config(), what="the AR baseline (--ar)")
     loaded = cli.load_checkpoint(config, f.workdir, ema=ec.use_ema)
     ar_config = cli.load_config_file(ec.ar_config) if ec.ar_config else None
     ar_loaded = cli.load_checkpoint(ar_config, ec.ar_workdir, ema=ec.use_ema)
@@ -407,9 +512,6 @@ def main(argv):
     common = {"num_samples": f.num_samples, "batch_size": f.batch_size, "samples_dir": samples_dir}
     points = sweep(config, f.workdir, loaded, scorer, grid, **common)
     if f.ar:  # the AR baseline's own samples, timed in this same run
-        ar_grid = Grid(
-            samplers=("ar",), steps=(0,), temperatures=grid.temperatures, precisions=grid.precisions
-        )
         points += sweep(ar_config, ec.ar_workdir, ar_loaded, scorer, ar_grid, **common)
     points.append(data_point(config, loaded, scorer, f.num_samples))
     path = os.path.join(f.workdir, "eval", FRONTIER_FILE)
@@ -420,11 +522,21 @@ def main(argv):
     print(f"frontier: {path}, plot: {out}")
 
 
+def main(argv):
+    from absl import flags
+
+    del argv  # command.parse_flags refused positional arguments
+    with command.one_line_errors():
+        run(flags.FLAGS)
+
+
 if __name__ == "__main__":
     from absl import app, flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/*.py[:arg]).")
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", None, "Experiment config file (experiments/*.py[:arg])."
+    )
     flags.DEFINE_string("workdir", None, "The diffusion model's workdir (its latest checkpoint is sampled).")
     flags.DEFINE_string(
         "samplers",
@@ -444,4 +556,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdirs", "", "With --draw: comma-separated workdirs with eval/frontier.json.")
     flags.DEFINE_string("out", "", "Plot file ('' = <workdir>/eval/frontier.png).")
     flags.DEFINE_bool("tensorboard", False, "Also write the plot as an image to <workdir>/tensorboard.")
-    app.run(main)
+    app.run(main, flags_parser=functools.partial(command.parse_flags, config=_CONFIG))

@@ -23,22 +23,40 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from ddlm import command
 from ddlm.eval import frontier as frontier_lib
 
 
 def read_metrics(workdir: str) -> list[dict]:
     """The records of <workdir>/metrics.jsonl ({'step', 'split', name: value}); a step written twice (a
-    resumed run) keeps its last record."""
+    resumed run) keeps its last record. A ValueError naming the file (and the line) if it is missing, holds
+    no record, or a line is not a JSON record with an integer 'step' and a 'split'."""
     path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise ValueError(f"{path} does not exist: train first (--mode=train), or check --workdir")
     last = {}
     with open(path) as f:
-        for line in f:
-            if line.strip():
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
                 r = json.loads(line)
-                last[(r["split"], r["step"])] = r
+            except json.JSONDecodeError:
+                r = None
+            if not _is_record(r):
+                raise ValueError(
+                    f"{path}:{number}: not a metrics record (expected a JSON object with an integer 'step' and "
+                    f"a 'split'): {line.strip()[:80]!r}"
+                )
+            last[(r["split"], r["step"])] = r
+    if not last:
+        raise ValueError(f"{path} holds no records: train first (--mode=train), or check --workdir")
     return sorted(last.values(), key=lambda r: r["step"])
+
+
+def _is_record(r) -> bool:
+    step = r.get("step") if isinstance(r, dict) else None
+    return isinstance(r, dict) and isinstance(r.get("split"), str) and type(step) is int
 
 
 def _save(fig, path: str | None):
@@ -49,14 +67,19 @@ def _save(fig, path: str | None):
     return fig
 
 
+def _curves(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(train records with a loss, eval records with bits/token): what the loss curves draw."""
+    train = [r for r in records if r["split"] == "train" and "loss" in r]
+    return train, [r for r in records if r["split"] == "eval" and "bits_per_token" in r]
+
+
 def plot_loss_curves(runs: dict[str, list[dict]], path: str | None = None):
     """Train loss and eval bits/token against step, one line per run ({label: metrics records})."""
     fig, (ax_train, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
     for label, records in runs.items():
-        train = [r for r in records if r["split"] == "train" and "loss" in r]
+        train, ev = _curves(records)
         if train:
             ax_train.plot([r["step"] for r in train], [r["loss"] for r in train], label=label)
-        ev = [r for r in records if r["split"] == "eval" and "bits_per_token" in r]
         if ev:
             se = [r.get("bits_per_token_se", 0.0) for r in ev]
             ax_eval.errorbar(
@@ -167,22 +190,43 @@ def write_tensorboard(logdir: str, figures: dict) -> None:
     writer.close()
 
 
+def read_speed_table(path: str) -> list[tuple[str, float]]:
+    """(name, tokens_per_s) rows of a --speed_json file {'rows': [{'name', 'tokens_per_s'}]}; a ValueError
+    naming the file if it is missing or not of that form."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--speed_json={path} does not exist")
+    try:
+        with open(path) as f:
+            rows = [(r["name"], float(r["tokens_per_s"])) for r in json.load(f)["rows"]]
+    except (ValueError, KeyError, TypeError) as e:  # not JSON, a missing key, not a number
+        raise ValueError(
+            f"--speed_json={path}: expected {{'rows': [{{'name': ..., 'tokens_per_s': number}}, ...]}} "
+            f"({type(e).__name__}: {e})"
+        ) from None
+    return rows
+
+
 def make_plots(workdirs: Sequence[str], out_dir: str, *, speed_json: str = "", tensorboard: bool = False):
     """Writes loss_curves.png (always), frontier.png and speed.png (when the workdirs have eval/frontier.json,
-    or speed.png from speed_json: {'rows': [{'name', 'tokens_per_s'}]}). Returns the paths written."""
+    or speed.png from speed_json: {'rows': [{'name', 'tokens_per_s'}]}). Returns the paths written. A
+    ValueError naming the file for a workdir without records, a damaged file, or nothing to plot: no
+    figure is written then."""
     label = lambda w: os.path.basename(os.path.normpath(w))
-    figures = {"loss_curves": plot_loss_curves({label(w): read_metrics(w) for w in workdirs})}
+    runs = {label(w): read_metrics(w) for w in workdirs}
+    if not any(any(_curves(records)) for records in runs.values()):
+        raise ValueError(
+            "no train 'loss' or eval 'bits_per_token' in the metrics.jsonl of "
+            f"{', '.join(workdirs)}: nothing to plot"
+        )
     points = []
     for w in workdirs:
         path = os.path.join(w, "eval", frontier_lib.FRONTIER_FILE)
         if os.path.exists(path):
             points += frontier_lib.load(path)
+    rows = speed_rows(points) + (read_speed_table(speed_json) if speed_json else [])
+    figures = {"loss_curves": plot_loss_curves(runs)}
     if points:
         figures["frontier"] = plot_frontier(points)
-    rows = speed_rows(points)
-    if speed_json:
-        with open(speed_json) as f:
-            rows += [(r["name"], float(r["tokens_per_s"])) for r in json.load(f)["rows"]]
     if rows:
         figures["speed"] = plot_speed(rows)
     written = []
@@ -196,17 +240,27 @@ def make_plots(workdirs: Sequence[str], out_dir: str, *, speed_json: str = "", t
     return written
 
 
+def run(f) -> list[str]:
+    """The command line (module doc) with the parsed flags `f`; returns the paths written."""
+    workdirs = [w for w in f.workdir.split(",") if w]
+    if not workdirs:
+        raise command.FlagError("--workdir: give one or more workdirs, comma-separated")
+    for w in workdirs:
+        if not os.path.isdir(w):
+            raise command.FlagError(f"--workdir: {w} is not a directory (expected a workdir with metrics.jsonl)")
+    out_dir = f.out_dir or os.path.join(workdirs[0], "eval", "plots")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise command.FlagError(f"--out_dir={out_dir} is a file; expected a directory (created if missing)")
+    return make_plots(workdirs, out_dir, speed_json=f.speed_json, tensorboard=f.tensorboard)
+
+
 def main(argv):
     from absl import flags
 
-    del argv
-    f = flags.FLAGS
-    workdirs = [w for w in f.workdir.split(",") if w]
-    if not workdirs:
-        raise ValueError("--workdir: give one or more workdirs, comma-separated")
-    out_dir = f.out_dir or os.path.join(workdirs[0], "eval", "plots")
-    for path in make_plots(workdirs, out_dir, speed_json=f.speed_json, tensorboard=f.tensorboard):
-        print(path)
+    del argv  # command.parse_flags refused positional arguments
+    with command.one_line_errors():
+        for path in run(flags.FLAGS):
+            print(path)
 
 
 if __name__ == "__main__":
@@ -216,4 +270,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("out_dir", "", "Where the PNGs go ('' = <first workdir>/eval/plots).")
     flags.DEFINE_string("speed_json", "", "Optional speed table {'rows': [{'name', 'tokens_per_s'}]}.")
     flags.DEFINE_bool("tensorboard", False, "Also write the figures as images to <workdir>/tensorboard.")
-    app.run(main)
+    app.run(main, flags_parser=command.parse_flags)
