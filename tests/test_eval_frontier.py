@@ -14,7 +14,7 @@ import types
 import pytest
 
 from ddlm import command, paths
-from ddlm.eval import frontier
+from ddlm.eval import frontier, frontier_points
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -161,7 +161,7 @@ def write(path, text):
 
 def test_draw_names_the_missing_or_damaged_frontier_file(tmp_path):
     point = dataclasses.asdict(
-        frontier.FrontierPoint("m", "ancestral", 8, 1.0, "float64", 4.0, 0.1, 20.0, 1.0, 100.0, 8.0, 4)
+        frontier_points.FrontierPoint("m", "ancestral", 8, 1.0, "float64", 4.0, 0.1, 20.0, 1.0, 100.0, 8.0, 4)
     )
     with pytest.raises(command.FlagError, match="--draw needs --workdirs"):
         frontier.run(flags(draw=True))

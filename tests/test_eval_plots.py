@@ -1,5 +1,5 @@
-"""ddlm.eval.frontier (the points, their Pareto front, the file) and ddlm.eval.plots (PNG files whose plotted
-data are the recorded values) on hand-made inputs."""
+"""ddlm.eval.frontier_points (the points, their Pareto front, the file), ddlm.eval.frontier's sampler specs and
+ddlm.eval.plots (PNG files whose plotted data are the recorded values) on hand-made inputs."""
 
 import json
 import math
@@ -8,13 +8,13 @@ import os
 import matplotlib.image
 import pytest
 
-from ddlm.eval import frontier, plots
+from ddlm.eval import frontier, frontier_points, plots
 
 
 def point(
     label, entropy, ppl, steps=8, precision="float64", tps=100.0, sampler=None, temperature=1.0, nfe=None
 ):
-    return frontier.FrontierPoint(
+    return frontier_points.FrontierPoint(
         label=label,
         sampler=sampler if sampler is not None else ("ancestral" if label != "data" else ""),
         steps=steps,
@@ -35,7 +35,7 @@ def test_pareto_front_keeps_exactly_the_undominated_points():
     twin = point("m", 5.0, 10.0, steps=16)  # equal to a: neither dominates the other
     worse = point("m", 3.0, 50.0)
     nan = point("m", float("nan"), 5.0)
-    front = frontier.pareto_front([a, b, c, d, twin, worse, nan])
+    front = frontier_points.pareto_front([a, b, c, d, twin, worse, nan])
     assert [(p.entropy, p.gen_ppl) for p in front] == [(4.0, 8.0), (5.0, 10.0), (5.0, 10.0), (6.0, 30.0)]
     assert c not in front and worse not in front
 
@@ -43,14 +43,14 @@ def test_pareto_front_keeps_exactly_the_undominated_points():
 def test_frontier_file_round_trip_and_bad_file(tmp_path):
     pts = [point("m", 5.0, 10.0), point("data", 5.5, 9.0, steps=0, tps=float("nan"))]
     path = str(tmp_path / "eval" / "frontier.json")
-    frontier.save(path, pts)
-    back = frontier.load(path)
+    frontier_points.save(path, pts)
+    back = frontier_points.load(path)
     assert json.dumps([vars(p) for p in back]) == json.dumps([vars(p) for p in pts])  # nan == nan here
     assert back[1].label == "data" and math.isnan(back[1].tokens_per_s)
     (tmp_path / "bad.json").write_text(json.dumps({"rows": []}))
     with pytest.raises(ValueError, match="not a frontier file"):
-        frontier.load(str(tmp_path / "bad.json"))
-    text = frontier.format_points(pts)
+        frontier_points.load(str(tmp_path / "bad.json"))
+    text = frontier_points.format_points(pts)
     assert text.splitlines()[1].startswith("* ")  # (5, 10) is on the front of the model points
 
 
@@ -65,7 +65,7 @@ def write_run(workdir):
     ]
     (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     pts = [point("run", 4.0, 20.0, 4), point("run", 4.5, 15.0, 8), point("run", 3.5, 12.0, 8, "float32")]
-    frontier.save(
+    frontier_points.save(
         str(workdir / "eval" / "frontier.json"), pts + [point("data", 4.8, 10.0, 0, tps=float("nan"))]
     )
 
@@ -80,7 +80,7 @@ def test_plots_write_pngs_of_the_recorded_values(tmp_path):
     assert list(line.get_xdata()) == [10, 20, 30] and list(line.get_ydata()) == [3.0, 2.5, 2.0]
     assert list(fig.axes[1].lines[0].get_ydata()) == [3.5]
 
-    fig = plots.plot_frontier(frontier.load(str(workdir / "eval" / "frontier.json")))
+    fig = plots.plot_frontier(frontier_points.load(str(workdir / "eval" / "frontier.json")))
     xy = {(tuple(ln.get_xdata()), tuple(ln.get_ydata())) for ln in fig.axes[0].lines}
     assert ((4.0, 4.5), (20.0, 15.0)) in xy  # the float64 line through its steps
     assert ((4.8,), (10.0,)) in xy  # the data star
@@ -166,12 +166,12 @@ def test_matches_ar_finds_the_cheapest_diffusion_point_within_the_error_bars():
     too_high_ppl = point("mdlm", 3.00, 8.5, steps=16, tps=800.0)  # 1.5 worse: out
     too_low_entropy = point("mdlm", 2.85, 5.0, steps=8, tps=900.0)  # 0.15 nats away: out
     data = point("data", 3.0, 7.0, steps=0, sampler="", tps=float("nan"))
-    (m,) = frontier.matches_ar([ar, fast, cheap, costly, too_high_ppl, too_low_entropy, data])
+    (m,) = frontier_points.matches_ar([ar, fast, cheap, costly, too_high_ppl, too_low_entropy, data])
     assert m["ar"] is ar and m["matches"] == [fast, cheap, costly] and m["best"] is cheap
     assert m["speed_ratio"] == pytest.approx(0.4)
     ar_cold = point("ar", 2.0, 3.0, steps=0, sampler="ar", temperature=0.5, nfe=127)
-    assert frontier.matches_ar([ar_cold, cheap, costly])[0]["best"] is None
-    text = frontier.format_points([ar, cheap, costly, ar_cold, data])
+    assert frontier_points.matches_ar([ar_cold, cheap, costly])[0]["best"] is None
+    text = frontier_points.format_points([ar, cheap, costly, ar_cold, data])
     assert "cheapest mdlm ancestral 32 steps T=1 float64 at 0.40x its tokens/s" in text
     assert "ar ar NFE 127 T=0.5 float64: no diffusion point matches" in text
 

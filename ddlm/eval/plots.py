@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from ddlm import command
-from ddlm.eval import frontier as frontier_lib
+from ddlm.eval import frontier_points
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -99,13 +99,13 @@ def plot_loss_curves(runs: dict[str, list[dict]], path: str | None = None):
     return _save(fig, path)
 
 
-def _series_key(p: frontier_lib.FrontierPoint) -> tuple:
+def _series_key(p: frontier_points.FrontierPoint) -> tuple:
     """Points joined by one line: a sampler with steps through its step counts (one line per temperature),
     a sampler without (first_hitting, ar, adaptive rules) through its temperatures."""
     return (p.label, p.sampler, p.precision) + ((p.temperature,) if p.steps else ())
 
 
-def plot_frontier(points: Sequence[frontier_lib.FrontierPoint], path: str | None = None):
+def plot_frontier(points: Sequence[frontier_points.FrontierPoint], path: str | None = None):
     """Generative perplexity against unigram entropy (module doc); AR points as squares."""
     fig, ax = plt.subplots(figsize=(8, 5.5))
     groups: dict[tuple, list] = {}
@@ -120,7 +120,7 @@ def plot_frontier(points: Sequence[frontier_lib.FrontierPoint], path: str | None
         stepped = len(key) == 4
         colour = colours.setdefault(key[:2] + key[3:], f"C{len(colours) % 10}")
         pts = sorted(pts, key=lambda p: p.steps if stepped else p.temperature)
-        name = f"{label} {frontier_lib.short_name(sampler)} {precision}" + (
+        name = f"{label} {frontier_points.short_name(sampler)} {precision}" + (
             f" T={key[3]:g}" if stepped else ""
         )
         ax.errorbar(
@@ -143,7 +143,7 @@ def plot_frontier(points: Sequence[frontier_lib.FrontierPoint], path: str | None
             ax.plot(
                 [p.entropy], [p.gen_ppl], marker="*", markersize=14, color="black", linestyle="", label="data"
             )
-    front = frontier_lib.pareto_front([p for p in points if p.label != "data"])
+    front = frontier_points.pareto_front([p for p in points if p.label != "data"])
     if len(front) > 1:
         ax.plot(
             [p.entropy for p in front], [p.gen_ppl for p in front], color="gray", alpha=0.5, linestyle=":"
@@ -176,8 +176,8 @@ def plot_speed(rows: Sequence[tuple[str, float]], path: str | None = None):
     return _save(fig, path)
 
 
-def speed_rows(points: Sequence[frontier_lib.FrontierPoint]) -> list[tuple[str, float]]:
-    return [(frontier_lib.point_name(p), p.tokens_per_s) for p in points if p.label != "data"]
+def speed_rows(points: Sequence[frontier_points.FrontierPoint]) -> list[tuple[str, float]]:
+    return [(frontier_points.point_name(p), p.tokens_per_s) for p in points if p.label != "data"]
 
 
 def write_tensorboard(logdir: str, figures: dict) -> None:
@@ -220,9 +220,9 @@ def make_plots(workdirs: Sequence[str], out_dir: str, *, speed_json: str = "", t
         )
     points = []
     for w in workdirs:
-        path = os.path.join(w, "eval", frontier_lib.FRONTIER_FILE)
+        path = os.path.join(w, "eval", frontier_points.FRONTIER_FILE)
         if os.path.exists(path):
-            points += frontier_lib.load(path)
+            points += frontier_points.load(path)
     rows = speed_rows(points) + (read_speed_table(speed_json) if speed_json else [])
     figures = {"loss_curves": plot_loss_curves(runs)}
     if points:
