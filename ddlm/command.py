@@ -75,7 +75,8 @@ def parse_flags(argv, config=None) -> list[str]:
     """absl flag parsing (app.run's flags_parser) with each mistake reported as one line, code 2: an
     unknown flag, a value of the wrong type, a missing required flag, a positional argument, and, given
     the FlagHolder of a config_flags.DEFINE_config_file flag, a config file that does not exist (or fails to
-    load), a bad `:arg` of get_config and a config override that names no field or has a bad value
+    load: a syntax error, get_config raising), a bad `:arg` of get_config and a config override that names
+    no field or has a bad value
     (ml_collections raises AttributeError/KeyError/TypeError for those, which absl lets through)."""
     path = config_path(argv) if config is not None else None
     if path is not None and not os.path.isfile(path):
@@ -86,6 +87,8 @@ def parse_flags(argv, config=None) -> list[str]:
             config.value.keys()  # a config file that failed to load raises here (ml_collections defers it)
     except flags.Error as e:
         fail(" ".join(last_line_of_traceback(str(e)).split()), 2)
+    except SyntaxError as e:  # the config file's own (or a file it imports)
+        fail(f"--config: {e.filename}:{e.lineno}: {e.msg} (a Python syntax error)", 2)
     except OSError as e:
         fail(f"--config: {' '.join(str(e).split())}", 2)
     except (AttributeError, KeyError, TypeError, ValueError) as e:
@@ -109,4 +112,6 @@ def _override_message(argv, e: Exception) -> str:
             "",
         ),
     )
+    if not overrides:  # get_config itself failed
+        return f"--config: get_config() raised {type(e).__name__}: {message}"
     return f"bad config override {hint or ' '.join(overrides)}: {type(e).__name__}: {message}"
