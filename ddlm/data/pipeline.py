@@ -37,37 +37,12 @@ import grain
 import jax
 import ml_collections
 import numpy as np
-from absl import flags, logging
+from absl import logging
 
-from ddlm.data import corpora
+from ddlm.data import corpora, sft
 from ddlm.data import tokenizers as tokenizers_lib
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """The data fields; experiments copy this into ``config.data`` and override fields."""
-    c = ml_collections.ConfigDict()
-    c.corpus = "shakespeare"  # 'shakespeare' | 'kjv' | 'local:<dir>' | a prepared tfds name (lm1b, ...)
-    c.data_dir = ""  # cache / tfds folder; '' = $DDLM_DATA_DIR or ~/.cache/ddlm
-    c.text_field = "text"  # field holding the text in .jsonl lines and external tfds records
-    c.validation_fraction = 0.05  # share of documents (by hash of their key) in our validation split
-    c.train_split = "train"  # dataset split read for split='train' (tfds slicing allowed: 'train[:90%]')
-    c.eval_split = "validation"  # dataset split read for split='validation' (lm1b: 'test')
-    c.tokenizer = "char"  # 'char' | 'byte' | 'sentencepiece' | 'gpt2' | 'wordpiece' (BERT vocab.txt) | 'hf'
-    c.tokenizer_path = ""  # explicit file ('' = next to the corpus; wordpiece: vocab.txt; hf: tokenizer.json)
-    c.vocab_size = 0  # ids incl. specials and mask; 0 = tokenizer's; sentencepiece: size to train
-    c.spm_model_type = "bpe"  # SentencePiece model: 'bpe' | 'unigram'
-    c.packing = "wrap"  # 'wrap' (concatenate bos doc eos and cut) | 'pad' (one doc per sequence)
-    c.num_workers = 0  # grain worker processes for reading + tokenising (0 = in-process)
-    c.worker_buffer_size = 4  # documents prefetched per worker
-    c.shuffle_seed = 0  # document order seed when make_iterator gets no seed
-    # True: process p of P reads documents [p::P] and packs its own rows (host work does not grow with P).
-    # False: every process reads the one stream a single process would and keeps its rows of each global
-    # batch: the batches do not depend on the process count (a run on 2 hosts equals one on 1 host, and
-    # resumes on any count), for P times the reading and tokenising per host.
-    c.shard_by_process = True  # see above
-    c.sft_data = ""  # SFT records (ddlm.data.sft): a .jsonl | a folder | 'shakespeare_replies'; '' = text
-    c.sft_template = "chat"  # SFT prompt template: 'chat' (plain-text role markers) | 'none'
-    return c
+from ddlm.data.batching import DataIterator, prefetch
+from ddlm.data.config import default_config  # noqa: F401 -- the data fields' public name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,59 +200,6 @@ class _PackIterator(grain.DatasetIterator):
         self.truncated_tokens = state["truncated_tokens"]
 
 
-# ----------------------------------------------------------------------------------------------
-# The iterator handed to the trainer
-# ----------------------------------------------------------------------------------------------
-
-
-class DataIterator(grain.DatasetIterator):
-    """Yields {'tokens': int32 [global_batch, seq_len], 'loss_mask': float32 [global_batch, seq_len]}.
-
-    With a ``sharding`` the values are global ``jax.Array``s assembled from every process's local
-    rows (``jax.make_array_from_process_local_data``); without one, this process's numpy rows.
-    A grain ``DatasetIterator``: ``get_state()``/``set_state()`` and orbax's
-    ``grain.checkpoint.CheckpointSave(it)`` / ``CheckpointRestore(it)`` work on it.
-    """
-
-    def __init__(self, parent: grain.DatasetIterator, *, sharding, global_shape: tuple[int, int], rows=None):
-        """rows: this process's slice of each global batch `parent` yields (shard_by_process=False)."""
-        super().__init__(parent)
-        self._sharding = sharding
-        self._global_shape = global_shape
-        self._rows = rows
-
-    def __next__(self):
-        batch = next(self._parent)
-        if self._rows is not None:
-            batch = {k: v[self._rows] for k, v in batch.items()}
-        if self._sharding is None:
-            return batch
-        return {
-            k: jax.make_array_from_process_local_data(self._sharding, v, self._global_shape)
-            for k, v in batch.items()
-        }
-
-    def get_state(self):
-        return self._parent.get_state()
-
-    def set_state(self, state):
-        self._parent.set_state(state)
-
-    @property
-    def _packer(self) -> _PackIterator:
-        return self._parent
-
-    @property
-    def dropped_tokens(self) -> int:
-        """Tokens left at the end of a finite stream that did not fill a batch (this process)."""
-        return self._packer.dropped_tokens
-
-    @property
-    def truncated_tokens(self) -> int:
-        """Pad mode: tokens cut from documents longer than seq_len (this process)."""
-        return self._packer.truncated_tokens
-
-
 def document_lengths(config, tok, src, split: str) -> np.ndarray:
     """int64 [num_documents]: framed token count (bos + ids + eos) of every document of the split,
     in data-source order; computed once per (corpus, split, tokenizer) and cached as .npy."""
@@ -312,20 +234,6 @@ def _batches_per_process(config, tok, src, split, n_proc, local_batch, seq_len, 
         return min(num_epochs * d // local_batch for d in docs)
     lengths = document_lengths(config, tok, src, split)
     return min(int(num_epochs * lengths[p::n_proc].sum()) // (local_batch * seq_len) for p in range(n_proc))
-
-
-def prefetch(it_ds: grain.IterDataset, config) -> grain.IterDataset:
-    """Runs the map stages in ``config.num_workers`` grain worker processes (0: in this process)."""
-    if config.num_workers <= 0:
-        return it_ds
-    if not flags.FLAGS.is_parsed():
-        # grain's worker processes read absl flags; a library caller may not have parsed them.
-        flags.FLAGS.mark_as_parsed()
-    return it_ds.mp_prefetch(
-        grain.MultiprocessingOptions(
-            num_workers=config.num_workers, per_worker_buffer_size=config.worker_buffer_size
-        )
-    )
 
 
 def make_iterator(
@@ -389,8 +297,6 @@ def make_iterator(
     seed = config.shuffle_seed if seed is None else seed
     local_batch = global_batch_size // n_proc
     if config.sft_data:  # prompt/response records, one padded row each (ddlm/data/sft.py)
-        from ddlm.data import sft
-
         return sft.make_iterator(
             config,
             tok,

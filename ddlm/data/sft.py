@@ -33,7 +33,7 @@ only (no multi-turn dialogue).
 
 The pipeline keeps ddlm.data.pipeline's conventions: records sharded by process, shuffled by a seed,
 repeated, encoded in grain (worker processes optional), batched, and handed out as global ``jax.Array``s by
-``pipeline.DataIterator``, whose state (grain's plus the counters here) is checkpointed with the model.
+``ddlm.data.batching.DataIterator``, whose state (grain's plus the counters here) is checkpointed with the model.
 The train/validation split is by a hash of each record's key (``<file>:<line>``), like the corpora's.
 """
 
@@ -51,8 +51,10 @@ import jax
 import numpy as np
 from absl import logging
 
-from ddlm.data import corpora, pipeline, sources
+from ddlm.data.config import default_config
+from ddlm.data import corpora, sources
 from ddlm.data import tokenizers as tokenizers_lib
+from ddlm.data.batching import DataIterator, prefetch
 
 TEMPLATES = ("none", "chat")
 BUILTIN = ("shakespeare_replies",)
@@ -213,7 +215,7 @@ def shakespeare_reply_pairs(texts, max_chars: int = BUILTIN_MAX_CHARS) -> list[t
 
 def _builtin_path(data_config, name: str) -> str:
     """The .jsonl of a built-in set under <cache>/sft/, written on first use (atomically, under a lock)."""
-    corpus_config = pipeline.default_config()  # the Shakespeare corpus in the same cache
+    corpus_config = default_config()  # the Shakespeare corpus in the same cache
     corpus_config.data_dir = data_config.data_dir
     prepared = corpora.prepare_corpus(corpus_config)
     key = prepared.manifest["fingerprint"][:12]
@@ -328,7 +330,7 @@ def make_iterator(
     """The SFT input pipeline of one process. ``ddlm.data.pipeline.make_iterator`` calls it, with the
     arguments checked and resolved, when ``config.sft_data`` is set: build iterators through that.
 
-    Returns a ``pipeline.DataIterator``: ``next(it)`` -> {'tokens': int32 [global_batch_size, seq_len],
+    Returns a ``DataIterator``: ``next(it)`` -> {'tokens': int32 [global_batch_size, seq_len],
     'loss_mask': float32, same shape} (numpy rows of this process without a sharding), rows laid out as in
     the module docstring. With several processes and finite ``num_epochs``, every process stops after the
     batches of the process with the fewest records.
@@ -350,6 +352,6 @@ def make_iterator(
     ds = ds.batch(local_batch, drop_remainder=True)
     if num_epochs is not None and n_proc > 1:
         ds = ds[: min(num_epochs * len(range(q, len(records), n_proc)) // local_batch for q in range(n_proc))]
-    it_ds = pipeline.prefetch(ds.to_iter_dataset(), config)
+    it_ds = prefetch(ds.to_iter_dataset(), config)
     it_ds = _CountTruncated(it_ds, where=where, local_batch=local_batch)
-    return pipeline.DataIterator(iter(it_ds), sharding=sharding, global_shape=(global_batch_size, seq_len))
+    return DataIterator(iter(it_ds), sharding=sharding, global_shape=(global_batch_size, seq_len))

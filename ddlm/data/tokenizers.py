@@ -506,10 +506,10 @@ def main(argv):
     del argv
     from absl import flags
 
-    from ddlm.data import pipeline
+    from ddlm.data import config as data_config
 
     FLAGS = flags.FLAGS
-    config = pipeline.default_config()
+    config = data_config.default_config()
     config.corpus = FLAGS.corpus
     config.tokenizer = FLAGS.tokenizer
     config.vocab_size = FLAGS.vocab_size
