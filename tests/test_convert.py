@@ -297,11 +297,19 @@ def test_a_malformed_config_json_is_one_error_naming_file_and_field(hf_models, t
     assert not os.path.exists(tmp_path / "workdir")
 
 
-@pytest.mark.parametrize("seq_len", [-1, 1])
-def test_a_sequence_length_below_two_is_refused(hf_models, tmp_path, seq_len):
-    with pytest.raises(convert.ConversionError, match=rf"--seq_len={seq_len}: expected a sequence length >= 2"):
-        convert.convert(hf_models["llama"][0], str(tmp_path / "workdir"), tokenizer="byte", seq_len=seq_len)
-    assert not os.path.exists(tmp_path / "workdir")
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"seq_len": -1}, r"--seq_len=-1: expected a sequence length >= 2"),
+        ({"seq_len": 1}, r"--seq_len=1: expected a sequence length >= 2"),
+        ({"tokenizer": "nope"}, r"--tokenizer=nope: config.data.tokenizer must be"),
+        ({"tokenizer": "char"}, r"--tokenizer=char: tokenizer 'char' .* has vocab_size=85"),
+    ],
+)
+def test_a_bad_flag_value_is_refused_before_anything_is_written(hf_models, tmp_path, flags, message):
+    with pytest.raises(convert.ConversionError, match=message):
+        convert.convert(hf_models["llama"][0], str(tmp_path / "workdir"), **{"tokenizer": "byte", **flags})
+    assert not os.listdir(tmp_path)
 
 
 def test_a_failed_conversion_leaves_no_workdir_and_touches_nothing_that_existed(hf_models, tmp_path, monkeypatch):

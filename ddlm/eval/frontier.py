@@ -28,6 +28,7 @@ workdirs together); a mistake in its flags is one line (ddlm.command) before any
         --steps=32,64,128 --temperatures=1.0,0.8 --precisions=float64,float32 --num_samples=32 --batch_size=8
     python -m ddlm.eval.frontier --draw --workdirs=runs/quickstart,runs/other --out=frontier.png
 """
+
 from __future__ import annotations
 
 import copy

@@ -9,6 +9,8 @@
     python -m ddlm.eval.plots --workdir=runs/quickstart,runs/quickstart_ar [--out_dir=...] [--tensorboard]
 
 With --tensorboard the figures are also written as images to <workdir>/tensorboard (tag 'plots/<name>').
+A missing workdir, a metrics.jsonl with no record (or a damaged line), a damaged frontier.json or
+--speed_json, or nothing to plot is one line naming the file (ddlm.command), and no figure is written.
 """
 
 from __future__ import annotations

@@ -54,6 +54,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 
+from ddlm import command
 from ddlm.sharding import ConfigError
 
 SUPPORTED = ("llama", "qwen2")
@@ -353,6 +354,10 @@ def converted_config(hf_dir: str, *, tokenizer: str = "", seq_len: int = 0) -> m
     checkpoint's + 1), the 'ar' sampler; train.seq_len = seq_len or min(max_position_embeddings, 1024)."""
     from ddlm.train import config_lib as cl
 
+    if type(seq_len) is not int or (seq_len != 0 and seq_len < 2):
+        raise ConversionError(
+            f"--seq_len={seq_len}: expected a sequence length >= 2 (0 = min(max_position_embeddings, 1024))"
+        )
     hf = read_hf_config(hf_dir)
     model, vocab = model_config_from_hf(hf)
     tokenizer_json = os.path.join(os.path.abspath(hf_dir), "tokenizer.json")
@@ -366,10 +371,6 @@ def converted_config(hf_dir: str, *, tokenizer: str = "", seq_len: int = 0) -> m
     data = cl.data_config(tokenizer=tokenizer, vocab_size=vocab + 1)
     if tokenizer == "hf":
         data.tokenizer_path = tokenizer_json
-    if type(seq_len) is not int or (seq_len != 0 and seq_len < 2):
-        raise ConversionError(
-            f"--seq_len={seq_len}: expected a sequence length >= 2 (0 = min(max_position_embeddings, 1024))"
-        )
     seq_len = seq_len or min(_count(hf, "max_position_embeddings", 1024), 1024)
     train = cl.train_config(steps=1, batch_size=8, seq_len=seq_len)
     config = cl.base_config(
@@ -408,7 +409,10 @@ def convert(
 
     config = converted_config(hf_dir, tokenizer=tokenizer, seq_len=seq_len)
     workdir, partial = _new_workdir(workdir)
-    tok = tokenizers.get_tokenizer(config.data)
+    try:
+        tok = tokenizers.get_tokenizer(config.data)
+    except ValueError as e:  # the tokenizer's own message names config.data; the user gave --tokenizer
+        raise ConversionError(f"--tokenizer={config.data.tokenizer}: {e}") from None
     model = models.get_model(config.model, tok.vocab_size)
     devices = list(jax.devices() if devices is None else devices)
     mesh = sharding.make_mesh(config.mesh, devices)
@@ -501,8 +505,6 @@ def get_config(arg=None):
 def main(argv):
     from absl import flags
 
-    from ddlm import command
-
     del argv  # command.parse_flags refused positional arguments
     f = flags.FLAGS
     t0, timings = time.time(), {}
@@ -532,8 +534,6 @@ def main(argv):
 
 if __name__ == "__main__":
     from absl import app, flags
-
-    from ddlm import command
 
     flags.DEFINE_string(
         "hf_dir", None, "Hugging Face model folder: config.json + *.safetensors (+ tokenizer.json)"
