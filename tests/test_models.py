@@ -456,7 +456,7 @@ def test_padded_vocabulary_rows_cut_from_weights_unless_split(tie):
 
 
 def test_compute_dtype_auto_follows_the_backend_unless_pinned():
-    from ddlm.models.transformer import compute_dtype
+    from ddlm.models.factory import compute_dtype
 
     assert models.default_config("small").dtype == "auto"
     assert compute_dtype("auto", "cpu") == jnp.float32

@@ -22,7 +22,8 @@ from ddlm.models.decoding import Decoder, block_causal_mask, causal_mask, init_c
 from ddlm.models.flops import count_params, flops_per_token
 from ddlm.models.layers import KVCache, block_diffusion_mask, rotary_embedding
 from ddlm.models.llama import Llama
-from ddlm.models.transformer import Transformer, attention_of, get_model, logit_shift_sources
+from ddlm.models.factory import attention_of, get_model
+from ddlm.models.transformer import Transformer, logit_shift_sources
 
 __all__ = [
     "MODEL_NAMES",

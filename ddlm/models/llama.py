@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from ddlm.models import layers
-from ddlm.models.transformer import ATTENTION_KINDS, Transformer, network_kwargs
+from ddlm.models.transformer import Transformer
 
 Dtype = Any
 
@@ -292,26 +292,3 @@ def check_shape(num_heads: int, num_kv_heads: int, d_model: int, head_dim: int) 
         raise ValueError(
             f"the rotary embedding needs an even head width, got {head_dim or d_model // num_heads}"
         )
-
-
-def get_llama(config, vocab_size: int) -> Llama:
-    """The LLaMA network of config.model (name 'llama'; fields of ddlm.models.config.default_config)."""
-    if config.attention not in ATTENTION_KINDS:
-        raise ValueError(f"config.model.attention must be one of {ATTENTION_KINDS}, got {config.attention!r}")
-    if config.time_conditioning:
-        raise ValueError(
-            "config.model.time_conditioning must be False for name='llama' (a time-free network)"
-        )
-    check_shape(config.num_heads, config.num_kv_heads, config.d_model, config.head_dim)
-    if not config.rope_base > 0:
-        raise ValueError(f"config.model.rope_base must be > 0, got {config.rope_base!r}")
-    if not config.norm_eps > 0:
-        raise ValueError(f"config.model.norm_eps must be > 0, got {config.norm_eps!r}")
-    return Llama(
-        **network_kwargs(config, vocab_size),
-        num_kv_heads=config.num_kv_heads,
-        head_dim=config.head_dim,
-        rope_base=float(config.rope_base),
-        qkv_bias=bool(config.qkv_bias),
-        norm_eps=float(config.norm_eps),
-    )

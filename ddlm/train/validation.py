@@ -21,7 +21,7 @@ NAN_POLICIES = ("stop", "skip")
 # 'dit' / 'ar' / 'bd3lm' network must leave them so (a GQA, a head width or a rotary base set on one of
 # those would be ignored). 0 = num_heads / d_model // num_heads for the two shapes.
 _DIT_FIXED = {"num_kv_heads": 0, "head_dim": 0, "rope_base": 10_000.0, "qkv_bias": False, "norm_eps": 1e-5}
-# config.model.dtype / param_dtype names (ddlm.models.transformer.compute_dtype's, without 'auto').
+# config.model.dtype / param_dtype names (ddlm.models.factory.compute_dtype's, without 'auto').
 _DTYPES = ("float32", "bfloat16")
 _PACKINGS = ("wrap", "pad")
 _SPM_MODEL_TYPES = ("bpe", "unigram")
@@ -73,7 +73,7 @@ def validate_model_config(m, *, seq_len: int) -> None:
     """config.model (ddlm.models.config.default_config's fields; both network families): shapes, rates,
     names. `seq_len`: the training length, which a block-causal network's block_size must divide."""
     from ddlm import models
-    from ddlm.models import layers, stack, transformer
+    from ddlm.models import factory, layers, stack, transformer
 
     _one_of(m, "model", "name", models.MODEL_NAMES)
     # A zero width or head count is a ZeroDivisionError inside the network, a zero depth a network without
@@ -94,7 +94,7 @@ def validate_model_config(m, *, seq_len: int) -> None:
     )
     _one_of(m, "model", "attention_impl", layers.ATTENTION_IMPLS)
     try:  # a kernel this backend cannot run (cudnn off a GPU or without bfloat16, pallas off an NVIDIA GPU)
-        transformer.check_attention_impl(m.attention_impl, transformer.compute_dtype(m.dtype))
+        transformer.check_attention_impl(m.attention_impl, factory.compute_dtype(m.dtype))
     except ValueError as e:
         raise ConfigError(f"config.model.{e}") from None
     _int_at_least(m, "model", ("num_kv_heads", "head_dim"), 0, " (0 = implied by num_heads)")
