@@ -17,7 +17,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import oracle
-from ddlm import schedules, sampling
+from ddlm import losses, schedules, sampling
 from ddlm.sampling import conditioning, parallel, rules
 from test_sampling import (
     FAST,
@@ -129,6 +129,30 @@ def test_every_rule_commits_a_nonempty_subset_of_the_editable_positions():
             if score is not None:
                 for b in np.nonzero(commit.any(-1) & (commit.sum(-1) < n))[0]:
                     assert score[b][commit[b]].min() >= score[b][editable[b] & ~commit[b]].max(), (name, b)
+
+
+def test_scores_match_their_definitions_and_ties_go_to_the_earlier_position():
+    """confidence = p(candidate), entropy = -sum p log p over the ids with mass (a filtered id, log p = NEG_INF,
+    carries none), margin = top-1 minus top-2 probability: numpy float64 references."""
+    cand = _random_candidates(3)
+    logp = np.asarray(cand.log_probs, np.float64)
+    logp[:8, :, -1] = float(losses.NEG_INF)  # a filtered-out id in some rows
+    cand = cand._replace(log_probs=jnp.asarray(logp, jnp.float32))
+    p = np.exp(logp)
+    tokens = np.asarray(cand.tokens)
+    np.testing.assert_allclose(rules.confidence(cand), np.take_along_axis(p, tokens[..., None], -1)[..., 0], rtol=1e-5)
+    want_h = -np.sum(np.where(p > 0, p * logp, 0.0), -1)
+    np.testing.assert_allclose(rules.entropy(cand), want_h, rtol=1e-4, atol=1e-6)
+    top = np.sort(p, -1)[..., ::-1]
+    np.testing.assert_allclose(rules.margin(cand), top[..., 0] - top[..., 1], rtol=1e-5, atol=1e-7)
+    # commit_best: equal scores are taken left to right; non-editable positions never.
+    scores = jnp.asarray([[0.5, 0.9, 0.5, 0.5, 0.9]])
+    editable = jnp.asarray([[True, False, True, True, True]])
+    for count, want in ((1, [0, 0, 0, 0, 1]), (2, [1, 0, 0, 0, 1]), (3, [1, 0, 1, 0, 1]), (9, [1, 0, 1, 1, 1])):
+        got = rules.commit_best(scores, editable, jnp.asarray([count]))
+        np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want, bool), err_msg=str(count))
+    # No steps left (never asked by the decoder, which counts down to 1): commit everything.
+    assert int(rules.num_transfer_tokens(jnp.int32(5), jnp.int32(0))) == 5
 
 
 def test_threshold_above_one_factor_zero_and_gamma_zero_commit_one_token():

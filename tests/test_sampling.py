@@ -22,7 +22,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import oracle
-from ddlm import processes, schedules
+from ddlm import losses, processes, schedules
 from ddlm import sampling
 from ddlm.sampling import categorical, conditioning, masked, score
 
@@ -603,6 +603,29 @@ def test_float64_gumbel_matches_zipf_tail_and_float32_undersamples_it():
         np.asarray(categorical.sample_categorical(key, jnp.broadcast_to(lp, (3, k)))), np.asarray(expected)
     )
     assert sampling.default_config().precision == "float64"
+
+
+def test_gumbel_from_bits_is_the_documented_transform_and_stays_finite():
+    """'float64': U = (the top 53 of the 64 bits + 1/2) 2^-53, G = -log(-log U); 'float32': U = (the top 23 bits
+    of the first word) 2^-23, at least the smallest normal float. numpy float64 references. All-ones bits used
+    to give U = 1 (2^53 - 1/2 rounds up to 2^53 in float64) and G = +inf, which beats any logit, NEG_INF too."""
+    rng = np.random.default_rng(0)
+    words = rng.integers(0, 2**32, (2, 200), dtype=np.uint64)
+    words[:, :4] = [[0, 0xFFFFFFFF, 0x80000000, 0xFFFFFFFF], [0, 0xFFFFFFFF, 0, 0xFFFFF7FF]]
+    g64 = np.asarray(categorical.gumbel_from_bits(jnp.asarray(words, jnp.uint32), "float64"))
+    word53 = words[0] * 2**21 + words[1] // 2**11
+    u = np.minimum((word53.astype(np.float64) + 0.5) * 2.0**-53, 1.0 - 2.0**-53)
+    np.testing.assert_allclose(g64, -np.log(-np.log(u)), rtol=1e-6)
+    assert np.all(np.isfinite(g64)) and g64[1] == g64.max() and 36.7 < g64[1] < 36.8
+    g32 = np.asarray(categorical.gumbel_from_bits(jnp.asarray(words, jnp.uint32), "float32"))
+    u32 = np.maximum((words[0] // 2**9).astype(np.float64) * 2.0**-23, np.finfo(np.float32).tiny)
+    np.testing.assert_allclose(g32, -np.log(-np.log(u32)), rtol=1e-5, atol=1e-6)  # float32 math
+    # A filtered id (NEG_INF) is never drawn, even with the largest noise the bits can give.
+    logits = jnp.asarray([[0.0, losses.NEG_INF]])
+    all_ones = jnp.full((2, 1, 2), 0xFFFFFFFF, jnp.uint32).at[:, 0, 0].set(0)
+    assert int(jnp.argmax(logits + categorical.gumbel_from_bits(all_ones, "float64"), -1)[0]) == 0
+    with pytest.raises(ValueError, match="precision must be 'float64' or 'float32'"):
+        categorical.gumbel_from_bits(jnp.asarray(words, jnp.uint32), "float32_64bit")
 
 
 def test_every_precision_samples_a_small_categorical():

@@ -10,7 +10,7 @@ models and exploit inaccurate categorical sampling", sec. 4).
 `gumbel_noise(..., precision='float64')` builds U from 53 random bits and computes -log(-log U) in
 float64 under a *local* `jax.enable_x64(True)` block (elementwise ops only, which is safe inside `jit`
 without turning x64 on globally), then rounds G to float32. Rounding the finished G is harmless: its
-relative error is 6e-8, while the tail it carries reaches G ~ 37.4 (U = 1 - 2^-54). If the local x64
+relative error is 6e-8, while the tail it carries reaches G ~ 36.7 (U = 1 - 2^-53). If the local x64
 block is unavailable, `precision='float32_64bit'` uses JAX's float32 'highest' mode (64 random bits in
 fixed point, log1p near 1), which has the same tail; prefer it on TPUs, where float64 is emulated and
 slow. 'float32' is the naive path, kept for the tests and benchmarks that show the bias.
@@ -29,9 +29,9 @@ PRECISIONS = ("float64", "float32_64bit", "float32")
 def gumbel_from_bits(bits, precision: str = "float64"):
     """Gumbel noise from random bits uint32 [2, *shape] (two words per value); float32 [*shape].
 
-    'float64': U = (53 of the 64 bits + 1/2) 2^-53 in (0, 1) and -log(-log U) in float64 under a local
-    `jax.enable_x64(True)` (elementwise only, so it works inside jit with x64 off globally); the largest
-    value is -log(-log(1 - 2^-54)) ~ 37.4. 'float32': the naive path, U from 23 bits in float32 as in
+    'float64': U = (53 of the 64 bits + 1/2) 2^-53, at most 1 - 2^-53, and -log(-log U) in float64 under a
+    local `jax.enable_x64(True)` (elementwise only, so it works inside jit with x64 off globally); the largest
+    value is -log(-log(1 - 2^-53)) ~ 36.7. 'float32': the naive path, U from 23 bits in float32 as in
     JAX's default `jax.random.gumbel`, whose largest value is -log(-log(1 - 2^-23)) ~ 15.9.
     """
     if precision == "float64":
@@ -39,7 +39,9 @@ def gumbel_from_bits(bits, precision: str = "float64"):
             hi = bits[0].astype(jnp.uint64)
             lo = bits[1].astype(jnp.uint64)
             word = (hi << 21) | (lo >> 11)  # 53 bits
-            u = (word.astype(jnp.float64) + 0.5) * (2.0**-53)
+            # The largest word + 1/2 needs 54 bits and rounds up to 2^53: U = 1 would give G = +inf, which
+            # beats every logit (NEG_INF too), so U is capped at the float64 just below 1.
+            u = jnp.minimum((word.astype(jnp.float64) + 0.5) * (2.0**-53), 1.0 - 2.0**-53)
             return (-jnp.log(-jnp.log(u))).astype(jnp.float32)
     if precision == "float32":
         u = (bits[0] >> 9).astype(jnp.float32) * (2.0**-23)
