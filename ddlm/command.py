@@ -20,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import traceback
 
+import ml_collections
 from absl import flags, logging
 
 
@@ -71,28 +73,65 @@ def last_line_of_traceback(message: str) -> str:
     return f"{head}: {lines[-1].strip()}"
 
 
+def config_file_error(error: BaseException, path: str | None) -> str | None:
+    """The one line for an error raised while the config file `path` was loaded: a syntax error (in it or
+    in a module it imports), or an exception raised by its code (get_config or its top level): the file, the
+    line and the error. None if `error` does not come from loading it (an override's, say).
+
+    '--config: experiments/x.py line 12: SyntaxError: invalid syntax'
+    '--config: experiments/x.py line 7 (get_config): KeyError: ...'"""
+    if path is None:
+        return None
+    # ml_collections keeps a load failure of the OSError kind until the config is read, then raises
+    # another OSError 'from' it: the original carries the traceback.
+    while error.__cause__ is not None and not isinstance(error, SyntaxError):
+        error = error.__cause__
+    target = os.path.abspath(path)
+    text = " ".join(str(error).split())
+    if isinstance(error, SyntaxError) and error.filename:
+        where = path if os.path.abspath(error.filename) == target else f"{path}: {error.filename}"
+        message = " ".join((error.msg or "").split())
+        return f"--config: {where} line {error.lineno}: {type(error).__name__}: {message}"
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if os.path.abspath(f.filename) == target]
+    if not frames:
+        return None
+    frame = frames[-1]  # the innermost line of the config file on the way to the error
+    where = "" if frame.name == "<module>" else f" ({frame.name})"
+    return f"--config: {path} line {frame.lineno}{where}: {type(error).__name__}: {text}"
+
+
 def parse_flags(argv, config=None) -> list[str]:
     """absl flag parsing (app.run's flags_parser) with each mistake reported as one line, code 2: an
     unknown flag, a value of the wrong type, a missing required flag, a positional argument, and, given
-    the FlagHolder of a config_flags.DEFINE_config_file flag, a config file that does not exist (or fails to
-    load: a syntax error, get_config raising), a bad `:arg` of get_config and a config override that names
-    no field or has a bad value
+    the FlagHolder of a config_flags.DEFINE_config_file flag, a config file that does not exist or fails to
+    load (a syntax error, an exception in its code: file and line named), a get_config() that returns no
+    ConfigDict, a bad `:arg` of get_config and a config override that names no field or has a bad value
     (ml_collections raises AttributeError/KeyError/TypeError for those, which absl lets through)."""
     path = config_path(argv) if config is not None else None
     if path is not None and not os.path.isfile(path):
         fail(f"--config: no such config file {path!r} (expected experiments/<name>.py[:arg])", 2)
     try:
         rest = flags.FLAGS(argv)
-        if config is not None and config.value is not None:
-            config.value.keys()  # a config file that failed to load raises here (ml_collections defers it)
-    except flags.Error as e:
+        if config is not None:
+            # A config file that failed to load raises here, at the first attribute read (ml_collections
+            # defers it).
+            getattr(config.value, "keys", None)
+    except flags.Error as e:  # a value of the wrong type, a bad :arg, a missing required flag, ...
+        if path is not None and config.present and config.value is None:  # get_config() returned None
+            fail(f"--config: {path}: get_config() returned None; expected an ml_collections.ConfigDict", 2)
         fail(" ".join(last_line_of_traceback(str(e)).split()), 2)
-    except SyntaxError as e:  # the config file's own (or a file it imports)
-        fail(f"--config: {e.filename}:{e.lineno}: {e.msg} (a Python syntax error)", 2)
-    except OSError as e:
-        fail(f"--config: {' '.join(str(e).split())}", 2)
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 -- whatever a user's config file raises is reported, not thrown
+        line = config_file_error(e, path)
+        if line is not None:
+            fail(line, 2)
+        if isinstance(e, OSError):
+            fail(f"--config: {' '.join(str(e).split())}", 2)
+        if not isinstance(e, (AttributeError, KeyError, TypeError, ValueError)):
+            raise
         fail(_override_message(argv, e), 2)
+    if path is not None and not isinstance(config.value, ml_collections.ConfigDict):
+        returned = type(config.value).__name__
+        fail(f"--config: {path}: get_config() returned {returned}; expected an ml_collections.ConfigDict", 2)
     if len(rest) > 1:
         fail(f"unexpected arguments {rest[1:]}: every option is a flag, --name=value", 2)
     return rest

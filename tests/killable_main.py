@@ -7,6 +7,7 @@ AFTER_CHECKPOINT_HOOKS), as a crash or an OOM kill would; with @PROCESS only tha
 multi-process job dies (every process gets the same flag: they all wait for the checkpoint together).
 """
 
+import functools
 import os
 import signal
 import sys
@@ -15,6 +16,7 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ddlm import command  # noqa: E402
 from ddlm import main as ddlm_main  # noqa: E402  (the repository on the path first)
 
 _KILL_AFTER = flags.DEFINE_string(
@@ -49,4 +51,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=ddlm_main._parse_flags)
+    app.run(main, flags_parser=functools.partial(command.parse_flags, config=ddlm_main._CONFIG))

@@ -370,35 +370,35 @@ def _load_config_flag(path):
 
 @pytest.mark.parametrize("name", sorted(BROKEN_CONFIGS))
 def test_config_file_errors_name_the_file_and_the_line(tmp_path, name):
-    """ddlm.main._config_file_error on what ml_collections' config-file parser raises for each broken file."""
-    from ddlm import main as ddlm_main
+    """ddlm.command.config_file_error on what ml_collections' config-file parser raises for each broken file."""
+    from ddlm import command
 
     source, expected = BROKEN_CONFIGS[name]
     path = tmp_path / name
     path.write_text(source)
     with pytest.raises(BaseException) as info:  # noqa: PT011 -- whatever the user's file raises
         _load_config_flag(str(path))
-    assert ddlm_main._config_file_error(info.value, str(path)) == f"--config: {path} {expected}"
+    assert command.config_file_error(info.value, str(path)) == f"--config: {path} {expected}"
 
 
 def test_config_file_os_errors_are_deferred_and_still_name_the_line(tmp_path):
     """ml_collections keeps an OSError raised by get_config until the config is read, then raises another
     OSError from it; an error raised elsewhere (an override's) is not the config file's."""
-    from ddlm import main as ddlm_main
+    from ddlm import command
 
     path = tmp_path / "reads.py"
     path.write_text("def get_config(arg=None):\n    return open('/no/such/file.txt').read()\n")
     config = _load_config_flag(str(path))
     with pytest.raises(OSError) as info:
         config.keys()
-    assert ddlm_main._config_file_error(info.value, str(path)) == (
+    assert command.config_file_error(info.value, str(path)) == (
         f"--config: {path} line 2 (get_config): FileNotFoundError: [Errno 2] No such file or directory: "
         "'/no/such/file.txt'"
     )
     try:
         {}["stepz"]
     except KeyError as e:
-        assert ddlm_main._config_file_error(e, str(path)) is None
+        assert command.config_file_error(e, str(path)) is None
 
 
 @pytest.mark.timeout(200)
