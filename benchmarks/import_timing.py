@@ -1,11 +1,11 @@
-"""How long importing a Hugging Face LLaMA checkpoint takes (ddlm.models.convert), on a 1B-shaped random one.
+"""How long importing a Hugging Face LLaMA checkpoint takes (ddlm.convert), on a 1B-shaped random one.
 
     python benchmarks/import_timing.py [--size=1b] [--dir=/tmp/x] [--devices=1]
     python benchmarks/import_timing.py --dry-run      # the tiny shape: a check of the script
 
 Writes a random checkpoint of the TinyLlama-1.1B shape (ddlm.models.llama_config('1b'): config.json, bfloat16
 *.safetensors in shards of about 1 GB written with safetensors from numpy, a small tokenizer.json; nothing from
-transformers), then times ddlm.models.convert.convert on it: reading the headers, the load onto the mesh (one
+transformers), then times ddlm.convert.convert on it: reading the headers, the load onto the mesh (one
 tensor at a time, each device sent its shard) and the checkpoint write (orbax + per-leaf checksums). With
 --devices=N > 1 the CPU is split into N fake devices (the load then shards over data x fsdp x tensor as
 config.mesh says: plain data parallelism replicates). Prints the seconds and GB/s.
@@ -33,7 +33,8 @@ def write_checkpoint(directory: str, size: str, shard_params: float = 5e8) -> in
     from tokenizers import models as tm
 
     sys.path.insert(0, REPO)
-    from ddlm.models import convert, llama_config
+    from ddlm.models import hf as hf_layout
+    from ddlm.models import llama_config
 
     c, vocab = llama_config(size)
     vocab = vocab or 259
@@ -46,8 +47,8 @@ def write_checkpoint(directory: str, size: str, shard_params: float = 5e8) -> in
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(hf, f)
-    model_config, _ = convert.model_config_from_hf(hf)
-    plan = convert.tensor_plan(model_config, vocab)
+    model_config, _ = hf_layout.model_config_from_hf(hf)
+    plan = hf_layout.tensor_plan(model_config, vocab)
     rng = np.random.default_rng(0)
     shard, count, total, index = {}, 0, 0, 0
     for name, (_, shape, _) in plan.items():
@@ -88,10 +89,11 @@ def main():
 
     import jax
 
-    from ddlm.models import convert
+    from ddlm import convert
+    from ddlm.models import hf as hf_layout
 
     t0 = time.time()
-    index = convert.index_safetensors(hf_dir)
+    index = hf_layout.index_safetensors(hf_dir)
     headers = time.time() - t0
     timings = {}
     t0 = time.time()

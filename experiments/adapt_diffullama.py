@@ -11,7 +11,7 @@ output at i - 1). Shakespeare, characters, the quickstart's size, data and eval;
     python -m ddlm.main --config=experiments/adapt_diffullama.py --workdir=runs/adapt_diffullama --mode=sample \\
         --config.sampler.prompt="ROMEO:"
 
-From an imported Hugging Face model instead (ddlm.models.convert), start from its config.py:
+From an imported Hugging Face model instead (ddlm.convert), start from its config.py:
     --config=runs/tinyllama/config.py --config.train.init_from=runs/tinyllama --config.model.attention=bidirectional
     --config.model.logit_shift=True --config.diffusion.loss=mdlm --config.adapt.anneal_steps=... (and your data)
 """

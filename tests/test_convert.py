@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint import (ddlm/models/convert.py): tiny random LlamaForCausalLM (untied, grouped-query
+"""Hugging Face checkpoint import (ddlm/convert.py, ddlm/models/hf.py): tiny random LlamaForCausalLM (untied, grouped-query
 attention) and Qwen2ForCausalLM (tied, q/k/v biases) made locally with `transformers` (save_pretrained, nothing
 downloaded); the imported network's logits equal PyTorch's on the same tokens (1e-5 in float32, and in
 float64), also loaded sharded over 8 fake devices; a missing, mis-shaped or unknown tensor is one error
@@ -19,7 +19,8 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 from ddlm import checkpoints, models, sharding
-from ddlm.models import convert
+from ddlm import convert
+from ddlm.models import hf as hf_layout
 from ddlm.sharding import ConfigError
 
 HF_VOCAB = 259  # + the mask id the converter appends = 260 = the byte tokenizer's vocabulary
@@ -81,7 +82,7 @@ def _reference(model, tokens, dtype):
 def _imported(directory, mesh, dtype=jnp.float32):
     config = convert.converted_config(directory, tokenizer="byte")
     model = models.get_model(config.model, HF_VOCAB + 1)
-    params = convert.load_params(directory, model, mesh, vocab=HF_VOCAB)
+    params = hf_layout.load_params(directory, model, mesh, vocab=HF_VOCAB)
     return model.clone(dtype=dtype, param_dtype=dtype), params
 
 
@@ -165,7 +166,7 @@ def _broken_copy(src, dst, edit_tensors=None, edit_config=None):
 )  # fmt: skip
 def test_a_missing_or_mismatched_tensor_is_one_error_naming_it(hf_models, tmp_path, tensors, config, message):
     directory = _broken_copy(hf_models["llama"][0], str(tmp_path / "hf"), tensors, config)
-    with pytest.raises(convert.ConversionError, match=message) as info:
+    with pytest.raises(hf_layout.ConversionError, match=message) as info:
         convert.convert(directory, str(tmp_path / "workdir"), tokenizer="byte")
     assert "\n" not in str(info.value)
     assert not checkpoints.committed_steps(str(tmp_path / "workdir" / "checkpoints"))
@@ -259,7 +260,7 @@ def test_a_damaged_safetensors_file_is_one_error_naming_it(hf_models, tmp_path, 
     directory = str(tmp_path / "hf")
     shutil.copytree(hf_models["llama"][0], directory)
     _damage(os.path.join(directory, "model.safetensors"), how)
-    with pytest.raises(convert.ConversionError, match="model.safetensors: not a readable safetensors file") as e:
+    with pytest.raises(hf_layout.ConversionError, match="model.safetensors: not a readable safetensors file") as e:
         convert.convert(directory, str(tmp_path / "workdir"), tokenizer="byte")
     assert "\n" not in str(e.value) and directory in str(e.value)
     assert not os.path.exists(tmp_path / "workdir")
@@ -291,7 +292,7 @@ def test_a_malformed_config_json_is_one_error_naming_file_and_field(hf_models, t
         text = json.dumps(hf)
     with open(path, "w") as f:
         f.write(text)
-    with pytest.raises(convert.ConversionError, match=message) as e:
+    with pytest.raises(hf_layout.ConversionError, match=message) as e:
         convert.convert(directory, str(tmp_path / "workdir"), tokenizer="byte")
     assert "\n" not in str(e.value)
     assert not os.path.exists(tmp_path / "workdir")
@@ -307,7 +308,7 @@ def test_a_malformed_config_json_is_one_error_naming_file_and_field(hf_models, t
     ],
 )
 def test_a_bad_flag_value_is_refused_before_anything_is_written(hf_models, tmp_path, flags, message):
-    with pytest.raises(convert.ConversionError, match=message):
+    with pytest.raises(hf_layout.ConversionError, match=message):
         convert.convert(hf_models["llama"][0], str(tmp_path / "workdir"), **{"tokenizer": "byte", **flags})
     assert not os.listdir(tmp_path)
 
@@ -337,12 +338,12 @@ def test_a_failed_conversion_leaves_no_workdir_and_touches_nothing_that_existed(
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
-    with pytest.raises(convert.ConversionError, match="busy is not empty; choose a new workdir"):
+    with pytest.raises(hf_layout.ConversionError, match="busy is not empty; choose a new workdir"):
         convert.convert(directory, str(busy), tokenizer="byte")
     assert os.listdir(busy) == ["notes.txt"]
     leftover = tmp_path / ".killed.converting"
     leftover.mkdir()
-    with pytest.raises(convert.ConversionError, match=r"\.killed\.converting exists: the leftover"):
+    with pytest.raises(hf_layout.ConversionError, match=r"\.killed\.converting exists: the leftover"):
         convert.convert(directory, str(tmp_path / "killed"), tokenizer="byte")
     assert os.path.isdir(leftover) and not os.path.exists(tmp_path / "killed")
     convert.convert(directory, str(tmp_path / "run_True"), tokenizer="byte")  # the empty folder: converted
@@ -372,7 +373,7 @@ def _run_cli(*args, cwd):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "ddlm.models.convert", *args]
+    cmd = [sys.executable, "-m", "ddlm.convert", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False)
 
 

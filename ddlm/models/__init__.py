@@ -11,7 +11,7 @@ Decoding with a KV cache (ddlm/models/decoding.py, `Transformer.decode`):
     logits, cache = decoder.step(cache, tokens_slice, positions, attend, self_attend, t, write_index)
 
 LLaMA family (ddlm/models/llama.py): config.model.name='llama' with config.model.attention; presets
-`llama_config(size)`; Hugging Face checkpoints import with `python -m ddlm.models.convert`.
+`llama_config(size)`; Hugging Face checkpoints import with `python -m ddlm.convert`.
 
 Logical axis names on parameters and activations: 'batch', 'length', 'embed', 'mlp', 'heads', 'kv', 'vocab'
 (see ddlm/models/layers.py); the trainer maps them to mesh axes.

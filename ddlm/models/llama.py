@@ -10,7 +10,7 @@ layer: attention masks ('causal' for LLaMA/Qwen2 checkpoints, 'bidirectional' fo
 'block_causal' for BD3-LM / Fast-dLLM v2), rotary, the KV-cache decode path (the cache holds the key/value
 heads only) and the logit shift are the shared ones. Parameter names follow the DiT's where the role is the
 same (token_embedding, output_kernel, block_i/norm_attn, block_i/attn/out_kernel), so that the logical axis
-rules, the checkpoints and the converter (ddlm/models/convert.py) see one layout:
+rules, the checkpoints and the importer (ddlm/models/hf.py) see one layout:
 
     block_i/norm_attn/scale [d]            block_i/attn/{q,k,v}_kernel [d, heads | kv_heads, head_dim]
     block_i/norm_mlp/scale [d]             block_i/attn/{q,k,v}_bias [heads | kv_heads, head_dim] (qkv_bias)

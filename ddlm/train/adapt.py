@@ -11,7 +11,7 @@ Two routes, one config each (experiments/adapt_diffullama.py, experiments/adapt_
   attention at once (loss 'bd3lm', attention 'block_causal'), with the logit shift; the first token of a
   block is predicted from the clean token before it, exactly as the AR network did.
 
-`config.train.init_from=<workdir>` (a training run of ours, or a folder written by ddlm.models.convert) starts
+`config.train.init_from=<workdir>` (a training run of ours, or a folder written by ddlm.convert) starts
 a new run from that checkpoint's parameters (its EMA ones when it has them): the optimizer state, the step and
 the data position start afresh. Loading goes through ddlm.checkpoints (the structure check names any
 parameter that does not fit; the tokenizer's vocabulary must be the same).
@@ -57,7 +57,7 @@ def validate(config) -> None:
 
 
 def check_resumable(workdir: str) -> None:
-    """ConfigError if the latest checkpoint of `workdir` holds parameters only (ddlm.models.convert): there
+    """ConfigError if the latest checkpoint of `workdir` holds parameters only (ddlm.convert): there
     is no optimizer state to resume; such a folder is a starting point (init_from), not a run."""
     directory = os.path.join(workdir, checkpoints.CHECKPOINTS_DIR)
     steps = checkpoints.committed_steps(directory)
@@ -81,7 +81,7 @@ def load_init_params(path: str, abstract_params, tokenizer):
     if not checkpoints.committed_steps(os.path.join(path, checkpoints.CHECKPOINTS_DIR)):
         raise ConfigError(
             f"{what} has no checkpoint (expected a workdir with checkpoints/<step>, from training or from "
-            "ddlm.models.convert)"
+            "ddlm.convert)"
         )
     try:
         with checkpoints.Checkpointer(os.path.join(path, checkpoints.CHECKPOINTS_DIR), read_only=True) as ck:
