@@ -1,5 +1,6 @@
-"""ddlm/train/console.py: other libraries' log lines below --log_level are dropped (ddlm's are kept), and
-the training progress bar: live on a terminal (through a real pseudo-terminal), plain lines elsewhere."""
+"""ddlm/train/console.py: other libraries' log lines below --log_level are dropped (ddlm's are kept), so
+are asyncio's reports about the work orbax abandons after a failed read or write; and the training
+progress bar: live on a terminal (through a real pseudo-terminal), plain lines elsewhere."""
 
 import fcntl
 import io
@@ -7,11 +8,15 @@ import logging as python_logging
 import os
 import pty
 import struct
+import sys
 import termios
 import time
+import traceback
+import types
 
 import pytest
 from absl import logging
+from orbax_race import abandon_orbax_work
 
 from ddlm.train import console
 
@@ -51,6 +56,49 @@ def test_other_libraries_info_lines_are_dropped_and_reachable_with_log_level(abs
     assert sum(isinstance(f, console.OtherLoggersFilter) for f in absl_handler.filters) == 1
     with pytest.raises(ValueError, match="--log_level must be one of"):
         console.quiet_other_loggers("verbose")
+
+
+@pytest.fixture
+def abandoned_work_hooks(monkeypatch):
+    """sys.unraisablehook and the asyncio loggers' filters as they were, after the test."""
+    previous = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: previous.append(unraisable))
+    loggers = [python_logging.getLogger(name) for name in ("asyncio", "concurrent.futures")]
+    saved = [list(logger.filters) for logger in loggers]
+    yield previous
+    for logger, filters in zip(loggers, saved, strict=True):
+        logger.filters[:] = filters
+
+
+def test_reports_of_work_orbax_abandoned_are_info_records(absl_handler, abandoned_work_hooks):
+    """Issue 21 item 5: a damaged checkpoint's one warning line came with 67 to 5,008 lines of such
+    reports, a full disk with 50 tracebacks. They become INFO records of the asyncio logger (shown with
+    --log_level=info); another library's unraisable exception still reaches the previous hook."""
+    records = []
+    capture = python_logging.Handler()
+    capture.emit = records.append
+    asyncio_logger = python_logging.getLogger("asyncio")
+    asyncio_logger.addHandler(capture)
+    try:
+        console.quiet_other_loggers("warning")
+        console.quiet_other_loggers("warning")  # installs the hook and the filters once
+        abandon_orbax_work()  # what a failed orbax read or write leaves behind
+    finally:
+        asyncio_logger.removeHandler(capture)
+    texts = [r.getMessage() + "".join(traceback.format_exception(*r.exc_info)) for r in records]
+    assert any("Event loop is closed" in t for t in texts), texts
+    assert any("Task exception was never retrieved" in t and "another damaged array file" in t for t in texts)
+    assert len(records) == 2 and all(r.levelno == python_logging.INFO for r in records), texts
+    assert not any(absl_handler.filter(r) for r in records)
+    console.quiet_other_loggers("info")
+    assert all(absl_handler.filter(r) for r in records)
+    assert abandoned_work_hooks == []  # nothing reached the previous hook
+
+    other = types.SimpleNamespace(
+        exc_type=ValueError, exc_value=ValueError("a real error"), exc_traceback=None, err_msg=None, object=None
+    )
+    sys.unraisablehook(other)
+    assert abandoned_work_hooks == [other]
 
 
 def _pty_stream(columns):
