@@ -10,8 +10,19 @@ Layout of <workdir>/checkpoints/<step>/ (orbax writes <step>.orbax-checkpoint-tm
 item is complete, so a killed job never leaves a half-written checkpoint that is listed):
 
     state/   the TrainState (params, opt_state, ema_params, step, rng) as sharded arrays
-    data/    the grain iterator's state: a resumed run sees exactly the batches an uninterrupted one would
+    data/    the grain iterator's state, one file per process: a resumed run sees exactly the batches an
+             uninterrupted one would
     ddlm/    JSON: the whole config, its compatibility subset, the data fingerprint, one checksum per leaf
+             of state/ and one sha256 per file of data/
+    _CHECKPOINT_METADATA   orbax's record of the step; its custom metadata holds ddlm's format version and
+             the sha256 of ddlm/'s JSON (written inside the same atomic commit as the items)
+
+Every file a restore reads is verified: the arrays by their checksums, the data-iterator state by its
+sha256, the JSON by the sha256 in orbax's record. A checkpoint whose record names a ddlm format (or
+lists the ddlm item) but lacks ddlm/, or whose JSON says format 2 but whose record lacks the checksum,
+is damaged. Checkpoints of older versions still restore: format 1 (ddlm/ with array checksums only) with
+the data state and the JSON unverified, and checkpoints without ddlm/ (orbax's record lists no ddlm item)
+with nothing but the structure checked; each with a warning.
 
 A restore tries the newest committed checkpoint first and checks, in this order:
 
@@ -24,12 +35,15 @@ A restore tries the newest committed checkpoint first and checks, in this order:
      starts afresh on the new data).
   3. structure: every leaf's shape and dtype on disk must equal the target's (this names what 1 does not
      cover, e.g. an optimizer change, and checks checkpoints written before configs were stored).
-  4. contents: the arrays are read and their checksums (see leaf_checksums) compared with the stored ones.
+  4. contents: the arrays are read and their checksums (see leaf_checksums) compared with the stored ones;
+     the data-iterator state is checked against its sha256 before the iterator is set.
 
-A checkpoint whose files cannot be read, or whose checksum differs, is corrupt: a warning names the step
-(and the leaf), the trainer moves it to <workdir>/checkpoints_corrupt/<step>-<time> (a new name every time:
-nothing there is overwritten or deleted) and falls back to the previous checkpoint. Read-only users (eval,
-sampling) skip it and leave it in place.
+(The metadata is verified before 1.) A checkpoint whose files cannot be read, are missing, or whose
+checksum differs, is corrupt: a warning names the step (and the leaf or file), the trainer moves it to
+<workdir>/checkpoints_corrupt/<step>-<time> (a new name every time: nothing there is overwritten or
+deleted) and falls back to the previous checkpoint. Read-only users (eval, sampling) skip it and leave it
+in place. That warning is the only line: orbax's error records and the reports of the asyncio tasks it
+abandons are INFO (see ddlm.train.console), shown with --log_level=info.
 """
 
 from __future__ import annotations
@@ -54,9 +68,12 @@ from jax.experimental import multihost_utils
 from ddlm import paths, sharding
 from ddlm.sharding import ConfigError
 
-FORMAT_VERSION = 1
+# 1: ddlm/ with per-leaf array checksums. 2: also the data-iterator state's and the JSON's own checksums,
+# and the format in orbax's step record (a missing ddlm/ is then damage, not an older checkpoint).
+FORMAT_VERSION = 2
 CHECKPOINTS_DIR = "checkpoints"
 _META_ITEM = "ddlm"  # the orbax item holding our JSON metadata
+_STEP_RECORD = "_CHECKPOINT_METADATA"  # orbax's per-step JSON (item handlers, custom metadata), in the commit
 
 # Config fields that fix parameter shapes or what a token id means: a checkpoint restores only into a config
 # with the same values. (model.block_size is not here: BD3-LM fine-tunes one block size from another.)
@@ -180,9 +197,11 @@ def compatibility_differences(stored_meta: dict, current_meta: dict) -> list[str
 
 
 def data_differences(stored_meta: dict, current_meta: dict, fields=_DATA_FIELDS) -> list[str]:
+    """'data.field: old -> new' for each of `fields` that differs, and the corpus name beside them when
+    both metadata name it (a loader compares the tokenizer's fingerprint only: it has no corpus)."""
     stored, current = stored_meta.get("data", {}), current_meta["data"]
     out = _differences(stored, current, fields, prefix="data.")
-    if out and "corpus" in stored and stored["corpus"] != current["corpus"]:
+    if out and "corpus" in stored and "corpus" in current and stored["corpus"] != current["corpus"]:
         out.append(f"data.corpus: {stored['corpus']!r} -> {current['corpus']!r}")
     return out
 
@@ -308,18 +327,38 @@ def committed_steps(directory: str) -> list[int]:
     return sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit() and d.is_dir())
 
 
-class _OrbaxErrors(py_logging.Handler):
-    """Remembers the last error orbax logged: its background threads log a failed save and carry on, so
-    this is where the reason of a checkpoint that never committed can be found."""
+# orbax's warnings about the read-only mode that eval and sampling ask for (two lines per load).
+_READ_ONLY_NOTES = ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
+
+
+class _OrbaxLog(py_logging.Filter):
+    """On the 'absl' logger (orbax logs through absl) while a Checkpointer is open.
+
+    Remembers the last error orbax logged: its background threads log a failed save and carry on, so this
+    is where the reason of a checkpoint that never committed can be found. And lowers orbax's errors (each
+    with a traceback, several per failed save) to INFO: the Checkpointer reports every failure itself in
+    one line (a save in wait(), a read in restore_latest's warning); `--log_level=info` shows them."""
 
     def __init__(self):
-        super().__init__(level=py_logging.ERROR)
+        super().__init__()
         self.last = ""
 
-    def emit(self, record):
-        if "orbax" in record.pathname:
+    def filter(self, record):
+        if "orbax" not in record.pathname:
+            return True
+        if getattr(record, "ddlm_level", record.levelno) >= py_logging.ERROR:
             exc = record.exc_info[1] if record.exc_info else None
             self.last = f"{type(exc).__name__}: {exc}" if exc else record.getMessage()
+            _lower_to_info(record)
+        elif str(record.msg).startswith(_READ_ONLY_NOTES):
+            _lower_to_info(record)
+        return True
+
+
+def _lower_to_info(record: py_logging.LogRecord) -> None:
+    if not hasattr(record, "ddlm_level"):
+        record.ddlm_level = record.levelno  # for the other Checkpointers' filters
+    record.levelno, record.levelname = py_logging.INFO, "INFO"
 
 
 class _IteratorState:
@@ -329,9 +368,12 @@ class _IteratorState:
     called. grain's handler writes `get_state()` as text: dict states (grain DatasetIterator) are
     JSON-encoded here, bytes states pass through."""
 
-    def __init__(self, iterator, state=None):
+    def __init__(self, iterator, state=None, *, expected: dict | None = None):
+        """expected (restore): {file name: sha256} from the checkpoint's metadata; the state read is
+        compared with its entry before the iterator is set (None: an older checkpoint, unverified)."""
         self._iterator = iterator
         self._state = state
+        self._expected = expected
 
     def get_state(self) -> bytes:
         state = self._state
@@ -339,7 +381,14 @@ class _IteratorState:
             return b"B" + state
         return b"J" + json.dumps(state).encode()
 
-    def set_state(self, blob: bytes):
+    def set_state(self, blob: bytes, name: str | None = None):
+        """name: the file `blob` was read from (default: this process's, the one grain's handler reads)."""
+        if self._expected is not None:
+            name = name or _data_file(jax.process_index(), jax.process_count())
+            if name not in self._expected:
+                raise _Corrupt(f"data/{name} has no checksum in the metadata")
+            if _sha256(blob) != self._expected[name]:
+                raise _Corrupt(f"data/{name} differs from its checksum (the data-iterator state was changed)")
         kind, payload = blob[:1], blob[1:]
         self._iterator.set_state(payload if kind == b"B" else json.loads(payload.decode()))
 
@@ -350,6 +399,31 @@ class _IteratorState:
 
 class _Corrupt(Exception):
     """This checkpoint cannot be used: unreadable files or a checksum mismatch (message: why)."""
+
+
+def _data_file(process: int, count: int) -> str:
+    """The name grain's orbax handler gives the data-iterator state of `process` of `count`."""
+    return f"process_{process}-of-{count}.json"
+
+
+def _sha256(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _json_digest(meta: dict) -> str:
+    """sha256 of `meta` as canonical JSON: the same for the dict saved and the dict read back."""
+    return _sha256(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
+
+
+def _data_checksums(blob: bytes) -> dict[str, str]:
+    """{data file name: sha256} of every process's iterator state (`blob` is this process's); with
+    several processes a collective: the metadata that process 0 writes names all of them."""
+    digest = _sha256(blob)
+    count = jax.process_count()
+    if count == 1:
+        return {_data_file(0, 1): digest}
+    rows = multihost_utils.process_allgather(np.frombuffer(bytes.fromhex(digest), np.uint8))
+    return {_data_file(i, count): bytes(np.asarray(row, np.uint8)).hex() for i, row in enumerate(rows)}
 
 
 # ------------------------------------------------------------------------------------------------ Checkpointer
@@ -370,18 +444,24 @@ class Checkpointer:
         if read_only:
             if not committed_steps(self.directory):
                 raise CheckpointError(f"no checkpoint in {self.directory}: train first (--mode=train)")
-            options = ocp.CheckpointManagerOptions(read_only=True, create=False)
         else:
             check_writable(self.directory, "the checkpoint directory")
-            options = ocp.CheckpointManagerOptions(
-                max_to_keep=keep,
-                create=True,
-                enable_async_checkpointing=async_save,
-                cleanup_tmp_directories=True,  # remove half-written checkpoints of a killed run
-            )
-        self._errors = _OrbaxErrors()
-        py_logging.getLogger("absl").addHandler(self._errors)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._errors = _OrbaxLog()
+        py_logging.getLogger("absl").addFilter(self._errors)  # before the options: they log too
+        try:
+            if read_only:
+                options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+            else:
+                options = ocp.CheckpointManagerOptions(
+                    max_to_keep=keep,
+                    create=True,
+                    enable_async_checkpointing=async_save,
+                    cleanup_tmp_directories=True,  # remove half-written checkpoints of a killed run
+                )
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
+        except BaseException:
+            py_logging.getLogger("absl").removeFilter(self._errors)
+            raise
 
     def __enter__(self):
         return self
@@ -401,18 +481,27 @@ class Checkpointer:
         self.wait()
         check_writable(self.directory, "the checkpoint directory")
         meta = {
-            **(metadata or {"format": FORMAT_VERSION}),
+            **(metadata or {}),
+            "format": FORMAT_VERSION,
             "step": int(step),
             "checksums": leaf_checksums(state),
         }
-        items = {"state": ocp.args.StandardSave(state), _META_ITEM: ocp.args.JsonSave(meta)}
+        items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             from grain import checkpoint as grain_checkpoint
 
             frozen = _IteratorState(data_iterator, data_iterator.get_state())
+            meta["data_checksums"] = _data_checksums(frozen.get_state())  # the bytes grain's handler writes
             items["data"] = grain_checkpoint.CheckpointSave(frozen)
+        meta = json.loads(json.dumps(meta))  # as it will be read back (tuples -> lists), for the digest
+        items[_META_ITEM] = ocp.args.JsonSave(meta)
+        # The format and the JSON's digest go into orbax's step record, committed with the items: a
+        # checkpoint that names a format but lacks ddlm/ is damaged, not older.
+        record = {_META_ITEM: {"format": FORMAT_VERSION, "metadata_sha256": _json_digest(meta)}}
         self._pending = int(step)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        return self.manager.save(
+            step, args=ocp.args.Composite(**items), force=force, custom_metadata=record
+        )
 
     def wait(self):
         """Waits for the pending asynchronous save; CheckpointError if it did not commit."""
@@ -430,7 +519,7 @@ class Checkpointer:
             reason = failure or self._errors.last or "no error reported"
             last = committed_steps(self.directory)
             raise CheckpointError(
-                f"the checkpoint of step {step} was not written to {self.directory} ({reason.splitlines()[0][:300]}); "
+                f"the checkpoint of step {step} was not written to {self.directory} ({_shorten(reason)}); "
                 f"the last committed checkpoint is {f'step {last[-1]}' if last else 'none'}"
             )
 
@@ -450,7 +539,7 @@ class Checkpointer:
             except Exception:  # already reported by wait() or by orbax's own log
                 if raise_errors:
                     raise
-            py_logging.getLogger("absl").removeHandler(self._errors)
+            py_logging.getLogger("absl").removeFilter(self._errors)
 
     def all_steps(self) -> list[int]:
         """Committed checkpoints, after waiting for a pending save (so a step is named only once it is on
@@ -498,7 +587,8 @@ class Checkpointer:
                 try:
                     data = data_iterator if data_source is not False else None
                     data_from = None if data_source is True else data_source
-                    state = self._read(step, abstract_state, data, partial, data_from)
+                    expected = (stored or {}).get("data_checksums") if _format(stored) >= 2 else None
+                    state = self._read(step, abstract_state, data, partial, data_from, expected)
                     self._verify(step, stored, state)
                 except _Corrupt as e:
                     problem = str(e)
@@ -510,21 +600,61 @@ class Checkpointer:
         return None, None
 
     def read_metadata(self, step: int) -> dict | None:
-        """The JSON stored with checkpoint `step` (None for checkpoints written before it existed)."""
+        """The verified JSON stored with checkpoint `step` (None for checkpoints written before it existed,
+        and for a damaged one: its restore skips it)."""
         try:
             return self._read_metadata(step)
         except _Corrupt:
             return None
 
+    def newest_metadata(self) -> tuple[int, dict | None]:
+        """(step, read_metadata(step)) of the newest checkpoint whose metadata is not damaged (a damaged
+        one is skipped, as restore_latest skips it); CheckpointError if every one is damaged."""
+        steps = committed_steps(self.directory)
+        for step in reversed(steps):
+            try:
+                return step, self._read_metadata(step)
+            except _Corrupt:
+                continue  # restore_latest reports it
+        raise CheckpointError(f"no usable checkpoint in {self.directory} (all corrupt)")
+
     def _read_metadata(self, step: int) -> dict | None:
+        """The JSON of checkpoint `step`, verified against the digest in orbax's step record; None for a
+        checkpoint written before ddlm stored metadata. _Corrupt if it is damaged or missing."""
+        record = self._step_record(step)
+        marker = (record.get("custom_metadata") or {}).get(_META_ITEM)
+        listed = _META_ITEM in (record.get("item_handlers") or {})
         if not paths.path(self.directory, str(step), _META_ITEM).is_dir():
-            return None
+            if marker or listed:
+                raise _Corrupt(f"its {_META_ITEM}/ metadata is missing")
+            return None  # written before ddlm stored metadata (orbax's record lists no such item)
         try:
-            return self.manager.restore(
+            meta = self.manager.restore(
                 step, args=ocp.args.Composite(**{_META_ITEM: ocp.args.JsonRestore()})
             )[_META_ITEM]
         except Exception as e:  # noqa: BLE001 -- unreadable metadata = unusable checkpoint
             raise _Corrupt(_reason(e)) from None
+        if not isinstance(meta, dict):
+            raise _Corrupt(f"its {_META_ITEM}/ metadata is not a JSON object")
+        if marker is None:
+            if _format(meta) >= 2:
+                raise _Corrupt(f"orbax's {_STEP_RECORD} lacks the checksum of its {_META_ITEM}/ metadata")
+            return meta  # format 1: an older ddlm wrote no digest of the JSON
+        if not isinstance(marker, dict) or marker.get("metadata_sha256") != _json_digest(meta):
+            raise _Corrupt(f"its {_META_ITEM}/ metadata differs from its checksum")
+        return meta
+
+    def _step_record(self, step: int) -> dict:
+        """orbax's _CHECKPOINT_METADATA of `step` (every orbax version this project used writes it)."""
+        try:
+            record = json.loads(paths.path(self.directory, str(step), _STEP_RECORD).read_text())
+        except FileNotFoundError:
+            raise _Corrupt(f"orbax's {_STEP_RECORD} is missing") from None
+        except Exception as e:  # noqa: BLE001 -- unreadable record = unusable checkpoint
+            raise _Corrupt(f"orbax's {_STEP_RECORD} is unreadable ({_reason(e)})") from None
+        if not isinstance(record, dict):
+            raise _Corrupt(f"orbax's {_STEP_RECORD} is not a JSON object")
+        return record
 
     def _check_config(self, step, stored, metadata, allow_data_change) -> bool:
         """Raises on an incompatible config or changed data; returns whether to restore the iterator."""
@@ -616,7 +746,10 @@ class Checkpointer:
         )
         return False
 
-    def _read(self, step, abstract_state, data_iterator, partial, data_from: int | None = None):
+    def _read(
+        self, step, abstract_state, data_iterator, partial, data_from: int | None = None, expected=None
+    ):
+        """expected: the data-iterator states' checksums ({file name: sha256}; None: not verified)."""
         if partial:
             restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
             items = {
@@ -629,27 +762,44 @@ class Checkpointer:
         if data_iterator is not None and data_from is None:
             from grain import checkpoint as grain_checkpoint
 
-            items["data"] = grain_checkpoint.CheckpointRestore(_IteratorState(data_iterator))
+            items["data"] = grain_checkpoint.CheckpointRestore(
+                _IteratorState(data_iterator, expected=expected)
+            )
         try:
             state = self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
             if data_iterator is not None and data_from is not None:
                 # grain's handler reads only this job's process_<i>-of-<n> file
-                blob = paths.path(self.directory, str(step), "data", f"process_0-of-{data_from}.json")
-                frozen = _IteratorState(data_iterator)
-                frozen.set_state(blob.read_text().encode())
+                name = _data_file(0, data_from)
+                blob = paths.path(self.directory, str(step), "data", name)
+                frozen = _IteratorState(data_iterator, expected=expected)
+                frozen.set_state(blob.read_text().encode(), name)
                 frozen.start_prefetch()
             return state
+        except _Corrupt:
+            raise
         except Exception as e:  # noqa: BLE001 -- any failure to read means this checkpoint is unusable
             raise _Corrupt(_reason(e)) from None
 
     def _verify(self, step, stored, state):
+        if stored is not None and "checksums" not in stored and _format(stored) >= 2:
+            raise _Corrupt("its metadata has no array checksums")
         if stored is None or "checksums" not in stored:
             logging.warning(
                 "Checkpoint at step %d has no checksums (written by an older ddlm): not verified.", step
             )
             return
+        if _format(stored) < 2:
+            logging.warning(
+                "Checkpoint at step %d was written by an older ddlm (format 1): its data-iterator state and "
+                "metadata carry no checksums and were not verified.",
+                step,
+            )
         expected = stored["checksums"]
         actual = leaf_checksums(state)
+        if _format(stored) >= 2:  # its checksums name every saved leaf (format 1's did too, unverified)
+            missing = [p for p in actual if p not in expected]
+            if missing:
+                raise _Corrupt(f"no checksum for leaf {', '.join(missing[:3])} in its metadata")
         bad = [p for p, c in actual.items() if p in expected and expected[p] != c]
         if bad:
             more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
@@ -689,6 +839,14 @@ class Checkpointer:
         return destination
 
 
+def _format(meta: dict | None) -> int:
+    """The format version of a checkpoint's metadata (0: none stored; 1: older ddlm, no 'format' key)."""
+    if meta is None:
+        return 0
+    value = meta.get("format", 1)
+    return value if isinstance(value, int) else 1
+
+
 def _agree(problem: str | None) -> str | None:
     """With several processes: a checkpoint one process cannot read is corrupt for all (each reads its own
     shards), so that all fall back together."""
@@ -705,8 +863,24 @@ def _utc_stamp() -> str:
 
 
 def _reason(e: Exception) -> str:
+    """One line: the exception's first line and, for orbax's wrapper of a TensorStore error (whose own
+    text is an array index and a spec), the underlying error's."""
     text = str(e).splitlines()[0] if str(e) else ""
-    return f"{type(e).__name__}: {text}"[:300]
+    text = text.split(" See full TensorStore details")[0]
+    cause = e.__cause__
+    if cause is not None and str(cause) and "TensorStore" in str(e):
+        text += f" ({type(cause).__name__}: {str(cause).splitlines()[0]})"
+    return _shorten(f"{type(e).__name__}: {text}")
+
+
+def _shorten(text: str, limit: int = 400) -> str:
+    """The first line of `text`, its middle cut out if longer than `limit` characters (tensorstore's
+    errors name the file twice, and end with the reason: 'File too large', 'No space left on device')."""
+    line = text.splitlines()[0] if text else ""
+    if len(line) <= limit:
+        return line
+    half = (limit - 5) // 2
+    return f"{line[:half]} ... {line[-half:]}"
 
 
 # ------------------------------------------------------------------------------------------------ inference
@@ -741,12 +915,11 @@ def load_for_inference(workdir: str, config=None, *, ema: bool = True, devices=N
 
     devices = list(jax.devices() if devices is None else devices)
     with Checkpointer(os.path.join(workdir, CHECKPOINTS_DIR), read_only=True) as checkpointer:
-        steps = committed_steps(checkpointer.directory)
-        stored = checkpointer.read_metadata(steps[-1])
+        newest, stored = checkpointer.newest_metadata()
         if config is None:
             if stored is None or "config" not in stored:
                 raise CheckpointError(
-                    f"the checkpoint at step {steps[-1]} in {checkpointer.directory} stores no config "
+                    f"the checkpoint at step {newest} in {checkpointer.directory} stores no config "
                     "(written by an older ddlm): pass --config"
                 )
             config = ml_collections.ConfigDict(stored["config"])
@@ -761,7 +934,7 @@ def load_for_inference(workdir: str, config=None, *, ema: bool = True, devices=N
             )
             if diffs:
                 raise IncompatibleCheckpointError(
-                    f"the checkpoint at step {steps[-1]} in {checkpointer.directory} was written by an "
+                    f"the checkpoint at step {newest} in {checkpointer.directory} was written by an "
                     f"incompatible config: {'; '.join(diffs)}"
                 )
         model = models.get_model(config.model, tokenizer.vocab_size)

@@ -4,11 +4,14 @@ One tiny run (1 layer, width 32, byte tokenizer, 4 steps, checkpoints at 2 and 4
 in-process once for the module; each test works on a copy of its workdir. Covered: a changed shape or
 tokenizer is a one-line error that leaves every checkpoint file byte-identical; a changed corpus is an
 error unless allow_data_change; checksums are sharding-invariant and a flipped byte in an array file falls
-back to the previous checkpoint with a warning naming the leaf; corrupt checkpoints get a new quarantine
-name every time; the NaN guard names only a committed step; a failed asynchronous save and an unwritable
-directory are one line, never a hang; metrics.jsonl and TensorBoard have each step once after a resume;
-eval/sample on an empty workdir is one line and creates nothing; the inference loader rebuilds the
-network from the stored config."""
+back to the previous checkpoint with a warning naming the leaf; so do an edited data-iterator state, an
+edited or deleted metadata folder, while honest checkpoints of every format restore bit for bit; corrupt
+checkpoints get a new quarantine name every time; the NaN guard names only a committed step; a failed
+asynchronous save (a full disk: RLIMIT_FSIZE in a child) and an unwritable directory are one line, never a
+hang, and a damaged array file is one warning line, without orbax's and asyncio's tracebacks;
+metrics.jsonl and TensorBoard have each step once after a resume; eval/sample on an empty workdir is one
+line and creates nothing; the inference loader rebuilds the network from the stored config, and a changed
+tokenizer is the incompatible-config line."""
 
 import errno
 import glob
@@ -161,6 +164,44 @@ def test_load_for_inference_rebuilds_the_network_from_the_stored_config(trained)
         checkpoints.load_for_inference(trained, _config(**{"model.num_layers": 2}), devices=DEVICES)
 
 
+def test_changed_tokenizer_for_inference_is_the_incompatible_config_line(trained):
+    """Issue 21 item 9: --mode=sample|eval with another tokenizer ended in KeyError: 'corpus' (the loader
+    compares the tokenizer's fingerprint only, and the corpus name was looked up in its current metadata)."""
+    stored = {"data": {"corpus": "shakespeare", "tokenizer_fingerprint": "aaaa"}}
+    current = {"data": {"tokenizer_fingerprint": "bbbb"}}
+    assert checkpoints.data_differences(stored, current, fields=("tokenizer_fingerprint",)) == [
+        "data.tokenizer_fingerprint: 'aaaa' -> 'bbbb'"
+    ]
+    with pytest.raises(checkpoints.IncompatibleCheckpointError) as error:
+        checkpoints.load_for_inference(trained, _config(**{"data.tokenizer": "char"}), devices=DEVICES)
+    message = str(error.value)
+    assert "\n" not in message and "incompatible config" in message
+    assert "data.tokenizer: 'byte' -> 'char'" in message and "data.tokenizer_fingerprint" in message
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": REPO}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ddlm.main",
+            f"--config={QUICKSTART}:smoke",
+            "--config.data.tokenizer=char",
+            f"--workdir={trained}",
+            "--mode=sample",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("ddlm: error")]
+    assert len(errors) == 1 and "incompatible config" in errors[0], proc.stderr[-3000:]
+    assert "data.tokenizer: 'byte' -> 'char'" in errors[0]
+
+
 # ------------------------------------------------------------------------------------------------ contents
 
 
@@ -249,6 +290,107 @@ def test_flipped_bit_falls_back_and_corrupt_checkpoints_are_never_overwritten(
     shutil.copytree(damaged, os.path.join(ckpt_dir, "4"))
     loaded = checkpoints.load_for_inference(workdir, devices=DEVICES)
     assert loaded.step == 2 and os.path.isdir(os.path.join(ckpt_dir, "4"))
+
+
+def _data_state(step_dir: str):
+    """The data-iterator state stored in checkpoint `step_dir` (grain's file: 'J' + the state as JSON)."""
+    with open(os.path.join(step_dir, "data", "process_0-of-1.json")) as f:
+        return json.loads(f.read()[1:])
+
+
+def _edit_data_state(step_dir):
+    path = os.path.join(step_dir, "data", "process_0-of-1.json")
+    with open(path) as f:
+        text = f.read()
+    edited = text.replace('"batches": 4', '"batches": 5')  # one value: the position in the epoch
+    assert edited != text
+    with open(path, "w") as f:
+        f.write(edited)
+
+
+def _edit_metadata(step_dir):
+    path = os.path.join(step_dir, "ddlm", "metadata")
+    with open(path) as f:
+        meta = json.load(f)
+    meta["compatibility"]["train.seq_len"] = 17  # still valid JSON, still the current config's keys
+    with open(path, "w") as f:
+        json.dump(meta, f)
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (_edit_data_state, "data/process_0-of-1.json differs from its checksum"),
+        (lambda step_dir: shutil.rmtree(os.path.join(step_dir, "ddlm")), "its ddlm/ metadata is missing"),
+        (_edit_metadata, "its ddlm/ metadata differs from its checksum"),
+    ],
+    ids=["data_state_edited", "metadata_deleted", "metadata_edited"],
+)
+def test_damaged_data_state_or_metadata_falls_back(trained, tmp_path, caplog, damage, reason):
+    """Issue 21 item 4: an edited data-iterator state restored silently (the run diverged), and a deleted
+    ddlm/ folder made the checkpoint pass as an older one with every check skipped."""
+    workdir = _copy(trained, tmp_path)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    damage(os.path.join(ckpt_dir, "4"))
+    setup, meta = _setup_and_meta(_config())
+    iterator = trainer.make_iterator(setup, "train", batch_size=8)
+    with caplog.at_level(logging.WARNING), checkpoints.Checkpointer(ckpt_dir) as ckpt:
+        state, step = ckpt.restore_latest(setup.abstract_state(), iterator, metadata=meta)
+    assert step == 2 and int(state.step) == 2
+    assert "Checkpoint at step 4 is corrupt" in caplog.text and reason in caplog.text, caplog.text
+    assert iterator.get_state() == _data_state(os.path.join(ckpt_dir, "2"))  # step 2's position
+    assert checkpoints.committed_steps(ckpt_dir) == [2]
+    (quarantined,) = os.listdir(os.path.join(workdir, "checkpoints_corrupt"))
+    assert quarantined.startswith("4-")
+
+
+def _as_older_format(step_dir: str, version: int):
+    """Rewrites checkpoint `step_dir` as an older ddlm wrote it: version 1 (ddlm/ with array checksums, no
+    data checksums, no digest in orbax's record) or 0 (no ddlm/ at all, orbax's record lists no such item)."""
+    record_path = os.path.join(step_dir, "_CHECKPOINT_METADATA")
+    with open(record_path) as f:
+        record = json.load(f)
+    record["custom_metadata"] = {}
+    if version == 0:
+        shutil.rmtree(os.path.join(step_dir, "ddlm"))
+        del record["item_handlers"]["ddlm"]
+    else:
+        meta_path = os.path.join(step_dir, "ddlm", "metadata")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        meta["format"] = 1
+        del meta["data_checksums"]
+        with open(meta_path, "w") as f:
+            json.dump(meta, f)
+    with open(record_path, "w") as f:
+        json.dump(record, f)
+
+
+def test_honest_checkpoints_of_every_format_restore_bit_identically(trained, tmp_path, caplog):
+    """Issue 21 item 4: the new checks leave honest checkpoints alone: the current format and the older
+    ones (format 1; no ddlm/ metadata) restore the same arrays and data position, bit for bit, as orbax
+    reads them from disk; the older ones with a warning that they were not verified."""
+    import orbax.checkpoint as ocp
+
+    raw = ocp.PyTreeCheckpointer().restore(os.path.join(trained, "checkpoints", "4", "state"))
+    setup, meta = _setup_and_meta(_config())
+    for version in (checkpoints.FORMAT_VERSION, 1, 0):
+        workdir = _copy(trained, tmp_path / f"v{version}")
+        ckpt_dir = os.path.join(workdir, "checkpoints")
+        if version < checkpoints.FORMAT_VERSION:
+            _as_older_format(os.path.join(ckpt_dir, "4"), version)
+        iterator = trainer.make_iterator(setup, "train", batch_size=8)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING), checkpoints.Checkpointer(ckpt_dir) as ckpt:
+            state, step = ckpt.restore_latest(setup.abstract_state(), iterator, metadata=meta)
+        assert step == 4, caplog.text
+        restored = jax.tree_util.tree_flatten_with_path(state)[0]
+        on_disk = dict(zip(*checkpoints.leaf_paths(raw), strict=True))
+        for path, value in zip(checkpoints.leaf_paths(state)[0], (v for _, v in restored), strict=True):
+            np.testing.assert_array_equal(np.asarray(value), np.asarray(on_disk[path]), err_msg=path)
+        assert iterator.get_state() == _data_state(os.path.join(ckpt_dir, "4"))
+        assert "corrupt" not in caplog.text and not os.path.exists(workdir + "/checkpoints_corrupt")
+        assert ("older ddlm" in caplog.text) == (version < checkpoints.FORMAT_VERSION), caplog.text
 
 
 # ------------------------------------------------------------------------------------------------ saving
@@ -346,6 +488,96 @@ def test_checkpoint_directory_turned_read_only_fails_fast(tmp_path):
     lines = [line for line in proc.stdout.splitlines() if line.startswith("ddlm: error:")]
     assert len(lines) == 1 and "is not writable" in lines[0] and "PermissionError" in lines[0], proc.stdout
     assert checkpoints.committed_steps(directory) == [1]
+
+
+# What a job prints around a damaged checkpoint or a failed save: the one line. The child is set up as
+# ddlm.main sets up a job (absl's handler, console.quiet_other_loggers at --log_level, `ddlm: error:` lines).
+_JOB = """
+import os
+import resource
+import sys
+
+from absl import app
+
+if os.environ.get("FILE_SIZE_LIMIT"):  # a write past it fails with EFBIG, as one on a full disk with ENOSPC
+    limit = int(os.environ["FILE_SIZE_LIMIT"])
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # (Python ignores SIGXFSZ)
+
+
+def main(argv):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ddlm import checkpoints
+    from ddlm.train import console
+
+    what, directory, log_level = argv[1:]
+    console.quiet_other_loggers(log_level)
+    if what == "restore":
+        loaded = checkpoints.load_for_inference(directory, devices=jax.devices()[:1])
+        print("restored step", loaded.step)
+        from orbax_race import abandon_orbax_work
+
+        abandon_orbax_work()  # which reads orbax abandons depends on timing: the worst case, made certain
+        return
+    rng = np.random.default_rng(0)
+    state = {f"w{i}": jnp.asarray(rng.standard_normal((64, 256)), jnp.float32) for i in range(4)}
+    ckpt = checkpoints.Checkpointer(directory)
+    ckpt.save(1, state)
+    try:
+        ckpt.close()
+    except checkpoints.CheckpointError as e:
+        print(f"ddlm: error: {e}", file=sys.stderr)  # as ddlm.main reports it
+        sys.exit(1)
+
+
+app.run(main)
+"""
+
+
+def _job(*args, file_size_limit=None):
+    """Runs _JOB with `args`; file_size_limit: the child's RLIMIT_FSIZE in bytes."""
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "",
+        "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")]),
+        "FILE_SIZE_LIMIT": str(file_size_limit or ""),
+    }
+    return subprocess.run(
+        [sys.executable, "-c", _JOB, *args], env=env, capture_output=True, text=True, timeout=180, check=False
+    )
+
+
+def test_damaged_array_file_is_one_warning_line(trained, tmp_path):
+    """Issue 21 item 5: detection worked, but the warning came with 67 to 5,008 lines of orbax/asyncio
+    tracebacks (and two orbax warnings about the read-only mode on every load)."""
+    workdir = _copy(trained, tmp_path)
+    data_dir = os.path.join(workdir, "checkpoints", "4", "state", "ocdbt.process_0", "d")
+    for name in os.listdir(data_dir):  # every array's data file (a loader reads the EMA parameters only)
+        os.remove(os.path.join(data_dir, name))
+    proc = _job("restore", workdir, "warning")
+    assert proc.returncode == 0 and "restored step 2" in proc.stdout, proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and "Checkpoint at step 4 is corrupt or unreadable" in lines[0], proc.stderr[-5000:]
+    assert "Error reading" in lines[0] and "See full TensorStore details" not in lines[0]  # the cause
+
+
+def test_full_disk_is_one_final_line_and_the_details_are_at_info(tmp_path):
+    """Issue 21 item 5: a full disk printed 612 lines with 50 tracebacks before the one that says what
+    happened; with --log_level=info orbax's records of the failure are still there."""
+    proc = _job("save", str(tmp_path / "warning"), "warning", file_size_limit=32 * 1024)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr[-5000:]
+    assert lines[-1].startswith("ddlm: error: the checkpoint of step 1 was not written"), lines[-1]
+    assert "File too large" in lines[-1] and "the last committed checkpoint is none" in lines[-1]
+
+    proc = _job("save", str(tmp_path / "info"), "info", file_size_limit=32 * 1024)
+    last = proc.stderr.splitlines()[-1]
+    assert proc.returncode == 1 and last.startswith("ddlm: error: the checkpoint of step 1 was not written")
+    assert proc.stderr.count("Traceback") >= 2 and "File too large" in proc.stderr  # orbax's own records
 
 
 # ------------------------------------------------------------------------------------------------ metrics
