@@ -27,6 +27,7 @@ import fcntl
 import os
 import socket
 import sys
+import time
 
 from absl import logging
 
@@ -34,6 +35,7 @@ from ddlm import distributed, paths
 from ddlm.sharding import ConfigError
 
 LOCK_FILE = "train.lock"
+_TRIES, _RETRY_S = 5, 0.1  # a held lock is tried this often, this far apart, before the job is refused
 
 
 class WorkdirInUse(ConfigError):
@@ -62,6 +64,7 @@ def _lock(workdir: str, count: int) -> int | None:
     """The descriptor holding the lock of local `workdir` (which exists), or None where the file system
     has no flock; raises WorkdirInUse if another process holds it."""
     path = os.path.join(workdir, LOCK_FILE)
+    busy = 0
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -69,6 +72,10 @@ def _lock(workdir: str, count: int) -> int | None:
         except BlockingIOError:
             holder = _read(fd)
             os.close(fd)
+            busy += 1
+            if busy < _TRIES:  # a look from `holder()` holds it for an instant; a job holds it for hours
+                time.sleep(_RETRY_S)
+                continue
             raise _refusal(workdir, holder) from None
         except OSError as e:
             os.close(fd)
@@ -128,15 +135,21 @@ def _agree(workdir: str, index: int, count: int) -> int | None:
                 f"process 0 did not say within --collective_timeout={timeout}s whether it holds the lock of "
                 f"{workdir} (slower, stuck or dead: see its output)"
             ) from None
-        if answer != "ok":
-            raise WorkdirInUse(answer)
+        verdict, _, message = answer.partition(":")
+        if verdict == "refused":
+            raise WorkdirInUse(message)
+        if verdict == "failed":  # process 0 reports the error itself
+            raise RuntimeError(f"process 0 could not lock {workdir}: {message}")
         return None
     try:
         fd = _lock(workdir, count)
-    except BaseException as e:
-        client.key_value_set(key, str(e) if isinstance(e, WorkdirInUse) else f"process 0 failed: {e!r}")
+    except WorkdirInUse as e:
+        client.key_value_set(key, f"refused:{e}")
         raise
-    client.key_value_set(key, "ok")
+    except BaseException as e:
+        client.key_value_set(key, f"failed:{e!r}")
+        raise
+    client.key_value_set(key, "ok:")
     return fd
 
 
@@ -160,8 +173,7 @@ def hold(workdir: str):
 
 def holder(workdir: str) -> str | None:
     """The description of the process that holds the lock of local `workdir`, or None if nobody does
-    (a look from outside: for the instant it looks, it holds a shared lock, which a job starting at
-    that instant would take for a holder)."""
+    (for the instant it looks, it holds a shared lock: a job starting then tries again, see _TRIES)."""
     path = os.path.join(paths.resolve(workdir), LOCK_FILE)
     try:
         fd = os.open(path, os.O_RDONLY)

@@ -125,13 +125,13 @@ def test_a_killed_launcher_takes_its_processes_along_and_a_second_job_was_refuse
     )
     lines = []
     threading.Thread(target=lambda: lines.extend(launcher.stdout), daemon=True).start()
-    pids = []
+    joined = re.compile(r"process (\d) of 2 joined jax\.distributed \(host \S+, pid (\d+),")
+    pids = {}  # process index: pid, from each process's joined line
     try:
         deadline = time.monotonic() + 240
         while len(pids) < 2 or workdir_lock.holder(work) is None:
             assert launcher.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
-            joined = re.findall(r"joined jax\.distributed \(host \S+, pid (\d+),", "".join(lines))
-            pids = [int(p) for p in joined]
+            pids = {int(i): int(pid) for i, pid in joined.findall("".join(lines))}
             time.sleep(0.1)
         held_by = workdir_lock.holder(work)
         assert held_by.startswith(f"pid {pids[0]} on host {socket.gethostname()}, process 0 of 2, since ")
@@ -152,19 +152,19 @@ def test_a_killed_launcher_takes_its_processes_along_and_a_second_job_was_refuse
             "wait for it to end or stop it, or train in another --workdir"
         )
 
-        assert all(running(p) for p in pids), "".join(lines)[-3000:]
+        assert all(running(p) for p in pids.values()), "".join(lines)[-3000:]
         os.kill(launcher.pid, signal.SIGKILL)
         launcher.wait(timeout=30)
         # (A killed process shows as a zombie while its other threads still exit and hold its files.)
         deadline = time.monotonic() + 30
-        while any(running(p) for p in pids) or workdir_lock.holder(work) is not None:
+        while any(running(p) for p in pids.values()) or workdir_lock.holder(work) is not None:
             if time.monotonic() > deadline:
                 break
             time.sleep(0.05)
-        assert not [p for p in pids if running(p)], "the launcher's processes outlived it"
+        assert not [p for p in pids.values() if running(p)], "the launcher's processes outlived it"
         assert workdir_lock.holder(work) is None
     finally:
-        for p in [launcher.pid, *pids]:
+        for p in [launcher.pid, *pids.values()]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGKILL)
         launcher.wait(timeout=30)
