@@ -6,7 +6,7 @@ The steps, in order:
   validate  every config.sampler field (ddlm.sampling.config.validate), the sampler against the network and
             the sample length against the network's context (`check_config`), and that the output folder
             can be written (`check_output_dir`): each mistake is one line, before anything is loaded;
-  load      the latest checkpoint's (EMA) parameters (ddlm.checkpoints.load_for_inference);
+  load      the latest checkpoint's (EMA) parameters (ddlm.loading.load_for_inference);
   build     the initial tokens (conditioning) and sample(params, rng, x, clamp): the sampler named by
             config.sampler.name (ddlm.sampling.make_sampler) over denoise_fn(xt, t) = model.apply(...)
             (t = None for time-free networks, loss 'radd');
@@ -58,7 +58,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ddlm import checkpoints, losses, models, paths, schedules
+from ddlm import checkpoints, distributed, loading, losses, models, paths, schedules
 from ddlm.data import sft
 from ddlm.sampling import conditioning, make_sampler, stats, visualize
 from ddlm.sampling import config as config_lib
@@ -67,7 +67,7 @@ resolve_config = config_lib.resolve  # default_config() with the given fields se
 
 
 def _load_checkpoint(config, workdir):
-    loaded = checkpoints.load_for_inference(workdir, config, ema=bool(config.sampler.use_ema))
+    loaded = loading.load_for_inference(workdir, config, ema=bool(config.sampler.use_ema))
     return loaded.model, loaded.params, loaded.tokenizer, loaded, loaded.step
 
 
@@ -397,6 +397,9 @@ def _sample_batches(sample, params, x_init, clamp, sc, tok, *, setup, ckpt_step,
         compile_s = time.time() - t0
         logging.info("Compiled the sampler in %.1fs.", compile_s)
         _check_memory(compiled, sc, x_init.shape[1])
+        # Multi-process: the processes meet once compiled, as the trainer's do (a first collective's Gloo
+        # connection set-up gives up after a fixed 30 s; see ddlm.distributed).
+        distributed.wait_for_all("the first sampling batch")
         progress.start = time.time()
         for b in range(progress.num_batches):
             progress.batch, progress.step = b, 0
