@@ -90,6 +90,35 @@ def test_ar_samples_the_networks_joint_distribution():
     assert tv < bound
 
 
+def test_next_token_and_finish_tokens():
+    """next_token: greedy is the argmax without the mask id, a draw follows softmax(logits / temperature)
+    without it (counts within 5 standard deviations), top_k=1 is greedy for any key. finish_tokens: after a
+    row's first GENERATED eos (a known one does not count) and at positions never generated: pad_id, or eos_id
+    if None."""
+    logits = jnp.asarray([[0.0, 1.0, 0.5, 3.0], [2.0, -1.0, 0.0, 9.0]])  # id 3 is the mask, the largest
+    greedy = autoregressive.next_token(None, logits, mask_id=3, greedy=True)
+    np.testing.assert_array_equal(np.asarray(greedy), [1, 0])
+    top1 = fast_jit(lambda r: autoregressive.next_token(r, logits, mask_id=3, top_k=1))(jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(top1), [1, 0])
+    n = 20000
+    row = jnp.tile(logits[:1], (n, 1))
+    draw = fast_jit(lambda r: autoregressive.next_token(r, row, mask_id=3, temperature=0.5))
+    draws = np.asarray(draw(jax.random.key(1)))
+    p = np.exp(np.array([0.0, 1.0, 0.5]) / 0.5)
+    p /= p.sum()
+    freq = np.bincount(draws, minlength=4) / n
+    assert freq[3] == 0
+    np.testing.assert_array_less(np.abs(freq[:3] - p), 5 * np.sqrt(p * (1 - p) / n))
+    m, eos = 9, 3
+    x_init = jnp.asarray([[1, m, m, m, m], [1, eos, m, m, m], [1, m, m, m, m]])
+    x = jnp.asarray([[1, 5, eos, 6, eos], [1, eos, 4, eos, m], [1, 4, 5, 6, 7]])
+    padded = [[1, 5, eos, 0, 0], [1, eos, 4, eos, 0], [1, 4, 5, 6, 7]]
+    np.testing.assert_array_equal(autoregressive.finish_tokens(x, x_init, m, eos, 0), padded)
+    with_eos = [[1, 5, eos, eos, eos], [1, eos, 4, eos, eos]]
+    np.testing.assert_array_equal(autoregressive.finish_tokens(x, x_init, m, eos, None)[:2], with_eos)
+    np.testing.assert_array_equal(autoregressive.finish_tokens(x, x_init, m, None, 0), x)
+
+
 def _first_generated(tokens, x_init, value):
     """[B] first position where `value` was generated (len if never)."""
     hit = (np.asarray(tokens) == value) & (np.asarray(x_init) == MASK)

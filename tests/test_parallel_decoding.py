@@ -27,7 +27,11 @@ from test_sampling import (
     TOY,
     V,
     all_masked,
+    assert_bernoulli_sums,
+    fixed_denoiser,
     histogram,
+    remask_weights,
+    remdm_sigma,
     tjit,
     to_clean_distribution,
     tv,
@@ -299,12 +303,6 @@ def test_remdm_remasking_inside_blocks():
         assert np.all(out.trajectory[:, :, 5] == 4), strategy
 
 
-def _remasking_sigma(strategy, eta, a_s, a_t):
-    """ReMDM's sigma_t (Wang et al. 2025, sec. 4.1), written out independently of the sampler's code."""
-    sigma_max = 1.0 if a_t == 0 else min(1.0, (1.0 - a_s) / a_t)
-    return min(eta, sigma_max) if strategy == "cap" else eta * sigma_max
-
-
 def exact_single_row_remasking_law(toy, steps, strategy, eta):
     """Output law over toy.seqs of rule='random' with ReMDM remasking, one block, for a batch of ONE
     all-masked row (float64, enumerated). At step j of `steps`: count = ceil(masked / (steps - j))
@@ -316,7 +314,7 @@ def exact_single_row_remasking_law(toy, steps, strategy, eta):
     n_pos, mask = toy.length, toy.mask_id
     dist = {((mask,) * n_pos, (0.0,) * n_pos): 1.0}
     for j in range(steps):
-        sigma = _remasking_sigma(strategy, eta, (j + 1) / steps, j / steps)
+        sigma = remdm_sigma(strategy, eta, (j + 1) / steps, j / steps)
         nxt = collections.defaultdict(float)
         for (x, conf), pr in dist.items():
             hidden = [l for l in range(n_pos) if x[l] == mask]
@@ -393,6 +391,40 @@ def test_remasking_freezes_a_row_once_its_block_is_decoded():
         assert np.all(traj[:, 0::2, :3] == [2, 0, 1]), strategy
         odd = traj[:, 1::2] == MASK
         assert np.any(~odd[:-1] & odd[1:]), f"{strategy}: the unfinished rows were never remasked"
+
+
+@pytest.mark.parametrize("strategy,eta", [("cap", 0.6), ("rescale", 0.6), ("confidence", 0.9)])
+def test_remasking_steps_commit_lladas_count_and_remask_at_the_step_formulas_rate(strategy, eta):
+    """Each step of a trajectory (3 positions, one block, 6 steps, rule random) against the decoder's step:
+    an unfinished row commits exactly ceil(masked / steps left) positions and remasks each position decoded
+    before with probability sigma_j (times softmax(-confidence) for 'confidence') on the block's grid
+    alpha = j / 6 (counts against the sums of the probabilities, 5 standard deviations); a finished row
+    stays."""
+    steps, n = 6, 4000
+    out = tjit(
+        lambda r: parallel.parallel_sample(
+            fixed_denoiser, r, jnp.full((n, 3), 2, jnp.int32), mask_id=2, schedule=SCHED, rule="random",
+            steps=steps, remasking=strategy, eta=eta, return_trajectory=True,
+        )
+    )(jax.random.key(37))
+    traj = np.asarray(out.trajectory)
+    assert traj.shape == (steps + 1, n, 3) and not np.any(traj[-1] == 2)
+    remasked_any = 0
+    for j in range(steps):
+        x, y = traj[j], traj[j + 1]
+        hidden = x == 2
+        m = hidden.sum(-1)
+        finished = m == 0
+        np.testing.assert_array_equal(y[finished], x[finished], err_msg=f"step {j}: a finished row changed")
+        committed = hidden & (y != 2)
+        np.testing.assert_array_equal(committed.sum(-1), np.minimum(-(-m // (steps - j)), m), err_msg=str(j))
+        sigma = remdm_sigma(strategy, eta, (j + 1) / steps, j / steps)
+        decoded = ~hidden & ~finished[:, None]
+        remask_p = remask_weights(x, decoded, sigma, strategy)
+        for l in range(3):
+            assert_bernoulli_sums((y[:, l] == 2)[decoded[:, l]], remask_p[decoded[:, l], l], (j, l))
+        remasked_any += np.sum(decoded & (y == 2))
+    assert remasked_any > 0
 
 
 def test_logits_provider_hook_and_refresh_policy():

@@ -65,7 +65,7 @@ def grid(steps, t_min=0.0):
 
 
 def exact_rows(step_probs, steps, t_min=0.0):
-    """Distributions over the (V+1)^L absorbing states after k = 0..steps steps of the grid, from all-masked."""
+    """Distributions over the (V+1)^L absorbing states after k = 0..steps steps, from all-masked."""
     states = TOY.abs_states
     dist = np.zeros(len(states))
     dist[int(TOY.index(np.full((L,), MASK), V + 1))] = 1.0
@@ -195,7 +195,8 @@ def test_first_hitting_event_times_have_the_law_of_the_continuous_process():
     assert not np.any(tokens == MASK)
     assert_absorbing_path(traj)
     masks = np.sum(traj == MASK, axis=-1)  # [L + 1, n]
-    np.testing.assert_array_equal(masks, np.maximum(np.sum(x == MASK, -1)[None] - np.arange(L + 1)[:, None], 0))
+    left = np.sum(x == MASK, -1)[None] - np.arange(L + 1)[:, None]
+    np.testing.assert_array_equal(masks, np.maximum(left, 0))  # one event per step while a row has masks
     for k in range(L):
         np.testing.assert_array_equal(calls[k][0], traj[k])
     times = np.stack([c[1] for c in calls])  # [L calls, n]

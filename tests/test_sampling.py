@@ -302,6 +302,34 @@ def test_noise_removal_fills_what_is_left_greedily():
     assert int(out.nfe) == 3
 
 
+def test_grid_sigma_and_bad_input_of_the_masked_samplers():
+    np.testing.assert_allclose(masked.time_grid(4, 0.2), [1.0, 0.8, 0.6, 0.4, 0.2], atol=1e-7)
+    np.testing.assert_allclose(masked.time_grid(1), [1.0, 0.0])
+    for a_s, a_t in ((0.5, 0.0), (0.6, 0.3), (0.9, 0.8), (1.0, 0.75), (0.3, 0.2)):
+        for strategy, eta in (("cap", 0.3), ("cap", 0.9), ("rescale", 0.5), ("confidence", 0.5)):
+            want = remdm_sigma(strategy, eta, a_s, a_t)
+            got = float(masked.remasking_sigma(strategy, eta, jnp.float32(a_s), jnp.float32(a_t)))
+            np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=f"{strategy} {a_s} {a_t}")
+    den, sched, x = TOY.absorbing_denoiser(), schedules.LinearSchedule(), all_masked(2)
+    ancestral = lambda x, **kw: masked.ancestral_sample(
+        den, None, x, mask_id=MASK, schedule=sched, steps=2, **kw
+    )
+    bad = [
+        (lambda: masked.time_grid(0), "steps must be >= 1, got 0"),
+        (lambda: masked.time_grid(4, 1.0), r"t_min must be in \[0, 1\), got 1.0"),
+        (lambda: masked.time_grid(4, -0.1), r"t_min must be in \[0, 1\), got -0.1"),
+        (lambda: masked.remasking_sigma("none", 0.5, 0.5, 0.2), "unknown remasking strategy 'none'"),
+        (lambda: ancestral(x[0]), r"\[batch, length\]"),
+        (lambda: ancestral(x * 1.0), "float32"),
+        (lambda: masked.first_hitting_sample(den, None, x, mask_id=None, schedule=sched), "need mask_id"),
+        (lambda: ancestral(x, remasking="up"), "unknown remasking strategy 'up'"),
+        (lambda: ancestral(x, cache=True, remasking="cap"), "cache=True needs remasking='none'"),
+    ]
+    for fn, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            fn()
+
+
 # ------------------------------------------------------------------------------------------ SEDD score samplers
 
 
@@ -321,6 +349,85 @@ def score_step_probs(score_fn, graph, method, sched):
 def exact_uniform_distribution(method, sched, steps):
     step = score_step_probs(uniform_score_fn(sched), "uniform", method, sched)
     return chain(step, steps, TOY.seqs, np.full(len(TOY.seqs), 1.0 / len(TOY.seqs)))
+
+
+def test_score_step_probabilities_against_the_formulas():
+    """step_probs against SEDD's formulas (module docstring of ddlm.sampling.score), written out in numpy
+    float64 from closed-form schedules: the absorbing reveal weight k at t = 1 (alpha(1) = 0), mid-way and
+    near 0; the uniform graph's Euler and analytic steps with random ratios; an Euler step too large for the
+    absorbing graph clipped and renormalised."""
+    rng = np.random.default_rng(1)
+    closed = {  # alpha(t), alpha'(t)
+        "loglinear": (lambda t: 1 - (1 - 1e-3) * t, lambda t: -(1 - 1e-3) + 0 * t),
+        "linear": (lambda t: 1 - t, lambda t: -1 + 0 * t),
+        "cosine": (
+            lambda t: 1 - np.cos(0.5 * np.pi * (1 - t)),
+            lambda t: -0.5 * np.pi * np.sin(0.5 * np.pi * (1 - t)),
+        ),
+    }
+    t = np.array([1.0, 0.7, 0.3, 0.05])
+    s = np.array([0.6, 0.5, 0.28, 0.01])
+    c = rng.dirichlet(np.ones(3), size=(4, 2))  # c_y over the 3 real tokens, [B, L, 3]
+    log_c = np.concatenate([np.log(c), np.full((4, 2, 1), 5.0)], -1)  # the mask column is ignored
+    xt = np.array([[MASK, 1]] * 4)  # position 0 masked, position 1 decoded
+    for name, (alpha, dalpha) in closed.items():
+        sched = schedules.get_schedule(name)
+        for method in ("euler", "analytic"):
+            if method == "euler":
+                k = (t - s) * -dalpha(t) / (1 - alpha(t))
+            else:
+                k = (alpha(s) - alpha(t)) / (1 - alpha(t))
+            t32, s32 = jnp.asarray(t, jnp.float32), jnp.asarray(s, jnp.float32)
+            got = np.asarray(score.absorbing_reveal_weight(sched, t32, s32, method))
+            np.testing.assert_allclose(got, k, rtol=2e-4, err_msg=f"{name} {method}")
+            probs = np.asarray(
+                score.step_probs(
+                    jnp.asarray(log_c, jnp.float32), jnp.asarray(xt), graph="absorbing", method=method,
+                    schedule=sched, t=t32, s=s32, mask_id=MASK,
+                )
+            )
+            want = np.concatenate([k[:, None] * c[:, 0], 1 - k[:, None] * c[:, 0].sum(-1, keepdims=True)], -1)
+            np.testing.assert_allclose(probs[:, 0], want, rtol=2e-4, atol=1e-6, err_msg=f"{name} {method}")
+            np.testing.assert_array_equal(probs[:, 1], np.eye(V + 1)[[1] * 4])  # a decoded token stays
+    # A too-large Euler step (linear, t = 0.9 -> 0: k = 1, sum_y k c_y = 1.8): the negative stay is clipped.
+    big = np.asarray(
+        score.step_probs(
+            jnp.log(jnp.asarray([[[0.6, 0.6, 0.6, 1.0]]])), jnp.asarray([[MASK]]), graph="absorbing",
+            method="euler", schedule=schedules.LinearSchedule(), t=0.9, s=0.0, mask_id=MASK,
+        )
+    )
+    np.testing.assert_allclose(big[0, 0], [1 / 3, 1 / 3, 1 / 3, 0.0], rtol=1e-5, atol=1e-7)
+    # The uniform graph, geometric schedule: sigma(t) = sigma_min^(1-t) sigma_max^t.
+    geo = schedules.GeometricSchedule()
+    sig = lambda u: 1e-4 ** (1 - u) * 20.0**u
+    nv = 3
+    ratios = np.exp(rng.normal(size=(4, 2, nv)))
+    xu = rng.integers(0, nv, (4, 2))
+    onehot = np.eye(nv)[xu]
+    ratios_self = np.where(onehot > 0, 1.0, ratios)
+    tau = sig(t) - sig(s)
+    euler_moves = ((t - s) * sig(t) * math.log(20.0 / 1e-4))[:, None, None] / nv * ratios_self * (1 - onehot)
+    euler = np.clip(euler_moves + onehot * (1 - euler_moves.sum(-1, keepdims=True)), 0, None)
+    e = np.exp(tau)[:, None, None]
+    analytic = (e * ratios_self + (1 - e) / nv * ratios_self.sum(-1, keepdims=True)) * (
+        onehot / e + (1 - 1 / e) / nv
+    )
+    for method, want in (("euler", euler), ("analytic", analytic)):
+        want = np.clip(want, 0, None)
+        want = want / want.sum(-1, keepdims=True)
+        got = score.step_probs(
+            jnp.asarray(np.log(ratios), jnp.float32), jnp.asarray(xu), graph="uniform", method=method,
+            schedule=geo, t=jnp.asarray(t, jnp.float32), s=jnp.asarray(s, jnp.float32),
+        )
+        np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=1e-6, err_msg=method)
+    for kw, msg in (
+        (dict(graph="absorbing", method="euler"), "graph 'absorbing' needs mask_id"),
+        (dict(graph="tree", method="euler"), "unknown graph 'tree'"),
+        (dict(graph="uniform", method="leap"), "unknown method 'leap'"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            score.step_probs(jnp.zeros((1, 1, 3)), jnp.zeros((1, 1), jnp.int32), schedule=geo, t=0.5, s=0.4,
+                             **kw)
 
 
 @pytest.mark.parametrize(
@@ -486,6 +593,79 @@ def test_remdm_rescale_matches_its_exact_distribution():
     emp = histogram(out.tokens)
     assert tv(emp, exact) < tv_bound(exact, N_SAMPLES), (tv(emp, exact), tv_bound(exact, N_SAMPLES))
     assert tv(exact, TOY.probs) < 0.08
+
+
+# A time- and state-free network over 2 tokens (mask id 2) at 3 positions: p(x_0^l) fixed per position, so the
+# confidence of a decoded token (ReMDM 'confidence') is known from its value alone.
+REMASK_PROBS = np.array([[0.9, 0.1], [0.5, 0.5], [0.2, 0.8]])
+
+
+def fixed_denoiser(xt, t):
+    del t
+    logits = np.concatenate([np.log(REMASK_PROBS), np.zeros((3, 1))], axis=1)  # the mask column is ignored
+    return jnp.broadcast_to(jnp.asarray(logits, jnp.float32), xt.shape + (3,))
+
+
+def remdm_sigma(strategy, eta, a_s, a_t):
+    """ReMDM's sigma_t (Wang et al. 2025, sec. 4.1), independent of the sampler's code; 0 for 'none'."""
+    sigma_max = 1.0 if a_t == 0 else min(1.0, (1.0 - a_s) / a_t)
+    return {"none": 0.0, "cap": min(eta, sigma_max)}.get(strategy, eta * sigma_max)
+
+
+def remask_weights(x, decoded, sigma, strategy):
+    """Per-position remasking probability [B, 3] of the decoded positions: sigma, or for 'confidence' sigma
+    times softmax(-confidence) over the row's decoded positions (confidence = p of the decoded token)."""
+    if strategy != "confidence":
+        return np.where(decoded, sigma, 0.0)
+    conf = REMASK_PROBS[np.arange(3), np.where(decoded, x, 0)]
+    w = np.where(decoded, np.exp(-conf), 0.0)
+    return sigma * w / np.maximum(w.sum(-1, keepdims=True), 1e-300)
+
+
+def assert_bernoulli_sums(events, probs, what, sds=5.0):
+    """The count of `events` (bool) against the sum of their probabilities, within `sds` standard
+    deviations."""
+    events, probs = np.asarray(events, np.float64), np.asarray(probs, np.float64)
+    mean, sd = probs.sum(), math.sqrt(np.sum(probs * (1.0 - probs)))
+    assert abs(events.sum() - mean) <= sds * sd + 1e-9, (what, events.sum(), mean, sd)
+
+
+@pytest.mark.parametrize("strategy,eta", [("none", 0.0), ("cap", 0.6), ("rescale", 0.6), ("confidence", 0.9)])
+def test_remdm_steps_reveal_and_remask_at_the_rates_of_the_step_formula(strategy, eta):
+    """Every step of the trajectory against ReMDM's step (Wang et al. 2025, eq. 6) on the cosine grid: a
+    masked position is revealed with probability (alpha_s - (1 - sigma) alpha_t) / (1 - alpha_t), as a draw
+    from p(x_0^l); a decoded one is remasked with probability sigma (times softmax(-confidence) for
+    'confidence'). Counts per step and position against the sums of these probabilities (5 standard
+    deviations)."""
+    steps, n = 4, 4000
+    sched = schedules.CosineSchedule()
+    out = tjit(
+        lambda r: masked.ancestral_sample(
+            fixed_denoiser, r, jnp.full((n, 3), 2, jnp.int32), mask_id=2, schedule=sched, steps=steps,
+            remasking=strategy, eta=eta, return_trajectory=True,
+        )
+    )(jax.random.key(19))
+    traj = np.asarray(out.trajectory)
+    t = 1.0 - np.arange(steps + 1) / steps
+    alpha = 1.0 - np.cos(0.5 * np.pi * (1.0 - t))  # cosine, written out
+    remasked_any = 0
+    for k in range(steps):
+        x, y = traj[k], traj[k + 1]
+        sigma = remdm_sigma(strategy, eta, alpha[k + 1], alpha[k])
+        reveal = (alpha[k + 1] - (1.0 - sigma) * alpha[k]) / (1.0 - alpha[k])
+        hidden, decoded = x == 2, x != 2
+        remask_p = remask_weights(x, decoded, sigma, strategy)
+        for l in range(3):
+            assert_bernoulli_sums((y[:, l] != 2)[hidden[:, l]], np.full(hidden[:, l].sum(), reveal), (k, l))
+            assert_bernoulli_sums((y[:, l] == 2)[decoded[:, l]], remask_p[decoded[:, l], l], (k, l, "remask"))
+        remasked_any += np.sum(decoded & (y == 2))
+    assert (remasked_any > 0) == (strategy != "none")
+    # Revealed tokens are draws from p(x_0^l).
+    new = (traj[:-1] == 2) & (traj[1:] != 2)
+    for l in range(3):
+        drawn = traj[1:][..., l][new[..., l]]
+        assert_bernoulli_sums(drawn == 1, np.full(drawn.size, REMASK_PROBS[l, 1]), ("token", l))
+    assert not np.any(traj[-1] == 2)
 
 
 def test_guidance_scale_zero_is_conditional_sampling():
