@@ -11,7 +11,7 @@ Networks have random weights (speed does not depend on them; the adaptive parall
 near-uniform random network they commit about one token per step, so their rows here are an upper bound
 on NFE). Masked-diffusion rows use a time-free bidirectional DiT, BD3-LM rows a time-free block-causal
 network, the AR rows a causal one, all of --size. With --workdir the masked-diffusion rows use the trained
-DiT of that run's latest checkpoint instead (ddlm.checkpoints.load_for_inference: its size, vocabulary, time
+DiT of that run's latest checkpoint instead (ddlm.loading.load_for_inference: its size, vocabulary, time
 conditioning and mask id; EMA parameters), so that threshold / EB commit what a trained model is confident
 about; the AR and BD3-LM rows keep random weights of the same size (their NFE and time do not depend on the
 weights). Each sampler is compiled once per (batch, length) (compilation excluded from the time), then run
@@ -111,9 +111,9 @@ def build_network(kind: str, size: str | ml_collections.ConfigDict, vocab: int) 
 
 def load_network(workdir: str) -> tuple[Network, ml_collections.ConfigDict]:
     """The trained DiT of `workdir`'s latest checkpoint (EMA parameters) on one device, and its config."""
-    from ddlm import checkpoints
+    from ddlm import loading
 
-    loaded = checkpoints.load_for_inference(workdir, devices=jax.devices()[:1])
+    loaded = loading.load_for_inference(workdir, devices=jax.devices()[:1])
     if loaded.config.model.name != "dit":
         raise ValueError(
             f"--workdir={workdir}: the masked-diffusion rows need a 'dit' network, got "

@@ -1,9 +1,9 @@
-"""Checkpoints: what is saved with each one, how a restore is checked, and the loader sampling/ and eval/ use.
+"""Checkpoints: what is saved with each one and how a restore is checked (the network is not built here: the
+loader sampling/ and eval/ use, ddlm.loading.load_for_inference, sits above this module and ddlm.models).
 
     Checkpointer(directory, keep=3)                 orbax CheckpointManager (async, keep N): the trainer's
     Checkpointer(directory, read_only=True)         restores only; creates, moves and deletes nothing
     checkpoint_metadata(config, tokenizer)          the config, its compatibility subset, the data fingerprint
-    load_for_inference(workdir, config=None, ema=True) -> Loaded(config, tokenizer, model, params, step, mesh)
     check_writable(directory, what)                 one-line CheckpointError if `directory` cannot be written
 
 Layout of <workdir>/checkpoints/<step>/ (orbax writes <step>.orbax-checkpoint-tmp and renames it when every
@@ -48,7 +48,6 @@ abandons are INFO (see ddlm.train.console), shown with --log_level=info.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import hashlib
 import json
@@ -58,14 +57,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax import lax
 from jax.experimental import multihost_utils
 
-from ddlm import paths, sharding
+from ddlm import paths
 from ddlm.sharding import ConfigError
 
 # 1: ddlm/ with per-leaf array checksums. 2: also the data-iterator state's and the JSON's own checksums,
@@ -499,9 +497,7 @@ class Checkpointer:
         # checkpoint that names a format but lacks ddlm/ is damaged, not older.
         record = {_META_ITEM: {"format": FORMAT_VERSION, "metadata_sha256": _json_digest(meta)}}
         self._pending = int(step)
-        return self.manager.save(
-            step, args=ocp.args.Composite(**items), force=force, custom_metadata=record
-        )
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force, custom_metadata=record)
 
     def wait(self):
         """Waits for the pending asynchronous save; CheckpointError if it did not commit."""
@@ -881,86 +877,3 @@ def _shorten(text: str, limit: int = 400) -> str:
         return line
     half = (limit - 5) // 2
     return f"{line[:half]} ... {line[-half:]}"
-
-
-# ------------------------------------------------------------------------------------------------ inference
-
-
-@dataclasses.dataclass
-class Loaded:
-    """What sampling and evaluation need from a checkpoint."""
-
-    config: ml_collections.ConfigDict  # the config the network was built from
-    tokenizer: Any
-    model: Any  # flax.linen Module
-    params: Any  # parameter tree (EMA or raw), sharded over `mesh`
-    step: int
-    mesh: jax.sharding.Mesh
-
-    def context(self):
-        """Mesh and logical-axis rules in scope while tracing the network."""
-        return sharding.mesh_context(self.mesh)
-
-
-def load_for_inference(workdir: str, config=None, *, ema: bool = True, devices=None) -> Loaded:
-    """The newest usable checkpoint of `workdir` as (config, tokenizer, model, params, step, mesh).
-
-    With `config=None` the network is rebuilt from the config stored in the checkpoint; a given config must
-    be compatible with it (IncompatibleCheckpointError otherwise, naming the fields) and use the same
-    tokenizer vocabulary (DataChangedError otherwise: samples would be decoded with the wrong vocabulary).
-    Only the parameters are read (the EMA ones with `ema`), not the optimizer state. Creates nothing in
-    `workdir`: a missing or empty checkpoint directory is a one-line CheckpointError."""
-    from ddlm import models
-    from ddlm.data import tokenizers
-
-    devices = list(jax.devices() if devices is None else devices)
-    with Checkpointer(os.path.join(workdir, CHECKPOINTS_DIR), read_only=True) as checkpointer:
-        newest, stored = checkpointer.newest_metadata()
-        if config is None:
-            if stored is None or "config" not in stored:
-                raise CheckpointError(
-                    f"the checkpoint at step {newest} in {checkpointer.directory} stores no config "
-                    "(written by an older ddlm): pass --config"
-                )
-            config = ml_collections.ConfigDict(stored["config"])
-        tokenizer = tokenizers.get_tokenizer(config.data)
-        current = {
-            "compatibility": compatibility(config, tokenizer),
-            "data": {"tokenizer_fingerprint": tokenizer.fingerprint},
-        }
-        if stored is not None:
-            diffs = compatibility_differences(stored, current) + data_differences(
-                stored, current, fields=("tokenizer_fingerprint",)
-            )
-            if diffs:
-                raise IncompatibleCheckpointError(
-                    f"the checkpoint at step {newest} in {checkpointer.directory} was written by an "
-                    f"incompatible config: {'; '.join(diffs)}"
-                )
-        model = models.get_model(config.model, tokenizer.vocab_size)
-        mesh = _inference_mesh(config, devices)
-        init_inputs = sharding.model_init_inputs(config.diffusion.loss, 1, config.train.seq_len)
-        boxed, _ = sharding.abstract_params(model, init_inputs)
-        # A converted checkpoint (ddlm.models.convert) holds one parameter set, 'params', and no EMA.
-        field = "ema_params" if ema and not (stored or {}).get("params_only") else "params"
-        abstract = {
-            field: sharding.sharded_abstract_params(boxed, mesh),
-            "step": jax.ShapeDtypeStruct((), jnp.int32),
-        }
-        restored, step = checkpointer.restore_latest(abstract, partial=True)
-    if restored is None:
-        raise CheckpointError(
-            f"no usable checkpoint in {os.path.join(workdir, CHECKPOINTS_DIR)} (all corrupt)"
-        )
-    return Loaded(
-        config=config, tokenizer=tokenizer, model=model, params=restored[field], step=step, mesh=mesh
-    )
-
-
-def _inference_mesh(config, devices):
-    """The config's mesh if it fits these devices, else plain data parallelism over them."""
-    try:
-        return sharding.make_mesh(config.mesh, devices)
-    except ConfigError as e:
-        logging.info("config.mesh does not fit %d devices (%s): using data parallelism.", len(devices), e)
-        return sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddlm import checkpoints, losses, schedules
+from ddlm import checkpoints, loading, losses, schedules
 from ddlm.models import layers
 from ddlm.sharding import ConfigError
 from ddlm.train import adapt, trainer
@@ -61,7 +61,7 @@ def test_diffullama_adaptation_starts_from_the_ar_parameters_and_anneals(ar_work
     config.train.init_from = ar_workdir
     setup = trainer.build(config, jax.devices()[:1])
     params = adapt.load_init_params(ar_workdir, setup.abstract_state().params, setup.tokenizer)
-    ar = checkpoints.load_for_inference(ar_workdir, devices=jax.devices()[:1])  # its EMA parameters
+    ar = loading.load_for_inference(ar_workdir, devices=jax.devices()[:1])  # its EMA parameters
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ar.params), strict=True):
         np.testing.assert_array_equal(a, b)
 
@@ -118,7 +118,7 @@ def test_diffullama_adaptation_starts_from_the_ar_parameters_and_anneals(ar_work
     assert f"Initialised the parameters from {ar_workdir}" in caplog.text
     # Two Adam steps of lr <= 2e-3 move each parameter by ~4e-3 at most from where they started: the AR
     # checkpoint's (a fresh initialisation differs from it by ~0.02 and more).
-    trained = checkpoints.load_for_inference(adapted, devices=jax.devices()[:1], ema=False).params
+    trained = loading.load_for_inference(adapted, devices=jax.devices()[:1], ema=False).params
     moved = max(
         float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(ar.params))
     )

@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 from model_utils import tiny_decoder
 from test_parallel_decoding import cfg as _cfg  # config.sampler with name='parallel' and these fields
 
-from ddlm import checkpoints, models, sampling, schedules
+from ddlm import loading, models, sampling, schedules
 from ddlm.data import corpora
 from ddlm.eval import likelihood
 from ddlm.sampling import caches, cli, parallel
@@ -216,7 +216,7 @@ def trained(tmp_path_factory):
         config[section][field] = value
     workdir = str(tmp_path_factory.mktemp("caches_run"))
     trainer.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
-    return workdir, checkpoints.load_for_inference(workdir, devices=jax.devices()[:1])
+    return workdir, loading.load_for_inference(workdir, devices=jax.devices()[:1])
 
 
 def _prompts(loaded, n, prompt_len, length, seed=0):

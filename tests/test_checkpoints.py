@@ -32,7 +32,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ddlm import checkpoints
+from ddlm import checkpoints, loading
 from ddlm.train import metrics as metrics_lib
 from ddlm.train import trainer
 
@@ -152,7 +152,7 @@ def test_changed_corpus_is_an_error_unless_allowed(trained, tmp_path):
 
 
 def test_load_for_inference_rebuilds_the_network_from_the_stored_config(trained):
-    loaded = checkpoints.load_for_inference(trained, devices=DEVICES)
+    loaded = loading.load_for_inference(trained, devices=DEVICES)
     assert loaded.step == 4 and loaded.config.model.d_model == 32 and loaded.tokenizer.vocab_size == 260
     assert loaded.config.train.steps == 4  # the whole config was stored, not only the compatibility subset
     import orbax.checkpoint as ocp
@@ -161,7 +161,7 @@ def test_load_for_inference_rebuilds_the_network_from_the_stored_config(trained)
     for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(raw["ema_params"]), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(checkpoints.IncompatibleCheckpointError, match=r"model.num_layers: 1 -> 2"):
-        checkpoints.load_for_inference(trained, _config(**{"model.num_layers": 2}), devices=DEVICES)
+        loading.load_for_inference(trained, _config(**{"model.num_layers": 2}), devices=DEVICES)
 
 
 def test_changed_tokenizer_for_inference_is_the_incompatible_config_line(trained):
@@ -173,7 +173,7 @@ def test_changed_tokenizer_for_inference_is_the_incompatible_config_line(trained
         "data.tokenizer_fingerprint: 'aaaa' -> 'bbbb'"
     ]
     with pytest.raises(checkpoints.IncompatibleCheckpointError) as error:
-        checkpoints.load_for_inference(trained, _config(**{"data.tokenizer": "char"}), devices=DEVICES)
+        loading.load_for_inference(trained, _config(**{"data.tokenizer": "char"}), devices=DEVICES)
     message = str(error.value)
     assert "\n" not in message and "incompatible config" in message
     assert "data.tokenizer: 'byte' -> 'char'" in message and "data.tokenizer_fingerprint" in message
@@ -288,7 +288,7 @@ def test_flipped_bit_falls_back_and_corrupt_checkpoints_are_never_overwritten(
 
     # Read-only users (eval, sampling) skip a corrupt checkpoint and leave it where it is.
     shutil.copytree(damaged, os.path.join(ckpt_dir, "4"))
-    loaded = checkpoints.load_for_inference(workdir, devices=DEVICES)
+    loaded = loading.load_for_inference(workdir, devices=DEVICES)
     assert loaded.step == 2 and os.path.isdir(os.path.join(ckpt_dir, "4"))
 
 
@@ -509,13 +509,13 @@ def main(argv):
     import jax.numpy as jnp
     import numpy as np
 
-    from ddlm import checkpoints
+    from ddlm import checkpoints, loading
     from ddlm.train import console
 
     what, directory, log_level = argv[1:]
     console.quiet_other_loggers(log_level)
     if what == "restore":
-        loaded = checkpoints.load_for_inference(directory, devices=jax.devices()[:1])
+        loaded = loading.load_for_inference(directory, devices=jax.devices()[:1])
         print("restored step", loaded.step)
         from orbax_race import abandon_orbax_work
 
@@ -560,7 +560,8 @@ def test_damaged_array_file_is_one_warning_line(trained, tmp_path):
     proc = _job("restore", workdir, "warning")
     assert proc.returncode == 0 and "restored step 2" in proc.stdout, proc.stderr[-3000:]
     lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and "Checkpoint at step 4 is corrupt or unreadable" in lines[0], proc.stderr[-5000:]
+    assert len(lines) == 1, proc.stderr[-5000:]
+    assert "Checkpoint at step 4 is corrupt or unreadable" in lines[0], lines
     assert "Error reading" in lines[0] and "See full TensorStore details" not in lines[0]  # the cause
 
 
@@ -652,7 +653,7 @@ def test_eval_and_sample_on_an_empty_workdir_create_nothing(tmp_path):
     empty = str(tmp_path / "empty")
     os.makedirs(empty)
     with pytest.raises(checkpoints.CheckpointError, match="no checkpoint in .*train first"):
-        checkpoints.load_for_inference(empty, _config(), devices=DEVICES)
+        loading.load_for_inference(empty, _config(), devices=DEVICES)
     with pytest.raises(checkpoints.CheckpointError, match="no checkpoint in .*train first"):
         trainer.evaluate(_config(), empty, devices=DEVICES)
     assert os.listdir(empty) == []

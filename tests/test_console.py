@@ -94,8 +94,9 @@ def test_reports_of_work_orbax_abandoned_are_info_records(absl_handler, abandone
     assert all(absl_handler.filter(r) for r in records)
     assert abandoned_work_hooks == []  # nothing reached the previous hook
 
+    error = ValueError("a real error")
     other = types.SimpleNamespace(
-        exc_type=ValueError, exc_value=ValueError("a real error"), exc_traceback=None, err_msg=None, object=None
+        exc_type=ValueError, exc_value=error, exc_traceback=None, err_msg=None, object=None
     )
     sys.unraisablehook(other)
     assert abandoned_work_hooks == [other]

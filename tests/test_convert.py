@@ -18,7 +18,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from ddlm import checkpoints, models, sharding
+from ddlm import checkpoints, loading, models, sharding
 from ddlm import convert
 from ddlm.models import hf as hf_layout
 from ddlm.sharding import ConfigError
@@ -197,7 +197,7 @@ def test_converted_checkpoint_samples_pytorchs_greedy_continuation(hf_models, tm
     spec.loader.exec_module(module)
     config = module.get_config()
     assert (config.model.name, config.model.attention, config.data.tokenizer) == ("llama", "causal", "hf")
-    loaded = checkpoints.load_for_inference(workdir)  # the stored config; the parameters ('params', no EMA)
+    loaded = loading.load_for_inference(workdir)  # the stored config; the parameters ('params', no EMA)
     assert loaded.step == 0 and loaded.tokenizer.vocab_size == HF_VOCAB + 1
     s = config.sampler
     s.prompt, s.greedy, s.stop_at_eos, s.num_samples, s.batch_size, s.progress = (

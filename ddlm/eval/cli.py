@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from ddlm import checkpoints, losses, paths, schedules, sharding
+from ddlm import checkpoints, loading, losses, paths, schedules, sharding
 from ddlm.eval import config as config_lib
 from ddlm.eval import likelihood, sample_quality
 
@@ -51,9 +51,9 @@ class Loaded(NamedTuple):
 
 
 def load_checkpoint(config, workdir: str, *, ema: bool = True) -> Loaded:
-    """The latest usable checkpoint of `workdir` (ddlm.checkpoints.load_for_inference); with config=None the
+    """The latest usable checkpoint of `workdir` (ddlm.loading.load_for_inference); with config=None the
     network is rebuilt from the config stored in the checkpoint."""
-    loaded = checkpoints.load_for_inference(workdir, config, ema=ema)
+    loaded = loading.load_for_inference(workdir, config, ema=ema)
     return Loaded(
         loaded.model,
         loaded.params,

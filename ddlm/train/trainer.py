@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from ddlm import checkpoints, distributed, paths, sharding, workdir_lock
+from ddlm import checkpoints, distributed, loading, paths, sharding, workdir_lock
 from ddlm.sharding import ConfigError
 from ddlm.train import console, optim
 from ddlm.train import metrics as metrics_lib
@@ -579,9 +579,9 @@ def evaluate(config, workdir: str, devices=None) -> dict:
 
 
 def load_params(config, workdir: str, *, ema: bool = True, devices=None):
-    """(setup, params, step) of the latest checkpoint in `workdir` (ddlm.checkpoints.load_for_inference,
+    """(setup, params, step) of the latest checkpoint in `workdir` (ddlm.loading.load_for_inference,
     plus the trainer's setup for callers that want the loss or the optimizer)."""
-    loaded = checkpoints.load_for_inference(workdir, config, ema=ema, devices=devices)
+    loaded = loading.load_for_inference(workdir, config, ema=ema, devices=devices)
     return build(config, devices), loaded.params, loaded.step
 
 
