@@ -76,7 +76,7 @@ def load_for_inference(workdir: str, config=None, *, ema: bool = True, devices=N
         mesh = _inference_mesh(config, devices)
         init_inputs = sharding.model_init_inputs(config.diffusion.loss, 1, config.train.seq_len)
         boxed, _ = sharding.abstract_params(model, init_inputs)
-        # A converted checkpoint (ddlm.models.convert) holds one parameter set, 'params', and no EMA.
+        # A converted checkpoint (ddlm.convert) holds one parameter set, 'params', and no EMA.
         field = "ema_params" if ema and not (stored or {}).get("params_only") else "params"
         abstract = {
             field: sharding.sharded_abstract_params(boxed, mesh),
