@@ -1,14 +1,28 @@
 """Prepared corpora: a tfds builder for local text, a cache with integrity checks, and data sources.
 
 ``prepare_corpus(config)`` (or ``python -m ddlm.data.prepare --corpus=...``) turns a corpus name
-into a tfds dataset in ``array_record`` format with ``train`` and ``validation`` splits, under
-``<data_dir>/tfds/text_corpus/<corpus>/<version>``.
-It runs on first use and is cached: a second call checks a manifest (sizes and sha256 of every file
-written, plus a fingerprint of the inputs) and reuses the data; a missing manifest (a preparation that
-died half-way), a file whose size or checksum differs (corruption), or changed inputs (a local
-directory that was edited) make it delete the folder and prepare again. tfds itself writes into an
-``incomplete.*`` folder and renames it only when every split is complete, and the manifest is written
-last, so a crash never leaves a dataset that looks complete.
+into a tfds dataset in ``array_record`` format with ``train`` and ``validation`` splits.
+
+The cache is shared by every run on the host, so a prepared corpus is never changed or deleted once
+written: a run may be reading it. Each *variant* of a corpus -- one fingerprint of everything that
+defines it (the source files, ``text_field``, ``validation_fraction``, the builder's version) -- has
+its own folder, ``<cache>/corpora/<corpus>/<fingerprint[:16]>/`` (a tfds ``data_dir``: the data is in
+``text_corpus/<corpus>/<version>`` below it), so a fork with another validation split prepares a
+second variant beside the first instead of replacing it. A preparation runs under a lock per variant
+(concurrent preparers of one variant wait for the first and reuse its work; other variants go on),
+writes into a temporary folder beside the final one (tfds's own ``incomplete.*`` folder inside it),
+adds a manifest (sizes and sha256 of every file written, plus the fingerprint), and only then renames
+the whole folder into place, one atomic rename: a crash leaves nothing that looks prepared. A second
+call checks the manifest and reuses the data. A variant found damaged (a file whose size or checksum
+differs) is prepared again and the damaged folder renamed aside (``.corrupt-*``, kept, with a
+warning) by one rename; files a reader already has open stay readable, but array_record opens a
+shard's file on its first read, so a damaged variant is the one case where a running reader can fail.
+
+A corpus prepared by an earlier ddlm under ``<cache>/tfds/text_corpus/<corpus>/<version>`` (one
+folder per corpus, replaced when its inputs changed) is used in place when its manifest matches the
+request; it is only read, never modified, moved or deleted. Unused variants are not removed
+automatically (a running job may read any of them): delete their folders by hand when nothing reads
+them.
 
 ``data_source(config, split)`` returns a random-access source (``len``, ``__getitem__`` -> dict with
 ``'text'`` bytes) read back with ``builder.as_data_source()`` -- no TensorFlow. Any other corpus name
@@ -21,10 +35,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import logging as logging_std
 import os
 import shutil
+import time
+import uuid
 
 import tensorflow_datasets as tfds
 from absl import logging
@@ -204,6 +221,9 @@ def _input_fingerprint(config) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+_INPUTS_CHANGED = "inputs changed since preparation"
+
+
 def _check_manifest(version_dir: str, fingerprint: str) -> str | None:
     """Returns None if the prepared folder is complete and intact, else why it is not."""
     path = os.path.join(version_dir, MANIFEST)
@@ -215,7 +235,7 @@ def _check_manifest(version_dir: str, fingerprint: str) -> str | None:
     except (OSError, json.JSONDecodeError) as e:
         return f"unreadable manifest ({e})"
     if manifest.get("fingerprint") != fingerprint:
-        return "inputs changed since preparation"
+        return _INPUTS_CHANGED
     files = manifest.get("files", {})
     if sorted(files) != _data_files(version_dir):
         return "the set of files differs from the manifest"
@@ -248,6 +268,120 @@ class PreparedCorpus:
         return self.manifest["splits"][split]["bytes"]
 
 
+VARIANTS_DIR = "corpora"  # <cache>/corpora/<corpus slug>/<fingerprint[:16]>: one prepared variant
+LEGACY_DIR = "tfds"  # <cache>/tfds/text_corpus/<corpus slug>/<version>: before variants
+_KEY_CHARS = 16  # hex digits of the fingerprint naming a variant's folder (64 bits)
+
+
+def variant_dir(config) -> str:
+    """The tfds data_dir of the variant of ``config``'s corpus: ``<cache>/corpora/<corpus>/<fingerprint>``."""
+    key = _input_fingerprint(config)[:_KEY_CHARS]
+    return os.path.join(cache_dir(config), VARIANTS_DIR, corpus_slug(config.corpus), key)
+
+
+def _version_dir(data_dir: str, slug: str) -> str:
+    """Where tfds keeps the dataset of config ``slug`` under ``data_dir`` (builder.data_dir)."""
+    return os.path.join(data_dir, TextCorpus.name, slug, str(TextCorpus.VERSION))
+
+
+def _builder(builder_config, data_dir: str, stats=None) -> TextCorpus:
+    return TextCorpus(config=builder_config, data_dir=data_dir, stats=stats, file_format="array_record")
+
+
+def _reuse(builder_config, data_dir: str, fingerprint: str, what: str) -> PreparedCorpus | str | None:
+    """The variant prepared under ``data_dir`` if it is complete and intact; else why not (a string),
+    or None if nothing is there."""
+    version_dir = _version_dir(data_dir, builder_config.name)
+    if not os.path.exists(version_dir):
+        return None
+    problem = _check_manifest(version_dir, fingerprint)
+    if problem is not None:
+        return f"{what} {version_dir}: {problem}"
+    with open(os.path.join(version_dir, MANIFEST)) as f:
+        prepared = PreparedCorpus(_builder(builder_config, data_dir), version_dir, json.load(f))
+    prepared.reused = True
+    return prepared
+
+
+def _fsync_tree(top: str) -> None:
+    """Flushes every file and folder under ``top`` to disk, so the rename that publishes it cannot land
+    before its contents (a power cut would otherwise leave a complete-looking folder of empty files)."""
+    for root, _, files in os.walk(top):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(root)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _prepare(config, builder_config, data_dir: str, fingerprint: str) -> PreparedCorpus:
+    """Prepares the variant into a temporary folder beside ``data_dir`` and renames it into place; the
+    caller holds the variant's lock. A damaged folder already at ``data_dir`` is renamed aside."""
+    parent, key = os.path.dirname(data_dir), os.path.basename(data_dir)
+    os.makedirs(parent, exist_ok=True)
+    for name in os.listdir(parent):  # left by a preparer of this variant that died (we hold its lock)
+        if name.startswith(f".tmp-{key}-"):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    tmp = os.path.join(parent, f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    try:
+        stats = sources.SourceStats()
+        builder = _builder(builder_config, tmp, stats)
+        tmp_version_dir = builder.data_dir
+        logging.info("preparing corpus %s into %s", config.corpus, data_dir)
+        tfds.disable_progress_bar()
+        # tfds prints "Downloading and preparing dataset Unknown size ... to <the temporary folder>": the line
+        # above says it truly.
+        with contextlib.redirect_stdout(io.StringIO()):
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        info = builder.info
+        manifest = {
+            "corpus": config.corpus,
+            "fingerprint": fingerprint,
+            "inputs": {  # what the fingerprint covers besides the source files (for a reader of the cache)
+                "text_field": builder_config.text_field,
+                "validation_fraction": builder_config.validation_fraction,
+                "version": str(TextCorpus.VERSION),
+            },
+            "splits": {
+                s: {"documents": int(info.splits[s].num_examples), "bytes": int(builder._split_bytes[s])}
+                for s in SPLITS
+            },
+            "skipped": {"not_utf8": stats.skipped_not_utf8, "empty": stats.skipped_empty},
+            "files": {
+                rel: [
+                    os.path.getsize(os.path.join(tmp_version_dir, rel)),
+                    sources.file_sha256(os.path.join(tmp_version_dir, rel)),
+                ]
+                for rel in _data_files(tmp_version_dir)
+            },
+        }
+        with open(os.path.join(tmp_version_dir, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1)
+        _fsync_tree(tmp)
+        if os.path.exists(data_dir):  # damaged (checked by the caller): kept aside, never deleted
+            aside = os.path.join(parent, f".corrupt-{key}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+            os.rename(data_dir, aside)
+            logging.warning(
+                "corpus %s: the damaged copy is kept at %s (delete it by hand)", config.corpus, aside
+            )
+        os.rename(tmp, data_dir)  # atomic: the variant appears complete or not at all
+        _fsync_dir(parent)  # the rename itself
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return PreparedCorpus(
+        _builder(builder_config, data_dir), _version_dir(data_dir, builder_config.name), manifest
+    )
+
+
 def prepare_corpus(config) -> PreparedCorpus:
     """Prepares (or reuses) a built-in or ``local:<dir>`` corpus; see the module docstring.
 
@@ -257,7 +391,7 @@ def prepare_corpus(config) -> PreparedCorpus:
     if not is_local_corpus(config.corpus):
         raise ValueError(f"prepare_corpus handles 'shakespeare', 'kjv', 'local:<dir>'; got {config.corpus!r}")
     root = cache_dir(config)
-    tfds_dir = os.path.join(root, "tfds")
+    slug = corpus_slug(config.corpus)
     builder_config = TextCorpusConfig(
         corpus=config.corpus,
         download_dir=os.path.join(root, "downloads"),
@@ -265,49 +399,27 @@ def prepare_corpus(config) -> PreparedCorpus:
         validation_fraction=float(config.validation_fraction),
     )
     fingerprint = _input_fingerprint(config)
-    with file_lock(os.path.join(root, "locks", corpus_slug(config.corpus) + ".lock")):
-        stats = sources.SourceStats()
-        builder = TextCorpus(
-            config=builder_config, data_dir=tfds_dir, stats=stats, file_format="array_record"
-        )
-        version_dir = builder.data_dir
-        problem = _check_manifest(version_dir, fingerprint) if os.path.exists(version_dir) else "not prepared"
-        if problem is None:
-            with open(os.path.join(version_dir, MANIFEST)) as f:
-                prepared = PreparedCorpus(builder, version_dir, json.load(f))
-            prepared.reused = True
-            return prepared
-        if os.path.exists(version_dir):
-            logging.warning("corpus %s at %s: %s; preparing it again", config.corpus, version_dir, problem)
-            shutil.rmtree(version_dir)
-            builder = TextCorpus(
-                config=builder_config, data_dir=tfds_dir, stats=stats, file_format="array_record"
-            )
-        logging.info("preparing corpus %s into %s", config.corpus, version_dir)
-        tfds.disable_progress_bar()
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-        info = builder.info
-        manifest = {
-            "corpus": config.corpus,
-            "fingerprint": fingerprint,
-            "splits": {
-                s: {"documents": int(info.splits[s].num_examples), "bytes": int(builder._split_bytes[s])}
-                for s in SPLITS
-            },
-            "skipped": {"not_utf8": stats.skipped_not_utf8, "empty": stats.skipped_empty},
-            "files": {
-                rel: [
-                    os.path.getsize(os.path.join(version_dir, rel)),
-                    sources.file_sha256(os.path.join(version_dir, rel)),
-                ]
-                for rel in _data_files(version_dir)
-            },
-        }
-        tmp = os.path.join(version_dir, MANIFEST + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=1)
-        os.replace(tmp, os.path.join(version_dir, MANIFEST))
-        return PreparedCorpus(builder, version_dir, manifest)
+    data_dir = variant_dir(config)
+    with file_lock(os.path.join(root, "locks", f"{slug}-{fingerprint[:_KEY_CHARS]}.lock")):
+        found = _reuse(builder_config, data_dir, fingerprint, "prepared corpus")
+        if isinstance(found, PreparedCorpus):
+            return found
+        damaged = found
+        # An earlier ddlm's folder (one per corpus) serves as this variant when its inputs match; it is
+        # checked under the lock those versions prepared it under, and only ever read.
+        legacy_dir = os.path.join(root, LEGACY_DIR)
+        if os.path.exists(os.path.join(_version_dir(legacy_dir, slug), MANIFEST)):
+            with file_lock(os.path.join(root, "locks", f"{slug}.lock")):
+                legacy = _reuse(
+                    builder_config, legacy_dir, fingerprint, "corpus prepared by an earlier ddlm at"
+                )
+            if isinstance(legacy, PreparedCorpus):
+                return legacy
+            if legacy is not None and not legacy.endswith(_INPUTS_CHANGED):
+                logging.warning("%s; left as it is", legacy)
+        if damaged is not None:
+            logging.warning("%s; preparing it again", damaged)
+        return _prepare(config, builder_config, data_dir, fingerprint)
 
 
 def split_name(config, split: str) -> str:

@@ -11,6 +11,11 @@ from ddlm.data import corpora, pipeline, tokenizers
 flags.DEFINE_string("corpus", "shakespeare", "'shakespeare' | 'kjv' | 'local:<dir>'")
 flags.DEFINE_string("data_dir", "", "cache folder ('' = $DDLM_DATA_DIR or ~/.cache/ddlm)")
 flags.DEFINE_string("text_field", "text", "field holding the text in .jsonl lines")
+flags.DEFINE_float(
+    "validation_fraction",
+    pipeline.default_config().validation_fraction,
+    "share of documents in the validation split (config.data.validation_fraction; each value is a variant)",
+)
 flags.DEFINE_string(
     "tokenizer", "", "also prepare this tokenizer: 'char' | 'byte' | 'sentencepiece' | 'gpt2'"
 )
@@ -22,6 +27,7 @@ def main(argv):
     f = flags.FLAGS
     config = pipeline.default_config()
     config.corpus, config.data_dir, config.text_field = f.corpus, f.data_dir, f.text_field
+    config.validation_fraction = f.validation_fraction
     prepared = corpora.prepare_corpus(config)
     print(f"{config.corpus}: {'reused' if prepared.reused else 'prepared'} {prepared.version_dir}")
     for split, stats in prepared.manifest["splits"].items():
