@@ -3,8 +3,8 @@
 character level, in the chat template; minutes on a laptop CPU. Reproduces nothing published: it shows the
 SFT loop (prompt never masked, eos padding learned, per-example normalisation) and sampling from the result.
 
-    python -m ddlm.main --config=experiments/sft_quickstart.py --workdir=runs/sft_quickstart
-    python -m ddlm.main --config=experiments/sft_quickstart.py --workdir=runs/sft_quickstart --mode=sample \\
+    python -m ddlm.main --config=experiments/sft_quickstart.py --workdir=runs/sft
+    python -m ddlm.main --config=experiments/sft_quickstart.py --workdir=runs/sft --mode=sample \\
         --config.sampler.prompt="What say you, my lord?"
 
 To fine-tune on your own records: --config.data.sft_data=/path/to/records.jsonl (lines of

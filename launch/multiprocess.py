@@ -22,7 +22,8 @@ Preemption: a SIGTERM (or SIGINT) to the launcher is passed on to every process,
 at the next step boundary and exits; the launcher waits up to --stop_grace seconds for that, then kills
 what is left. Rerunning the same command resumes.
 
---dry_run prints each process's command (with its environment) and starts nothing.
+--dry_run (or --dry-run, as the shell launchers spell it) prints each process's command (with its
+environment) and starts nothing.
 """
 
 import argparse
@@ -195,7 +196,13 @@ def main():
         default=120.0,
         help="seconds the processes get to checkpoint and exit after a SIGTERM/SIGINT to the launcher",
     )
-    parser.add_argument("--dry_run", action="store_true", help="print the commands, start nothing")
+    parser.add_argument(  # --dry-run as the shell launchers spell it
+        "--dry_run",
+        "--dry-run",
+        dest="dry_run",
+        action="store_true",
+        help="print the commands, start nothing",
+    )
     parser.add_argument("main_args", nargs=argparse.REMAINDER, help="-- then the ddlm.main flags")
     args = parser.parse_args()
     main_args = args.main_args[1:] if args.main_args[:1] == ["--"] else args.main_args

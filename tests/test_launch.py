@@ -1,7 +1,7 @@
 """launch/multiprocess.py fails fast: a process that dies stops its siblings at once (they would wait
 minutes in a collective or at shutdown), and processes that never join jax.distributed are stopped after
 --start_timeout. Stand-in processes (python -c) play the ddlm.main processes; the last test kills the
-launcher of a real two-process job: its processes die with it.""" 
+launcher of a real two-process job: its processes die with it."""
 
 import contextlib
 import importlib.util
@@ -89,6 +89,37 @@ def test_processes_that_succeed_exit_zero_and_gloo_connection_lines_are_dropped(
     out = capsys.readouterr().out
     assert "[0] step 0.2" in out and "[0] step 0.6" in out and "joined jax.distributed" in out
     assert "Gloo" not in out
+
+
+def test_dry_run_is_spelled_either_way_and_starts_nothing(tmp_path):
+    """--dry_run and --dry-run (the shell launchers' spelling) print the same per-process commands and start
+    nothing (no workdir appears)."""
+    outs = []
+    for flag in ("--dry_run", "--dry-run"):
+        r = subprocess.run(
+            [sys.executable, os.path.join(REPO, "launch", "multiprocess.py"), flag, "--num_processes=2"]
+            + [
+                "--port=12345",
+                "--",
+                "--config=experiments/quickstart.py:smoke",
+                f"--workdir={tmp_path / 'w'}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+        )
+        assert r.returncode == 0, r.stderr
+        outs.append(r.stdout.splitlines())
+    assert outs[0] == outs[1] and len(outs[0]) == 2
+    for i, line in enumerate(outs[0]):
+        assert line.startswith("JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=")
+        assert f"-m ddlm.main --config=experiments/quickstart.py:smoke --workdir={tmp_path / 'w'}" in line
+        assert line.endswith(
+            f"--coordinator_address=localhost:12345 --num_processes=2 --process_id={i}"
+            " --distributed_timeout=120"
+        )
+    assert not (tmp_path / "w").exists()
 
 
 def running(pid: int) -> bool:
