@@ -245,6 +245,26 @@ def _banded_reference(dec, x_init, window_blocks, blk):
     return x
 
 
+def _greedy_block_at_a_random_time(denoise_fn, rng, x_block):
+    """One call at a time t ~ U(0, 1) drawn from the block's key; every masked position takes its argmax."""
+    t = jnp.full((x_block.shape[0],), jax.random.uniform(rng), jnp.float32)
+    logits = denoise_fn(x_block, t).at[..., MASK].set(losses.NEG_INF)
+    best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return masked.SampleOutput(jnp.where(x_block == MASK, best, x_block), jnp.ones((), jnp.int32), None)
+
+
+def test_bd3lm_passes_the_block_samplers_time_to_a_time_conditioned_network():
+    """The only randomness is the time the block sampler asks for: the same key gives the same tokens with and
+    without the cache (so the cache path conditions on t as the training forward does), another key other
+    tokens (so t reaches the network)."""
+    dec = _decoder("bd3lm", True)
+    x = _prompted(3, 16, [2, 5, 3])
+    run = {kv: _bd3(dec, _greedy_block_at_a_random_time, kv) for kv in (True, False)}
+    a, b = (np.asarray(run[True](jax.random.key(k), x).tokens) for k in (60, 61))
+    np.testing.assert_array_equal(np.asarray(run[False](jax.random.key(60), x).tokens), a)
+    assert not np.array_equal(a, b)
+
+
 def test_bd3lm_sliding_window_past_the_context_equals_banded_attention_without_cache():
     """40 tokens from a network whose context is taken as 12 (window 8 = 2 blocks, + the block): the ring
     buffer of cached blocks gives the tokens of banded attention recomputed from scratch (float64, greedy),

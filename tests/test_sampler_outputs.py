@@ -282,6 +282,7 @@ def test_sedd_noise_removal_makes_no_call_when_nothing_is_left_masked():
     )(jax.random.key(45))
     assert not np.any(np.asarray(out.tokens) == MASK)
     assert int(out.nfe) == len(calls) == 3
+    assert out.trajectory is None  # not asked
 
 
 def test_sedd_uniform_trajectory_starts_from_the_noise_and_keeps_clamped_positions():
@@ -353,6 +354,7 @@ def test_parallel_fixed_count_progress_covers_every_block():
         )
     )(jax.random.key(48))
     assert seen == [1, 2, 3, 4] and int(out.nfe) == len(calls) == 4
+    assert out.trajectory is None  # not asked
 
 
 # ------------------------------------------------------------------------------------------ ar and bd3lm

@@ -163,6 +163,7 @@ def test_ancestral_coarse_grid_matches_its_exact_distribution(name):
     assert tv(emp, exact) < tv_bound(exact, N_SAMPLES), (tv(emp, exact), tv_bound(exact, N_SAMPLES))
     assert tv(exact, TOY.probs) > 3 * tv_bound(exact, N_SAMPLES)  # and it is measurably not p
     assert int(out.nfe) == 2
+    assert out.trajectory is None  # not asked
 
 
 def test_ancestral_many_steps_reproduces_the_data():
@@ -246,6 +247,7 @@ def test_first_hitting_reproduces_the_data_with_one_call_per_token():
     emp = histogram(out.tokens)
     assert tv(emp, TOY.probs) < tv_bound(TOY.probs, N_SAMPLES), tv(emp, TOY.probs)
     assert int(out.nfe) == L
+    assert out.trajectory is None  # not asked
 
 
 def test_nfe_cached_and_first_hitting_at_most_length_plus_one_when_steps_ge_4_length():
