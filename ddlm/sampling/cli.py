@@ -121,10 +121,10 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
     out_base = sc.output_dir or os.path.join(workdir, "samples")
     check_output_dir(out_base, "the samples folder (config.sampler.output_dir)")  # before any work
     model, params, tok, setup, ckpt_step = (load_fn or _load_checkpoint)(config, workdir)
-    x_init, clamp = _initial_tokens(config, sc, tok, seq_len)
+    x_init, clamp = initial_tokens(config, sc, tok, seq_len)
     num_batches = -(-sc.num_samples // sc.batch_size)
     progress = _Progress(sc.num_samples, num_batches, _progress_steps(config, sc, x_init, tok.mask_id))
-    sample = _sample_fn(config, sc, model, tok, progress)
+    sample = sample_fn(config, sc, model, tok, progress)
     records, trajectories = _sample_batches(
         sample, params, x_init, clamp, sc, tok, setup=setup, ckpt_step=ckpt_step, progress=progress
     )
@@ -225,15 +225,17 @@ def check_output_dir(directory: str, what: str) -> None:
 # ------------------------------------------------------------------------------------------------ build
 
 
-def _initial_tokens(config, sc, tok, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+def initial_tokens(config, sc, tok, seq_len: int, prompt_ids=None) -> tuple[np.ndarray, np.ndarray]:
     """(x_init int [batch_size, seq_len], clamp bool [batch_size, seq_len]): the canvas every batch starts
-    from (masks, with the prompt / infill template / constraints / end filled in) and the known positions."""
+    from (masks, with the prompt / infill template / constraints / end filled in) and the known positions.
+    prompt_ids: the prefix's ids in place of sc.prompt's, bos and template included (the server's chats)."""
     mask_id, vocab = tok.mask_id, tok.vocab_size
-    prompt_ids = tok.encode(sc.prompt) if sc.prompt else []
-    if sft.is_sft(config.data):  # an SFT model: rows start with bos and the templated prompt
-        prompt_ids = sft.encode_prompt(tok, sc.prompt, config.data.sft_template)
-    elif sc.name in ("ar", "bd3lm"):  # trained on bos doc eos: the first token is predicted from bos
-        prompt_ids = [tok.bos_id] + prompt_ids
+    if prompt_ids is None:
+        prompt_ids = tok.encode(sc.prompt) if sc.prompt else []
+        if sft.is_sft(config.data):  # an SFT model: rows start with bos and the templated prompt
+            prompt_ids = sft.encode_prompt(tok, sc.prompt, config.data.sft_template)
+        elif sc.name in ("ar", "bd3lm"):  # trained on bos doc eos: the first token is predicted from bos
+            prompt_ids = [tok.bos_id] + prompt_ids
     if len(prompt_ids) > seq_len:
         raise ValueError(
             f"config.sampler.prompt is {len(prompt_ids)} tokens, longer than the sample length {seq_len} "
@@ -270,9 +272,13 @@ def _progress_steps(config, sc, x_init: np.ndarray, mask_id: int) -> int:
     return sc.steps
 
 
-def _sample_fn(config, sc, model, tok, progress: _Progress) -> Callable[..., Any]:
+def sample_fn(
+    config, sc, model, tok, progress: _Progress | None, *, logits_hook=None, make_decoder=models.make_decoder
+) -> Callable[..., Any]:
     """sample(params, rng, x [B, L], clamp [B, L]) -> SampleOutput: the sampler of config.sampler.name
-    (ddlm.sampling.make_sampler) over the network, its score (SEDD) or its decoder (KV caches)."""
+    (ddlm.sampling.make_sampler) over the network, its score (SEDD) or its decoder (KV caches).
+    logits_hook(logits [B, L, V], xt [B, L]) -> logits sees every network call and make_decoder(model,
+    variables) makes the KV-cache samplers' decoder (the server's live canvases and per-row temperature)."""
     loss, graph = config.diffusion.loss, config.diffusion.process
     diffusion_schedule = schedules.get_schedule(
         config.diffusion.schedule, **dict(config.diffusion.schedule_kwargs)
@@ -283,9 +289,9 @@ def _sample_fn(config, sc, model, tok, progress: _Progress) -> Callable[..., Any
     time_free = loss == "radd"
 
     def network(params, xt, t):
-        return model.apply({"params": params}, xt, None if time_free else t, x0=None, train=False).astype(
-            jnp.float32
-        )
+        logits = model.apply({"params": params}, xt, None if time_free else t, x0=None, train=False)
+        logits = logits.astype(jnp.float32)
+        return logits if logits_hook is None else logits_hook(logits, xt)
 
     def sample(params, rng, x, clamp):
         denoise_fn = lambda xt, t: network(params, xt, t)
@@ -305,8 +311,8 @@ def _sample_fn(config, sc, model, tok, progress: _Progress) -> Callable[..., Any
             mask_id=tok.mask_id,
             graph=graph,
             return_trajectory=bool(sc.visualize),
-            progress_fn=progress.on_step if sc.progress else None,
-            decoder=models.make_decoder(model, {"params": params}) if cached else None,
+            progress_fn=progress.on_step if sc.progress and progress else None,
+            decoder=make_decoder(model, {"params": params}) if cached else None,
             eos_id=tok.eos_id,
             pad_id=tok.pad_id,
         )
