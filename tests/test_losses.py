@@ -715,6 +715,127 @@ def test_mask_rate_expectation_is_the_mean_of_one_minus_alpha(antithetic):
     assert r.std() < (0.1 if antithetic else 0.2)
 
 
+# ------------------------------------------------------------------------------ count-sampled NELBO (evaluation)
+
+
+def test_sample_masks_by_count_strata_counts_and_beta_rates():
+    """Per block of n positions: exactly k positions masked, k stratified over the R rows (R = 2n copies hold each
+    count 1..n twice), the masked positions uniform given k, and lam | k ~ Beta(k, n - k + 1) (mean k / (n + 1),
+    variance k (n - k + 1) / ((n + 1)^2 (n + 2))), independently per block."""
+    rows, n, nb, draws = 8, 4, 3, 3000
+    mask, lam, k = jax.jit(jax.vmap(lambda key: losses.sample_masks_by_count(key, rows, n * nb, n)))(
+        jax.random.split(jax.random.key(0), draws)
+    )
+    mask, lam, k = np.asarray(mask), np.asarray(lam), np.asarray(k)
+    assert mask.shape == (draws, rows, n * nb) and lam.shape == k.shape == (draws, rows, nb)
+    blocks = mask.reshape(draws, rows, nb, n)
+    np.testing.assert_array_equal(blocks.sum(-1), k)
+    strata = np.repeat(np.arange(1, n + 1), rows // n)[:, None]
+    np.testing.assert_array_equal(np.sort(k, axis=1), np.broadcast_to(strata, k.shape))
+    assert abs(np.corrcoef(k[:, 0, 0], k[:, 0, 1])[0, 1]) < 4 / math.sqrt(draws)  # one offset per block
+    for kk in range(1, n + 1):
+        sel = k == kk
+        lam_k = lam[sel]
+        mean, var = kk / (n + 1), kk * (n - kk + 1) / ((n + 1) ** 2 * (n + 2))
+        assert abs(lam_k.mean() - mean) < 4 * math.sqrt(var / sel.sum()), (kk, lam_k.mean(), mean)
+        assert abs(lam_k.var() - var) < 0.15 * var, (kk, lam_k.var(), var)
+        at = blocks[sel]  # [count, n]: every position equally likely to be one of the k
+        np.testing.assert_allclose(at.mean(0), kk / n, atol=4 * math.sqrt(0.25 / sel.sum()))
+    with pytest.raises(ValueError, match="block_size must divide seq_len=6"):
+        losses.sample_masks_by_count(jax.random.key(0), 2, 6, 4)
+
+
+def _time_scaled(apply_fn):
+    """The network's logits scaled by (1 + t): a network whose output depends on the time it is shown."""
+
+    def f(xt, t, ctx):
+        out = apply_fn(xt, t, ctx)
+        if t is None:
+            return out
+        t = t if t.ndim == 2 else t[:, None]
+        return out * (1.0 + t[..., None])
+
+    return f
+
+
+COUNT_CASES = {  # name: (schedule, oracle kind, block size); the schedules leave lam ranges outside [0, 1] uncovered
+    "mdlm": (schedules.LogLinearSchedule(eps=0.3), "absorbing", L),
+    "sedd_absorb": (schedules.CosineSchedule(), "sedd_absorb", L),
+    "radd": (None, "absorbing", L),
+    "bd3lm": (schedules.LinearSchedule(eps=0.1), "block", 2),
+}
+
+
+@pytest.mark.parametrize("name", list(COUNT_CASES))
+def test_count_sampled_nelbo_is_the_weighted_sum_over_its_masks(name):
+    """Each row's estimate against the formula with the draws of `sample_masks_by_count` (the same key): the
+    network sees x_0 with the drawn mask and the time t with 1 - alpha(t) = lam (per block and token for bd3lm;
+    none for radd); the estimate is sum_blocks (n / k) sum_{l masked, counted} loss_l / w(t), which is
+    -log p(x_0^l | x_t) for the masked losses and, for SEDD's parameterisation,
+    sum_{y != mask} e^{logit_y} / (V - 1) - logit_{x_0} + log(V - 1) - 1; a lam outside the schedule's range
+    [1 - alpha(0), 1 - alpha(1)] counts 0, and loss_mask selects the positions that count."""
+    sched, kind, bs = COUNT_CASES[name]
+    rows = 64
+    x0 = TOY.sample(jax.random.key(1), rows)
+    loss_mask = jnp.ones((rows, L)).at[::3, 1].set(0.0)
+    apply_fn = _time_scaled(TOY.apply_fn(kind, sched, block_size=2))
+    key = jax.random.key(2)
+
+    @jax.jit
+    def run(key):  # the estimate, what the network saw, and the formula's inputs from the same draws
+        seen = {}
+
+        def recording(xt, t, ctx):
+            seen.update(xt=xt, t=t)
+            return apply_fn(xt, t, ctx)
+
+        y = losses.count_sampled_nelbo(
+            name, recording, x0, loss_mask, key, schedule=sched, mask_id=MASK, block_size=2 if bs == 2 else None
+        )
+        mask, lam, k = losses.sample_masks_by_count(key, rows, L, bs)
+        t_blocks = (sched or schedules.LinearSchedule()).t_from_alpha(1.0 - lam)
+        valid = (t_blocks >= 0) & (t_blocks <= 1)
+        t_blocks = jnp.clip(t_blocks, 0.0, 1.0)
+        xt = jnp.where(mask, MASK, x0)
+        t_show = None if name == "radd" else (jnp.repeat(t_blocks, bs, axis=1) if name == "bd3lm" else t_blocks[:, 0])
+        logits = apply_fn(xt, t_show, x0)[..., :V]  # the data columns
+        return (y, seen["xt"], seen["t"]), (mask, k, valid, xt, t_show, logits)
+
+    (got, xt_seen, t_seen), reference = run(key)
+    mask, k, valid, xt, t_show, logits = jax.tree.map(np.asarray, reference)
+    np.testing.assert_array_equal(xt_seen, xt)
+    if t_show is None:
+        assert t_seen is None
+    else:
+        np.testing.assert_allclose(t_seen, t_show, rtol=1e-12)
+    x0n = np.asarray(x0)
+    at_x0 = np.take_along_axis(logits, x0n[..., None], -1)[..., 0]
+    if name == "sedd_absorb":
+        per = np.exp(logits).sum(-1) / V - at_x0 + math.log(V) - 1.0
+    else:
+        per = np.log(np.exp(logits).sum(-1)) - at_x0
+    counted = mask & np.repeat(valid, bs, axis=1) & (np.asarray(loss_mask) > 0)
+    weight = np.repeat(bs / k, bs, axis=1)
+    want = np.sum(np.where(counted, weight * per, 0.0), axis=1)
+    assert 0 < (~valid).mean() < 0.5 or name in ("sedd_absorb", "radd")  # some draws fall outside the range
+    assert counted.any() and not counted.all()
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_count_sampled_nelbo_rejects_other_losses_and_a_missing_block_size():
+    x = jnp.zeros((2, 4), jnp.int32)
+    apply_fn = lambda xt, t, c: jnp.zeros(xt.shape + (V + 1,))
+    for name in ("d3pm", "sedd_uniform", "ar", "sft"):
+        with pytest.raises(ValueError, match="count_sampled_nelbo is for"):
+            losses.count_sampled_nelbo(
+                name, apply_fn, x, None, jax.random.key(0), schedule=schedules.LinearSchedule(), mask_id=MASK
+            )
+    with pytest.raises(ValueError, match="'bd3lm' needs block_size"):
+        losses.count_sampled_nelbo(
+            "bd3lm", apply_fn, x, None, jax.random.key(0), schedule=schedules.LinearSchedule(), mask_id=MASK
+        )
+
+
 # ------------------------------------------------------------------------------ sharding, vmap, contracts
 
 
@@ -775,6 +896,18 @@ def test_losses_vmap_over_a_leading_axis():
         for i in range(3):
             # float32: the jitted (fused) and op-by-op logsumexp differ in the last bits (~1e-6 relative)
             np.testing.assert_allclose(batched[i], fn(*(a[i] for a in stacked)), rtol=5e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype,want", [("float32", "float32"), ("float64", "float64"), ("bfloat16", "float32")])
+def test_per_token_losses_come_out_in_the_documented_dtype(dtype, want):
+    """With x64 on (this file's fixture): float32 network outputs give float32 losses (float64 would double the
+    loss's memory and time), float64 ones float64, bf16 ones are upcast to float32; the time is float32 except
+    with float64 outputs."""
+    lg, x0, xt, t = random_loss_inputs(4)
+    lg = lg.astype(dtype)
+    t = t.astype("float64" if dtype == "float64" else "float32")
+    for name, fn in PER_TOKEN_LOSSES.items():
+        assert jax.eval_shape(fn, lg, x0, xt, t).dtype == want, name  # traced only: dtypes need no compiling
 
 
 def test_shape_errors_say_what_was_expected():
@@ -846,6 +979,49 @@ def test_checked_mode_catches_bad_token_ids():
         err.throw()
     err, _ = checked(jnp.array([[1, 6, 3]], jnp.int32))
     with pytest.raises(checkify.JaxRuntimeError, match="mask id 6"):
+        err.throw()
+
+
+def test_subs_log_probs_zero_masking_and_carry_over():
+    """MDLM's SUBS parameterisation: at a masked position the log-softmax of the logits over the ids other than the
+    mask (which gets ~zero probability); at an unmasked position log-probability exactly 0 at x_t and NEG_INF
+    elsewhere, whatever the logits. SEDD's time-free log c = logits - log(V - 1) with V the vocabulary (columns),
+    not the length."""
+    from ddlm.losses import subs_log_probs
+
+    rng = np.random.default_rng(1)
+    vocab, mask_id = 6, 5
+    logits = jnp.asarray(rng.normal(0, 3, (2, 7, vocab)))
+    xt = jnp.asarray([[5, 0, 5, 4, 1, 5, 5], [2, 5, 5, 3, 0, 0, 5]], jnp.int32)
+    got = np.asarray(subs_log_probs(logits, xt, mask_id))
+    masked = np.asarray(xt) == mask_id
+    lg = np.asarray(logits)[..., :mask_id]
+    want_masked = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
+    np.testing.assert_allclose(got[masked][:, :mask_id], want_masked[masked], rtol=1e-12, atol=1e-12)
+    assert np.all(got[masked][:, mask_id] < -1e5)
+    carried = np.where(np.eye(vocab)[np.asarray(xt)] > 0, 0.0, losses.NEG_INF)
+    np.testing.assert_array_equal(got[~masked], carried[~masked])
+    np.testing.assert_allclose(
+        losses.sedd_absorbing_log_cond(logits), np.asarray(logits) - math.log(vocab - 1), rtol=1e-12
+    )
+
+
+def test_check_token_ids_bounds_and_names():
+    """0 and vocab_size - 1 are valid ids, -1 and vocab_size are not; the mask id is refused only when given; the
+    message names the array ('tokens' unless told)."""
+    plain = jax.jit(checkify.checkify(lambda x: losses.check_token_ids(x, 7)))
+    no_mask = jax.jit(checkify.checkify(lambda x: losses.check_token_ids(x, 7, "x0", 6)))
+    for fn in (plain, no_mask):
+        err, _ = fn(jnp.array([[0, 5, 1]], jnp.int32))
+        err.throw()
+    err, _ = plain(jnp.array([[0, 6, 1]], jnp.int32))
+    err.throw()
+    for bad in (-1, 7):
+        err, _ = plain(jnp.array([[0, bad, 1]], jnp.int32))
+        with pytest.raises(checkify.JaxRuntimeError, match=r"^tokens: token ids must be in \[0, 7\)"):
+            err.throw()
+    err, _ = no_mask(jnp.array([[0, 6, 1]], jnp.int32))
+    with pytest.raises(checkify.JaxRuntimeError, match="^x0: clean data contains the mask id 6"):
         err.throw()
 
 

@@ -105,3 +105,39 @@ def test_bad_arguments():
         processes.get_process("absorbing", 4)
     with pytest.raises(ValueError, match="unknown process"):
         processes.get_process("gaussian", 4)
+
+
+def test_absorbing_posterior_drops_mask_mass_and_renormalises_each_token():
+    """x0_probs with mass on the mask id and rows of different totals (a raw prediction): each token's
+    distribution loses its mask mass and is renormalised on its own, then the reverse step of MDLM (reveal with
+    probability (a_s - a_t) / (1 - a_t), per row) applies; unmasked tokens are carried over."""
+    proc = processes.AbsorbingProcess(V, MASK)
+    rng = np.random.default_rng(2)
+    x0_probs = rng.random((2, 3, V)) * np.array([1.0, 3.0, 0.2])[None, :, None]
+    xt = np.array([[MASK, 2, MASK], [MASK, MASK, 0]], np.int32)
+    a_s, a_t = np.array([0.9, 0.6]), np.array([0.3, 0.5])
+    with jax.enable_x64(True):
+        got = np.asarray(
+            proc.posterior_probs(jnp.asarray(x0_probs), jnp.asarray(xt), jnp.asarray(a_s), jnp.asarray(a_t))
+        )
+    p = x0_probs.copy()
+    p[..., MASK] = 0.0
+    p /= p.sum(-1, keepdims=True)
+    reveal = ((a_s - a_t) / (1 - a_t))[:, None, None]
+    want = np.where((xt == MASK)[..., None], reveal * p + (1 - reveal) * np.eye(V)[MASK], np.eye(V)[xt])
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("proc", [processes.AbsorbingProcess(V, MASK), processes.UniformProcess(V)], ids=repr)
+def test_processes_compute_in_the_inputs_float_dtype(proc):
+    """q(x_t | x_0) and the posterior come out in the dtype of alpha and of the prediction, at least float32:
+    float32 inputs stay float32 even with x64 on (the samplers' arrays; float64 would double their memory),
+    float64 stays float64, and bf16 alphas are computed in float32."""
+    x = jnp.array([[0, 3, 1], [2, 2, 0]], jnp.int32)
+    with jax.enable_x64(True):
+        for dt in (jnp.float32, jnp.float64):  # traced only (jax.eval_shape): dtypes need no compiling
+            a = jnp.array([0.3, 0.6], dt)
+            assert jax.eval_shape(proc.marginal_probs, x, a).dtype == dt
+            probs = jnp.full((2, 3, V), 1.0 / V, dt)
+            assert jax.eval_shape(proc.posterior_probs, probs, x, a + 0.2, a).dtype == dt
+        assert jax.eval_shape(proc.marginal_probs, x, jnp.array([0.3, 0.6], jnp.bfloat16)).dtype == jnp.float32
