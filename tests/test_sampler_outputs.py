@@ -311,6 +311,17 @@ def test_sedd_uniform_trajectory_starts_from_the_noise_and_keeps_clamped_positio
     np.testing.assert_allclose([c[1][0] for c in calls], np.append(grid(steps)[:steps], 0.0), atol=1e-6)
     for k in range(steps):
         np.testing.assert_array_equal(calls[k][0], traj[k])
+    # Noise removal: the analytic step to sigma = 0 taken greedily, from the state after the last step (the
+    # input of the last call): argmax_y [e^tau s_y + (1 - e^tau)/V sum_z s_z] [e^-tau 1(y = x) + (1 - e^-tau)/V]
+    # with tau = sigma(0) = sigma_min, s the exact ratios at t = 0 (1 at y = x).
+    x_last = calls[steps][0]
+    ratios = np.exp(np.asarray(uniform_score_fn(sched)(jnp.asarray(x_last), jnp.zeros((n,)))), dtype=np.float64)
+    onehot = np.eye(V)[x_last]
+    ratios = np.where(onehot > 0, 1.0, ratios)
+    e = math.exp(sched.sigma_min)
+    stag = e * ratios + (1 - e) / V * ratios.sum(-1, keepdims=True)
+    want = np.argmax(stag * (onehot / e + (1 - 1 / e) / V), -1)
+    np.testing.assert_array_equal(tokens, np.where(np.asarray(clamp), np.asarray(x), want))
 
 
 # ------------------------------------------------------------------------------------------ parallel
@@ -411,3 +422,23 @@ def test_bd3lm_progress_and_nfe_with_a_prompt_block():
         assert int(out.nfe) == want, (kv_cache, int(out.nfe))
         assert seen == [1, 2, 3, 4], (kv_cache, seen)
         assert not np.any(np.asarray(out.tokens) == BD_MASK)
+
+
+# ------------------------------------------------------------------------------------------ options
+
+
+def test_the_precision_option_reaches_every_draw():
+    """config.sampler.precision='float32_64bit' draws its Gumbel noise from other bits than the default
+    'float64' (whose 'float32' sibling shares its top bits, so those two are coupled): the same key must give
+    other tokens, in every sampler that draws."""
+    from ddlm import sampling
+
+    x = all_masked(64)
+    for name in ("ancestral", "first_hitting", "sedd_analytic", "parallel"):
+        tokens = []
+        for precision in ("float64", "float32_64bit"):
+            c = sampling.default_config()
+            c.name, c.steps, c.precision, c.rule = name, 4, precision, "random"
+            fn = sampling.make_sampler(c, denoise_fn=TOY.absorbing_denoiser(), schedule=COSINE, mask_id=MASK)
+            tokens.append(np.asarray(tjit(fn)(jax.random.key(51), x).tokens))
+        assert not np.array_equal(*tokens), name
