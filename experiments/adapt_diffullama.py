@@ -20,9 +20,7 @@ from ddlm.train import config_lib as cl
 
 
 def get_config(arg=None):
-    a = cl.parse_arg(
-        arg, size="tiny", smoke=False, scratch=False, init_from="runs/quickstart_ar", anneal_steps=100
-    )
+    a = cl.parse_arg(arg, size="tiny", scratch=False, init_from="runs/quickstart_ar", anneal_steps=100)
     config = cl.quickstart_config(
         # The quickstart AR network's shape, bidirectional and time-free (DiffuLLaMA adds no time input).
         model=cl.model_config(a["size"], name="dit", dropout=0.0, time_conditioning=False, logit_shift=True),
@@ -33,6 +31,4 @@ def get_config(arg=None):
     config.train.init_from = "" if a["scratch"] else a["init_from"]  # the AR checkpoint that starts the run
     # Causal -> bidirectional over this many steps (from scratch there is nothing causal to keep).
     config.adapt.anneal_steps = 0 if a["scratch"] else a["anneal_steps"]
-    if a["smoke"]:
-        cl.apply_smoke(config)
-    return config
+    return cl.finish(config, a)

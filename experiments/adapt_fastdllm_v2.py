@@ -15,9 +15,7 @@ from ddlm.train import config_lib as cl
 
 
 def get_config(arg=None):
-    a = cl.parse_arg(
-        arg, size="tiny", smoke=False, scratch=False, init_from="runs/quickstart_ar", block_size=16
-    )
+    a = cl.parse_arg(arg, size="tiny", scratch=False, init_from="runs/quickstart_ar", block_size=16)
     model = cl.model_config(a["size"], name="bd3lm", dropout=0.0, time_conditioning=False, logit_shift=True)
     model.block_size = a["block_size"]  # Fast-dLLM v2 uses 32-token blocks on 2k contexts; 16 of 128 here
     config = cl.quickstart_config(
@@ -27,6 +25,4 @@ def get_config(arg=None):
     )
     config.train.eval_every = 50  # the adaptation curve
     config.train.init_from = "" if a["scratch"] else a["init_from"]
-    if a["smoke"]:
-        cl.apply_smoke(config)
-    return config
+    return cl.finish(config, a)

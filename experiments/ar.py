@@ -26,6 +26,4 @@ def get_config(arg=None):
     cl.set_corpus(config, a["corpus"])
     config.train.steps = 1_000_000 if a["corpus"] == "lm1b_wrap" else 500_000
     config.sampler.name = "ar"  # left to right with the KV cache (ddlm.sampling.autoregressive)
-    if a["smoke"]:
-        cl.apply_smoke(config)
-    return config
+    return cl.finish(config, a)

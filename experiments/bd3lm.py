@@ -37,6 +37,4 @@ def get_config(arg=None):
     cl.set_corpus(config, a["corpus"])
     config.model.block_size = a["block_size"]  # tokens per block: 4, 8 or 16 in the paper
     config.sampler.name = "bd3lm"  # block by block with the exact KV cache (ddlm.sampling.block)
-    if a["smoke"]:
-        cl.apply_smoke(config)
-    return config
+    return cl.finish(config, a)

@@ -8,7 +8,7 @@ from ddlm.train import config_lib as cl
 
 
 def get_config(arg=None):
-    a = cl.parse_arg(arg, size="small", smoke=False, loss="mdlm")
+    a = cl.parse_arg(arg, size="small", loss="mdlm")
     config = cl.base_config(
         model=cl.model_config(a["size"]),
         diffusion=cl.diffusion_config(a["loss"], schedule="loglinear"),
@@ -19,6 +19,4 @@ def get_config(arg=None):
         sampler=cl.sampler_config(steps=256),
     )
     config.train.eval_every = 2000
-    if a["smoke"]:
-        cl.apply_smoke(config)
-    return config
+    return cl.finish(config, a)

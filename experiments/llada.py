@@ -16,7 +16,7 @@ from ddlm.train import config_lib as cl
 
 
 def get_config(arg=None):
-    a = cl.parse_arg(arg, size="tiny", smoke=False)
+    a = cl.parse_arg(arg, size="tiny")
     model, vocab = models.llama_config(a["size"])
     model.attention = "bidirectional"
     sampler = cl.sampler_config(name="parallel", steps=64)  # LLaDA's low-confidence remasking
@@ -45,6 +45,4 @@ def get_config(arg=None):
             train=cl.train_config(steps=100_000, batch_size=batch, seq_len=seq_len),
             sampler=sampler,
         )
-    if a["smoke"]:
-        cl.apply_smoke(config)
-    return config
+    return cl.finish(config, a)

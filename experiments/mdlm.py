@@ -22,6 +22,4 @@ from ddlm.train import config_lib as cl
 def get_config(arg=None):
     config, a = cl.openwebtext_config(arg, loss="mdlm", extra_args={"corpus": "owt"})
     cl.set_corpus(config, a["corpus"])
-    if a["smoke"]:
-        cl.apply_smoke(config)
-    return config
+    return cl.finish(config, a)

@@ -8,7 +8,7 @@ from ddlm.train import config_lib as cl
 
 
 def get_config(arg=None):
-    a = cl.parse_arg(arg, size="tiny", smoke=False)
+    a = cl.parse_arg(arg, size="tiny")
     sampler = cl.sampler_config(name="ancestral", steps=128)  # one step per position of the 128-token window
     config = cl.quickstart_config(
         model=cl.model_config(a["size"], dropout=0.0),
@@ -16,6 +16,4 @@ def get_config(arg=None):
         sampler=sampler,
     )
     config.train.sample_at_end = True
-    if a["smoke"]:
-        cl.apply_smoke(config)
-    return config
+    return cl.finish(config, a)

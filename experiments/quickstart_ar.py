@@ -13,12 +13,10 @@ from ddlm.train import config_lib as cl
 
 
 def get_config(arg=None):
-    a = cl.parse_arg(arg, size="tiny", smoke=False)
+    a = cl.parse_arg(arg, size="tiny")
     config = cl.quickstart_config(
         model=cl.model_config(a["size"], dropout=0.0, name="ar", time_conditioning=False),
         diffusion=cl.diffusion_config("ar", schedule="loglinear"),
         sampler=cl.sampler_config(name="ar"),  # left to right with the KV cache
     )
-    if a["smoke"]:
-        cl.apply_smoke(config)
-    return config
+    return cl.finish(config, a)

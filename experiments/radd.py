@@ -9,6 +9,4 @@ from ddlm.train import config_lib as cl
 
 def get_config(arg=None):
     config, a = cl.openwebtext_config(arg, loss="radd", time_conditioning=False, steps=400_000)
-    if a["smoke"]:
-        cl.apply_smoke(config)
-    return config
+    return cl.finish(config, a)

@@ -19,6 +19,4 @@ def get_config(arg=None):
     config, a = cl.openwebtext_config(arg, loss="sedd_absorb", extra_args={"corpus": "owt"})
     cl.set_corpus(config, a["corpus"])
     config.sampler.name = "sedd_analytic"  # SEDD's own sampler (MDLM's baseline scripts: predictor=analytic)
-    if a["smoke"]:
-        cl.apply_smoke(config)
-    return config
+    return cl.finish(config, a)

@@ -17,6 +17,4 @@ def get_config(arg=None):
         steps=400_000,
     )
     config.sampler.name = "sedd_analytic"  # the masked samplers need the absorbing graph
-    if a["smoke"]:
-        cl.apply_smoke(config)
-    return config
+    return cl.finish(config, a)

@@ -15,7 +15,7 @@ from ddlm.train import config_lib as cl
 
 
 def get_config(arg=None):
-    a = cl.parse_arg(arg, size="tiny", smoke=False)
+    a = cl.parse_arg(arg, size="tiny")
     # LLaDA's network is time-free; its SFT masks the response at rate t ~ U[0, 1] with weight 1/t, which is
     # the linear schedule's masked-diffusion weight.
     model = cl.model_config(a["size"], dropout=0.0, time_conditioning=False)
@@ -42,7 +42,7 @@ def get_config(arg=None):
         train=train,
         sampler=sampler,
     )
+    cl.finish(config, a)
     if a["smoke"]:
-        cl.apply_smoke(config)
         config.train.seq_len = 128  # a templated pair of the built-in set takes up to 118 tokens
     return config

