@@ -17,7 +17,9 @@ the SFT template's prompt for an SFT model):
                            Masked diffusion ('mdlm', 'd3pm', 'radd' networks: x0 logits on the absorbing
                            graph): LLaDA's Monte-Carlo estimate of log p(continuation | context) with
                            `num_samples` draws (ddlm.eval.conditional.make_estimator, stratified, in batches of
-                           `mc_batch_size`), its standard error logged per call and kept in `self.estimates`;
+                           `mc_batch_size`) on a row of the network's window whose tail past the continuation
+                           stays masked (`window_row`), its standard error logged per call and kept in
+                           `self.estimates`;
                            every continuation of one context uses the same key (common random numbers, as
                            conditional.multiple_choice does). is_greedy: greedy decoding of the continuation's
                            length (the 'parallel' sampler, low_confidence rule, one token per step, LLaDA's
@@ -266,18 +268,34 @@ class DDLMLM(LM):
             )
 
     def estimator(self):
-        """conditional.make_estimator over the network (built once)."""
+        """conditional.make_estimator over the network (built once). The network's time is that of the row's
+        masked fraction (parallel.sequence_time, as the samplers give it), the masked tail included."""
+        from ddlm.sampling import parallel
+
         if self._estimator is None:
             self._check_x0_network("loglikelihood")
+            mask_id = self.tok.mask_id
+            denoise = lambda xt, t: self._logits(xt, parallel.sequence_time(xt, mask_id, self.schedule))
             self._estimator = conditional.make_estimator(
-                self._logits, mask_id=self.tok.mask_id, batch_size=self.mc_batch_size, schedule=self.schedule
+                denoise, mask_id=mask_id, batch_size=self.mc_batch_size, schedule=self.schedule
             )
         return self._estimator
 
-    def estimate(self, context: str, enc: Encoded) -> conditional.LikelihoodEstimate:
-        """The Monte-Carlo estimate of log p(continuation | context) with the context's key."""
+    def window_row(self, enc: Encoded) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens [seq_len], response_mask [seq_len]): context, continuation, then masks to the end of the
+        window. The masked tail is the text that would follow, never revealed (the canvas generate_until
+        samples on): a masked diffusion model marginalises it, so the bound is on log p(continuation |
+        context) all the same, and every row has one shape (one compilation, where LLaDA's unpadded rows
+        compile once per length)."""
         enc = self._fit(enc)
         tokens, response = conditional.choice_row(enc.context, enc.continuation)
+        tail = self.seq_len - len(tokens)
+        tokens = np.concatenate([tokens, np.full(tail, self.tok.mask_id, np.int32)])
+        return tokens, np.concatenate([response, np.zeros(tail, bool)])
+
+    def estimate(self, context: str, enc: Encoded) -> conditional.LikelihoodEstimate:
+        """The Monte-Carlo estimate of log p(continuation | context) with the context's key."""
+        tokens, response = self.window_row(enc)
         with self.loaded.context():
             return self.estimator()(
                 request_key(self.seed, context), tokens, response, num_samples=self.num_samples
@@ -302,17 +320,20 @@ class DDLMLM(LM):
 
     def loglikelihood_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
         """[(context, continuation)] -> [(log-likelihood, is_greedy)] (module doc)."""
-        encoded = [self.encode_pair(c, x) for c, x in pairs]
+        return self.loglikelihood_encoded([c for c, _ in pairs], [self.encode_pair(c, x) for c, x in pairs])
+
+    def loglikelihood_encoded(self, contexts: Sequence[str], encoded: Sequence[Encoded]):
+        """loglikelihood_pairs on token ids; contexts: the texts whose crc32 keys the Monte-Carlo draws."""
         if self.is_ar:
             return self.score_tokens(encoded)
-        self.estimates = [self.estimate(c, e) for (c, _), e in zip(pairs, encoded)]
+        self.estimates = [self.estimate(c, e) for c, e in zip(contexts, encoded)]
         greedy = [
             self.greedy_check and self.greedy_continuation(e) == self._fit(e).continuation for e in encoded
         ]
         ses = np.array([e.se for e in self.estimates])
         log.info(
             "ddlm loglikelihood: %d requests, %d Monte-Carlo draws each; standard error mean %.4f, max %.4f nats",
-            len(pairs),
+            len(encoded),
             self.num_samples,
             float(np.mean(ses)) if len(ses) else float("nan"),
             float(np.max(ses)) if len(ses) else float("nan"),
