@@ -115,9 +115,12 @@ def main(argv):
         loaded = loading.load_for_inference(
             _WORKDIR.value, ema=_USE_EMA.value, devices=jax.local_devices()[:1]
         )
-        engine = engine_lib.Engine(
-            loaded, sampler=sampler, batch_sizes=sizes, max_programs=_MAX_PROGRAMS.value
-        )
+        try:
+            engine = engine_lib.Engine(
+                loaded, sampler=sampler, batch_sizes=sizes, max_programs=_MAX_PROGRAMS.value
+            )
+        except ValueError as e:  # the --sampler spec against this network and its context
+            raise (command.FlagError(str(e)) if str(e).startswith("--sampler") else e) from None
         name = _MODEL_NAME.value or os.path.basename(os.path.abspath(_WORKDIR.value))
         sc = engine.base
         print(

@@ -24,7 +24,8 @@ Temperature 0 (greedy) and the SEDD samplers' temperature are compiled settings.
 Live canvases: every network call of a row reports its input tokens and their positions to the host
 (jax.pure_callback, one call per step for the whole batch), which keeps each row's current canvas: the
 masked samplers' whole sequence, the KV-cache samplers' decoded slice (AR: the token just decoded; BD3-LM:
-the block being denoised, then its clean tokens). on_canvas(row_index, positions, tokens) receives them.
+the block being denoised, then its clean tokens). on_canvas(row_index, positions, tokens) receives them. A
+batch nobody streams runs the same program without the round trips (a lax.cond on the batch's id).
 """
 
 from __future__ import annotations
@@ -363,17 +364,27 @@ class Engine:
         emit = self._emit
 
         def one_row(params, rng, x, clamp, temperature, row, batch_id):
+            def report(tokens, positions):
+                return jax.pure_callback(
+                    emit,
+                    jax.ShapeDtypeStruct((), jnp.float32),
+                    batch_id,
+                    row,
+                    tokens,
+                    positions,
+                    vmap_method="expand_dims",  # one call per step for the whole batch
+                )
+
             def hook(logits, tokens, positions):
                 if tokens is not None:  # report the canvas; the zero it returns keeps the call in the program
                     positions = jnp.arange(tokens.shape[-1]) if positions is None else positions
-                    zero = jax.pure_callback(
-                        emit,
-                        jax.ShapeDtypeStruct((), jnp.float32),
-                        batch_id,
-                        row,
+                    # batch_id 0: nobody watches, no host round trip (the predicate is the batch's, not a row's)
+                    zero = jax.lax.cond(
+                        batch_id > 0,
+                        report,
+                        lambda *_: jnp.zeros((), jnp.float32),
                         tokens[0].astype(jnp.int32),
                         jnp.asarray(positions, jnp.int32),
-                        vmap_method="expand_dims",
                     )
                     logits = logits + zero
                 return logits / temperature
@@ -421,7 +432,7 @@ class Engine:
 
     def run(self, rows: list[Row], settings: Settings, on_canvas: Callable | None = None):
         """Decodes rows (at most max_batch, one settings) in one padded batch. on_canvas(i, positions,
-        tokens) is called from the running program for row i's network inputs. Returns (tokens int32
+        tokens) is called from the running program for row i's network inputs (None: no host callbacks). Returns (tokens int32
         [len(rows), L], nfe int32 [len(rows)], batch size)."""
         with self._run_lock:  # one batch at a time on the device (schedulers may share an engine)
             return self._run(rows, settings, on_canvas)
@@ -440,7 +451,7 @@ class Engine:
         temps = np.asarray([r.temperature for r in rows] + [1.0] * pad, np.float32)
         with self._lock:
             self._batch_id += 1
-            batch_id = self._batch_id
+            batch_id = self._batch_id if on_canvas is not None else 0
             self._active = (batch_id, len(rows), on_canvas)
         try:
             tokens, nfe = compiled(

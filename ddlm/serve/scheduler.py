@@ -244,7 +244,8 @@ class Scheduler:
                 job._post(job.events.put_nowait, ("canvas", rows[i], positions, tokens))
 
         try:
-            tokens, nfe, size = self.engine.run(rows, jobs[0].settings, on_canvas)
+            watched = any(j.live for j in jobs)
+            tokens, nfe, size = self.engine.run(rows, jobs[0].settings, on_canvas if watched else None)
         except Exception as e:  # noqa: BLE001 -- reported to the requests of this batch, the server goes on
             logging.exception("A batch of %d rows failed.", len(rows))
             with self._cond:
