@@ -24,6 +24,8 @@ from ddlm.models import hf as hf_layout
 from ddlm.sharding import ConfigError
 
 HF_VOCAB = 259  # + the mask id the converter appends = 260 = the byte tokenizer's vocabulary
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8}  # fmt: skip
 FAST = {"xla_backend_optimization_level": 0}
 
 
@@ -58,6 +60,11 @@ def hf_models(tmp_path_factory):
         "qwen2": transformers.Qwen2ForCausalLM(
             transformers.Qwen2Config(**common, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)
         ),
+        # LLaMA 3.1's rope scaling, pre-trained at 8 positions: the 16 tokens reach the interpolated band.
+        "llama31": transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(**common, rope_theta=500.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                                     rope_scaling=LLAMA3_SCALING)
+        ),
     }
     out = {}
     for name, model in made.items():
@@ -82,16 +89,17 @@ def _reference(model, tokens, dtype):
 def _imported(directory, mesh, dtype=jnp.float32):
     config = convert.converted_config(directory, tokenizer="byte")
     model = models.get_model(config.model, HF_VOCAB + 1)
-    params = hf_layout.load_params(directory, model, mesh, vocab=HF_VOCAB)
+    params = hf_layout.load_params(directory, model, mesh)
     return model.clone(dtype=dtype, param_dtype=dtype), params
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "llama31"])
 def test_imported_logits_equal_pytorch(hf_models, name):
     directory, tokens, torch_model = hf_models[name]
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     model, params = _imported(directory, mesh)
     assert model.tie_embeddings == (name == "qwen2") and model.qkv_bias == (name == "qwen2")
+    assert model.rope_scaling == (("llama3", 8.0, 1.0, 4.0, 8.0) if name == "llama31" else ())
     # The appended mask id starts at the mean embedding; the rows padding the table to 384 are zero.
     emb = np.asarray(params["token_embedding"])
     np.testing.assert_allclose(emb[HF_VOCAB], emb[:HF_VOCAB].mean(axis=0), atol=1e-6)
@@ -111,6 +119,29 @@ def test_imported_logits_equal_pytorch(hf_models, name):
     np.testing.assert_allclose(
         logits64[..., :HF_VOCAB], _reference(torch_model, tokens, torch.float64), atol=1e-6
     )
+
+
+@pytest.mark.parametrize(
+    "scaling", [{"rope_type": "linear", "factor": 2.0}, LLAMA3_SCALING], ids=["linear", "llama3"]
+)
+def test_rotary_frequencies_of_a_scaled_rope_equal_transformers(scaling):
+    """layers.rotary_inv_freq against transformers' ROPE_INIT_FUNCTIONS (whose attention factor is 1 for both)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from ddlm.models import layers
+
+    config = transformers.LlamaConfig(
+        hidden_size=64, num_attention_heads=2, rope_theta=500.0, max_position_embeddings=64, rope_scaling=scaling
+    )
+    expected, factor = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](config, "cpu")
+    c = models.default_config()
+    hf_layout._rope({"rope_theta": 500.0, "rope_scaling": scaling}, c)
+    from ddlm.models.factory import rope_scaling_of
+
+    got = layers.rotary_inv_freq(16, 500.0, rope_scaling_of(c))
+    assert factor == 1.0
+    np.testing.assert_allclose(np.asarray(got), expected.numpy(), rtol=1e-6)
+    assert not np.allclose(np.asarray(got), np.asarray(layers.rotary_inv_freq(16, 500.0)))
 
 
 def test_sharded_import_over_8_devices_places_each_tensor_and_keeps_the_logits(hf_models):
@@ -158,9 +189,9 @@ def _broken_copy(src, dst, edit_tensors=None, edit_config=None):
          r"tensor 'model.layers.0.self_attn.o_proj.bias' in model.safetensors is not a parameter"),
         (None, lambda c: c.update(num_hidden_layers=3),
          r"tensor 'model.layers.2.input_layernorm.weight' \(shape \(32,\)\) is missing"),
-        (None, lambda c: c.update(rope_scaling={"rope_type": "llama3", "factor": 8.0}),
-         r"config.json: rope scaling 'llama3' is not supported"),
-        (None, lambda c: c.update(model_type="gemma"), r"config.json: model_type 'gemma' is not supported"),
+        (None, lambda c: c.update(rope_scaling={"rope_type": "yarn", "factor": 8.0}),
+         r"config.json: rope scaling 'yarn' is not supported"),
+        (None, lambda c: c.update(model_type="gemma"), r"config.json: model_type 'gemma' \(architectures .*\) is not supported"),
     ],
     ids=["missing", "mismatched", "unexpected", "config_more_layers", "rope_scaling", "model_type"],
 )  # fmt: skip
@@ -304,7 +335,7 @@ def test_a_malformed_config_json_is_one_error_naming_file_and_field(hf_models, t
         ({"seq_len": -1}, r"--seq_len=-1: expected a sequence length >= 2"),
         ({"seq_len": 1}, r"--seq_len=1: expected a sequence length >= 2"),
         ({"tokenizer": "nope"}, r"--tokenizer=nope: config.data.tokenizer must be"),
-        ({"tokenizer": "char"}, r"--tokenizer=char: tokenizer 'char' .* has vocab_size=85"),
+        ({"tokenizer": "char"}, r"--tokenizer=char: its vocab_size=85 is less than the checkpoint's 259 ids \+ the mask"),
     ],
 )
 def test_a_bad_flag_value_is_refused_before_anything_is_written(hf_models, tmp_path, flags, message):

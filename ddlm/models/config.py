@@ -68,6 +68,11 @@ def default_config(size: str = "tiny") -> ml_collections.ConfigDict:
     )
     c.attention_impl = "xla"  # 'xla' (any backend) | 'cudnn' (fused, GPU, bf16) | 'pallas' (block-sparse, GPU)
     c.logit_shift = False  # output i = output layer at i - 1 (AR-to-diffusion adaptation, DiffuLLaMA)
+    # Imported architectures (ddlm.convert; off for every network trained here):
+    c.time_input = "scaled_t"  # the time embedding reads 'scaled_t' (1000 t) | 'sigma' (MDLM/DUO) | 'zero'
+    c.max_positions = 0  # > 0: learned absolute positions of this many rows instead of rotary (GPT-2)
+    c.norm_bias = False  # LayerNorms with a bias (GPT-2)
+    c.attention_bias = False  # biases on the q/k/v and output projections of the DiT attention (GPT-2)
     # name='llama' only (ddlm/models/llama.py):
     c.attention = ""  # 'causal' | 'bidirectional' | 'block_causal'; '' = implied by the name (dit/ar/bd3lm)
     c.num_kv_heads = 0  # key/value heads of grouped-query attention; 0 = num_heads
@@ -75,6 +80,15 @@ def default_config(size: str = "tiny") -> ml_collections.ConfigDict:
     c.rope_base = 10_000.0  # rotary frequency base (LLaMA 3 / LLaDA: 5e5, Qwen2: 1e6)
     c.qkv_bias = False  # biases on the q/k/v projections (Qwen2)
     c.norm_eps = 1e-5  # RMSNorm epsilon
+    c.rope_scaling = ml_collections.ConfigDict(  # rotary frequency scaling (layers.rotary_inv_freq)
+        {
+            "type": "",  # '' (none) | 'linear' | 'llama3' (LLaMA 3.1)
+            "factor": 1.0,  # frequencies / factor ('linear'; 'llama3': the low-frequency band)
+            "low_freq_factor": 1.0,  # 'llama3': wavelengths > original / low_freq_factor are scaled
+            "high_freq_factor": 4.0,  # 'llama3': wavelengths < original / high_freq_factor are kept
+            "original_max_positions": 0,  # 'llama3': the context length the network was pre-trained at
+        }
+    )
     return c
 
 

@@ -9,8 +9,8 @@ It sits above both families (ddlm/models/transformer.py, ddlm/models/llama.py), 
 import jax
 import jax.numpy as jnp
 
-from ddlm.models import llama, stack
-from ddlm.models.transformer import ATTENTION_KINDS, Transformer
+from ddlm.models import layers, llama, stack
+from ddlm.models.transformer import ATTENTION_KINDS, TIME_INPUTS, Transformer
 
 _ATTENTION_OF_NAME = {"dit": "bidirectional", "ar": "causal", "bd3lm": "block_causal"}
 _REQUIRED_FIELDS = (
@@ -19,7 +19,10 @@ _REQUIRED_FIELDS = (
 )  # fmt: skip
 # Fields added after checkpoints began storing their config: a stored config without them means these values
 # (the layout those checkpoints were written with), so older checkpoints stay loadable.
-_LATER_FIELDS = {"remat_policy": "full", "scan_layers": False, "logit_shift": False, "attention": ""}
+_LATER_FIELDS = {
+    "remat_policy": "full", "scan_layers": False, "logit_shift": False, "attention": "", "time_input": "scaled_t",
+    "max_positions": 0, "norm_bias": False, "attention_bias": False, "rope_scaling": None,
+}  # fmt: skip
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -88,6 +91,10 @@ def get_model(config, vocab_size: int) -> Transformer:
         return _llama(config, vocab_size)
     if config.d_model % config.num_heads:
         raise ValueError(f"num_heads={config.num_heads} must divide d_model={config.d_model}")
+    if _later(config, "time_input") not in TIME_INPUTS:
+        raise ValueError(f"config.model.time_input must be one of {TIME_INPUTS}, got {config.time_input!r}")
+    if int(_later(config, "max_positions")) < 0:
+        raise ValueError(f"config.model.max_positions must be >= 0 (0 = rotary), got {config.max_positions}")
     return Transformer(**network_kwargs(config, vocab_size))
 
 
@@ -113,7 +120,32 @@ def network_kwargs(config, vocab_size: int) -> dict:
         attention_impl=config.attention_impl,
         vocab_multiple=config.vocab_multiple,
         logit_shift=bool(_later(config, "logit_shift")),
+        time_input=_later(config, "time_input"),
+        max_positions=int(_later(config, "max_positions")),
+        norm_bias=bool(_later(config, "norm_bias")),
+        attention_bias=bool(_later(config, "attention_bias")),
     )
+
+
+def rope_scaling_of(config) -> tuple:
+    """config.model.rope_scaling as `layers.rotary_inv_freq`'s tuple (() = none); ValueError naming the field
+    for a kind or number it cannot use."""
+    r = _later(config, "rope_scaling")
+    if r is None or not r.type:
+        return ()
+    if r.type not in layers.ROPE_SCALINGS:
+        raise ValueError(f"config.model.rope_scaling.type must be one of {layers.ROPE_SCALINGS}, got {r.type!r}")
+    if not r.factor > 0 or (r.type == "llama3" and not (0 < r.low_freq_factor < r.high_freq_factor)):
+        raise ValueError(
+            "config.model.rope_scaling: factor must be > 0 and ('llama3') 0 < low_freq_factor < "
+            f"high_freq_factor, got {r.factor}, {r.low_freq_factor}, {r.high_freq_factor}"
+        )
+    if r.type == "llama3" and not r.original_max_positions > 0:
+        raise ValueError(
+            f"config.model.rope_scaling.original_max_positions must be > 0 for 'llama3', got {r.original_max_positions}"
+        )
+    return (r.type, float(r.factor), float(r.low_freq_factor), float(r.high_freq_factor),
+            float(r.original_max_positions))  # fmt: skip
 
 
 def _llama(config, vocab_size: int) -> llama.Llama:
@@ -136,4 +168,5 @@ def _llama(config, vocab_size: int) -> llama.Llama:
         rope_base=float(config.rope_base),
         qkv_bias=bool(config.qkv_bias),
         norm_eps=float(config.norm_eps),
+        rope_scaling=rope_scaling_of(config),
     )

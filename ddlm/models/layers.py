@@ -151,13 +151,43 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
 # ------------------------------------------------------------------------------------------------------------
 
 
-def rotary_embedding(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Array:
+ROPE_SCALINGS = ("", "linear", "llama3")
+
+
+def rotary_inv_freq(half: int, base: float, scaling: tuple = (), dtype=jnp.float32) -> jax.Array:
+    """The rotary frequencies base^(-k / half), k < half: [half] in dtype.
+
+    scaling: () for plain rotary, or (kind, factor, low_freq_factor, high_freq_factor, original_max_positions)
+    with kind 'linear' (every frequency / factor: positions interpolated) or 'llama3' (LLaMA 3.1's: wavelengths
+    longer than original / low_freq_factor are divided by factor, shorter than original / high_freq_factor kept,
+    the band between interpolated; `_compute_llama3_parameters` of transformers' modeling_rope_utils).
+    """
+    inv_freq = 1.0 / (base ** (jnp.arange(half, dtype=dtype) / half))
+    if not scaling or not scaling[0]:
+        return inv_freq
+    kind, factor, low, high, original = scaling
+    if kind == "linear":
+        return inv_freq / factor
+    if kind != "llama3":
+        raise ValueError(f"rotary scaling must be one of {ROPE_SCALINGS}, got {kind!r}")
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (original / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = jnp.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    medium = (wavelen >= original / high) & (wavelen <= original / low)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def rotary_embedding(
+    x: jax.Array, positions: jax.Array, base: float = 10_000.0, scaling: tuple = ()
+) -> jax.Array:
     """Rotates query or key vectors by their positions.
 
     Args:
       x: [batch, length, heads, head_dim] queries or keys (head_dim even).
       positions: [length] or [batch, length] integer or float positions.
       base: the frequency base.
+      scaling: frequency scaling (`rotary_inv_freq`); () = none.
 
     Returns:
       [batch, length, heads, head_dim] in x's dtype; computed in float32 (float64 for float64 x). For any s,
@@ -172,7 +202,7 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, base: float = 10_000.0)
     # the graph, XLA:CPU fuses them into the rotation and evaluates cos and sin once per element of x (per
     # example and head), ~15 ms of the peers' small step per layer. The same jnp operations either way.
     with jax.ensure_compile_time_eval() if isinstance(positions, np.ndarray) else contextlib.nullcontext():
-        inv_freq = 1.0 / (base ** (jnp.arange(half, dtype=compute) / half))  # [half]
+        inv_freq = rotary_inv_freq(half, base, scaling, compute)  # [half]
         positions = jnp.asarray(positions, compute)
         if positions.ndim == 1:
             positions = positions[None]  # [1, L]
@@ -325,14 +355,18 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
     return x * (1.0 + scale) + shift
 
 
-def layer_norm(name: str, param_dtype: Dtype, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+def layer_norm(
+    name: str, param_dtype: Dtype, dtype: Dtype = jnp.float32, use_bias: bool = False
+) -> nn.LayerNorm:
     # MDLM's LayerNorm: scale only, no bias, statistics and output in float32 (float64 for a float64 network).
+    # use_bias: GPT-2's (scale and bias).
     return nn.LayerNorm(
         epsilon=1e-5,
-        use_bias=False,
+        use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
         name=name,
     )
 
@@ -564,12 +598,17 @@ class SelfAttention(nn.Module):
 
     Decoding (`cache` given): the slice's queries attend the cache and themselves (see `cached_attention`);
     returns (out, updated cache).
+
+    rotary=False: no rotary (positions are unused: a network with learned absolute positions, GPT-2);
+    use_bias: biases on the q/k/v and output projections (GPT-2's c_attn / c_proj).
     """
 
     num_heads: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     implementation: str = "xla"
+    rotary: bool = True
+    use_bias: bool = False
 
     @nn.compact
     def __call__(
@@ -608,8 +647,18 @@ class SelfAttention(nn.Module):
         # weight gradient; the products themselves run as fast.
         x = x.astype(self.dtype)
         q, k, v = (project(x, qkv_kernel[:, i].astype(self.dtype)) for i in range(3))
-        q = nn.with_logical_constraint(rotary_embedding(q, positions), BLHK)
-        k = nn.with_logical_constraint(rotary_embedding(k, positions), BLHK)
+        if self.use_bias:
+            qkv_bias = self.param(
+                "qkv_bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, (None, "heads", "kv")),
+                (3, self.num_heads, head_dim),
+                self.param_dtype,
+            ).astype(self.dtype)
+            q, k, v = q + qkv_bias[0], k + qkv_bias[1], v + qkv_bias[2]
+        if self.rotary:
+            q, k = rotary_embedding(q, positions), rotary_embedding(k, positions)
+        q = nn.with_logical_constraint(q, BLHK)
+        k = nn.with_logical_constraint(k, BLHK)
         v = nn.with_logical_constraint(v, BLHK)
         if cache is None:
             if mask is not None:
@@ -619,6 +668,12 @@ class SelfAttention(nn.Module):
             out, cache = cached_attention(q, k, v, cache, decode_masks, self.implementation)
         out = nn.with_logical_constraint(out, BLHK)  # [B, L, H, Dh]
         out = project(out, out_kernel.astype(self.dtype), n_in=2)
+        if self.use_bias:
+            out_bias = self.param(
+                "out_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (d_model,),
+                self.param_dtype,
+            )  # fmt: skip
+            out = out + out_bias.astype(self.dtype)
         return out if cache is None else (out, cache)
 
 
@@ -667,7 +722,8 @@ class DiTBlock(nn.Module):
     where (shift_a, scale_a, gate_a, shift_m, scale_m, gate_m) = zero-initialised Dense(c): identity at init.
     Without c: x += drop(attn(LN(x))); x += drop(mlp(LN(x))) (time-free networks: RADD, MD4, AR).
     With `cache` (decoding): the attention runs over the cache (SelfAttention) and the block returns
-    (x, updated LayerCache).
+    (x, updated LayerCache). GPT-2's block is this one without time conditioning, with rotary=False (its
+    positions are learned, added to the embedding), norm_bias and attention_bias.
     """
 
     num_heads: int
@@ -677,6 +733,9 @@ class DiTBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
+    rotary: bool = True
+    norm_bias: bool = False
+    attention_bias: bool = False
 
     @nn.compact
     def __call__(
@@ -697,10 +756,13 @@ class DiTBlock(nn.Module):
             shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = AdaLNModulation(
                 6, d_model, self.param_dtype, stream, name="adaln"
             )(c)
-        h = layer_norm("norm_attn", self.param_dtype, stream)(x)
+        h = layer_norm("norm_attn", self.param_dtype, stream, self.norm_bias)(x)
         if self.time_conditioning:
             h = modulate(h, shift_a, scale_a)
-        attn = SelfAttention(self.num_heads, self.dtype, self.param_dtype, self.attention_impl, name="attn")
+        attn = SelfAttention(
+            self.num_heads, self.dtype, self.param_dtype, self.attention_impl, self.rotary, self.attention_bias,
+            name="attn",
+        )  # fmt: skip
         if cache is None:
             h = attn(h, positions, mask, is_causal)
         else:
@@ -709,7 +771,7 @@ class DiTBlock(nn.Module):
         x = x + (gate_a * h if self.time_conditioning else h)
         x = nn.with_logical_constraint(x, BLE)
 
-        h = layer_norm("norm_mlp", self.param_dtype, stream)(x)
+        h = layer_norm("norm_mlp", self.param_dtype, stream, self.norm_bias)(x)
         if self.time_conditioning:
             h = modulate(h, shift_m, scale_m)
         h = MLP(self.mlp_dim, self.dtype, self.param_dtype, name="mlp")(h)

@@ -98,6 +98,7 @@ class GroupedQueryAttention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     implementation: str = "xla"
+    rope_scaling: tuple = ()  # `layers.rotary_inv_freq`'s scaling; () = plain rotary
 
     @nn.compact
     def __call__(
@@ -138,8 +139,9 @@ class GroupedQueryAttention(nn.Module):
         q = project("q", self.num_heads)
         k = project("k", self.num_kv_heads)
         v = project("v", self.num_kv_heads)
-        q = nn.with_logical_constraint(layers.rotary_embedding(q, positions, self.rope_base), layers.BLHK)
-        k = nn.with_logical_constraint(layers.rotary_embedding(k, positions, self.rope_base), layers.BLHK)
+        rope = (positions, self.rope_base, self.rope_scaling)
+        q = nn.with_logical_constraint(layers.rotary_embedding(q, *rope), layers.BLHK)
+        k = nn.with_logical_constraint(layers.rotary_embedding(k, *rope), layers.BLHK)
         v = nn.with_logical_constraint(v, layers.BLHK)
         if cache is None:
             out = layers.attention(
@@ -176,6 +178,7 @@ class LlamaBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
+    rope_scaling: tuple = ()
 
     @nn.compact
     def __call__(
@@ -202,6 +205,7 @@ class LlamaBlock(nn.Module):
             self.dtype,
             self.param_dtype,
             self.attention_impl,
+            self.rope_scaling,
             name="attn",
         )
         if cache is None:
@@ -224,6 +228,8 @@ class Llama(Transformer):
       num_kv_heads: key/value heads (grouped-query attention); 0 = num_heads.
       head_dim: per-head width; 0 = d_model // num_heads.
       rope_base: rotary frequency base (LLaMA 2: 1e4, LLaMA 3 and LLaDA: 5e5, Qwen2: 1e6).
+      rope_scaling: () or (kind, factor, low_freq_factor, high_freq_factor, original_max_positions), the
+        frequency scaling of `layers.rotary_inv_freq` (LLaMA 3.1: 'llama3', 8, 1, 4, 8192).
       qkv_bias: biases on the query/key/value projections (Qwen2).
       norm_eps: RMSNorm epsilon.
     """
@@ -234,6 +240,7 @@ class Llama(Transformer):
     rope_base: float = 10_000.0
     qkv_bias: bool = False
     norm_eps: float = 1e-5
+    rope_scaling: tuple = ()
 
     _output_bias = False
 
@@ -265,6 +272,7 @@ class Llama(Transformer):
             "dtype": self.dtype,
             "param_dtype": self.param_dtype,
             "attention_impl": self.attention_impl,
+            "rope_scaling": self.rope_scaling,
         }
 
     def _final_norm(self, stream_dtype) -> nn.Module:

@@ -32,6 +32,7 @@ from ddlm.models import layers, stack
 Dtype = Any
 
 ATTENTION_KINDS = ("bidirectional", "causal", "block_causal")
+TIME_INPUTS = ("scaled_t", "sigma", "zero")
 
 
 def logit_shift_sources(length: int, block_size: int | None = None) -> jax.Array:
@@ -95,6 +96,14 @@ class Transformer(nn.Module):
       vocab_multiple: the embedding and output rows are padded to a multiple of this, so that they shard
         evenly over the 'tensor' mesh axis (GPT-2's 50,258 ids do not divide by 4) and tile well; the padded
         rows are never looked up and their logits are sliced off, so the output is [..., vocab_size].
+      time_input: what the time embedding reads (with time_conditioning): 'scaled_t' (1000 t, ddlm's own
+        networks), 'sigma' (the log-linear noise level -log(1 - (1 - 1e-3) t) that MDLM's, SEDD's and DUO's
+        DiTs read) or 'zero' (sigma = 0 whatever t: checkpoints trained with time_conditioning=False, as
+        MDLM's and BD3-LM's published ones, whose adaLN still reads the constant embedding of 0).
+      max_positions: 0 = rotary positions (every network trained here); > 0 = learned absolute position
+        embeddings of this many rows added to the token embedding and no rotary (GPT-2).
+      norm_bias: LayerNorms with a bias (GPT-2); attention_bias: biases on the q/k/v and output projections
+        (GPT-2).
     """
 
     vocab_size: int
@@ -116,6 +125,10 @@ class Transformer(nn.Module):
     attention_impl: str = "xla"
     vocab_multiple: int = 128
     logit_shift: bool = False
+    time_input: str = "scaled_t"
+    max_positions: int = 0
+    norm_bias: bool = False
+    attention_bias: bool = False
 
     # The output layer has a bias (MDLM's DDitFinalLayer); the LLaMA family has none.
     _output_bias = True
@@ -144,10 +157,13 @@ class Transformer(nn.Module):
             "dtype": self.dtype,
             "param_dtype": self.param_dtype,
             "attention_impl": self.attention_impl,
+            "rotary": not self.max_positions,
+            "norm_bias": self.norm_bias,
+            "attention_bias": self.attention_bias,
         }
 
     def _final_norm(self, stream_dtype) -> nn.Module:
-        return layers.layer_norm("norm_final", self.param_dtype, stream_dtype)
+        return layers.layer_norm("norm_final", self.param_dtype, stream_dtype, self.norm_bias)
 
     def _check_inputs(self, tokens, t, x0):
         if self.attention not in ATTENTION_KINDS:
@@ -160,6 +176,12 @@ class Transformer(nn.Module):
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be int [batch, length], got {tokens.dtype} {tokens.shape}")
         batch, length = tokens.shape
+        if self.time_input not in TIME_INPUTS:
+            raise ValueError(f"time_input must be one of {TIME_INPUTS}, got {self.time_input!r}")
+        if self.max_positions and length > self.max_positions:
+            raise ValueError(
+                f"the network has {self.max_positions} learned positions (max_positions), got length {length}"
+            )
         if self.time_conditioning:
             if t is None:
                 raise ValueError(
@@ -372,12 +394,26 @@ class Transformer(nn.Module):
         # partition the gather (batch-sharded ids, embed-sharded table) and replicates the activations.
         table = nn.with_logical_constraint(embedding, ("vocab", None))
         x = jnp.take(table, tokens, axis=0).astype(stream)  # [B, L', d]
+        if self.max_positions:  # learned absolute positions (GPT-2's wpe), read at each token's position
+            position_table = self.param(
+                "position_embedding",
+                nn.with_logical_partitioning(nn.initializers.normal(0.01), (None, "embed")),
+                (self.max_positions, self.d_model),
+                self.param_dtype,
+            )
+            x = x + jnp.take(position_table, jnp.asarray(positions), axis=0).astype(stream)
         x = nn.with_logical_constraint(x, layers.BLE)
         c = None
         if self.time_conditioning:
+            time_scale = 1000.0
+            if self.time_input == "sigma":  # MDLM/SEDD/DUO's log-linear noise level, eps = 1e-3
+                t_tokens, time_scale = -jnp.log1p(-(1.0 - 1e-3) * t_tokens), 1.0
+            elif self.time_input == "zero":
+                t_tokens, time_scale = jnp.zeros_like(t_tokens), 1.0
             c = layers.TimestepEmbedder(
-                self.cond_dim, param_dtype=self.param_dtype, dtype=stream, name="time_embedding"
-            )(t_tokens)
+                self.cond_dim, time_scale=time_scale, param_dtype=self.param_dtype, dtype=stream,
+                name="time_embedding",
+            )(t_tokens)  # fmt: skip
 
         # ---- blocks ----------------------------------------------------------------------------------------
         if cache is None:
