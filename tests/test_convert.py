@@ -335,6 +335,8 @@ def test_a_malformed_config_json_is_one_error_naming_file_and_field(hf_models, t
         ({"seq_len": -1}, r"--seq_len=-1: expected a sequence length >= 2"),
         ({"seq_len": 1}, r"--seq_len=1: expected a sequence length >= 2"),
         ({"tokenizer": "nope"}, r"--tokenizer=nope: config.data.tokenizer must be"),
+        ({"family": "nope"}, r"--family=nope: expected one of \('llama', 'qwen2', 'llada', 'dream', 'gpt2'"),
+        ({"family": "gpt2"}, r"config.json: tie_word_embeddings=False is not supported"),  # a LLaMA read as GPT-2
         ({"tokenizer": "char"}, r"--tokenizer=char: its vocab_size=85 is less than the checkpoint's 259 ids \+ the mask"),
     ],
 )

@@ -78,7 +78,8 @@ def test_gpt2_logits_and_log_probabilities_equal_pytorch(gpt2):
 
 
 def test_an_old_export_without_prefix_and_with_mask_buffers_imports_the_same(gpt2, tmp_path):
-    """The hub's gpt2 files: names without `transformer.`, the causal-mask buffers h.i.attn.bias."""
+    """The hub's gpt2 files: names without `transformer.`, the causal-mask buffers h.i.attn.bias; a config.json
+    without model_type is recognised by its architectures."""
     directory, tokens, torch_model = gpt2
     old = str(tmp_path / "old")
     shutil.copytree(directory, old)
@@ -87,6 +88,12 @@ def test_an_old_export_without_prefix_and_with_mask_buffers_imports_the_same(gpt
     for i in range(2):
         tensors[f"h.{i}.attn.bias"] = np.tril(np.ones((1, 1, 32, 32), np.float32))
     save_file(tensors, path)
+    with open(os.path.join(old, "config.json")) as f:
+        config = json.load(f)
+    del config["model_type"]  # found by its architectures, ['GPT2LMHeadModel']
+    with open(os.path.join(old, "config.json"), "w") as f:
+        json.dump(config, f)
+    assert hf.detect_family(config) == "gpt2"
     model, params = _imported(old)
     np.testing.assert_allclose(_logits(model, params, tokens)[..., :V], _reference(torch_model, tokens), atol=1e-5)
 
