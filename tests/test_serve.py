@@ -290,6 +290,33 @@ def test_ar_streams_token_by_token(ar):
         )
 
 
+def test_bd3lm_streams_block_by_block_and_skips_the_blocks_after_max_tokens(tmp_path):
+    """BD3-LM rows report each block as it is denoised and then its clean tokens (the cache write), block after
+    block; the blocks after the last one asked for are known padding, never denoised (fewer network calls,
+    the same tokens before them: the network is block-causal)."""
+    engine = tiny_engine(tiny_workdir(tmp_path / "bd3lm", "bd3lm", seed=2), batch_sizes=(2,))
+    settings = engine.default_settings
+    ids = engine.prompt_ids(PROMPT, settings)  # bos + 'Hi': 3 known positions
+    full = [
+        engine.row(ids, settings, seed=4, choice=c, temperature=1.0, max_tokens=SEQ_LEN - 3) for c in (0, 1)
+    ]
+    events = {0: [], 1: []}
+    tokens, nfe, _ = engine.run(full, settings, lambda i, p, t: events[i].append((list(p), list(t))))
+    for i in (0, 1):
+        starts = [p[0] for p, _ in events[i]]
+        assert all(p == list(range(p[0], p[0] + 4)) and p[0] % 4 == 0 for p, _ in events[i])  # one block each
+        assert starts == sorted(starts) and set(starts) == {0, 4, 8, 12}
+        # The last report of each block is its clean tokens: the answer's, never changed after (the last block
+        # is not written to the cache: its final tokens come with the answer).
+        for b in (0, 4, 8):
+            last = [t for p, t in events[i] if p[0] == b][-1]
+            assert last == list(tokens[i][b : b + 4])
+    short = [engine.row(ids, settings, seed=4, choice=c, temperature=1.0, max_tokens=3) for c in (0, 1)]
+    short_tokens, short_nfe, _ = engine.run(short, settings)
+    assert (short_tokens[:, :8] == tokens[:, :8]).all() and (short_tokens[:, 8:] == engine.tok.pad_id).all()
+    assert (short_nfe < nfe).all()
+
+
 def test_diffusion_extension_fields(dit):
     c = client(dit)
     first = c.completions.create(

@@ -123,7 +123,10 @@ class Row:
 
 
 class _HookedDecoder(Decoder):
-    """A KV-cache decoder whose every step passes through `hook(logits, tokens, positions)`."""
+    """A KV-cache decoder whose every step passes through `hook(logits, tokens, positions) -> (logits, zero)`.
+
+    The zero (the host callback's answer) is also added to the cache: a cache write whose logits nobody reads
+    (BD3-LM's clean block) would otherwise lose its report to dead-code elimination. x + 0 is x."""
 
     def __init__(self, model, variables, hook):
         super().__init__(model, variables)
@@ -131,10 +134,13 @@ class _HookedDecoder(Decoder):
 
     def step(self, cache, tokens, positions, attend, self_attend=None, t=None, write_index=None):
         logits, cache = super().step(cache, tokens, positions, attend, self_attend, t, write_index)
-        return self._hook(logits, tokens, positions), cache
+        logits, zero = self._hook(logits, tokens, positions)
+        leaves, tree = jax.tree.flatten(cache)
+        leaves[0] = leaves[0] + zero.astype(leaves[0].dtype)
+        return logits, jax.tree.unflatten(tree, leaves)
 
     def forward(self, tokens, t=None, x0=None):  # the no-cache paths: temperature only (kv_cache is True)
-        return self._hook(super().forward(tokens, t, x0), None, None)
+        return self._hook(super().forward(tokens, t, x0), None, None)[0]
 
 
 def parse_sampler_spec(spec: str) -> dict:
@@ -376,7 +382,11 @@ class Engine:
                 )
 
             def hook(logits, tokens, positions):
-                if tokens is not None:  # report the canvas; the zero it returns keeps the call in the program
+                """(logits / the row's temperature, zero): tokens [1, S] at positions [S] reported to the host
+                (masked samplers: positions None, the whole sequence); the zero is the callback's answer, to be
+                used (logits + zero) so that the call stays in the program."""
+                zero = jnp.zeros((), jnp.float32)
+                if tokens is not None:
                     positions = jnp.arange(tokens.shape[-1]) if positions is None else positions
                     # batch_id 0: nobody watches, no host round trip (the predicate is the batch's, not a row's)
                     zero = jax.lax.cond(
@@ -386,8 +396,7 @@ class Engine:
                         tokens[0].astype(jnp.int32),
                         jnp.asarray(positions, jnp.int32),
                     )
-                    logits = logits + zero
-                return logits / temperature
+                return (logits + zero) / temperature, zero
 
             sample = sampling_cli.sample_fn(
                 config,
@@ -395,7 +404,7 @@ class Engine:
                 model,
                 tok,
                 None,
-                logits_hook=lambda logits, xt: hook(logits, xt, None),
+                logits_hook=lambda logits, xt: hook(logits, xt, None)[0],
                 make_decoder=functools.partial(_HookedDecoder, hook=hook),
             )
             out = sample(params, rng, x[None], clamp[None])
