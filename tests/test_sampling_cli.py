@@ -1,6 +1,7 @@
 """The sampling CLI (ddlm/sampling/cli.py): a tiny random network, byte tokenizer, files written; and the
 real checkpoint path through ddlm.train (a freshly initialised state saved, then restored by run_sampling)."""
 
+import io
 import json
 import os
 import re
@@ -14,7 +15,7 @@ import pyte
 import pytest
 from rich.console import Console
 
-from ddlm import models
+from ddlm import models, paths
 from ddlm.data import tokenizers
 from ddlm.sampling import cli, conditioning, visualize
 from ddlm.sampling import config as sampler_config
@@ -110,7 +111,7 @@ def test_each_run_writes_its_own_folder_with_all_samples_in_the_trajectory(tmp_p
     saved = json.loads((first / "config.json").read_text())
     assert saved["sampler"]["name"] == "ancestral" and saved["sampler"]["seed"] == 0
     page = (first / "trajectory.html").read_text()
-    assert "ancestral: 8 steps, NFE 8" in page
+    assert "ancestral (steps=8): NFE 8 (network calls)" in page
     assert all(f"sample {i} (NFE 8)" in page for i in range(3))  # every sample, not only sample 0
     assert 1 + 3 <= page.count("<tr>") <= 3 * (8 + 1)  # rows where something changed
     assert 'class="m"' in page  # masked positions greyed
@@ -123,15 +124,14 @@ def test_each_run_writes_its_own_folder_with_all_samples_in_the_trajectory(tmp_p
     records = cli.run_sampling(c, str(tmp_path), load_fn=_random_loader)
     assert all(r["nfe"] == 6 for r in records)  # one call per generated token
     runs = _run_dirs(tmp_path / "samples")
-    assert len(runs) == 2 and runs[0] == first and runs[1].name.endswith("first_hitting")
+    assert len(runs) == 2 and runs[0] == first and first.name.endswith("-step0-ancestral-steps=8")
+    assert runs[1].name.endswith("-step0-first_hitting")  # no step count: it takes none
     assert {p.name: p.read_bytes() for p in first.iterdir()} == before
     assert sorted(p.name for p in runs[1].iterdir()) == ["config.json", "samples.jsonl", "samples.txt"]
     # The page title of a first-hitting run counts its calls, not config.sampler.steps (64 by default).
-    title = cli._trajectory_title(_config(name="first_hitting", steps=64).sampler, records, 5)
-    assert (
-        title
-        == "first_hitting: one network call per unmasked token, NFE 6 (network calls), checkpoint step 5"
-    )
+    title = cli._trajectory_title(_config(name="first_hitting", steps=64).sampler, records, 5, 8)
+    assert title == "first_hitting (one network call per unmasked token): NFE 6 (network calls), checkpoint step 5"
+    assert [r["steps"] for r in records] == [None] * 3  # samples.jsonl: no step count either
 
 
 def test_resolve_config_fills_defaults_and_rejects_unknown_fields():
@@ -414,3 +414,113 @@ def test_run_sampling_from_a_real_checkpoint(tmp_path):
     # First hitting: one network call per generated token.
     assert len(records) == 8 and all(r["checkpoint_step"] == 0 and r["nfe"] == 8 for r in records)
     assert all(len(r["tokens"]) == 8 for r in records)
+
+
+# ------------------------------------------------------------------------------------------------ names
+# Issue 22 item 5: runs of one sampler with different settings were all '...-parallel' folders, and the log
+# named neither the rule, the blocks nor the cache; first_hitting said '(128 steps)'.
+
+NAMED_RUNS = [
+    ({"name": "first_hitting", "steps": 128}, "first_hitting"),  # no step count: it takes none
+    ({"name": "ancestral", "steps": 64}, "ancestral (steps=64)"),
+    ({"name": "ancestral", "temperature": 0.8, "top_k": 5}, "ancestral (steps=8, temperature=0.8, top_k=5)"),
+    (
+        {"name": "parallel", "rule": "threshold", "threshold": 0.9, "block_length": 4, "cache": "dual"},
+        "parallel (rule=threshold, threshold=0.9, blocks=3, cache=dual)",  # adaptive rule: no steps
+    ),
+    (
+        {"name": "parallel", "rule": "low_confidence", "steps": 6, "block_length": 4, "refresh_every": 2},
+        "parallel (rule=low_confidence, blocks=3, cache=none, steps=6)",  # refresh_every: only with a cache
+    ),
+    (
+        {"name": "parallel", "cache": "prefix", "refresh_every": 2, "parallel_remasking": "cap", "eta": 0.05},
+        (
+            "parallel (rule=low_confidence, blocks=1, cache=prefix, refresh_every=2, remasking=cap, eta=0.05, "
+            "steps=8)"
+        ),
+    ),
+    ({"name": "remdm", "remasking": "cap", "eta": 0.1}, "remdm (remasking=cap, eta=0.1, steps=8)"),
+    ({"name": "ar", "greedy": True, "kv_cache": False}, "ar (kv_cache=False, greedy=True)"),
+    ({"name": "bd3lm", "block_sampler": "first_hitting"}, "bd3lm (block_sampler=first_hitting)"),
+    ({"name": "bd3lm", "block_sampler": "ancestral"}, "bd3lm (block_sampler=ancestral, steps=8)"),
+    (
+        {"name": "bd3lm", "block_sampler": "parallel", "rule": "factor", "factor": 2.0, "window": 8},
+        "bd3lm (block_sampler=parallel, rule=factor, factor=2, window=8)",
+    ),
+]
+
+
+@pytest.mark.parametrize("fields,expected", NAMED_RUNS)
+def test_log_lines_and_folders_name_the_settings_that_matter(fields, expected):
+    """describe() for the log line and the trajectory title; the folder holds the same settings as
+    name-field=value parts after '<date>-<time>-step<N>-', as a safe folder name."""
+    sc = sampler_config.resolve(ml_collections.ConfigDict(fields))
+    if "steps" not in fields:
+        sc.steps = 8
+    assert cli.describe(sc, SEQ_LEN) == expected
+    folder = cli.run_folder_name(sc, SEQ_LEN, 2500)
+    assert re.fullmatch(r"\d{8}-\d{6}-step2500-.+", folder), folder
+    settings = expected.replace(" (", "-").replace(", ", "-").rstrip(")")
+    assert folder.endswith("-step2500-" + settings), folder
+    assert folder == paths.folder_name(folder, max_len=200)  # nothing a folder name may not hold
+
+
+def test_run_folders_of_different_settings_differ_and_same_settings_get_a_suffix(tmp_path):
+    """Two parallel runs that differ only in the rule, the blocks or the cache land in different folders; the
+    same settings twice in one second get '-2' (ddlm.sampling.cli._new_run_dir), never the same folder."""
+    base = sampler_config.resolve(ml_collections.ConfigDict({"name": "parallel", "steps": 12}))
+    variants = [
+        {},
+        {"rule": "margin"},
+        {"block_length": 4},
+        {"block_length": 4, "cache": "dual"},
+        {"rule": "threshold", "threshold": 0.8},
+        {"rule": "threshold", "threshold": 0.9},
+    ]
+    names = set()
+    for fields in variants:
+        sc = sampler_config.resolve(ml_collections.ConfigDict({**base.to_dict(), **fields}))
+        names.add(cli.run_folder_name(sc, SEQ_LEN, 7).split("-step7-")[1])
+    assert len(names) == len(variants), names
+    name = cli.run_folder_name(base, SEQ_LEN, 7)
+    first = cli._new_run_dir(str(tmp_path), name)
+    second = cli._new_run_dir(str(tmp_path), name)
+    assert os.path.basename(first) == name and os.path.basename(second) == name + "-2"
+
+
+def test_a_long_prompt_free_name_stays_a_bounded_safe_folder_name():
+    """Every setting at once: the name keeps its start (date, step, sampler) and gains a hash past 200
+    characters (ddlm.paths.folder_name), so it is still one folder."""
+    fields = {"name": "parallel", "rule": "entropy_bounded", "gamma": 0.123456, "block_length": 4,
+              "cache": "dual", "refresh_every": 3, "parallel_remasking": "confidence", "eta": 0.5,
+              "temperature": 0.7, "top_k": 40, "top_p": 0.95, "grid": "cosine", "t_min": 0.01,
+              "precision": "float32", "guidance_scale": 1.5, "noise_removal": False}  # fmt: skip
+    sc = sampler_config.resolve(ml_collections.ConfigDict(fields))
+    folder = cli.run_folder_name(sc, SEQ_LEN, 3)
+    assert len(folder) == 200 and "/" not in folder and "-step3-parallel-rule=entropy_bounded" in folder
+
+
+class _Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_the_per_step_progress_callback_only_on_a_terminal_with_the_compilation_cache_off(monkeypatch):
+    """jax (0.10) never writes a program with a host callback to the persistent compilation cache: the
+    sampler's per-step bar (jax.debug.callback) would make every rerun compile it again. So the callback
+    is there only on a terminal with the cache off; a log file never showed per-step updates anyway."""
+    from ddlm import compilation_cache
+
+    sc = sampler_config.default_config()
+    monkeypatch.setattr(compilation_cache, "directory", lambda: None)
+    assert cli.per_step_progress(sc, _Tty()) and not cli.per_step_progress(sc, io.StringIO())
+    sc.progress = False
+    assert not cli.per_step_progress(sc, _Tty())
+    sc.progress = True
+    monkeypatch.setattr(compilation_cache, "directory", lambda: "/some/cache")
+    assert not cli.per_step_progress(sc, _Tty())
+    # Without per-step updates a terminal's line names the batch as it starts, and draws no step bar.
+    stream = _Tty()
+    progress = cli._Progress(4, 2, steps=8, stream=stream, per_step=False)
+    progress.on_batch_start(1)
+    assert "batch 2/2," in stream.getvalue() and "step" not in stream.getvalue()

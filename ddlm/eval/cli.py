@@ -84,11 +84,16 @@ def resolve_config(eval_config) -> ml_collections.ConfigDict:
         out[key] = value
     if out.split not in ("validation", "train"):
         raise ValueError(f"config.eval.split must be 'validation' or 'train', got {out.split!r}")
-    for key in ("num_batches", "batch_size", "num_samples"):
+    for key in ("num_batches", "batch_size", "num_samples", "mauve_seeds"):
         if out[key] < 0:
             raise ValueError(f"config.eval.{key} must be >= 0, got {out[key]}")
     if out.time_samples < 1:
         raise ValueError(f"config.eval.time_samples must be >= 1, got {out.time_samples}")
+    if out.mauve_seeds and out.num_samples < 2:
+        raise ValueError(
+            f"config.eval.mauve_seeds={out.mauve_seeds} needs config.eval.num_samples >= 2 (the samples it scores), "
+            f"got {out.num_samples}"
+        )
     if out.ar_config and not out.ar_workdir:
         raise ValueError(
             "config.eval.ar_config needs config.eval.ar_workdir (the AR checkpoint's workdir; its config is read "
@@ -270,10 +275,13 @@ def sampling_config(config, *, num_samples: int, output_dir: str):
     return cfg
 
 
-def sample_and_score(config, workdir, loaded: Loaded, scorer, *, num_samples: int, output_dir: str) -> dict:
+def sample_and_score(
+    config, workdir, loaded: Loaded, scorer, *, num_samples: int, output_dir: str, mauve=None
+) -> dict:
     """Draws num_samples samples with config.sampler (ddlm.sampling.cli.run_sampling, samples written to
     output_dir) and returns their quality (sample_quality.sample_quality), the sampler settings, the network
-    calls and tokens/s (sampling time without compilation)."""
+    calls and tokens/s (sampling time without compilation). mauve = (judge, reference texts, seeds): also
+    MAUVE of the samples against the references (ddlm.eval.mauve: 'mauve', 'mauve_se' over the seeds)."""
     from ddlm.sampling import cli as sampling_cli
 
     cfg = sampling_config(config, num_samples=num_samples, output_dir=output_dir)
@@ -281,16 +289,41 @@ def sample_and_score(config, workdir, loaded: Loaded, scorer, *, num_samples: in
     records = sampling_cli.run_sampling(cfg, workdir, load_fn=load)
     rows = [r["tokens"] for r in records]
     out = sample_quality.sample_quality(scorer, rows, loaded.tokenizer)
+    if mauve is not None:
+        from ddlm.eval import mauve as mauve_lib
+
+        judge, references, seeds = mauve
+        texts = [loaded.tokenizer.decode(sample_quality.content_ids(r, loaded.tokenizer)) for r in rows]
+        out.update(mauve_lib.sample_mauve(judge, references, texts, seeds=range(1, seeds + 1)))
     seconds = sum(r["time_s"] for r in records)
+    sc, seq_len = sampling_cli.check_config(cfg)
     out.update(
         sampler=cfg.sampler.name,
-        steps=int(cfg.sampler.steps),
+        settings=sampling_cli.describe(sc, seq_len),  # 'parallel (rule=threshold, ...)'
+        steps=int(sc.steps) if sampling_cli.uses_steps(sc) else 0,  # 0: the sampler takes no step count
         temperature=float(cfg.sampler.temperature),
         precision=cfg.sampler.precision,
         nfe=float(records[0]["nfe"]) if records else float("nan"),
         tokens_per_s=sum(len(r) for r in rows) / seconds if seconds > 0 else float("nan"),
     )
     return out
+
+
+def reference_texts(config, tokenizer, n: int) -> list[str]:
+    """The texts of n validation rows of train.seq_len tokens (MAUVE's reference; frontier.data_point's rows)."""
+    from ddlm.data import pipeline
+
+    it = pipeline.make_iterator(
+        config.data,
+        tokenizer,
+        "validation",
+        global_batch_size=n,
+        seq_len=config.train.seq_len,
+        seed=config.train.seed,
+        sharding=None,
+        num_epochs=1,
+    )
+    return [tokenizer.decode(sample_quality.content_ids(row, tokenizer)) for row in next(it)["tokens"]]
 
 
 def make_scorer(config, loaded: Loaded, batch_size: int = 8) -> sample_quality.ARScorer:
@@ -348,6 +381,11 @@ def run_eval(config, workdir: str, load_fn: Callable[..., Loaded] | None = None)
     load = load_fn or (lambda c, w, ema: load_checkpoint(c, w, ema=ema))
     ar_config = load_config_file(ec.ar_config) if ec.ar_config else None
     check_ar_config(ar_config, ec)
+    if ec.mauve_seeds and not ec.ar_workdir and config.diffusion.loss != "ar":
+        raise sharding.ConfigError(
+            "config.eval.mauve_seeds needs a judge: config.eval.ar_workdir (an AR checkpoint whose features MAUVE "
+            "compares), or an AR model evaluated itself"
+        )
     out_dir = ec.output_dir or os.path.join(workdir, "eval")
     check_inputs(config, ec, out_dir, ddlm_checkpoints=load_fn is None)
     # Both checkpoints are restored (and checked) before either is evaluated: a bad AR checkpoint is found
@@ -400,6 +438,12 @@ def run_eval(config, workdir: str, load_fn: Callable[..., Loaded] | None = None)
             scorer, scorer_dir = make_scorer(ar_config, ar_loaded), os.path.abspath(ec.ar_workdir)
         elif name == "ar":
             scorer, scorer_dir = make_scorer(config, loaded), os.path.abspath(workdir)
+        mauve = None
+        if ec.mauve_seeds and scorer is not None:  # the scorer's network judges (ddlm.eval.mauve)
+            from ddlm.eval import mauve as mauve_lib
+
+            judge = mauve_lib.Judge.from_loaded(ar_loaded if ar_loaded is not None else loaded)
+            mauve = (judge, reference_texts(config, loaded.tokenizer, ec.num_samples), ec.mauve_seeds)
         report["samples"] = sample_and_score(
             config,
             workdir,
@@ -407,6 +451,7 @@ def run_eval(config, workdir: str, load_fn: Callable[..., Loaded] | None = None)
             scorer,
             num_samples=ec.num_samples,
             output_dir=os.path.join(out_dir, "samples"),
+            mauve=mauve,
         )
         report["samples"]["scorer"] = scorer_dir
 
@@ -428,9 +473,13 @@ def run_eval(config, workdir: str, load_fn: Callable[..., Loaded] | None = None)
             if s["scorer"] == report["workdir"]:
                 gen += " (scored by this model itself)"
             print(
-                f"samples ({s['samples']}, {s['sampler']}, {s['steps']} steps, NFE {s['nfe']:g}): generative perplexity {gen}, "
+                f"samples ({s['samples']}, {s['settings']}, NFE {s['nfe']:g}): generative perplexity {gen}, "
                 f"unigram entropy {_fmt(s['entropy'], s['entropy_se'], 3)} nats, distinct-4 {s['distinct_4']:.3f}"
             )
+        if "mauve" in report.get("samples", {}):
+            s = report["samples"]
+            print(f"samples: MAUVE {_fmt(s['mauve'], s['mauve_se'], 3)} against {s['p_count']} validation rows "
+                  f"(± over {len(s['mauve_seeds'])} k-means seeds)")
         print(f"report: {path}")
     return report
 
@@ -446,7 +495,7 @@ def headline(report: dict) -> dict:
             out[k] = r[k]
             out[k + "_se"] = r[k + "_se"]
     s = report.get("samples", {})
-    for k in ("gen_ppl", "gen_ppl_se", "entropy", "entropy_se", "distinct_4"):
+    for k in ("gen_ppl", "gen_ppl_se", "entropy", "entropy_se", "distinct_4", "mauve", "mauve_se"):
         if k in s:
             out[f"samples_{k}"] = s[k]
     return out

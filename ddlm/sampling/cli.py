@@ -21,8 +21,9 @@ name='bd3lm', which goes past it with a sliding window of clean blocks (config.s
 train.seq_len - block_size; 0 = that).
 
 Each run writes to its own folder, <config.sampler.output_dir or <workdir>/samples>/<date>-<time>-step
-<checkpoint>-<sampler>/, so that no run overwrites another and a trajectory never sits beside another run's
-samples:
+<checkpoint>-<sampler>-<settings>/ (`run_folder_name`: e.g. ...-step2500-parallel-rule=threshold-threshold=0.9-
+blocks=4-cache=dual, the settings that tell runs apart, steps only for samplers that take a step count), so
+that no run overwrites another and a trajectory never sits beside another run's samples:
 
     samples.txt          the decoded samples, separated by lines of '='
     samples.jsonl        one JSON object per sample: text, tokens, nfe, time_s (batch time / batch size,
@@ -58,7 +59,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ddlm import checkpoints, distributed, loading, losses, models, paths, schedules
+from ddlm import checkpoints, compilation_cache, distributed, loading, losses, models, paths, schedules
 from ddlm.data import sft
 from ddlm.sampling import conditioning, make_sampler, stats, visualize
 from ddlm.sampling import config as config_lib
@@ -71,13 +72,24 @@ def _load_checkpoint(config, workdir):
     return loaded.model, loaded.params, loaded.tokenizer, loaded, loaded.step
 
 
-class _Progress:
-    """One status line on stderr: samples done, the batch, and (from the jitted loop's host callback) the
-    step within the batch."""
+def per_step_progress(sc, stream=None) -> bool:
+    """Whether the sampler reports every step to the progress line (a host callback in its jitted loop):
+    with config.sampler.progress, on a terminal (a log gets one line per batch either way), and with the
+    persistent compilation cache off, since jax (0.10) never caches a program holding a host callback: a
+    rerun would compile the sampler again (ddlm.compilation_cache)."""
+    stream = stream or sys.stderr
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    return bool(sc.progress) and tty and compilation_cache.directory() is None
 
-    def __init__(self, num_samples: int, num_batches: int, steps: int, stream=None):
+
+class _Progress:
+    """One status line on stderr: samples done, the batch, and with per_step (from the jitted loop's host
+    callback) the step within the batch."""
+
+    def __init__(self, num_samples: int, num_batches: int, steps: int, stream=None, per_step: bool = True):
         self.num_samples, self.num_batches, self.steps = num_samples, num_batches, steps
         self.stream = stream or sys.stderr
+        self.per_step = per_step
         self.start = time.time()
         self.done, self.batch, self.step, self._last = 0, 0, 0, 0.0
 
@@ -96,12 +108,19 @@ class _Progress:
         self._last = now
         width = 24
         filled = int(width * self.step / max(self.steps, 1))
+        bar = f" [{'#' * filled}{'.' * (width - filled)}] step {self.step}/{self.steps}," if self.per_step else ","
         self.stream.write(
             f"\rsampling: {self.done}/{self.num_samples} samples, batch {min(self.batch + 1, self.num_batches)}/"
-            f"{self.num_batches} [{'#' * filled}{'.' * (width - filled)}] step {self.step}/{self.steps}, "
-            f"{now - self.start:.1f}s "
+            f"{self.num_batches}{bar} {now - self.start:.1f}s "
         )
         self.stream.flush()
+
+    def on_batch_start(self, batch: int):
+        """Batch `batch` starts: a terminal's line names it at once (without per-step updates it would
+        otherwise show the previous batch until this one is done)."""
+        self.batch, self.step = batch, 0
+        if hasattr(self.stream, "isatty") and self.stream.isatty():
+            self._draw(force=True)
 
     def on_step(self, k):  # called from inside the jitted loop
         self.step = int(k)
@@ -123,15 +142,19 @@ def run_sampling(config, workdir: str, load_fn: Callable[..., Any] | None = None
     model, params, tok, setup, ckpt_step = (load_fn or _load_checkpoint)(config, workdir)
     x_init, clamp = initial_tokens(config, sc, tok, seq_len)
     num_batches = -(-sc.num_samples // sc.batch_size)
-    progress = _Progress(sc.num_samples, num_batches, _progress_steps(config, sc, x_init, tok.mask_id))
+    progress = _Progress(
+        sc.num_samples,
+        num_batches,
+        _progress_steps(config, sc, x_init, tok.mask_id),
+        per_step=per_step_progress(sc),
+    )
     sample = sample_fn(config, sc, model, tok, progress)
     records, trajectories = _sample_batches(
         sample, params, x_init, clamp, sc, tok, setup=setup, ckpt_step=ckpt_step, progress=progress
     )
     if jax.process_index() != 0:  # every process sampled its shard of the batch; process 0 writes
         return records
-    run_name = f"{time.strftime('%Y%m%d-%H%M%S')}-step{ckpt_step}-{sc.name}"
-    out_dir = _new_run_dir(out_base, run_name)
+    out_dir = _new_run_dir(out_base, run_folder_name(sc, seq_len, ckpt_step))
     _write_outputs(out_dir, config, workdir, sc, seq_len, tok, records, trajectories, ckpt_step)
     _print_summary(records, out_dir, trajectories)
     return records
@@ -311,7 +334,7 @@ def sample_fn(
             mask_id=tok.mask_id,
             graph=graph,
             return_trajectory=bool(sc.visualize),
-            progress_fn=progress.on_step if sc.progress and progress else None,
+            progress_fn=progress.on_step if progress is not None and progress.per_step else None,
             decoder=make_decoder(model, {"params": params}) if cached else None,
             eos_id=tok.eos_id,
             pad_id=tok.pad_id,
@@ -375,6 +398,88 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+# ------------------------------------------------------------------------------------------------ names
+
+
+def uses_steps(sc) -> bool:
+    """Whether config.sampler.steps sets the sampler's network calls: not for first_hitting (one call per
+    masked token), ar (one per token), bd3lm over such a block sampler, nor parallel's adaptive rules
+    (threshold, factor, entropy_bounded: as many steps as they need)."""
+    from ddlm.sampling import rules
+
+    name = sc.block_sampler if sc.name == "bd3lm" else sc.name  # bd3lm: the steps of its in-block sampler
+    if name in ("first_hitting", "ar"):
+        return False
+    if name == "parallel":
+        return rules.get_rule(sc.rule).fixed_count
+    return True
+
+
+# Sampler fields shared by every sampler, named when they differ from their defaults.
+_SHARED_FIELDS = ("temperature", "top_k", "top_p", "grid", "t_min", "precision", "guidance_scale", "noise_removal")
+_RULE_OPTIONS = {"threshold": "threshold", "factor": "factor", "entropy_bounded": "gamma"}
+
+
+def settings(sc, seq_len: int) -> list[tuple[str, Any]]:
+    """The settings that tell one sampling run from another, as (name, value) in a fixed order: the
+    sampler's own (parallel: rule and its option, blocks, cache; remdm: remasking, eta; bd3lm: its block
+    sampler; ar / bd3lm: a KV cache turned off), `steps` where the sampler takes a step count (uses_steps),
+    then the shared fields that differ from their defaults (temperature, top_k, ...). Names are config.sampler
+    fields, except blocks = seq_len / block_length."""
+    out: list[tuple[str, Any]] = []
+    if sc.name == "bd3lm":
+        out.append(("block_sampler", sc.block_sampler))
+    if sc.name == "parallel" or (sc.name == "bd3lm" and sc.block_sampler == "parallel"):
+        out.append(("rule", sc.rule))
+        if sc.rule in _RULE_OPTIONS:
+            out.append((_RULE_OPTIONS[sc.rule], sc[_RULE_OPTIONS[sc.rule]]))
+    if sc.name == "parallel":
+        out.append(("blocks", seq_len // sc.block_length if sc.block_length else 1))
+        out.append(("cache", sc.cache))
+        if sc.cache != "none" and sc.refresh_every:
+            out.append(("refresh_every", sc.refresh_every))
+        if sc.parallel_remasking != "none":
+            out += [("remasking", sc.parallel_remasking), ("eta", sc.eta)]
+    if sc.name == "remdm":
+        out += [("remasking", sc.remasking), ("eta", sc.eta)]
+    if sc.name in ("ar", "bd3lm") and not sc.kv_cache:
+        out.append(("kv_cache", False))
+    if sc.name == "ar" and sc.greedy:
+        out.append(("greedy", True))
+    if sc.name == "bd3lm" and sc.window:
+        out.append(("window", sc.window))
+    if uses_steps(sc):
+        out.append(("steps", sc.steps))
+    defaults = config_lib.default_config()
+    out += [(key, sc[key]) for key in _SHARED_FIELDS if sc[key] != defaults[key]]
+    return out
+
+
+def _text(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def describe(sc, seq_len: int) -> str:
+    """'parallel (rule=threshold, threshold=0.9, blocks=4, cache=dual)', 'ancestral (steps=128)',
+    'first_hitting': the sampler and its settings (`settings`), for log lines and titles."""
+    items = ", ".join(f"{k}={_text(v)}" for k, v in settings(sc, seq_len))
+    return f"{sc.name} ({items})" if items else sc.name
+
+
+def run_folder_name(sc, seq_len: int, ckpt_step) -> str:
+    """'<date>-<time>-step<N>-parallel-rule=threshold-threshold=0.9-blocks=4-cache=dual': a run's samples
+    folder, named by its settings (`settings`) and made a safe folder name (ddlm.paths.folder_name: only
+    letters, digits and '._=,-'; a name past _MAX_FOLDER_NAME characters keeps its start and gains a hash).
+    _new_run_dir adds -2, -3, ... to a name already taken."""
+    parts = [sc.name, *(f"{k}={_text(v)}" for k, v in settings(sc, seq_len))]
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-step{ckpt_step}-" + "-".join(parts)
+    return paths.folder_name(name, max_len=_MAX_FOLDER_NAME)
+
+
+# Below the 255 bytes most file systems allow in a name, with room for _new_run_dir's suffix.
+_MAX_FOLDER_NAME = 200
+
+
 # ------------------------------------------------------------------------------------------------ run
 
 
@@ -390,25 +495,28 @@ def _sample_batches(sample, params, x_init, clamp, sc, tok, *, setup, ckpt_step,
     x_dev = jnp.asarray(x_init) if x_sharding is None else jax.device_put(x_init, x_sharding)
     clamp_dev = jnp.asarray(clamp) if x_sharding is None else jax.device_put(clamp, x_sharding)
     logging.info(
-        "Sampling %d sequences of %d tokens with %s (%d steps), checkpoint step %s.",
+        "Sampling %d sequences of %d tokens with %s, checkpoint step %s.",
         sc.num_samples,
         x_init.shape[1],
-        sc.name,
-        sc.steps,
+        describe(sc, x_init.shape[1]),
         ckpt_step,
     )
     with context:
-        t0 = time.time()
+        t0, before = time.time(), compilation_cache.stats()
         compiled = jitted.lower(params, base_rng, x_dev, clamp_dev).compile()
         compile_s = time.time() - t0
-        logging.info("Compiled the sampler in %.1fs.", compile_s)
+        after = compilation_cache.stats()
+        if after.loaded > before.loaded and after.compiled == before.compiled:
+            logging.info("Loaded the compiled sampler from the compilation cache in %.1fs.", compile_s)
+        else:
+            logging.info("Compiled the sampler in %.1fs.", compile_s)
         _check_memory(compiled, sc, x_init.shape[1])
         # Multi-process: the processes meet once compiled, as the trainer's do (a first collective's Gloo
         # connection set-up gives up after a fixed 30 s; see ddlm.distributed).
         distributed.wait_for_all("the first sampling batch")
         progress.start = time.time()
         for b in range(progress.num_batches):
-            progress.batch, progress.step = b, 0
+            progress.on_batch_start(b)
             t0 = time.time()
             out = compiled(params, jax.random.fold_in(base_rng, b), x_dev, clamp_dev)
             tokens = np.asarray(jax.device_get(out.tokens))
@@ -445,7 +553,7 @@ def _record(index: int, row: np.ndarray, sc, tok, *, nfe: int, ckpt_step, **timi
         **timing,  # time_s, batch_time_s, compile_s
         "entropy": stats.unigram_entropy(content),
         "sampler": sc.name,
-        "steps": sc.steps,
+        "steps": sc.steps if uses_steps(sc) else None,  # None: the sampler takes no step count
         "checkpoint_step": None if ckpt_step is None else int(ckpt_step),
     }
 
@@ -483,7 +591,7 @@ def _write_outputs(out_dir, config, workdir, sc, seq_len, tok, records, trajecto
                     trajectory,
                     token_text,
                     tok.mask_id,
-                    title=_trajectory_title(sc, records, ckpt_step),
+                    title=_trajectory_title(sc, records, ckpt_step, seq_len),
                     labels=[f"sample {r['index']} (NFE {r['nfe']})" for r in records],
                 )
             )
@@ -522,15 +630,15 @@ def _new_run_dir(base: str, name: str) -> str:
             path = f"{base}/{name}-{n}"
 
 
-def _trajectory_title(sc, records, ckpt_step) -> str:
-    """'ancestral: 64 steps, NFE 64, ...' / 'first_hitting: one network call per unmasked token, NFE 122, ...'"""
+def _trajectory_title(sc, records, ckpt_step, seq_len: int) -> str:
+    """'ancestral (steps=64): NFE 64 (network calls), checkpoint step 5' / 'first_hitting (one network call
+    per unmasked token): NFE 122 ...'"""
     nfes = sorted({r["nfe"] for r in records})
     nfe = f"NFE {nfes[0]}" if len(nfes) == 1 else f"NFE {nfes[0]}-{nfes[-1]}"
+    how = describe(sc, seq_len)
     if sc.name == "first_hitting":
-        how = "one network call per unmasked token"
-    else:
-        how = f"{sc.steps} steps"
-    return f"{sc.name}: {how}, {nfe} (network calls), checkpoint step {ckpt_step}"
+        how = how.replace("first_hitting", "first_hitting (one network call per unmasked token)", 1)
+    return f"{how}: {nfe} (network calls), checkpoint step {ckpt_step}"
 
 
 class _null_context:
