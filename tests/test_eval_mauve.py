@@ -95,3 +95,35 @@ def test_bad_inputs_are_one_clear_error(judge):
         mauve_lib.Judge(judge.model, judge.params, judge.tokenizer, 48, pooling="max")
     with pytest.raises(ValueError, match="does not fit the judge's context of 48"):
         judge.token_features([[1] * 49])
+
+
+def test_mauve_in_the_eval_config_and_the_frontier_points(tmp_path):
+    """config.eval.mauve_seeds is checked with the other eval fields; a frontier point carries MAUVE and its
+    error (saved, loaded, tabled), and a frontier file written before it still loads (nan)."""
+    import json
+    import math
+
+    import ml_collections
+
+    from ddlm.eval import cli, frontier_points
+
+    with pytest.raises(ValueError, match="config.eval.mauve_seeds=3 needs config.eval.num_samples >= 2"):
+        cli.resolve_config(ml_collections.ConfigDict({"mauve_seeds": 3, "num_samples": 1}))
+    with pytest.raises(ValueError, match="config.eval.mauve_seeds must be >= 0"):
+        cli.resolve_config(ml_collections.ConfigDict({"mauve_seeds": -1}))
+    q = {"entropy": 4.0, "entropy_se": 0.1, "samples": 8, "sampler": "ancestral", "steps": 8, "mauve": 0.7,
+         "mauve_se": 0.02}  # fmt: skip
+    point = frontier_points.FrontierPoint.from_quality("run", q)
+    assert (point.mauve, point.mauve_se) == (0.7, 0.02)
+    path = str(tmp_path / "frontier.json")
+    frontier_points.save(path, [point])
+    assert frontier_points.load(path)[0].mauve == 0.7
+    assert "0.700 ± 0.020" in frontier_points.format_points([point]) and "MAUVE" in frontier_points.format_points([point])
+    with open(path) as f:
+        old = json.load(f)
+    for p in old["points"]:
+        del p["mauve"], p["mauve_se"]
+    with open(path, "w") as f:
+        json.dump(old, f)
+    loaded = frontier_points.load(path)[0]
+    assert math.isnan(loaded.mauve) and "MAUVE" not in frontier_points.format_points([loaded])

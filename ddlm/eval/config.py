@@ -26,5 +26,8 @@ def default_config() -> ml_collections.ConfigDict:
     # file such as experiments/quickstart_ar.py) overrides it, checked for compatibility with the checkpoint.
     c.ar_config = ""
     c.num_samples = 0  # samples drawn with config.sampler and scored (gen. perplexity, entropy); 0 = none
+    # MAUVE of those samples against as many validation rows, on features of the scorer's network (the AR
+    # checkpoint, ddlm.eval.mauve), repeated over this many k-means seeds (its error bar); 0 = off
+    c.mauve_seeds = 0
     c.output_dir = ""  # where report.json goes; '' = <workdir>/eval
     return c

@@ -180,11 +180,13 @@ def sweep(
     label: str = "",
     batch_size: int = 0,
     samples_dir: str = "",
+    mauve=None,
 ) -> list[FrontierPoint]:
     """One point per setting of `grid` (sampler_settings), each from num_samples samples of the checkpoint
     `loaded` (cli.sample_and_score), timed one after another in this process. batch_size: sequences per
     sampling call (0 = config.sampler.batch_size); samples_dir: where the samples go (default
-    <workdir>/eval/frontier_samples)."""
+    <workdir>/eval/frontier_samples); mauve: (judge, reference texts, seeds), each point's MAUVE
+    (cli.sample_and_score)."""
     from ddlm.eval import cli
 
     label = label or os.path.basename(os.path.normpath(workdir))
@@ -203,6 +205,7 @@ def sweep(
             scorer,
             num_samples=num_samples,
             output_dir=samples_folder(samples_dir, label, spec, steps, sc),
+            **({"mauve": mauve} if mauve is not None else {}),
         )
         q.update(sampler=spec, steps=steps)
         points.append(FrontierPoint.from_quality(label, q))
@@ -317,6 +320,9 @@ def run(f) -> None:
     config = f.config
     if config is None or not f.workdir:
         raise command.FlagError("--config and --workdir are required (or --draw --workdirs=...)")
+    mauve_seeds = getattr(f, "mauve_seeds", 0)  # a flags object made without it (tests): off
+    if mauve_seeds < 0 or (mauve_seeds and f.num_samples < 2):
+        raise command.FlagError(f"--mauve_seeds={mauve_seeds}: expected >= 0 (0 = off), with --num_samples >= 2")
     if f.batch_size < 0 or f.num_samples < 1:
         raise command.FlagError(
             f"--batch_size must be >= 0 and --num_samples >= 1, got {f.batch_size}, {f.num_samples}"
@@ -344,6 +350,11 @@ def run(f) -> None:
     scorer = cli.make_scorer(ar_config, ar_loaded)
     samples_dir = os.path.join(f.workdir, "eval", "frontier_samples")
     common = {"num_samples": f.num_samples, "batch_size": f.batch_size, "samples_dir": samples_dir}
+    if mauve_seeds:  # MAUVE of every point against as many validation rows, judged by the AR checkpoint
+        from ddlm.eval import mauve as mauve_lib
+
+        references = cli.reference_texts(config, loaded.tokenizer, f.num_samples)
+        common["mauve"] = (mauve_lib.Judge.from_loaded(ar_loaded), references, mauve_seeds)
     points = sweep(config, f.workdir, loaded, scorer, grid, **common)
     if f.ar:  # the AR baseline's own samples, timed in this same run
         points += sweep(ar_config, ec.ar_workdir, ar_loaded, scorer, ar_grid, **common)
@@ -390,4 +401,5 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdirs", "", "With --draw: comma-separated workdirs with eval/frontier.json.")
     flags.DEFINE_string("out", "", "Plot file ('' = <workdir>/eval/frontier.png).")
     flags.DEFINE_bool("tensorboard", False, "Also write the plot as an image to <workdir>/tensorboard.")
+    flags.DEFINE_integer("mauve_seeds", 0, "MAUVE of every point against the data, over this many k-means seeds (0 = off).")
     app.run(main, flags_parser=functools.partial(command.parse_flags, config=_CONFIG))

@@ -37,6 +37,8 @@ class FrontierPoint:
     nfe: float  # network calls per sample batch
     samples: int
     distinct_4: float = float("nan")
+    mauve: float = float("nan")  # MAUVE against the data (--mauve_seeds; ddlm.eval.mauve), nan when not run
+    mauve_se: float = float("nan")  # its standard error over k-means seeds
 
     @classmethod
     def from_quality(cls, label: str, q: dict) -> FrontierPoint:
@@ -56,6 +58,8 @@ class FrontierPoint:
             nfe=q.get("nfe", nan),
             samples=int(q["samples"]),
             distinct_4=q.get("distinct_4", nan),
+            mauve=q.get("mauve", nan),
+            mauve_se=q.get("mauve_se", nan),
         )
 
 
@@ -160,7 +164,8 @@ def format_points(points: Sequence[FrontierPoint]) -> str:
         f"{'':2s}{'label':14s} {'sampler':28s} {'steps':>5s} {'NFE':>5s} {'temp':>5s} {'noise':>8s} "
         f"{'entropy':>15s} {'gen. ppl':>17s} {'tokens/s':>10s}"
     )
-    lines = [header]
+    with_mauve = any(not math.isnan(p.mauve) for p in points)
+    lines = [header + (f" {'MAUVE':>15s}" if with_mauve else "")]
     for p in points:
         steps = f"{p.steps:5d}" if p.steps else f"{'-':>5s}"
         nfe = f"{'-':>5s}" if math.isnan(p.nfe) else f"{p.nfe:5.0f}"
@@ -168,6 +173,7 @@ def format_points(points: Sequence[FrontierPoint]) -> str:
             f"{'*' if id(p) in front else ' ':2s}{p.label[:14]:14s} {short_name(p.sampler)[:28]:28s} {steps} "
             f"{nfe} {p.temperature:5.2f} {p.precision[:8]:>8s} {p.entropy:7.3f} ± {p.entropy_se:5.3f} "
             f"{p.gen_ppl:8.2f} ± {p.gen_ppl_se:6.2f} {p.tokens_per_s:10.0f}"
+            + (f" {p.mauve:7.3f} ± {p.mauve_se:5.3f}" if with_mauve else "")
         )
     lines.append("* on the frontier: no other model point has higher entropy and lower generative perplexity")
     for m in matches_ar(points):
