@@ -53,6 +53,32 @@ def one_line_errors(errors: tuple[type[BaseException], ...] = (ValueError, OSErr
         fail(f"{type(e).__name__}: {text}")
 
 
+def define_log_level_flag(flag_values=flags.FLAGS):
+    """--log_level: the lowest level of other libraries' log lines that a command shows (ddlm.logs)."""
+    return flags.DEFINE_enum(
+        "log_level",
+        "warning",
+        ["debug", "info", "warning", "error"],
+        "Lowest level of the log lines of other libraries (orbax, jax, grain, absl, tfds) that are shown; "
+        "ddlm's own lines always show (absl's --verbosity / -v sets their level). 'info' brings back "
+        "orbax's per-checkpoint details.",
+        flag_values=flag_values,
+    )
+
+
+def define_compilation_cache_flag(flag_values=flags.FLAGS):
+    """--[no]compilation_cache: JAX's persistent compilation cache (ddlm.compilation_cache), on by default."""
+    return flags.DEFINE_boolean(
+        "compilation_cache",
+        None,
+        "Load compiled programs from (and save them to) JAX's persistent compilation cache: "
+        "$DDLM_COMPILATION_CACHE_DIR or ~/.cache/ddlm/jax (JAX_COMPILATION_CACHE_DIR wins). Unset: on, unless "
+        "DDLM_COMPILATION_CACHE=0; --nocompilation_cache: off (and a terminal's sampler progress bar counts "
+        "steps again).",
+        flag_values=flag_values,
+    )
+
+
 def config_path(argv) -> str | None:
     """The file part of --config=<file>[:arg] (or --config <file>) in `argv`."""
     for i, a in enumerate(argv):

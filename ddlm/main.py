@@ -5,6 +5,9 @@
 
 Rerunning the same command in the same workdir resumes from its latest checkpoint. Any config field can be
 overridden with --config.<path>=<value>; an unknown field or a value of the wrong type is an error.
+Compiled programs are loaded from JAX's persistent compilation cache when a previous job compiled them
+(ddlm/compilation_cache.py: ~/.cache/ddlm/jax; --nocompilation_cache or DDLM_COMPILATION_CACHE=0 turns it
+off); the job's last line says how many it compiled and how many it loaded.
 Multi-process (see ddlm/distributed.py and launch/README.md): srun on SLURM and TPU pods are detected;
 launch/multiprocess.py passes --coordinator_address/--num_processes/--process_id. --heartbeat_timeout
 bounds how long the others run on after a process dies; SIGTERM saves a checkpoint and exits cleanly.
@@ -16,7 +19,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddlm import command, distributed
+from ddlm import command, compilation_cache, distributed, logs
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (experiments/*.py[:arg]).", lock_config=True
@@ -54,14 +57,8 @@ _COLLECTIVE_TIMEOUT = flags.DEFINE_integer(
     "--xla_cpu_collective_timeout_seconds on CPU) and before the first step for the other processes, "
     "before it exits with one line naming what timed out.",
 )
-_LOG_LEVEL = flags.DEFINE_enum(
-    "log_level",
-    "warning",
-    ["debug", "info", "warning", "error"],
-    "Lowest level of the log lines of other libraries (orbax, jax, grain, absl) that are shown; ddlm's "
-    "own lines always show (absl's --verbosity / -v sets their level). 'info' brings back orbax's "
-    "per-checkpoint details.",
-)
+_LOG_LEVEL = command.define_log_level_flag()
+_COMPILATION_CACHE = command.define_compilation_cache_flag()
 flags.mark_flags_as_required(["config", "workdir"])
 
 JOINED_LINE = distributed.JOINED_LINE
@@ -86,14 +83,36 @@ def _initialize_distributed():
         logging.set_verbosity(logging.WARNING)
 
 
+def check_config(config, mode: str) -> None:
+    """The config's own mistakes, each one ValueError naming the field, before jax starts its devices, the
+    processes of a multi-process job meet, or a workdir, checkpoint or corpus is touched: every field
+    (ddlm.train.validation; the device count is checked once the devices are known), the local data paths
+    the run reads (train and eval), and the sections of the mode (config.eval, config.sampler)."""
+    from ddlm.train import trainer, validation
+
+    validation.validate_config(config, None)
+    if mode in ("train", "eval"):
+        trainer.check_data_paths(config.data)
+    if mode == "eval":
+        from ddlm.eval import cli as eval_cli
+
+        eval_cli.resolve_config(config.eval)
+    if mode == "sample":
+        from ddlm.sampling import cli as sampling_cli
+
+        sampling_cli.check_config(config)
+
+
 def main(argv):
     if len(argv) > 1:  # command.parse_flags refuses them; a caller of main() may not
         command.fail(f"unexpected arguments {argv[1:]}: every option is a flag, --name=value", 2)
-    from ddlm.train import console
-
-    console.quiet_other_loggers(_LOG_LEVEL.value)
+    logs.quiet_other_loggers(_LOG_LEVEL.value)
     if os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
         command.fail(f"--workdir={_WORKDIR.value} is a file; expected a directory (created if missing)", 2)
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    with command.one_line_errors((ValueError, FileNotFoundError)):
+        check_config(config, _MODE.value)
+    compilation_cache.enable(_COMPILATION_CACHE.value)  # before anything compiles
     try:
         _initialize_distributed()
     except distributed.DistributedConfigError as e:
@@ -102,7 +121,6 @@ def main(argv):
 
     from ddlm.train import trainer
 
-    config, workdir = _CONFIG.value, _WORKDIR.value
     logging.info(
         "JAX %s, process %d of %d, %d devices.",
         jax.__version__,
@@ -121,6 +139,7 @@ def main(argv):
             from ddlm.sampling import cli as sampling_cli
 
             sampling_cli.run_sampling(config, workdir)
+    logging.info(compilation_cache.summary())
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ progress bar: live on a terminal (through a real pseudo-terminal), plain lines e
 import fcntl
 import io
 import logging as python_logging
+import math
 import os
 import pty
 import struct
@@ -14,6 +15,7 @@ import time
 import traceback
 import types
 
+import jax
 import pytest
 from absl import logging
 from orbax_race import abandon_orbax_work
@@ -123,13 +125,13 @@ def _read(master) -> str:
     return b"".join(chunks).decode("utf-8", "replace")
 
 
-def progress(stream, start=0, total=4, live=None):
+def progress(stream, start=0, total=4, live=None, peak_flops=1e12):
     return console.TrainProgress(
         start,
         total,
         tokens_per_step=1000,
         flops_per_token=1e6,
-        peak_flops=1e12,
+        peak_flops=peak_flops,
         log_every=3,
         stream=stream,
         live=live,
@@ -191,3 +193,24 @@ def test_progress_is_plain_lines_when_not_a_terminal(caplog):
         "step 1/4 | loss 2.5000 | training started; a line every config.train.log_every=3 steps",
         "step 4/4 | loss 2.5000 | 2.00 steps/s | 2,000 tokens/s | MFU 0.20% | ETA 0s",
     ]
+
+
+def test_no_mfu_without_a_known_peak(caplog):
+    """Issue 22 item 4: on a CPU no peak FLOP/s is known (ddlm.train.metrics.mfu_peak says so once): the
+    progress line carries no MFU figure, and the trainer writes none to the metrics."""
+    from ddlm.train import metrics
+
+    caplog.set_level(python_logging.INFO)
+    bar = progress(io.StringIO(), peak_flops=float("nan"))
+    bar.report(4, {"loss": 2.5, "steps_per_s": 2.0, "tokens_per_s": 2000.0})
+    bar.close()
+    assert [r.getMessage() for r in caplog.records] == [
+        "step 4/4 | loss 2.5000 | 2.00 steps/s | 2,000 tokens/s | ETA 0s"
+    ]
+    peak, text = metrics.mfu_peak()  # the tests' devices are CPUs
+    assert math.isnan(peak) and text == (
+        "no MFU: no peak FLOP/s known for 'cpu' devices (config.train.peak_flops_per_device sets one)"
+    )
+    peak, text = metrics.mfu_peak(2e12)
+    assert peak == 2e12 * len(jax.devices())
+    assert text == "2 TFLOP/s per device (config.train.peak_flops_per_device)"

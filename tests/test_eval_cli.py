@@ -6,6 +6,7 @@ the AR model's exact NLL against a direct computation from its logits."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -39,15 +40,27 @@ def get_config(arg=None):
 
 
 def child_env(cache_dir):
-    env = dict(os.environ)
+    """CPU, one device, ddlm's compilation cache in `cache_dir` (never the user's), the repo importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION", "JAX_PERSISTENT"))}
     env.update(
         JAX_PLATFORMS="cpu",
         XLA_FLAGS="--xla_force_host_platform_device_count=1",
-        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        DDLM_COMPILATION_CACHE_DIR=str(cache_dir),
         PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
     )
     return env
+
+
+DDLM_FILES = {f for _, _, files in os.walk(os.path.join(REPO, "ddlm")) for f in files if f.endswith(".py")}
+
+
+def other_libraries_info_lines(log: str) -> list[str]:
+    """absl-format INFO lines of the log emitted by a file that is not ddlm's (orbax, jax, grain, tfds)."""
+    return [
+        line
+        for line in log.splitlines()
+        if (m := re.match(r"I\d{4} [\d:.]+ +\d+ (\S+?):\d+\]", line)) and m.group(1) not in DDLM_FILES
+    ]
 
 
 def main_cmd(config, workdir, *args):
@@ -73,10 +86,12 @@ def tiny_runs(tmp_path_factory):
             stderr=subprocess.STDOUT,
             text=True,
         )
+    logs = {}
     for name, proc in procs.items():
         out, _ = proc.communicate(timeout=280)
         assert proc.returncode == 0, (name, out[-3000:])
-    return runs, env
+        logs[name] = out
+    return runs, env, logs
 
 
 def read_records(workdir, split):
@@ -86,7 +101,7 @@ def read_records(workdir, split):
 
 @pytest.mark.timeout(300)
 def test_eval_mode_prints_bits_per_char_with_standard_errors_beside_the_ar_baseline(tiny_runs):
-    runs, env = tiny_runs
+    runs, env, _ = tiny_runs
     (mdlm_config, mdlm_dir), (ar_config, ar_dir) = runs["mdlm"], runs["ar"]
     args = [
         "--mode=eval",
@@ -129,9 +144,14 @@ def test_eval_mode_prints_bits_per_char_with_standard_errors_beside_the_ar_basel
     assert (
         1.0 < samples["gen_ppl"] < 70 and samples["gen_ppl_se"] > 0 and 0 < samples["entropy"] < math.log(32)
     )
-    assert "generative perplexity" in out
+    assert "generative perplexity" in out and "samples (4, ancestral (steps=8), NFE 8)" in out
+    # Nothing but ddlm's own INFO lines, none of orbax's read-only notes (issue 22 item 4).
+    assert other_libraries_info_lines(proc.stderr) == []
+    assert "read_only=True" not in proc.stderr and "Given directory is read only" not in proc.stderr
 
-    final = read_records(mdlm_dir, "eval")[-1]
+    # metrics.jsonl: the report's figures as split 'eval_report', not a second 'eval' row of step 60.
+    final = read_records(mdlm_dir, "eval_report")[-1]
+    assert [r["step"] for r in read_records(mdlm_dir, "eval")] == [60]
     assert final["step"] == 60 and math.isclose(final["bits_per_char"], nelbo["bits_per_char"], rel_tol=1e-6)
     assert final["bits_per_char_se"] > 0
     assert final["samples_gen_ppl"] == samples["gen_ppl"] and final["samples_entropy"] == samples["entropy"]
@@ -146,7 +166,7 @@ def test_eval_of_an_ar_checkpoint_is_its_exact_nll(tiny_runs, capsys):
     from ddlm.data import pipeline
     from ddlm.eval import cli
 
-    runs, _ = tiny_runs
+    runs, _, _ = tiny_runs
     ar_config_path, ar_dir = runs["ar"]
     config = cli.load_config_file(ar_config_path)
     with config.unlocked():
@@ -205,7 +225,7 @@ def test_frontier_sweep_and_plots_on_the_tiny_runs(tiny_runs, tmp_path):
     and so is that of the AR model's own samples at temperature 1 (it scores text drawn from itself)."""
     from ddlm.eval import frontier, plots
 
-    runs, env = tiny_runs
+    runs, env, _ = tiny_runs
     (mdlm_config, mdlm_dir), (_, ar_dir) = runs["mdlm"], runs["ar"]
     cmd = [
         sys.executable,
@@ -238,6 +258,14 @@ def test_frontier_sweep_and_plots_on_the_tiny_runs(tiny_runs, tmp_path):
     assert 0.5 < points[-1].gen_ppl / ar_ppl < 2.0, (points[-1].gen_ppl, ar_ppl)
     assert 0.5 < points[3].gen_ppl / ar_ppl < 2.0, (points[3].gen_ppl, ar_ppl)
     assert "ar ar NFE 31 T=1 float64" in proc.stdout  # the matching summary names the AR point
+    # Only ddlm's own INFO lines (orbax and XLA wrote about 95 before, issue 22 item 4), the sampler's
+    # settings in each of them, and the compilation's summary last.
+    assert other_libraries_info_lines(proc.stderr) == [], other_libraries_info_lines(proc.stderr)[:5]
+    parallel = "parallel (rule=threshold, threshold=0.9, blocks=1, cache=none)"
+    for settings in ("ancestral (steps=4)", "ancestral (steps=8)", parallel, "ar,"):
+        assert f"tokens with {settings}" in proc.stderr, settings
+    last = proc.stderr.splitlines()[-1]
+    assert re.search(r"compilation: \d+ programs? compiled, \d+ loaded from the cache", last), last
     assert not os.path.exists(os.path.join(ar_dir, "eval", "frontier_samples"))  # samples go to the mdlm run
     assert os.path.getsize(os.path.join(mdlm_dir, "eval", "frontier.png")) > 1000
 
@@ -332,3 +360,67 @@ def test_the_ar_checkpoint_is_restored_before_the_main_one_is_evaluated(tmp_path
     message = _eval_error(_quickstart_config(**{"eval.ar_workdir": str(ar_dir)}), tmp_path / "run", load)
     assert message == f"the checkpoint in {ar_dir} is incompatible"
     assert restored == [str(tmp_path / "run"), str(ar_dir)]
+
+
+@pytest.mark.timeout(300)
+def test_training_logs_name_what_the_eval_measures(tiny_runs):
+    """The fixture's training logs (issue 22 item 4): the MDLM's eval is a NELBO bound, the AR model's an exact
+    NLL ('perplexity =', not '<='), both in bits/char; no MFU on a CPU; each ends with the closing summary."""
+    runs, _, logs = tiny_runs
+    for name, kind, bound in (("mdlm", "NELBO", "<="), ("ar", "NLL", "=")):
+        log, workdir = logs[name], runs[name][1]
+        (line,) = [x for x in log.splitlines() if "eval at step 60" in x]
+        figures = rf"\d\.\d{{4}} bits/char, {kind} \d\.\d{{4}} nats/token, perplexity {bound} "
+        assert re.search(r"\(EMA params, 1 batch\): " + figures, line), line
+        assert "bits/token" not in log and "MFU" not in log.replace("no MFU: no peak", "")
+        checkpoint = f"checkpoint {workdir}/checkpoints/60"
+        assert f"({kind}, EMA params); {checkpoint}; samples none (config.train.sample_at_end=False)" in log
+        assert other_libraries_info_lines(log) == []
+
+
+@pytest.mark.timeout(300)
+def test_a_second_sampling_run_compiles_nothing_and_each_run_names_its_settings(tiny_runs, tmp_path):
+    """Issue 22 items 3 and 5: --mode=sample twice on one workdir with a fresh compilation cache (not the
+    user's, not the fixture's): the first compiles, the second loads every program from the cache (jax's
+    monitoring events, counted by ddlm.compilation_cache) and draws the same samples; each run's folder and
+    log line name the rule, the blocks and the cache of its parallel sampler."""
+    runs, env, _ = tiny_runs
+    config, workdir = runs["mdlm"]
+    env = {**env, "DDLM_COMPILATION_CACHE_DIR": str(tmp_path / "cache")}
+    out = str(tmp_path / "samples")
+    args = [
+        "--mode=sample",
+        "--config.sampler.name=parallel",
+        "--config.sampler.rule=threshold",
+        "--config.sampler.block_length=8",
+        "--config.sampler.cache=dual",
+        f"--config.sampler.output_dir={out}",
+    ]
+    settings = "parallel (rule=threshold, threshold=0.9, blocks=4, cache=dual)"
+    counts, texts = [], []
+    for _ in range(2):
+        proc = subprocess.run(
+            main_cmd(config, workdir, *args),
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=200,
+            check=False,
+        )
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        assert f"with {settings}, checkpoint step 60" in proc.stderr
+        m = re.search(r"compilation: (\d+) programs? compiled, (\d+) loaded from the cache (\S+) ", proc.stderr)
+        assert m and m.group(3).startswith(str(tmp_path / "cache")), proc.stderr[-2000:]
+        counts.append((int(m.group(1)), int(m.group(2))))
+    (first_compiled, _), (second_compiled, second_loaded) = counts
+    assert first_compiled > 0 and second_compiled == 0 and second_loaded >= first_compiled, counts
+    assert "Loaded the compiled sampler from the compilation cache" in proc.stderr
+    folders = sorted(os.listdir(out))
+    assert len(folders) == 2 and len(set(folders)) == 2
+    for folder in folders:
+        name = r"\d{8}-\d{6}-step60-parallel-rule=threshold-threshold=0.9-blocks=4-cache=dual(-2)?"
+        assert re.fullmatch(name, folder), folder
+        with open(os.path.join(out, folder, "samples.jsonl")) as f:
+            texts.append([json.loads(line)["text"] for line in f])
+    assert texts[0] == texts[1]  # the cached program samples exactly what the compiled one did

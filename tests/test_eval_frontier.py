@@ -199,7 +199,7 @@ def test_the_command_line_prints_one_line_and_exits_2(dirs, tmp_path):
     for args, line in (
         ([f"--config={config}", f"--workdir={dirs[0]}", "--ar=false"], "--config.eval.ar_workdir is not set"),
         (["--samplerz=ancestral"], "Unknown command line flag 'samplerz'"),
-        ([f"--config={tmp_path / 'broken.py'}"], "broken.py:1: invalid syntax (a Python syntax error)"),
+        ([f"--config={tmp_path / 'broken.py'}"], "broken.py line 1: SyntaxError: invalid syntax"),
         (["--draw", "frontier.png"], "unexpected arguments ['frontier.png']"),
     ):  # fmt: skip
         proc = run_module("ddlm.eval.frontier", *args, cwd=tmp_path)

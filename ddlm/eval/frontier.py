@@ -20,7 +20,9 @@ replaced, and checked to stay there.
     save(os.path.join(workdir, "eval", "frontier.json"), points)
 
 Command line (writes <workdir>/eval/frontier.json and frontier.png; `--draw` only redraws saved ones, several
-workdirs together); a mistake in its flags is one line (ddlm.command) before anything is loaded:
+workdirs together); a mistake in its flags is one line (ddlm.command) before anything is loaded; other
+libraries' log lines show from --log_level (warning) up, and compiled programs come from JAX's persistent
+compilation cache where an earlier sweep compiled them (--nocompilation_cache: off; ddlm.compilation_cache):
 
     python -m ddlm.eval.frontier --config=experiments/quickstart.py --workdir=runs/quickstart \\
         --config.eval.ar_workdir=runs/quickstart_ar \\
@@ -119,18 +121,11 @@ def parse_sampler_spec(spec: str) -> tuple[str, dict]:
 
 
 def uses_steps(sampler_config) -> bool:
-    """Whether the sampler's network calls are set by config.sampler.steps: not for first_hitting (one call per
-    token), ar / bd3lm (one per token or block; bd3lm's block sampler aside) nor parallel's adaptive rules."""
-    from ddlm.sampling import rules
+    """Whether the sampler's network calls are set by config.sampler.steps (ddlm.sampling.cli.uses_steps: not
+    for first_hitting, ar, bd3lm over such a block sampler, nor parallel's adaptive rules)."""
+    from ddlm.sampling import cli as sampling_cli
 
-    name = sampler_config.name
-    if name in ("first_hitting", "ar"):
-        return False
-    if name == "bd3lm":  # steps are those of the sampler run inside each block
-        return uses_steps(dict_config(sampler_config, name=sampler_config.block_sampler))
-    if name == "parallel":
-        return rules.get_rule(sampler_config.rule).fixed_count
-    return True
+    return sampling_cli.uses_steps(sampler_config)
 
 
 def dict_config(sampler_config, **fields):
@@ -368,11 +363,18 @@ def run(f) -> None:
 
 
 def main(argv):
-    from absl import flags
+    from absl import flags, logging
+
+    from ddlm import compilation_cache, logs
 
     del argv  # command.parse_flags refused positional arguments
+    logs.quiet_other_loggers(flags.FLAGS.log_level)  # orbax's ~95 INFO lines per sweep stay out
+    if not flags.FLAGS.draw:  # drawing compiles nothing
+        compilation_cache.enable(flags.FLAGS.compilation_cache)
     with command.one_line_errors():
         run(flags.FLAGS)
+    if not flags.FLAGS.draw:
+        logging.info(compilation_cache.summary())
 
 
 if __name__ == "__main__":
@@ -402,4 +404,6 @@ if __name__ == "__main__":
     flags.DEFINE_string("out", "", "Plot file ('' = <workdir>/eval/frontier.png).")
     flags.DEFINE_bool("tensorboard", False, "Also write the plot as an image to <workdir>/tensorboard.")
     flags.DEFINE_integer("mauve_seeds", 0, "MAUVE of every point against the data, over this many k-means seeds (0 = off).")
+    command.define_log_level_flag()
+    command.define_compilation_cache_flag()
     app.run(main, flags_parser=functools.partial(command.parse_flags, config=_CONFIG))

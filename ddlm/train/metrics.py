@@ -61,13 +61,21 @@ class MetricWriter:
                 self._events.write_event(
                     event_pb2.Event(step=resume_step + 1, wall_time=time.time(), session_log=start)
                 )
+            self._jsonl_path = path
             self._jsonl = open(path, "a")  # noqa: SIM115 -- closed in close()
             if self._remote:
                 self._upload()
 
-    def write(self, step: int, split: str, scalars: dict):
+    def write(self, step: int, split: str, scalars: dict, *, replace: bool = False):
+        """One row of `scalars` at (step, split). replace: an earlier row of the same step and split leaves
+        metrics.jsonl first (atomically), so a command rerun on one checkpoint (--mode=eval) keeps one row;
+        TensorBoard's event file has no delete, and shows the later point."""
         if not self.enabled:
             return
+        if replace:
+            self._jsonl.close()
+            _keep_rows(self._jsonl_path, lambda row: (row.get("step"), row.get("split")) != (int(step), split))
+            self._jsonl = open(self._jsonl_path, "a")  # noqa: SIM115 -- closed in close()
         from tensorboardX.proto import event_pb2, summary_pb2
 
         clean = {k: float(np.asarray(v)) for k, v in scalars.items()}
@@ -116,6 +124,12 @@ class MetricWriter:
 def drop_rows_after(path: str, step: int) -> int:
     """Rewrites the JSON-lines file `path` without its rows whose step is past `step` (and any torn last
     line of a killed writer), atomically (a temporary file renamed over it). Returns the rows dropped."""
+    return _keep_rows(path, lambda row: int(row.get("step", 0)) <= step)
+
+
+def _keep_rows(path: str, keep) -> int:
+    """Rewrites the JSON-lines file `path` with only its rows for which keep(row) holds (a torn last line of a
+    killed writer goes too), atomically (a temporary file renamed over it). Returns the rows dropped."""
     if not os.path.exists(path):
         return 0
     with open(path) as f:
@@ -126,7 +140,7 @@ def drop_rows_after(path: str, step: int) -> int:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if int(row.get("step", 0)) <= step:
+        if keep(row):
             kept.append(line if line.endswith("\n") else line + "\n")
     if len(kept) == len(lines):
         return 0
@@ -168,6 +182,25 @@ def peak_flops_per_second(override: float = 0.0) -> float:
     return float("nan")
 
 
+def mfu_peak(override: float = 0.0) -> tuple[float, str]:
+    """(peak FLOP/s of all devices together, what it is) for the MFU figure of the training log: `override`
+    (config.train.peak_flops_per_device) when positive, else the table's bf16 dense peak of the device kind;
+    (nan, why) where none is known, a CPU included: its peak depends on the cores, vector units and clock,
+    and fake CPU devices share the host's cores, so a figure against a guessed peak (peak_flops_per_second's
+    rough estimate, kept for the benchmarks) would read as a measurement it is not."""
+    devices = jax.devices()
+    n = len(devices)
+    if override > 0:
+        return override * n, f"{override / 1e12:.4g} TFLOP/s per device (config.train.peak_flops_per_device)"
+    kind = devices[0].device_kind
+    for prefix, peak in _PEAK_FLOPS:
+        if kind.startswith(prefix):
+            return peak * n, f"{peak / 1e12:.4g} TFLOP/s per device ({kind}, bf16 dense peak)"
+    return float("nan"), (
+        f"no MFU: no peak FLOP/s known for {kind!r} devices (config.train.peak_flops_per_device sets one)"
+    )
+
+
 def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
@@ -184,9 +217,11 @@ def format_percent(fraction: float) -> str:
 def progress_line(
     step: int, total: int, loss: float, steps_per_s: float, tokens_per_s: float, mfu: float
 ) -> str:
-    """The plain progress line (logs, CI; ddlm.train.progress draws a live bar on a terminal)."""
+    """The plain progress line (logs, CI; ddlm.train.console draws a live bar on a terminal); without MFU
+    where it is nan (no known peak, see mfu_peak)."""
     eta = (total - step) / steps_per_s if steps_per_s > 0 else float("inf")
+    mfu_part = f"MFU {format_percent(mfu)} | " if math.isfinite(mfu) else ""
     return (
         f"step {step}/{total} | loss {loss:.4f} | {steps_per_s:.2f} steps/s | {tokens_per_s:,.0f} tokens/s | "
-        f"MFU {format_percent(mfu)} | ETA {format_duration(eta)}"
+        f"{mfu_part}ETA {format_duration(eta)}"
     )

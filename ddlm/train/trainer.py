@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from ddlm import checkpoints, distributed, loading, paths, sharding, workdir_lock
+from ddlm import checkpoints, compilation_cache, distributed, loading, paths, sharding, workdir_lock
 from ddlm.sharding import ConfigError
 from ddlm.train import console, optim
 from ddlm.train import metrics as metrics_lib
@@ -257,10 +257,21 @@ def check_validation_split(setup: Setup) -> None:
         raise _no_validation_batch(cfg, str(e)) from None
 
 
-def run_eval(setup: Setup, eval_step, params) -> dict:
-    """NELBO (nats/token), bits per token and the perplexity bound exp(NELBO) of `params` on the first
-    `train.eval_batches` validation batches (the same batches and the same noise every time)."""
+def run_eval(setup: Setup, eval_step, params, characters: dict | None = None) -> dict:
+    """The NELBO of `params` (the exact NLL for loss 'ar') on the first `train.eval_batches` validation
+    batches (the same batches and the same noise every time): 'nelbo' (nats/token), 'bits_per_token',
+    'bits_per_char', 'perplexity_bound' = exp(nelbo), 'tokens', and the standard errors 'nelbo_se',
+    'bits_per_token_se', 'bits_per_char_se' where there are two batches or more.
+
+    bits/char is total bits over the characters of the decoded batches (tokenizer.decode: bos/eos/pad
+    count no character), comparable across tokenizers like --mode=eval's. The standard errors take each
+    batch as one draw (ddlm.eval.likelihood.ratio_summary over batches: data and Monte-Carlo noise
+    together); --mode=eval's, over sequences, are tighter. characters: {batch index: characters}, filled on
+    the first call and reused (the batches are the same every time; decoding is host work)."""
+    from ddlm.eval import likelihood
+
     cfg = setup.config
+    characters = {} if characters is None else characters
     iterator = make_iterator(setup, "validation", batch_size=cfg.train.eval_batch_size, num_epochs=1)
     base_key = np.asarray(jax.random.key_data(jax.random.key(cfg.train.seed + 1)))
     rep = sharding.replicated(setup.mesh)
@@ -272,17 +283,48 @@ def run_eval(setup: Setup, eval_step, params) -> dict:
             break
         rng = jax.device_put(np.asarray(jax.random.fold_in(base_key, i)), rep)
         sums.append(eval_step(params, batch, rng))
+        if i not in characters:  # every process gathers the batch (a collective with several)
+            tokens, mask = likelihood.host_array(batch["tokens"]), likelihood.host_array(batch["loss_mask"])
+            characters[i] = float(likelihood.characters_per_row(tokens, mask, setup.tokenizer.decode).sum())
     if not sums:
         raise _no_validation_batch(cfg)
     sums = jax.device_get(sums)
-    tokens = sum(float(s["tokens"]) for s in sums)
-    nelbo = sum(float(s["loss_sum"]) for s in sums) / max(tokens, 1.0)
-    return {
+    nats = [float(s["loss_sum"]) for s in sums]
+    tokens = [float(s["tokens"]) for s in sums]
+    per_token = likelihood.ratio_summary(nats, tokens)
+    per_char = likelihood.ratio_summary(nats, [characters[i] for i in range(len(sums))])
+    nelbo, ln2 = per_token["mean"], math.log(2)
+    out = {
         "nelbo": nelbo,
-        "bits_per_token": nelbo / math.log(2),
+        "bits_per_token": nelbo / ln2,
+        "bits_per_char": per_char["mean"] / ln2,
         "perplexity_bound": math.exp(min(nelbo, 700.0)),
-        "tokens": tokens,
+        "tokens": sum(tokens),
+        "batches": len(sums),
     }
+    if math.isfinite(per_token["se"]):  # one batch: no standard error
+        out.update(
+            nelbo_se=per_token["se"],
+            bits_per_token_se=per_token["se"] / ln2,
+            bits_per_char_se=per_char["se"] / ln2,
+        )
+    return out
+
+
+def eval_line(step: int, metrics: dict, loss: str, batches: int, seconds: float) -> str:
+    """'eval at step 600 (EMA params, 8 batches): 3.4612 ± 0.0151 bits/char, NELBO 2.3991 ± 0.0105
+    nats/token, perplexity <= 11.01 (0.6s)'; for loss 'ar' the exact 'NLL' and 'perplexity ='."""
+    kind, bound = ("NLL", "=") if loss == "ar" else ("NELBO", "<=")
+
+    def pm(key, digits=4):
+        se = metrics.get(f"{key}_se")
+        return f"{metrics[key]:.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None else "")
+
+    return (
+        f"eval at step {step} (EMA params, {batches} batch{'es' if batches != 1 else ''}): "
+        f"{pm('bits_per_char')} bits/char, {kind} {pm('nelbo')} nats/token, perplexity {bound} "
+        f"{metrics['perplexity_bound']:.3f} ({seconds:.1f}s)"
+    )
 
 
 def _log_memory(compiled):
@@ -425,20 +467,25 @@ def _train_and_evaluate(config, workdir: str, devices, resources: contextlib.Exi
 
     num_params = state_lib.count_params(state.params)
     flops_per_tok = flops_per_token(config.model, setup.tokenizer.vocab_size, cfg.seq_len)
-    peak = metrics_lib.peak_flops_per_second(cfg.peak_flops_per_device)
+    peak, peak_text = metrics_lib.mfu_peak(cfg.peak_flops_per_device)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     logging.info(
-        "Model: %s, %s parameters, %.3g training FLOPs per token.",
+        "Model: %s, %s parameters, %.3g training FLOPs per token; %s.",
         config.model.name,
         f"{num_params:,}",
         flops_per_tok,
+        f"MFU against {peak_text}" if math.isfinite(peak) else peak_text,
     )
 
     # ---------------------------------------------------------------- compile
     eval_step = compile_eval_step(setup)
-    t0 = time.time()
+    t0, before = time.time(), compilation_cache.stats()
     compiled = compile_train_step(setup)
-    logging.info("Compiled the train step in %.1fs.", time.time() - t0)
+    after = compilation_cache.stats()
+    if after.loaded > before.loaded and after.compiled == before.compiled:
+        logging.info("Loaded the compiled train step from the compilation cache in %.1fs.", time.time() - t0)
+    else:
+        logging.info("Compiled the train step in %.1fs.", time.time() - t0)
     _log_memory(compiled)
     # The processes meet before the first step: one that compiled faster would otherwise wait in the step's
     # first collective, whose connection set-up gives up after a fixed 30 s (see ddlm.distributed).
@@ -457,6 +504,8 @@ def _train_and_evaluate(config, workdir: str, devices, resources: contextlib.Exi
     window = []
     t_window, steps_window = time.time(), 0
     eval_metrics = {}
+    eval_characters: dict[int, float] = {}  # run_eval's characters per validation batch, counted once
+    t_train = time.time()
     progress = console.TrainProgress(
         start,
         total,
@@ -501,26 +550,26 @@ def _train_and_evaluate(config, workdir: str, devices, resources: contextlib.Exi
                 elapsed = time.time() - t_window
                 steps_per_s = steps_window / max(elapsed, 1e-9)
                 tokens_per_s = steps_per_s * tokens_per_step
-                mfu = flops_per_tok * tokens_per_s / peak
                 mean = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
-                mean.update(
-                    steps_per_s=steps_per_s, tokens_per_s=tokens_per_s, mfu=mfu, skipped_steps=len(skipped)
-                )
+                mean.update(steps_per_s=steps_per_s, tokens_per_s=tokens_per_s, skipped_steps=len(skipped))
+                if math.isfinite(peak):  # no MFU against an unknown peak (a CPU: metrics_lib.mfu_peak)
+                    mean["mfu"] = flops_per_tok * tokens_per_s / peak
                 writer.write(step, "train", mean)
                 progress.report(step, mean)
                 window, t_window, steps_window = [], time.time(), 0
 
             if (cfg.eval_every and step % cfg.eval_every == 0) or is_last:
                 t_eval = time.time()
-                eval_metrics = run_eval(setup, eval_step, state.ema_params)
+                eval_metrics = run_eval(setup, eval_step, state.ema_params, eval_characters)
                 writer.write(step, "eval", eval_metrics)
                 logging.info(
-                    "eval at step %d (EMA params): NELBO %.4f nats/token, %.4f bits/token, perplexity <= %.3f (%.1fs)",
-                    step,
-                    eval_metrics["nelbo"],
-                    eval_metrics["bits_per_token"],
-                    eval_metrics["perplexity_bound"],
-                    time.time() - t_eval,
+                    eval_line(
+                        step,
+                        eval_metrics,
+                        config.diffusion.loss,
+                        eval_metrics["batches"],
+                        time.time() - t_eval,
+                    )
                 )
                 t_window += time.time() - t_eval  # eval time is not training throughput
 
@@ -556,14 +605,44 @@ def _train_and_evaluate(config, workdir: str, devices, resources: contextlib.Exi
         return {}
 
     # ---------------------------------------------------------------- samples
+    train_seconds = time.time() - t_train
     if cfg.sample_at_end:
         run_sampling_if_available(config, workdir)
+    logging.info(
+        closing_line(config, workdir, start=start, seconds=train_seconds, eval_metrics=eval_metrics)
+    )
     return eval_metrics
+
+
+def closing_line(config, workdir: str, *, start: int, seconds: float, eval_metrics: dict) -> str:
+    """The last line of a finished run: what it trained, its final eval (eval_line's figures) and where the
+    checkpoint, the samples and the metrics are."""
+    cfg = config.train
+    kind = "NLL" if config.diffusion.loss == "ar" else "NELBO"
+    bpc, se = eval_metrics.get("bits_per_char"), eval_metrics.get("bits_per_char_se")
+    final = "no eval" if bpc is None else f"{bpc:.4f}" + (f" ± {se:.4f}" if se is not None else "")
+    if cfg.sample_at_end:
+        samples = _latest_samples(config, workdir, cfg.steps) or "none written"
+    else:
+        samples = "none (config.train.sample_at_end=False)"
+    checkpoint = os.path.join(workdir, checkpoints.CHECKPOINTS_DIR, str(cfg.steps))
+    return (
+        f"Done: trained steps {start + 1}-{cfg.steps} in {metrics_lib.format_duration(seconds)}; final "
+        f"validation {final} bits/char ({kind}, EMA params); checkpoint {checkpoint}; samples {samples}; "
+        f"metrics {os.path.join(workdir, 'metrics.jsonl')} and {os.path.join(workdir, 'tensorboard')}"
+    )
+
+
+# The split of --mode=eval's rows in metrics.jsonl / TensorBoard: a measurement of its own (config.eval's
+# split and batches, standard errors over sequences), apart from the training run's periodic 'eval' rows, so
+# that no step has two 'eval' rows; a rerun on the same checkpoint replaces its row.
+EVAL_REPORT_SPLIT = "eval_report"
 
 
 def evaluate(config, workdir: str, devices=None) -> dict:
     """--mode=eval: ddlm.eval.cli.run_eval (likelihood with standard errors over config.eval.split, report.json
-    and a table), its headline figures also written to metrics.jsonl / TensorBoard as split 'eval'."""
+    and a table), its headline figures also written to metrics.jsonl / TensorBoard as split 'eval_report'
+    (one row per checkpoint step: a rerun replaces it)."""
     del devices  # the checkpoint is loaded on all devices
     from ddlm.eval import cli as eval_cli
 
@@ -574,7 +653,7 @@ def evaluate(config, workdir: str, devices=None) -> dict:
         logging.warning("%s: the eval metrics are logged, not saved.", e)
     else:
         with metrics_lib.MetricWriter(workdir) as writer:
-            writer.write(report["step"], "eval", eval_cli.headline(report))
+            writer.write(report["step"], EVAL_REPORT_SPLIT, eval_cli.headline(report), replace=True)
     return report
 
 
@@ -597,6 +676,16 @@ def _samples_written(config, workdir: str, step: int) -> bool:
     if not directory.is_dir():
         return False
     return any(f"-step{step}-" in entry.name for entry in directory.iterdir() if entry.is_dir())
+
+
+def _latest_samples(config, workdir: str, step: int) -> str | None:
+    """The newest samples folder of checkpoint `step` (the run folders of ddlm.sampling.cli sort by their
+    date-time prefix), or None."""
+    directory = paths.path(_samples_dir(config, workdir))
+    if not directory.is_dir():
+        return None
+    runs = sorted(e.name for e in directory.iterdir() if e.is_dir() and f"-step{step}-" in e.name)
+    return str(directory / runs[-1]) if runs else None
 
 
 def run_sampling_if_available(config, workdir: str):
