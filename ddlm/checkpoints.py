@@ -92,6 +92,10 @@ COMPATIBILITY_FIELDS = (
     "model.head_dim",
     "model.qkv_bias",
     "model.logit_shift",
+    "model.time_input",  # what the network is shown as its time: same shapes, another function
+    "model.max_positions",
+    "model.norm_bias",
+    "model.attention_bias",
     "data.tokenizer",
     "diffusion.loss",
     "diffusion.process",
@@ -106,6 +110,10 @@ _COMPATIBILITY_DEFAULTS = {
     "model.head_dim": 0,
     "model.qkv_bias": False,
     "model.logit_shift": False,
+    "model.time_input": "scaled_t",
+    "model.max_positions": 0,
+    "model.norm_bias": False,
+    "model.attention_bias": False,
 }
 
 

@@ -97,8 +97,10 @@ def _setup_and_meta(config):
         ({"model.d_model": 64}, ["model.d_model: 32 -> 64"]),
         ({"data.tokenizer": "char"}, ["data.tokenizer: 'byte' -> 'char'", "tokenizer.vocab_size: 260 ->"]),
         ({"model.scan_layers": True}, ["model.scan_layers: False -> True"]),
+        # Same parameter shapes, another function: only the stored config can tell.
+        ({"model.time_input": "sigma"}, ["model.time_input: 'scaled_t' -> 'sigma'"]),
     ],
-    ids=["d_model", "tokenizer", "scan_layers"],
+    ids=["d_model", "tokenizer", "scan_layers", "time_input"],
 )
 def test_incompatible_resume_is_one_line_and_touches_no_file(trained, tmp_path, override, expected):
     """Issue 9 item 1: before, every checkpoint was moved to checkpoints_corrupt/ and training restarted."""
