@@ -67,6 +67,25 @@ def test_ar_with_the_cache_gives_the_tokens_of_ar_without_it():
     assert not np.array_equal(other.tokens, cached.tokens)
 
 
+def test_ar_draws_each_position_with_every_option_from_the_previous_logits():
+    """A reference loop (the full forward, next_token at position p with key fold_in(rng, p), known tokens kept)
+    with temperature, top-k, top-p and precision all set: every option must reach the sampler's draw (the
+    cache comparison above cannot see a dropped one: both paths share the draw)."""
+    dec = _decoder("ar")
+    x = _prompted(4, 10, [3, 3, 5, 3]).at[1, 7].set(4)
+    opts = {"temperature": 0.7, "top_k": 6, "top_p": 0.9, "precision": "float32_64bit"}
+    key = jax.random.key(7)
+    forward = fast_jit(dec.forward)
+    draw = fast_jit(lambda r, logits: autoregressive.next_token(r, logits, mask_id=MASK, **opts))
+    ref = np.asarray(x).copy()
+    for p in range(3, 10):
+        token = np.asarray(draw(jax.random.fold_in(key, p), forward(jnp.asarray(ref))[:, p - 1]))
+        ref[:, p] = np.where(np.asarray(x)[:, p] != MASK, ref[:, p], token)
+    for kv_cache in (True, False):
+        out = _ar(dec, kv_cache, prefill_chunk=2, **opts)(key, x)
+        np.testing.assert_array_equal(np.asarray(out.tokens), ref, err_msg=f"kv_cache={kv_cache}")
+
+
 def test_ar_samples_the_networks_joint_distribution():
     """Position p is drawn from softmax(logits at p - 1): the samples' histogram over the 4^3 continuations of a
     bos token must match prod_p p(x_p | x_<p) computed from the full forward, within the TV bound."""
