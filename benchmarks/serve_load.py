@@ -8,7 +8,7 @@
 Each decoder gets its own server (a subprocess, default flags: batch sizes 1/4/16, its sampler compiled at
 start-up; one uncounted request first). At each concurrency c, c clients each send --requests_per_client streamed
 completions one after the other (prompt 'ROMEO:', the whole canvas generated, seed per request), and stop
-starting new ones after --max_seconds. Reported per (decoder, c): requests/s and output tokens/s over the
+starting new ones after --max_seconds (--no_stream: whole answers, to see what streaming costs). Reported per (decoder, c): requests/s and output tokens/s over the
 level's wall time, time to first token (the first text chunk: block by block for the parallel decoder, token
 by token for AR, only at the end for ancestral, whose first position is rarely the first decoded), latency
 p50 / p99, and the mean rows per batch the server ran (its /metrics). Errors (503, timeouts) are counted.
@@ -65,8 +65,12 @@ def start_server(workdir: str, sampler: str, extra: list[str]) -> tuple[subproce
     raise RuntimeError(f"the server did not start: {' '.join(cmd)} exited with {proc.wait()}")
 
 
-async def one_request(client, model: str, prompt: str, seed: int) -> dict:
+async def one_request(client, model: str, prompt: str, seed: int, stream: bool = True) -> dict:
     t0 = time.perf_counter()
+    if not stream:  # the whole answer at once (no host callbacks in the compiled loop, no chunks)
+        r = await client.completions.create(model=model, prompt=prompt, seed=seed)
+        end = time.perf_counter() - t0
+        return {"ttft": end, "latency": end, "tokens": r.usage.completion_tokens}
     first, tokens = None, 0
     stream = await client.completions.create(
         model=model,
@@ -84,7 +88,9 @@ async def one_request(client, model: str, prompt: str, seed: int) -> dict:
     return {"ttft": first if first is not None else end, "latency": end, "tokens": tokens}
 
 
-async def level(url: str, model: str, clients: int, per_client: int, max_seconds: float) -> dict:
+async def level(
+    url: str, model: str, clients: int, per_client: int, max_seconds: float, stream: bool
+) -> dict:
     import openai
 
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=3600)
@@ -96,7 +102,7 @@ async def level(url: str, model: str, clients: int, per_client: int, max_seconds
             if time.perf_counter() - t0 > max_seconds:
                 return
             try:
-                results.append(await one_request(client, model, "ROMEO:", seed=1000 * i + k))
+                results.append(await one_request(client, model, "ROMEO:", seed=1000 * i + k, stream=stream))
             except Exception as e:  # noqa: BLE001 -- counted and shown
                 errors.append(f"{type(e).__name__}: {e}")
 
@@ -157,6 +163,7 @@ def main():
     parser.add_argument("--clients", default="1,4,16,64", help="concurrency levels")
     parser.add_argument("--requests_per_client", type=int, default=2)
     parser.add_argument("--max_seconds", type=float, default=300.0, help="per level: no new request after it")
+    parser.add_argument("--no_stream", action="store_true", help="whole answers: TTFT = latency")
     parser.add_argument(
         "--server_flags", default="", help="more flags for python -m ddlm.serve (space-separated)"
     )
@@ -181,11 +188,13 @@ def main():
         proc, url = start_server(workdir, sampler, extra)
         model = os.path.basename(os.path.abspath(workdir))
         try:
-            asyncio.run(level(url, model, 1, 1, args.max_seconds))  # a first request, not counted
+            asyncio.run(level(url, model, 1, 1, args.max_seconds, True))  # a first request, not counted
             for c in clients:
                 before = metrics(url)
-                out = asyncio.run(level(url, model, c, args.requests_per_client, args.max_seconds))
-                lines.append(row(LABELS[d], c, out, mean_rows(before, metrics(url))))
+                stream = not args.no_stream
+                out = asyncio.run(level(url, model, c, args.requests_per_client, args.max_seconds, stream))
+                label = LABELS[d] + ("" if stream else " (not streamed)")
+                lines.append(row(label, c, out, mean_rows(before, metrics(url))))
                 print(lines[-1], flush=True)
                 for e in sorted(set(out["errors"]))[:3]:
                     print(f"    error: {e}", flush=True)

@@ -478,6 +478,11 @@ MALFORMED = [
     ("chat/completions", {"messages": [{"role": "user"}]}, "messages[0].content"),
     (
         "chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 99},
+        "max_completion_tokens",
+    ),
+    (
+        "chat/completions",
         {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
         "messages[0].content[0].type",
     ),

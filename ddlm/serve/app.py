@@ -70,7 +70,9 @@ def create_app(
     request_timeout: float = 300.0,
 ) -> FastAPI:
     """The ASGI app serving `engine` (ddlm.serve.engine.Engine) through `scheduler` (started by the caller)."""
-    limits = limits or schemas.Limits(max_timeout=request_timeout)
+    limits = limits or schemas.Limits(max_n=min(8, engine.max_batch), max_timeout=request_timeout)
+    if limits.max_n > engine.max_batch:  # a request's rows run in one batch
+        raise ValueError(f"--max_n={limits.max_n} is more than the largest batch size {engine.max_batch}")
     app = FastAPI(title="ddlm", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.scheduler = engine, scheduler
     created = int(time.time())
@@ -218,9 +220,8 @@ def create_app(
             room = engine.seq_len - len(ids)
             max_tokens = req.max_tokens or room
             if max_tokens > room:
-                name = "max_tokens"
                 raise RequestError(
-                    name,
+                    req.max_tokens_field,
                     f"at most {room} after a prompt of {len(ids)} tokens (canvas of {engine.seq_len}), got {max_tokens}",
                 )
             prompt_tokens += len(ids)
@@ -371,16 +372,22 @@ def create_app(
             sent[i] = (span.copy(), streams[i].calls)
             return chunk(i, None if req.chat else "", ddlm=canvas(i))
 
-        def apply(event) -> list[str]:
-            _, row, positions, tokens = event
-            i = index[id(row)]
-            streams[i].update(positions, tokens)
-            out = []
-            delta = streams[i].delta()
-            if delta:
-                out.append(chunk(i, delta))
-            if req.canvases and (line := canvas_chunk(i)) is not None:
-                out.append(line)
+        def apply(events) -> list[str]:
+            """The chunks of the canvases that arrived: with ddlm.canvases a frame (and its text) per network
+            call; else one text delta per choice for all of them (a server behind on its stream catches up in
+            fewer, longer chunks)."""
+            out, changed = [], {}
+            for _, row, positions, tokens in events:
+                i = index[id(row)]
+                streams[i].update(positions, tokens)
+                changed[i] = True
+                if req.canvases:
+                    if delta := streams[i].delta():
+                        out.append(chunk(i, delta))
+                    if (line := canvas_chunk(i)) is not None:
+                        out.append(line)
+            if not req.canvases:
+                out += [chunk(i, delta) for i in changed if (delta := streams[i].delta())]
             return out
 
         finished = set()
@@ -412,9 +419,8 @@ def create_app(
                 events = [getter.result()] if getter in done else []
                 while not job.events.empty():
                     events.append(job.events.get_nowait())
-                for event in events:
-                    for line in apply(event):
-                        yield line
+                for line in apply(events):
+                    yield line
                 if not done:
                     e = _timeout(job)
                     yield json.dumps(e.body())

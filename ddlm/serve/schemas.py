@@ -102,6 +102,7 @@ class Request:
     messages: list[tuple[str, str]] | None
     model: str | None
     max_tokens: int | None
+    max_tokens_field: str  # the field that set it (chat: max_tokens or max_completion_tokens)
     temperature: float | None  # None: the server's sampler's (below too)
     top_p: float | None
     top_k: int | None
@@ -257,6 +258,7 @@ def _common(body, limits: Limits, *, chat: bool) -> dict:
     return {
         "model": model,
         "max_tokens": max_tokens,
+        "max_tokens_field": max_key,
         "temperature": temperature,
         "top_p": top_p,
         "top_k": top_k,
