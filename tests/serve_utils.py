@@ -104,7 +104,14 @@ class Server:
 
 @contextlib.contextmanager
 def running(
-    engine, *, api_key=None, max_queue=64, max_n=4, model_name="tiny", request_timeout=120.0, scheduler=None
+    engine,
+    *,
+    api_key=None,
+    max_queue=64,
+    max_n=None,
+    model_name="tiny",
+    request_timeout=120.0,
+    scheduler=None,
 ):
     """A uvicorn server of create_app(engine) on a free port of 127.0.0.1, in a thread of this process (so that a
     test can pause the scheduler); stopped on exit. A given `scheduler` is shared (and not stopped here)."""
@@ -118,6 +125,7 @@ def running(
     if own:
         scheduler = scheduler_lib.Scheduler(engine, max_queue=max_queue, max_wait_s=0.005)
         scheduler.start()
+    max_n = min(4, engine.max_batch) if max_n is None else max_n
     limits = schemas.Limits(max_n=max_n, max_prompt_tokens=engine.seq_len - 1, max_timeout=request_timeout)
     app = app_lib.create_app(
         engine,
