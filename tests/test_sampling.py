@@ -744,6 +744,26 @@ def test_filters_temperature_top_k_top_p():
     assert keep(categorical.filter_logits(logits, top_p=0.5)) == [True, False, False, False]
     assert keep(categorical.filter_logits(logits, top_p=0.81)) == [True, True, True, False]
     np.testing.assert_allclose(categorical.filter_logits(logits, temperature=0.5), logits * 2, rtol=1e-6)
+    # Row by row: a second row in another order (and a third with a tie at the k-th value, kept).
+    rows = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5], [0.1, 0.4, 0.1, 0.4]]))
+    keep_rows = lambda f: np.asarray(f > -1e5).tolist()
+    assert keep_rows(categorical.filter_logits(rows, top_p=0.7)) == [
+        [True, True, False, False], [False, False, True, True], [False, True, False, True]
+    ]
+    assert keep_rows(categorical.filter_logits(rows, top_k=3)) == [
+        [True, True, True, False], [False, True, True, True], [True, True, True, True]
+    ]
+    np.testing.assert_allclose(categorical.filter_logits(rows, temperature=2.0), rows / 2, rtol=1e-6)
+    for kw, msg in (
+        (dict(temperature=0.0), "temperature must be > 0"),
+        (dict(temperature=-1.0), "temperature must be > 0"),
+        (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            categorical.filter_logits(rows, **kw)
+    with pytest.raises(ValueError, match="unknown precision 'float16'"):
+        categorical.gumbel_noise(jax.random.key(0), (2,), "float16")
 
 
 # ------------------------------------------------------------------------------------------ precision
