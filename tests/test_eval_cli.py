@@ -424,3 +424,28 @@ def test_a_second_sampling_run_compiles_nothing_and_each_run_names_its_settings(
         with open(os.path.join(out, folder, "samples.jsonl")) as f:
             texts.append([json.loads(line)["text"] for line in f])
     assert texts[0] == texts[1]  # the cached program samples exactly what the compiled one did
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("split", "test", "must be 'validation' or 'train'"),
+        ("num_batches", -1, "must be >= 0"),
+        ("num_samples", -2, "must be >= 0"),
+        ("time_samples", 0, "must be >= 1"),
+        ("discrete_steps", -2, r"must be >= -1"),
+        ("seed", -1, r"must be in \[0, 2\^32\)"),
+        ("seed", 2**32 + 5, r"must be in \[0, 2\^32\)"),
+        ("ar_config", "experiments/quickstart_ar.py", "needs config.eval.ar_workdir"),
+        ("stepz", 1, "is not an eval field"),
+    ],
+)
+def test_a_bad_eval_field_is_one_line_naming_it(field, value, expected):
+    import ml_collections
+
+    from ddlm.eval import cli as eval_cli
+
+    with pytest.raises(ValueError, match=rf"config\.eval\.{field}.*{expected}|config\.eval\.{field} {expected}") as e:
+        eval_cli.resolve_config(ml_collections.ConfigDict({field: value}))
+    assert "\n" not in str(e.value)
+    eval_cli.resolve_config(ml_collections.ConfigDict({}))  # the defaults pass

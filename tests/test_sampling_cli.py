@@ -158,6 +158,8 @@ def test_resolve_config_fills_defaults_and_rejects_unknown_fields():
         ("grid", "cosin", "one of"),
         ("num_samples", 0, ">= 1"),
         ("batch_size", 0, ">= 1"),
+        ("seed", 2**32 + 5, r"in \[0, 2\^32\)"),
+        ("seed", -1, r"in \[0, 2\^32\)"),
         ("guidance_scale", -1.0, ">= 0"),
         ("end", 99, r"in \[0, 12\]"),
         ("infill", "a [MASK:x] b", "malformed placeholder"),

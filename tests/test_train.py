@@ -393,6 +393,8 @@ def quick_config(**overrides):
         ("train.keep_checkpoints", 0, "an integer >= 1"),
         ("train.ckpt_every", -1, "an integer >= 0"),
         ("train.nan_policy", "ignore", "one of"),
+        ("train.seed", -1, r"an integer in \[0, 2\^32\)"),
+        ("train.seed", 2**32, r"an integer in \[0, 2\^32\)"),
         ("optim.lr", -3e-4, "a finite number > 0"),
         ("optim.lr", 0.0, "a finite number > 0"),
         ("optim.lr", float("inf"), "a finite number > 0"),

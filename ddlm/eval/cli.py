@@ -89,6 +89,12 @@ def resolve_config(eval_config) -> ml_collections.ConfigDict:
             raise ValueError(f"config.eval.{key} must be >= 0, got {out[key]}")
     if out.time_samples < 1:
         raise ValueError(f"config.eval.time_samples must be >= 1, got {out.time_samples}")
+    if out.discrete_steps < -1:
+        raise ValueError(
+            f"config.eval.discrete_steps must be >= -1 (-1 = config.sampler.steps, 0 = off), got {out.discrete_steps}"
+        )
+    if not 0 <= out.seed < 2**32:
+        raise ValueError(f"config.eval.seed must be in [0, 2^32) (a jax key holds 32 bits of it), got {out.seed}")
     if out.mauve_seeds and out.num_samples < 2:
         raise ValueError(
             f"config.eval.mauve_seeds={out.mauve_seeds} needs config.eval.num_samples >= 2 (the samples it scores), "

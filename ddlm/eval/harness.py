@@ -55,7 +55,7 @@ import numpy as np
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from ddlm import loading, losses, schedules
+from ddlm import loading, schedules
 from ddlm.data import sft
 from ddlm.eval import conditional, likelihood
 
@@ -499,9 +499,10 @@ def main() -> None:
 
     from lm_eval.__main__ import cli_evaluate
 
-    from ddlm import command
+    from ddlm import command, compilation_cache
 
     sys.argv[0] = "lm_eval"
+    compilation_cache.enable()  # off with DDLM_COMPILATION_CACHE=0
     with command.one_line_errors():
         cli_evaluate()
 

@@ -111,8 +111,8 @@ def validate(sampler_config, *, diffusion=None, seq_len: int | None = None) -> m
             fail(key, f"an integer >= {low}")
     if not is_int(c.seq_len) or c.seq_len < 0:
         fail("seq_len", "an integer >= 0 (0 = config.train.seq_len)")
-    if not is_int(c.seed):
-        fail("seed", "an integer")
+    if not is_int(c.seed) or not 0 <= c.seed < 2**32:
+        fail("seed", "an integer in [0, 2^32) (a jax key holds 32 bits of it: 2^32 + 5 would draw what 5 draws)")
     if c.grid not in ("", *schedules.SCHEDULES):
         fail("grid", f"'' (the diffusion schedule) or one of {sorted(schedules.SCHEDULES)}")
     if not is_number(c.t_min) or not 0.0 <= c.t_min < 1.0:

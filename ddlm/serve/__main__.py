@@ -53,6 +53,7 @@ _LOG_LEVEL = flags.DEFINE_enum(
     ["debug", "info", "warning", "error"],
     "Other libraries' log lines shown (uvicorn too).",
 )
+_COMPILATION_CACHE = command.define_compilation_cache_flag()
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -98,6 +99,9 @@ def main(argv):
     console.quiet_other_loggers(_LOG_LEVEL.value)
     with command.one_line_errors():
         sizes, api_key = _check_flags()
+        from ddlm import compilation_cache
+
+        compilation_cache.enable(_COMPILATION_CACHE.value)  # before the warm-up compiles
         from ddlm.serve import engine as engine_lib
 
         try:

@@ -267,7 +267,7 @@ def validate_train_config(t) -> None:
     counts = ("steps", "batch_size", "seq_len", "eval_batch_size", "eval_batches", "log_every")
     _int_at_least(t, "train", (*counts, "keep_checkpoints"), 1)
     _int_at_least(t, "train", ("eval_every", "ckpt_every"), 0, " (0 = only at the end)")
-    _require(_is_int(t.seed), "train.seed", "an integer", t.seed)
+    _require(_is_int(t.seed) and 0 <= t.seed < 2**32, "train.seed", "an integer in [0, 2^32)", t.seed)
     _require(
         _finite(t.peak_flops_per_device) and t.peak_flops_per_device >= 0,
         "train.peak_flops_per_device",
