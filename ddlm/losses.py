@@ -712,3 +712,172 @@ def any_order_conditional_loss(logits, x0, xt, mask_id: int, response_mask):
     r = jnp.sum(response, axis=1, keepdims=True).astype(nll.dtype)
     k = jnp.sum((xt == mask_id) & response, axis=1, keepdims=True).astype(nll.dtype)
     return jnp.where(response, nll * r / jnp.maximum(k, 1.0), 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Policy optimisation with verifiable rewards (diffu-GRPO, wd1): sequence log-likelihood estimates of a
+# response given its prompt, group-relative advantages, the policy losses. ddlm/train/rl.py is the plumbing
+# (rollouts, rewards, the reference); these are the math. Rows are [prompt | response] with
+# response_mask [B, L] > 0 on the response (eos padding included, as in SFT rows).
+# --------------------------------------------------------------------------------------------
+
+
+def masked_fraction_time(xt, mask_id: int):
+    """t [B] = the masked fraction of each row of xt [B, L]: the time of the linear schedule (alpha = 1 - t)
+    whose expected masked fraction the row has; what a time-conditioned network is shown by the estimators
+    below (time-free networks, LLaDA's and d1's, ignore it)."""
+    return jnp.mean((xt == mask_id).astype(jnp.float32), axis=-1)
+
+
+def prompt_masked_input(rng, x0, response_mask, mask_id: int, p_mask: float):
+    """d1's input of the one-step estimate (Zhao et al. 2025, "d1", sec. 3.2): the whole response masked and
+    each prompt position masked independently with probability p_mask (d1: 0.15), so that successive
+    gradient steps on one batch of rollouts see different views of the prompt. x0, response_mask: [B, L].
+    Returns int [B, L]."""
+    _check_tokens("x0", x0)
+    response = response_mask > 0
+    hide = jax.random.uniform(rng, x0.shape) < p_mask
+    return jnp.where(response | hide, mask_id, x0).astype(x0.dtype)
+
+
+def mean_field_log_probs(logits, x0, response_mask, mask_id: int):
+    """Per-token log p_theta(x0^l | x_t) at response positions, 0 elsewhere: float32 [B, L]. With x_t from
+    `prompt_masked_input` (every response token masked) the sum over l is diffu-GRPO's mean-field estimate
+    of log pi(response | prompt): one network call, each token scored as if the others were unknown."""
+    xt = jnp.where(response_mask > 0, mask_id, x0).astype(x0.dtype)  # only the masked response is scored
+    return jnp.where(response_mask > 0, -_masked_nll(logits, x0, xt, mask_id), 0.0)
+
+
+def mean_field_log_prob(apply_fn: ApplyFn, x0, response_mask, rng, *, mask_id: int, p_mask: float):
+    """diffu-GRPO's one-step estimate: (per-token log-probs float32 [B, L], their sum per row [B]) of the
+    response given the prompt masked at rate p_mask (`prompt_masked_input`). The same rng gives the same
+    prompt mask, so a policy and its reference (or old policy) scored with one rng share it. Not unbiased
+    for log pi(response | prompt): it ignores the dependence between response tokens (mean field) and the
+    prompt masking; tests/test_rl.py measures both against the exact oracle."""
+    xt = prompt_masked_input(rng, x0, response_mask, mask_id, p_mask)
+    logits = apply_fn(xt, masked_fraction_time(xt, mask_id), None)
+    per_token = mean_field_log_probs(logits, x0, response_mask, mask_id)
+    return per_token, jnp.sum(per_token, axis=1)
+
+
+def stratified_response_masks(rng, response_mask, num_samples: int):
+    """For `nelbo_log_prob`: K = num_samples masks per row, bool [B, K, L]. Sample k of row b masks
+    l_bk ~ U{1..R_b} of its R_b response positions, uniformly chosen, where the K counts of a row are
+    stratified (antithetic): l_bk = floor(((u_b + k/K) mod 1) R_b) + 1 with one u_b ~ U[0, 1). Each l_bk is
+    still uniform (unbiased), while the K samples of a row cover 1..R_b evenly (LLaDA-1.5's VRPO, "optimal
+    allocation": spread the budget over the mask levels)."""
+    l_rng, perm_rng = jax.random.split(rng)
+    response = response_mask > 0
+    batch, length = response.shape
+    r = jnp.sum(response, axis=1)[:, None]  # [B, 1]
+    u = jnp.mod(jax.random.uniform(l_rng, (batch, 1)) + jnp.arange(num_samples) / num_samples, 1.0)
+    count = jnp.minimum(jnp.floor(u * r).astype(jnp.int32) + 1, r)  # [B, K]
+    keys = jnp.where(response[:, None], jax.random.uniform(perm_rng, (batch, num_samples, length)), 2.0)
+    ranks = jnp.argsort(jnp.argsort(keys, axis=-1), axis=-1)  # response positions take ranks 0..R_b-1
+    return response[:, None] & (ranks < count[..., None])
+
+
+def nelbo_log_prob(apply_fn: ApplyFn, x0, response_mask, rng, *, mask_id: int, num_samples: int):
+    """The NELBO-based estimate of log pi(response | prompt) (wd1 / LLaDA-1.5 VRPO style): minus the
+    any-order bound `any_order_conditional_loss` averaged over K = num_samples masks per row
+    (`stratified_response_masks`), the prompt always visible:
+
+        log pi(r | p) >= E_l E_{|M| = l} [ R/l sum_{i in M} log p_theta(r^i | p, r with M masked) ] ~= mean_k Y_k,
+
+    an equality for exact conditionals (the bound averages the chain rule over all orders). The masks
+    depend on rng and response_mask only, so a policy and its reference scored with one rng see the same
+    masks (VRPO's shared noise): the noise of the two estimates cancels in their difference. One network
+    call on [B * K, L]. Returns (per-sample estimates float32 [B, K], their mean [B])."""
+    _check_tokens("x0", x0)
+    batch, length = x0.shape
+    masks = stratified_response_masks(rng, response_mask, num_samples)  # [B, K, L]
+    x0_k = jnp.repeat(x0, num_samples, axis=0)
+    resp_k = jnp.repeat(response_mask, num_samples, axis=0)
+    xt = jnp.where(masks.reshape(batch * num_samples, length), mask_id, x0_k).astype(x0.dtype)
+    logits = apply_fn(xt, masked_fraction_time(xt, mask_id), None)
+    per_token = any_order_conditional_loss(logits, x0_k, xt, mask_id, resp_k)
+    samples = -jnp.sum(per_token, axis=1).reshape(batch, num_samples)
+    return samples, jnp.mean(samples, axis=1)
+
+
+def group_advantages(rewards, group_size: int, *, scale: bool = True, eps: float = 1e-4):
+    """GRPO's group-relative advantages (Shao et al. 2024, DeepSeekMath eq. 3 "outcome supervision"): rows
+    come in consecutive groups of group_size completions of one prompt, and
+
+        A_i = (r_i - mean_group(r)) / (std_group(r) + eps)     (scale=True; std with Bessel's correction,
+                                                                as TRL's GRPOTrainer, on which d1 builds)
+        A_i = r_i - mean_group(r)                              (scale=False: Dr. GRPO / d1's option)
+
+    rewards: [N * group_size]. Returns float32 [N * group_size]; a group whose rewards are all equal gets 0."""
+    rewards = _at_least_f32(rewards)
+    if rewards.ndim != 1 or rewards.shape[0] % group_size:
+        raise ValueError(
+            f"rewards must be [num_prompts * group_size] with group_size={group_size}, got {tuple(rewards.shape)}"
+        )
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 (advantages are relative to the group), got {group_size}")
+    groups = rewards.reshape(-1, group_size)
+    centred = groups - jnp.mean(groups, axis=1, keepdims=True)
+    if scale:
+        centred = centred / (jnp.std(groups, axis=1, ddof=1, keepdims=True) + eps)
+    return centred.reshape(-1)
+
+
+def k3_kl(log_p, log_ref):
+    """Schulman's k3 estimate of KL(pi || ref) from samples of pi: exp(d) - d - 1 with d = log_ref - log_p
+    (>= 0, unbiased; what GRPO adds per token)."""
+    d = log_ref - log_p
+    return jnp.exp(d) - d - 1.0
+
+
+def grpo_loss(logp, old_logp, advantages, unit_mask, *, clip_eps: float, beta: float = 0.0, ref_logp=None):
+    """GRPO's clipped surrogate (DeepSeekMath eq. 3; d1 eq. 4 with its per-token estimates) as a loss:
+
+        per unit u of row i:  -min(rho A_i, clip(rho, 1 - eps, 1 + eps) A_i) + beta k3_kl(logp, ref_logp),
+        rho = exp(logp - old_logp),   loss = mean_i [ sum_u per * mask / sum_u mask ]   (TRL's normalisation)
+
+    logp, old_logp, ref_logp, unit_mask: [B, U] (U = positions for a per-token estimate, 1 for a sequence
+    estimate); advantages [B]. old_logp = stop_gradient(logp) (one update per batch of rollouts) makes rho = 1
+    and the gradient -A grad logp, the policy gradient. Returns (scalar, metrics: 'kl' (mean k3 per unit,
+    0 without a reference), 'clip_fraction', 'ratio')."""
+    logp, old_logp = _at_least_f32(logp), _at_least_f32(old_logp)
+    mask = unit_mask.astype(logp.dtype)
+    if logp.shape != old_logp.shape or logp.shape != mask.shape or logp.ndim != 2:
+        raise ValueError(
+            f"logp, old_logp and unit_mask must share one shape [batch, units], got {tuple(logp.shape)}, "
+            f"{tuple(old_logp.shape)}, {tuple(mask.shape)}"
+        )
+    adv = _at_least_f32(advantages)[:, None]
+    ratio = jnp.exp(logp - old_logp)
+    clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    per = -jnp.minimum(ratio * adv, clipped * adv)
+    kl = jnp.zeros_like(per)
+    if beta and ref_logp is not None:
+        kl = k3_kl(logp, _at_least_f32(ref_logp))
+        per = per + beta * kl
+    units = jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+    loss = jnp.mean(jnp.sum(per * mask, axis=1) / units)
+    mean_units = lambda x: jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    metrics = {
+        "kl": mean_units(kl),
+        "clip_fraction": mean_units((jnp.abs(ratio - 1.0) > clip_eps).astype(per.dtype)),
+        "ratio": mean_units(ratio),
+    }
+    return loss, metrics
+
+
+def weighted_likelihood_loss(logp, advantages, group_size: int, *, psi: float = 1.0):
+    """wd1's ratio-free objective (Tang et al. 2025, "wd1: Weighted Policy Optimization for Reasoning in
+    Diffusion Language Models", eq. 9) as a loss: within each group,
+
+        loss = mean_groups sum_i ( w-_i - w+_i ) logp_i,    w+ = softmax_group(psi A),  w- = softmax_group(-psi A):
+
+    raise the likelihood of completions in proportion to exp(psi A) (the reverse-KL-regularised optimal
+    policy pi_ref exp(A / beta), psi = 1 / beta, sampled from the old policy) and lower it for the
+    worst. No ratio to an old policy: one likelihood estimate per completion (e.g. `nelbo_log_prob`).
+    logp, advantages: [N * group_size] (any per-sequence estimate). Returns a scalar."""
+    logp = _at_least_f32(logp).reshape(-1, group_size)
+    a = _at_least_f32(advantages).reshape(-1, group_size)
+    w_pos = jax.nn.softmax(psi * a, axis=1)
+    w_neg = jax.nn.softmax(-psi * a, axis=1)
+    return jnp.mean(jnp.sum((w_neg - w_pos) * logp, axis=1))
