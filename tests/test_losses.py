@@ -585,26 +585,27 @@ def test_discretize_times_maps_onto_the_grid():
     np.testing.assert_allclose(losses.discretize_times(t, 4), [0.25, 0.25, 0.25, 0.5, 0.75, 0.75, 1.0])
 
 
-def _seen_by_network(name, x0, loss_mask, *, sched, vocab_size, **kw):
-    """training_loss(name) with a network that outputs zero logits, jitted once: key -> (aux, and the x_t and t
-    the network was shown)."""
+def _seen_by_network(name, x0, loss_mask, *, sched, vocab_size, network=None, **kw):
+    """training_loss(name) jitted once, with `network` (zero logits by default): key -> (loss, aux, and the x_t, t
+    and logits the network saw and gave)."""
+    network = network or (lambda xt, t: jnp.zeros(xt.shape + (vocab_size,), jnp.float32))
 
     @jax.jit
     def run(key):
         seen = {}
 
         def apply_fn(xt, t, ctx):
-            seen.update(xt=xt, t=t)
-            return jnp.zeros(xt.shape + (vocab_size,), jnp.float32)
+            seen.update(xt=xt, t=t, logits=network(xt, t), ctx=ctx)
+            return seen["logits"]
 
-        _, aux = losses.training_loss(
+        loss, aux = losses.training_loss(
             name, apply_fn, x0, loss_mask, key, schedule=sched, vocab_size=vocab_size, mask_id=MASK, **kw
         )
-        return aux, seen["xt"], seen["t"]
+        return loss, aux, seen["xt"], seen["t"], seen["logits"], seen["ctx"]
 
     def call(key):
-        aux, xt, t = run(key)
-        return aux, np.asarray(xt), None if t is None else np.asarray(t)
+        loss, aux, xt, t, logits, ctx = run(key)
+        return aux, np.asarray(xt), None if t is None else np.asarray(t), (loss, logits, ctx)
 
     return call
 
@@ -629,7 +630,7 @@ def test_mask_rate_is_the_masked_fraction_of_the_batch_the_network_saw(name):
         name, x0, jnp.asarray(loss_mask), sched=schedules.LinearSchedule(), vocab_size=vocab, **AUX_KW.get(name, {})
     )
     for seed in range(3):
-        aux, xt, _ = run(jax.random.key(seed))
+        aux, xt, _, _ = run(jax.random.key(seed))
         if name in ("ar", "sedd_uniform"):
             assert aux == {}
             continue
@@ -647,6 +648,91 @@ def test_mask_rate_is_the_masked_fraction_of_the_batch_the_network_saw(name):
     assert told_apart or name in ("ar", "sedd_uniform", "sft")  # padding counted or not: the test can tell
 
 
+GLUE_SCHED = schedules.CosineSchedule(eps=0.01)
+
+
+def _per_token(name, logits, x0, xt, t, key, loss_mask):
+    """The loss `name` from its public per-token function, given what the network saw (independent of the glue)."""
+    s, m = GLUE_SCHED, MASK
+    if name == "mdlm":
+        return losses.masked_mean(losses.mdlm_loss(logits, x0, xt, t, s, m), loss_mask)
+    if name == "sft":
+        return losses.sft_mean(losses.mdlm_loss(logits, x0, xt, t, s, m), loss_mask)
+    if name == "d3pm":
+        return losses.masked_mean(losses.d3pm_absorbing_loss(logits, x0, xt, t, s, m, 4), loss_mask)
+    if name == "sedd_absorb":
+        log_score = losses.sedd_absorbing_log_score(logits, t, s)
+        return losses.masked_mean(losses.score_entropy_absorbing_loss(log_score, x0, xt, t, s, m), loss_mask)
+    if name == "sedd_uniform":
+        return losses.masked_mean(losses.score_entropy_uniform_loss(logits, x0, xt, t, s), loss_mask)
+    if name == "bd3lm":
+        return losses.masked_mean(losses.block_diffusion_loss(logits, x0, xt, t[:, ::8], s, m, 8), loss_mask)
+    if name == "radd":  # the network is shown no time: the masking rates are the first half of the key's split
+        lam = losses.sample_times(jax.random.split(key)[0], x0.shape[0])
+        return losses.masked_mean(losses.radd_loss(logits, x0, xt, lam, m), loss_mask)
+    assert name == "ar"
+    return losses.masked_mean(losses.autoregressive_loss(logits, x0), loss_mask[:, 1:])
+
+
+@pytest.mark.parametrize("name", [*AUX_KW, "ar", "sedd_uniform"])
+def test_training_loss_is_its_per_token_loss_on_what_the_network_saw(name):
+    """The glue: for every loss, the value training_loss returns is the public per-token loss of the logits the
+    network gave, for the x_t and t it was shown, averaged over loss_mask (padding left out; 'ar' scores tokens
+    1..L-1; 'sft' per example), with a network whose output depends on both x_t and t. The network gets x_0 as
+    context for bd3lm only, and nothing but x_0 itself for 'ar'."""
+    b, n = 8, 32
+    vocab = V if name == "sedd_uniform" else V + 1
+    x0 = jnp.asarray(np.random.default_rng(0).integers(0, V, (b, n)), jnp.int32)
+    loss_mask = np.ones((b, n), np.float32)
+    loss_mask[:, 20:] = 0.0  # padding (for 'sft': the prompt is 0..7)
+    if name == "sft":
+        loss_mask[:, :8], loss_mask[:, 20:] = 0.0, 1.0
+    table = jnp.asarray(np.random.default_rng(1).normal(size=(vocab, vocab)), jnp.float32)
+
+    def network(xt, t):
+        if t is None:
+            return table[xt]
+        t = t if t.ndim == 2 else t[:, None]
+        return table[xt] * (1.0 + t[..., None])
+
+    kw = dict(AUX_KW.get(name, {}), **({"block_size": 8} if name == "bd3lm" else {}))
+    run = _seen_by_network(name, x0, jnp.asarray(loss_mask), sched=GLUE_SCHED, vocab_size=vocab, network=network, **kw)
+    key = jax.random.key(4)
+    _, xt, t, (loss, logits, ctx) = run(key)
+    if name == "ar":
+        np.testing.assert_array_equal(xt, x0)
+        assert t is None
+    if name == "bd3lm":
+        np.testing.assert_array_equal(ctx, x0)
+    else:
+        assert ctx is None
+    want = _per_token(name, logits, x0, jnp.asarray(xt), None if t is None else jnp.asarray(t), key, jnp.asarray(loss_mask))
+    assert float(want) > 0
+    np.testing.assert_allclose(float(loss), float(want), rtol=1e-6)
+    # The loss mask matters: without it the value differs (the test can tell).
+    assert abs(float(want) - float(_per_token(name, logits, x0, jnp.asarray(xt), None if t is None else jnp.asarray(t), key, jnp.ones((b, n))))) > 1e-4
+
+
+def test_checked_ids_refuse_the_mask_id_only_on_the_absorbing_graph():
+    """check_ids: 'ar' and 'sedd_uniform' have no absorbing state, so their data may hold the id passed as mask_id
+    (e.g. a BOS that reuses it); the absorbing losses refuse it."""
+    x0 = jnp.array([[0, MASK, 1, 2]], jnp.int32)
+    for name, vocab, ok in (("ar", V + 1, True), ("sedd_uniform", V + 1, True), ("mdlm", V + 1, False)):
+
+        def f(x0, name=name, vocab=vocab):
+            return losses.training_loss(
+                name, lambda xt, t, c: jnp.zeros(xt.shape + (vocab,)), x0, None, jax.random.key(0),
+                schedule=schedules.LinearSchedule(), vocab_size=vocab, mask_id=MASK, check_ids=True,
+            )[0]
+
+        err, _ = jax.jit(checkify.checkify(f))(x0)
+        if ok:
+            err.throw()
+        else:
+            with pytest.raises(checkify.JaxRuntimeError, match=f"x0: clean data contains the mask id {MASK}"):
+                err.throw()
+
+
 @pytest.mark.parametrize("name", ["mdlm", "d3pm", "sedd_absorb", "bd3lm", "sft"])
 def test_each_row_is_masked_at_the_rate_of_the_time_the_network_is_shown(name):
     """Per row (per block for bd3lm), the masked fraction of x_t is 1 - alpha(t) for the t the network is shown
@@ -659,7 +745,7 @@ def test_each_row_is_masked_at_the_rate_of_the_time_the_network_is_shown(name):
     if name == "sft":
         loss_mask[:, :64] = 0.0
     kw = {"d3pm": {"num_steps": 8}, "bd3lm": {"block_size": 64}}.get(name, {})
-    aux, xt, t = _seen_by_network(name, x0, jnp.asarray(loss_mask), sched=sched, vocab_size=V + 1, **kw)(
+    aux, xt, t, _ = _seen_by_network(name, x0, jnp.asarray(loss_mask), sched=sched, vocab_size=V + 1, **kw)(
         jax.random.key(3)
     )
     assert t.shape == ((b, n) if name == "bd3lm" else (b,))
@@ -687,7 +773,7 @@ def test_radd_masks_rows_at_rates_spread_over_the_antithetic_grid():
     x0 = jnp.zeros((b, n), jnp.int32)
     run = _seen_by_network("radd", x0, None, sched=None, vocab_size=V + 1)
     for seed in range(2):
-        aux, xt, t = run(jax.random.key(seed))
+        aux, xt, t, _ = run(jax.random.key(seed))
         assert t is None
         frac = (xt == MASK).mean(1)
         offset = np.sort(frac) - np.arange(b) / b
@@ -908,6 +994,12 @@ def test_per_token_losses_come_out_in_the_documented_dtype(dtype, want):
     t = t.astype("float64" if dtype == "float64" else "float32")
     for name, fn in PER_TOKEN_LOSSES.items():
         assert jax.eval_shape(fn, lg, x0, xt, t).dtype == want, name  # traced only: dtypes need no compiling
+    per_token = jnp.ones(x0.shape, dtype)
+    for name, reduce in (("masked_mean", losses.masked_mean), ("sft_mean", losses.sft_mean)):
+        assert jax.eval_shape(reduce, per_token, jnp.ones(x0.shape, jnp.int32)).dtype == want, name
+    response = jnp.ones(x0.shape, jnp.int32)
+    conditional = functools.partial(losses.any_order_conditional_loss, mask_id=SHARD_V - 1, response_mask=response)
+    assert jax.eval_shape(conditional, lg, x0, xt).dtype == want
 
 
 def test_shape_errors_say_what_was_expected():
@@ -919,6 +1011,8 @@ def test_shape_errors_say_what_was_expected():
         losses.mdlm_loss(jnp.zeros((2, 5, 7)), x.astype(jnp.float32), x, jnp.zeros(2), sched, 6)
     with pytest.raises(ValueError, match=r"t must be \[batch\]"):
         losses.mdlm_loss(jnp.zeros((2, 5, 7)), x, x, jnp.zeros(3), sched, 6)
+    with pytest.raises(ValueError, match=r"^mask_rate must be \[batch\] = \(2,\) or \[batch, length\] = \(2, 5\)"):
+        losses.radd_loss(jnp.zeros((2, 5, 7)), x, x, jnp.zeros(3), 6)
     with pytest.raises(ValueError, match="unknown loss"):
         losses.training_loss(
             "vlb", None, x, None, jax.random.PRNGKey(0), schedule=sched, vocab_size=7, mask_id=6
@@ -1004,6 +1098,34 @@ def test_subs_log_probs_zero_masking_and_carry_over():
     np.testing.assert_allclose(
         losses.sedd_absorbing_log_cond(logits), np.asarray(logits) - math.log(vocab - 1), rtol=1e-12
     )
+
+
+def test_masked_mean_weights_and_guards():
+    """masked_mean: the plain mean without a mask, the mean over the nonzero mask positions with one (an all-zero
+    mask gives 0, not NaN), a mask of the wrong shape is an error."""
+    x = jnp.asarray(np.arange(12.0).reshape(3, 4))
+    mask = jnp.asarray([[1, 0, 0, 1], [0, 0, 0, 0], [1, 1, 0, 0]])
+    assert float(losses.masked_mean(x)) == 5.5
+    assert float(losses.masked_mean(x, mask)) == pytest.approx((0 + 3 + 8 + 9) / 4)
+    assert float(losses.masked_mean(x, jnp.zeros((3, 4)))) == 0.0
+    with pytest.raises(ValueError, match=r"mask must have shape \(3, 4\), got \(3, 3\)"):
+        losses.masked_mean(x, jnp.ones((3, 3)))
+
+
+def test_sample_response_mask_is_stratified_by_default():
+    """Stratified (the default): the numbers of masked response positions of a batch are floor(u_b R) + 1 with
+    u = (u_0 + b / B) mod 1, so B = 2R copies of one response hold each count 1..R exactly twice; i.i.d. draws do
+    not, for most keys."""
+    response = jnp.asarray(np.array([[0, 1, 1, 1, 1, 0]] * 8, bool))  # R = 4, B = 8
+    keys = jax.random.split(jax.random.key(3), 200)
+    counts = {
+        s: np.sort(np.asarray(jax.jit(jax.vmap(lambda k, s=s: losses.sample_response_mask(k, response, s)))(keys)).sum(-1), axis=1)
+        for s in (True, False)
+    }
+    default = np.asarray(jax.jit(jax.vmap(lambda k: losses.sample_response_mask(k, response)))(keys)).sum(-1)
+    np.testing.assert_array_equal(counts[True], np.broadcast_to(np.repeat(np.arange(1, 5), 2), (200, 8)))
+    np.testing.assert_array_equal(np.sort(default, axis=1), counts[True])
+    assert np.mean(np.all(counts[False] == np.repeat(np.arange(1, 5), 2), axis=1)) < 0.1
 
 
 def test_check_token_ids_bounds_and_names():

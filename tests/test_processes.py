@@ -102,6 +102,12 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="mask_id"):
         processes.AbsorbingProcess(4, 4)
     with pytest.raises(ValueError, match="mask_id"):
+        processes.AbsorbingProcess(4, -1)
+    processes.AbsorbingProcess(4, 0), processes.AbsorbingProcess(4, 3)  # the first and the last id are fine
+    with pytest.raises(ValueError, match="vocab_size must be >= 2, got 1"):
+        processes.UniformProcess(1)
+    assert processes.get_process("uniform", 2) == processes.UniformProcess(2)  # two ids: the smallest graph
+    with pytest.raises(ValueError, match="mask_id"):
         processes.get_process("absorbing", 4)
     with pytest.raises(ValueError, match="unknown process"):
         processes.get_process("gaussian", 4)
@@ -141,3 +147,6 @@ def test_processes_compute_in_the_inputs_float_dtype(proc):
             probs = jnp.full((2, 3, V), 1.0 / V, dt)
             assert jax.eval_shape(proc.posterior_probs, probs, x, a + 0.2, a).dtype == dt
         assert jax.eval_shape(proc.marginal_probs, x, jnp.array([0.3, 0.6], jnp.bfloat16)).dtype == jnp.float32
+        for ids in (jnp.int32, jnp.int16):  # x_t in the ids' dtype
+            key, x_ids = jax.random.key(0), x.astype(ids)
+            assert jax.eval_shape(proc.sample_xt, key, x_ids, jnp.array([0.3, 0.6])).dtype == ids

@@ -87,18 +87,22 @@ def test_specific_values():
 @pytest.mark.parametrize(
     "name,kwargs,match",
     [
+        ("loglinear", {"eps": 1.0}, "eps"),
+        ("loglinear", {"eps": -0.1}, "eps"),
+        ("cosine", {"eps": 0.5}, "eps"),
+        ("polynomial", {"power": 0.0}, "power"),
+        ("geometric", {"sigma_min": 5.0, "sigma_max": 1.0}, "sigma_min"),
+        ("geometric", {"sigma_min": 0.0}, "sigma_min"),
+        ("loglinear", {"power": 2.0}, "unknown parameters"),
+        ("nope", {}, "unknown schedule"),
+        # (after the original entries, so that their test ids stay) the messages name the class and range.
         ("loglinear", {"eps": 1.0}, r"^LogLinearSchedule: eps must be in \[0, 1.0\), got 1.0$"),
         ("loglinear", {"eps": -0.1}, r"^LogLinearSchedule: eps must be in \[0, 1.0\), got -0.1$"),
         ("cosine", {"eps": 0.5}, r"^CosineSchedule: eps must be in \[0, 0.5\), got 0.5$"),
         ("linear", {"eps": -1e-3}, r"^LinearSchedule: eps must be in \[0, 0.5\)"),
         ("polynomial", {"eps": 0.6}, r"^PolynomialSchedule: eps must be in \[0, 0.5\)"),
-        ("polynomial", {"power": 0.0}, "power must be > 0, got 0.0"),
-        ("polynomial", {"power": -1.0}, "power must be > 0"),
-        ("geometric", {"sigma_min": 5.0, "sigma_max": 1.0}, "sigma_min"),
+        ("polynomial", {"power": -1.0}, "power must be > 0, got -1.0"),
         ("geometric", {"sigma_min": 2.0, "sigma_max": 2.0}, "sigma_min"),
-        ("geometric", {"sigma_min": 0.0}, "sigma_min"),
-        ("loglinear", {"power": 2.0}, "unknown parameters"),
-        ("nope", {}, "unknown schedule"),
     ],
 )
 def test_invalid_parameters_raise(name, kwargs, match):
