@@ -10,12 +10,14 @@ import functools
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from model_utils import decode_one_token_at_a_time, tiny_decoder
 
 from ddlm import models
+from ddlm.models.decoding import causal_mask
 
 VOCAB, BATCH, LENGTH, BLOCK = 37, 2, 16, 4
 TOL = 1e-9
@@ -191,3 +193,76 @@ def test_sharded_decode_step_matches_unsharded_and_keeps_the_cache_sharded():
         np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
         spec = cache.keys[0].sharding.spec
         assert tuple(spec)[:3] == (("data", "fsdp"), None, "tensor"), spec
+
+
+def test_attention_over_parts_equals_attention_over_the_concatenated_keys():
+    """The no-write decode path's softmax over (cache, fresh keys) without concatenating them: equal to one
+    attention over the concatenation, with grouped-query heads, a per-row mask and a query that sees nothing."""
+    from ddlm.models import layers
+
+    rng = np.random.default_rng(0)
+    b, t, h, kv, dh, c = 2, 3, 4, 2, 8, 7
+    q = jnp.asarray(rng.standard_normal((b, t, h, dh)))
+    k1, v1 = (jnp.asarray(rng.standard_normal((b, c, kv, dh))) for _ in range(2))
+    k2, v2 = (jnp.asarray(rng.standard_normal((b, t, kv, dh))) for _ in range(2))
+    m1 = jnp.asarray(rng.random((b, t, c)) < 0.5)
+    m2 = jnp.asarray(np.tril(np.ones((t, t), bool))[None].repeat(b, 0))
+    m1, m2 = m1.at[1, 2].set(False), m2.at[1, 2].set(False)  # row 1, query 2: no key at all
+    out = layers.attention_over_parts(q, ((k1, v1, m1), (k2, v2, m2)))
+    keys, values = jnp.concatenate([k1, k2], 1), jnp.concatenate([v1, v2], 1)
+    expected = layers.attention(q, keys, values, jnp.concatenate([m1, m2], -1)[:, None])
+    assert out.dtype == jnp.float64 and _err(out, expected) < TOL
+    # One part is plain attention.
+    assert _err(layers.attention_over_parts(q, ((k1, v1, m1),)), layers.attention(q, k1, v1, m1[:, None])) < TOL
+
+
+def test_a_step_without_write_never_concatenates_the_cache():
+    """BD3-LM's denoising calls and Fast-dLLM's dual steps do not write: their attention reads the cache in
+    place (no [B, C + S, ...] copy per layer), and equal the write path's result on the same slice."""
+    dec = _decoder("bd3lm", False)
+    xt, x0, _ = _inputs()
+    _, cache = dec.prefill(x0[:, :8], LENGTH)
+    slots = jnp.arange(LENGTH)
+    args = (cache, xt[:, 8:12], jnp.arange(8, 12), slots < 8, None, None)
+    raw = _decoder("bd3lm", False, jit=False)
+    jaxpr = jax.make_jaxpr(lambda *a: raw.step(*a, None))(*args)
+
+    def concatenations(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "concatenate":
+                yield eqn
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                yield from concatenations(sub)
+
+    lengths = [e.outvars[0].aval.shape[1] for e in concatenations(jaxpr.jaxpr) if e.outvars[0].aval.ndim == 4]
+    assert LENGTH + 4 not in lengths, lengths
+    no_write, _ = dec.step(*args, None)
+    written, _ = dec.step(*args, 8)
+    assert _err(no_write, written) < TOL
+
+
+def test_per_row_write_index_equals_each_row_decoded_alone():
+    """Speculative decoding's rows advance by different amounts: a step with write_index [B] writes each row's
+    slice at its own slots and attends each row's own filled slots, as that row decoded alone would."""
+    dec = _decoder("ar", False)
+    xt, _, _ = _inputs()
+    _, cache = dec.prefill(xt, LENGTH + 3)
+    starts = np.array([5, 9])  # row r re-decodes tokens [starts[r], starts[r] + 3) over the slots before them
+    slots = jnp.arange(LENGTH + 3)
+    tokens = jnp.stack([xt[r, s : s + 3] for r, s in enumerate(starts)])
+    positions = jnp.asarray(starts[:, None] + np.arange(3))
+    attend = (slots[None, None, :] < positions[:, :1, None]) & jnp.ones((1, 3, 1), bool)
+    logits, written = dec.step(cache, tokens, positions, attend, causal_mask(3), None, jnp.asarray(starts))
+    full = dec.forward(xt)
+    for r, s in enumerate(starts):
+        assert _err(logits[r], full[r, s : s + 3]) < TOL, f"row {r}"
+    # Each row's slots hold its own keys again (the prefill's, recomputed at the rows' own slots).
+    _, fresh = dec.prefill(xt, LENGTH + 3)
+    for a, b in zip(written.keys, fresh.keys):
+        assert _err(a[:, :LENGTH], b[:, :LENGTH]) < TOL
+    # Garbage at row 1's slots [9, 12) before the step is overwritten, and the slots after them are not read.
+    dirty = jax.tree.map(lambda c: c.at[1, 9:].set(7.0), cache)
+    logits2, _ = dec.step(dirty, tokens, positions, attend, causal_mask(3), None, jnp.asarray(starts))
+    assert _err(logits2, logits) < TOL
+    with pytest.raises(ValueError, match="write_index must be int"):
+        dec.step(cache, tokens, positions, attend, causal_mask(3), None, jnp.zeros((3,), jnp.int32))

@@ -398,7 +398,8 @@ class DecodeMasks(NamedTuple):
 
     attend: bool [B|1, S, C], cache slots each query sees (the cache as it was before this step).
     self_attend: bool [B|1, S, S], the slice's own fresh keys each query sees.
-    write_index: None (the cache is not changed) or int32 []: the slice's keys/values are written at slots
+    write_index: None (the cache is not changed), int32 [] or int32 [B] (a slot per row: speculative
+      decoding's rows advance by different amounts): the slice's keys/values are written at slots
       [write_index, write_index + S), replacing what was there (`attend` on those slots is then ignored).
     """
 
@@ -554,37 +555,74 @@ def _pallas_attention(q, k, v, mask, is_causal, interpret):
 def cached_attention(q, k, v, cache: LayerCache, masks: DecodeMasks, implementation="xla"):
     """Attention of a query slice over a KV cache and over its own fresh keys/values.
 
-    q, k, v: [B, S, H, Dh] of the slice (rotary applied); cache: [B, C, H, Dh] keys/values.
-    Without a write the slice attends concat(cache, fresh) under concat(attend, self_attend); with a write the
-    fresh keys/values go into the cache first (dynamic_update_slice: in place inside a loop) and the slice
-    attends the updated cache, with self_attend placed at the written slots; both are the same sum.
-    Returns (out [B, S, H, Dh], the cache, updated if written).
+    q, k, v: [B, S, H, Dh] of the slice (rotary applied); cache: [B, C, K, Dh] keys/values (K <= H heads).
+    Without a write the slice attends the cache under `attend` and its fresh keys under `self_attend`, one
+    softmax over both parts (`attention_over_parts`: the cache is read in place, never concatenated with the
+    fresh keys, which would copy it at every layer of every call). With a write the fresh keys/values go into
+    the cache first (dynamic_update_slice: in place inside a loop; a scatter of one slice per row when
+    write_index is [B]) and the slice attends the updated cache, with self_attend placed at the written
+    slots; both are the same sum. Returns (out [B, S, H, Dh], the cache, updated if written).
     """
+    del implementation  # the fused kernels want long query tiles; a decode slice is a few tokens: XLA's attention
     length = q.shape[1]
     capacity = cache.keys.shape[1]
     attend = jnp.broadcast_to(masks.attend, (masks.attend.shape[0], length, capacity))
     self_attend = jnp.broadcast_to(masks.self_attend, (attend.shape[0], length, length))
     if masks.write_index is None:
-        keys = jnp.concatenate([cache.keys, k.astype(cache.keys.dtype)], axis=1)
-        values = jnp.concatenate([cache.values, v.astype(cache.values.dtype)], axis=1)
-        mask = jnp.concatenate([attend, self_attend], axis=-1)
-    else:
-        w = masks.write_index
-        cache = LayerCache(
-            nn.with_logical_constraint(
-                jax.lax.dynamic_update_slice_in_dim(cache.keys, k.astype(cache.keys.dtype), w, axis=1), BLHK
-            ),
-            nn.with_logical_constraint(
-                jax.lax.dynamic_update_slice_in_dim(cache.values, v.astype(cache.values.dtype), w, axis=1),
-                BLHK,
-            ),
-        )
-        keys, values = cache.keys, cache.values
+        parts = ((cache.keys, cache.values, attend), (k, v, self_attend))
+        return attention_over_parts(q, parts), cache
+    w = masks.write_index
+    k, v = k.astype(cache.keys.dtype), v.astype(cache.values.dtype)
+    if jnp.ndim(w) == 0:
+        write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new, w, axis=1)
         mask = jax.lax.dynamic_update_slice_in_dim(attend, self_attend, w, axis=2)
-    # The fused kernels want long query tiles; a decode slice is a few tokens: XLA's attention.
-    impl = "xla"
-    out = attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask[:, None], implementation=impl)
-    return out, cache
+    else:  # one write index per row
+        batch = q.shape[0]
+        row_write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice_in_dim(buf, new, i, axis=0))
+        write = lambda buf, new: row_write(buf, new, w)
+        mask = jax.vmap(lambda a, s, i: jax.lax.dynamic_update_slice_in_dim(a, s, i, axis=1))(
+            jnp.broadcast_to(attend, (batch, length, capacity)),
+            jnp.broadcast_to(self_attend, (batch, length, length)),
+            w,
+        )
+    cache = LayerCache(
+        nn.with_logical_constraint(write(cache.keys, k), BLHK),
+        nn.with_logical_constraint(write(cache.values, v), BLHK),
+    )
+    keys, values = cache.keys.astype(q.dtype), cache.values.astype(q.dtype)
+    return attention(q, keys, values, mask[:, None], implementation="xla"), cache
+
+
+def attention_over_parts(q, parts):
+    """softmax(q k^T / sqrt(Dh), masked) v over the union of several key/value sets, without concatenating
+    them: the softmax's maximum and sum are taken over every part, then each part's weighted values are added.
+
+    q: [B, T, H, Dh]; parts: ((k [B, S_i, K, Dh], v [B, S_i, K, Dh], mask bool [B|1, T, S_i]), ...), K dividing
+    H (grouped-query attention: query head h reads key/value head h // (H / K), as `attention`; the groups are
+    an einsum axis, so the keys are not repeated either). Logits and softmax in float32 (float64 for a float64
+    q), probabilities cast to the value dtype before the product, as `attention`; a query that may see no key
+    at all gets the uniform average over every key of every part (as a fully masked row of `attention`).
+    Returns [B, T, H, Dh] in q's dtype.
+    """
+    batch, length, heads, head_dim = q.shape
+    kv_heads = parts[0][0].shape[2]
+    if heads % kv_heads:
+        raise ValueError(f"key/value heads ({kv_heads}) must divide query heads ({heads})")
+    acc = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
+    qg = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+    logits = []
+    for k, v, mask in parts:
+        s = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype), preferred_element_type=acc)
+        s = s * (head_dim**-0.5)
+        logits.append(jnp.where(mask[:, None, None], s, jnp.finfo(acc).min))
+    top = functools.reduce(jnp.maximum, [jnp.max(s, axis=-1, keepdims=True) for s in logits])
+    weights = [jnp.exp(s - top) for s in logits]
+    inverse = 1.0 / sum(jnp.sum(e, axis=-1, keepdims=True) for e in weights)
+    out = sum(
+        jnp.einsum("bkgts,bskd->btkgd", (e * inverse).astype(q.dtype), v.astype(q.dtype), preferred_element_type=acc)
+        for e, (_, v, _) in zip(weights, parts)
+    )
+    return out.reshape(batch, length, heads, head_dim).astype(q.dtype)
 
 
 class SelfAttention(nn.Module):

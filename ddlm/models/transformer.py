@@ -300,8 +300,9 @@ class Transformer(nn.Module):
           self_attend: bool [S, S] or [batch, S, S]; None = all True (bidirectional within the slice).
           t: float [batch] or [batch, S] time of the slice (time-conditioned networks only; the clean
             blocks of a block-causal network use t = 0, as in the training forward).
-          write_index: None, or int []: write the slice's keys/values at slots [write_index, write_index + S)
-            (then `attend` on those slots is ignored); must fit in the cache (C >= write_index + S).
+          write_index: None, or int [] or [batch] (per row): write the slice's keys/values at slots
+            [write_index, write_index + S) (then `attend` on those slots is ignored); must fit in the cache
+            (C >= write_index + S).
 
         Returns:
           (logits float32 [batch, S, vocab_size], the KVCache: updated if written, else the input cache).
@@ -348,6 +349,9 @@ class Transformer(nn.Module):
             )
         if write_index is not None:
             write_index = jnp.asarray(write_index, jnp.int32)
+            if write_index.shape not in ((), (batch,)):
+                raise ValueError(f"decode: write_index must be int [] or [{batch}] (a slot per row), got "
+                                 f"{write_index.shape}")  # fmt: skip
         t_tokens = None
         if self.time_conditioning:
             if t is None:

@@ -14,9 +14,11 @@ Samplers (config.sampler.name):
     parallel        semi-AR blocks + a commit rule (LLaDA, Fast-dLLM, EB-sampler) parallel.parallel_sample
                     (cfg.cache='prefix' | 'dual': Fast-dLLM's KV caches, decoder=...)  caches.cached_logits_provider
     ar              autoregressive decoding with a KV cache (causal networks)   autoregressive.ar_sample
+    speculative     AR with a draft network proposing cfg.draft_tokens, the target  speculative.speculative_sample
+                    verifying them in one call (exactly the target's law; draft_decoder=...)
     bd3lm           BD3-LM blocks with the exact KV cache (block-causal)       block.block_sample
 
-ar and bd3lm decode a network with a KV cache: pass decoder=models.make_decoder(model, variables) instead of
+ar, speculative and bd3lm decode a network with a KV cache: pass decoder=models.make_decoder(model, variables) instead of
 denoise_fn; bd3lm runs the masked sampler cfg.block_sampler inside each block. So does parallel with
 cfg.cache != 'none' (a bidirectional network, approximate caches refreshed per cfg.refresh_every).
 """
@@ -30,6 +32,7 @@ import jax
 
 from ddlm.sampling import autoregressive, block, categorical, conditioning, masked, parallel, rules, score
 from ddlm.sampling import caches
+from ddlm.sampling import speculative
 from ddlm.sampling.config import default_config
 from ddlm.sampling.masked import SampleOutput, ancestral_sample, first_hitting_sample
 from ddlm.sampling.score import absorbing_score_fn, score_sample
@@ -37,7 +40,7 @@ from ddlm.sampling.score import absorbing_score_fn, score_sample
 SAMPLERS = ("ancestral", "cached", "remdm", "first_hitting", "sedd_euler", "sedd_analytic", "parallel")
 # Samplers that decode a network with its KV cache (make_sampler's `decoder`), and the masked samplers a
 # bd3lm block may run (cfg.block_sampler).
-CACHED_SAMPLERS = ("ar", "bd3lm")
+CACHED_SAMPLERS = ("ar", "bd3lm", "speculative")
 SAMPLERS += CACHED_SAMPLERS
 BLOCK_SAMPLERS = ("first_hitting", "ancestral", "cached", "remdm", "parallel")
 
@@ -58,6 +61,7 @@ def make_sampler(
     decoder=None,
     eos_id=None,
     pad_id=None,
+    draft_decoder=None,
 ):
     """sample(rng, x_init, clamp=None) -> SampleOutput for the sampler named cfg.name (not jitted: pure).
 
@@ -68,7 +72,8 @@ def make_sampler(
     classifier-free guidance with the known tokens of x_init as the condition. clamp: bool [B, L], positions
     kept fixed on the uniform graph. progress_fn(steps_done): a host callback after every step (optional).
     'ar' / 'bd3lm': decoder = models.make_decoder(model, variables) of a causal / block-causal network;
-    eos_id, pad_id for cfg.stop_at_eos (variable length). 'parallel' with cfg.cache='prefix' | 'dual':
+    eos_id, pad_id for cfg.stop_at_eos (variable length). 'speculative': decoder of the target and
+    draft_decoder of the draft (causal networks over one vocabulary). 'parallel' with cfg.cache='prefix' | 'dual':
     decoder of a bidirectional network (denoise_fn unused).
     """
     if cfg.name not in SAMPLERS:
@@ -79,7 +84,7 @@ def make_sampler(
         )
     if cfg.name in CACHED_SAMPLERS:
         return _make_cached_sampler(
-            cfg, decoder, schedule, mask_id, return_trajectory, progress_fn, eos_id, pad_id
+            cfg, decoder, schedule, mask_id, return_trajectory, progress_fn, eos_id, pad_id, draft_decoder
         )
     if graph == "uniform" and not cfg.name.startswith("sedd_"):
         raise ValueError(
@@ -183,8 +188,10 @@ def make_sampler(
     return sample
 
 
-def _make_cached_sampler(cfg, decoder, schedule, mask_id, return_trajectory, progress_fn, eos_id, pad_id):
-    """The 'ar' and 'bd3lm' samplers: a network decoded with its KV cache."""
+def _make_cached_sampler(
+    cfg, decoder, schedule, mask_id, return_trajectory, progress_fn, eos_id, pad_id, draft_decoder=None
+):
+    """The 'ar', 'speculative' and 'bd3lm' samplers: a network decoded with its KV cache."""
     if decoder is None:
         raise ValueError(f"sampler {cfg.name!r} needs decoder=models.make_decoder(model, variables)")
     if mask_id is None:
@@ -210,6 +217,22 @@ def _make_cached_sampler(cfg, decoder, schedule, mask_id, return_trajectory, pro
             return autoregressive.ar_sample(
                 decoder, rng, x_init, greedy=bool(cfg.greedy), precision=cfg.precision, **filters, **common
             )
+
+        return sample
+    if cfg.name == "speculative":
+        if draft_decoder is None:
+            raise ValueError(
+                "sampler 'speculative' needs draft_decoder=models.make_decoder(draft_model, draft_variables) "
+                "(a small causal network over the target's vocabulary)"
+            )
+        if not cfg.kv_cache:
+            raise ValueError("sampler 'speculative' decodes with the KV cache: set config.sampler.kv_cache=True")
+        options = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
+        options.update(greedy=bool(cfg.greedy), precision=cfg.precision, k=int(cfg.draft_tokens))
+        options.update({key: common[key] for key in ("mask_id", "eos_id", "pad_id", "stop_at_eos")})
+
+        def sample(rng, x_init, clamp=None):
+            return speculative.speculative_sample(decoder, draft_decoder, rng, x_init, **options)
 
         return sample
     if cfg.block_sampler not in BLOCK_SAMPLERS:
@@ -264,4 +287,5 @@ __all__ = [
     "rules",
     "score",
     "score_sample",
+    "speculative",
 ]

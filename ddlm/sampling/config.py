@@ -62,6 +62,7 @@ def default_config() -> ml_collections.ConfigDict:
         "first_hitting"  # bd3lm, inside each block: first_hitting|ancestral|cached|remdm|parallel
     )
     c.window = 0  # bd3lm: clean tokens kept in the cache; 0 = all (train.seq_len - block past the context)
+    c.draft_tokens = 4  # speculative: tokens the draft proposes per round (the target verifies k + 1 in one call)
     return c
 
 
@@ -156,6 +157,8 @@ def validate(sampler_config, *, diffusion=None, seq_len: int | None = None) -> m
         fail("block_sampler", f"one of {BLOCK_SAMPLERS}")
     if not is_int(c.window) or c.window < 0:
         fail("window", "an integer >= 0 (0 = keep every block)")
+    if not is_int(c.draft_tokens) or c.draft_tokens < 1:
+        fail("draft_tokens", "an integer >= 1 (tokens the draft proposes per round)")
     for key in ("kv_cache", "greedy", "stop_at_eos"):
         if not isinstance(c[key], bool):
             fail(key, "True or False")
@@ -173,10 +176,11 @@ def validate(sampler_config, *, diffusion=None, seq_len: int | None = None) -> m
         fail("end", f"in [0, {seq_len}] (the generated length; 0 = off)")
     if diffusion is not None:
         # A network trained with the 'ar' / 'bd3lm' loss is decoded by the sampler of that name (KV cache).
-        if diffusion.loss in ("ar", "bd3lm") and c.name != diffusion.loss:
+        allowed = {"ar": ("ar", "speculative"), "bd3lm": ("bd3lm",)}.get(diffusion.loss)
+        if allowed and c.name not in allowed:
             raise ValueError(
                 f"config.diffusion.loss={diffusion.loss!r} is sampled with config.sampler.name="
-                f"{diffusion.loss!r}, got {c.name!r}"
+                f"{' or '.join(map(repr, allowed))}, got {c.name!r}"
             )
         if diffusion.process == "uniform" and not c.name.startswith("sedd_"):
             raise ValueError(
