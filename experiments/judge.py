@@ -6,8 +6,8 @@ generation): both score with the checkpoint in runs/judge, so their figures are 
 Same corpus (Shakespeare), tokenizer (characters), sequence length (128) and data as the quickstart models
 (experiments/quickstart.py, quickstart_ar.py, speed_quality.py), so it scores their text without re-tokenising;
 4 layers x 192 wide (4 heads of 48), MLP 768, 1.8M parameters (the 2 x 128 models have 0.4M),
-4,000 steps of 32 x 128 characters (1.6x their tokens), AdamW 1.5e-3 with 100 warmup steps and cosine decay,
-EMA 0.99. Its exact validation NLL must be below every model it judges (`--mode=eval`; benchmarks/RESULTS.md,
+2,000 steps of 32 x 128 characters (1.7x the tokens of the speed_quality models' 1,200 steps), AdamW 1.5e-3 with
+40 warmup steps and cosine decay, EMA 0.9875. Its exact validation NLL must be below every model it judges (`--mode=eval`; benchmarks/RESULTS.md,
 "Faster than autoregression?", has it, and how long the run took at what load).
 
     python -m ddlm.main --config=experiments/judge.py --workdir=runs/judge
@@ -27,7 +27,7 @@ def get_config(arg=None):
         diffusion=cl.diffusion_config("ar", schedule="loglinear"),
         sampler=cl.sampler_config(name="ar"),
     )
-    config.train.steps = 4000
-    config.train.eval_every = config.train.ckpt_every = 1000
-    config.optim.lr, config.optim.warmup_steps = 1.5e-3, 100
+    config.optim.lr = 1.5e-3
+    if not a["steps"]:
+        cl.scale_to_steps(config, 2000)  # warmup 40, EMA 0.98, eval and checkpoint every 500
     return cl.finish(config, a)

@@ -433,3 +433,29 @@ def test_sample_mode_errors_name_the_field(tmp_path):
         ValueError, match="config.sampler.prompt is 17 tokens, longer than the sample length 16"
     ):
         run(_cli_config("ar", "ar", name="ar", prompt="x" * 16))
+
+
+def test_ar_steps_attend_only_the_filled_segment_of_the_cache():
+    """AR decodes in segments: the loop of a segment runs on the cache cut to the segment's end, so a step at
+    position p reads at most p + segment slots; the tokens stay those of decoding without a cache."""
+    dec = _decoder("ar")
+    seen = []
+
+    class Recording(models.Decoder):
+        def step(self, cache, tokens, *args):
+            if tokens.shape[1] == 1:  # the single-token steps (not the prefill chunks)
+                seen.append(cache.keys[0].shape[1])
+            return super().step(cache, tokens, *args)
+
+    rec = Recording(dec.model, dec.variables)
+    length = 24
+    x = _prompted(3, length, [7, 2, 12]).at[1, 20].set(5)
+    kw = {"temperature": 0.9, "prefill_chunk": 4}
+    cached = _ar(rec, True, segment=4, **kw)(jax.random.key(1), x)
+    assert seen == [4, 8, 12, 16, 20, 24], seen
+    uncached = _ar(dec, False, **kw)(jax.random.key(1), x)
+    np.testing.assert_array_equal(cached.tokens, uncached.tokens)
+    assert int(cached.nfe) == 1 + length - 2  # one prefill chunk (position 0), a step per position from 2
+    assert autoregressive.segment_ends(1024, 128) == [128 * i for i in range(1, 9)]
+    assert autoregressive.segment_ends(4096, 128) == [512 * i for i in range(1, 9)]  # at most 8 segments
+    assert autoregressive.segment_ends(100, 0) == autoregressive.segment_ends(100, 128) == [100]

@@ -10,7 +10,11 @@ network's logits at position p - 1 (next-token prediction, the 'ar' loss), known
 One compiled program per (B, L): the prompt is prefilled in chunks of `prefill_chunk` tokens by a lax loop
 whose trip count is the prompt length (a runtime value, so any prompt length reuses the program); then a
 lax.while_loop makes one single-token network step per position, writing that position's keys/values into the
-cache in place (dynamic_update_slice on the loop carry), with no host round-trip. kv_cache=False recomputes
+cache in place (dynamic_update_slice on the loop carry), with no host round-trip. A step attends only the filled
+part of the cache, to a segment: the positions are decoded in segments of `segment` slots (at most 8), and the
+loop of a segment runs on the cache cut to the segment's end (a static shape per segment; the cut and its write
+back cost two copies of the cache per segment), so position p reads at most p + segment slots instead of the
+whole capacity (at L = 1024 a step reads 575 slots on average instead of 1024). kv_cache=False recomputes
 the full causal forward at every position instead (same tokens for the same key: the comparison the tests make
 and the benchmark's "no cache" row).
 """
@@ -62,6 +66,15 @@ def finish_tokens(x, x_init, mask_id: int, eos_id: int | None, pad_id: int | Non
     return jnp.where(after | (x == mask_id), pad, x)
 
 
+def segment_ends(capacity: int, segment: int, max_segments: int = 8) -> list[int]:
+    """The cache capacities of the decoding segments (ar_sample's module doc): multiples of the segment length
+    (`segment`, raised to ceil(capacity / max_segments)), ending with `capacity`; [capacity] for segment 0."""
+    if segment <= 0 or segment >= capacity:
+        return [capacity]
+    step = max(segment, -(-capacity // max_segments))
+    return list(range(step, capacity, step)) + [capacity]
+
+
 def check_decoding_inputs(decoder, attention: str, model_name: str, x_init, mask_id, stop_at_eos, eos_id):
     """One clear error for a network whose keys/values this sampler cannot cache (attention other than
     `attention`), a malformed x_init, or stop_at_eos without an eos id."""
@@ -91,6 +104,7 @@ def ar_sample(
     pad_id: int | None = None,
     stop_at_eos: bool = False,
     prefill_chunk: int = 64,
+    segment: int = 128,
     progress_fn: Callable[[jax.Array], None] | None = None,
 ) -> SampleOutput:
     """Autoregressive sampling (greedy, or temperature/top-k/top-p with float64 Gumbel noise) with a KV cache.
@@ -99,7 +113,9 @@ def ar_sample(
     tokens. stop_at_eos: the loop ends once every row has generated eos_id (variable length); the output is
     padded after each row's first generated eos (see `finish_tokens`). nfe counts network calls: prefill
     chunks plus one single-token step per generated position (without the cache: one full forward per
-    position). progress_fn(position) is called after every position, if given.
+    position). segment: cache slots a segment adds (module doc; 0 = one segment, the whole cache; raised to
+    capacity / 8 so that a long sequence compiles at most 8 loops). progress_fn(position) is called after
+    every position, if given.
     Returns SampleOutput(tokens int32 [B, L], nfe, None).
     """
     check_decoding_inputs(decoder, "causal", "ar", x_init, mask_id, stop_at_eos, eos_id)
@@ -113,6 +129,8 @@ def ar_sample(
             )
     if prefill_chunk < 1:
         raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+    if segment < 0:
+        raise ValueError(f"segment must be >= 0 (0 = the whole cache), got {segment}")
     x_init = x_init.astype(jnp.int32)
     batch, length = x_init.shape
     known = x_init != mask_id
@@ -136,12 +154,12 @@ def ar_sample(
     slots = jnp.arange(capacity)
 
     def logits_at(x, cache, p):
-        """Logits [B, V] at position p - 1 (predicting p), and the cache with position p - 1 written."""
+        """Logits [B, V] at position p - 1 (predicting p), and the cache (of any capacity > p - 1) with
+        position p - 1 written."""
         if kv_cache:
             token = jax.lax.dynamic_slice_in_dim(x, p - 1, 1, axis=1)  # [B, 1]
-            logits, cache = decoder.step(
-                cache, token, (p - 1)[None], slots < p - 1, jnp.ones((1, 1), bool), None, p - 1
-            )
+            filled = jnp.arange(cache.keys[0].shape[1]) < p - 1
+            logits, cache = decoder.step(cache, token, (p - 1)[None], filled, jnp.ones((1, 1), bool), None, p - 1)
             return logits[:, 0], cache
         logits = decoder.forward(x)
         return jax.lax.dynamic_index_in_dim(logits, p - 1, axis=1, keepdims=False), cache
@@ -165,10 +183,14 @@ def ar_sample(
 
         cache = jax.lax.fori_loop(0, num_chunks, prefill_body, cache)
 
-    # ---- one position per step ----------------------------------------------------------------------------
-    def cond(carry):
-        p, _, _, _, done = carry
-        return (p < length) & ~jnp.all(done)
+    # ---- one position per step, segment by segment -----------------------------------------------------------
+    # Position p writes slot p - 1, so the segment ending at slot `end` decodes positions p <= end.
+    def cond_until(end):
+        def cond(carry):
+            p, _, _, _, done = carry
+            return (p < length) & (p <= end) & ~jnp.all(done)
+
+        return cond
 
     def body(carry):
         p, x, cache, nfe, done = carry
@@ -185,5 +207,14 @@ def ar_sample(
 
     done0 = jnp.zeros((batch,), bool)
     carry = (start, x_init, cache, num_chunks.astype(jnp.int32), done0)
-    _, x, _, nfe, _ = jax.lax.while_loop(cond, body, carry)
+    for end in segment_ends(capacity, segment) if kv_cache else [capacity]:
+        if end == capacity:
+            carry = jax.lax.while_loop(cond_until(end), body, carry)
+            continue
+        p, x, full, nfe, done = carry
+        part = jax.tree.map(lambda c: c[:, :end], full)  # the filled part and the segment to come
+        p, x, part, nfe, done = jax.lax.while_loop(cond_until(end), body, (p, x, part, nfe, done))
+        full = jax.tree.map(lambda c, s: jax.lax.dynamic_update_slice_in_dim(c, s, 0, axis=1), full, part)
+        carry = (p, x, full, nfe, done)
+    _, x, _, nfe, _ = carry
     return SampleOutput(finish_tokens(x, x_init, mask_id, eos_id if stop_at_eos else None, pad_id), nfe, None)
