@@ -90,7 +90,7 @@ def check_config(config, mode: str) -> None:
     the run reads (train and eval), and the sections of the mode (config.eval, config.sampler)."""
     from ddlm.train import trainer, validation
 
-    validation.validate_config(config, None)
+    validation.validate_config(config, devices_known=False)
     if mode in ("train", "eval"):
         trainer.check_data_paths(config.data)
     if mode == "eval":

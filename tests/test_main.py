@@ -461,3 +461,21 @@ def test_config_file_and_argument_mistakes_are_one_line(child_env, tmp_path):
     line = _one_error_line(run_main(child_env, workdir, "--config.diffusion.loss=foo", timeout=120))
     assert "ConfigError: config.diffusion.loss must be one of" in line and "got 'foo'" in line
     assert not workdir.exists()
+
+
+@pytest.mark.parametrize("mode", ["train", "eval", "sample"])
+def test_check_config_leaves_jax_backend_unstarted(mode):
+    """main's config check runs before jax.distributed.initialize, which refuses to run once jax has started a
+    backend: the check must not start one (a default-backend lookup for model.dtype='auto' once did, and
+    every multi-process job died on start-up)."""
+    code = (
+        "import importlib.util; from ddlm import main; from jax._src import xla_bridge\n"
+        f"spec = importlib.util.spec_from_file_location('quickstart', {QUICKSTART!r})\n"
+        "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+        "config = module.get_config()\n"
+        f"main.check_config(config, {mode!r})\n"
+        "print('backends', len(xla_bridge._backends))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "backends 0" in out.stdout

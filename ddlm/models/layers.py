@@ -606,6 +606,7 @@ def attention_over_parts(q, parts):
     """
     batch, length, heads, head_dim = q.shape
     kv_heads = parts[0][0].shape[2]
+    parts = [part for part in parts if part[0].shape[1]] or parts[:1]  # an empty part (no cache yet) adds nothing
     if heads % kv_heads:
         raise ValueError(f"key/value heads ({kv_heads}) must divide query heads ({heads})")
     acc = jnp.float64 if q.dtype == jnp.float64 else jnp.float32

@@ -69,7 +69,7 @@ def _one_of(section, prefix: str, name: str, choices) -> None:
     _require(section[name] in tuple(choices), f"{prefix}.{name}", f"one of {tuple(choices)}", section[name])
 
 
-def validate_model_config(m, *, seq_len: int) -> None:
+def validate_model_config(m, *, seq_len: int, backend_known: bool = True) -> None:
     """config.model (ddlm.models.config.default_config's fields; both network families): shapes, rates,
     names. `seq_len`: the training length, which a block-causal network's block_size must divide."""
     from ddlm import models
@@ -94,7 +94,8 @@ def validate_model_config(m, *, seq_len: int) -> None:
     )
     _one_of(m, "model", "attention_impl", layers.ATTENTION_IMPLS)
     try:  # a kernel this backend cannot run (cudnn off a GPU or without bfloat16, pallas off an NVIDIA GPU)
-        transformer.check_attention_impl(m.attention_impl, factory.compute_dtype(m.dtype))
+        if backend_known:  # asking jax for its backend starts it (before jax.distributed.initialize: fatal)
+            transformer.check_attention_impl(m.attention_impl, factory.compute_dtype(m.dtype))
     except ValueError as e:
         raise ConfigError(f"config.model.{e}") from None
     _int_at_least(m, "model", ("num_kv_heads", "head_dim"), 0, " (0 = implied by num_heads)")
@@ -278,20 +279,24 @@ def validate_train_config(t) -> None:
     _strings(t, "train", ("init_from",))
 
 
-def validate_config(config, num_devices: int | None = None) -> None:
+def validate_config(config, num_devices: int | None = None, *, devices_known: bool = True) -> None:
     """Config errors that can be caught before any work; each raises ConfigError naming the field.
-    `num_devices` (default: all of jax's) is the mesh's size."""
+    `num_devices` (default: all of jax's) is the mesh's size. devices_known=False: before jax may start
+    its devices (ddlm.main, ahead of jax.distributed.initialize, which must come first): the mesh's
+    fields are checked, their product against the device count later (the trainer)."""
     import jax
-
-    from ddlm.data import sft
-    from ddlm.train import adapt
 
     t = config.train
     validate_train_config(t)
     validate_optim_config(config.optim)
-    validate_model_config(config.model, seq_len=t.seq_len)
+    validate_model_config(config.model, seq_len=t.seq_len, backend_known=devices_known)
     validate_diffusion_config(config.diffusion, config.model)
     validate_data_config(config.data)
+    if not devices_known:  # the fields only: asking jax for its devices would start its backend
+        sizes = [int(config.mesh[name]) for name in sharding.MESH_AXES]
+        sharding.mesh_shape(config.mesh, math.prod(abs(size) for size in sizes))
+        _validate_rest(config)
+        return
     data, fsdp, _ = sharding.mesh_shape(config.mesh, num_devices or jax.device_count())
     accum = config.optim.grad_accum_steps
     if t.batch_size % (data * fsdp * accum):
@@ -304,6 +309,15 @@ def validate_config(config, num_devices: int | None = None) -> None:
             f"config.train.eval_batch_size={t.eval_batch_size} must be divisible by mesh "
             f"data*fsdp={data * fsdp}"
         )
+    _validate_rest(config)
+
+
+def _validate_rest(config) -> None:
+    """validate_config's sections that do not depend on the device count."""
+    from ddlm.data import sft
+    from ddlm.train import adapt
+
+    t = config.train
     adapt.validate(config)
     if (config.diffusion.loss == "sft") != sft.is_sft(config.data):
         raise ConfigError(
