@@ -349,10 +349,17 @@ def block_diffusion_loss(
     return mdlm_loss(logits, x0, xt, t, schedule, mask_id)
 
 
-def autoregressive_loss(logits, tokens):
-    """Next-token cross-entropy: logits[:, i] predicts tokens[:, i + 1]. Returns float32 [B, L - 1]."""
+def autoregressive_loss(logits, tokens, mask_id: int | None = None):
+    """Next-token cross-entropy: logits[:, i] predicts tokens[:, i + 1]. Returns float32 [B, L - 1].
+
+    mask_id: a column the softmax leaves out, as ddlm's AR sampler does (`ddlm.sampling.autoregressive`: the
+    mask id is never drawn), so that exp(-loss) is the sampler's probability. Every network of ddlm has the
+    mask id among its outputs; a network imported without one (LLaMA, Qwen2: an appended row with a zero
+    output column) would otherwise put exp(0) into every normaliser."""
     _check_logits("logits", logits, tokens)
     logits = _at_least_f32(logits[:, :-1])
+    if mask_id is not None:
+        logits = logits.at[..., mask_id].set(NEG_INF)
     return jax.nn.logsumexp(logits, axis=-1) - _gather(logits, tokens[:, 1:])
 
 
@@ -591,7 +598,7 @@ def training_loss(
     t_rng, x_rng = jax.random.split(rng)
 
     if name == "ar":
-        per_token = autoregressive_loss(_network_output(apply_fn, vocab_size, x0, None, None), x0)
+        per_token = autoregressive_loss(_network_output(apply_fn, vocab_size, x0, None, None), x0, mask_id)
         return masked_mean(per_token, loss_mask[:, 1:]), {}
 
     if name in ("mdlm", "d3pm", "sedd_absorb", "radd", "bd3lm", "sft") and mask_id is None:

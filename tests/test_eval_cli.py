@@ -160,7 +160,7 @@ def test_eval_mode_prints_bits_per_char_with_standard_errors_beside_the_ar_basel
 @pytest.mark.timeout(300)
 def test_eval_of_an_ar_checkpoint_is_its_exact_nll(tiny_runs, capsys):
     """In-process run_eval on the AR workdir; the NLL recomputed directly from the model's logits on the same
-    batches (numpy log-softmax, positions 1..L-1) must match, and so must the characters counted. With
+    batches (numpy log-softmax without the mask id, positions 1..L-1) must match, and so must the characters counted. With
     config.eval.num_samples the AR model samples with its KV cache and scores its own samples: their
     generative NLL must equal the same direct computation on the sample rows (decode, re-encode, bos frame)."""
     from ddlm.data import pipeline
@@ -187,6 +187,7 @@ def test_eval_of_an_ar_checkpoint_is_its_exact_nll(tiny_runs, capsys):
 
     def token_logp(x):
         logits = np.asarray(apply(loaded.params, x), np.float64)
+        logits[..., tok.mask_id] = -np.inf  # over the ids ar_sample can draw
         logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
         return np.take_along_axis(logp[:, :-1], x[:, 1:, None], axis=-1)[..., 0]  # [B, L - 1]
 

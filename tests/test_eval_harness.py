@@ -148,7 +148,9 @@ def test_ar_workdir_under_lm_eval_equals_its_direct_scores(workdirs):
     def log_probs(ids):  # ids [n] -> log p(ids[i] | ids[:i]) [n - 1], from one padded forward pass
         x = np.full((1, SEQ_LEN), tok.pad_id, np.int32)
         x[0, : len(ids)] = ids
-        lp = np.asarray(jax.nn.log_softmax(logits(x)[0, : len(ids) - 1], axis=-1), np.float64)
+        z = np.asarray(logits(x)[0, : len(ids) - 1], np.float64)
+        z[:, tok.mask_id] = -np.inf  # the mask id is never predicted (ar_sample never draws it)
+        lp = z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(-1, keepdims=True)
         return lp[np.arange(len(ids) - 1), ids[1:]]
 
     # multiple choice: log p(choice | bos question), summed over the choice's bytes

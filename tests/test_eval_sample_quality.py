@@ -42,15 +42,16 @@ def test_distinct_ngrams_hand_made():
 
 
 def bigram_scorer(tok, context_len, **kw):
-    """logits[i] = table[token i]: the NLL of a row is sum_i -log softmax(table[x_i])[x_{i+1}], whatever the
-    windows, since each window repeats the token before its first target."""
+    """logits[i] = table[token i]: the NLL of a row is sum_i -log softmax(table[x_i])[x_{i+1}] over the ids
+    other than the mask, whatever the windows, since each window repeats the token before its first target."""
     table = (
         np.asarray(jax.random.normal(jax.random.key(3), (tok.vocab_size, tok.vocab_size)), np.float64) * 2.0
     )
     scorer = sq.ARScorer(
         lambda p, x: p[x], jnp.asarray(table, jnp.float32), tok, context_len, batch_size=3, **kw
     )
-    log_probs = table - np.log(np.exp(table).sum(-1, keepdims=True))
+    kept = np.where(np.arange(tok.vocab_size) == tok.mask_id, -np.inf, table)  # the mask id is never predicted
+    log_probs = kept - np.log(np.exp(kept).sum(-1, keepdims=True))
     direct = lambda ids: float(sum(-log_probs[a, b] for a, b in zip(ids[:-1], ids[1:])))
     return scorer, direct
 
@@ -92,8 +93,8 @@ def test_cross_tokenizer_scoring_equals_scoring_the_reencoded_text():
 
 
 def test_transformer_scorer_equals_log_softmax_of_its_logits():
-    """A real (random) causal ddlm transformer: the scorer's NLL equals -log softmax(logits[i])[x_{i+1}]
-    summed directly from one forward pass of the whole framed row."""
+    """A real (random) causal ddlm transformer: the scorer's NLL equals -log softmax(logits[i])[x_{i+1}] (over
+    the ids other than the mask) summed directly from one forward pass of the whole framed row."""
     cfg = models.default_config("tiny")
     cfg.name, cfg.time_conditioning = "ar", False
     cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.mlp_dim = 1, 32, 2, 64
@@ -111,6 +112,7 @@ def test_transformer_scorer_equals_log_softmax_of_its_logits():
     nll, counts = sq.score_texts(scorer, [text])
     ids = np.array([CHAR.bos_id] + CHAR.encode(text))
     logits = np.asarray(jax.jit(logits_fn)(params, jnp.asarray(ids[None])), np.float64)[0]
+    logits[:, CHAR.mask_id] = -np.inf  # the softmax over the ids ar_sample can draw
     log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     direct = -sum(log_probs[i, ids[i + 1]] for i in range(len(ids) - 1))
     assert counts[0] == len(ids) - 1

@@ -671,7 +671,7 @@ def _per_token(name, logits, x0, xt, t, key, loss_mask):
         lam = losses.sample_times(jax.random.split(key)[0], x0.shape[0])
         return losses.masked_mean(losses.radd_loss(logits, x0, xt, lam, m), loss_mask)
     assert name == "ar"
-    return losses.masked_mean(losses.autoregressive_loss(logits, x0), loss_mask[:, 1:])
+    return losses.masked_mean(losses.autoregressive_loss(logits, x0, m), loss_mask[:, 1:])
 
 
 @pytest.mark.parametrize("name", [*AUX_KW, "ar", "sedd_uniform"])
@@ -1171,3 +1171,19 @@ def test_masked_nll_equals_the_subs_log_probs_form_with_its_gradient():
     g_ref = jax.grad(lambda l: jnp.sum(w * reference(l)))(logits)
     np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6)
     assert np.all(np.asarray(g)[..., mask_id] == 0.0)  # the mask id is never predicted
+
+
+def test_autoregressive_loss_leaves_the_mask_column_out_of_the_softmax():
+    """With mask_id, the next-token NLL is the cross-entropy over the other ids (numpy), i.e. exp(-loss) is the
+    probability ar_sample draws with (it never draws the mask id); without it, the mask column is counted."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(3, 6, V + 1)).astype(np.float32)
+    logits[..., MASK] = 2.0  # a mask column that would take a visible share of every normaliser
+    tokens = rng.integers(0, V, (3, 6)).astype(np.int32)
+    got = np.asarray(losses.autoregressive_loss(jnp.asarray(logits), jnp.asarray(tokens), MASK))
+    kept = np.delete(logits[:, :-1].astype(np.float64), MASK, axis=-1)  # MASK is the last id
+    log_z = np.log(np.exp(kept).sum(-1))
+    want = log_z - np.take_along_axis(kept, tokens[:, 1:, None], -1)[..., 0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    with_mask = np.asarray(losses.autoregressive_loss(jnp.asarray(logits), jnp.asarray(tokens)))
+    assert np.all(with_mask > got + 1e-3)  # the column counts without mask_id: the test can tell

@@ -55,7 +55,7 @@ import numpy as np
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from ddlm import loading, schedules
+from ddlm import loading, losses, schedules
 from ddlm.data import sft
 from ddlm.eval import conditional, likelihood
 
@@ -235,7 +235,8 @@ class DDLMLM(LM):
 
     def _ar_token_scores(self, tokens):
         """tokens int [B, L] -> (log p(tokens[:, i] | tokens[:, <i]) [B, L - 1], argmax hit bool [B, L - 1])."""
-        logp = jax.nn.log_softmax(self._logits(tokens)[:, :-1], axis=-1)
+        logits = self._logits(tokens)[:, :-1].at[..., self.tok.mask_id].set(losses.NEG_INF)  # never predicted
+        logp = jax.nn.log_softmax(logits, axis=-1)
         target = tokens[:, 1:]
         lp = jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
         return lp, jnp.argmax(logp, axis=-1) == target

@@ -96,7 +96,8 @@ class ARScorer:
             raise ValueError(f"the scorer's batch_size must be >= 1, got {self.batch_size}")
 
         def window_nll(params, tokens, target_mask):
-            per_token = losses.autoregressive_loss(self.logits_fn(params, tokens), tokens)  # [B, C - 1]
+            logits = self.logits_fn(params, tokens)  # the mask id is never predicted (as ar_sample)
+            per_token = losses.autoregressive_loss(logits, tokens, self.tokenizer.mask_id)  # [B, C - 1]
             return jnp.sum(per_token * target_mask[:, 1:], axis=1)
 
         self._window_nll = jax.jit(window_nll)
