@@ -19,3 +19,25 @@ import jax  # noqa: E402  (must come after XLA_FLAGS)
 assert jax.device_count() == 8, (
     f"tests expect 8 fake CPU devices, got {jax.device_count()}: was jax imported before conftest?"
 )
+
+import pytest  # noqa: E402
+
+import deadlines  # noqa: E402  (tests/ is on the path: pytest's rootdir-relative conftest import)
+
+
+def pytest_report_header(config):
+    return f"ddlm test deadlines x{deadlines.SCALE:.2f} (DDLM_TEST_TIME_SCALE, else the load per core; tests/deadlines.py)"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test's pytest-timeout (its marker, else the ini's) times deadlines.SCALE."""
+    if deadlines.SCALE == 1.0:
+        return
+    default = float(config.getini("timeout") or 0)
+    for item in items:
+        marker = item.get_closest_marker("timeout")
+        base = float(marker.args[0]) if marker is not None and marker.args else default
+        if marker is not None and "timeout" in marker.kwargs:
+            base = float(marker.kwargs["timeout"])
+        if base > 0:
+            item.add_marker(pytest.mark.timeout(deadlines.scaled(base)), append=False)

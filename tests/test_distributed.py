@@ -31,6 +31,7 @@ import time
 
 import jax
 import numpy as np
+import deadlines
 import pytest
 from test_main import KILLABLE_MAIN, QUICKSTART, REPO, TINY_OVERRIDES
 
@@ -145,7 +146,7 @@ def job(tmp_path_factory):
         exits = {}
 
         def wait(i):
-            pair[i].wait(timeout=JOB_TIMEOUT_S)
+            pair[i].wait(timeout=deadlines.scaled(JOB_TIMEOUT_S))
             exits[i] = time.monotonic()
 
         waiters = [threading.Thread(target=wait, args=(i,), daemon=True) for i in range(2)]
@@ -159,7 +160,7 @@ def job(tmp_path_factory):
         trainer.train_and_evaluate(config, "file://" + ref)  # a URI workdir: the ddlm.paths route
 
         for t in waiters:
-            t.join(timeout=JOB_TIMEOUT_S)
+            t.join(timeout=deadlines.scaled(JOB_TIMEOUT_S))
         for p in pair:
             p.out.thread.join(timeout=10)
             p.err.thread.join(timeout=10)
@@ -183,12 +184,12 @@ def job(tmp_path_factory):
         )
         started.append(launcher)
         out = Output(launcher.stdout)
-        deadline = time.monotonic() + JOB_TIMEOUT_S
+        deadline = time.monotonic() + deadlines.scaled(JOB_TIMEOUT_S)
         while not re.search(rf"\[0\].*step 4/{STEPS} \| loss", out.text()):
             assert launcher.poll() is None and time.monotonic() < deadline, out.text()[-3000:]
             time.sleep(0.05)
         launcher.send_signal(signal.SIGTERM)
-        launcher.wait(timeout=240)
+        launcher.wait(timeout=deadlines.scaled(240))
         out.thread.join(timeout=10)
         yield {
             "work": work,
@@ -209,7 +210,7 @@ def test_a_dead_process_ends_the_other_with_one_line_within_the_heartbeat_bound(
     killed = job["killed"]
     assert killed["codes"][1] == -signal.SIGKILL, killed
     assert killed["codes"][0] not in (0, None), killed
-    assert killed["seconds_after_death"] < HEARTBEAT_S + 5, killed["seconds_after_death"]
+    assert killed["seconds_after_death"] < HEARTBEAT_S + deadlines.scaled(5), killed["seconds_after_death"]
     errors = [
         line for line in killed["stderr"].splitlines() if "error" in line.lower() or "fatal" in line.lower()
     ]
@@ -626,7 +627,7 @@ def test_launchers_dry_run_print_commands_whose_flags_ddlm_main_accepts(tmp_path
         )
         for args in commands
     ]
-    results = [(p.wait(timeout=60), p.communicate()[1]) for p in procs]
+    results = [(p.wait(timeout=deadlines.scaled(60)), p.communicate()[1]) for p in procs]
     for args, (code, err) in zip(commands[:-1], results[:-1], strict=True):
         assert code == 0, (args, err[-2000:])
     code, err = results[-1]

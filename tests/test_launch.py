@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 
+import deadlines
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,7 +160,7 @@ def test_a_killed_launcher_takes_its_processes_along_and_a_second_job_was_refuse
     joined = re.compile(r"process (\d) of 2 joined jax\.distributed \(host \S+, pid (\d+),")
     pids = {}  # process index: pid, from each process's joined line
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + deadlines.scaled(240)
         while len(pids) < 2 or workdir_lock.holder(work) is None:
             assert launcher.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
             pids = {int(i): int(pid) for i, pid in joined.findall("".join(lines))}
@@ -174,7 +175,7 @@ def test_a_killed_launcher_takes_its_processes_along_and_a_second_job_was_refuse
             env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1"),
             capture_output=True,
             text=True,
-            timeout=240,
+            timeout=deadlines.scaled(240),
             check=False,
         )
         assert second.returncode == 1, second.stderr[-3000:]

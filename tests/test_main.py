@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 
+import deadlines
 import numpy as np
 import pytest
 
@@ -77,7 +78,7 @@ def run_main(env, workdir, *args, config=QUICKSTART, timeout=240, extra_env=None
         env={**env, **(extra_env or {})},
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=deadlines.scaled(timeout),
         check=False,
     )
 
@@ -264,7 +265,7 @@ def test_kill_and_rerun_resumes_to_identical_parameters(child_env, tmp_path):
     assert "--kill_after_checkpoint=2: killing this process" in first.stderr
     assert records(killed, "train")[-1]["step"] == 2  # the metrics up to the checkpoint are on disk
     assert os.listdir(os.path.join(killed, "checkpoints")) == ["2"]
-    out, _ = uninterrupted.communicate(timeout=240)
+    out, _ = uninterrupted.communicate(timeout=deadlines.scaled(240))
     assert uninterrupted.returncode == 0, out[-3000:]
 
     rerun = run_main(child_env, killed, *args)

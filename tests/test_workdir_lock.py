@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 
+import deadlines
 import pytest
 from test_distributed import free_port
 from test_main import QUICKSTART, REPO, TINY_OVERRIDES
@@ -67,7 +68,7 @@ def test_a_second_job_is_refused_in_one_line_touching_nothing_and_the_lock_dies_
             )
             for i in range(2)
         ]
-        results = [(p.communicate(timeout=240), p.returncode) for p in job]
+        results = [(p.communicate(timeout=deadlines.scaled(240)), p.returncode) for p in job]
         line = (
             f"ddlm: error: WorkdirInUse: --workdir {work} is in use by another training job ({held_by}): "
             "wait for it to end or stop it, or train in another --workdir"
