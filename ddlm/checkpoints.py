@@ -49,6 +49,7 @@ abandons are INFO (see ddlm.train.console), shown with --log_level=info.
 from __future__ import annotations
 
 import datetime
+import errno
 import hashlib
 import json
 import logging as py_logging
@@ -877,11 +878,20 @@ def _reason(e: Exception) -> str:
     return _shorten(f"{type(e).__name__}: {text}")
 
 
+# The operating system's reasons a write or read fails, as tensorstore and Python word them (os.strerror).
+_OS_REASONS = tuple(
+    os.strerror(n) for n in (errno.EFBIG, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)
+)
+
+
 def _shorten(text: str, limit: int = 400) -> str:
-    """The first line of `text`, its middle cut out if longer than `limit` characters (tensorstore's
-    errors name the file twice, and end with the reason: 'File too large', 'No space left on device')."""
+    """The first line of `text`, its middle cut out if longer than `limit` characters (tensorstore's errors
+    name the file twice and carry a long JSON spec); the operating system's reason ('File too large', 'No space
+    left on device', ...), wherever it stood, leads the shortened line."""
     line = text.splitlines()[0] if text else ""
     if len(line) <= limit:
         return line
     half = (limit - 5) // 2
-    return f"{line[:half]} ... {line[-half:]}"
+    short = f"{line[:half]} ... {line[-half:]}"
+    reason = next((r for r in _OS_REASONS if r in line), None)
+    return f"{reason}: {short}" if reason and reason not in short else short

@@ -681,3 +681,14 @@ def test_eval_and_sample_on_an_empty_workdir_create_nothing(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("ddlm: error")]
     assert len(errors) == 1 and "no checkpoint in" in errors[0], proc.stderr[-3000:]
     assert os.listdir(empty) == []
+
+
+def test_a_shortened_error_keeps_the_operating_systems_reason():
+    """A long tensorstore error is cut in the middle; the OS reason ('File too large') leads the line when the cut
+    took it (a longer workdir path moved it there under pytest-xdist), and a short error stays as it is."""
+    long = "Error writing /" + "x" * 300 + ": File too large [tensorstore_spec=" + "{" * 400 + "]"
+    short = checkpoints._shorten(long)
+    assert short.startswith("File too large: Error writing /") and len(short) < 440, short
+    tail_reason = "Error writing /" + "y" * 500 + ": No space left on device"
+    assert checkpoints._shorten(tail_reason).count("No space left on device") == 1
+    assert checkpoints._shorten("ValueError: bad\nsecond line") == "ValueError: bad"
