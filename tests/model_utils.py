@@ -89,3 +89,27 @@ def decode_one_token_at_a_time(prefill, step, tokens, start, capacity):
         )
         out.append(logits)
     return jnp.concatenate(out, axis=1), cache
+
+
+def broken_copy(src, dst, edit_tensors=None, edit_config=None):
+    """A copy of the Hugging Face folder src at dst with model.safetensors' tensors (a dict) and config.json (a
+    dict) passed through the edit functions, for the importers' one-line error tests. Returns dst."""
+    import json
+    import os
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(src, dst)
+    if edit_tensors:
+        path = os.path.join(dst, "model.safetensors")
+        tensors = load_file(path)
+        edit_tensors(tensors)
+        save_file(tensors, path)
+    if edit_config:
+        with open(os.path.join(dst, "config.json")) as f:
+            config = json.load(f)
+        edit_config(config)
+        with open(os.path.join(dst, "config.json"), "w") as f:
+            json.dump(config, f)
+    return dst

@@ -12,11 +12,11 @@ import shutil
 
 import jax
 import jax.numpy as jnp
+import model_utils
 import numpy as np
 import pytest
 import torch
 import transformers
-from safetensors.numpy import load_file, save_file
 
 from ddlm import checkpoints, loading, models, sharding
 from ddlm import convert
@@ -162,22 +162,6 @@ def test_sharded_import_over_8_devices_places_each_tensor_and_keeps_the_logits(h
     np.testing.assert_allclose(np.asarray(logits)[:2, :, :HF_VOCAB], reference, atol=1e-5)
 
 
-def _broken_copy(src, dst, edit_tensors=None, edit_config=None):
-    shutil.copytree(src, dst)
-    if edit_tensors:
-        path = os.path.join(dst, "model.safetensors")
-        tensors = load_file(path)
-        edit_tensors(tensors)
-        save_file(tensors, path)
-    if edit_config:
-        with open(os.path.join(dst, "config.json")) as f:
-            hf = json.load(f)
-        edit_config(hf)
-        with open(os.path.join(dst, "config.json"), "w") as f:
-            json.dump(hf, f)
-    return dst
-
-
 @pytest.mark.parametrize(
     "tensors, config, message",
     [
@@ -196,7 +180,7 @@ def _broken_copy(src, dst, edit_tensors=None, edit_config=None):
     ids=["missing", "mismatched", "unexpected", "config_more_layers", "rope_scaling", "model_type"],
 )  # fmt: skip
 def test_a_missing_or_mismatched_tensor_is_one_error_naming_it(hf_models, tmp_path, tensors, config, message):
-    directory = _broken_copy(hf_models["llama"][0], str(tmp_path / "hf"), tensors, config)
+    directory = model_utils.broken_copy(hf_models["llama"][0], str(tmp_path / "hf"), tensors, config)
     with pytest.raises(hf_layout.ConversionError, match=message) as info:
         convert.convert(directory, str(tmp_path / "workdir"), tokenizer="byte")
     assert "\n" not in str(info.value)

@@ -14,16 +14,16 @@ tensor is one line naming it."""
 import json
 import math
 import os
-import shutil
 
 import flax
 import jax
 import jax.numpy as jnp
+import model_utils
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from ddlm import checkpoints, convert, loading, models, sharding
 from ddlm.models import hf
@@ -290,18 +290,7 @@ def test_converted_mdlm_workdir_loads_with_its_papers_sampler(folders, tmp_path)
 def test_a_missing_or_mis_shaped_tensor_is_one_line_naming_it(folders, tmp_path, family, tensors, config, message):
     src = folders[family][0]
     dst = str(tmp_path / "hf")
-    shutil.copytree(src, dst)
-    if tensors:
-        path = os.path.join(dst, "model.safetensors")
-        t = load_file(path)
-        tensors(t)
-        save_file(t, path)
-    if config:
-        with open(os.path.join(dst, "config.json")) as f:
-            c = json.load(f)
-        config(c)
-        with open(os.path.join(dst, "config.json"), "w") as f:
-            json.dump(c, f)
+    model_utils.broken_copy(src, dst, tensors, config)
     with pytest.raises(hf.ConversionError, match=message) as info:
         layout = hf.read_layout(dst)
         hf.check_tensors(layout, hf.index_safetensors(dst))

@@ -12,6 +12,7 @@ import shutil
 
 import jax
 import jax.numpy as jnp
+import model_utils
 import numpy as np
 import pytest
 import torch
@@ -120,22 +121,6 @@ def test_converted_gpt2_samples_pytorchs_greedy_continuation(gpt2, tmp_path):
     assert len(set(ids[6:])) > 1
 
 
-def _broken(src, dst, tensors=None, config=None):
-    shutil.copytree(src, dst)
-    if tensors:
-        path = os.path.join(dst, "model.safetensors")
-        t = load_file(path)
-        tensors(t)
-        save_file(t, path)
-    if config:
-        with open(os.path.join(dst, "config.json")) as f:
-            c = json.load(f)
-        config(c)
-        with open(os.path.join(dst, "config.json"), "w") as f:
-            json.dump(c, f)
-    return dst
-
-
 @pytest.mark.parametrize(
     "tensors, config, message",
     [
@@ -151,7 +136,7 @@ def _broken(src, dst, tensors=None, config=None):
     ids=["missing", "mis_shaped", "activation", "layer_scaling"],
 )  # fmt: skip
 def test_a_missing_or_mis_shaped_tensor_is_one_line_naming_it(gpt2, tmp_path, tensors, config, message):
-    directory = _broken(gpt2[0], str(tmp_path / "hf"), tensors, config)
+    directory = model_utils.broken_copy(gpt2[0], str(tmp_path / "hf"), tensors, config)
     with pytest.raises(hf.ConversionError, match=message) as info:
         convert.convert(directory, str(tmp_path / "workdir"), tokenizer="byte")
     assert "\n" not in str(info.value)

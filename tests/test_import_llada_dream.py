@@ -10,15 +10,15 @@ naming it."""
 
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
+import model_utils
 import numpy as np
 import pytest
 import torch
 import transformers
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from ddlm import convert, models, sharding
 from ddlm.models import hf
@@ -139,22 +139,6 @@ def test_converted_configs_carry_each_papers_sampler(folders, tmp_path):
         convert.convert(folders["llada"][0], str(tmp_path / "w"), tokenizer="char")
 
 
-def _broken(src, dst, tensors=None, config=None):
-    shutil.copytree(src, dst)
-    if tensors:
-        path = os.path.join(dst, "model.safetensors")
-        t = load_file(path)
-        tensors(t)
-        save_file(t, path)
-    if config:
-        with open(os.path.join(dst, "config.json")) as f:
-            c = json.load(f)
-        config(c)
-        with open(os.path.join(dst, "config.json"), "w") as f:
-            json.dump(c, f)
-    return dst
-
-
 @pytest.mark.parametrize(
     "family, tensors, config, message",
     [
@@ -176,7 +160,7 @@ def _broken(src, dst, tensors=None, config=None):
          "dream_no_mask"],
 )  # fmt: skip
 def test_a_missing_or_mis_shaped_tensor_is_one_line_naming_it(folders, tmp_path, family, tensors, config, message):
-    directory = _broken(folders[family][0], str(tmp_path / "hf"), tensors, config)
+    directory = model_utils.broken_copy(folders[family][0], str(tmp_path / "hf"), tensors, config)
     with pytest.raises(hf.ConversionError, match=message) as info:
         convert.convert(directory, str(tmp_path / "workdir"), tokenizer="byte")
     assert "\n" not in str(info.value)

@@ -75,6 +75,19 @@ def segment_ends(capacity: int, segment: int, max_segments: int = 8) -> list[int
     return list(range(step, capacity, step)) + [capacity]
 
 
+def check_prompted(x_init, mask_id: int, sampler: str) -> None:
+    """A row whose position 0 is mask_id is a ValueError (nothing precedes position 0, so a left-to-right
+    sampler never generates it); checked only where x_init's values are known (outside jit)."""
+    if isinstance(x_init, jax.core.Tracer):
+        return
+    unprompted = np.flatnonzero(np.asarray(x_init)[:, 0] == mask_id)
+    if unprompted.size:
+        raise ValueError(
+            f"{sampler}: x_init[:, 0] is mask_id in row(s) {unprompted[:8].tolist()}: position 0 is never "
+            "generated (nothing precedes it); start every row with a known token (bos when there is no prompt)"
+        )
+
+
 def check_decoding_inputs(decoder, attention: str, model_name: str, x_init, mask_id, stop_at_eos, eos_id):
     """One clear error for a network whose keys/values this sampler cannot cache (attention other than
     `attention`), a malformed x_init, or stop_at_eos without an eos id."""
@@ -119,14 +132,7 @@ def ar_sample(
     Returns SampleOutput(tokens int32 [B, L], nfe, None).
     """
     check_decoding_inputs(decoder, "causal", "ar", x_init, mask_id, stop_at_eos, eos_id)
-    if not isinstance(x_init, jax.core.Tracer):  # values are known only outside jit
-        unprompted = np.flatnonzero(np.asarray(x_init)[:, 0] == mask_id)
-        if unprompted.size:
-            raise ValueError(
-                f"ar_sample: x_init[:, 0] is mask_id in row(s) {unprompted[:8].tolist()}: position 0 is never "
-                "generated (nothing precedes it); start every row with a known token (bos when there is no "
-                "prompt)"
-            )
+    check_prompted(x_init, mask_id, "ar_sample")
     if prefill_chunk < 1:
         raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     if segment < 0:

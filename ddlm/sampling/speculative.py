@@ -38,11 +38,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ddlm import losses
 from ddlm.models.decoding import Decoder, causal_mask
-from ddlm.sampling import categorical
+from ddlm.sampling import autoregressive, categorical
 from ddlm.sampling.autoregressive import check_decoding_inputs, finish_tokens
 
 
@@ -117,13 +116,7 @@ def speculative_sample(
         raise ValueError(f"k (config.sampler.draft_tokens) must be an integer >= 1, got {k!r}")
     if prefill_chunk < 1:
         raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
-    if not isinstance(x_init, jax.core.Tracer):  # values are known only outside jit
-        unprompted = np.flatnonzero(np.asarray(x_init)[:, 0] == mask_id)
-        if unprompted.size:
-            raise ValueError(
-                f"speculative_sample: x_init[:, 0] is mask_id in row(s) {unprompted[:8].tolist()}: start every "
-                "row with a known token (bos when there is no prompt)"
-            )
+    autoregressive.check_prompted(x_init, mask_id, "speculative_sample")
     probs = lambda logits: token_probs(
         logits, mask_id=mask_id, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p
     )
