@@ -188,6 +188,17 @@ def checkpoint_metadata(config, tokenizer) -> dict:
     }
 
 
+def params_only_metadata(config, tokenizer) -> dict:
+    """The JSON of a checkpoint that holds parameters only, not trained here (a conversion, a test's random
+    network): no corpus, no data iterator; loaders read its 'params' (there is no EMA)."""
+    return {
+        "config": json.loads(config.to_json_best_effort()),
+        "compatibility": compatibility(config, tokenizer),
+        "data": {"corpus": "", "tokenizer_fingerprint": tokenizer.fingerprint},
+        "params_only": True,
+    }
+
+
 def _differences(stored: dict, current: dict, fields, prefix: str = "") -> list[str]:
     """'field: old -> new' for each of `fields` present in both dicts with different values."""
     return [

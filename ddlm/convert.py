@@ -28,7 +28,6 @@ string literals (repr): no user string is ever written as code.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -165,11 +164,7 @@ def convert(
     t1 = time.time()
     step = jax.device_put(np.zeros((), np.int32), sharding.replicated(mesh))
     meta = {
-        "format": checkpoints.FORMAT_VERSION,
-        "config": json.loads(config.to_json_best_effort()),
-        "compatibility": checkpoints.compatibility(config, tok),
-        "data": {"corpus": "", "tokenizer_fingerprint": tok.fingerprint},
-        "params_only": True,
+        **checkpoints.params_only_metadata(config, tok),
         "converted_from": os.path.abspath(hf_dir),
         "family": layout.family,
     }

@@ -45,14 +45,20 @@ class ConfigError(ValueError):
     """A configuration that cannot run; its message is one line that names the offending field."""
 
 
-def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
-    """Resolves `config.mesh` ({data, fsdp, tensor}; data may be -1 = 'the rest') to three sizes."""
+def mesh_sizes(mesh_config) -> dict[str, int]:
+    """`config.mesh`'s sizes by axis, each checked (data may be -1 = 'the rest'), without the device count."""
     sizes = {name: int(mesh_config[name]) for name in MESH_AXES}
     for name, size in sizes.items():
         if size == 0 or size < -1 or (size == -1 and name != "data"):
             raise ConfigError(
                 f"config.mesh.{name} must be a positive integer{' or -1' if name == 'data' else ''}, got {size}"
             )
+    return sizes
+
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
+    """Resolves `config.mesh` ({data, fsdp, tensor}; data may be -1 = 'the rest') to three sizes."""
+    sizes = mesh_sizes(mesh_config)
     if sizes["data"] == -1:
         rest = sizes["fsdp"] * sizes["tensor"]
         if num_devices % rest:

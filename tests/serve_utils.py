@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import threading
 import time
@@ -73,12 +72,7 @@ def tiny_workdir(workdir, loss: str = "mdlm", *, seed: int = 0, **config_fields)
         return jnp.asarray(value, leaf.dtype)
 
     params = jax.tree_util.tree_map_with_path(draw, nn.meta.unbox(boxed))
-    meta = {
-        "config": json.loads(config.to_json_best_effort()),
-        "compatibility": checkpoints.compatibility(config, tok),
-        "data": {"corpus": "", "tokenizer_fingerprint": tok.fingerprint},
-        "params_only": True,
-    }
+    meta = checkpoints.params_only_metadata(config, tok)
     directory = os.path.join(str(workdir), checkpoints.CHECKPOINTS_DIR)
     with checkpoints.Checkpointer(directory, keep=1, async_save=False) as checkpointer:
         checkpointer.save(0, {"params": params, "step": jnp.zeros((), jnp.int32)}, metadata=meta, force=True)

@@ -61,13 +61,7 @@ def random_workdir(workdir, loss: str, *, sampler: str = "ancestral"):
     tokens, t, x0 = sharding.model_init_inputs(loss, 1, SEQ_LEN)
     params = nn.meta.unbox(random_variables(model, tokens, None if loss == "ar" else t, x0))["params"]
     mesh = sharding.make_mesh(config.mesh, jax.devices())
-    meta = {
-        "format": checkpoints.FORMAT_VERSION,
-        "config": json.loads(config.to_json_best_effort()),
-        "compatibility": checkpoints.compatibility(config, tok),
-        "data": {"corpus": "", "tokenizer_fingerprint": tok.fingerprint},
-        "params_only": True,
-    }
+    meta = checkpoints.params_only_metadata(config, tok)
     step = jax.device_put(np.zeros((), np.int32), sharding.replicated(mesh))
     directory = os.path.join(str(workdir), checkpoints.CHECKPOINTS_DIR)
     with checkpoints.Checkpointer(directory, keep=1, async_save=False) as checkpointer:

@@ -315,8 +315,8 @@ def sample_and_score(
     return out
 
 
-def reference_texts(config, tokenizer, n: int) -> list[str]:
-    """The texts of n validation rows of train.seq_len tokens (MAUVE's reference; frontier.data_point's rows)."""
+def validation_rows(config, tokenizer, n: int) -> list[list[int]]:
+    """The first n validation rows of train.seq_len tokens (the frontier's data point, MAUVE's reference)."""
     from ddlm.data import pipeline
 
     it = pipeline.make_iterator(
@@ -329,7 +329,13 @@ def reference_texts(config, tokenizer, n: int) -> list[str]:
         sharding=None,
         num_epochs=1,
     )
-    return [tokenizer.decode(sample_quality.content_ids(row, tokenizer)) for row in next(it)["tokens"]]
+    return [row.tolist() for row in next(it)["tokens"]]
+
+
+def reference_texts(config, tokenizer, n: int) -> list[str]:
+    """The texts of validation_rows (MAUVE's reference)."""
+    rows = validation_rows(config, tokenizer, n)
+    return [tokenizer.decode(sample_quality.content_ids(row, tokenizer)) for row in rows]
 
 
 def make_scorer(config, loaded: Loaded, batch_size: int = 8) -> sample_quality.ARScorer:

@@ -46,20 +46,9 @@ from ddlm.eval.frontier_points import FRONTIER_FILE, FrontierPoint, format_point
 
 def data_point(config, loaded, scorer, num_samples: int) -> FrontierPoint:
     """The reference: `num_samples` validation rows of train.seq_len tokens scored like samples."""
-    from ddlm.data import pipeline
-    from ddlm.eval import sample_quality
+    from ddlm.eval import cli, sample_quality
 
-    it = pipeline.make_iterator(
-        config.data,
-        loaded.tokenizer,
-        "validation",
-        global_batch_size=num_samples,
-        seq_len=config.train.seq_len,
-        seed=config.train.seed,
-        sharding=None,
-        num_epochs=1,
-    )
-    rows = [row.tolist() for row in next(it)["tokens"]]
+    rows = cli.validation_rows(config, loaded.tokenizer, num_samples)
     return FrontierPoint.from_quality("data", sample_quality.sample_quality(scorer, rows, loaded.tokenizer))
 
 

@@ -293,8 +293,7 @@ def validate_config(config, num_devices: int | None = None, *, devices_known: bo
     validate_diffusion_config(config.diffusion, config.model)
     validate_data_config(config.data)
     if not devices_known:  # the fields only: asking jax for its devices would start its backend
-        sizes = [int(config.mesh[name]) for name in sharding.MESH_AXES]
-        sharding.mesh_shape(config.mesh, math.prod(abs(size) for size in sizes))
+        sharding.mesh_sizes(config.mesh)
         _validate_rest(config)
         return
     data, fsdp, _ = sharding.mesh_shape(config.mesh, num_devices or jax.device_count())
