@@ -63,6 +63,7 @@ class Setup:
     state_shardings: Any
     abstract_state: Any  # () -> TrainState of ShapeDtypeStructs with shardings
     batch_sharding: Any
+    frozen: Any = None  # LoRA (ddlm/train/lora.py): the frozen base parameters, an argument of the steps
 
     def context(self):
         """Mesh and logical-axis rules in scope while tracing (for the model's activation constraints)."""
@@ -94,6 +95,7 @@ def build(config, devices=None) -> Setup:
     """Mesh, tokenizer, network, optimizer and the sharded state's initialiser, from the config."""
     from ddlm import models
     from ddlm.data import tokenizers
+    from ddlm.train import lora, rl
 
     devices = list(jax.devices() if devices is None else devices)
     validate_config(config, len(devices))
@@ -101,24 +103,34 @@ def build(config, devices=None) -> Setup:
     check_data_paths(config.data)
     tokenizer = tokenizers.get_tokenizer(config.data)
     model = models.get_model(config.model, tokenizer.vocab_size)
-    loss_fn = step_lib.make_loss_fn(
-        model,
-        config.diffusion,
-        config.model,
-        vocab_size=tokenizer.vocab_size,
-        mask_id=tokenizer.mask_id,
-        anneal_steps=config.adapt.anneal_steps,
-    )
-    lr_schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
-    tx = optim.make_optimizer(config.optim, config.train.steps)
     init_inputs = state_lib.model_init_inputs(
         config.diffusion.loss, sharding.data_parallel_size(mesh), config.train.seq_len
     )
+    frozen = None
+    if lora.enabled(config):  # adapters on a frozen base: the state holds the adapter only
+        model, frozen = lora.build(model, config, mesh, tokenizer, init_inputs)
+    if rl.enabled(config):  # the RL mode's policy loss (ddlm/train/rl.py)
+        loss_fn = rl.make_loss_fn(model, config, mask_id=tokenizer.mask_id)
+    else:
+        loss_fn = step_lib.make_loss_fn(
+            model,
+            config.diffusion,
+            config.model,
+            vocab_size=tokenizer.vocab_size,
+            mask_id=tokenizer.mask_id,
+            anneal_steps=config.adapt.anneal_steps,
+        )
+    lr_schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
+    tx = optim.make_optimizer(config.optim, config.train.steps)
     # Initialisation is traced without the mesh in scope: the parameters' shardings come from the jit's
     # out_shardings, and flax's DenseGeneral re-boxes a flattened kernel at init, which fails a rank check
     # under an active mesh. The activation constraints matter in the train step, traced under the mesh.
     init_state, shardings, abstract_state = state_lib.make_train_state(
-        model, tx, mesh, seed=config.train.seed, init_inputs=init_inputs
+        lora.AdapterInit(model, config.lora.train_also) if frozen is not None else model,
+        tx,
+        mesh,
+        seed=config.train.seed,
+        init_inputs=init_inputs,
     )
     return Setup(
         config=config,
@@ -132,18 +144,21 @@ def build(config, devices=None) -> Setup:
         state_shardings=shardings,
         abstract_state=abstract_state,
         batch_sharding=sharding.batch_sharding(mesh),
+        frozen=frozen,
     )
 
 
 def jit_train_step(setup: Setup):
     """The train step jitted once: state sharded as `state_shardings` and donated, batch over (data, fsdp).
 
-    The step's randomness is fold_in(state.rng, state.step): a resumed run draws the same keys."""
+    The step's randomness is fold_in(state.rng, state.step): a resumed run draws the same keys. The third
+    argument is setup.frozen (LoRA's frozen base, joined to the trainable adapter; None without LoRA)."""
     cfg = setup.config
+    from ddlm.train import lora
 
-    def stepped(state, batch):
+    def stepped(state, batch, frozen):
         rng = jax.random.fold_in(state.rng, state.step)
-        loss_fn = setup.loss_fn
+        loss_fn = setup.loss_fn if frozen is None else lora.bind(setup.loss_fn, frozen)
         if cfg.adapt.anneal_steps:  # the annealed attention mask depends on the step (ddlm/train/adapt.py)
             loss_fn = functools.partial(loss_fn, step=state.step)
         return step_lib.train_step(
@@ -157,32 +172,61 @@ def jit_train_step(setup: Setup):
             ema_decay=cfg.optim.ema_decay,
         )
 
-    batch_sh = {"tokens": setup.batch_sharding, "loss_mask": setup.batch_sharding}
+    batch_sh = {k: s.sharding for k, s in batch_abstract(setup, cfg.train.batch_size).items()}
     return jax.jit(
         stepped,
-        in_shardings=(setup.state_shardings, batch_sh),
+        in_shardings=(setup.state_shardings, batch_sh, _frozen_shardings(setup)),
         out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
         donate_argnums=(0,),
     )
 
 
-def compile_train_step(setup: Setup):
-    """jit_train_step lowered (under the mesh, see lower_with_mesh) and compiled for the config's batch."""
-    cfg = setup.config.train
-    batch_abstract = {
-        k: jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), dt, sharding=setup.batch_sharding)
+def batch_abstract(setup: Setup, batch_size: int) -> dict:
+    """ShapeDtypeStructs (with shardings) of a training batch: tokens and loss_mask, or the RL mode's batch."""
+    from ddlm.train import rl
+
+    if rl.enabled(setup.config):
+        return rl.batch_abstract(setup.config, setup.batch_sharding, sharding.replicated(setup.mesh))
+    shape = (batch_size, setup.config.train.seq_len)
+    return {
+        k: jax.ShapeDtypeStruct(shape, dt, sharding=setup.batch_sharding)
         for k, dt in (("tokens", jnp.int32), ("loss_mask", jnp.float32))
     }
-    return lower_with_mesh(setup, jit_train_step(setup), setup.abstract_state(), batch_abstract).compile()
+
+
+def _frozen_shardings(setup: Setup):
+    return None if setup.frozen is None else jax.tree.map(lambda x: x.sharding, setup.frozen)
+
+
+def _frozen_abstract(setup: Setup):
+    if setup.frozen is None:
+        return None
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), setup.frozen)
+
+
+def compile_train_step(setup: Setup):
+    """jit_train_step lowered (under the mesh, see lower_with_mesh) and compiled for the config's batch; call
+    it as compiled(state, batch, setup.frozen)."""
+    batch = batch_abstract(setup, setup.config.train.batch_size)
+    return lower_with_mesh(
+        setup, jit_train_step(setup), setup.abstract_state(), batch, _frozen_abstract(setup)
+    ).compile()
 
 
 def compile_eval_step(setup: Setup):
     """The eval step jitted and compiled for (params, validation batch, rng)."""
+    from ddlm.train import lora
+
     batch_sh = {"tokens": setup.batch_sharding, "loss_mask": setup.batch_sharding}
     rep = sharding.replicated(setup.mesh)
+
+    def evaluated(params, batch, rng, frozen):
+        loss_fn = setup.loss_fn if frozen is None else lora.bind(setup.loss_fn, frozen)
+        return step_lib.eval_step(params, batch, rng, loss_fn=loss_fn)
+
     jitted = jax.jit(
-        functools.partial(step_lib.eval_step, loss_fn=setup.loss_fn),
-        in_shardings=(setup.state_shardings.params, batch_sh, rep),
+        evaluated,
+        in_shardings=(setup.state_shardings.params, batch_sh, rep, _frozen_shardings(setup)),
         out_shardings=rep,
     )
     shape = (setup.config.train.eval_batch_size, setup.config.train.seq_len)
@@ -191,9 +235,10 @@ def compile_eval_step(setup: Setup):
         "loss_mask": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=setup.batch_sharding),
     }
     rng_abstract = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)
-    return lower_with_mesh(
-        setup, jitted, setup.abstract_state().params, batch_abstract, rng_abstract
+    compiled = lower_with_mesh(
+        setup, jitted, setup.abstract_state().params, batch_abstract, rng_abstract, _frozen_abstract(setup)
     ).compile()
+    return lambda params, batch, rng: compiled(params, batch, rng, setup.frozen)
 
 
 def lower_with_mesh(setup: Setup, jitted, *args):
@@ -424,7 +469,17 @@ def _train_and_evaluate(config, workdir: str, devices, resources: contextlib.Exi
             async_save=cfg.async_checkpoints,
         )
     )
-    train_iter = make_iterator(setup, "train", batch_size=cfg.batch_size)
+    from ddlm.train import rl
+
+    rl_mode = rl.enabled(config)
+    if rl_mode:  # batches of rewarded rollouts of the current policy (`state`, bound below)
+        train_iter = rl.RolloutIterator(
+            setup,
+            lambda: state,
+            lambda: adapt.load_init_params(cfg.init_from, setup.abstract_state().params, setup.tokenizer),
+        )
+    else:
+        train_iter = make_iterator(setup, "train", batch_size=cfg.batch_size)
     checkpoint_meta = checkpoints.checkpoint_metadata(config, setup.tokenizer)
 
     # ---------------------------------------------------------------- restore or initialise
@@ -437,10 +492,17 @@ def _train_and_evaluate(config, workdir: str, devices, resources: contextlib.Exi
     if state is None:
         state = setup.init_state()
         logging.info("No checkpoint in %s: initialised a new model.", checkpointer.directory)
-        if cfg.init_from:  # AR-to-diffusion adaptation and fine-tuning: the parameters of another run
+        if cfg.init_from and setup.frozen is None:  # adaptation, fine-tuning (LoRA: the base is frozen)
             params = adapt.load_init_params(cfg.init_from, setup.abstract_state().params, setup.tokenizer)
             # Two buffers: the train step donates the state, and one buffer cannot be donated twice.
             state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
+        elif setup.frozen is not None and config.lora.train_also:  # LoRA: trained base parameters start as the base's
+            from ddlm.train import lora
+
+            state = state.replace(
+                params=lora.seed_trainable(state.params, setup.frozen),
+                ema_params=lora.seed_trainable(state.ema_params, setup.frozen),
+            )
     else:
         logging.info("Restored checkpoint from step %d (of %d).", restored, total)
     start = int(jax.device_get(state.step))
@@ -478,7 +540,7 @@ def _train_and_evaluate(config, workdir: str, devices, resources: contextlib.Exi
     )
 
     # ---------------------------------------------------------------- compile
-    eval_step = compile_eval_step(setup)
+    eval_step = None if rl_mode else compile_eval_step(setup)  # RL: held-out accuracy (rl.evaluate)
     t0, before = time.time(), compilation_cache.stats()
     compiled = compile_train_step(setup)
     after = compilation_cache.stats()
@@ -535,7 +597,7 @@ def _train_and_evaluate(config, workdir: str, devices, resources: contextlib.Exi
     try:
         for step in range(start + 1, total + 1):
             batch = next(train_iter)
-            state, metrics = compiled(state, batch)
+            state, metrics = compiled(state, batch, setup.frozen)
             if pending is not None:
                 check(pending[0], jax.device_get(pending[1]))
             pending = (step, metrics)
@@ -552,6 +614,8 @@ def _train_and_evaluate(config, workdir: str, devices, resources: contextlib.Exi
                 tokens_per_s = steps_per_s * tokens_per_step
                 mean = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
                 mean.update(steps_per_s=steps_per_s, tokens_per_s=tokens_per_s, skipped_steps=len(skipped))
+                if rl_mode:  # where an RL step's time goes: its rollouts and the reference's estimate
+                    mean.update(train_iter.window_timings(steps_window))
                 if math.isfinite(peak):  # no MFU against an unknown peak (a CPU: metrics_lib.mfu_peak)
                     mean["mfu"] = flops_per_tok * tokens_per_s / peak
                 writer.write(step, "train", mean)
@@ -560,17 +624,22 @@ def _train_and_evaluate(config, workdir: str, devices, resources: contextlib.Exi
 
             if (cfg.eval_every and step % cfg.eval_every == 0) or is_last:
                 t_eval = time.time()
-                eval_metrics = run_eval(setup, eval_step, state.ema_params, eval_characters)
-                writer.write(step, "eval", eval_metrics)
-                logging.info(
-                    eval_line(
-                        step,
-                        eval_metrics,
-                        config.diffusion.loss,
-                        eval_metrics["batches"],
-                        time.time() - t_eval,
+                if rl_mode:
+                    eval_metrics = rl.evaluate(setup, train_iter.policy, state.ema_params)
+                    writer.write(step, "eval", eval_metrics)
+                    logging.info(rl.eval_line(step, eval_metrics, time.time() - t_eval))
+                else:
+                    eval_metrics = run_eval(setup, eval_step, state.ema_params, eval_characters)
+                    writer.write(step, "eval", eval_metrics)
+                    logging.info(
+                        eval_line(
+                            step,
+                            eval_metrics,
+                            config.diffusion.loss,
+                            eval_metrics["batches"],
+                            time.time() - t_eval,
+                        )
                     )
-                )
                 t_window += time.time() - t_eval  # eval time is not training throughput
 
             saved = (cfg.ckpt_every and step % cfg.ckpt_every == 0) or is_last
@@ -621,6 +690,9 @@ def closing_line(config, workdir: str, *, start: int, seconds: float, eval_metri
     kind = "NLL" if config.diffusion.loss == "ar" else "NELBO"
     bpc, se = eval_metrics.get("bits_per_char"), eval_metrics.get("bits_per_char_se")
     final = "no eval" if bpc is None else f"{bpc:.4f}" + (f" ± {se:.4f}" if se is not None else "")
+    if "accuracy" in eval_metrics:  # the RL mode's eval (ddlm/train/rl.py)
+        kind, bpc = "held-out accuracy", None
+        final = f"{eval_metrics['accuracy']:.4f} ± {eval_metrics['accuracy_se']:.4f}"
     if cfg.sample_at_end:
         samples = _latest_samples(config, workdir, cfg.steps) or "none written"
     else:
@@ -628,7 +700,8 @@ def closing_line(config, workdir: str, *, start: int, seconds: float, eval_metri
     checkpoint = os.path.join(workdir, checkpoints.CHECKPOINTS_DIR, str(cfg.steps))
     return (
         f"Done: trained steps {start + 1}-{cfg.steps} in {metrics_lib.format_duration(seconds)}; final "
-        f"validation {final} bits/char ({kind}, EMA params); checkpoint {checkpoint}; samples {samples}; "
+        f"validation {final}{' bits/char' if kind != 'held-out accuracy' else ''} ({kind}, EMA params); "
+        f"checkpoint {checkpoint}; samples {samples}; "
         f"metrics {os.path.join(workdir, 'metrics.jsonl')} and {os.path.join(workdir, 'tensorboard')}"
     )
 

@@ -318,6 +318,10 @@ def _validate_rest(config) -> None:
 
     t = config.train
     adapt.validate(config)
+    from ddlm.train import lora, rl
+
+    lora.validate(config)  # config.lora: adapters (optional section)
+    rl.validate(config)  # config.rl: the RL mode (optional section)
     if (config.diffusion.loss == "sft") != sft.is_sft(config.data):
         raise ConfigError(
             "config.diffusion.loss='sft' and config.data.sft_data go together (the SFT loss reads the "
