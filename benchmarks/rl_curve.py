@@ -6,7 +6,7 @@ step's time goes (rollouts with the cached vs the uncached sampler, the referenc
 
 Accuracy: both checkpoints (EMA parameters) complete the same --problems held-out problems of the test split
 with the recipe's sampler and the same keys; the difference's standard error is paired (per problem) and
-also given unpaired. Timing: one batch of the recipe (8 prompts x 8 completions), each part timed --repeats
+also given unpaired. Timing: one batch of the recipe (32 prompts x 8 completions), each part timed --repeats
 times after a warm-up call, all in this one process, so the ratios compare like with like on a shared
 machine (the load average is printed beside them).
 """
@@ -122,7 +122,7 @@ def curves(rl_dir: str) -> tuple[list, list]:
     return train, evals
 
 
-def plot(png: str, train, evals, acc: dict, times: dict, load: float) -> None:
+def plot(png: str, train, evals, acc: dict, times: dict, load: float, config) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,16 +135,22 @@ def plot(png: str, train, evals, acc: dict, times: dict, load: float) -> None:
     if evals:
         s, a, e = zip(*evals)
         ax.errorbar(s, a, yerr=e, color="tab:red", marker="o", capsize=3, label="held-out accuracy (EMA)")
-    ax.axhline(acc["sft"], color="gray", ls="--", label=f"SFT alone {acc['sft']:.3f} ± {acc['sft_se']:.3f}")
+    ax.axhline(acc["sft"], color="gray", ls="--", label=f"SFT alone, {acc['problems']} problems: {acc['sft']:.3f} ± {acc['sft_se']:.3f}")
     ax.axhspan(acc["sft"] - acc["sft_se"], acc["sft"] + acc["sft_se"], color="gray", alpha=0.15)
     ax.set_xlabel("RL step")
     ax.set_ylabel("exact-match accuracy / reward")
-    ax.set_title("3-digit addition: GRPO (NELBO estimator) from SFT")
+    ax.errorbar(
+        [evals[-1][0] if evals else 0], [acc["rl"]], yerr=[acc["rl_se"]], color="black", marker="s", capsize=3,
+        label=f"after RL, {acc['problems']} problems: {acc['rl']:.3f} ± {acc['rl_se']:.3f}",
+    )
+    rc = config.rl
+    ax.set_title(f"{rc.digits}-digit addition: {rc.objective.upper()} ({rc.estimator} estimator) from SFT")
     ax.legend(fontsize=8, loc="lower right")
     labels = ["rollout\n(dual cache)", "rollout\n(prefix cache)", "rollout\n(no cache)", "reference\nestimate", "update"]
     keys = ["rollout_dual_s", "rollout_prefix_s", "rollout_none_s", "reference_s", "update_s"]
     bx.bar(labels, [1e3 * times[k] for k in keys], color=["tab:green", "tab:olive", "tab:orange", "tab:purple", "tab:blue"])
-    bx.set_ylabel("ms per step (64 rows, median)")
+    bx.set_ylabel(f"ms per step ({config.train.batch_size} rows, median)")
+    bx.tick_params(axis="x", labelsize=8)
     bx.set_title(f"where an RL step's time goes (2-core CPU, load {load:.1f})")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
@@ -168,7 +174,7 @@ def main():
     dual, none = times["rollout_dual_s"], times["rollout_none_s"]
     print(f"uncached / dual-cache rollout time: {none / dual:.2f}x; rollout (dual) / update: {dual / times['update_s']:.2f}x")
     train, evals = curves(args.rl)
-    plot(args.png, train, evals, acc, times, load)
+    plot(args.png, train, evals, acc, times, load, config)
     print("wrote", args.png)
 
 

@@ -204,13 +204,37 @@ def _frozen_abstract(setup: Setup):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), setup.frozen)
 
 
+def _has_sub_byte(tree) -> bool:
+    """Whether a tree holds arrays of fewer than 8 bits a value (QLoRA's int4 base kernels)."""
+    return tree is not None and any(
+        jnp.issubdtype(x.dtype, jnp.integer) and jnp.iinfo(x.dtype).bits < 8 for x in jax.tree.leaves(tree)
+    )
+
+
+class _Dispatched:
+    """A step called through jit's dispatch, with the AOT-compiled one's analyses (memory_analysis, ...).
+    XLA:CPU compiles an int4 argument for the packed layout, which the host's int4 arrays (one value a byte)
+    never have: the AOT executable refuses them, while jit's dispatch compiles for the arrays it is given
+    (a second compile, QLoRA int4 only)."""
+
+    def __init__(self, setup: Setup, jitted, compiled):
+        self.setup, self.jitted, self.compiled = setup, jitted, compiled
+
+    def __call__(self, *args):
+        with self.setup.context():
+            return self.jitted(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.compiled, name)
+
+
 def compile_train_step(setup: Setup):
     """jit_train_step lowered (under the mesh, see lower_with_mesh) and compiled for the config's batch; call
     it as compiled(state, batch, setup.frozen)."""
     batch = batch_abstract(setup, setup.config.train.batch_size)
-    return lower_with_mesh(
-        setup, jit_train_step(setup), setup.abstract_state(), batch, _frozen_abstract(setup)
-    ).compile()
+    jitted = jit_train_step(setup)
+    compiled = lower_with_mesh(setup, jitted, setup.abstract_state(), batch, _frozen_abstract(setup)).compile()
+    return _Dispatched(setup, jitted, compiled) if _has_sub_byte(setup.frozen) else compiled
 
 
 def compile_eval_step(setup: Setup):
@@ -238,6 +262,8 @@ def compile_eval_step(setup: Setup):
     compiled = lower_with_mesh(
         setup, jitted, setup.abstract_state().params, batch_abstract, rng_abstract, _frozen_abstract(setup)
     ).compile()
+    if _has_sub_byte(setup.frozen):
+        compiled = _Dispatched(setup, jitted, compiled)
     return lambda params, batch, rng: compiled(params, batch, rng, setup.frozen)
 
 
