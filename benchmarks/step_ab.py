@@ -9,7 +9,11 @@ step `train_and_evaluate` runs) for the peers' shapes (benchmarks/peers: experim
 dropout 0, vocabulary 4096 + mask, one device, byte tokens), compiled once each, then run in alternating blocks
 of --steps steps (A B, B A, A B, ...), so that the machine's load drifts hit both alike. Printed: each
 block's median step time, wall-clock and process CPU time (all threads), the ratios A/B per round (> 1: B
-is faster), and their median and spread. On a shared machine absolute times are noise and wall-clock ratios
+is faster), and their median and spread; and each side's achieved fraction of the machine's matmul rate:
+the step's model FLOPs (`ddlm.models.flops_per_token` x batch x length, the formula MFU uses; at the peers'
+`small` shape 1,140.3 GFLOP a step) / its median step time / a 1024^3 float32 matmul's FLOP/s measured
+just before each round (`matmul_rate`, the calibration of ../shared/peers/compare.sh). The fraction is the
+figure that travels between machines, whose matmul speed differs. On a shared machine absolute times are noise and wall-clock ratios
 swing by tens of percent with the other jobs; the CPU-time ratio (work done per step) stays within a few
 percent, and on an idle machine both agree.
 
@@ -81,8 +85,25 @@ class _Tokenizer:
         self.vocab_size, self.mask_id = vocab_size, mask_id
 
 
+def matmul_rate(n: int = 1024, reps: int = 10) -> float:
+    """FLOP/s of an [n, n] x [n, n] float32 matmul on the default device: 2 n^3 reps / seconds, the `reps`
+    products dispatched back to back after one warm-up (../shared/peers/compare.sh's calibration)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), jnp.float32)
+    mm = jax.jit(lambda a: a @ a)
+    mm(a).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        r = mm(a)
+    r.block_until_ready()
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
 def load_step(root: str, overrides, args):
-    """(compiled step, initial state, get_batch, description, compile seconds) built by checkout `root`."""
+    """(compiled step, initial state, get_batch, description, compile seconds, model FLOPs per step) built
+    by checkout `root`."""
     import jax
     import numpy as np
 
@@ -99,6 +120,7 @@ def load_step(root: str, overrides, args):
             ddlm = importlib.import_module("ddlm")
             tokenizers = importlib.import_module("ddlm.data.tokenizers")
             trainer = importlib.import_module("ddlm.train.trainer")
+            models = importlib.import_module("ddlm.models")
         assert os.path.abspath(ddlm.__file__).startswith(os.path.abspath(root)), ddlm.__file__
         spec = importlib.util.spec_from_file_location("experiment", os.path.join(root, args.config))
         module = importlib.util.module_from_spec(spec)
@@ -122,6 +144,7 @@ def load_step(root: str, overrides, args):
         t0 = time.perf_counter()
         compiled = trainer.compile_train_step(setup)
         compile_s = time.perf_counter() - t0
+        flops = models.flops_per_token(config.model, args.vocab + 1, args.seq) * args.batch * args.seq
     finally:
         sys.path.pop(0)
 
@@ -139,7 +162,7 @@ def load_step(root: str, overrides, args):
     state, metrics = compiled(state, batches[0])  # first execution (allocations, caches)
     jax.block_until_ready(metrics)
     desc = f"{root} {' '.join(overrides)}".strip()
-    return compiled, state, (lambda i: batches[i % len(batches)]), desc, compile_s
+    return compiled, state, (lambda i: batches[i % len(batches)]), desc, compile_s, flops
 
 
 def run_block(compiled, state, get_batch, steps):
@@ -159,11 +182,11 @@ def main(argv=None):
     args = parse_args(argv)
     import jax
 
-    sides = {}
+    sides, flops = {}, {}
     for name, root, overrides in (("A", args.a, args.a_set), ("B", args.b, args.b_set)):
-        compiled, state, get_batch, desc, compile_s = load_step(root, overrides, args)
+        compiled, state, get_batch, desc, compile_s, flops[name] = load_step(root, overrides, args)
         sides[name] = [compiled, state, get_batch]
-        print(f"{name}: {desc} | compile {compile_s:.1f}s", flush=True)
+        print(f"{name}: {desc} | compile {compile_s:.1f}s | {flops[name] / 1e9:.1f} GFLOP a step", flush=True)
     layers = args.layers or SIZES[args.size][0]
     print(
         f"shape {args.size} ({layers} layers), batch {args.batch} x {args.seq}, vocab {args.vocab}+1, "
@@ -171,7 +194,9 @@ def main(argv=None):
         flush=True,
     )
     ratios, cpu_ratios = [], []
+    calibrations, fractions = [], {"A": [], "B": []}
     for r in range(args.rounds):
+        calibrations.append(matmul_rate())
         order = ("A", "B") if r % 2 == 0 else ("B", "A")
         ms, cpu_ms = {}, {}
         for name in order:
@@ -181,10 +206,13 @@ def main(argv=None):
             ms[name], cpu_ms[name] = med * 1e3, cpu * 1e3
         ratios.append(ms["A"] / ms["B"])
         cpu_ratios.append(cpu_ms["A"] / cpu_ms["B"])
+        for name in ms:
+            fractions[name].append(achieved_fraction(flops[name], ms[name] / 1e3, calibrations[-1]))
         print(
             f"round {r + 1}: wall A {ms['A']:8.1f} ms | B {ms['B']:8.1f} ms | A/B {ratios[-1]:.3f}; "
-            f"cpu A {cpu_ms['A']:8.1f} ms | B {cpu_ms['B']:8.1f} ms | A/B {cpu_ratios[-1]:.3f} "
-            f"(load {open('/proc/loadavg').read().split()[0]})",
+            f"cpu A {cpu_ms['A']:8.1f} ms | B {cpu_ms['B']:8.1f} ms | A/B {cpu_ratios[-1]:.3f}; "
+            f"matmul {calibrations[-1] / 1e9:.0f} GFLOP/s, fraction of it A {fractions['A'][-1]:.2f} "
+            f"B {fractions['B'][-1]:.2f} (load {open('/proc/loadavg').read().split()[0]})",
             flush=True,
         )
     for what, values in (("wall-clock", ratios), ("process CPU", cpu_ratios)):
@@ -192,6 +220,16 @@ def main(argv=None):
             f"A/B {what} step-time ratio (> 1: B faster): median {statistics.median(values):.3f}, "
             f"range {min(values):.3f}-{max(values):.3f} over {len(values)} rounds"
         )
+    print(
+        f"achieved / calibrated 1024^3 float32 matmul rate (median of rounds): A {statistics.median(fractions['A']):.3f}, "
+        f"B {statistics.median(fractions['B']):.3f}; calibration {min(calibrations) / 1e9:.0f}-"
+        f"{max(calibrations) / 1e9:.0f} GFLOP/s"
+    )
+
+
+def achieved_fraction(flops_per_step: float, step_seconds: float, matmul_flops_per_second: float) -> float:
+    """The step's model FLOP/s as a fraction of the calibrated matmul rate."""
+    return flops_per_step / step_seconds / matmul_flops_per_second
 
 
 if __name__ == "__main__":
