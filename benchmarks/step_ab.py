@@ -3,6 +3,7 @@
     python benchmarks/step_ab.py --a=/path/to/main/checkout --b=.            # this branch vs another checkout
     python benchmarks/step_ab.py --b_set=model.dtype=bfloat16                # one config change, same code
     python benchmarks/step_ab.py --size=small --steps=3 --rounds=4 --a=../main --b=.
+    python benchmarks/step_ab.py --size=small --compile_rounds=4 --a=../main --b=.   # compile time only
 
 Both steps are built by the checkout's own trainer (`ddlm.train.trainer.build` + `compile_train_step`, the
 step `train_and_evaluate` runs) for the peers' shapes (benchmarks/peers: experiments/mdlm.py resized, float32,
@@ -49,6 +50,10 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=int, default=4096, help="data ids; the model's vocabulary is vocab + 1")
     p.add_argument("--steps", type=int, default=10, help="steps per block")
     p.add_argument("--rounds", type=int, default=5, help="A/B block pairs")
+    p.add_argument(
+        "--compile_rounds", type=int, default=0,
+        help="only compile: A and B each traced, lowered and compiled this many times, alternately",
+    )
     return p.parse_args(argv)
 
 
@@ -101,6 +106,85 @@ def matmul_rate(n: int = 1024, reps: int = 10) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
+def compile_rounds(args):
+    """Compile time A/B: each side's train step traced, lowered and compiled afresh `args.compile_rounds`
+    times, A and B alternating (each side's own ddlm modules put back in sys.modules for its compiles, so
+    imports made while tracing find the right checkout). Prints wall-clock and process CPU seconds (the
+    compile runs on all threads) per compile, their medians and the ratios A/B (> 1: B compiles faster)."""
+    sides = {}
+    for name, root, overrides in (("A", args.a, args.a_set), ("B", args.b, args.b_set)):
+        setup, trainer = _build(root, overrides, args)
+        modules = {m: mod for m, mod in sys.modules.items() if m == "ddlm" or m.startswith("ddlm.")}
+        sides[name] = (setup, trainer, modules)
+    times = {"A": [], "B": []}
+    for r in range(args.compile_rounds):
+        for name in ("A", "B") if r % 2 == 0 else ("B", "A"):
+            setup, trainer, modules = sides[name]
+            for m in [m for m in sys.modules if m == "ddlm" or m.startswith("ddlm.")]:
+                del sys.modules[m]
+            sys.modules.update(modules)
+            t0, c0 = time.perf_counter(), time.process_time()
+            trainer.compile_train_step(setup)
+            times[name].append((time.perf_counter() - t0, time.process_time() - c0))
+            print(
+                f"compile {name}: wall {times[name][-1][0]:6.2f} s, process CPU {times[name][-1][1]:6.2f} s "
+                f"(load {open('/proc/loadavg').read().split()[0]})",
+                flush=True,
+            )
+    for i, what in ((0, "wall-clock"), (1, "process CPU")):
+        a = statistics.median(t[i] for t in times["A"])
+        b = statistics.median(t[i] for t in times["B"])
+        per_round = [ta[i] / tb[i] for ta, tb in zip(times["A"], times["B"])]
+        print(
+            f"compile {what}: A {a:.2f} s, B {b:.2f} s (medians of {len(times['A'])}); A/B per round median "
+            f"{statistics.median(per_round):.3f}, range {min(per_round):.3f}-{max(per_round):.3f}"
+        )
+
+
+def _build(root: str, overrides, args):
+    """(setup, trainer module) of checkout `root` for the peers' shape: its own ddlm imported afresh."""
+    import jax
+
+    for name in [m for m in sys.modules if m == "ddlm" or m.startswith("ddlm.")]:
+        del sys.modules[name]
+    sys.path.insert(0, os.path.abspath(root))
+    try:
+        importlib.invalidate_caches()
+        from tensorflow_datasets.core import registered
+
+        with registered.skip_registration():
+            ddlm = importlib.import_module("ddlm")
+            tokenizers = importlib.import_module("ddlm.data.tokenizers")
+            trainer = importlib.import_module("ddlm.train.trainer")
+        assert os.path.abspath(ddlm.__file__).startswith(os.path.abspath(root)), ddlm.__file__
+        config = _config(root, overrides, args)
+        tokenizers.get_tokenizer = lambda data_config: _Tokenizer(args.vocab + 1, args.vocab)
+        return trainer.build(config, jax.devices()[:1]), trainer
+    finally:
+        sys.path.pop(0)
+
+
+def _config(root: str, overrides, args):
+    """The experiment's config at the peers' shape (see the module docstring), with `overrides` applied."""
+    spec = importlib.util.spec_from_file_location("experiment", os.path.join(root, args.config))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("size=small")
+    layers, dim, heads = SIZES[args.size]
+    m = config.model
+    m.num_layers, m.d_model, m.num_heads = args.layers or layers, dim, heads
+    m.mlp_dim, m.cond_dim, m.dropout, m.dtype = 4 * dim, 128, 0.0, "float32"
+    config.data.corpus = "shakespeare"  # unused: batches are made here
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
+    t = config.train
+    t.batch_size = t.eval_batch_size = args.batch
+    t.seq_len = args.seq
+    t.steps = 10_000
+    for assignment in overrides:
+        _set(config, assignment)
+    return config
+
+
 def load_step(root: str, overrides, args):
     """(compiled step, initial state, get_batch, description, compile seconds, model FLOPs per step) built
     by checkout `root`."""
@@ -122,22 +206,7 @@ def load_step(root: str, overrides, args):
             trainer = importlib.import_module("ddlm.train.trainer")
             models = importlib.import_module("ddlm.models")
         assert os.path.abspath(ddlm.__file__).startswith(os.path.abspath(root)), ddlm.__file__
-        spec = importlib.util.spec_from_file_location("experiment", os.path.join(root, args.config))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        config = module.get_config("size=small")
-        layers, dim, heads = SIZES[args.size]
-        m = config.model
-        m.num_layers, m.d_model, m.num_heads = args.layers or layers, dim, heads
-        m.mlp_dim, m.cond_dim, m.dropout, m.dtype = 4 * dim, 128, 0.0, "float32"
-        config.data.corpus = "shakespeare"  # unused: batches are made here
-        config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
-        t = config.train
-        t.batch_size = t.eval_batch_size = args.batch
-        t.seq_len = args.seq
-        t.steps = 10_000
-        for assignment in overrides:
-            _set(config, assignment)
+        config = _config(root, overrides, args)
         tokenizers.get_tokenizer = lambda data_config: _Tokenizer(args.vocab + 1, args.vocab)
         setup = trainer.build(config, jax.devices()[:1])
         state = setup.init_state()
@@ -181,6 +250,9 @@ def run_block(compiled, state, get_batch, steps):
 def main(argv=None):
     args = parse_args(argv)
     import jax
+
+    if args.compile_rounds:
+        return compile_rounds(args)
 
     sides, flops = {}, {}
     for name, root, overrides in (("A", args.a, args.a_set), ("B", args.b, args.b_set)):
