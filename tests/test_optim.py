@@ -118,3 +118,36 @@ def test_train_step_with_the_fused_update_matches_the_optax_step():
                 for got, want in zip(jax.tree.leaves(getattr(fused, name)), jax.tree.leaves(getattr(optaxed, name))):
                     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=name)
     assert int(fused.step) == 4
+
+
+def test_fused_update_compiles_to_fewer_fusions_than_optax():
+    """The point of the fused update: XLA writes out fewer intermediate arrays. The compiled train step (one
+    device) with it has at least two fusions fewer per parameter array than with optax's chain (the clipped
+    gradient and the scaled update are no longer written out; measured: 7 -> 5 elementwise passes each)."""
+    import re
+
+    from ddlm.train import step as step_lib
+    from ddlm.train import trainer
+
+    setup = trainer.build(_config(), jax.devices()[:1])
+    plain = optax.GradientTransformation(setup.tx.init, setup.tx.update)
+    cfg = setup.config.train
+    batch = {
+        "tokens": jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.int32),
+        "loss_mask": jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.float32),
+    }
+
+    def fusions(tx):
+        def stepped(state, batch):
+            return step_lib.train_step(
+                state, batch, jax.random.fold_in(state.rng, state.step), loss_fn=setup.loss_fn, tx=tx,
+                lr_schedule=setup.lr_schedule, accum_steps=1, ema_decay=setup.config.optim.ema_decay,
+            )
+
+        with setup.context():
+            hlo = jax.jit(stepped).lower(setup.abstract_state(), batch).compile().as_text()
+        return len(re.findall(r" fusion\(", hlo))
+
+    leaves = len(jax.tree.leaves(setup.abstract_state().params))
+    fused, optaxed = fusions(setup.tx), fusions(plain)
+    assert fused <= optaxed - 2 * leaves, (fused, optaxed, leaves)
