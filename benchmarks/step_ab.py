@@ -14,9 +14,9 @@ is faster), and their median and spread; and each side's achieved fraction of th
 the step's model FLOPs (`ddlm.models.flops_per_token` x batch x length, the formula MFU uses; at the peers'
 `small` shape 1,140.3 GFLOP a step) / its median step time / a 1024^3 float32 matmul's FLOP/s measured
 just before each round (`matmul_rate`, the calibration of ../shared/peers/compare.sh). The fraction is the
-figure that travels between machines, whose matmul speed differs. On a shared machine absolute times are noise and wall-clock ratios
-swing by tens of percent with the other jobs; the CPU-time ratio (work done per step) stays within a few
-percent, and on an idle machine both agree.
+figure that travels between machines, whose matmul speed differs. On a shared machine absolute times are
+noise and wall-clock ratios swing by tens of percent with the other jobs; the CPU-time ratio (work done per
+step) stays within a few percent, and on an idle machine both agree.
 
 A checkout is loaded by putting its root first on sys.path and importing `ddlm` afresh (the modules of the
 other one are dropped from sys.modules first): both compiled steps stay callable. Code that both checkouts
