@@ -126,9 +126,11 @@ def compile_rounds(args):
             t0, c0 = time.perf_counter(), time.process_time()
             trainer.compile_train_step(setup)
             times[name].append((time.perf_counter() - t0, time.process_time() - c0))
+            with open("/proc/loadavg") as f:
+                load = f.read().split()[0]
             print(
                 f"compile {name}: wall {times[name][-1][0]:6.2f} s, process CPU {times[name][-1][1]:6.2f} s "
-                f"(load {open('/proc/loadavg').read().split()[0]})",
+                f"(load {load})",
                 flush=True,
             )
     for i, what in ((0, "wall-clock"), (1, "process CPU")):
@@ -278,8 +280,8 @@ def main(argv=None):
             ms[name], cpu_ms[name] = med * 1e3, cpu * 1e3
         ratios.append(ms["A"] / ms["B"])
         cpu_ratios.append(cpu_ms["A"] / cpu_ms["B"])
-        for name in ms:
-            fractions[name].append(achieved_fraction(flops[name], ms[name] / 1e3, calibrations[-1]))
+        for name, step_ms in ms.items():
+            fractions[name].append(achieved_fraction(flops[name], step_ms / 1e3, calibrations[-1]))
         print(
             f"round {r + 1}: wall A {ms['A']:8.1f} ms | B {ms['B']:8.1f} ms | A/B {ratios[-1]:.3f}; "
             f"cpu A {cpu_ms['A']:8.1f} ms | B {cpu_ms['B']:8.1f} ms | A/B {cpu_ratios[-1]:.3f}; "

@@ -4,7 +4,6 @@ by leaf over several steps, and the whole compiled train step with either path: 
 norms, parameters, moments and EMA within float32 rounding (the fused update multiplies by reciprocals of
 scalars where optax divides by them: the last bits differ)."""
 
-import functools
 import os
 
 import jax
