@@ -54,6 +54,7 @@ def parse_args(argv=None):
         "--compile_rounds", type=int, default=0,
         help="only compile: A and B each traced, lowered and compiled this many times, alternately",
     )
+    p.add_argument("--compile_one", choices=("A", "B"), help=argparse.SUPPRESS)  # compile_rounds' child
     return p.parse_args(argv)
 
 
@@ -106,33 +107,27 @@ def matmul_rate(n: int = 1024, reps: int = 10) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
-def compile_rounds(args):
-    """Compile time A/B: each side's train step traced, lowered and compiled afresh `args.compile_rounds`
-    times, A and B alternating (each side's own ddlm modules put back in sys.modules for its compiles, so
-    imports made while tracing find the right checkout). Prints wall-clock and process CPU seconds (the
-    compile runs on all threads) per compile, their medians and the ratios A/B (> 1: B compiles faster)."""
-    sides = {}
-    for name, root, overrides in (("A", args.a, args.a_set), ("B", args.b, args.b_set)):
-        setup, trainer = _build(root, overrides, args)
-        modules = {m: mod for m, mod in sys.modules.items() if m == "ddlm" or m.startswith("ddlm.")}
-        sides[name] = (setup, trainer, modules)
+def compile_rounds(args, argv):
+    """Compile time A/B: each side's train step traced, lowered and compiled `args.compile_rounds` times, each
+    time in a fresh process (`--compile_one=A|B`, the rest of the command line as given), A and B alternating.
+    Separate processes because in one process the compiles are not alike: a process's first compile pays
+    one-off costs (~20% more CPU time at the tiny shape), and even after a warm-up two builds of the same
+    checkout compiled 7-16% apart. Prints wall-clock and process CPU seconds (the compile runs on all threads)
+    per compile, their medians and the per-round ratios A/B (> 1: B compiles faster)."""
+    import subprocess
+
     times = {"A": [], "B": []}
     for r in range(args.compile_rounds):
         for name in ("A", "B") if r % 2 == 0 else ("B", "A"):
-            setup, trainer, modules = sides[name]
-            for m in [m for m in sys.modules if m == "ddlm" or m.startswith("ddlm.")]:
-                del sys.modules[m]
-            sys.modules.update(modules)
-            t0, c0 = time.perf_counter(), time.process_time()
-            trainer.compile_train_step(setup)
-            times[name].append((time.perf_counter() - t0, time.process_time() - c0))
+            out = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), *argv, f"--compile_one={name}"],
+                capture_output=True, text=True, check=True,
+            ).stdout
+            wall, cpu = (float(x) for x in out.split("COMPILE ")[1].split()[:2])
+            times[name].append((wall, cpu))
             with open("/proc/loadavg") as f:
                 load = f.read().split()[0]
-            print(
-                f"compile {name}: wall {times[name][-1][0]:6.2f} s, process CPU {times[name][-1][1]:6.2f} s "
-                f"(load {load})",
-                flush=True,
-            )
+            print(f"compile {name}: wall {wall:6.2f} s, process CPU {cpu:6.2f} s (load {load})", flush=True)
     for i, what in ((0, "wall-clock"), (1, "process CPU")):
         a = statistics.median(t[i] for t in times["A"])
         b = statistics.median(t[i] for t in times["B"])
@@ -141,6 +136,15 @@ def compile_rounds(args):
             f"compile {what}: A {a:.2f} s, B {b:.2f} s (medians of {len(times['A'])}); A/B per round median "
             f"{statistics.median(per_round):.3f}, range {min(per_round):.3f}-{max(per_round):.3f}"
         )
+
+
+def compile_one(args):
+    """One side's train step built and compiled once in this process; prints `COMPILE wall cpu` (seconds)."""
+    root, overrides = (args.a, args.a_set) if args.compile_one == "A" else (args.b, args.b_set)
+    setup, trainer = _build(root, overrides, args)
+    t0, c0 = time.perf_counter(), time.process_time()
+    trainer.compile_train_step(setup)
+    print(f"COMPILE {time.perf_counter() - t0:.3f} {time.process_time() - c0:.3f}", flush=True)
 
 
 def _build(root: str, overrides, args):
@@ -253,8 +257,10 @@ def main(argv=None):
     args = parse_args(argv)
     import jax
 
+    if args.compile_one:
+        return compile_one(args)
     if args.compile_rounds:
-        return compile_rounds(args)
+        return compile_rounds(args, sys.argv[1:] if argv is None else list(argv))
 
     sides, flops = {}, {}
     for name, root, overrides in (("A", args.a, args.a_set), ("B", args.b, args.b_set)):
