@@ -36,7 +36,7 @@ def main():
                 [f"--size={args.size}", f"--layers={depth}", f"--steps={args.steps}"]
                 + [f"--b_set={s}" for s in sets]
             )
-            compiled, state, get_batch, _, compile_s = step_ab.load_step(a.b, a.b_set, a)
+            compiled, state, get_batch, _, compile_s, _ = step_ab.load_step(a.b, a.b_set, a)
             _, step_s, cpu_s, _ = step_ab.run_block(compiled, state, get_batch, args.steps)
             rows[scan, depth] = (compile_s, step_s)
             print(

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ddlm.train import optim
 from ddlm.train.state import TrainState
 
 # loss_fn(params, batch, rng, train[, step]) -> (scalar loss, metrics dict)
@@ -144,10 +145,14 @@ def train_step(
     decay = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
 
     def update(state):
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        if isinstance(tx, optim.FusedAdamW):  # the same update as tx.update in fewer passes (train/optim.py)
+            params, opt_state, update_norm = tx.apply(grads, grad_norm, state.opt_state, state.params)
+        else:
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            update_norm = optax.tree.norm(updates)
         ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-        norms = (optax.tree.norm(updates), optax.tree.norm(params))
+        norms = (update_norm, optax.tree.norm(params))
         return state.replace(params=params, opt_state=opt_state, ema_params=ema_params), norms
 
     def skip(state):
