@@ -7,7 +7,7 @@ step's time goes (rollouts with the cached vs the uncached sampler, the referenc
 Accuracy: both checkpoints (EMA parameters) complete the same --problems held-out problems of the test split
 with the recipe's sampler and the same keys; the difference's standard error is paired (per problem) and
 also given unpaired. Timing: one batch of the recipe (32 prompts x 8 completions), each part timed --repeats
-times after a warm-up call, all in this one process, so the ratios compare like with like on a shared
+times after a warm-up call, in interleaved rounds, all in this one process, so the ratios compare like with like on a shared
 machine (the load average is printed beside them).
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -26,6 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ddlm import loading  # noqa: E402
@@ -42,40 +44,32 @@ def recipe(arg: str, sft: str):
     return config
 
 
-def timed(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # warm-up (compiles)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def timing(config, repeats: int) -> dict:
     """Median seconds of one step's parts on one batch: rollouts with each sampler cache, the reference's
-    estimate, the compiled update."""
+    estimate, the compiled update; measured in interleaved rounds (every part once a round), so a change of
+    the machine's load during the run falls on all of them alike."""
     setup = trainer.build(config, jax.devices()[:1])
     params = adapt.load_init_params(config.train.init_from, setup.abstract_state().params, setup.tokenizer)
-    state = setup.init_state().replace(params=params)
+    # A copy in the state: the update donates it, and the rollouts go on reading `params`.
+    state = setup.init_state().replace(params=jax.tree.map(jnp.copy, params))
     it = rl.RolloutIterator(setup, lambda: state, lambda: params)
     batch = next(it)
-    out = {}
     x_init = rl.encode_prompts(
         setup.tokenizer,
         tasks.problems(rl.task_of(config), "train", config.train.batch_size // config.rl.group_size, seed=0),
         config.train.seq_len,
         config.rl.group_size,
     )[0]
+    parts = {}
+    key = jax.random.key(0)
     for cache in ("dual", "prefix", "none"):
         c = config.copy_and_resolve_references()
         c.sampler.cache = cache
         policy = rl.Policy(dataclasses.replace(setup, config=c), params)
-        key = jax.random.key(0)
-        out[f"rollout_{cache}_s"] = timed(lambda: policy.sample(params, key, x_init), repeats)
+        parts[f"rollout_{cache}_s"] = functools.partial(policy.sample, params, key, x_init)
     noise = np.asarray(batch["noise"])
     tokens, mask = np.asarray(batch["tokens"]), np.asarray(batch["loss_mask"])
-    out["reference_s"] = timed(lambda: policy.reference_units(tokens, mask, noise), repeats)
+    parts["reference_s"] = lambda: policy.reference_units(tokens, mask, noise)
     compiled = trainer.compile_train_step(setup)
     holder = {"state": state}
 
@@ -83,8 +77,16 @@ def timing(config, repeats: int) -> dict:
         holder["state"], metrics = compiled(holder["state"], batch, setup.frozen)
         return metrics
 
-    out["update_s"] = timed(update, repeats)
-    return out
+    parts["update_s"] = update
+    for fn in parts.values():  # warm-up (compiles)
+        jax.block_until_ready(fn())
+    times = {k: [] for k in parts}
+    for _ in range(repeats):
+        for k, fn in parts.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[k].append(time.perf_counter() - t0)
+    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def accuracy(config, sft: str, rl_dir: str, problems: int) -> dict:
@@ -162,7 +164,7 @@ def main():
     parser.add_argument("--rl", default="runs/rl_addition")
     parser.add_argument("--arg", default="", help="the rl_addition recipe's arg the RL run used")
     parser.add_argument("--problems", type=int, default=2000)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--png", default="benchmarks/rl_curve.png")
     args = parser.parse_args()
     config = recipe(args.arg, args.sft)
