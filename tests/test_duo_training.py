@@ -95,7 +95,7 @@ def test_duo_quickstart_trains_its_loss_falls_and_samples(tmp_path):
     """experiments/duo.py's `local` recipe at a tiny size, 100 steps on the quickstart corpus (Shakespeare
     characters): the curriculum runs the first 50 steps (its metric says so), the plain NELBO the rest; the
     train loss falls within each phase, the final NELBO is below the uniform model's log V per character, and
-    the SEDD sampler draws from the DUO network's log ratios at the end."""
+    the SEDD sampler draws from the DUO network's log ratios at the end, and the canvas sampler through the CLI."""
     config = duo_config("local,steps=100")
     config.update_from_flattened_dict(TINY)
     workdir = str(tmp_path / "duo")
@@ -111,3 +111,9 @@ def test_duo_quickstart_trains_its_loss_falls_and_samples(tmp_path):
     assert metrics["nelbo"] < 0.8 * np.log(vocab), (metrics, np.log(vocab))
     samples = [f for f in os.listdir(os.path.join(workdir)) if "sample" in f]
     assert samples, os.listdir(workdir)
+    # The canvas sampler on the same network, two canvases of 16 (the CLI gives it the per-token times).
+    from ddlm.sampling import cli
+
+    config.sampler.name, config.sampler.canvas_length, config.sampler.progress = "canvas", 16, False
+    rows = cli.run_sampling(config, workdir)
+    assert len(rows) == config.sampler.num_samples and all(isinstance(r["text"], str) for r in rows), rows
