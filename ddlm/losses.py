@@ -16,6 +16,7 @@ ML-GSAI/RADD, kuleshov-group/bd3lms, google-deepmind/md4).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
@@ -437,7 +438,7 @@ def boundary_terms(name: str, schedule: schedules_lib.Schedule | None, vocab_siz
         raise ValueError(f"unknown loss {name!r}; expected one of {LOSSES}")
     if name in ("ar", "radd"):
         return 0.0, 0.0
-    if name == "sedd_uniform":
+    if name in ("sedd_uniform", "duo"):  # DUO's `_prior_loss` is uniform_prior_kl
         return uniform_prior_kl(schedule, vocab_size), uniform_reconstruction_nll(schedule, vocab_size)
     return absorbing_prior_kl(schedule, vocab_size - 1), absorbing_reconstruction_nll(
         schedule, vocab_size - 1
@@ -540,10 +541,249 @@ def count_sampled_nelbo(
 
 
 # --------------------------------------------------------------------------------------------
+# Uniform-state diffusion with the mean parameterisation (UDLM, DUO) and DUO's curriculum
+# --------------------------------------------------------------------------------------------
+
+
+def duo_loss(logits, x0, xt, t, schedule):
+    """The continuous-time NELBO of the uniform process with the mean parameterisation, per token (UDLM,
+    Schiff et al. 2025; DUO, Sahoo et al. 2025, sec. 2; s-sahoo/duo `algo.py` DUO_BASE.nll_per_token). The
+    network outputs x_theta = softmax(logits) [B, L, V] over the V ids of the uniform process; with
+    a = alpha(t), a' = alpha'(t), xbar = V a x + (1 - a) 1 (x one-hot or x_theta) and r = (1 - a)/(V a + 1 - a):
+
+        L = a'/(V a) [ V/xbar(x_0)[x_t] - V/xbar_theta[x_t]
+                       + c (sum_j log xbar_theta[j] - V log xbar_theta[x_t])
+                       + 1[x_t != x_0] V a/(1 - a) (log xbar_theta[x_0] - log xbar_theta[x_t])
+                       - ((V - 1) r 1[x_t = x_0] - 1[x_t != x_0] / r) log r ],
+        c = r if x_t = x_0 else 1,
+
+    >= 0, and 0 at the exact reverse rates. Its minimiser is the leave-one-out posterior
+    x_theta^l = p(x_0^l | x_t^{-l}) (the mean parameterisation's reverse step is exact then:
+    `processes.UniformProcess.mean_posterior_probs`), and with it E_t E_{x_t}[sum_l L] = I(x_0; x_{t=0}) -
+    I(x_0; x_{t=1}) exactly (tests/test_losses_fewstep.py); the NELBO adds `boundary_terms('duo', ...)`.
+    Any schedule-like `schedule` with alpha(t), dalpha(t) works, the Gaussian relaxation's included
+    (`processes.GaussianRelaxation`, the curriculum's). t [B] or [B, L]. Returns float32 [B, L]."""
+    _check_logits("logits", logits, x0)
+    _check_tokens("xt", xt, x0.shape)
+    n = logits.shape[-1]
+    log_x = jax.nn.log_softmax(_at_least_f32(logits), axis=-1)
+    _per_token_time(t, x0)  # checks t's shape
+    t = _at_least_f32(t)
+    # alpha and dalpha at t as given, broadcast to the tokens after: the relaxation's are quadratures.
+    a = _per_token_time(schedule.alpha(t), x0, "alpha(t)").astype(log_x.dtype)
+    da = _per_token_time(schedule.dalpha(t), x0, "dalpha(t)").astype(log_x.dtype)
+    one_minus_a = 1.0 - a
+    # log xbar_theta = log(V a x_theta + 1 - a), kept finite as a -> 0 or 1.
+    log_xbar = jnp.logaddexp(jnp.log(n * a)[..., None] + log_x, jnp.log(one_minus_a)[..., None])
+    log_xbar_xt = _gather(log_xbar, xt)
+    log_xbar_x0 = _gather(log_xbar, x0)
+    eq = xt == x0
+    xbar_true_xt = one_minus_a + jnp.where(eq, n * a, 0.0)
+    term1 = n * (1.0 / xbar_true_xt - jnp.exp(-log_xbar_xt))
+    r = one_minus_a / (n * a + one_minus_a)
+    coef = jnp.where(eq, r, 1.0)
+    # The x_t != x_0 terms are where()d, not multiplied: at a = 1 their factors are infinite (such x_t has
+    # probability 0 then), and 0 * inf would be NaN in the value or the gradient.
+    safe_gap = jnp.where(eq, 1.0, one_minus_a)
+    safe_r = jnp.where(eq, 1.0, r)
+    jump = jnp.where(eq, 0.0, n * a / safe_gap * (log_xbar_x0 - log_xbar_xt))
+    offset = jnp.where(eq, (n - 1) * jax.scipy.special.xlogy(r, r), -jnp.log(safe_r) / safe_r)
+    term2 = -coef * (jnp.sum(log_xbar, axis=-1) - n * log_xbar_xt) - jump + offset
+    return da / (n * a) * (term1 - term2)
+
+
+@dataclasses.dataclass(frozen=True)
+class DuoCurriculum:
+    """DUO's Gaussian-relaxation curriculum (DUO sec. 4.1; s-sahoo/duo `algo.py` DUO.nll with
+    curriculum.mode='simple', `_compute_gumbel_tau_inverse`): for training steps in [0, end) the network sees
+    softmax(w_t / tau) of the Gaussian latent w_t (`processes.GaussianRelaxation`) instead of its argmax x_t,
+    and the loss is `duo_loss` of x_t with the relaxation's alpha(t) (gamma in [gamma_min, gamma_max]): the
+    soft input carries the margin of the argmax, a lower-variance signal early in training. log10 tau goes
+    linearly from tau_log10_start at step `start` to tau_log10_end at `end` (DUO's OWT and LM1B runs: -3
+    throughout, for the first 500k of 1M steps); from `end` on the plain loss (uniform noise at
+    schedule.alpha(t)) trains. end = 0: no curriculum."""
+
+    relaxation: processes.GaussianRelaxation
+    tau_log10_start: float = -3.0
+    tau_log10_end: float = -3.0
+    start: int = 0
+    end: int = 0
+
+    def active(self, step):
+        return jnp.asarray(step) < self.end
+
+    def inverse_temperature(self, step):
+        """1 / tau at `step` (before `start`: tau_log10_start, as DUO)."""
+        span = max(self.end - self.start, 1)
+        frac = jnp.clip((jnp.asarray(step, jnp.float32) - self.start) / span, 0.0, 1.0)
+        log10_tau = self.tau_log10_start + frac * (self.tau_log10_end - self.tau_log10_start)
+        return 10.0 ** (-log10_tau)
+
+
+def duo_relaxed_inputs(rng, x0, t, relaxation: processes.GaussianRelaxation, inverse_temperature):
+    """(soft inputs softmax(w_t / tau) float32 [B, L, V], x_t = argmax w_t int [B, L]) of DUO's curriculum."""
+    w = relaxation.sample_latent(rng, x0, t)
+    xt = jnp.argmax(w, axis=-1).astype(x0.dtype)
+    return jax.nn.softmax(w * inverse_temperature, axis=-1), xt
+
+
+def network_time(schedule: schedules_lib.Schedule, alpha):
+    """The time of `schedule` with keep-probability `alpha`, clipped to [0, 1]: what a network trained on
+    `schedule` is told when another process (the curriculum's relaxation, DCD's Gaussian pairs) produced a
+    state at that noise level (DUO feeds its network sigma = -log alpha, the same information)."""
+    return jnp.clip(schedule.t_from_alpha(alpha), 0.0, 1.0)
+
+
+def duo_log_ratios(logits, xt, alpha):
+    """The log ratios log p_t(x_t^{l <- y}) / p_t(x_t) [B, L, V] that a mean-parameterised network implies
+    (UDLM / DUO: the reverse rate to y is -alpha'/(V alpha) xbar_theta[y] / xbar_theta[x_t^l] with xbar_theta =
+    V alpha x_theta + (1 - alpha) 1, while the true one is -alpha'/(V alpha) p_t(x_t^{l <- y}) / p_t(x_t)):
+
+        log xbar_theta[y] - log xbar_theta[x_t^l],   x_theta = softmax(logits),
+
+    exact when x_theta is the leave-one-out posterior p(x_0^l | x_t^{-l}) (the loss's minimiser). This is what the
+    uniform graph's score samplers (`ddlm.sampling.score`, SEDD's) take, so a DUO network samples through them.
+    logits [B, L, V], xt int [B, L], alpha = schedule.alpha(t): [B] or [B, L]."""
+    log_x = jax.nn.log_softmax(_at_least_f32(logits), axis=-1)
+    n = logits.shape[-1]
+    a = _per_token_time(alpha, xt, "alpha").astype(log_x.dtype)[..., None]
+    log_xbar = jnp.logaddexp(jnp.log(n * a) + log_x, jnp.log1p(-a))
+    return log_xbar - _gather(log_xbar, xt)[..., None]
+
+
+# --------------------------------------------------------------------------------------------
+# Self-conditioning: the second pass on the network's own previous prediction
+# --------------------------------------------------------------------------------------------
+
+
+def self_conditioned_apply(apply_fn: "ApplyFn", rng, probability: float) -> "ApplyFn":
+    """apply_fn(xt, t, ctx) with self-conditioning (Chen et al. 2023, "Analog Bits", sec. 3.2; DiffusionGemma's
+    `call_with_self_conditioning`): a first pass without the signal (self_cond=None: zeros), its prediction
+    softmax(logits) taken as a constant (stop_gradient), and the returned logits from a second pass that sees
+    it, for each row with probability `probability` (the others see zeros, as at a sampler's first step).
+    The loss is whatever the caller computes from the returned logits, so any objective can use it.
+    apply_fn must accept self_cond=float [B, L, V] | None. Two network passes per call."""
+    if not 0.0 <= probability <= 1.0:
+        raise ValueError(f"self-conditioning probability must be in [0, 1], got {probability}")
+
+    def apply(xt, t, ctx):
+        first = jax.lax.stop_gradient(apply_fn(xt, t, ctx, self_cond=None))
+        probs = jax.nn.softmax(_at_least_f32(first), axis=-1)
+        use = jax.random.bernoulli(rng, probability, (first.shape[0],))
+        return apply_fn(xt, t, ctx, self_cond=jnp.where(use[:, None, None], probs, 0.0))
+
+    return apply
+
+
+# --------------------------------------------------------------------------------------------
+# Distillation: SDTT (masked) and DCD (uniform-state) targets and divergences
+# --------------------------------------------------------------------------------------------
+
+DIVERGENCES = ("kl_reverse", "kl_forward")
+
+
+def distillation_divergence(student_logits, teacher_log_probs, divergence: str = "kl_reverse"):
+    """Per-token divergence between the student's softmax(student_logits) = q and the teacher's p =
+    exp(teacher_log_probs), [B, L, V] -> float32 [B, L]:
+
+        kl_reverse  KL(q || p) = sum_v q (log q - log p)   (SDTT's and DCD's default 'kl-bwd')
+        kl_forward  KL(p || q) = sum_v p (log p - log q)   ('kl-fwd')
+
+    0 iff q = p. Teacher entries of probability 0 (SUBS's mask column: log p ~ -1e6) add p log p = 0 to the
+    forward KL; the student's own mask column is as small, so q log p stays finite in the reverse one."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    log_q = jax.nn.log_softmax(_at_least_f32(student_logits), axis=-1)
+    log_p = _at_least_f32(teacher_log_probs)
+    if divergence == "kl_reverse":
+        return jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1)
+    p = jnp.exp(log_p)
+    return jnp.sum(jnp.where(p > 0, p * (log_p - log_q), 0.0), axis=-1)
+
+
+def sdtt_target(teacher_fn, rng, xt, t, *, dt: float, num_steps: int, schedule, mask_id: int):
+    """SDTT's teacher target (Deschenaux & Gulcehre 2025, "Beyond Autoregression: Discrete Diffusion for
+    Long-Context Text", Alg. 1; jdeschena/sdtt `multi_round_sdtt.py` _teacher_logprobs_on_mask): the teacher
+    runs `num_steps` ancestral steps of size dt from x_t (t -> t - dt -> ... -> t - num_steps dt, clipped at 0),
+    each revealing a masked token with probability (alpha(s) - alpha(t_k)) / (1 - alpha(t_k)) as a draw from its
+    prediction; a position's target is the teacher's log p(x_0 | x_{t_k}) (SUBS) at the step that revealed it,
+    or at the last step for one still masked. (The reference's start times are t s_k + (1 - t)(t - num_steps dt)
+    with s_k = linspace(1, 0, num_steps), each step of size dt, clamped at sampling_eps: its interpolation
+    weights are not s_k and 1 - s_k, so the steps neither start at t nor tile [t - num_steps dt, t]; here step
+    k starts where step k - 1 ended, the several-step ancestral sampler SDTT describes.) teacher_fn(x [B, L],
+    t [B]) -> logits [B, L, V]; xt int [B, L]; t [B]. Returns (log-probs float32 [B, L, V], x after the steps).
+
+    With one step the target is the teacher's prediction at x_t. With more it is not p(x_0 | x_t) even for the
+    exact denoiser: a step reveals several tokens independently from their marginals, and the target's mean is
+    that factorised several-step sampler's (tests/test_losses_fewstep.py enumerates it), the output a
+    one-step student is trained to reproduce."""
+    if num_steps < 1:
+        raise ValueError(f"sdtt needs num_steps >= 1 teacher steps, got {num_steps}")
+    batch = xt.shape[0]
+    target = None
+    x = xt
+    for k in range(num_steps):
+        t_k = jnp.clip(t - k * dt, 0.0, 1.0)
+        s_k = jnp.clip(t - (k + 1) * dt, 0.0, 1.0)
+        log_p = subs_log_probs(teacher_fn(x, jnp.broadcast_to(t_k, (batch,))), x, mask_id)
+        a_t, a_s = schedule.alpha(t_k), schedule.alpha(s_k)
+        reveal_prob = jnp.where(a_t < 1.0, (a_s - a_t) / jnp.maximum(1.0 - a_t, 1e-30), 1.0)
+        coin_rng, draw_rng, rng = jax.random.split(rng, 3)
+        coin = jax.random.uniform(coin_rng, x.shape) < reveal_prob[:, None]
+        draw = jax.random.categorical(draw_rng, log_p, axis=-1).astype(x.dtype)
+        now = (x == mask_id) & coin
+        target = log_p if target is None else jnp.where(now[..., None], log_p, target)
+        # A position revealed at an earlier step keeps that step's prediction: `now` holds masked ones only.
+        x = jnp.where(now, draw, x)
+    target = jnp.where((x == mask_id)[..., None], log_p, target)
+    return target, x
+
+
+def sdtt_loss(student_logits, target_log_probs, xt, mask_id: int, divergence: str = "kl_reverse"):
+    """SDTT's per-token loss: the divergence between the student's SUBS prediction at x_t and the teacher's
+    several-step target, at masked positions; 0 elsewhere. The trainer averages it over the masked tokens
+    (SDTT's `batchmean` over the masked rows). Returns float32 [B, L]."""
+    student = subs_log_probs(student_logits, xt, mask_id)
+    per = distillation_divergence(student, target_log_probs, divergence)
+    return jnp.where(xt == mask_id, per, 0.0)
+
+
+def sdtt_dt(step, *, base_steps: int = 1024, grow_every: int = 10_000, num_steps: int = 2, sampling_eps=1e-3):
+    """SDTT's teacher step size at optimizer `step` (jdeschena/sdtt `multi_round_sdtt.py` training_step): round
+    r = step // grow_every distils a (base_steps / num_steps^r)-step sampler, dt = (1 - eps) num_steps^r /
+    base_steps; each new round copies the student into the teacher (the trainer's business)."""
+    rounds = jnp.asarray(step) // grow_every
+    return (1.0 - sampling_eps) / base_steps * jnp.asarray(num_steps, jnp.float32) ** rounds
+
+
+def dcd_dt(step, *, base_steps: int = 512, update_teacher_every: int = 10_000):
+    """DCD's pair gap at optimizer `step` (s-sahoo/duo `algo.py` Distillation._compute_dt, linear_growth_dt
+    off): dt = 2^(step // update_teacher_every) / T, doubling each time the teacher is refreshed (T = algo.T,
+    512 in `scripts/distil_owt.sh`)."""
+    return 2.0 ** (jnp.asarray(step) // update_teacher_every).astype(jnp.float32) / base_steps
+
+
+def dcd_pair(rng, x0, t, dt: float, relaxation: processes.GaussianRelaxation):
+    """DCD's pair of states (DUO Alg. 1; s-sahoo/duo `algo.py` Distillation._sample_trajectory and nll):
+    t' = min(t + dt, 1), s = t' - dt, and one Gaussian draw eps shared by both ends, so that (x_t', x_s) =
+    (argmax w_t', argmax w_s) lie on one deterministic trajectory of the Gaussian diffusion (its probability-flow
+    ODE with the true x_0). Returns (x_t', x_s, t', s) with x int [B, L] and t', s [B]. DCD's loss is then
+    distillation_divergence(student(x_t', t'), log_softmax(teacher(x_s, s)), 'kl_reverse') per token, the
+    networks told their times through `network_time` (the reference's kl-bwd on both mean-parameterised
+    log x_theta, teacher refreshed every update_teacher_every steps: `dcd_dt`)."""
+    t_hi = jnp.clip(t + dt, 0.0, 1.0)
+    s = t_hi - dt
+    eps = jax.random.normal(rng, x0.shape + (relaxation.vocab_size,), jnp.float32)
+    xt = jnp.argmax(relaxation.sample_latent(None, x0, t_hi, noise=eps), axis=-1).astype(x0.dtype)
+    xs = jnp.argmax(relaxation.sample_latent(None, x0, s, noise=eps), axis=-1).astype(x0.dtype)
+    return xt, xs, t_hi, s
+
+
+# --------------------------------------------------------------------------------------------
 # The glue the trainer calls
 # --------------------------------------------------------------------------------------------
 
-LOSSES = ("mdlm", "d3pm", "sedd_absorb", "sedd_uniform", "radd", "bd3lm", "ar", "sft")
+LOSSES = ("mdlm", "d3pm", "sedd_absorb", "sedd_uniform", "radd", "bd3lm", "ar", "sft", "duo")
 
 # apply_fn(xt [B, L] int, t [B] | [B, L] | None, x0_context [B, L] | None) -> logits [B, L, V]
 ApplyFn = Callable[..., jax.Array]
@@ -553,12 +793,37 @@ def _network_output(apply_fn: ApplyFn, vocab_size: int, xt, t, x0_context):
     """apply_fn(xt, t, x0_context), checked to be [batch, length, vocab_size]: a network with another number
     of columns would score ids the forward process never draws, or miss ids it does (a biased loss)."""
     out = apply_fn(xt, t, x0_context)
-    if out.ndim != 3 or tuple(out.shape) != (*xt.shape, vocab_size):
+    if out.ndim != 3 or tuple(out.shape) != (*xt.shape[:2], vocab_size):
         raise ValueError(
-            f"the network's output must be [batch, length, vocab_size] = {(*xt.shape, vocab_size)} "
+            f"the network's output must be [batch, length, vocab_size] = {(*xt.shape[:2], vocab_size)} "
             f"(vocab_size counts every id, the mask id included), got {tuple(out.shape)}"
         )
     return out
+
+
+def _duo_training_loss(apply_fn, x0, loss_mask, t, x_rng, schedule, vocab_size, step, curriculum):
+    """training_loss's 'duo' branch: the plain NELBO, or DUO's curriculum while curriculum.active(step)."""
+
+    def plain():
+        xt = processes.UniformProcess(vocab_size).sample_xt(x_rng, x0, schedule.alpha(t))
+        return duo_loss(_network_output(apply_fn, vocab_size, xt, t, None), x0, xt, t, schedule)
+
+    if curriculum is None or step is None:
+        return masked_mean(plain(), loss_mask), {}
+    relax = curriculum.relaxation
+    if relax.vocab_size != vocab_size:
+        raise ValueError(
+            f"the curriculum's relaxation has vocab_size={relax.vocab_size}, the network {vocab_size}"
+        )
+
+    def relaxed():
+        soft, xt = duo_relaxed_inputs(x_rng, x0, t, relax, curriculum.inverse_temperature(step))
+        logits = _network_output(apply_fn, vocab_size, soft, network_time(schedule, relax.alpha(t)), None)
+        return duo_loss(logits, x0, xt, t, relax)
+
+    active = curriculum.active(step)
+    per_token = jax.lax.cond(active, relaxed, plain)
+    return masked_mean(per_token, loss_mask), {"curriculum": active.astype(jnp.float32)}
 
 
 def training_loss(
@@ -575,6 +840,9 @@ def training_loss(
     num_steps: int | None = None,
     antithetic: bool = True,
     check_ids: bool = False,
+    step=None,
+    curriculum: DuoCurriculum | None = None,
+    self_conditioning: float = 0.0,
 ):
     """One Monte-Carlo estimate of the named loss for a batch of clean sequences x0 [B, L].
 
@@ -586,6 +854,12 @@ def training_loss(
     clean, and the result is `sft_mean` (per-example normalisation) instead of the masked token mean.
     The network's output must be [B, L, vocab_size] (a ValueError otherwise). With check_ids=True, call
     under `checkify.checkify` to validate token ids.
+
+    'duo' (the uniform process, `duo_loss`): with a `curriculum` and the optimizer `step` (training), steps
+    before curriculum.end show the network DUO's relaxed inputs softmax(w_t / tau) float32 [B, L, V] (at the
+    time of `schedule` with the same alpha) and score their argmax with the relaxation's alpha; otherwise
+    (and in eval: step None) x_t ~ q_t and the NELBO. self_conditioning in (0, 1]: the network is called
+    through `self_conditioned_apply` with that probability (apply_fn then takes self_cond=...).
     """
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; expected one of {LOSSES}")
@@ -594,7 +868,10 @@ def training_loss(
     if loss_mask is None:
         loss_mask = jnp.ones(x0.shape, jnp.float32)
     if check_ids:
-        check_token_ids(x0, vocab_size, "x0", mask_id if name not in ("ar", "sedd_uniform") else None)
+        check_token_ids(x0, vocab_size, "x0", mask_id if name not in ("ar", "sedd_uniform", "duo") else None)
+    if self_conditioning:
+        # Its own stream (fold_in), so that the other draws are those of a run without it.
+        apply_fn = self_conditioned_apply(apply_fn, jax.random.fold_in(rng, 0x5C), self_conditioning)
     t_rng, x_rng = jax.random.split(rng)
 
     if name == "ar":
@@ -638,6 +915,11 @@ def training_loss(
         if num_steps is None:
             raise ValueError("loss 'd3pm' needs num_steps")
         t = discretize_times(t, num_steps)
+
+    if name == "duo":
+        return _duo_training_loss(
+            apply_fn, x0, loss_mask, t, x_rng, schedule, vocab_size, step, curriculum
+        )
 
     if name == "sedd_uniform":
         xt = processes.UniformProcess(vocab_size).sample_xt(x_rng, x0, schedule.alpha(t))

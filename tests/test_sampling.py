@@ -855,6 +855,8 @@ def _all_samplers(steps=4):
     for name in sampling.SAMPLERS:
         if name in sampling.CACHED_SAMPLERS:  # they decode a network's KV cache: tests/test_cached_samplers.py
             continue
+        if name == "canvas":  # uniform-state networks only (added below)
+            continue
         c = cfg(name=name, steps=steps)
         if name == "remdm":
             c.remasking, c.eta = "cap", 0.1
@@ -867,6 +869,8 @@ def _all_samplers(steps=4):
             dict(score_fn=uniform_score_fn(geo), schedule=geo, graph="uniform"),
         )
     )
+    uniform_x_theta = lambda x, t: jnp.zeros(x.shape + (V,))  # a mean-parameterised network (its law: tests/test_sampling_canvas.py)
+    out.append(("canvas", cfg(name="canvas", steps=steps), dict(denoise_fn=uniform_x_theta, schedule=sched, graph="uniform")))
     return out
 
 

@@ -200,7 +200,10 @@ TOY_NETWORK = {
 
 def _check_local_scaling(name, full, local):
     """`local` keeps the recipe's method and moves every size-dependent setting together (config_lib.apply_local)."""
-    assert local.diffusion.to_dict() == full.diffusion.to_dict(), name
+    strip = lambda d: {**d, "curriculum": {**d["curriculum"], "start": 0, "end": 0}}
+    assert strip(local.diffusion.to_dict()) == strip(full.diffusion.to_dict()), name
+    lc, fc = local.diffusion.curriculum, full.diffusion.curriculum  # DUO's: the same share of the run
+    assert abs(lc.end / local.train.steps - fc.end / full.train.steps) < 1e-3 and (lc.end > 0) == (fc.end > 0)
     for key in ("name", "time_conditioning", "logit_shift", "attention", "tie_embeddings"):
         assert local.model[key] == full.model[key], (name, key)
     if full.model.name == "bd3lm":
@@ -278,7 +281,8 @@ def test_experiment_local_config_builds_and_trains_on_real_batches(path):
             assert batch["tokens"].shape == (local.train.batch_size, local.train.seq_len)
             rng = jax.random.key_data(jax.random.fold_in(jax.random.key(0), i))
             loss_fn = setup.loss_fn
-            if toy.adapt.anneal_steps:  # as trainer.jit_train_step does
+            # As trainer.jit_train_step does: the annealed mask and DUO's curriculum take the step.
+            if toy.adapt.anneal_steps or step_lib.duo_curriculum(toy.diffusion, setup.tokenizer.vocab_size):
                 loss_fn = functools.partial(loss_fn, step=state.step)
             state, metrics = step_lib.train_step(
                 state,

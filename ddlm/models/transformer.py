@@ -173,9 +173,18 @@ class Transformer(nn.Module):
             raise ValueError(
                 "the causal (AR) transformer has no time conditioning: set time_conditioning=False"
             )
-        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ValueError(f"tokens must be int [batch, length], got {tokens.dtype} {tokens.shape}")
-        batch, length = tokens.shape
+        soft = tokens.ndim == 3 and jnp.issubdtype(tokens.dtype, jnp.floating)
+        if soft and (tokens.shape[-1] != self.vocab_size or self.attention == "block_causal"):
+            raise ValueError(
+                f"soft tokens must be float [batch, length, vocab_size={self.vocab_size}] for a network "
+                f"without block-causal attention, got {tokens.shape} with attention={self.attention!r}"
+            )
+        if not soft and (tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer)):
+            raise ValueError(
+                f"tokens must be int [batch, length] (or float [batch, length, vocab_size]: probabilities), "
+                f"got {tokens.dtype} {tokens.shape}"
+            )
+        batch, length = tokens.shape[:2]
         if self.time_input not in TIME_INPUTS:
             raise ValueError(f"time_input must be one of {TIME_INPUTS}, got {self.time_input!r}")
         if self.max_positions and length > self.max_positions:
@@ -219,7 +228,9 @@ class Transformer(nn.Module):
         """Logits of the network.
 
         Args:
-          tokens: int [batch, length], the (noised) input sequence xt.
+          tokens: int [batch, length], the (noised) input sequence xt; or float [batch, length, vocab_size],
+            a distribution over the ids at each position, embedded as its mean embedding (DUO's curriculum
+            feeds the relaxed softmax(w_t / tau) so, s-sahoo/duo `models/dit.py` EmbeddingLayer).
           t: float [batch] or [batch, length] diffusion time in [0, 1]; ignored (may be None) without time
             conditioning. Block-causal: the clean half x0 is conditioned on t = 0.
           x0: int [batch, length] clean tokens; only for attention='block_causal'.
@@ -233,7 +244,7 @@ class Transformer(nn.Module):
           holds the output layer at position i - 1 (`logit_shift_sources`).
         """
         self._check_inputs(tokens, t, x0)
-        batch, length = tokens.shape
+        batch, length = tokens.shape[:2]
         stream = layers.stream_dtype(self.dtype)
 
         # ---- inputs, positions, mask -----------------------------------------------------------------------
@@ -397,7 +408,10 @@ class Transformer(nn.Module):
         # FSDP-style: gather the table over the 'embed' (fsdp) axis before the lookup; without this XLA cannot
         # partition the gather (batch-sharded ids, embed-sharded table) and replicates the activations.
         table = nn.with_logical_constraint(embedding, ("vocab", None))
-        x = jnp.take(table, tokens, axis=0).astype(stream)  # [B, L', d]
+        if tokens.ndim == 3:  # probabilities [B, L', V]: the mean embedding (the padded rows get none)
+            x = jnp.einsum("blv,vd->bld", tokens.astype(stream), table[: tokens.shape[-1]].astype(stream))
+        else:
+            x = jnp.take(table, tokens, axis=0).astype(stream)  # [B, L', d]
         if self.max_positions:  # learned absolute positions (GPT-2's wpe), read at each token's position
             position_table = self.param(
                 "position_embedding",

@@ -17,6 +17,9 @@ Samplers (config.sampler.name):
     speculative     AR with a draft network proposing cfg.draft_tokens, the target  speculative.speculative_sample
                     verifying them in one call (exactly the target's law; draft_decoder=...)
     bd3lm           BD3-LM blocks with the exact KV cache (block-causal)       block.block_sample
+    canvas          DiffusionGemma-style canvases for uniform-state (DUO) networks: uniform noise, mean-
+                    parameterised reverse steps, entropy-bounded acceptance with re-noising, annealed
+                    temperature, early stop                                      canvas.canvas_sample
 
 ar, speculative and bd3lm decode a network with a KV cache: pass decoder=models.make_decoder(model, variables) instead of
 denoise_fn; bd3lm runs the masked sampler cfg.block_sampler inside each block. So does parallel with
@@ -30,14 +33,14 @@ import functools
 
 import jax
 
-from ddlm.sampling import autoregressive, block, categorical, conditioning, masked, parallel, rules, score
+from ddlm.sampling import autoregressive, block, canvas, categorical, conditioning, masked, parallel, rules, score
 from ddlm.sampling import caches
 from ddlm.sampling import speculative
 from ddlm.sampling.config import default_config
 from ddlm.sampling.masked import SampleOutput, ancestral_sample, first_hitting_sample
 from ddlm.sampling.score import absorbing_score_fn, score_sample
 
-SAMPLERS = ("ancestral", "cached", "remdm", "first_hitting", "sedd_euler", "sedd_analytic", "parallel")
+SAMPLERS = ("ancestral", "cached", "remdm", "first_hitting", "sedd_euler", "sedd_analytic", "parallel", "canvas")
 # Samplers that decode a network with its KV cache (make_sampler's `decoder`), and the masked samplers a
 # bd3lm block may run (cfg.block_sampler).
 CACHED_SAMPLERS = ("ar", "bd3lm", "speculative")
@@ -86,9 +89,12 @@ def make_sampler(
         return _make_cached_sampler(
             cfg, decoder, schedule, mask_id, return_trajectory, progress_fn, eos_id, pad_id, draft_decoder
         )
+    if cfg.name == "canvas":
+        return _make_canvas_sampler(cfg, denoise_fn, schedule, graph, return_trajectory, progress_fn)
     if graph == "uniform" and not cfg.name.startswith("sedd_"):
         raise ValueError(
-            f"sampler {cfg.name!r} is for masked diffusion; the uniform graph needs sedd_euler or sedd_analytic"
+            f"sampler {cfg.name!r} is for masked diffusion; the uniform graph needs sedd_euler, sedd_analytic "
+            "or canvas"
         )
     if cfg.name.startswith("sedd_") and score_fn is None and (graph != "absorbing" or denoise_fn is None):
         raise ValueError(f"sampler {cfg.name!r} on the {graph} graph needs a score_fn")
@@ -181,6 +187,40 @@ def make_sampler(
             t_min=cfg.t_min,
             noise_removal=cfg.noise_removal,
             precision=cfg.precision,
+            return_trajectory=return_trajectory,
+            progress_fn=progress_fn,
+        )
+
+    return sample
+
+
+def _make_canvas_sampler(cfg, denoise_fn, schedule, graph, return_trajectory, progress_fn):
+    """The 'canvas' sampler (canvas.canvas_sample) over a mean-parameterised uniform-state network."""
+    if graph != "uniform":
+        raise ValueError(
+            "sampler 'canvas' is for uniform-state networks (config.diffusion.process='uniform', loss='duo'), "
+            f"got the {graph} graph (a masked model: use ancestral, parallel, ...)"
+        )
+    if denoise_fn is None:
+        raise ValueError("sampler 'canvas' needs denoise_fn: the network's logits (x_theta = softmax)")
+    if cfg.guidance_scale:
+        raise ValueError("sampler 'canvas' has no classifier-free guidance: set config.sampler.guidance_scale=0")
+
+    def sample(rng, x_init, clamp=None):
+        return canvas.canvas_sample(
+            denoise_fn,
+            rng,
+            x_init,
+            schedule=schedule,
+            steps=cfg.steps,
+            canvas_length=cfg.canvas_length,
+            entropy_bound=cfg.entropy_bound,
+            renoise=bool(cfg.renoise),
+            temperature_max=cfg.anneal_max,
+            temperature_min=cfg.anneal_min,
+            temperature_exponent=cfg.anneal_exponent,
+            stop_when_stable=bool(cfg.stop_when_stable),
+            clamp=clamp,
             return_trajectory=return_trajectory,
             progress_fn=progress_fn,
         )

@@ -323,6 +323,10 @@ def sample_fn(
             score_fn = lambda xt, t: losses.sedd_absorbing_log_cond(network(params, xt, t))
         elif loss == "sedd_uniform":
             score_fn = denoise_fn  # a uniform-graph SEDD network outputs log ratios
+        elif loss == "duo":  # a mean-parameterised network implies the log ratios (losses.duo_log_ratios)
+            score_fn = lambda xt, t: losses.duo_log_ratios(
+                network(params, xt, t), xt, diffusion_schedule.alpha(jnp.broadcast_to(t, xt.shape[:1]))
+            )
         if not sc.name.startswith("sedd_"):
             score_fn = None
         cached = sc.name in ("ar", "bd3lm") or sc.cache != "none"

@@ -55,6 +55,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.visualize = False  # write every sample's trajectory to trajectory.html (+ an animation on a terminal)
     c.output_dir = ""  # each run writes to <output_dir>/<date>-<time>-step<N>-<name>/; '' = <workdir>/samples
     # name=ar (causal networks) and name=bd3lm (block-causal): decoding with the network's KV cache
+    c.canvas_length = 0  # name=canvas: tokens per canvas, generated left to right (must divide seq_len; 0 = one)
+    c.entropy_bound = 1.0  # name=canvas: accept the lowest-entropy positions while their entropy sum stays below
+    c.renoise = True  # name=canvas: rejected positions become random tokens (False: they keep theirs)
+    c.anneal_max = 1.0  # name=canvas: temperature at t = 1 ...
+    c.anneal_min = 1.0  # ... and at t = 0 (DiffusionGemma: 0.8 -> 0.4)
+    c.anneal_exponent = 1.0  # name=canvas: T = min + (max - min)(1 - (1 - t)^exponent)
+    c.stop_when_stable = False  # name=canvas: end a canvas at the first step that changes no token
     c.kv_cache = True  # reuse the keys/values of finished tokens (False: full forward per call; same tokens)
     c.greedy = False  # ar: argmax decoding (else temperature / top_k / top_p, float64 Gumbel noise)
     c.stop_at_eos = False  # stop once every sequence has generated eos (variable length); pad after it
@@ -125,6 +132,19 @@ def validate(sampler_config, *, diffusion=None, seq_len: int | None = None) -> m
         fail("top_p", "a number in (0, 1] (1 = off)")
     if c.precision not in categorical.PRECISIONS:
         fail("precision", f"one of {categorical.PRECISIONS}")
+    if c.name == "canvas":
+        if not is_int(c.canvas_length) or c.canvas_length < 0:
+            fail("canvas_length", "an integer >= 0 (0 = the whole sequence as one canvas)")
+        if seq_len is not None and c.canvas_length and seq_len % c.canvas_length:
+            fail("canvas_length", f"a divisor of the generated length {seq_len} (0 = one canvas)")
+        if not isinstance(c.entropy_bound, (int, float)) or isinstance(c.entropy_bound, bool) or c.entropy_bound < 0:
+            fail("entropy_bound", "a number >= 0 (nats; inf = accept every position)")
+        if not is_number(c.anneal_min) or c.anneal_min <= 0:
+            fail("anneal_min", "a number > 0")
+        if not is_number(c.anneal_max) or c.anneal_max < c.anneal_min:
+            fail("anneal_max", f"a number >= anneal_min={c.anneal_min}")
+        if not is_number(c.anneal_exponent) or c.anneal_exponent <= 0:
+            fail("anneal_exponent", "a number > 0")
     strategies = tuple(r for r in masked.REMASKING if r != "none")
     if c.remasking not in strategies:
         fail("remasking", f"one of {strategies}")
@@ -182,10 +202,15 @@ def validate(sampler_config, *, diffusion=None, seq_len: int | None = None) -> m
                 f"config.diffusion.loss={diffusion.loss!r} is sampled with config.sampler.name="
                 f"{' or '.join(map(repr, allowed))}, got {c.name!r}"
             )
-        if diffusion.process == "uniform" and not c.name.startswith("sedd_"):
+        if c.name == "canvas" and diffusion.loss != "duo":
+            raise ValueError(
+                "config.sampler.name='canvas' samples uniform-state networks trained with loss='duo', got "
+                f"config.diffusion.loss={diffusion.loss!r}"
+            )
+        if diffusion.process == "uniform" and not (c.name.startswith("sedd_") or c.name == "canvas"):
             raise ValueError(
                 f"config.sampler.name={c.name!r} needs the absorbing process; on "
-                "config.diffusion.process='uniform' use sedd_euler or sedd_analytic"
+                "config.diffusion.process='uniform' use sedd_euler, sedd_analytic or canvas"
             )
         if diffusion.process == "uniform":
             grid = c.grid or diffusion.schedule

@@ -55,7 +55,7 @@ def diffusion_config(
     loss: str, *, schedule: str = "loglinear", process: str = "absorbing", **schedule_kwargs
 ):
     c = ml_collections.ConfigDict()
-    c.loss = loss  # ddlm.losses.LOSSES: mdlm | d3pm | sedd_absorb | sedd_uniform | radd | bd3lm | ar | sft
+    c.loss = loss  # ddlm.losses.LOSSES: mdlm | d3pm | sedd_absorb | sedd_uniform | radd | bd3lm | ar | sft | duo
     c.schedule = (
         schedule  # ddlm.schedules.get_schedule name: loglinear | linear | cosine | polynomial | geometric
     )
@@ -65,6 +65,20 @@ def diffusion_config(
     c.process = process  # forward corruption: 'absorbing' (mask) | 'uniform'; used by samplers
     c.num_steps = 0  # discrete-time steps T for 'd3pm' (0 = continuous time)
     c.antithetic = True  # low-discrepancy (antithetic) time sampling in the loss
+    c.curriculum = duo_curriculum_config()  # loss 'duo' only: DUO's Gaussian-relaxation curriculum
+    return c
+
+
+def duo_curriculum_config(*, end: int = 0):
+    """DUO's curriculum (ddlm.losses.DuoCurriculum): for optimizer steps < end the network sees the relaxed
+    softmax(w_t / tau) of a Gaussian latent and the loss scores its argmax; end = 0: off (the plain NELBO)."""
+    c = ml_collections.ConfigDict()
+    c.end = end  # the step the curriculum stops at (DUO's OWT/LM1B runs: 500k of 1M); 0 = no curriculum
+    c.start = 0  # log10 tau goes from tau_log10_start at `start` to tau_log10_end at `end`
+    c.tau_log10_start = -3.0  # DUO's OWT/LM1B scripts: -3 throughout (configs/algo/duo.yaml: -1 -> -2)
+    c.tau_log10_end = -3.0
+    c.gamma_min = -3.5  # the relaxation's log-SNR range gamma_t = gamma_min + t (gamma_max - gamma_min)
+    c.gamma_max = -1.75  # (LM1B's; OWT's: -3.55, -1.85)
     return c
 
 
@@ -226,6 +240,9 @@ def apply_smoke(config) -> None:
     t.sample_at_end = False
     config.optim.warmup_steps = 1
     config.sampler.steps, config.sampler.num_samples, config.sampler.batch_size = 4, 2, 2
+    c = config.diffusion.curriculum
+    if c.end:  # DUO's curriculum for the first of the 2 steps, the plain loss for the second
+        c.start, c.end = 0, 1
 
 
 # The scale of `local` (the quickstart's, about 5 minutes of the tiny network on a 2-core CPU, README).
@@ -238,10 +255,12 @@ def scale_to_steps(config, steps: int) -> None:
     1 / (1 - decay) at most 1/25 of it (the quickstart's 50 warmup steps and EMA 0.99 at 2,500 steps; with
     0.9999 a 50-step run evaluates the initial network), a progress line every 1/25 and an eval and a
     checkpoint every quarter of the run. Each only ever shrinks: a recipe's smaller value stays, and a recipe
-    keeps its own settings at its own step count."""
+    keeps its own settings at its own step count. DUO's curriculum (start, end) scales with the steps."""
     t, o = config.train, config.optim
     if steps == t.steps:
         return
+    c = config.diffusion.curriculum  # DUO's curriculum keeps its share of the run
+    c.start, c.end = (c.start * steps) // t.steps, max(1, (c.end * steps) // t.steps) if c.end else 0
     t.steps = steps
     o.warmup_steps = min(o.warmup_steps, max(1, steps // 50))
     o.ema_decay = min(o.ema_decay, max(0.0, 1.0 - 25.0 / steps))

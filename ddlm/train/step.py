@@ -30,6 +30,7 @@ def make_loss_fn(
 ) -> LossFn:
     """Binds the network and the diffusion config into loss_fn(params, batch, rng, train, step=None).
 
+    With loss 'duo' and a curriculum (config.diffusion.curriculum.end > 0) the loss uses the `step` too.
     anneal_steps > 0 (AR-to-diffusion adaptation, ddlm/train/adapt.py): when given the optimizer `step`, the
     network attends through that step's annealed causal-to-bidirectional mask; without a step (eval) it
     uses its own (bidirectional) attention."""
@@ -39,6 +40,7 @@ def make_loss_fn(
     loss_name = diffusion_config.loss
     block_size = int(model_config.block_size) if loss_name == "bd3lm" else None
     num_steps = int(diffusion_config.num_steps) or None
+    curriculum = duo_curriculum(diffusion_config, vocab_size)
 
     def loss_fn(params, batch, rng, train, step=None):
         dropout_rng, loss_rng = jax.random.split(rng)
@@ -69,9 +71,25 @@ def make_loss_fn(
             block_size=block_size,
             num_steps=num_steps,
             antithetic=bool(diffusion_config.antithetic),
+            step=step if curriculum is not None else None,
+            curriculum=curriculum,
         )
 
     return loss_fn
+
+
+def duo_curriculum(diffusion_config, vocab_size: int):
+    """DUO's Gaussian-relaxation curriculum (ddlm.losses.DuoCurriculum) of config.diffusion.curriculum, or None
+    (another loss, or curriculum.end = 0). The train step then passes the optimizer step to the loss."""
+    from ddlm import losses, processes
+
+    c = diffusion_config.curriculum
+    if diffusion_config.loss != "duo" or not c.end:
+        return None
+    relaxation = processes.GaussianRelaxation(vocab_size, gamma_min=c.gamma_min, gamma_max=c.gamma_max)
+    return losses.DuoCurriculum(
+        relaxation, tau_log10_start=c.tau_log10_start, tau_log10_end=c.tau_log10_end, start=c.start, end=c.end
+    )
 
 
 def _split_micro_batches(batch: dict, accum_steps: int) -> dict:

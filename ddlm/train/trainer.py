@@ -159,7 +159,8 @@ def jit_train_step(setup: Setup):
     def stepped(state, batch, frozen):
         rng = jax.random.fold_in(state.rng, state.step)
         loss_fn = setup.loss_fn if frozen is None else lora.bind(setup.loss_fn, frozen)
-        if cfg.adapt.anneal_steps:  # the annealed attention mask depends on the step (ddlm/train/adapt.py)
+        # The annealed attention mask (ddlm/train/adapt.py) and DUO's curriculum depend on the step.
+        if cfg.adapt.anneal_steps or step_lib.duo_curriculum(cfg.diffusion, setup.tokenizer.vocab_size):
             loss_fn = functools.partial(loss_fn, step=state.step)
         return step_lib.train_step(
             state,

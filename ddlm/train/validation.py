@@ -28,6 +28,7 @@ _SPM_MODEL_TYPES = ("bpe", "unigram")
 # Losses that train a network through the absorbing (mask) graph, and those that pass it no time.
 _ABSORBING_LOSSES = ("mdlm", "d3pm", "sedd_absorb", "radd", "bd3lm", "sft")
 _TIME_FREE_LOSSES = ("radd", "ar")
+_UNIFORM_LOSSES = ("sedd_uniform", "duo")
 
 
 def _require(ok: bool, field: str, expected: str, value) -> None:
@@ -170,10 +171,11 @@ def validate_diffusion_config(d, model) -> None:
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.diffusion.schedule_kwargs={dict(d.schedule_kwargs)!r}: {e}") from None
     _one_of(d, "diffusion", "process", processes.PROCESSES)
-    if d.loss == "sedd_uniform" and d.process != "uniform":
+    if d.loss in _UNIFORM_LOSSES and d.process != "uniform":
         raise ConfigError(
-            f"config.diffusion.process must be 'uniform' for loss='sedd_uniform', got {d.process!r}"
+            f"config.diffusion.process must be 'uniform' for loss={d.loss!r}, got {d.process!r}"
         )
+    validate_curriculum_config(d)
     if d.loss in _ABSORBING_LOSSES and d.process != "absorbing":
         raise ConfigError(
             f"config.diffusion.process must be 'absorbing' for loss={d.loss!r} (a masked-diffusion loss), "
@@ -209,6 +211,28 @@ def validate_diffusion_config(d, model) -> None:
         raise ConfigError(
             f"config.model.time_conditioning must be False for loss={d.loss!r} (the loss passes the network "
             "no time), got True"
+        )
+
+
+def validate_curriculum_config(d) -> None:
+    """config.diffusion.curriculum (DUO's, ddlm.train.config_lib.duo_curriculum_config): used by loss 'duo'
+    only, so end > 0 with another loss is a mistake; the relaxation's gamma range and the tau schedule."""
+    c = d.curriculum
+    _int_at_least(c, "diffusion.curriculum", ("start", "end"), 0, " (0 = no curriculum)")
+    if c.end and d.loss != "duo":
+        raise ConfigError(
+            f"config.diffusion.curriculum.end must be 0 for loss={d.loss!r} (the curriculum is DUO's, loss='duo'), "
+            f"got {c.end}"
+        )
+    if c.end and c.start >= c.end:
+        raise ConfigError(
+            f"config.diffusion.curriculum.start must be < curriculum.end={c.end}, got {c.start}"
+        )
+    for name in ("tau_log10_start", "tau_log10_end", "gamma_min", "gamma_max"):
+        _require(_finite(c[name]), f"diffusion.curriculum.{name}", "a finite number", c[name])
+    if not c.gamma_min < c.gamma_max:
+        raise ConfigError(
+            f"config.diffusion.curriculum.gamma_min must be < curriculum.gamma_max={c.gamma_max}, got {c.gamma_min}"
         )
 
 
