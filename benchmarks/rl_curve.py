@@ -74,7 +74,7 @@ def timing(config, repeats: int) -> dict:
     holder = {"state": state}
 
     def update():
-        holder["state"], metrics = compiled(holder["state"], batch, setup.frozen)
+        holder["state"], metrics = compiled(holder["state"], batch)
         return metrics
 
     parts["update_s"] = update

@@ -147,27 +147,34 @@ def compile_one(args):
     print(f"COMPILE {time.perf_counter() - t0:.3f} {time.process_time() - c0:.3f}", flush=True)
 
 
-def _build(root: str, overrides, args):
-    """(setup, trainer module) of checkout `root` for the peers' shape: its own ddlm imported afresh."""
-    import jax
-
+def _import_checkout(root: str, *names):
+    """The modules `names` of checkout `root`'s own ddlm, imported afresh (any other checkout's dropped)."""
     for name in [m for m in sys.modules if m == "ddlm" or m.startswith("ddlm.")]:
         del sys.modules[name]
     sys.path.insert(0, os.path.abspath(root))
     try:
         importlib.invalidate_caches()
+        # The second checkout's tfds builders have the first one's names: skip tfds's name registry (no
+        # data is read here).
         from tensorflow_datasets.core import registered
 
         with registered.skip_registration():
             ddlm = importlib.import_module("ddlm")
-            tokenizers = importlib.import_module("ddlm.data.tokenizers")
-            trainer = importlib.import_module("ddlm.train.trainer")
+            modules = [importlib.import_module(n) for n in names]
         assert os.path.abspath(ddlm.__file__).startswith(os.path.abspath(root)), ddlm.__file__
-        config = _config(root, overrides, args)
-        tokenizers.get_tokenizer = lambda data_config: _Tokenizer(args.vocab + 1, args.vocab)
-        return trainer.build(config, jax.devices()[:1]), trainer
+        return modules
     finally:
         sys.path.pop(0)
+
+
+def _build(root: str, overrides, args):
+    """(setup, trainer module) of checkout `root` for the peers' shape: its own ddlm imported afresh."""
+    import jax
+
+    tokenizers, trainer = _import_checkout(root, "ddlm.data.tokenizers", "ddlm.train.trainer")
+    config = _config(root, overrides, args)
+    tokenizers.get_tokenizer = lambda data_config: _Tokenizer(args.vocab + 1, args.vocab)
+    return trainer.build(config, jax.devices()[:1]), trainer
 
 
 def _config(root: str, overrides, args):
@@ -197,31 +204,13 @@ def load_step(root: str, overrides, args):
     import jax
     import numpy as np
 
-    for name in [m for m in sys.modules if m == "ddlm" or m.startswith("ddlm.")]:
-        del sys.modules[name]
-    sys.path.insert(0, os.path.abspath(root))
-    try:
-        importlib.invalidate_caches()
-        # The second checkout's tfds builders have the first one's names: skip tfds's name registry (no
-        # data is read here).
-        from tensorflow_datasets.core import registered
-
-        with registered.skip_registration():
-            ddlm = importlib.import_module("ddlm")
-            tokenizers = importlib.import_module("ddlm.data.tokenizers")
-            trainer = importlib.import_module("ddlm.train.trainer")
-            models = importlib.import_module("ddlm.models")
-        assert os.path.abspath(ddlm.__file__).startswith(os.path.abspath(root)), ddlm.__file__
-        config = _config(root, overrides, args)
-        tokenizers.get_tokenizer = lambda data_config: _Tokenizer(args.vocab + 1, args.vocab)
-        setup = trainer.build(config, jax.devices()[:1])
-        state = setup.init_state()
-        t0 = time.perf_counter()
-        compiled = trainer.compile_train_step(setup)
-        compile_s = time.perf_counter() - t0
-        flops = models.flops_per_token(config.model, args.vocab + 1, args.seq) * args.batch * args.seq
-    finally:
-        sys.path.pop(0)
+    setup, trainer = _build(root, overrides, args)
+    models = sys.modules["ddlm.models"]  # the checkout's own, imported by trainer.build
+    state = setup.init_state()
+    t0 = time.perf_counter()
+    compiled = trainer.compile_train_step(setup)
+    compile_s = time.perf_counter() - t0
+    flops = models.flops_per_token(setup.config.model, args.vocab + 1, args.seq) * args.batch * args.seq
 
     rng = np.random.default_rng(0)
     batches = [

@@ -113,3 +113,15 @@ def broken_copy(src, dst, edit_tensors=None, edit_config=None):
         with open(os.path.join(dst, "config.json"), "w") as f:
             json.dump(config, f)
     return dst
+
+
+def experiment_config(name, arg="smoke"):
+    """experiments/<name>.py's get_config(arg) (the recipe files are not a package)."""
+    import importlib.util
+    import os
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(repo, "experiments", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)

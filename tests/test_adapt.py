@@ -3,7 +3,6 @@ distribution), a diffusion run started from an AR checkpoint by config.train.ini
 (the parameters it starts from are the checkpoint's; at the first annealing step the network is the AR network
 with its head shifted; after annealing it is the bidirectional eval network), and the one-line errors."""
 
-import importlib.util
 import os
 
 import jax
@@ -15,16 +14,13 @@ from ddlm import checkpoints, loading, losses, schedules
 from ddlm.models import layers
 from ddlm.sharding import ConfigError
 from ddlm.train import adapt, trainer
+import model_utils
 
 FAST = {"xla_backend_optimization_level": 0}
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(name, arg="smoke"):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "experiments", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return model_utils.experiment_config(name, arg)
 
 
 def test_anneal_ratio_and_mask():

@@ -3,7 +3,6 @@ was, merged weights compute what base + adapter compute (forward and KV-cache de
 kernels as integers close to the float ones, the trainer's LoRA mode checkpoints the adapter alone and resumes
 from it with the base untouched, and bad settings are one-line errors."""
 
-import importlib.util
 import os
 
 import flax
@@ -18,16 +17,12 @@ from ddlm.sharding import ConfigError
 from ddlm.train import lora, trainer
 import model_utils
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 40
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB - 1, (2, 16)), jnp.int32)
 
 
 def _config(name, arg="smoke"):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "experiments", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return model_utils.experiment_config(name, arg)
 
 
 def _lora_config(rank=4, quantize="none"):

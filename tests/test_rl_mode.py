@@ -5,7 +5,6 @@ accuracy evals, checkpoints, and a resume that continues exactly (the same promp
 an uninterrupted run), on one device and on the 8-device mesh. The estimators' and losses' math is checked on
 the exact oracle in tests/test_rl.py."""
 
-import importlib.util
 import json
 import os
 
@@ -17,15 +16,12 @@ from ddlm import checkpoints
 from ddlm.data import tasks, tokenizers
 from ddlm.sharding import ConfigError
 from ddlm.train import lora, rl, trainer
+import model_utils
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(name, arg="smoke"):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "experiments", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return model_utils.experiment_config(name, arg)
 
 
 # ------------------------------------------------------------------------------------------------ the task

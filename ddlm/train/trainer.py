@@ -151,8 +151,9 @@ def build(config, devices=None) -> Setup:
 def jit_train_step(setup: Setup):
     """The train step jitted once: state sharded as `state_shardings` and donated, batch over (data, fsdp).
 
-    The step's randomness is fold_in(state.rng, state.step): a resumed run draws the same keys. The third
-    argument is setup.frozen (LoRA's frozen base, joined to the trainable adapter; None without LoRA)."""
+    The step's randomness is fold_in(state.rng, state.step): a resumed run draws the same keys. With LoRA the
+    jitted function takes a third argument, setup.frozen (the frozen base joined to the trainable part);
+    compile_train_step binds it, so every compiled step is called as compiled(state, batch)."""
     cfg = setup.config
     from ddlm.train import lora
 
@@ -174,9 +175,13 @@ def jit_train_step(setup: Setup):
         )
 
     batch_sh = {k: s.sharding for k, s in batch_abstract(setup, cfg.train.batch_size).items()}
+    if setup.frozen is None:
+        fn, in_shardings = (lambda state, batch: stepped(state, batch, None)), (setup.state_shardings, batch_sh)
+    else:
+        fn, in_shardings = stepped, (setup.state_shardings, batch_sh, _frozen_shardings(setup))
     return jax.jit(
-        stepped,
-        in_shardings=(setup.state_shardings, batch_sh, _frozen_shardings(setup)),
+        fn,
+        in_shardings=in_shardings,
         out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
         donate_argnums=(0,),
     )
@@ -212,6 +217,20 @@ def _has_sub_byte(tree) -> bool:
     )
 
 
+class _WithFrozen:
+    """A LoRA step (compiled or _Dispatched) with setup.frozen bound as its last argument, and the compiled
+    step's analyses (memory_analysis, ...)."""
+
+    def __init__(self, step, frozen):
+        self.step, self.frozen = step, frozen
+
+    def __call__(self, *args):
+        return self.step(*args, self.frozen)
+
+    def __getattr__(self, name):
+        return getattr(self.step, name)
+
+
 class _Dispatched:
     """A step called through jit's dispatch, with the AOT-compiled one's analyses (memory_analysis, ...).
     XLA:CPU compiles an int4 argument for the packed layout, which the host's int4 arrays (one value a byte)
@@ -231,11 +250,15 @@ class _Dispatched:
 
 def compile_train_step(setup: Setup):
     """jit_train_step lowered (under the mesh, see lower_with_mesh) and compiled for the config's batch; call
-    it as compiled(state, batch, setup.frozen)."""
+    it as compiled(state, batch) (with LoRA the frozen base is bound to it)."""
     batch = batch_abstract(setup, setup.config.train.batch_size)
     jitted = jit_train_step(setup)
+    if setup.frozen is None:
+        return lower_with_mesh(setup, jitted, setup.abstract_state(), batch).compile()
     compiled = lower_with_mesh(setup, jitted, setup.abstract_state(), batch, _frozen_abstract(setup)).compile()
-    return _Dispatched(setup, jitted, compiled) if _has_sub_byte(setup.frozen) else compiled
+    if _has_sub_byte(setup.frozen):
+        compiled = _Dispatched(setup, jitted, compiled)
+    return _WithFrozen(compiled, setup.frozen)
 
 
 def compile_eval_step(setup: Setup):
@@ -624,7 +647,7 @@ def _train_and_evaluate(config, workdir: str, devices, resources: contextlib.Exi
     try:
         for step in range(start + 1, total + 1):
             batch = next(train_iter)
-            state, metrics = compiled(state, batch, setup.frozen)
+            state, metrics = compiled(state, batch)
             if pending is not None:
                 check(pending[0], jax.device_get(pending[1]))
             pending = (step, metrics)
