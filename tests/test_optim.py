@@ -75,6 +75,7 @@ def _config():
     config.optim.lr, config.optim.warmup_steps, config.optim.ema_decay = 3e-3, 2, 0.9
     config.optim.weight_decay, config.optim.grad_clip = 0.01, 0.05  # both active
     config.mesh = config_lib.mesh_config(data=1)
+    config.optim.fused_update = True
     return config
 
 
@@ -150,3 +151,20 @@ def test_fused_update_compiles_to_fewer_fusions_than_optax():
     leaves = len(jax.tree.leaves(setup.abstract_state().params))
     fused, optaxed = fusions(setup.tx), fusions(plain)
     assert fused <= optaxed - 2 * leaves, (fused, optaxed, leaves)
+
+
+def test_the_fused_update_is_an_option_and_off_by_default():
+    """config.optim.fused_update: off, make_optimizer is optax's chain (the train step applies it as optax
+    does); on, a FusedAdamW whose apply the step runs. A non-bool is one ConfigError naming the field."""
+    from ddlm.sharding import ConfigError
+    from ddlm.train import validation
+
+    o = config_lib.optim_config()
+    assert o.fused_update is False
+    assert not isinstance(optim.make_optimizer(o, 10), optim.FusedAdamW)
+    o.fused_update = True
+    assert isinstance(optim.make_optimizer(o, 10), optim.FusedAdamW)
+    o = type(o)({**o.to_dict(), "fused_update": "yes"})  # as a config file could write it
+    with pytest.raises(ConfigError, match="optim.fused_update must be True or False") as e:
+        validation.validate_optim_config(o)
+    assert "\n" not in str(e.value)

@@ -42,11 +42,14 @@ def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([warmup_fn, decay], [warmup])
 
 
-def make_optimizer(optim_config, total_steps: int) -> FusedAdamW:
+def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformation:
+    """clip_by_global_norm + AdamW (decay on matrices only); with config.optim.fused_update a FusedAdamW, whose
+    `apply` the train step then runs (the same update and state). Off by default: on the idle 2-core CPU it
+    compiled `small`'s step 1.14x faster but ran the step ~3% slower (benchmarks/RESULTS.md, issue 28)."""
     if optim_config.name != "adamw":
         raise ConfigError(f"config.optim.name must be 'adamw', got {optim_config.name!r}")
     schedule = learning_rate_schedule(optim_config, total_steps)
-    return fused_adamw(
+    tx = fused_adamw(
         schedule,
         b1=float(optim_config.b1),
         b2=float(optim_config.b2),
@@ -54,6 +57,9 @@ def make_optimizer(optim_config, total_steps: int) -> FusedAdamW:
         weight_decay=float(optim_config.weight_decay),
         grad_clip=float(optim_config.grad_clip),
     )
+    if optim_config.get("fused_update", False):
+        return tx
+    return optax.GradientTransformation(tx.init, tx.update)  # optax's chain, applied as optax applies it
 
 
 class FusedAdamW(NamedTuple):

@@ -284,6 +284,8 @@ def validate_optim_config(o) -> None:
     )
     for name, ok, expected in checks:
         _require(ok, f"optim.{name}", expected, o[name])
+    fused = o.get("fused_update", False)  # absent from the configs of runs before it existed
+    _require(isinstance(fused, bool), "optim.fused_update", "True or False", fused)
 
 
 def validate_train_config(t) -> None:
