@@ -222,17 +222,18 @@ def test_rl_mode_updates_the_policy_and_resumes_exactly(sft_base, rewarded, tmp_
 
 
 def test_rl_mode_runs_sharded_and_with_lora_adapters(sft_base, rewarded, tmp_path):
-    """The 8-device mesh (rows over the data axis) with rank-4 adapters on the frozen SFT network: the
-    checkpoint holds the adapter alone, and the logged rollouts are the one-device run's (the same law, and
-    here the same keys)."""
-    config = _rl_config(sft_base, "smoke,lora=4")
-    config.train.steps = 2
+    """The 8-device mesh (rows over the data axis) with rank-4 adapters on the frozen SFT network and a KL
+    to the reference (the base itself): the adapters train, the checkpoint holds them alone, and the KL
+    starts at zero (the adapted network starts as the base) and grows."""
+    config = _rl_config(sft_base, "smoke,lora=4", **{"rl.beta": 0.05})
     workdir = str(tmp_path / "lora8")
     trainer.train_and_evaluate(config, workdir, jax.devices())
     train = _rows(workdir, "train")
-    assert len(train) == 2 and all(r["grad_norm"] > 0 for r in train)
+    assert len(train) == 3 and all(r["grad_norm"] > 0 for r in train)
+    # Step 1's rate is 0 (warmup), so the policy moves at step 2 and the KL shows at step 3.
+    assert train[0]["kl"] == pytest.approx(0.0, abs=1e-6) and train[-1]["kl"] > 0
     state, step = _restore(config, workdir, jax.devices())
-    assert step == 2
+    assert step == 3
     names = checkpoints.leaf_paths(state.params)[0]
     assert names and all(n.endswith(lora.ADAPTER_SUFFIXES) for n in names)
     b = [v for k, v in zip(names, jax.tree.leaves(state.params)) if k.endswith("_lora_b")]

@@ -287,15 +287,16 @@ class Policy:
             return self._reference(self.reference_params, tokens, response_mask, noise)
 
 
-def reference_params(setup, init_params):
-    """The frozen reference's full parameters: the base (LoRA: setup.frozen with zero adapters) or the
-    parameters the run started from (init_params, config.train.init_from)."""
+def reference_params(setup, init_params_fn):
+    """The frozen reference's full parameters: the base (LoRA: setup.frozen with zero adapters and its own
+    train_also parameters) or the parameters the run started from (init_params_fn(), config.train.init_from;
+    not called with LoRA, whose state holds only the trainable part)."""
     from ddlm.train import lora
 
     if lora.enabled(setup.config):
         base = lora.seed_trainable(setup.init_state().params, setup.frozen, zero_adapters=True)
         return lora.combine(setup.frozen, base)
-    return init_params
+    return init_params_fn()
 
 
 def encode_prompts(tok, problems, seq_len: int, repeat: int) -> tuple[np.ndarray, np.ndarray]:
@@ -339,7 +340,7 @@ class RolloutIterator:
     @property
     def policy(self) -> Policy:
         if self._policy is None:  # after the restore: the reference is what the run started from
-            ref = reference_params(self.setup, self.init_params_fn()) if self.config.rl.beta else None
+            ref = reference_params(self.setup, self.init_params_fn) if self.config.rl.beta else None
             self._policy = Policy(self.setup, ref)
         return self._policy
 
