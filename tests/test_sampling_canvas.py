@@ -3,7 +3,6 @@ everything and no re-noising it is the mean parameterisation's ancestral chain, 
 here by transition matrices over the 81 sequences (the samples' TV to it is at the noise floor); the laws of
 the DiffusionGemma settings are measured and stated; one-line errors."""
 
-import functools
 import math
 
 import jax
@@ -11,30 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import oracle
 from ddlm import processes, sampling, schedules
 from ddlm.sampling import canvas
+from test_sampling import L, TOY, V, histogram, tv, tv_bound  # the same toy oracle and TV helpers
 
-V, L = 3, 4
-TOY = oracle.ToyDistribution(num_tokens=V, length=L, seed=0)
 SEQS = jnp.asarray(TOY.seqs)
 N = 8000
 SCHED = schedules.LinearSchedule()  # alpha(1) = 0: the initial uniform noise is exactly x_1
 FAST = {"xla_backend_optimization_level": 0}
-
-
-def tv_bound(p, n, fail_prob=1e-4):
-    p = np.asarray(p)
-    return 0.5 * np.sum(np.sqrt(p * (1.0 - p) / n)) + math.sqrt(math.log(1.0 / fail_prob) / (2.0 * n))
-
-
-def tv(p, q):
-    return 0.5 * float(np.abs(np.asarray(p) - np.asarray(q)).sum())
-
-
-def histogram(tokens):
-    idx = np.asarray(TOY.index(np.asarray(tokens)))
-    return np.bincount(idx, minlength=V**L) / len(idx)
 
 
 def loo_posterior(x, alpha):
