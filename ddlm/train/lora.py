@@ -68,9 +68,10 @@ def validate(config) -> None:
     """One-line ConfigErrors for config.lora; LoRA needs a base to adapt (config.train.init_from)."""
     if "lora" not in config:
         return
+    from ddlm.train.validation import _is_int, _require
+
     c = config.lora
-    if isinstance(c.rank, bool) or not isinstance(c.rank, int) or c.rank < 0:
-        raise ConfigError(f"config.lora.rank must be an integer >= 0 (0 = full fine-tuning), got {c.rank!r}")
+    _require(_is_int(c.rank) and c.rank >= 0, "lora.rank", "an integer >= 0 (0 = full fine-tuning)", c.rank)
     if isinstance(c.alpha, bool) or not isinstance(c.alpha, (int, float)) or not math.isfinite(c.alpha) or c.alpha <= 0:
         raise ConfigError(f"config.lora.alpha must be a finite number > 0, got {c.alpha!r}")
     if c.quantize not in QUANTIZE:

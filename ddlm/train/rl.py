@@ -73,17 +73,12 @@ def validate(config) -> None:
     if not enabled(config):
         return
     from ddlm.data import sft, tasks
+    from ddlm.train.validation import _is_int as is_int
+    from ddlm.train.validation import _require as req
 
     c, t = config.rl, config.train
 
-    def req(ok, field, expected, value):
-        if not ok:
-            raise ConfigError(f"config.{field} must be {expected}, got {value!r}")
-
-    def is_int(x):
-        return isinstance(x, int) and not isinstance(x, bool)
-
-    def is_num(x):
+    def is_num(x):  # a real number (not a bool, not a numeric string), finite
         return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
     req(c.task in tasks.TASKS, "rl.task", f"one of {tasks.TASKS}", c.task)
@@ -125,11 +120,12 @@ def validate(config) -> None:
             "config.model.time_conditioning must be False in the RL mode (a time-free network, as LLaDA's "
             "and d1's: the estimators' inputs are not draws of the forward process at a time t), got True"
         )
-    prompt_len = 1 + 2 * c.digits + 2  # bos + the longest prompt
-    if t.seq_len < prompt_len + c.digits + 2:
+    task = task_of(config)
+    prompt_len = 1 + task.max_prompt_chars  # bos + the longest prompt (the char tokenizer: a token a char)
+    if t.seq_len < prompt_len + task.max_answer_chars + 1:
         raise ConfigError(
             f"config.train.seq_len={t.seq_len} leaves no room for the answer: the task takes up to "
-            f"{prompt_len} prompt tokens and {c.digits + 1} answer tokens plus eos"
+            f"{prompt_len} prompt tokens and {task.max_answer_chars} answer tokens plus eos"
         )
     from ddlm.train import lora
 
