@@ -68,7 +68,8 @@ def validate(config) -> None:
     """One-line ConfigErrors for config.lora; LoRA needs a base to adapt (config.train.init_from)."""
     if "lora" not in config:
         return
-    from ddlm.train.validation import _is_int, _require
+    from ddlm.train.checks import is_int as _is_int
+    from ddlm.train.checks import require as _require
 
     c = config.lora
     _require(_is_int(c.rank) and c.rank >= 0, "lora.rank", "an integer >= 0 (0 = full fine-tuning)", c.rank)

@@ -73,8 +73,8 @@ def validate(config) -> None:
     if not enabled(config):
         return
     from ddlm.data import sft, tasks
-    from ddlm.train.validation import _is_int as is_int
-    from ddlm.train.validation import _require as req
+    from ddlm.train.checks import is_int
+    from ddlm.train.checks import require as req
 
     c, t = config.rl, config.train
 

@@ -11,10 +11,11 @@ would silently accept (a dropout rate of 1.5) fails here instead.
 
 from __future__ import annotations
 
-import math
-
 from ddlm import sharding
 from ddlm.sharding import ConfigError
+from ddlm.train.checks import finite as _finite
+from ddlm.train.checks import is_int as _is_int
+from ddlm.train.checks import require as _require
 
 NAN_POLICIES = ("stop", "skip")
 # What the DiT family (ddlm.models.transformer) has where the LLaMA family reads these fields: a config of a
@@ -29,25 +30,6 @@ _SPM_MODEL_TYPES = ("bpe", "unigram")
 _ABSORBING_LOSSES = ("mdlm", "d3pm", "sedd_absorb", "radd", "bd3lm", "sft")
 _TIME_FREE_LOSSES = ("radd", "ar")
 _UNIFORM_LOSSES = ("sedd_uniform", "duo")
-
-
-def _require(ok: bool, field: str, expected: str, value) -> None:
-    """Raises ConfigError 'config.<field> must be <expected>, got <value>' unless `ok`."""
-    if not ok:
-        raise ConfigError(f"config.{field} must be {expected}, got {value!r}")
-
-
-def _finite(x) -> bool:
-    if isinstance(x, bool):
-        return False
-    try:
-        return math.isfinite(float(x))
-    except (TypeError, ValueError):
-        return False
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _int_at_least(section, prefix: str, names, low: int, note: str = "") -> None:
