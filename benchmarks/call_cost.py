@@ -161,35 +161,31 @@ def main():
     capacity = args.context + max(tokens)
     print(header(args), flush=True)
     start = time.time()
-    rows = {b: [] for b in batches}
-    for size in sizes:
-        model, abstract = build(size, args.vocab, args.param_dtype)
-        n_params = models.count_params(abstract)
-        need = n_params * jnp.dtype(args.param_dtype).itemsize + cache_bytes(model, max(batches), capacity)
-        free = free_bytes()
-        if free is not None and need > 0.8 * free:
-            for b in batches:
-                rows[b].append(f"| {size} | {millions(n_params)} | skipped: needs {need / 2**30:.1f} GiB, "
-                               f"{free / 2**30:.1f} GiB free | | | |")  # fmt: skip
-            continue
-        params = init_params(model, abstract)
-        for b in batches:
+    # Batch outermost, each row printed when measured: a run cut short (the device suite's timeout) keeps its
+    # rows. The parameters are initialised again per batch (seconds; one size in memory at a time).
+    for b in batches:
+        print(f"\n### batch {b}, context {args.context}\n")
+        print("| size | params | k (tokens / call) | ms / call | ms / token | cost(k) / cost(1) | compile s |")
+        print("|---|---|---|---|---|---|---|", flush=True)
+        for size in sizes:
+            model, abstract = build(size, args.vocab, args.param_dtype)
+            n_params = models.count_params(abstract)
+            need = n_params * jnp.dtype(args.param_dtype).itemsize + cache_bytes(model, b, capacity)
+            free = free_bytes()
+            if free is not None and need > 0.8 * free:
+                print(f"| {size} | {millions(n_params)} | skipped: needs {need / 2**30:.1f} GiB, "
+                      f"{free / 2**30:.1f} GiB free | | | | |", flush=True)  # fmt: skip
+                continue
+            params = init_params(model, abstract)
             base = None
             for k in tokens:
                 seconds, compile_s = time_call(
                     model, params, b, args.context, capacity, k, args.repeats, not args.no_write
                 )
                 base = base or seconds
-                row = (f"| {size} | {millions(n_params)} | {k} | {1e3 * seconds:.2f} | {1e3 * seconds / k:.3f} "
-                       f"| {seconds / base:.2f} |")  # fmt: skip
-                rows[b].append(row)
-                print(f"{row} batch {b}, compile {compile_s:.1f} s", flush=True)
-        del params
-    for b in batches:
-        print(f"\n### batch {b}, context {args.context}\n")
-        print("| size | params | k (tokens / call) | ms / call | ms / token | cost(k) / cost(1) |")
-        print("|---|---|---|---|---|---|")
-        print("\n".join(rows[b]))
+                print(f"| {size} | {millions(n_params)} | {k} | {1e3 * seconds:.2f} | {1e3 * seconds / k:.3f} "
+                      f"| {seconds / base:.2f} | {compile_s:.1f} |", flush=True)  # fmt: skip
+            del params
     print(f"\ntotal {time.time() - start:.0f} s")
 
 
