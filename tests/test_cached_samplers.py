@@ -217,10 +217,85 @@ def test_bd3lm_with_the_cache_gives_the_tokens_of_bd3lm_without_it(time_conditio
     known = np.asarray(x != MASK)
     np.testing.assert_array_equal(np.asarray(cached.tokens)[known], np.asarray(x)[known])
     assert not np.any(np.asarray(cached.tokens) == MASK)
-    # The cache costs one write per finished block (not the last one): 6 blocks, 5 writes.
-    assert int(cached.nfe) == int(uncached.nfe) + 5
+    # The cache costs one prefill call for the prompt block (block 0, known in every row) and one write per
+    # later finished block but the last (4); a time-free network's writes are fused with the next block's
+    # first denoising call, which the block sampler counts: no extra call.
+    assert int(cached.nfe) == int(uncached.nfe) + 1 + (4 if time_conditioning else 0)
     if inner == "first_hitting":  # one call per masked token (row 0 has the most in every block)
         assert int(uncached.nfe) == int(np.sum(np.asarray(x) == MASK, axis=1).max())
+
+
+@pytest.mark.parametrize("time_conditioning", [False, True], ids=["fused", "time"])
+@pytest.mark.parametrize("chunk", [4, 8, 64])
+def test_bd3lm_prompt_prefill_in_chunks_gives_the_tokens_of_the_uncached_forward(chunk, time_conditioning):
+    """A prompt of 3 whole blocks (and more in row 1) is written in ceil(12 / chunk) calls, each chunk
+    block-causal inside; the tokens are those of the full forward without a cache, the NFE counts the
+    prefill calls, the denoiser's calls and the writes a time-conditioned network cannot fuse."""
+    dec = _decoder("bd3lm", time_conditioning)
+    x = _prompted(2, 32, [12, 18], seed=3)  # 8 blocks of 4: blocks 0-2 known in both rows
+    inner = _block_denoiser("first_hitting")
+    run = lambda kv: _bd3(dec, inner, kv, prefill_chunk=chunk)
+    cached, uncached = run(True)(jax.random.key(2), x), run(False)(jax.random.key(2), x)
+    np.testing.assert_array_equal(cached.tokens, uncached.tokens)
+    prefill_calls = -(-12 // chunk)
+    writes = 4 if time_conditioning else 0  # blocks 3..6 are written after denoising (not the last, 7)
+    assert int(cached.nfe) == int(uncached.nfe) + prefill_calls + writes
+    # first-hitting: one call per masked token of the row with the most, per block
+    assert int(uncached.nfe) == int(np.sum(np.asarray(x) == MASK, axis=1).max())
+
+
+def _two_calls(denoise_fn, rng, x_block):
+    """Two calls: on the block as it starts, then with every masked position filled by the first call's
+    argmax; masked positions take the argmax of (second logits - first logits), so logits reused for the
+    second call would give id 0 everywhere."""
+    t = jnp.ones((x_block.shape[0],), jnp.float32)
+    first = denoise_fn(x_block, t)
+    filled = jnp.where(x_block == MASK, jnp.argmax(first.at[..., MASK].set(losses.NEG_INF), -1), x_block)
+    second = denoise_fn(filled.astype(jnp.int32), t)
+    best = jnp.argmax((second - first).at[..., MASK].set(-1e30), axis=-1).astype(jnp.int32)
+    return masked.SampleOutput(jnp.where(x_block == MASK, best, x_block), jnp.full((), 2, jnp.int32), None)
+
+
+class _CountingDecoder(models.decoding.Decoder):
+    """A decoder whose cached steps count themselves as they run (a host callback per executed call)."""
+
+    calls = 0
+
+    def step(self, *args, **kwargs):
+        jax.debug.callback(self._count)
+        return super().step(*args, **kwargs)
+
+    @classmethod
+    def _count(cls):
+        cls.calls += 1
+
+
+def test_bd3lm_fused_write_logits_serve_only_the_blocks_first_call():
+    base = _decoder("bd3lm", False)
+    dec = _CountingDecoder(base.model, base.variables)
+    x = _prompted(2, 24, [5, 7], seed=6)
+    _CountingDecoder.calls = 0
+    cached = _bd3(dec, _two_calls, True)(jax.random.key(0), x)
+    jax.effects_barrier()
+    uncached = _bd3(base, _two_calls, False)(jax.random.key(0), x)
+    np.testing.assert_array_equal(cached.tokens, uncached.tokens)
+    assert len(np.unique(np.asarray(cached.tokens)[np.asarray(x) == MASK])) > 3
+    # prefill of block 0, two calls per later block of which the first is the previous block's fused write
+    assert int(cached.nfe) == int(uncached.nfe) + 1 == 2 * 5 + 1 == _CountingDecoder.calls
+
+
+def test_bd3lm_write_fused_with_a_block_without_masks_is_counted():
+    """A block known in every row after a generated one (a constraint): the fused write's logits are not
+    used by any denoiser, so the call counts itself; the tokens still equal the uncached forward's."""
+    dec = _decoder("bd3lm", False)
+    x = np.array(_prompted(2, 24, [4, 4], seed=4))
+    x[:, 12:16] = np.arange(4)  # block 3 known in every row
+    x = jnp.asarray(x)
+    inner = _block_denoiser("first_hitting")
+    cached, uncached = (_bd3(dec, inner, kv)(jax.random.key(5), x) for kv in (True, False))
+    np.testing.assert_array_equal(cached.tokens, uncached.tokens)
+    # prefill (block 0) + the fused write of block 2 (before the known block 3), which no denoiser counts
+    assert int(cached.nfe) == int(uncached.nfe) + 1 + 1
 
 
 def _greedy_block(denoise_fn, rng, x_block):

@@ -59,6 +59,7 @@ def block_sample(
     pad_id: int | None = None,
     stop_at_eos: bool = False,
     progress_fn: Callable[[jax.Array], None] | None = None,
+    prefill_chunk: int = 64,
 ) -> SampleOutput:
     """BD3-LM sampling, block by block (see the module docstring).
 
@@ -72,9 +73,12 @@ def block_sample(
       window: clean tokens kept in the cache (a multiple of block_size); 0 or >= L keeps all.
       eos_id, pad_id, stop_at_eos: variable-length generation (see `finish_tokens`).
       progress_fn(blocks_done): called after every block, if given.
+      prefill_chunk: with the cache and no sliding window, the leading blocks known in every row (the
+        prompt) are written in calls of this many tokens (rounded down to whole blocks, at least one).
 
     Returns:
-      SampleOutput(tokens int32 [B, L], nfe = denoiser calls + cache writes, None).
+      SampleOutput(tokens int32 [B, L], nfe = network calls: prefill chunks + denoiser calls + the cache
+      writes not fused with a denoiser call, None).
     """
     check_decoding_inputs(decoder, "block_causal", "bd3lm", x_init, mask_id, stop_at_eos, eos_id)
     x_init = x_init.astype(jnp.int32)
@@ -84,28 +88,44 @@ def block_sample(
         raise ValueError(f"block_size={block} (config.model.block_size) must divide the length {length}")
     if window < 0 or window % block:
         raise ValueError(f"window={window} must be 0 or a positive multiple of block_size={block}")
+    if prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     sliding = 0 < window < length
     if sliding and not kv_cache:
         raise ValueError("a sliding window (0 < window < length) needs kv_cache=True")
     num_blocks = length // block
     window_blocks = window // block if sliding else num_blocks
-    capacity = window_blocks * block
     time_conditioning = decoder.time_conditioning
     in_block = jnp.arange(block)
     shift = kv_cache and decoder.logit_shift  # without the cache, the training forward shifts by itself
+    # Prompt prefill and fused writes need every block at its own slots (no ring); fusing also needs the
+    # denoiser's first call to be independent of its time (a time-free network).
+    prefill = kv_cache and not sliding
+    fuse = prefill and not time_conditioning
+    chunk = max(1, prefill_chunk // block) * block
+    # Prefill writes whole chunks: the cache has room for the last one (slots past L are never attended).
+    capacity = -(-length // chunk) * chunk if prefill else window_blocks * block
+    stream = layers.stream_dtype(decoder.model.dtype)
 
     def body(carry):
-        b, x, cache, slot_block, nfe, done, last_logits = carry
+        b, x, cache, slot_block, nfe, done, last_logits, pending, has_pending = carry
         start = b * block
         positions = start + in_block
         x_block = jax.lax.dynamic_slice_in_dim(x, start, block, axis=1)
         # Cache slots holding a clean block (the ring keeps only the last window_blocks blocks).
-        attend = jnp.repeat(slot_block >= 0, block) if kv_cache else None
+        attend = _slots(slot_block, block, capacity) if kv_cache else None
+
+        def network(xt_block, t):
+            return decoder.step(cache, xt_block, positions, attend, None, t, None)[0].astype(stream)
 
         def denoise_fn(xt_block, t):
             t = t if time_conditioning else None
             if kv_cache:
-                logits = decoder.step(cache, xt_block, positions, attend, None, t, None)[0]
+                if fuse:  # the previous block's write computed this call's logits (the block as it starts)
+                    reuse = has_pending & jnp.all(xt_block == x_block)
+                    logits = jax.lax.cond(reuse, lambda: pending, lambda: network(xt_block, t))
+                else:
+                    logits = network(xt_block, t)
                 if shift:  # position i from the output at i - 1 (see the module docstring)
                     first = jnp.where(b == 0, logits[:, 0], last_logits.astype(logits.dtype))
                     logits = jnp.concatenate([first[:, None], logits[:, :-1]], axis=1)
@@ -125,6 +145,7 @@ def block_sample(
         )
         x = jax.lax.dynamic_update_slice_in_dim(x, tokens, start, axis=1)
         nfe = nfe + calls
+        pending_ok = has_pending
         if kv_cache:
             slot = b % window_blocks
 
@@ -132,36 +153,105 @@ def block_sample(
                 # The clean block at t = 0 attends the cached blocks and itself (block-causal), as the x0 half
                 # of the training input; its keys/values replace the oldest block in the ring.
                 t0 = jnp.zeros((batch,), jnp.float32) if time_conditioning else None
-                logits, new_cache = decoder.step(cache, tokens, positions, attend, None, t0, slot * block)
-                last = logits[:, -1].astype(last_logits.dtype) if shift else last_logits
-                return new_cache, slot_block.at[slot].set(b), nfe + 1, last
+                if not fuse:
+                    logits, new_cache = decoder.step(cache, tokens, positions, attend, None, t0, slot * block)
+                    last = logits[:, -1].astype(stream) if shift else last_logits
+                    return new_cache, slot_block.at[slot].set(b), nfe + 1, last, pending, jnp.zeros((), bool)
+                # Fused: one call on [clean block b | block b + 1 as it starts] (block-causal), which writes
+                # block b and is block b + 1's first denoising call (its keys, written at b + 1's slots, are
+                # never attended: block b + 1's own write replaces them). Counted there, by the denoiser,
+                # unless block b + 1 has nothing to denoise.
+                following = jax.lax.dynamic_slice_in_dim(x, start + block, block, axis=1)
+                pair = jnp.concatenate([tokens, following], axis=1)
+                logits, new_cache = decoder.step(
+                    cache, pair, start + jnp.arange(2 * block), attend, _block_causal(2, block), t0, start
+                )
+                logits = logits.astype(stream)
+                last = logits[:, block - 1] if shift else last_logits
+                calls = nfe + 1 - jnp.any(following == mask_id).astype(jnp.int32)
+                return new_cache, slot_block.at[slot].set(b), calls, last, logits[:, block:], jnp.ones((), bool)
 
             # The last block's keys are never read: skip its write.
-            cache, slot_block, nfe, last_logits = jax.lax.cond(
-                b < num_blocks - 1, write, lambda: (cache, slot_block, nfe, last_logits)
+            cache, slot_block, nfe, last_logits, pending, pending_ok = jax.lax.cond(
+                b < num_blocks - 1,
+                write,
+                lambda: (cache, slot_block, nfe, last_logits, pending, jnp.zeros((), bool)),
             )
         if stop_at_eos:
             generated = jax.lax.dynamic_slice_in_dim(x_init, start, block, axis=1) == mask_id
             done = done | jnp.any((tokens == eos_id) & generated, axis=1)
         if progress_fn is not None:
             jax.debug.callback(progress_fn, b + 1)
-        return b + 1, x, cache, slot_block, nfe, done, last_logits
+        return b + 1, x, cache, slot_block, nfe, done, last_logits, pending, pending_ok
 
     def cond(carry):
-        b, *_, done, _ = carry
+        b, *_, done, _, _, _ = carry
         return (b < num_blocks) & ~jnp.all(done)
 
     cache = decoder.init_cache(batch, capacity) if kv_cache else None
     slot_block = jnp.full((window_blocks,), -1, jnp.int32)
+    # The previous clean block's last output (logit shift); a scalar placeholder otherwise.
+    last_logits = jnp.zeros((batch, decoder.vocab_size) if shift else (), stream)
+    first, nfe = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
+    if prefill:
+        first, cache, last_logits, nfe = _prefill_prompt(decoder, x_init, cache, last_logits, mask_id, chunk, shift)
+        slot_block = jnp.where(jnp.arange(num_blocks) < first, jnp.arange(num_blocks), -1).astype(jnp.int32)
     carry = (
-        jnp.zeros((), jnp.int32),
+        first,
         x_init,
         cache,
         slot_block,
-        jnp.zeros((), jnp.int32),
+        nfe,
         jnp.zeros((batch,), bool),
-        # The previous clean block's last output (logit shift); a scalar placeholder otherwise.
-        jnp.zeros((batch, decoder.vocab_size) if shift else (), layers.stream_dtype(decoder.model.dtype)),
+        last_logits,
+        # Block b's first denoising logits, computed by block b - 1's fused write (fuse only).
+        jnp.zeros((batch, block, decoder.vocab_size) if fuse else (), stream),
+        jnp.zeros((), bool),
     )
-    _, x, _, _, nfe, _, _ = jax.lax.while_loop(cond, body, carry)
+    _, x, _, _, nfe, _, _, _, _ = jax.lax.while_loop(cond, body, carry)
     return SampleOutput(finish_tokens(x, x_init, mask_id, eos_id if stop_at_eos else None, pad_id), nfe, None)
+
+
+def _slots(slot_block, block: int, capacity: int):
+    """bool [capacity]: the cache slots of clean blocks (slots past the blocks' are never attended)."""
+    attend = jnp.repeat(slot_block >= 0, block)
+    return jnp.pad(attend, (0, capacity - attend.shape[0]))
+
+
+def _block_causal(blocks: int, block: int):
+    """bool [blocks * block, blocks * block]: query i sees key j iff block(j) <= block(i)."""
+    ids = jnp.arange(blocks * block) // block
+    return ids[None, :] <= ids[:, None]
+
+
+def _prefill_prompt(decoder, x_init, cache, last_logits, mask_id: int, chunk: int, shift: bool):
+    """Writes the leading blocks that are known in every row (a prompt; never the last block, whose keys are
+    never read) in calls of `chunk` tokens, each block-causal inside and attending the chunks before it, as
+    the clean half of the training input. Returns (blocks written, cache, the output at the last written
+    position when shifting, calls made). The last chunk may reach past them: those slots stay unattended
+    until their blocks' own writes replace them."""
+    batch, length = x_init.shape
+    block = decoder.block_size
+    num_blocks = length // block
+    known = jnp.all((x_init != mask_id).reshape(batch, num_blocks, block), axis=(0, 2))
+    prompt_blocks = jnp.where(jnp.all(known), num_blocks, jnp.argmin(known))
+    prompt_blocks = jnp.minimum(prompt_blocks, num_blocks - 1).astype(jnp.int32)
+    calls = (prompt_blocks * block + chunk - 1) // chunk
+    padded = jnp.pad(x_init, ((0, 0), (0, cache.keys[0].shape[1] - length)), constant_values=mask_id)
+    t0 = jnp.zeros((batch,), jnp.float32) if decoder.time_conditioning else None
+    self_attend = _block_causal(chunk // block, block)
+    end = prompt_blocks * block  # the output at end - 1 predicts the first position after the prompt
+
+    def body(i, carry):
+        cache, last = carry
+        start = i * chunk
+        tokens = jax.lax.dynamic_slice_in_dim(padded, start, chunk, axis=1)
+        attend = jnp.arange(padded.shape[1]) < start
+        logits, cache = decoder.step(cache, tokens, start + jnp.arange(chunk), attend, self_attend, t0, start)
+        if shift:
+            at = jnp.clip(end - 1 - start, 0, chunk - 1)
+            last = jnp.where(i == calls - 1, jax.lax.dynamic_index_in_dim(logits, at, 1, False).astype(last.dtype), last)
+        return cache, last
+
+    cache, last_logits = jax.lax.fori_loop(0, calls, body, (cache, last_logits))
+    return prompt_blocks, cache, last_logits, calls
