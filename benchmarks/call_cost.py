@@ -77,17 +77,20 @@ def cache_bytes(model, batch: int, capacity: int) -> int:
 
 
 def free_bytes() -> int | None:
-    """Bytes the first device can still allocate: the GPU's limit minus its use, or the host's free memory."""
+    """Bytes the first device can still allocate: the GPU's limit minus its use; on the host, the free memory
+    plus what this process holds beyond its live arrays (freed arrays stay with the allocator, not the OS)."""
     device = jax.devices()[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
     if stats and "bytes_limit" in stats:
         return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
     try:
         with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024
+            available = int(dict(line.split(":", 1) for line in f)["MemAvailable"].split()[0]) * 1024
+        with open("/proc/self/status") as f:
+            rss = int(dict(line.split(":", 1) for line in f)["VmRSS"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return None
+    return available + max(0, rss - sum(x.nbytes for x in jax.live_arrays()))
 
 
 def make_call(model, context: int, k: int, write: bool = True):
