@@ -6,7 +6,9 @@
 #   2. the same for `medium` (batch 8); BD3-LM `small` (2L input) with XLA's dense attention and with the
 #      block-sparse Pallas kernel (attention_impl='pallas'), remat none;
 #   3. memory_analysis of small / medium / 1b and the largest batch per device in 80 GB (benchmarks/memory.py);
-#   4. the decoding speed table (benchmarks/decode_speed.py, KV-cache samplers), with a time budget.
+#   4. the cost of one cached decoder call vs tokens per call, k = 1..64, small / medium / 1b, batch 1 and 8
+#      (benchmarks/call_cost.py: is a call of 16-64 tokens as cheap as one of 1 on this device?);
+#   5. the decoding speed table (benchmarks/decode_speed.py, KV-cache samplers), with a time budget.
 #
 #   bash benchmarks/device_suite.sh             # on the device; appends to benchmarks/RESULTS.md
 #   bash benchmarks/device_suite.sh --dry-run   # CPU: tiny sizes, traces and compiles every part (~minutes),
@@ -30,6 +32,7 @@ if [ $DRY = 1 ]; then
   $PY benchmarks/device_step.py --dry-run | tee -a "$OUT"
   $PY benchmarks/device_step.py --dry-run --experiment=bd3lm --attention=pallas_interpret | tee -a "$OUT"
   $PY benchmarks/memory.py --presets=tiny --seq=64 --batches=4,8 --remat=full --dtype=float32 | tee -a "$OUT"
+  $PY benchmarks/call_cost.py --dry-run | tee -a "$OUT"
   $PY benchmarks/decode_speed.py --dry-run | tee -a "$OUT"
 else
   timeout 200 $PY benchmarks/device_step.py --preset=small --seq=1024 --batch=16 --budget_s=150 | tee -a "$OUT" || echo "(small: timed out or failed)" | tee -a "$OUT"
@@ -38,6 +41,7 @@ else
     timeout 75 $PY benchmarks/device_step.py --experiment=bd3lm --attention=$impl --preset=small --seq=1024 --batch=8 --remat=none --steps=5 | tee -a "$OUT" || echo "(bd3lm $impl: timed out or failed)" | tee -a "$OUT"
   done
   timeout 60 $PY benchmarks/memory.py --presets=small,medium,1b --remat=full --seq=1024 | tee -a "$OUT" || echo "(memory: timed out or failed)" | tee -a "$OUT"
+  timeout 120 $PY benchmarks/call_cost.py --sizes=small,medium,1b --repeats=3 | tee -a "$OUT" || echo "(call cost: timed out or failed)" | tee -a "$OUT"
   remaining=$(( 450 - ($(date +%s) - T0) ))
   if [ $remaining -gt 30 ]; then
     timeout $remaining $PY benchmarks/decode_speed.py --size=small --vocab=50258 --repeats=2 --lengths=1024,256 --budget_s=$((remaining - 20)) | tee -a "$OUT" || echo "(decoding: timed out or failed)" | tee -a "$OUT"
