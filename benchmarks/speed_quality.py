@@ -14,7 +14,8 @@ Protocol (what a reader needs to trust the ratios):
     generative perplexity under the judge (experiments/judge.py: a larger AR model trained longer, never a
     side) with its standard error over samples (delta method, ddlm.eval.sample_quality), the mean unigram
     entropy of the samples with its SE, and MAUVE against the held-out continuations of the same prompts
-    (mauve-text on the judge's final hidden states, ddlm.eval.mauve; its SE is over k-means seeds only).
+    (mauve-text on the judge's final hidden states, ddlm.eval.mauve), its error the standard deviation over
+    bootstrap resamples of the samples (`bootstrap_mauve`: sampling and k-means noise together).
     Text is scored whole (prompt included: the prompts are common to every setting).
   * Matched: a setting matches the AR baseline when its gen-ppl and entropy are each within 2 standard
     errors of the difference (sqrt(se_a^2 + se_b^2)) of AR's, and its MAUVE within 2 such errors too.
@@ -312,14 +313,15 @@ def quality_samples(setting, nets, prompt_ids, new_tokens, batch, count) -> tupl
 # ----------------------------------------------------------------------------------------------------------
 
 
-def header(args) -> str:
+def header(args, names=()) -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         rev = "?"
     d = jax.devices()[0]
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    weights = "RANDOM weights (--dry-run)" if args.dry_run else "trained checkpoints " + ", ".join(sorted(set(WORKDIRS.values())))
+    used = sorted({WORKDIRS[n] for n in names}) if names else sorted(set(WORKDIRS.values()))
+    weights = "RANDOM weights (--dry-run)" if args.dry_run else "trained checkpoints " + ", ".join(used)
     return (
         f"{datetime.date.today()}, revision {rev}, {d.platform} ({d.device_kind}), {platform.node()}, "
         f"{os.cpu_count()} CPUs, load {load}; {weights}; prompts {PROMPT_TOKENS} tokens, {args.samples} samples "
@@ -327,8 +329,24 @@ def header(args) -> str:
     )
 
 
-def quality(setting, nets, judge_scorer, judge, references, prompt_ids, args) -> dict:
+def bootstrap_mauve(p_features, q_features, reps: int, seed: int = 0) -> dict:
+    """MAUVE(P, Q) with an error bar that includes the samples' own noise: the mean and standard deviation over
+    `reps` bootstrap resamples of the samples Q (with replacement; k-means seed = the resample's index), the
+    reference P fixed (it is common to every setting, so it does not enter their differences).
+    mauve_over_seeds' SE is the k-means noise alone, far below the sampling noise at a few hundred texts."""
     from ddlm.eval import mauve as mauve_lib
+
+    rng = np.random.default_rng(seed)
+    values = []
+    for r in range(reps):
+        idx = rng.integers(0, len(q_features), len(q_features))
+        values.append(mauve_lib.mauve_over_seeds(p_features, q_features[idx], seeds=(r + 1,))["mauve"])
+    values = np.asarray(values)
+    return {"mauve": float(values.mean()), "mauve_se": float(values.std(ddof=1)) if reps > 1 else float("nan"),
+            "mauve_resamples": values.tolist()}  # fmt: skip
+
+
+def quality(setting, nets, judge_scorer, judge, reference_features, prompt_ids, args) -> dict:
     from ddlm.eval import sample_quality
 
     tok = nets[setting.model].tokenizer
@@ -336,7 +354,7 @@ def quality(setting, nets, judge_scorer, judge, references, prompt_ids, args) ->
     rows, nfe = quality_samples(setting, nets, prompt_ids, args.new_tokens, max(args.batch_list), args.samples)
     out = sample_quality.sample_quality(judge_scorer, rows.tolist(), tok)
     texts = [tok.decode(sample_quality.content_ids(r, tok)) for r in rows.tolist()]
-    out.update(mauve_lib.sample_mauve(judge, references, texts, seeds=range(1, args.mauve_seeds + 1)))
+    out.update(bootstrap_mauve(reference_features, judge.text_features(texts), args.mauve_seeds))
     out.update(quality_nfe=nfe, quality_s=time.perf_counter() - t0, example=texts[0])
     return out
 
@@ -354,10 +372,12 @@ def main(argv=None):
     parser.add_argument("--new_tokens", type=int, default=112, help="short output (judged; prompt + this <= 128)")
     parser.add_argument("--long_tokens", type=int, default=1024, help="long output (speed only); 0 = none")
     parser.add_argument("--batches", default="1,8,32", help="batch sweep (the largest also draws the judged samples)")
-    parser.add_argument("--long_batches", default="1,8", help="batch sweep of the long output")
+    parser.add_argument("--long_batches", default="1", help="batch sweep of the long output")
+    parser.add_argument("--verbose", action="store_true", help="print every timed cell as it is measured")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--mauve_seeds", type=int, default=5)
+    parser.add_argument("--mauve_seeds", type=int, default=8, help="bootstrap resamples of MAUVE (its error bar)")
     parser.add_argument("--only", default="", help="comma-separated substrings of setting labels (the AR rows always run)")
+    parser.add_argument("--judge", default=WORKDIRS["judge"], help="the judge's workdir (an AR run, never a side)")
     parser.add_argument("--out", default="benchmarks/speed_quality.png", help="the plot; the JSON goes beside it")
     parser.add_argument("--dry-run", dest="dry_run", action="store_true", help="random networks, tiny sizes, once")
     parser.add_argument("--device-suite", dest="device_suite", action="store_true", help="the GPU grid: batches 1,8,32 both lengths")
@@ -369,6 +389,7 @@ def main(argv=None):
             args.out = os.path.join("/tmp", "speed_quality_dry_run.png")
     if args.device_suite:
         args.long_batches, args.repeats = "1,8,32", 5
+    WORKDIRS["judge"] = args.judge
     args.batch_list = [int(b) for b in args.batches.split(",")]
     long_batches = [int(b) for b in args.long_batches.split(",")] if args.long_tokens else []
     settings = [s for s in SETTINGS if s.label in (BASELINE, SPECULATIVE) or not args.only
@@ -377,7 +398,7 @@ def main(argv=None):
     missing = [WORKDIRS[n] for n in names if not args.dry_run and not os.path.isdir(os.path.join(WORKDIRS[n], "checkpoints"))]
     if missing:
         sys.exit(f"speed_quality: no checkpoints in {', '.join(missing)}: train them first (experiments/speed_quality.py)")
-    print(header(args), flush=True)
+    print(header(args, names), flush=True)
     nets = random_nets(names) if args.dry_run else load_nets(names, WORKDIRS)
 
     from ddlm.eval import cli as eval_cli
@@ -392,8 +413,8 @@ def main(argv=None):
     prompt_ids = prompts(held_out, ar_net.tokenizer, max(args.samples, max(args.batch_list + long_batches)))
     references = [ar_net.tokenizer.decode(sample_quality.content_ids(r, ar_net.tokenizer)) for r in held_out]
     block_sizes = {n: int(nets[n].config.model.get("block_size", 0) or 0) for n in names}
+    reference_features = judge.text_features(references)
     ref_quality = sample_quality.sample_quality(scorer, held_out, ar_net.tokenizer)
-    ref_quality.update(mauve_lib.sample_mauve(judge, references, references, seeds=range(1, args.mauve_seeds + 1)))
     print(f"held-out text itself: gen-ppl {fmt(ref_quality['gen_ppl'], ref_quality['gen_ppl_se'])}, entropy "
           f"{fmt(ref_quality['entropy'], ref_quality['entropy_se'], 3)}", flush=True)  # fmt: skip
 
@@ -402,11 +423,13 @@ def main(argv=None):
     for s in settings:
         mask_id = nets[s.model].tokenizer.mask_id
         row = {"label": s.label, "model": s.model, "fields": sampler_fields(s, args.new_tokens)}
-        row.update(quality(s, nets, scorer, judge, references, prompt_ids[: args.samples], args))
+        row.update(quality(s, nets, scorer, judge, reference_features, prompt_ids[: args.samples], args))
         speed = {}
         for length, batches in ((args.new_tokens, args.batch_list), (args.long_tokens, long_batches)):
             for b in batches if length == args.new_tokens or s.long else ():
                 t = timed(s, nets, canvas(prompt_ids[:b], length, mask_id), length, args.repeats)
+                if args.verbose:
+                    print(f"  {length} new x {b}: {t.seconds:.3f} s, NFE {t.nfe:.1f}, compile {t.compile_s:.1f} s", flush=True)
                 speed[f"{length}x{b}"] = {"s": t.seconds, "nfe": t.nfe, "draft_nfe": t.draft_nfe,
                                           "tokens_per_s": b * length / t.seconds, "compile_s": t.compile_s}  # fmt: skip
         how, n = first_unit(s, block_sizes)
@@ -450,7 +473,7 @@ def speed_cell(r, base, cell) -> str:
 
 def report(results, base, spec, cells, args, ref_quality) -> str:
     title = (
-        f"Quality of {args.new_tokens}-token continuations ({args.samples} per setting; judge: runs/judge; "
+        f"Quality of {args.new_tokens}-token continuations ({args.samples} per setting; judge: {args.judge}; "
         f"held-out text itself: gen-ppl {fmt(ref_quality['gen_ppl'], ref_quality['gen_ppl_se'])}, entropy "
         f"{fmt(ref_quality['entropy'], ref_quality['entropy_se'], 3)}), NFE and tokens per forward at batch 1, "
         "time to first token at batch 1:"
@@ -530,7 +553,7 @@ def write(results, ref_quality, cells, args) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     fig.savefig(args.out, dpi=120)
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-        json.dump({"header": header(args), "held_out": ref_quality, "results": results}, f, indent=1, default=float)
+        json.dump({"header": header(args, sorted({r["model"] for r in results} | {"draft", "judge"})), "held_out": ref_quality, "results": results}, f, indent=1, default=float)
     print(f"\nwrote {args.out} and {os.path.splitext(args.out)[0]}.json")
 
 

@@ -83,3 +83,15 @@ def _prompt_fills_blocks(setting, blocks):
     """The prompt fills whole blocks of every block model (the block samplers prefill it)."""
     block = blocks.get(setting.model, 0) or 1
     return 16 % block == 0
+
+
+def test_bootstrap_mauve_error_includes_the_samples_noise(sq):
+    """Samples from the reference's law score near 1 with a spread from resampling; samples from a shifted
+    law score lower; one value per resample."""
+    rng = np.random.default_rng(0)
+    p = rng.normal(size=(80, 6)).astype(np.float32)
+    same = sq.bootstrap_mauve(p, rng.normal(size=(80, 6)).astype(np.float32), reps=4)
+    shifted = sq.bootstrap_mauve(p, rng.normal(2.0, 1.0, size=(80, 6)).astype(np.float32), reps=4)
+    assert len(same["mauve_resamples"]) == 4 and same["mauve"] == pytest.approx(np.mean(same["mauve_resamples"]))
+    assert same["mauve_se"] == pytest.approx(np.std(same["mauve_resamples"], ddof=1)) and same["mauve_se"] > 0
+    assert same["mauve"] > 0.6 > shifted["mauve"]
