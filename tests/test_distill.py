@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 
+import flax
 import jax
 import jax.numpy as jnp
 import model_utils
@@ -25,17 +26,23 @@ def _config(name, arg="smoke"):
 
 
 def _noisy(params, seed=7):
-    """params plus normal noise of scale 0.3 on every entry."""
+    """params plus normal noise of scale 0.3 on every entry (ShapeDtypeStructs: the noise alone)."""
     keys = iter(jax.random.split(jax.random.key(seed), len(jax.tree.leaves(params))))
-    return jax.tree.map(lambda p: p + 0.3 * jax.random.normal(next(keys), p.shape, p.dtype), params)
+    noise = lambda p: 0.3 * jax.random.normal(next(keys), p.shape, p.dtype)
+    return jax.tree.map(lambda p: noise(p) if isinstance(p, jax.ShapeDtypeStruct) else p + noise(p), params)
 
 
 def _random_workdir(workdir, config) -> str:
-    """A parameters-only checkpoint (as ddlm.convert writes one) of config's network: its initialisation plus
-    noise, so that no layer is zero (an adaLN-zero network's initial output is)."""
-    setup = trainer.build(config, jax.devices()[:1])
-    params = _noisy(setup.init_state().params)
-    meta = checkpoints.params_only_metadata(config, setup.tokenizer)
+    """A parameters-only checkpoint (as ddlm.convert writes one) of config's network with random parameters,
+    nowhere zero (an adaLN-zero network's initial output is)."""
+    from ddlm import models, sharding
+    from ddlm.data import tokenizers
+
+    tok = tokenizers.get_tokenizer(config.data)
+    model = models.get_model(config.model, tok.vocab_size)
+    inputs = sharding.model_init_inputs(config.diffusion.loss, 1, config.train.seq_len)
+    params = _noisy(flax.linen.meta.unbox(sharding.abstract_params(model, inputs)[0]))
+    meta = checkpoints.params_only_metadata(config, tok)
     directory = os.path.join(str(workdir), checkpoints.CHECKPOINTS_DIR)
     with checkpoints.Checkpointer(directory, keep=1, async_save=False) as checkpointer:
         checkpointer.save(0, {"params": params, "step": jnp.zeros((), jnp.int32)}, metadata=meta, force=True)
@@ -248,17 +255,19 @@ def test_sdtt_refreshes_its_teacher_checkpoints_it_and_resumes_exactly(teachers,
 
 
 def test_dcd_distils_a_duo_teacher_on_the_mesh(teachers, tmp_path):
-    """DCD at smoke size on the 8-device mesh: 2 steps of 2 rounds (a refresh at step 1), dt = 2^round / T,
-    a finite positive loss, and the teacher sharded as the student's parameters."""
+    """DCD at smoke size on the 8-device mesh: 3 steps of 2 rounds of 1 step (one refresh, at step 1: the last
+    round lasts to the end), dt = 2^round / T, a finite positive loss (the teacher sees the other end of the
+    pair: at step 1 the student is the teacher), and the teacher sharded as the student's parameters."""
     config = _config("distill_dcd")
     config.distill.teacher = teachers["duo"]
+    config.train.steps = 3
     workdir = str(tmp_path / "dcd")
     trainer.train_and_evaluate(config, workdir, jax.devices())
     train = _rows(workdir)
-    assert [r["round"] for r in train] == [0, 1] and [r["teacher_refreshes"] for r in train] == [0, 1]
-    assert [r["dt"] for r in train] == pytest.approx([1 / 512, 2 / 512])
+    assert [r["round"] for r in train] == [0, 1, 1] and [r["teacher_refreshes"] for r in train] == [0, 1, 1]
+    assert [r["dt"] for r in train] == pytest.approx([1 / 512, 2 / 512, 2 / 512])
     assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in train)
     state, step = _restore(config, workdir, devices=jax.devices())
-    assert step == 2
+    assert step == 3
     for p, t in zip(jax.tree.leaves(state.params), jax.tree.leaves(state.teacher), strict=True):
         assert t.sharding == p.sharding
