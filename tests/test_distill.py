@@ -214,7 +214,7 @@ def test_sdtt_refreshes_its_teacher_checkpoints_it_and_resumes_exactly(teachers,
     own one-step prediction: step 1's student, the teacher itself, costs > 0, where one step would cost < 1e-5):
     the student starts as the teacher run's EMA parameters, the loss is logged with the round, dt and the
     refresh count, the checkpoint after the refresh holds the student of step 2 as its teacher, and a run
-    stopped after step 2 and resumed ends bit for bit where the uninterrupted one did."""
+    stopped after step 3 and resumed ends bit for bit where the uninterrupted one did."""
     config = _sdtt(
         teachers["mdlm"],
         **{"distill.base_steps": 4, "distill.refresh_every": 2, "train.steps": 4, "train.ckpt_every": 1},
@@ -242,11 +242,11 @@ def test_sdtt_refreshes_its_teacher_checkpoints_it_and_resumes_exactly(teachers,
     assert max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(
         jax.tree.leaves(final.teacher), jax.tree.leaves(teacher))) > 1e-3
 
-    # Stopped after the checkpoint of step 2 (the later ones never written), then resumed to 4.
+    # Stopped after the checkpoint of step 3 (step 4's never written): its teacher is the refreshed one, which
+    # the resumed run must take from the checkpoint (the teacher run's would give another step 4).
     resumed = str(tmp_path / "resumed")
     shutil.copytree(straight, resumed)
-    for s in (3, 4):
-        shutil.rmtree(os.path.join(resumed, checkpoints.CHECKPOINTS_DIR, str(s)))
+    shutil.rmtree(os.path.join(resumed, checkpoints.CHECKPOINTS_DIR, "4"))
     trainer.train_and_evaluate(config, resumed, jax.devices()[:1])
     again, step = _restore(config, resumed)
     assert step == 4
