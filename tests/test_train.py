@@ -20,8 +20,9 @@ from ddlm.train.sharding import ConfigError
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = sorted(glob.glob(os.path.join(REPO, "experiments", "*.py")))
 # Post-training recipes that build on another run's checkpoint (LoRA loads its frozen base in build; RL's
-# batches are rollouts, not the data pipeline's): run end to end in tests/test_lora.py and test_rl_mode.py.
-FROM_ANOTHER_RUN = ("rl_addition", "sft_lora_quickstart")
+# batches are rollouts, not the data pipeline's; distillation validates its teacher's checkpoint): run end to
+# end in tests/test_lora.py, test_rl_mode.py and test_distill.py.
+FROM_ANOTHER_RUN = ("rl_addition", "sft_lora_quickstart", "distill_sdtt", "distill_dcd")
 
 
 def load_config(path, arg=None):

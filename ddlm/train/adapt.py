@@ -72,12 +72,13 @@ def check_resumable(workdir: str) -> None:
         )
 
 
-def load_init_params(path: str, abstract_params, tokenizer):
+def load_init_params(path: str, abstract_params, tokenizer, *, field: str = "train.init_from"):
     """The parameters of the latest usable checkpoint of `path` (EMA ones if saved, else 'params'), restored
     into `abstract_params` (ShapeDtypeStructs with the target shardings). ConfigError naming
-    config.train.init_from if they do not fit or the tokenizer's vocabulary differs."""
+    config.<field> (the config field that named `path`) if they do not fit or the tokenizer's vocabulary
+    differs."""
     path = os.path.expanduser(path)
-    what = f"config.train.init_from={path!r}"
+    what = f"config.{field}={path!r}"
     if not checkpoints.committed_steps(os.path.join(path, checkpoints.CHECKPOINTS_DIR)):
         raise ConfigError(
             f"{what} has no checkpoint (expected a workdir with checkpoints/<step>, from training or from "

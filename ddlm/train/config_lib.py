@@ -142,6 +142,22 @@ def adapt_config():
     return c
 
 
+def distill_config():
+    """Distillation as a training mode (ddlm/train/distill.py), off unless method is set: the student (this
+    config's network) learns to match a trained teacher run's several-step output in fewer steps."""
+    c = ml_collections.ConfigDict()
+    c.method = "none"  # 'sdtt' (a masked, loss 'mdlm', teacher) | 'dcd' (a DUO, loss 'duo', teacher) | 'none' = off
+    c.teacher = ""  # workdir of the trained teacher run (its EMA parameters, read only); the student starts there
+    c.divergence = "kl_reverse"  # ddlm.losses.DIVERGENCES: student-teacher KL, 'kl_reverse' = both papers' kl-bwd
+    c.teacher_steps = 2  # sdtt: teacher steps per student step (SDTT's num_distill_steps)
+    c.base_steps = 1024  # the first round's teacher sampler steps: sdtt 1024 (SDTT), dcd T = 512 (DUO's distil_owt.sh)
+    c.rounds = 1  # rounds of refresh_every steps; each later round starts with teacher = the current student
+    c.refresh_every = 10_000  # steps per round (SDTT's grow_dt_every, DCD's update_teacher_every)
+    c.gamma_min = -4.0  # dcd: the Gaussian relaxation's log-SNR range of the pairs (DUO configs/algo/distillation.yaml)
+    c.gamma_max = -1.0
+    return c
+
+
 def sampler_config(*, name: str = "ancestral", steps: int = 128):
     """ddlm.sampling.config.default_config() (the samplers' own fields) with `name` and `steps` set."""
     try:
@@ -177,6 +193,7 @@ def base_config(*, model, diffusion, data, optim, mesh, train, sampler) -> ml_co
     c.train = train
     c.sampler = sampler
     c.adapt = adapt_config()
+    c.distill = distill_config()  # off (method 'none') unless a distillation recipe sets it
     from ddlm.eval import config as eval_config
 
     c.eval = eval_config.default_config()  # --mode=eval: likelihood with error bars, sample quality

@@ -64,6 +64,7 @@ class Setup:
     abstract_state: Any  # () -> TrainState of ShapeDtypeStructs with shardings
     batch_sharding: Any
     frozen: Any = None  # LoRA (ddlm/train/lora.py): the frozen base parameters, an argument of the steps
+    eval_loss_fn: Any = None  # the eval step's loss where the train step's differs (distillation); None: loss_fn
 
     def context(self):
         """Mesh and logical-axis rules in scope while tracing (for the model's activation constraints)."""
@@ -95,7 +96,7 @@ def build(config, devices=None) -> Setup:
     """Mesh, tokenizer, network, optimizer and the sharded state's initialiser, from the config."""
     from ddlm import models
     from ddlm.data import tokenizers
-    from ddlm.train import lora, rl
+    from ddlm.train import distill, lora, rl
 
     devices = list(jax.devices() if devices is None else devices)
     validate_config(config, len(devices))
@@ -109,6 +110,7 @@ def build(config, devices=None) -> Setup:
     frozen = None
     if lora.enabled(config):  # adapters on a frozen base: the state holds the adapter only
         model, frozen = lora.build(model, config, mesh, tokenizer, init_inputs)
+    eval_loss_fn = None  # the eval step's is the train step's
     if rl.enabled(config):  # the RL mode's policy loss (ddlm/train/rl.py)
         loss_fn = rl.make_loss_fn(model, config, mask_id=tokenizer.mask_id)
     else:
@@ -120,6 +122,9 @@ def build(config, devices=None) -> Setup:
             mask_id=tokenizer.mask_id,
             anneal_steps=config.adapt.anneal_steps,
         )
+    if distill.enabled(config):  # the student-teacher loss (ddlm/train/distill.py); eval: the student's NELBO
+        eval_loss_fn = loss_fn
+        loss_fn = distill.make_loss_fn(model, config, vocab_size=tokenizer.vocab_size, mask_id=tokenizer.mask_id)
     lr_schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
     tx = optim.make_optimizer(config.optim, config.train.steps)
     # Initialisation is traced without the mesh in scope: the parameters' shardings come from the jit's
@@ -132,6 +137,8 @@ def build(config, devices=None) -> Setup:
         seed=config.train.seed,
         init_inputs=init_inputs,
     )
+    if distill.enabled(config):  # the state carries the teacher's parameters, sharded as the student's
+        init_state, shardings, abstract_state = distill.with_teacher(init_state, shardings, abstract_state, mesh)
     return Setup(
         config=config,
         mesh=mesh,
@@ -145,6 +152,7 @@ def build(config, devices=None) -> Setup:
         abstract_state=abstract_state,
         batch_sharding=sharding.batch_sharding(mesh),
         frozen=frozen,
+        eval_loss_fn=eval_loss_fn,
     )
 
 
@@ -153,17 +161,23 @@ def jit_train_step(setup: Setup):
 
     The step's randomness is fold_in(state.rng, state.step): a resumed run draws the same keys. With LoRA the
     jitted function takes a third argument, setup.frozen (the frozen base joined to the trainable part);
-    compile_train_step binds it, so every compiled step is called as compiled(state, batch)."""
+    compile_train_step binds it, so every compiled step is called as compiled(state, batch). Distillation:
+    the teacher is refreshed (ddlm/train/distill.py) before the step's loss reads it."""
     cfg = setup.config
-    from ddlm.train import lora
+    from ddlm.train import distill, lora
+
+    distilling = distill.enabled(cfg)
 
     def stepped(state, batch, frozen):
         rng = jax.random.fold_in(state.rng, state.step)
         loss_fn = setup.loss_fn if frozen is None else lora.bind(setup.loss_fn, frozen)
+        if distilling:  # the student-teacher loss reads this round's teacher and the step
+            state = distill.refresh_teacher(state, cfg.distill)
+            loss_fn = functools.partial(loss_fn, step=state.step, teacher=state.teacher)
         # The annealed attention mask (ddlm/train/adapt.py) and DUO's curriculum depend on the step.
-        if cfg.adapt.anneal_steps or step_lib.duo_curriculum(cfg.diffusion, setup.tokenizer.vocab_size):
+        elif cfg.adapt.anneal_steps or step_lib.duo_curriculum(cfg.diffusion, setup.tokenizer.vocab_size):
             loss_fn = functools.partial(loss_fn, step=state.step)
-        return step_lib.train_step(
+        new_state, metrics = step_lib.train_step(
             state,
             batch,
             rng,
@@ -173,6 +187,9 @@ def jit_train_step(setup: Setup):
             accum_steps=cfg.optim.grad_accum_steps,
             ema_decay=cfg.optim.ema_decay,
         )
+        if distilling:
+            metrics["teacher_refreshes"] = new_state.teacher_refreshes.astype(jnp.float32)
+        return new_state, metrics
 
     batch_sh = {k: s.sharding for k, s in batch_abstract(setup, cfg.train.batch_size).items()}
     if setup.frozen is None:
@@ -268,8 +285,10 @@ def compile_eval_step(setup: Setup):
     batch_sh = {"tokens": setup.batch_sharding, "loss_mask": setup.batch_sharding}
     rep = sharding.replicated(setup.mesh)
 
+    eval_loss_fn = setup.eval_loss_fn or setup.loss_fn
+
     def evaluated(params, batch, rng, frozen):
-        loss_fn = setup.loss_fn if frozen is None else lora.bind(setup.loss_fn, frozen)
+        loss_fn = eval_loss_fn if frozen is None else lora.bind(eval_loss_fn, frozen)
         return step_lib.eval_step(params, batch, rng, loss_fn=loss_fn)
 
     jitted = jax.jit(
@@ -519,7 +538,7 @@ def _train_and_evaluate(config, workdir: str, devices, resources: contextlib.Exi
             async_save=cfg.async_checkpoints,
         )
     )
-    from ddlm.train import rl
+    from ddlm.train import distill, rl
 
     rl_mode = rl.enabled(config)
     if rl_mode:  # batches of rewarded rollouts of the current policy (`state`, bound below)
@@ -553,6 +572,8 @@ def _train_and_evaluate(config, workdir: str, devices, resources: contextlib.Exi
                 params=lora.seed_trainable(state.params, setup.frozen),
                 ema_params=lora.seed_trainable(state.ema_params, setup.frozen),
             )
+        if distill.enabled(config):  # the teacher run's parameters: the teacher, and the student's start
+            state = distill.start(state, setup)
     else:
         logging.info("Restored checkpoint from step %d (of %d).", restored, total)
     start = int(jax.device_get(state.step))

@@ -1,6 +1,7 @@
 """Checks of an experiment config before any work: every field a training run reads, one ConfigError each.
 
-    validate_config(config, num_devices)   every section: model, diffusion, data, optim, mesh, train, adapt
+    validate_config(config, num_devices)   every section: model, diffusion, data, optim, mesh, train, adapt,
+                                           the optional modes (lora, rl, distill: its teacher's checkpoint too)
                                            (and sampler with train.sample_at_end)
 
 Each mistake is one line 'config.<section>.<field> must be <expected>, got <value>', raised before the workdir
@@ -303,7 +304,7 @@ def validate_config(config, num_devices: int | None = None, *, devices_known: bo
     if not devices_known:  # the fields only: asking jax for its devices would start its backend
         sharding.mesh_sizes(config.mesh)
         _validate_rest(config)
-        return
+        return  # the distillation's teacher is checked by the trainer's build (it reads the teacher's files)
     data, fsdp, _ = sharding.mesh_shape(config.mesh, num_devices or jax.device_count())
     accum = config.optim.grad_accum_steps
     if t.batch_size % (data * fsdp * accum):
@@ -317,6 +318,9 @@ def validate_config(config, num_devices: int | None = None, *, devices_known: bo
             f"data*fsdp={data * fsdp}"
         )
     _validate_rest(config)
+    from ddlm.train import distill
+
+    distill.check_teacher(config)  # config.distill: the teacher run's checkpoint fits the method and the student
 
 
 def _validate_rest(config) -> None:
@@ -330,6 +334,9 @@ def _validate_rest(config) -> None:
 
     lora.validate(config)  # config.lora: adapters (optional section)
     rl.validate(config)  # config.rl: the RL mode (optional section)
+    from ddlm.train import distill
+
+    distill.validate(config)  # config.distill: the distillation mode (method 'none': off)
     if (config.diffusion.loss == "sft") != sft.is_sft(config.data):
         raise ConfigError(
             "config.diffusion.loss='sft' and config.data.sft_data go together (the SFT loss reads the "
