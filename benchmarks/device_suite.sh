@@ -8,7 +8,10 @@
 #   3. memory_analysis of small / medium / 1b and the largest batch per device in 80 GB (benchmarks/memory.py);
 #   4. the cost of one cached decoder call vs tokens per call, k = 1..64, small / medium / 1b, batch 1 and 8
 #      (benchmarks/call_cost.py: is a call of 16-64 tokens as cheap as one of 1 on this device?);
-#   5. the decoding speed table (benchmarks/decode_speed.py, KV-cache samplers), with a time budget.
+#   5. speed at matched quality on the trained issue-27 models (benchmarks/speed_quality.py --device-suite), when
+#      runs/sq_* and runs/judge are here (train them with experiments/speed_quality.py, or carry their latest
+#      checkpoints: about 200 MB with optimizer state and three steps each, over `carry`'s 64 MiB);
+#   6. the decoding speed table (benchmarks/decode_speed.py, KV-cache samplers), with what is left of the budget.
 #
 #   bash benchmarks/device_suite.sh             # on the device; appends to benchmarks/RESULTS.md
 #   bash benchmarks/device_suite.sh --dry-run   # CPU: tiny sizes, traces and compiles every part (~minutes),
@@ -33,6 +36,7 @@ if [ $DRY = 1 ]; then
   $PY benchmarks/device_step.py --dry-run --experiment=bd3lm --attention=pallas_interpret | tee -a "$OUT"
   $PY benchmarks/memory.py --presets=tiny --seq=64 --batches=4,8 --remat=full --dtype=float32 | tee -a "$OUT"
   $PY benchmarks/call_cost.py --dry-run | tee -a "$OUT"
+  $PY benchmarks/speed_quality.py --dry-run --only=sub-blocks | tee -a "$OUT"
   $PY benchmarks/decode_speed.py --dry-run | tee -a "$OUT"
 else
   timeout 200 $PY benchmarks/device_step.py --preset=small --seq=1024 --batch=16 --budget_s=150 | tee -a "$OUT" || echo "(small: timed out or failed)" | tee -a "$OUT"
@@ -42,6 +46,11 @@ else
   done
   timeout 60 $PY benchmarks/memory.py --presets=small,medium,1b --remat=full --seq=1024 | tee -a "$OUT" || echo "(memory: timed out or failed)" | tee -a "$OUT"
   timeout 120 $PY benchmarks/call_cost.py --sizes=small,medium,1b --repeats=3 | tee -a "$OUT" || echo "(call cost: timed out or failed)" | tee -a "$OUT"
+  if [ -d runs/sq_ar/checkpoints ] && [ -d runs/judge/checkpoints ]; then
+    timeout 200 $PY benchmarks/speed_quality.py --device-suite --out=/tmp/speed_quality_device.png | grep -v "^  " | tee -a "$OUT" || echo "(speed_quality: timed out or failed)" | tee -a "$OUT"
+  else
+    echo "(speed_quality: no runs/sq_* / runs/judge checkpoints here)" | tee -a "$OUT"
+  fi
   remaining=$(( 450 - ($(date +%s) - T0) ))
   if [ $remaining -gt 30 ]; then
     timeout $remaining $PY benchmarks/decode_speed.py --size=small --vocab=50258 --repeats=2 --lengths=1024,256 --budget_s=$((remaining - 20)) | tee -a "$OUT" || echo "(decoding: timed out or failed)" | tee -a "$OUT"

@@ -162,6 +162,16 @@ def first_unit(setting: Setting, block_sizes: dict) -> tuple[str, int]:
     return "fill", 0  # one canvas: the first token is final when the whole sequence is (0 = nothing filled)
 
 
+def distance(row: dict, base: dict) -> float:
+    """How far a quality row is from the baseline's: the larger of its gen-ppl and entropy differences, each in
+    standard errors of the difference (`within`'s scale; a setting matches at <= 2 and MAUVE within)."""
+    out = 0.0
+    for key in ("gen_ppl", "entropy"):
+        se = math.sqrt(row[f"{key}_se"] ** 2 + base[f"{key}_se"] ** 2)
+        out = max(out, abs(row[key] - base[key]) / se if se > 0 else math.inf)
+    return out
+
+
 def within(a: float, se_a: float, b: float, se_b: float, z: float = 2.0) -> bool:
     """|a - b| <= z sqrt(se_a^2 + se_b^2) (a missing SE counts as 0; NaN values never match)."""
     if any(map(math.isnan, (a, b))):
@@ -385,7 +395,23 @@ def main(argv=None):
     parser.add_argument("--out", default="benchmarks/speed_quality.png", help="the plot; the JSON goes beside it")
     parser.add_argument("--dry-run", dest="dry_run", action="store_true", help="random networks, tiny sizes, once")
     parser.add_argument("--device-suite", dest="device_suite", action="store_true", help="the GPU grid: batches 1,8,32 both lengths")
+    parser.add_argument("--from_json", default="", help="print the report of a written JSON (no sampling); with --out, redraw")
     args = parser.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        results = saved["results"]
+        base = next(r for r in results if r["label"] == BASELINE)
+        spec = next(r for r in results if r["label"] == SPECULATIVE)
+        for r in results:
+            r["matched"] = matches(r, base)
+        cells = [tuple(map(int, c.split("x"))) for c in base["speed"]]
+        args.new_tokens, args.samples, args.judge = cells[0][0], saved["held_out"]["samples"], saved.get("judge", "runs/judge")
+        print(saved["header"] + "\n")
+        print(report(results, base, spec, cells, args, saved["held_out"]))
+        if args.out != parser.get_default("out"):  # redraw the plot from the JSON
+            plot(results, saved["held_out"], cells, args, saved.get("device", "cpu"))
+        return
     if args.dry_run:
         args.samples, args.new_tokens, args.long_tokens, args.repeats, args.mauve_seeds = 8, 32, 64, 1, 2
         args.batches, args.long_batches = "1,4", "1"
@@ -521,9 +547,10 @@ def report(results, base, spec, cells, args, ref_quality) -> str:
         )  # fmt: skip
         lines.append(f"Best tokens per forward at matched quality: {args.new_tokens / best['speed'][c1]['nfe']:.2f} ({best['label']}).")
     elif any(r["model"] != "ar" for r in results):
-        closest = min((r for r in results if r["model"] != "ar"), key=lambda r: abs(r["gen_ppl"] - base["gen_ppl"]))
+        closest = min((r for r in results if r["model"] != "ar"), key=lambda r: distance(r, base))
         lines.append(
-            f"No diffusion setting matches AR + KV cache. Closest gen-ppl: {closest['label']}: "
+            f"No diffusion setting matches AR + KV cache. Closest ({distance(closest, base):.1f} SE on the worse of "
+            f"gen-ppl and entropy): {closest['label']}: "
             f"{fmt(closest['gen_ppl'], closest['gen_ppl_se'])} vs {fmt(base['gen_ppl'], base['gen_ppl_se'])}, entropy "
             f"{fmt(closest['entropy'], closest['entropy_se'], 3)} vs {fmt(base['entropy'], base['entropy_se'], 3)}, MAUVE "
             f"{fmt(closest['mauve'], closest['mauve_se'], 3)} vs {fmt(base['mauve'], base['mauve_se'], 3)}."
@@ -532,35 +559,49 @@ def report(results, base, spec, cells, args, ref_quality) -> str:
     return "\n".join(lines)
 
 
-def write(results, ref_quality, cells, args) -> None:
+def plot(results, ref_quality, cells, args, device: str) -> None:
+    """Two panels: the quality plane (gen-ppl against entropy: AR's +-2 SE box, the held-out text) and speed
+    against gen-ppl (tokens/s over AR + KV cache at batch 1, 112 new tokens). One number per setting, the legend
+    names them; color = model, filled = matches AR."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     base = next(r for r in results if r["label"] == BASELINE)
-    short = [c for c in cells if c[0] == args.new_tokens]
-    panels = [short[0], short[-1]] if len(short) > 1 else short
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
+    cell = f"{cells[0][0]}x{cells[0][1]}"
     families = {"ar": "black", "mdlm": "tab:blue", "bd3lm4": "tab:orange", "fdv2_16": "tab:green", "fdv2_4": "tab:red"}
-    for ax, (n, b) in zip(axes[0], panels):
-        for r in results:
-            x = ratio(r, base, f"{n}x{b}")
-            color = families.get(r["model"], "gray")
-            ax.errorbar(x, r["gen_ppl"], yerr=2 * r["gen_ppl_se"], fmt="o", color=color,
-                        mfc=color if r["matched"] else "white", ms=8, capsize=3)  # fmt: skip
-            ax.annotate(r["label"], (x, r["gen_ppl"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-        ax.axhspan(base["gen_ppl"] - 2 * base["gen_ppl_se"], base["gen_ppl"] + 2 * base["gen_ppl_se"], color="black", alpha=0.08)
+    fig, (qa, sa) = plt.subplots(1, 2, figsize=(14, 5.5))
+    for i, r in enumerate(results, 1):
+        color = families.get(r["model"], "gray")
+        style = {"color": color, "mfc": color if r["matched"] else "white", "ms": 8, "capsize": 2, "fmt": "o"}
+        qa.errorbar(r["entropy"], r["gen_ppl"], xerr=2 * r["entropy_se"], yerr=2 * r["gen_ppl_se"], **style,
+                    label=f"{i}. {r['label']}")  # fmt: skip
+        sa.errorbar(ratio(r, base, cell), r["gen_ppl"], yerr=2 * r["gen_ppl_se"], **style)
+        for ax, x in ((qa, r["entropy"]), (sa, ratio(r, base, cell))):
+            ax.annotate(str(i), (x, r["gen_ppl"]), fontsize=8, xytext=(5, 4), textcoords="offset points")
+    for ax in (qa, sa):
+        ax.axhspan(base["gen_ppl"] - 2 * base["gen_ppl_se"], base["gen_ppl"] + 2 * base["gen_ppl_se"], color="k", alpha=0.08)
         ax.axhline(ref_quality["gen_ppl"], color="gray", ls=":", lw=1)
-        ax.set_xscale("log")
-        ax.set_xlabel(f"tokens/s relative to AR + KV cache ({n} new tokens, batch {b})")
         ax.set_ylabel("generative perplexity under the judge (±2 SE)")
-        ax.set_title(f"{jax.devices()[0].device_kind}: filled = matches AR (gen-ppl, entropy, MAUVE)", fontsize=9)
-    fig.tight_layout()
+    qa.axvspan(base["entropy"] - 2 * base["entropy_se"], base["entropy"] + 2 * base["entropy_se"], color="k", alpha=0.08)
+    qa.axvline(ref_quality["entropy"], color="gray", ls=":", lw=1)
+    qa.set_xlabel("unigram entropy of the samples (nats, ±2 SE); dotted: held-out text")
+    qa.set_title("quality: AR's ±2 SE band shaded; filled = matches AR (gen-ppl, entropy, MAUVE)", fontsize=9)
+    sa.set_xscale("log")
+    sa.set_xlabel(f"tokens/s relative to AR + KV cache ({cells[0][0]} new tokens, batch {cells[0][1]}, {device})")
+    sa.set_title("speed against quality", fontsize=9)
+    fig.legend(loc="center right", fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0, 0.76, 1))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     fig.savefig(args.out, dpi=120)
+
+
+def write(results, ref_quality, cells, args) -> None:
+    plot(results, ref_quality, cells, args, jax.devices()[0].device_kind)
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-        json.dump({"header": header(args, sorted({r["model"] for r in results} | {"draft", "judge"})), "held_out": ref_quality, "results": results}, f, indent=1, default=float)
+        json.dump({"header": header(args, sorted({r["model"] for r in results} | {"draft", "judge"})), "judge": args.judge,
+                   "device": jax.devices()[0].device_kind, "held_out": ref_quality, "results": results}, f, indent=1, default=float)  # fmt: skip
     print(f"\nwrote {args.out} and {os.path.splitext(args.out)[0]}.json")
 
 
