@@ -409,14 +409,15 @@ def test_ar_without_a_prompt_is_one_clear_error():
 
 
 def test_bd3lm_progress_and_nfe_with_a_prompt_block():
-    """16 tokens in blocks of 4, the first block all prompt: blocks 1..3 are denoised (one call each with a
-    one-call block sampler), blocks 0..2 are written to the cache (the last block's write is skipped);
-    progress gets blocks_done 1..4 in order."""
+    """16 tokens in blocks of 4, the first block all prompt: with the cache it is prefilled (one call), blocks
+    1..3 are denoised (one call each with a one-call block sampler), and the writes of blocks 1..2 are the next
+    blocks' first calls (fused: no extra call; the last block's write is skipped); progress gets blocks_done
+    1..4 in order (1 once the prompt block is prefilled)."""
     from test_cached_samplers import MASK as BD_MASK, _bd3, _decoder, _greedy_block, _prompted
 
     dec = _decoder("bd3lm")
     x = _prompted(2, 16, [4, 6])
-    for kv_cache, want in ((True, 3 + 3), (False, 3)):
+    for kv_cache, want in ((True, 1 + 3), (False, 3)):
         seen, progress = progress_log()
         out = _bd3(dec, _greedy_block, kv_cache, progress_fn=progress)(jax.random.key(50), x)
         assert int(out.nfe) == want, (kv_cache, int(out.nfe))

@@ -72,7 +72,7 @@ def block_sample(
       kv_cache: reuse the clean blocks' keys/values (False: a full forward per denoising call).
       window: clean tokens kept in the cache (a multiple of block_size); 0 or >= L keeps all.
       eos_id, pad_id, stop_at_eos: variable-length generation (see `finish_tokens`).
-      progress_fn(blocks_done): called after every block, if given.
+      progress_fn(blocks_done): called after every block, if given (once for the prefilled prompt blocks).
       prefill_chunk: with the cache and no sliding window, the leading blocks known in every row (the
         prompt) are written in calls of this many tokens (rounded down to whole blocks, at least one).
 
@@ -196,6 +196,8 @@ def block_sample(
     if prefill:
         first, cache, last_logits, nfe = _prefill_prompt(decoder, x_init, cache, last_logits, mask_id, chunk, shift)
         slot_block = jnp.where(jnp.arange(num_blocks) < first, jnp.arange(num_blocks), -1).astype(jnp.int32)
+        if progress_fn is not None:  # the prefilled blocks are done
+            jax.lax.cond(first > 0, lambda: jax.debug.callback(progress_fn, first), lambda: None)
     carry = (
         first,
         x_init,
