@@ -9,8 +9,9 @@
 #   4. the cost of one cached decoder call vs tokens per call, k = 1..64, small / medium / 1b, batch 1 and 8
 #      (benchmarks/call_cost.py: is a call of 16-64 tokens as cheap as one of 1 on this device?);
 #   5. speed at matched quality on the trained issue-27 models (benchmarks/speed_quality.py --device-suite), when
-#      runs/sq_* and runs/judge are here (train them with experiments/speed_quality.py, or carry their latest
-#      checkpoints: about 200 MB with optimizer state and three steps each, over `carry`'s 64 MiB);
+#      their checkpoints are here: $SQ_ROOT (default runs) holding sq_* and judge. To carry them (the runs are
+#      ~200 MB, over carry's 64 MiB): `python benchmarks/speed_quality.py --export=sq_carry` (the newest step of
+#      each, ~59 MiB), carry sq_carry, run with SQ_ROOT=sq_carry;
 #   6. the decoding speed table (benchmarks/decode_speed.py, KV-cache samplers), with what is left of the budget.
 #
 #   bash benchmarks/device_suite.sh             # on the device; appends to benchmarks/RESULTS.md
@@ -46,10 +47,11 @@ else
   done
   timeout 60 $PY benchmarks/memory.py --presets=small,medium,1b --remat=full --seq=1024 | tee -a "$OUT" || echo "(memory: timed out or failed)" | tee -a "$OUT"
   timeout 120 $PY benchmarks/call_cost.py --sizes=small,medium,1b --repeats=3 | tee -a "$OUT" || echo "(call cost: timed out or failed)" | tee -a "$OUT"
-  if [ -d runs/sq_ar/checkpoints ] && [ -d runs/judge/checkpoints ]; then
-    timeout 200 $PY benchmarks/speed_quality.py --device-suite --out=/tmp/speed_quality_device.png | grep -v "^  " | tee -a "$OUT" || echo "(speed_quality: timed out or failed)" | tee -a "$OUT"
+  SQ_ROOT=${SQ_ROOT:-runs}
+  if [ -d "$SQ_ROOT/sq_ar/checkpoints" ] && [ -d "$SQ_ROOT/judge/checkpoints" ]; then
+    timeout 200 $PY benchmarks/speed_quality.py --device-suite --root="$SQ_ROOT" --out=/tmp/speed_quality_device.png | grep -v "^  " | tee -a "$OUT" || echo "(speed_quality: timed out or failed)" | tee -a "$OUT"
   else
-    echo "(speed_quality: no runs/sq_* / runs/judge checkpoints here)" | tee -a "$OUT"
+    echo "(speed_quality: no $SQ_ROOT/sq_* and $SQ_ROOT/judge checkpoints here)" | tee -a "$OUT"
   fi
   remaining=$(( 450 - ($(date +%s) - T0) ))
   if [ $remaining -gt 30 ]; then

@@ -5,6 +5,8 @@ decoder setting, judged by a model that is neither side, timed side by side on o
     python benchmarks/speed_quality.py --dry-run       # random networks of the recipes' shapes, tiny: checks
                                                        # every path of the script in a few minutes on CPU
     python benchmarks/speed_quality.py --device-suite  # the grid a GPU session runs (benchmarks/device_suite.sh)
+    python benchmarks/speed_quality.py --export=sq_carry   # the newest checkpoints only (~60 MB), to carry there;
+                                                       # then --root=sq_carry
 
 Protocol (what a reader needs to trust the ratios):
   * Prompts: the first PROMPT_TOKENS - 1 characters of held-out (validation split) rows after bos; every
@@ -392,6 +394,9 @@ def main(argv=None):
     parser.add_argument("--mauve_seeds", type=int, default=8, help="bootstrap resamples of MAUVE (its error bar)")
     parser.add_argument("--only", default="", help="comma-separated substrings of setting labels (the AR rows always run)")
     parser.add_argument("--judge", default=WORKDIRS["judge"], help="the judge's workdir (an AR run, never a side)")
+    parser.add_argument("--root", default="runs", help="the folder holding the runs (sq_ar, ..., judge)")
+    parser.add_argument("--export", default="", help="copy the newest checkpoint of every run to this folder "
+                        "(to carry to a GPU: ~60 MB) and exit; then --root=<it>")  # fmt: skip
     parser.add_argument("--out", default="benchmarks/speed_quality.png", help="the plot; the JSON goes beside it")
     parser.add_argument("--dry-run", dest="dry_run", action="store_true", help="random networks, tiny sizes, once")
     parser.add_argument("--device-suite", dest="device_suite", action="store_true", help="the GPU grid: batches 1,8,32 both lengths")
@@ -419,7 +424,14 @@ def main(argv=None):
             args.out = os.path.join("/tmp", "speed_quality_dry_run.png")
     if args.device_suite:
         args.long_batches, args.repeats = "1,8,32", 5
-    WORKDIRS["judge"] = args.judge
+    for name, path in WORKDIRS.items():
+        WORKDIRS[name] = os.path.join(args.root, os.path.basename(path))
+    if args.judge != parser.get_default("judge"):
+        WORKDIRS["judge"] = args.judge
+    args.judge = WORKDIRS["judge"]
+    if args.export:
+        export(args.export)
+        return
     args.batch_list = [int(b) for b in args.batches.split(",")]
     long_batches = [int(b) for b in args.long_batches.split(",")] if args.long_tokens else []
     settings = [s for s in SETTINGS if s.label in (BASELINE, SPECULATIVE) or not args.only
@@ -557,6 +569,29 @@ def report(results, base, spec, cells, args, ref_quality) -> str:
         )
     lines.append(f"AR + speculative decoding (lossless) matched AR + KV cache: {'yes' if spec['matched'] else 'NO (protocol check failed)'}.")
     return "\n".join(lines)
+
+
+def export(out: str) -> None:
+    """The newest committed checkpoint of every run in WORKDIRS, copied to out/<run>/checkpoints/<step>: what a
+    device session needs (load_for_inference reads the newest step), a fraction of the runs' size."""
+    import shutil
+
+    from ddlm import checkpoints
+
+    total = 0
+    for path in sorted(set(WORKDIRS.values())):
+        src = os.path.join(path, checkpoints.CHECKPOINTS_DIR)
+        steps = checkpoints.committed_steps(src)
+        if not steps:
+            sys.exit(f"speed_quality --export: no committed checkpoint in {src}")
+        dst = os.path.join(out, os.path.basename(path), checkpoints.CHECKPOINTS_DIR, str(max(steps)))
+        if os.path.exists(dst):
+            sys.exit(f"speed_quality --export: {dst} exists; export to an empty folder")
+        shutil.copytree(os.path.join(src, str(max(steps))), dst)
+        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(dst) for f in fs)
+        total += size
+        print(f"{path} step {max(steps)} -> {dst} ({size / 2**20:.1f} MiB)")
+    print(f"{total / 2**20:.1f} MiB in all; run with --root={out}")
 
 
 def plot(results, ref_quality, cells, args, device: str) -> None:
