@@ -28,16 +28,13 @@ time), ~1 means a call of k tokens is as cheap as one of 1 (memory-bound: it can
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import statistics
-import subprocess
 import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import machine  # benchmarks/machine.py
 
 from ddlm import models
 
@@ -126,17 +123,8 @@ def time_call(model, params, batch: int, context: int, capacity: int, k: int, re
 
 
 def header(args) -> str:
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        rev = "?"
-    device = jax.devices()[0]
-    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     return (
-        f"{datetime.date.today()}, revision {rev}, {device.platform} ({device.device_kind}, "
-        f"{jax.device_count()} device(s)), {platform.node()}, {os.cpu_count()} CPUs, load {load}; "
+        f"{machine.describe()}; "
         f"causal networks, random weights, vocab {args.vocab}, params {args.param_dtype}, context {args.context}, "
         f"median of {args.repeats}"
     )

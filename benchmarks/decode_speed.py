@@ -26,10 +26,6 @@ its KV-cache path (ddlm.sampling.caches).
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
-import subprocess
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -37,6 +33,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import machine  # benchmarks/machine.py
 import ml_collections
 
 from ddlm import models, sampling, schedules
@@ -163,19 +160,9 @@ def time_row(entry: Entry, net: Network, batch: int, length: int, repeats: int):
 
 
 def header(args) -> str:
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        rev = "?"
-    device = jax.devices()[0]
-    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     weights = f"trained DiT of {args.workdir}" if args.workdir else "random weights"
     return (
-        f"{datetime.date.today()}, revision {rev}, {device.platform} ({device.device_kind}, "
-        f"{jax.device_count()} device(s)), {platform.node()}, {os.cpu_count()} CPUs, load {load}; "
-        f"size {args.size}, vocab {args.vocab}, best of {args.repeats}, {weights}"
+        f"{machine.describe()}; size {args.size}, vocab {args.vocab}, best of {args.repeats}, {weights}"
     )
 
 

@@ -45,12 +45,9 @@ settings filled) and the same figures as JSON beside it.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 from typing import Any, NamedTuple
@@ -61,6 +58,9 @@ import ml_collections
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/machine.py when imported by path
+
+import machine  # benchmarks/machine.py
 
 from ddlm import models, sampling, schedules
 from ddlm.sampling import config as sampler_config
@@ -330,17 +330,10 @@ def quality_samples(setting, nets, prompt_ids, new_tokens, batch, count) -> tupl
 
 
 def header(args, names=()) -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        rev = "?"
-    d = jax.devices()[0]
-    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     used = sorted({WORKDIRS[n] for n in names}) if names else sorted(set(WORKDIRS.values()))
     weights = "RANDOM weights (--dry-run)" if args.dry_run else "trained checkpoints " + ", ".join(used)
     return (
-        f"{datetime.date.today()}, revision {rev}, {d.platform} ({d.device_kind}), {platform.node()}, "
-        f"{os.cpu_count()} CPUs, load {load}; {weights}; prompts {PROMPT_TOKENS} tokens, {args.samples} samples "
+        f"{machine.describe()}; {weights}; prompts {PROMPT_TOKENS} tokens, {args.samples} samples "
         f"per setting, median of {args.repeats}"
     )
 

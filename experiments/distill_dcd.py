@@ -22,24 +22,14 @@ size=..., corpus=owt|lm1b (the teacher's: experiments/duo.py), the common args. 
 config.sampler.steps = 8 (duo.py's sampler, the uniform graph's exact reverse rates).
 """
 
-import importlib.util
-import os
 
 from ddlm.train import config_lib as cl
-
-
-def _recipe(name):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def get_config(arg=None):
     a = cl.parse_arg(arg, size="small", corpus="owt")
     # The teacher run's network, data and schedule; no curriculum (DCD draws its own relaxed pairs).
-    config = _recipe("duo").get_config(f"size={a['size']},corpus={a['corpus']},curriculum=False")
+    config = cl.recipe("duo", __file__).get_config(f"size={a['size']},corpus={a['corpus']},curriculum=False")
     t = config.train
     t.steps, t.batch_size, t.eval_batch_size = 80_000, 128, 128
     t.log_every, t.eval_every, t.ckpt_every = 100, 1_000, 10_000

@@ -22,23 +22,13 @@ elsewhere (a network of the teacher's shape). Sample the student with its last r
 (config.sampler.steps, 8).
 """
 
-import importlib.util
-import os
 
 from ddlm.train import config_lib as cl
 
 
-def _recipe(name):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def get_config(arg=None):
     a = cl.parse_arg(arg, size="tiny")
-    config = _recipe("quickstart").get_config(f"size={a['size']}")  # the teacher's network, data, tokenizer
+    config = cl.recipe("quickstart", __file__).get_config(f"size={a['size']}")  # the teacher's network, data, tokenizer
     t = config.train
     t.steps, t.batch_size, t.eval_batch_size = 70_000, 128, 128
     t.log_every, t.eval_every, t.ckpt_every = 100, 5_000, 5_000

@@ -11,24 +11,14 @@ arg: estimator=nelbo|mean_field, objective=grpo|wd1, lora=R (adapters of rank R 
 --config.rl.beta=0.04 (KL to the reference), --config.sampler.cache=none (uncached rollouts).
 """
 
-import importlib.util
-import os
 
 from ddlm.train import config_lib as cl
 from ddlm.train import lora, rl
 
 
-def _sft_recipe():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft_addition.py")
-    spec = importlib.util.spec_from_file_location("sft_addition", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def get_config(arg=None):
     a = cl.parse_arg(arg, size="tiny", digits=2, estimator="nelbo", objective="grpo", lora=0)
-    sft = _sft_recipe()
+    sft = cl.recipe("sft_addition", __file__)
     config = sft.get_config(f"size={a['size']},digits={a['digits']}")
     t = config.train
     # 32 prompts x 8 completions per step: with 8 prompts (64 rows) the updates' noise outweighed their

@@ -14,24 +14,14 @@ arg: lora=R (rank; 0 = full fine-tuning), quantize=none|int8|int4, the common ar
 The checkpoints of a LoRA run hold the adapter only; ddlm.train.lora.merge folds it into the base.
 """
 
-import importlib.util
-import os
 
 from ddlm.train import config_lib as cl
 from ddlm.train import lora
 
 
-def _recipe(name):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def get_config(arg=None):
     a = cl.parse_arg(arg, size="tiny", lora=16, quantize="none")
-    config = _recipe("sft_quickstart").get_config(f"size={a['size']}")
+    config = cl.recipe("sft_quickstart", __file__).get_config(f"size={a['size']}")
     config.model = cl.model_config(a["size"], dropout=0.0)  # the quickstart's network (time-conditioned)
     config.train.steps = 300
     config.train.eval_every = config.train.ckpt_every = 100

@@ -17,6 +17,20 @@ import ml_collections
 COMMON_ARGS = {"smoke": False, "local": False, "steps": 0}
 
 
+def recipe(name: str, beside: str):
+    """The experiment module `name` from the folder of the file `beside` (an experiment's __file__): a recipe
+    built on another (sft_lora_quickstart on sft_quickstart, rl_addition on sft_addition, a distillation on its
+    teacher's), found next to it wherever the experiments folder was forked to."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.abspath(beside)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def parse_arg(arg: str | None, **defaults) -> dict:
     """'size=small,smoke,block_size=16' -> {'size': 'small', 'smoke': True, 'block_size': 16, ...}.
 
