@@ -29,7 +29,7 @@ Protocol (what a reader needs to trust the ratios):
     speculative rows also count the draft's calls. Long outputs run past the 128-character training context
     (the samplers slide the cache window where they have one; the DiT sees the whole canvas): their tokens
     are not judged and the adaptive rules' step counts there come from off-distribution contexts.
-  * Time to first token (batch 1): the wall time until the first streamable unit is final: AR and
+  * Time to first token (batch 1; at every batch with --ttft_sweep): the wall time until the first streamable unit is final: AR and
     speculative decoding, one token (the same call on a sequence ending one token after the prompt); BD3-LM
     and Fast-dLLM v2, the first block (the same, one block after the prompt: causal across blocks, so
     later blocks cannot change the computation); MDLM, the first semi-autoregressive block, measured on the
@@ -383,6 +383,7 @@ def main(argv=None):
     parser.add_argument("--batches", default="1,8,32", help="batch sweep (the largest also draws the judged samples)")
     parser.add_argument("--long_batches", default="1", help="batch sweep of the long output")
     parser.add_argument("--verbose", action="store_true", help="print every timed cell as it is measured")
+    parser.add_argument("--ttft_sweep", action="store_true", help="time to first token at every batch (else the first)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--mauve_seeds", type=int, default=8, help="bootstrap resamples of MAUVE (its error bar)")
     parser.add_argument("--only", default="", help="comma-separated substrings of setting labels (the AR rows always run)")
@@ -416,7 +417,7 @@ def main(argv=None):
         if args.out == parser.get_default("out"):
             args.out = os.path.join("/tmp", "speed_quality_dry_run.png")
     if args.device_suite:
-        args.long_batches, args.repeats = "1,8,32", 5
+        args.long_batches, args.repeats, args.ttft_sweep = "1,8,32", 5, True
     for name, path in WORKDIRS.items():
         WORKDIRS[name] = os.path.join(args.root, os.path.basename(path))
     if args.judge != parser.get_default("judge"):
@@ -471,14 +472,16 @@ def main(argv=None):
                 speed[f"{length}x{b}"] = {"s": t.seconds, "nfe": t.nfe, "draft_nfe": t.draft_nfe,
                                           "tokens_per_s": b * length / t.seconds, "compile_s": t.compile_s}  # fmt: skip
         how, n = first_unit(s, block_sizes)
-        if how == "truncate":
-            x = canvas(prompt_ids[:1], n, mask_id)
-            t = timed(s, nets, x, n, args.repeats)
-        else:
-            fill = int(prompt_ids[0, 1])
-            x = canvas(prompt_ids[:1], args.new_tokens, mask_id, masked=n or None, fill=fill)
-            t = timed(s, nets, x, args.new_tokens, args.repeats)
-        row.update(speed=speed, ttft_s=t.seconds, ttft_unit=n or args.new_tokens)
+        ttft = {}
+        for b in args.batch_list if args.ttft_sweep else args.batch_list[:1]:
+            if how == "truncate":
+                t = timed(s, nets, canvas(prompt_ids[:b], n, mask_id), n, args.repeats)
+            else:
+                fill = int(prompt_ids[0, 1])
+                x = canvas(prompt_ids[:b], args.new_tokens, mask_id, masked=n or None, fill=fill)
+                t = timed(s, nets, x, args.new_tokens, args.repeats)
+            ttft[str(b)] = t.seconds
+        row.update(speed=speed, ttft_s=ttft[str(args.batch_list[0])], ttft_by_batch=ttft, ttft_unit=n or args.new_tokens)
         results.append(row)
         b1 = speed.get(f"{args.new_tokens}x1", {})
         print(f"{s.label}: gen-ppl {fmt(row['gen_ppl'], row['gen_ppl_se'])}, entropy "
@@ -532,6 +535,12 @@ def report(results, base, spec, cells, args, ref_quality) -> str:
             f"{fmt(r['entropy'], r['entropy_se'], 3)} | {fmt(r['mauve'], r['mauve_se'], 3)} | {nfe:.1f}{draft} | "
             f"{args.new_tokens / nfe:.2f} | {r['ttft_s'] * 1e3:.1f} |"
         )
+    swept = [b for b in results[0].get("ttft_by_batch", {})]
+    if len(swept) > 1:
+        lines += ["", "Time to first token (ms) per batch:", "", "| setting | " + " | ".join(f"batch {b}" for b in swept) + " |",
+                  "|---|" + "---|" * len(swept)]  # fmt: skip
+        for r in results:
+            lines.append(f"| {r['label']} | " + " | ".join(f"{r['ttft_by_batch'][b] * 1e3:.1f}" for b in swept) + " |")
     lines += ["", "Tokens/s (and the ratio to AR + KV cache) per output length x batch:", ""]
     lines.append("| setting | " + " | ".join(f"{n} new x {b}" for n, b in cells) + " |")
     lines.append("|---|" + "---|" * len(cells))
