@@ -12,8 +12,12 @@ clean blocks before it as context, exactly what the block-causal network compute
 
 With kv_cache=True the clean blocks live in the network's KV cache: after block b is denoised, one step on its
 clean tokens (t = 0, attending the cache and itself) writes its keys/values; each denoising call is then a
-step on block_size tokens. kv_cache=False recomputes the full 2L-input forward at every call (the same
-logits: the same tokens for the same key; the tests compare the two).
+step on block_size tokens. Two calls are saved (no ring buffer, see below): the leading blocks known in every
+row (a prompt) are written together, prefill_chunk tokens per call, block-causal inside; and for a time-free
+network the write of block b is one call on [clean block b | block b + 1 as it starts], whose second half is
+block b + 1's first denoising call (its logits are kept and served when the block sampler asks for the block
+as it starts), so a generated block costs its denoising calls only. kv_cache=False recomputes the full
+2L-input forward at every call (the same logits: the same tokens for the same key; the tests compare the two).
 
 Past the training context: `window` tokens of clean blocks are kept (a ring buffer of window / block_size
 block slots); the oldest block's slot is overwritten by the newest. Keys are stored rotated at their
