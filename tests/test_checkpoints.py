@@ -578,8 +578,11 @@ def test_full_disk_is_one_final_line_and_the_details_are_at_info(tmp_path):
     assert "File too large" in lines[-1] and "the last committed checkpoint is none" in lines[-1]
 
     proc = _job("save", str(tmp_path / "info"), "info", file_size_limit=32 * 1024)
-    last = proc.stderr.splitlines()[-1]
-    assert proc.returncode == 1 and last.startswith("ddlm: error: the checkpoint of step 1 was not written")
+    # At info level orbax's background threads may log their record of the failure after ddlm's line (seen once
+    # in a full suite): the error line is the last of ddlm's own, not necessarily the last on stderr.
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("ddlm: error:")]
+    assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith("ddlm: error: the checkpoint of step 1 was not written")
     assert proc.stderr.count("Traceback") >= 2 and "File too large" in proc.stderr  # orbax's own records
 
 
