@@ -286,39 +286,41 @@ class Timed(NamedTuple):
     nfe: float  # mean over repeats
     draft_nfe: float
     compile_s: float
-    tokens: np.ndarray  # the last repeat's
 
 
-def timed(setting: Setting, nets: dict, x: np.ndarray, new_tokens: int, repeats: int, seed: int = 0) -> Timed:
+def compile_run(setting: Setting, nets: dict, x: np.ndarray, new_tokens: int):
+    """(run(rng, x) -> (tokens, nfe, draft_nfe), compile seconds): the setting's sampler compiled for x's shape
+    with its parameters bound (the draft's for speculative decoding)."""
     params = nets[setting.model].params
     draft_params = nets["draft"].params if setting.fields["name"] == "speculative" else None
     t0 = time.perf_counter()
     fn = jax.jit(make_run(setting, nets, new_tokens)).lower(params, draft_params, jax.random.key(0), x).compile()
-    compile_s = time.perf_counter() - t0
-    fn(params, draft_params, jax.random.key(seed + repeats), x)[0].block_until_ready()  # warm-up, not timed
+    return (lambda rng, x: fn(params, draft_params, rng, x)), time.perf_counter() - t0
+
+
+def timed(setting: Setting, nets: dict, x: np.ndarray, new_tokens: int, repeats: int, seed: int = 0) -> Timed:
+    run, compile_s = compile_run(setting, nets, x, new_tokens)
+    run(jax.random.key(seed + repeats), x)[0].block_until_ready()  # warm-up, not timed
     secs, nfes, drafts = [], [], []
     for r in range(repeats):
         t0 = time.perf_counter()
-        tokens, nfe, draft_nfe = fn(params, draft_params, jax.random.key(seed + r), x)
+        tokens, nfe, draft_nfe = run(jax.random.key(seed + r), x)
         tokens.block_until_ready()
         secs.append(time.perf_counter() - t0)
         nfes.append(int(nfe))
         drafts.append(int(draft_nfe))
-    return Timed(float(np.median(secs)), float(np.mean(nfes)), float(np.mean(drafts)), compile_s, np.asarray(tokens))
+    return Timed(float(np.median(secs)), float(np.mean(nfes)), float(np.mean(drafts)), compile_s)
 
 
 def quality_samples(setting, nets, prompt_ids, new_tokens, batch, count) -> tuple[np.ndarray, float]:
     """`count` samples continuing the prompts, `batch` at a time (keys 1000 + offset): (tokens, mean NFE)."""
     mask_id = nets[setting.model].tokenizer.mask_id
-    rows, nfes = [], []
-    params = nets[setting.model].params
-    draft_params = nets["draft"].params if setting.fields["name"] == "speculative" else None
-    fn = None
+    rows, nfes, run = [], [], None
     for lo in range(0, count, batch):
         x = canvas(prompt_ids[lo : lo + batch], new_tokens, mask_id)
-        if fn is None:
-            fn = jax.jit(make_run(setting, nets, new_tokens)).lower(params, draft_params, jax.random.key(0), x).compile()
-        tokens, nfe, _ = fn(params, draft_params, jax.random.key(1000 + lo), x)
+        if run is None:
+            run, _ = compile_run(setting, nets, x, new_tokens)
+        tokens, nfe, _ = run(jax.random.key(1000 + lo), x)
         rows.append(np.asarray(tokens))
         nfes.append(int(nfe))
     return np.concatenate(rows)[:count], float(np.mean(nfes))
