@@ -1,0 +1,317 @@
+"""Few-step generation (issue 23): each teacher at many steps against the same teacher and its distilled student at
+4-32 steps, in one run, judged by a model that is neither side.
+
+    python benchmarks/few_step.py            # runs/few_step/{mdlm,duo,sdtt,dcd} (experiments/few_step.py), runs/judge
+    python benchmarks/few_step.py --dry-run  # random networks of the recipes' shapes, tiny: every path in minutes
+
+Protocol: the prompts, judge and metrics of benchmarks/speed_quality.py (issue 27), so the figures share its scale:
+bos + 15 held-out characters, 112 new characters (the 128-character training context), temperature 1, full
+vocabulary, float64 noise; gen-ppl under runs/judge with its SE over samples, mean unigram entropy with its SE,
+MAUVE against the held-out continuations with a bootstrap error bar. Every setting continues the same prompts with
+the same keys. NFE = network calls (batch-wide).
+
+  * The reference of a family is its teacher at the most steps in --teacher_steps (1,024 by default: 9x the new
+    tokens, so more steps change nothing the judge can see; the 256-step row shows it).
+  * gap(model, k) = gen-ppl(model at k steps) - gen-ppl(reference); the issue's criterion at k = 4 and 8: the
+    student's gap <= half the undistilled teacher's gap at the same k, with the student's entropy within 2% of
+    the reference's. Printed per k with the ratio gap(student) / gap(teacher) and its bootstrap-free error
+    (delta method on the three independent gen-ppl SEs).
+  * The students are each run's newest checkpoint (the last round: trained for base_steps / 2^rounds steps),
+    sampled at every k; a row per intermediate round is out of scope (their checkpoints are kept).
+  * Samplers: MDLM and SDTT, the masked ancestral sampler (`ancestral`) on the loglinear grid; DUO and DCD, the
+    uniform graph's exact reverse step (`sedd_analytic`, through losses.duo_log_ratios), prompt positions clamped.
+  * The wall-clock cost of each run comes from its metrics.jsonl (first to last logged step, at the load it ran
+    at: benchmarks/RESULTS.md says which).
+
+Printed: the table per family and the criterion lines; written: --out (gen-ppl and entropy against steps, both
+families) and the JSON beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import machine  # benchmarks/machine.py
+import speed_quality as sq  # benchmarks/speed_quality.py: prompts, canvas, MAUVE's bootstrap, formatting
+
+from ddlm.sampling import config as sampler_config
+
+WORKDIRS = {"mdlm": "few_step/mdlm", "sdtt": "few_step/sdtt", "duo": "few_step/duo", "dcd": "few_step/dcd", "judge": "judge"}
+FAMILIES = (  # (label, teacher, student, sampler fields)
+    ("MDLM + SDTT", "mdlm", "sdtt", {"name": "ancestral"}),
+    ("DUO + DCD", "duo", "dcd", {"name": "sedd_analytic"}),
+)
+CRITERION_STEPS = (4, 8)
+ENTROPY_TOLERANCE = 0.02  # the student's entropy within 2% of the reference's
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure pieces (tested in tests/test_few_step.py)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def gap_ratio(student: dict, teacher: dict, reference: dict) -> tuple[float, float]:
+    """(gap(student) / gap(teacher), its SE by the delta method): gaps in gen-ppl to the reference, the three
+    gen-ppl estimates independent (different samples). NaN when the teacher's gap is not positive."""
+    r, se_r = reference["gen_ppl"], reference["gen_ppl_se"]
+    gs, gt = student["gen_ppl"] - r, teacher["gen_ppl"] - r
+    if not gt > 0:
+        return float("nan"), float("nan")
+    q = gs / gt
+    # d q / d student = 1/gt; d q / d teacher = -gs/gt^2; d q / d reference = (-gt + gs)/gt^2
+    var = (student["gen_ppl_se"] / gt) ** 2 + (teacher["gen_ppl_se"] * gs / gt**2) ** 2
+    var += (se_r * (gs - gt) / gt**2) ** 2
+    return q, math.sqrt(var)
+
+
+def criterion(student: dict, teacher: dict, reference: dict, tolerance: float = ENTROPY_TOLERANCE) -> dict:
+    """The issue's check at one step count: half the gap or better, at entropy within `tolerance` (relative)."""
+    q, se = gap_ratio(student, teacher, reference)
+    rel = abs(student["entropy"] - reference["entropy"]) / reference["entropy"]
+    return {"gap_ratio": q, "gap_ratio_se": se, "entropy_rel": rel,
+            "half_gap": bool(q <= 0.5), "entropy_ok": bool(rel <= tolerance), "met": bool(q <= 0.5 and rel <= tolerance)}  # fmt: skip
+
+
+def settings(teacher_steps, few_steps) -> list[dict]:
+    """Every (family, model, steps) the run samples, in order: per family the teacher at teacher_steps and
+    few_steps, then the student at few_steps."""
+    out = []
+    for family, teacher, student, fields in FAMILIES:
+        for model, steps in [(teacher, k) for k in (*teacher_steps, *few_steps)] + [(student, k) for k in few_steps]:
+            out.append({"family": family, "model": model, "role": "student" if model == student else "teacher",
+                        "steps": int(steps), "fields": {**fields, "steps": int(steps)}})  # fmt: skip
+    return out
+
+
+def run_seconds(workdir: str) -> float:
+    """Wall seconds from the first to the last logged train step of a run (its metrics.jsonl), NaN without it."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return float("nan")
+    times = []
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            if row.get("split") == "train" and "time" in row:
+                times.append(row["time"])
+    return float(times[-1] - times[0]) if len(times) > 1 else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------------------
+
+
+def make_sample(net, fields: dict):
+    """sample(rng, x [B, L]) -> (tokens, nfe), jitted: the network's sampler of `fields`; prompt positions are
+    kept (the uniform graph clamps them; the masked samplers keep every non-mask token)."""
+    from ddlm.sampling import cli as sampling_cli
+
+    sc = sampler_config.resolve(ml_collections.ConfigDict({"temperature": 1.0, "progress": False, **fields}))
+    sample = sampling_cli.sample_fn(net.config, sc, net.model, net.tokenizer, None)
+    mask_id = net.tokenizer.mask_id
+    uniform = net.config.diffusion.process == "uniform"
+
+    @jax.jit
+    def run(params, rng, x):
+        out = sample(params, rng, x, (x != mask_id) if uniform else None)
+        return out.tokens, out.nfe
+
+    return lambda rng, x: run(net.params, rng, x)
+
+
+def draw(net, fields, prompt_ids, new_tokens, batch) -> tuple[np.ndarray, float]:
+    run = make_sample(net, fields)
+    rows, nfes = [], []
+    for lo in range(0, len(prompt_ids), batch):
+        x = sq.canvas(prompt_ids[lo : lo + batch], new_tokens, net.tokenizer.mask_id)
+        tokens, nfe = run(jax.random.key(1000 + lo), x)
+        rows.append(np.asarray(tokens))
+        nfes.append(int(nfe))
+    return np.concatenate(rows), float(np.mean(nfes))
+
+
+def random_nets(names) -> dict:
+    """--dry-run: random networks of the recipes' smoke shapes, at the training context of 128."""
+    import flax.linen as nn
+
+    from ddlm import models
+    from ddlm.data import tokenizers
+    from ddlm.eval import cli as eval_cli
+
+    out = {}
+    for i, name in enumerate(names):
+        spec = "experiments/judge.py:smoke" if name == "judge" else f"experiments/few_step.py:model={name},smoke"
+        config = eval_cli.load_config_file(spec)
+        config.train.seq_len = 128
+        tok = tokenizers.get_tokenizer(config.data)
+        model = models.get_model(config.model, tok.vocab_size)
+        x = jnp.zeros((1, 8), jnp.int32)
+        t = jnp.zeros((1,)) if config.model.get("time_conditioning", False) else None
+        params = dict(nn.unbox(jax.jit(model.init)(jax.random.key(i), x, t))["params"])
+        params["output_kernel"] = jax.random.normal(jax.random.key(100 + i), params["output_kernel"].shape) * 0.5
+        out[name] = sq.Net(config, model, params, tok)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------------
+
+
+def report(rows, costs) -> str:
+    lines = []
+    for family, teacher, student, _ in FAMILIES:
+        mine = [r for r in rows if r["family"] == family]
+        if not mine:
+            continue
+        ref = reference_row(mine)
+        lines.append(f"{family} (reference: {teacher} at {ref['steps']} steps; distillation "
+                     f"{costs.get(student, float('nan')) / 60:.1f} min, teacher training {costs.get(teacher, float('nan')) / 60:.1f} min)")  # fmt: skip
+        lines.append("| model | steps | NFE | gen-ppl | entropy | MAUVE | gap to reference |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for r in mine:
+            gap = r["gen_ppl"] - ref["gen_ppl"]
+            lines.append(f"| {r['model']} | {r['steps']} | {r['nfe']:.0f} | {sq.fmt(r['gen_ppl'], r['gen_ppl_se'])} | "
+                         f"{sq.fmt(r['entropy'], r['entropy_se'], 3)} | {sq.fmt(r.get('mauve'), r.get('mauve_se'), 3)} | {gap:+.2f} |")  # fmt: skip
+        for k, c in criteria(mine, teacher, student).items():
+            lines.append(f"  {k} steps: gap(student) / gap(teacher) = {sq.fmt(c['gap_ratio'], c['gap_ratio_se'])} "
+                         f"(<= 0.5: {'yes' if c['half_gap'] else 'NO'}), entropy {100 * c['entropy_rel']:.1f}% from the "
+                         f"reference's (<= {100 * ENTROPY_TOLERANCE:.0f}%: {'yes' if c['entropy_ok'] else 'NO'}) -> "
+                         f"{'MET' if c['met'] else 'not met'}")  # fmt: skip
+        lines.append("")
+    return "\n".join(lines)
+
+
+def reference_row(rows) -> dict:
+    teachers = [r for r in rows if r["role"] == "teacher"]
+    return max(teachers, key=lambda r: r["steps"])
+
+
+def criteria(rows, teacher, student, steps=CRITERION_STEPS) -> dict:
+    ref = reference_row(rows)
+    by = {(r["model"], r["steps"]): r for r in rows}
+    return {k: criterion(by[(student, k)], by[(teacher, k)], ref) for k in steps if (student, k) in by and (teacher, k) in by}
+
+
+def plot(rows, out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = {"mdlm": "tab:blue", "sdtt": "tab:cyan", "duo": "tab:red", "dcd": "tab:orange"}
+    for family, teacher, student, _ in FAMILIES:
+        mine = [r for r in rows if r["family"] == family]
+        if not mine:
+            continue
+        ref = reference_row(mine)
+        few = sorted({r["steps"] for r in mine if r["role"] == "student"})
+        for model, style in ((teacher, "--"), (student, "-")):
+            pts = sorted((r for r in mine if r["model"] == model and r["steps"] in few), key=lambda r: r["steps"])
+            for ax, key in zip(axes, ("gen_ppl", "entropy")):
+                ax.errorbar([r["steps"] for r in pts], [r[key] for r in pts], yerr=[2 * r[f"{key}_se"] for r in pts],
+                            fmt="o" + style, color=colors[model], capsize=2,
+                            label=f"{model} ({'distilled' if model == student else 'undistilled'})")  # fmt: skip
+        for ax, key in zip(axes, ("gen_ppl", "entropy")):
+            ax.axhline(ref[key], color=colors[teacher], ls=":", lw=1, label=f"{teacher} at {ref['steps']} steps")
+    for ax, name in zip(axes, ("generative perplexity under the judge (±2 SE)", "unigram entropy (nats, ±2 SE)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sampling steps (112 new characters)")
+        ax.set_ylabel(name)
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=120)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=128, help="judged samples per setting")
+    parser.add_argument("--new_tokens", type=int, default=112, help="prompt (16) + this <= 128")
+    parser.add_argument("--teacher_steps", default="256,1024", help="the teachers' many-step rows (the largest: the reference)")
+    parser.add_argument("--few_steps", default="4,8,16,32")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--mauve_seeds", type=int, default=8, help="bootstrap resamples of MAUVE (its error bar)")
+    parser.add_argument("--families", default="", help="comma-separated teacher names (mdlm, duo); default all")
+    parser.add_argument("--root", default="runs", help="the folder holding few_step/ and judge/")
+    parser.add_argument("--out", default="benchmarks/few_step.png", help="the plot; the JSON goes beside it")
+    parser.add_argument("--dry-run", dest="dry_run", action="store_true", help="random networks, tiny sizes")
+    parser.add_argument("--from_json", default="", help="print the report of a written JSON (no sampling)")
+    args = parser.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        print(saved["header"] + "\n\n" + report(saved["results"], saved["costs"]))
+        return
+    if args.dry_run:
+        args.samples, args.new_tokens, args.teacher_steps, args.few_steps, args.mauve_seeds = 8, 32, "16", "2,4", 2
+        args.batch = 8
+        if args.out == parser.get_default("out"):
+            args.out = "/tmp/few_step_dry_run.png"
+    teacher_steps = [int(k) for k in args.teacher_steps.split(",")]
+    few_steps = [int(k) for k in args.few_steps.split(",")]
+    wanted = [f for f in FAMILIES if not args.families or f[1] in args.families.split(",")]
+    todo = [s for s in settings(teacher_steps, few_steps) if any(s["family"] == f[0] for f in wanted)]
+    names = sorted({s["model"] for s in todo} | {"judge"})
+    workdirs = {n: os.path.join(args.root, WORKDIRS[n]) for n in names}
+    missing = [workdirs[n] for n in names if not args.dry_run and not os.path.isdir(os.path.join(workdirs[n], "checkpoints"))]
+    if missing:
+        sys.exit(f"few_step: no checkpoints in {', '.join(missing)}: train them first (experiments/few_step.py)")
+    from ddlm import compilation_cache
+    from ddlm.eval import cli as eval_cli
+    from ddlm.eval import mauve as mauve_lib
+    from ddlm.eval import sample_quality
+
+    compilation_cache.enable()
+    weights = "RANDOM weights (--dry-run)" if args.dry_run else "trained checkpoints " + ", ".join(workdirs[n] for n in names)
+    head = f"{machine.describe()}; {weights}; prompts {sq.PROMPT_TOKENS} tokens + {args.new_tokens} new, {args.samples} samples per setting"
+    print(head, flush=True)
+    nets = random_nets(names) if args.dry_run else sq.load_nets(names, workdirs)
+    judge_net = nets["judge"]
+    scorer = eval_cli.make_scorer(judge_net.config, judge_net, batch_size=32)
+    judge = mauve_lib.Judge.from_loaded(judge_net, batch_size=32)
+    tok = nets[todo[0]["model"]].tokenizer
+    held_out = eval_cli.validation_rows(nets[todo[0]["model"]].config, tok, args.samples)
+    prompt_ids = sq.prompts(held_out, tok, args.samples)
+    reference_features = judge.text_features([tok.decode(sample_quality.content_ids(r, tok)) for r in held_out])
+    costs = {n: run_seconds(workdirs[n]) for n in names if n != "judge"}
+
+    rows = []
+    t_start = time.time()
+    for s in todo:
+        net = nets[s["model"]]
+        t0 = time.perf_counter()
+        tokens, nfe = draw(net, s["fields"], prompt_ids, args.new_tokens, args.batch)
+        row = {**s, "nfe": nfe, **sample_quality.sample_quality(scorer, tokens.tolist(), net.tokenizer)}
+        texts = [net.tokenizer.decode(sample_quality.content_ids(r, net.tokenizer)) for r in tokens.tolist()]
+        row.update(sq.bootstrap_mauve(reference_features, judge.text_features(texts), args.mauve_seeds))
+        row.update(seconds=time.perf_counter() - t0, example=texts[0])
+        rows.append(row)
+        print(f"{s['family']}: {s['model']} at {s['steps']} steps: gen-ppl {sq.fmt(row['gen_ppl'], row['gen_ppl_se'])}, "
+              f"entropy {sq.fmt(row['entropy'], row['entropy_se'], 3)}, MAUVE {sq.fmt(row['mauve'], row['mauve_se'], 3)}, "
+              f"NFE {nfe:.0f} [{time.time() - t_start:.0f} s]", flush=True)  # fmt: skip
+    print("\n" + report(rows, costs))
+    plot(rows, args.out)
+    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+        json.dump({"header": head, "costs": costs, "results": rows, "device": jax.devices()[0].device_kind}, f, indent=1, default=float)
+    print(f"wrote {args.out} and {os.path.splitext(args.out)[0]}.json")
+
+
+if __name__ == "__main__":
+    main()

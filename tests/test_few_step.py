@@ -1,0 +1,106 @@
+"""The few-step benchmark's pure pieces (benchmarks/few_step.py: the issue's half-the-gap criterion, its error, the
+settings grid, a run's wall time) and its recipe family (experiments/few_step.py: teachers and students)."""
+
+import importlib.util
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from ddlm.eval import cli as eval_cli
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def fs():
+    spec = importlib.util.spec_from_file_location("few_step", ROOT / "benchmarks" / "few_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(ppl, se, ent=3.0, ent_se=0.01):
+    return {"gen_ppl": ppl, "gen_ppl_se": se, "entropy": ent, "entropy_se": ent_se}
+
+
+def test_gap_ratio_and_its_delta_method_error(fs):
+    ref, teacher, student = _row(10.0, 1.5), _row(30.0, 2.0), _row(18.0, 1.0)
+    q, se = fs.gap_ratio(student, teacher, ref)
+    assert q == pytest.approx(8.0 / 20.0)
+    # the delta method against a Monte Carlo of the three independent estimates
+    rng = np.random.default_rng(0)
+    n = 400_000
+    r = 10.0 + 1.5 * rng.standard_normal(n)
+    t = 30.0 + 2.0 * rng.standard_normal(n)
+    s = 18.0 + 1.0 * rng.standard_normal(n)
+    assert se == pytest.approx(np.std((s - r) / (t - r)), rel=0.05)  # each term is >= 20% of it
+    assert np.isnan(fs.gap_ratio(student, _row(9.0, 1.0), ref)[0])  # no gap to close: no ratio
+
+
+def test_criterion_needs_half_the_gap_and_entropy_within_two_percent(fs):
+    ref, teacher = _row(10.0, 0.1, 3.0), _row(30.0, 0.1)
+    met = fs.criterion(_row(20.0, 0.1, 3.0 * 1.019), teacher, ref)
+    assert met["half_gap"] and met["entropy_ok"] and met["met"]
+    assert met["gap_ratio"] == pytest.approx(0.5) and met["entropy_rel"] == pytest.approx(0.019)
+    low_entropy = fs.criterion(_row(12.0, 0.1, 3.0 * 0.97), teacher, ref)  # a sharper student: not a win
+    assert low_entropy["half_gap"] and not low_entropy["entropy_ok"] and not low_entropy["met"]
+    far = fs.criterion(_row(20.1, 0.1, 3.0), teacher, ref)
+    assert not far["half_gap"] and far["entropy_ok"] and not far["met"]
+
+
+def test_settings_grid_reference_and_criteria(fs):
+    grid = fs.settings([256, 1024], [4, 8])
+    assert [(s["model"], s["steps"]) for s in grid if s["family"] == "MDLM + SDTT"] == [
+        ("mdlm", 256), ("mdlm", 1024), ("mdlm", 4), ("mdlm", 8), ("sdtt", 4), ("sdtt", 8)]  # fmt: skip
+    assert {s["fields"]["name"] for s in grid if s["family"] == "DUO + DCD"} == {"sedd_analytic"}
+    assert all(s["fields"]["steps"] == s["steps"] for s in grid)
+    assert [s["role"] for s in grid].count("student") == 4
+    rows = [{**s, "nfe": s["steps"], **_row(100.0 / s["steps"] + (5.0 if s["role"] == "teacher" else 1.0), 0.1)} for s in grid]
+    mdlm = [r for r in rows if r["family"] == "MDLM + SDTT"]
+    ref = fs.reference_row(mdlm)
+    assert (ref["model"], ref["steps"]) == ("mdlm", 1024)
+    out = fs.criteria(mdlm, "mdlm", "sdtt")
+    assert set(out) == {4, 8}
+    # gaps: teacher 100/k + 5 - (100/1024 + 5), student 100/k + 1 - (100/1024 + 5)
+    g = lambda k, c: 100.0 / k + c - (100.0 / 1024 + 5.0)
+    assert out[4]["gap_ratio"] == pytest.approx(g(4, 1.0) / g(4, 5.0))
+    assert out[8]["gap_ratio"] == pytest.approx(g(8, 1.0) / g(8, 5.0))
+    text = fs.report(rows, {"mdlm": 60.0, "sdtt": 120.0})
+    assert "distillation 2.0 min, teacher training 1.0 min" in text and text.count("steps: gap(student)") == 4
+
+
+def test_run_seconds_reads_the_train_lines(fs, tmp_path):
+    lines = [{"step": 1, "split": "train", "time": 100.0}, {"step": 2, "split": "eval", "time": 500.0},
+             {"step": 50, "split": "train", "time": 160.5}]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert fs.run_seconds(str(tmp_path)) == pytest.approx(60.5)
+    assert np.isnan(fs.run_seconds(str(tmp_path / "absent")))
+
+
+@pytest.mark.parametrize("model", ["mdlm", "duo", "sdtt", "dcd"])
+def test_recipe_family(model):
+    config = eval_cli.load_config_file(f"experiments/few_step.py:model={model}")
+    uniform = model in ("duo", "dcd")
+    assert config.diffusion.loss == ("duo" if uniform else "mdlm")
+    assert config.diffusion.process == ("uniform" if uniform else "absorbing")
+    assert config.sampler.name == ("sedd_analytic" if uniform else "ancestral")
+    assert (config.model.num_layers, config.model.d_model, config.train.seq_len) == (2, 128, 128)
+    if model == "duo":
+        assert config.diffusion.curriculum.end == config.train.steps // 2 == 1200
+    if model in ("mdlm", "duo"):
+        assert config.distill.method == "none" and config.train.steps == 2400
+        return
+    d = config.distill
+    assert d.method == model and d.teacher == f"runs/few_step/{'duo' if uniform else 'mdlm'}"
+    assert (d.rounds, d.base_steps, d.refresh_every, config.train.steps) == (5, 128, 600, 3000)
+    assert config.sampler.steps == 4 and config.train.ckpt_every == 600 and config.train.keep_checkpoints >= 5
+    other = eval_cli.load_config_file(f"experiments/few_step.py:model={model},rounds=3,teacher=runs/t,steps=900")
+    assert (other.distill.rounds, other.distill.refresh_every, other.sampler.steps) == (3, 300, 16)
+    assert other.distill.teacher == "runs/t"
+
+
+def test_recipe_rejects_an_unknown_model():
+    with pytest.raises(ValueError, match=r"model='bd3lm'; expected one of"):
+        eval_cli.load_config_file("experiments/few_step.py:model=bd3lm")
