@@ -162,6 +162,50 @@ def test_a_pc_setting_follows_its_exact_law_and_counts_its_calls():
     assert tv(emp, law) < tv_bound(law, N), (tv(emp, law), tv_bound(law, N))
 
 
+PRIOR = np.array([0.6, 0.3, 0.1])  # a constant x_theta: every position is its own Markov chain on V states
+
+
+def per_position_joints(steps, strength, corrector_steps, alt_kappa=None):
+    """[steps - 1] exact joint laws [V, V] of (x_k^l, x_{k+1}^l), trajectory rows k and k + 1 (a step and the
+    correctors after it), of psi_sample with the constant x_theta PRIOR; alt_kappa overrides the correctors'
+    kappa (a wrong sampler, to show the test can tell)."""
+    grid = np.asarray(masked.time_grid(steps), np.float64)
+    y = jnp.arange(V)[None]
+    x_theta = jnp.broadcast_to(jnp.asarray(PRIOR), (1, V, V))
+    kernel = lambda a_s, a_t, kappa: np.asarray(PROC.psi_posterior_probs(x_theta, y, a_s, a_t, kappa))[0]
+    m, joints = np.full(V, 1.0 / V), []
+    for k in range(steps - 1):
+        a_t, a_s = float(SCHED.alpha(grid[k])), float(SCHED.alpha(grid[k + 1]))
+        step = kernel(a_s, a_t, 1.0 - strength)
+        for _ in range(corrector_steps):
+            step = step @ kernel(a_s, a_s, 1.0 - strength if alt_kappa is None else alt_kappa)
+        joints.append(m[:, None] * step)
+        m = m @ step
+    return joints
+
+
+def test_the_sampled_steps_and_correctors_follow_the_psi_kernels():
+    """The sampler's draws, step by step: with a constant x_theta each position is a Markov chain whose kernels
+    (the Psi step, then the correctors) are known exactly; the empirical joint of consecutive trajectory rows
+    (N L = 32,000 pairs) is at the noise floor of it, and far from the joint of a sampler whose correctors do
+    nothing (kappa = 1) -- the whole-sequence law of the oracle cannot tell those apart (TV 0.02 at N = 8,000)."""
+    steps, strength, correctors = 4, 0.7, 2
+    logits = jnp.log(jnp.asarray(PRIOR, jnp.float32))
+    den = lambda x, t: logits + 0.0 * x[..., None]  # (depends on x: nothing for XLA to constant-fold)
+    out = run(5, steps, denoise_fn=den, return_trajectory=True, psi_strength=strength, psi_corrector_steps=correctors)
+    traj = np.asarray(out.trajectory)
+    with jax.enable_x64(True):
+        exact = per_position_joints(steps, strength, correctors)
+        wrong = per_position_joints(steps, strength, correctors, alt_kappa=1.0)
+    for k in range(steps - 1):
+        emp = np.bincount((traj[k] * V + traj[k + 1]).ravel(), minlength=V * V) / traj[k].size
+        bound = tv_bound(exact[k].ravel(), traj[k].size)
+        print(f"rows {k}->{k + 1}: TV(empirical, exact) = {tv(emp, exact[k].ravel()):.4f}, bound {bound:.4f}, "
+              f"TV(exact, no-op correctors) = {tv(exact[k], wrong[k]):.4f}")
+        assert tv(emp, exact[k].ravel()) < bound, (k, tv(emp, exact[k].ravel()), bound)
+    assert tv(exact[-1], wrong[-1]) > 3 * bound, (tv(exact[-1], wrong[-1]), bound)  # late steps: x_t informs
+
+
 def test_predictor_only_versus_predictor_corrector_tv_to_the_data():
     """Exact TV(law, data) (no sampling noise) of the predictor (strength 0), the Psi mixing alone (strength 0.3,
     the same NFE), PC with one corrector call after each step (strength 0.3, NFE 2 steps) and the predictor at
@@ -218,6 +262,16 @@ def test_greedy_tail_outputs_the_argmax_of_the_last_clean_prediction():
     out = run(3, 4, denoise_fn=den, return_trajectory=True, greedy_tail=1, noise_removal=False)
     np.testing.assert_array_equal(np.asarray(out.tokens), best(np.asarray(out.trajectory)[-2], grid[-2]))
     assert int(out.nfe) == 4
+
+    # No corrector follows a greedy step: greedy_tail = 3 without noise removal, a corrector of strength 1 (it
+    # would redraw every token) after the one non-greedy step only.
+    out = run(6, 4, denoise_fn=den, return_trajectory=True, greedy_tail=3, noise_removal=False,
+              psi_strength=1.0, psi_corrector_steps=1)
+    traj = np.asarray(out.trajectory)
+    np.testing.assert_array_equal(traj[2], best(traj[1], grid[1]))
+    np.testing.assert_array_equal(traj[3], best(traj[2], grid[2]))
+    np.testing.assert_array_equal(np.asarray(out.tokens), best(traj[3], grid[3]))
+    assert int(out.nfe) == 4 + 1
 
     x_init = jnp.zeros((N, L), jnp.int32).at[:, 0].set(2)
     clamp = np.zeros((N, L), bool)
