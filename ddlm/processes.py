@@ -149,6 +149,32 @@ class UniformProcess:
         num = n * a_t * x * xt_one_hot + (a_ts - a_t) * xt_one_hot + (a_s - a_t) * x + (1 - a_ts) * (1 - a_s) / n
         return num / (n * a_t * x_at_xt + 1.0 - a_t)
 
+    def noised_probs(self, x0_probs, alpha):
+        """The forward process applied to a distribution over x_0: alpha x0_probs + (1 - alpha)/V, [B, L, V]
+        (s-sahoo/duo `trainer_base.py` UniformState._forward_process); a one-hot x0_probs gives marginal_probs."""
+        a = _broadcast_alpha(alpha, x0_probs[..., 0])[..., None]
+        return a * x0_probs + (1.0 - a) / self.vocab_size
+
+    def psi_posterior_probs(self, x0_mean, xt, alpha_s, alpha_t, kappa):
+        """The Psi-posterior of a step from t to s <= t (Deschenaux, Gulcehre & Sahoo 2026, "The Diffusion Duality,
+        Chapter II: Psi-Samplers", arXiv 2602.21185; s-sahoo/duo `trainer_base.py` `_psi_update`), [B, L, V]:
+
+            kappa q(x_s | x_t, x_0) + (1 - kappa) q(x_s | x_0),   x_0 ~ q(x_0 | x_t, x0_mean),
+
+        the reverse step (`mean_posterior_probs`, the predictor) mixed with "denoise to t = 0, then noise forward
+        to s": x_0 drawn from the posterior of x_0 given x_t (`mean_posterior_probs` at alpha_s = 1, i.e.
+        x0_mean(v) q(x_t | v) / Z) and re-noised by `noised_probs` at alpha_s. For a one-hot (or the exact joint
+        posterior over) x_0 both terms have marginal q(x_s) when x_t ~ q(x_t), so any kappa in [0, 1] keeps the
+        forward marginals: kappa = 1 is the plain ancestral step; s = t (alpha_s = alpha_t) is a pure corrector,
+        kappa 1[x_s = x_t] + (1 - kappa) q_t(x_s | x_0), which leaves q_t invariant (tests/test_psi_sampler.py
+        checks both by enumeration). kappa: a scalar or [B] in [0, 1]."""
+        k = jnp.asarray(kappa)
+        if k.ndim == 1:
+            k = k[:, None, None]
+        predictor = self.mean_posterior_probs(x0_mean, xt, alpha_s, alpha_t)
+        clean = self.mean_posterior_probs(x0_mean, xt, jnp.ones_like(jnp.asarray(alpha_t)), alpha_t)
+        return k * predictor + (1.0 - k) * self.noised_probs(clean, alpha_s)
+
 
 @dataclasses.dataclass(frozen=True)
 class GaussianRelaxation:

@@ -855,7 +855,7 @@ def _all_samplers(steps=4):
     for name in sampling.SAMPLERS:
         if name in sampling.CACHED_SAMPLERS:  # they decode a network's KV cache: tests/test_cached_samplers.py
             continue
-        if name == "canvas":  # uniform-state networks only (added below)
+        if name in ("canvas", "psi"):  # uniform-state networks only (added below)
             continue
         c = cfg(name=name, steps=steps)
         if name == "remdm":
@@ -871,6 +871,7 @@ def _all_samplers(steps=4):
     )
     uniform_x_theta = lambda x, t: jnp.zeros(x.shape + (V,))  # a mean-parameterised network (its law: tests/test_sampling_canvas.py)
     out.append(("canvas", cfg(name="canvas", steps=steps), dict(denoise_fn=uniform_x_theta, schedule=sched, graph="uniform")))
+    out.append(("psi", cfg(name="psi", steps=steps, psi_strength=0.3), dict(denoise_fn=uniform_x_theta, schedule=sched, graph="uniform")))
     return out
 
 

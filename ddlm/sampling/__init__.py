@@ -20,6 +20,9 @@ Samplers (config.sampler.name):
     canvas          DiffusionGemma-style canvases for uniform-state (DUO) networks: uniform noise, mean-
                     parameterised reverse steps, entropy-bounded acceptance with re-noising, annealed
                     temperature, early stop                                      canvas.canvas_sample
+    psi             Psi predictor-corrector steps for uniform-state (DUO) networks: the exact reverse
+                    step mixed with denoise-then-renoise (cfg.psi_strength), optional pure corrector
+                    calls (cfg.psi_corrector_steps), greedy tail (cfg.greedy_tail)   psi.psi_sample
 
 ar, speculative and bd3lm decode a network with a KV cache: pass decoder=models.make_decoder(model, variables) instead of
 denoise_fn; bd3lm runs the masked sampler cfg.block_sampler inside each block. So does parallel with
@@ -33,14 +36,16 @@ import functools
 
 import jax
 
-from ddlm.sampling import autoregressive, block, canvas, categorical, conditioning, masked, parallel, rules, score
+from ddlm.sampling import autoregressive, block, canvas, categorical, conditioning, masked, parallel, psi, rules, score
 from ddlm.sampling import caches
 from ddlm.sampling import speculative
 from ddlm.sampling.config import default_config
 from ddlm.sampling.masked import SampleOutput, ancestral_sample, first_hitting_sample
 from ddlm.sampling.score import absorbing_score_fn, score_sample
 
-SAMPLERS = ("ancestral", "cached", "remdm", "first_hitting", "sedd_euler", "sedd_analytic", "parallel", "canvas")
+SAMPLERS = (
+    "ancestral", "cached", "remdm", "first_hitting", "sedd_euler", "sedd_analytic", "parallel", "canvas", "psi"
+)  # fmt: skip
 # Samplers that decode a network with its KV cache (make_sampler's `decoder`), and the masked samplers a
 # bd3lm block may run (cfg.block_sampler).
 CACHED_SAMPLERS = ("ar", "bd3lm", "speculative")
@@ -91,10 +96,12 @@ def make_sampler(
         )
     if cfg.name == "canvas":
         return _make_canvas_sampler(cfg, denoise_fn, schedule, graph, return_trajectory, progress_fn)
+    if cfg.name == "psi":
+        return _make_psi_sampler(cfg, denoise_fn, schedule, graph, return_trajectory, progress_fn)
     if graph == "uniform" and not cfg.name.startswith("sedd_"):
         raise ValueError(
-            f"sampler {cfg.name!r} is for masked diffusion; the uniform graph needs sedd_euler, sedd_analytic "
-            "or canvas"
+            f"sampler {cfg.name!r} is for masked diffusion; the uniform graph needs sedd_euler, sedd_analytic, "
+            "canvas or psi"
         )
     if cfg.name.startswith("sedd_") and score_fn is None and (graph != "absorbing" or denoise_fn is None):
         raise ValueError(f"sampler {cfg.name!r} on the {graph} graph needs a score_fn")
@@ -228,6 +235,47 @@ def _make_canvas_sampler(cfg, denoise_fn, schedule, graph, return_trajectory, pr
     return sample
 
 
+def _make_psi_sampler(cfg, denoise_fn, schedule, graph, return_trajectory, progress_fn):
+    """The 'psi' sampler (psi.psi_sample) over a mean-parameterised uniform-state network."""
+    if graph != "uniform":
+        raise ValueError(
+            f"sampler 'psi' needs a uniform-state model (diffusion.process='uniform'), got {graph!r}"
+        )
+    if denoise_fn is None:
+        raise ValueError("sampler 'psi' needs denoise_fn: the network's logits (x_theta = softmax)")
+    if cfg.guidance_scale:
+        raise ValueError("sampler 'psi' has no classifier-free guidance: set config.sampler.guidance_scale=0")
+    options = dict(
+        schedule=schedule,
+        steps=cfg.steps,
+        strength=cfg.psi_strength,
+        corrector_steps=cfg.psi_corrector_steps,
+        greedy_tail=cfg.greedy_tail,
+        t_min=cfg.t_min,
+        noise_removal=cfg.noise_removal,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        precision=cfg.precision,
+    )
+    psi.check_options(
+        **{k: options[k] for k in ("steps", "strength", "corrector_steps", "greedy_tail", "noise_removal")}
+    )
+
+    def sample(rng, x_init, clamp=None):
+        return psi.psi_sample(
+            denoise_fn,
+            rng,
+            x_init,
+            clamp=clamp,
+            return_trajectory=return_trajectory,
+            progress_fn=progress_fn,
+            **options,
+        )
+
+    return sample
+
+
 def _make_cached_sampler(
     cfg, decoder, schedule, mask_id, return_trajectory, progress_fn, eos_id, pad_id, draft_decoder=None
 ):
@@ -324,6 +372,7 @@ __all__ = [
     "make_sampler",
     "masked",
     "parallel",
+    "psi",
     "rules",
     "score",
     "score_sample",

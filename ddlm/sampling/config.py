@@ -12,9 +12,13 @@ import math
 import ml_collections
 
 
+# The samplers with a greedy tail (config.sampler.greedy_tail).
+GREEDY_TAIL_SAMPLERS = ("psi",)
+
+
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.name = "ancestral"  # ancestral | cached | first_hitting | remdm | sedd_euler | sedd_analytic | parallel
+    c.name = "ancestral"  # ancestral | cached | first_hitting | remdm | sedd_euler | sedd_analytic | parallel | psi
     c.steps = 128  # reverse steps (ignored by first_hitting: one network call per masked token)
     c.grid = ""  # schedule whose alpha(t) spaces the steps: loglinear | linear | cosine | ...; '' = config.diffusion.schedule
     c.t_min = 0.0  # the grid runs from t = 1 down to t_min
@@ -62,6 +66,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.anneal_min = 1.0  # ... and at t = 0 (DiffusionGemma: 0.8 -> 0.4)
     c.anneal_exponent = 1.0  # name=canvas: T = min + (max - min)(1 - (1 - t)^exponent)
     c.stop_when_stable = False  # name=canvas: end a canvas at the first step that changes no token
+    c.psi_strength = 0.0  # name=psi: corrector strength 1 - kappa in [0, 1] (0 = the plain reverse step)
+    c.psi_corrector_steps = 0  # name=psi: pure corrector calls at s after each step but the last (each one NFE)
+    c.greedy_tail = 0  # name=psi | sedd_* (uniform graph): the last k calls output argmax of the clean prediction
     c.kv_cache = True  # reuse the keys/values of finished tokens (False: full forward per call; same tokens)
     c.greedy = False  # ar: argmax decoding (else temperature / top_k / top_p, float64 Gumbel noise)
     c.stop_at_eos = False  # stop once every sequence has generated eos (variable length); pad after it
@@ -145,6 +152,18 @@ def validate(sampler_config, *, diffusion=None, seq_len: int | None = None) -> m
             fail("anneal_max", f"a number >= anneal_min={c.anneal_min}")
         if not is_number(c.anneal_exponent) or c.anneal_exponent <= 0:
             fail("anneal_exponent", "a number > 0")
+    if not is_number(c.psi_strength) or not 0.0 <= c.psi_strength <= 1.0:
+        fail("psi_strength", "a number in [0, 1] (the Psi corrector's strength 1 - kappa; 0 = plain predictor)")
+    if not is_int(c.psi_corrector_steps) or c.psi_corrector_steps < 0:
+        fail("psi_corrector_steps", "an integer >= 0")
+    tail_ok = c.name in GREEDY_TAIL_SAMPLERS
+    calls = c.steps + int(bool(c.noise_removal))
+    if not is_int(c.greedy_tail) or not 0 <= c.greedy_tail <= (calls if tail_ok else 0):
+        fail(
+            "greedy_tail",
+            f"an integer in [0, {calls}] (steps + noise_removal)" if tail_ok
+            else f"0 for sampler {c.name!r} (the greedy tail serves {' and '.join(GREEDY_TAIL_SAMPLERS)})",
+        )
     strategies = tuple(r for r in masked.REMASKING if r != "none")
     if c.remasking not in strategies:
         fail("remasking", f"one of {strategies}")
@@ -207,10 +226,20 @@ def validate(sampler_config, *, diffusion=None, seq_len: int | None = None) -> m
                 "config.sampler.name='canvas' samples uniform-state networks trained with loss='duo', got "
                 f"config.diffusion.loss={diffusion.loss!r}"
             )
-        if diffusion.process == "uniform" and not (c.name.startswith("sedd_") or c.name == "canvas"):
+        if c.name == "psi" and diffusion.process != "uniform":
+            raise ValueError(
+                "config.sampler.name='psi' needs a uniform-state model (config.diffusion.process='uniform'), got "
+                f"{diffusion.process!r}"
+            )
+        if c.name == "psi" and diffusion.loss != "duo":
+            raise ValueError(
+                "config.sampler.name='psi' samples mean-parameterised networks trained with loss='duo', got "
+                f"config.diffusion.loss={diffusion.loss!r}"
+            )
+        if diffusion.process == "uniform" and not (c.name.startswith("sedd_") or c.name in ("canvas", "psi")):
             raise ValueError(
                 f"config.sampler.name={c.name!r} needs the absorbing process; on "
-                "config.diffusion.process='uniform' use sedd_euler, sedd_analytic or canvas"
+                "config.diffusion.process='uniform' use sedd_euler, sedd_analytic, canvas or psi"
             )
         if diffusion.process == "uniform":
             grid = c.grid or diffusion.schedule
