@@ -147,6 +147,25 @@ def test_one_line_errors():
     cfg.canvas_length = 2
     with pytest.raises(ValueError, match=r"'canvas' samples uniform-state networks trained with loss='duo'"):
         sampling_config.validate(cfg, diffusion=config_lib.diffusion_config("mdlm"), seq_len=4)
+    for key, bad, expected in [
+        ("stop_entropy", -0.5, "a number >= 0"),
+        ("stable_patience", 0, "an integer >= 1"),
+        ("stop_entropy_reduce", "median", "'mean' or 'max'"),
+    ]:
+        bad_cfg = cfg.copy_and_resolve_references()
+        bad_cfg[key] = bad
+        with pytest.raises(ValueError, match=rf"^config.sampler.{key} must be {expected}"):
+            sampling_config.validate(bad_cfg, diffusion=diffusion, seq_len=4)
+        with pytest.raises(ValueError, match=rf"^config.sampler.{key} must be"):  # make_sampler too
+            sampling.make_sampler(bad_cfg, denoise_fn=oracle_denoise, schedule=SCHED, graph="uniform")
+    from model_utils import tiny_decoder
+
+    dec = tiny_decoder("bd3lm", V, False, block_size=2)
+    with pytest.raises(ValueError, match=r"canvas_length=4 must equal the block-causal network's block_size=2"):
+        canvas.canvas_sample(None, jax.random.key(0), jnp.zeros((1, 8), jnp.int32), schedule=SCHED, steps=2,
+                             canvas_length=4, decoder=dec)  # fmt: skip
+    with pytest.raises(ValueError, match=r"caches block-causal networks"):
+        canvas.check_canvas_decoder(tiny_decoder("dit", V, False), 4)
 
 
 # ---------------------------------------------------------------- per-row stops, entropy stop, KV cache
