@@ -17,14 +17,32 @@ L): the canvas being generated starts as uniform noise at t = 1, the committed c
      rejected position is re-noised to a uniformly random token (renoise=True, DiffusionGemma), and is told
      t = 1 from then on (it steps from there to the next s), or keeps x_t and its time (renoise=False);
      the last step (s = 0) accepts every position, so the output holds no re-noised token;
-  4. with stop_when_stable, the canvas ends when a step changed no token of any row (gemma's early stop).
+  4. early stops, per row (a row that stopped takes no more steps on this canvas: they are no-ops for it,
+     and the loop ends when every row has stopped): with stop_when_stable, after stable_patience quiet steps
+     (no token changed, none re-noised; gemma's early stop); with stop_entropy > 0, at the step whose mean
+     (or max, stop_entropy_reduce) predictive entropy over the row's editable positions of the canvas is
+     below stop_entropy: that step is made the canvas's last (s = 0, every position accepted).
+
+Randomness is per row: row r draws with fold_in(rng, r) (or the r-th of [B] keys) folded with the canvas and
+the step, so a row's tokens are those it gets alone with its key, whatever its batch and whenever the other
+rows stop. SampleOutput.row_steps / row_nfe give each row's steps and the network calls it took part in.
+
+Which networks get a KV cache. A bidirectional network (denoise_fn) re-reads the whole sequence at every
+call. A block-causal network whose block_size is the canvas length (decoder=models.make_decoder of a 'bd3lm'
+model; canvas c attends itself and the clean canvases < c, the x0 half of its training input) is decoded as
+block.py decodes BD3-LM: the committed canvases' keys/values are written once and every call is a step on
+the canvas's size tokens; the leading canvases clamped in every row (a prompt) are prefilled together
+(block.py's `_prefill_prompt`); and each write is fused with the next canvas's first call (one block-causal
+call on [committed canvas | next canvas as it starts]). The fusion holds for time-conditioned networks
+too: unlike a masked block sampler's, the next canvas's times (1, or 0 where clamped) are known before it
+starts. kv_cache=False runs the training forward on [x | x] per call (the same logits to float32 rounding,
+the same tokens for the same key: tests/test_sampling_canvas.py). nfe counts the decoder calls executed.
 
 entropy_bound = inf and renoise=False make every step the plain ancestral step of the mean parameterisation:
 the exact sampler in the limit of many steps (tests/test_sampling_canvas.py measures the laws on the oracle).
 Differences from gemma's sampler, by design: its step proposes x_0 itself (the denoiser's draw) and re-noises
-everything else, ours proposes the reverse step x_s (to which it reduces when s = 0); no KV cache of the
-committed canvases (the bidirectional network re-reads them); no self-conditioning (the network has no input
-for it).
+everything else, ours proposes the reverse step x_s (to which it reduces when s = 0); no self-conditioning
+(the network has no input for it).
 """
 
 from __future__ import annotations
