@@ -95,7 +95,7 @@ def make_sampler(
             cfg, decoder, schedule, mask_id, return_trajectory, progress_fn, eos_id, pad_id, draft_decoder
         )
     if cfg.name == "canvas":
-        return _make_canvas_sampler(cfg, denoise_fn, schedule, graph, return_trajectory, progress_fn)
+        return _make_canvas_sampler(cfg, denoise_fn, schedule, graph, return_trajectory, progress_fn, decoder)
     if cfg.name == "psi":
         return _make_psi_sampler(cfg, denoise_fn, schedule, graph, return_trajectory, progress_fn)
     if graph == "uniform" and not cfg.name.startswith("sedd_"):
@@ -201,21 +201,25 @@ def make_sampler(
     return sample
 
 
-def _make_canvas_sampler(cfg, denoise_fn, schedule, graph, return_trajectory, progress_fn):
-    """The 'canvas' sampler (canvas.canvas_sample) over a mean-parameterised uniform-state network."""
+def _make_canvas_sampler(cfg, denoise_fn, schedule, graph, return_trajectory, progress_fn, decoder=None):
+    """The 'canvas' sampler (canvas.canvas_sample) over a mean-parameterised uniform-state network: a
+    block-causal decoder (block_size = cfg.canvas_length) is decoded with the exact KV cache of the committed
+    canvases (cfg.kv_cache); any other network through denoise_fn, the whole sequence per call."""
     if graph != "uniform":
         raise ValueError(
             "sampler 'canvas' is for uniform-state networks (config.diffusion.process='uniform', loss='duo'), "
             f"got the {graph} graph (a masked model: use ancestral, parallel, ...)"
         )
-    if denoise_fn is None:
+    block_causal = decoder is not None and decoder.attention == "block_causal"
+    if denoise_fn is None and not block_causal:
         raise ValueError("sampler 'canvas' needs denoise_fn: the network's logits (x_theta = softmax)")
+    canvas.check_stop_options(cfg.stable_patience, cfg.stop_entropy, cfg.stop_entropy_reduce)
     if cfg.guidance_scale:
         raise ValueError("sampler 'canvas' has no classifier-free guidance: set config.sampler.guidance_scale=0")
 
     def sample(rng, x_init, clamp=None):
         return canvas.canvas_sample(
-            denoise_fn,
+            None if block_causal else denoise_fn,
             rng,
             x_init,
             schedule=schedule,
@@ -227,6 +231,11 @@ def _make_canvas_sampler(cfg, denoise_fn, schedule, graph, return_trajectory, pr
             temperature_min=cfg.anneal_min,
             temperature_exponent=cfg.anneal_exponent,
             stop_when_stable=bool(cfg.stop_when_stable),
+            stable_patience=cfg.stable_patience,
+            stop_entropy=cfg.stop_entropy,
+            stop_entropy_reduce=cfg.stop_entropy_reduce,
+            decoder=decoder if block_causal else None,
+            kv_cache=bool(cfg.kv_cache),
             clamp=clamp,
             return_trajectory=return_trajectory,
             progress_fn=progress_fn,

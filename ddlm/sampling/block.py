@@ -230,16 +230,18 @@ def _block_causal(blocks: int, block: int):
     return ids[None, :] <= ids[:, None]
 
 
-def _prefill_prompt(decoder, x_init, cache, last_logits, mask_id: int, chunk: int, shift: bool):
+def _prefill_prompt(decoder, x_init, cache, last_logits, mask_id: int, chunk: int, shift: bool, known=None):
     """Writes the leading blocks that are known in every row (a prompt; never the last block, whose keys are
     never read) in calls of `chunk` tokens, each block-causal inside and attending the chunks before it, as
     the clean half of the training input. Returns (blocks written, cache, the output at the last written
     position when shifting, calls made). The last chunk may reach past them: those slots stay unattended
-    until their blocks' own writes replace them."""
+    until their blocks' own writes replace them. known: bool [B, L], the known positions (default x_init !=
+    mask_id; the canvas sampler passes its clamp, and any token id as mask_id: it only pads the last chunk)."""
     batch, length = x_init.shape
     block = decoder.block_size
     num_blocks = length // block
-    known = jnp.all((x_init != mask_id).reshape(batch, num_blocks, block), axis=(0, 2))
+    known = (x_init != mask_id) if known is None else known
+    known = jnp.all(known.reshape(batch, num_blocks, block), axis=(0, 2))
     prompt_blocks = jnp.where(jnp.all(known), num_blocks, jnp.argmin(known))
     prompt_blocks = jnp.minimum(prompt_blocks, num_blocks - 1).astype(jnp.int32)
     calls = (prompt_blocks * block + chunk - 1) // chunk

@@ -330,6 +330,8 @@ def sample_fn(
         if not sc.name.startswith("sedd_"):
             score_fn = None
         cached = sc.name in ("ar", "bd3lm") or sc.cache != "none"
+        # canvas: a block-causal network is decoded with the KV cache of its committed canvases
+        cached = cached or (sc.name == "canvas" and models.attention_of(config.model) == "block_causal")
         sampler = make_sampler(
             sc,
             denoise_fn=denoise_fn,
@@ -446,6 +448,10 @@ def settings(sc, seq_len: int) -> list[tuple[str, Any]]:
             out += [("remasking", sc.parallel_remasking), ("eta", sc.eta)]
     if sc.name == "remdm":
         out += [("remasking", sc.remasking), ("eta", sc.eta)]
+    if sc.name == "canvas" and sc.stop_when_stable:
+        out.append(("stable_patience", sc.stable_patience))
+    if sc.name == "canvas" and sc.stop_entropy:
+        out += [("stop_entropy", sc.stop_entropy), ("stop_entropy_reduce", sc.stop_entropy_reduce)]
     if sc.name in ("ar", "bd3lm") and not sc.kv_cache:
         out.append(("kv_cache", False))
     if sc.name == "ar" and sc.greedy:

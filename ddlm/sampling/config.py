@@ -65,10 +65,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.anneal_max = 1.0  # name=canvas: temperature at t = 1 ...
     c.anneal_min = 1.0  # ... and at t = 0 (DiffusionGemma: 0.8 -> 0.4)
     c.anneal_exponent = 1.0  # name=canvas: T = min + (max - min)(1 - (1 - t)^exponent)
-    c.stop_when_stable = False  # name=canvas: end a canvas at the first step that changes no token
+    c.stop_when_stable = False  # name=canvas: end a row's canvas after stable_patience steps that change none of its tokens
+    c.stable_patience = 1  # name=canvas: steps without a changed token that end a row's canvas (>= 1)
+    c.stop_entropy = 0.0  # name=canvas: end a row's canvas at a step whose predictive entropy (nats) is below this (0 = off)
+    c.stop_entropy_reduce = "mean"  # name=canvas: the canvas's entropy for stop_entropy: mean | max over its positions
     c.psi_strength = 0.0  # name=psi: corrector strength 1 - kappa in [0, 1] (0 = the plain reverse step)
     c.psi_corrector_steps = 0  # name=psi: pure corrector calls at s after each step but the last (each one NFE)
-    c.greedy_tail = 0  # name=psi | sedd_* (uniform graph): the last k calls output argmax of the clean prediction
+    c.greedy_tail = 0  # name=psi: the last k calls output the argmax of the clean prediction (DUO's greedy noise removal: 1)
     c.kv_cache = True  # reuse the keys/values of finished tokens (False: full forward per call; same tokens)
     c.greedy = False  # ar: argmax decoding (else temperature / top_k / top_p, float64 Gumbel noise)
     c.stop_at_eos = False  # stop once every sequence has generated eos (variable length); pad after it
@@ -152,6 +155,12 @@ def validate(sampler_config, *, diffusion=None, seq_len: int | None = None) -> m
             fail("anneal_max", f"a number >= anneal_min={c.anneal_min}")
         if not is_number(c.anneal_exponent) or c.anneal_exponent <= 0:
             fail("anneal_exponent", "a number > 0")
+        if not is_int(c.stable_patience) or c.stable_patience < 1:
+            fail("stable_patience", "an integer >= 1")
+        if not is_number(c.stop_entropy) or not c.stop_entropy >= 0:
+            fail("stop_entropy", "a number >= 0 (nats; 0 = off)")
+        if c.stop_entropy_reduce not in ("mean", "max"):
+            fail("stop_entropy_reduce", "'mean' or 'max'")
     if not is_number(c.psi_strength) or not 0.0 <= c.psi_strength <= 1.0:
         fail("psi_strength", "a number in [0, 1] (the Psi corrector's strength 1 - kappa; 0 = plain predictor)")
     if not is_int(c.psi_corrector_steps) or c.psi_corrector_steps < 0:

@@ -38,6 +38,10 @@ class SampleOutput(NamedTuple):
     tokens: jax.Array  # int32 [B, L]
     nfe: jax.Array  # int32 []: denoise_fn calls made (each on the whole batch)
     trajectory: jax.Array | None  # int32 [S, B, L]: x_init then the state after each step; None if not asked
+    # Samplers that stop rows independently (canvas): per row, the network calls it took part in and its
+    # denoising steps, int32 [B]; None elsewhere.
+    row_nfe: jax.Array | None = None
+    row_steps: jax.Array | None = None
 
 
 def _check_init(x_init, mask_id):
