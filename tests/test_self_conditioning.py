@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from model_utils import random_variables
 
-from ddlm import checkpoints, losses, models, schedules, sampling
+from ddlm import checkpoints, losses, models, sampling, schedules
 from ddlm.sampling import masked, score
 from ddlm.train import config_lib, step, trainer
 from ddlm.train.sharding import ConfigError
@@ -195,7 +195,7 @@ def test_uniform_score_sampler_feeds_back_the_network_output():
     the network's logits, not of the log ratios the step reads."""
     calls = []
     sched = schedules.get_schedule("loglinear")
-    to_score = lambda out, xt, t: losses.duo_log_ratios(out, xt, sched.alpha(t))  # noqa: E731
+    to_score = lambda out, xt, t: losses.duo_log_ratios(out, xt, sched.alpha(t))
     score_fn = score.network_score_fn(_fake_network(calls), to_score, self_conditioning=True)
     cfg = sampling.default_config()
     cfg.name, cfg.steps = "sedd_euler", 3

@@ -266,7 +266,7 @@ def score_sample(
     nfe = jnp.asarray(steps, jnp.int32)
     if self_conditioning:  # the final call (noise removal) sees the last step's signal
         conditioned_fn = score_fn
-        score_fn = lambda xt, t: conditioned_fn(xt, t, sc)[0]  # noqa: E731
+        score_fn = lambda xt, t: conditioned_fn(xt, t, sc)[0]
     if noise_removal:
         t = grid[-1] * ones
         if graph == "absorbing":
