@@ -97,6 +97,7 @@ COMPATIBILITY_FIELDS = (
     "model.max_positions",
     "model.norm_bias",
     "model.attention_bias",
+    "model.self_conditioning",  # one more parameter, 'self_cond_embedding'
     "data.tokenizer",
     "diffusion.loss",
     "diffusion.process",
@@ -115,6 +116,7 @@ _COMPATIBILITY_DEFAULTS = {
     "model.max_positions": 0,
     "model.norm_bias": False,
     "model.attention_bias": False,
+    "model.self_conditioning": False,
 }
 
 

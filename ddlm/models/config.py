@@ -68,6 +68,7 @@ def default_config(size: str = "tiny") -> ml_collections.ConfigDict:
     )
     c.attention_impl = "xla"  # 'xla' (any backend) | 'cudnn' (fused, GPU, bf16) | 'pallas' (block-sparse, GPU)
     c.logit_shift = False  # output i = output layer at i - 1 (AR-to-diffusion adaptation, DiffuLLaMA)
+    c.self_conditioning = False  # also read the previous prediction (self_cond [B, L, V]; one more parameter)
     # Imported architectures (ddlm.convert; off for every network trained here):
     c.time_input = "scaled_t"  # the time embedding reads 'scaled_t' (1000 t) | 'sigma' (MDLM/DUO) | 'zero'
     c.max_positions = 0  # > 0: learned absolute positions of this many rows instead of rotary (GPT-2)

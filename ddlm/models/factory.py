@@ -22,6 +22,7 @@ _REQUIRED_FIELDS = (
 _LATER_FIELDS = {
     "remat_policy": "full", "scan_layers": False, "logit_shift": False, "attention": "", "time_input": "scaled_t",
     "max_positions": 0, "norm_bias": False, "attention_bias": False, "rope_scaling": None,
+    "self_conditioning": False,
 }  # fmt: skip
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -124,6 +125,7 @@ def network_kwargs(config, vocab_size: int) -> dict:
         max_positions=int(_later(config, "max_positions")),
         norm_bias=bool(_later(config, "norm_bias")),
         attention_bias=bool(_later(config, "attention_bias")),
+        self_conditioning=bool(_later(config, "self_conditioning")),
     )
 
 

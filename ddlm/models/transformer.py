@@ -104,6 +104,11 @@ class Transformer(nn.Module):
         embeddings of this many rows added to the token embedding and no rotary (GPT-2).
       norm_bias: LayerNorms with a bias (GPT-2); attention_bias: biases on the q/k/v and output projections
         (GPT-2).
+      self_conditioning: the network also reads `self_cond`, its own previous prediction (probabilities
+        [B, L, V]; Chen et al. 2023, "Analog Bits", sec. 3.2), through a linear map added to the token
+        embedding: one more parameter, 'self_cond_embedding' [padded V, d], zero-initialised (so a new
+        network's second pass starts equal to its first). self_cond=None is the zero signal (the first pass,
+        and a sampler's first step). Off: the parameter tree of every network trained without it.
     """
 
     vocab_size: int
@@ -129,6 +134,7 @@ class Transformer(nn.Module):
     max_positions: int = 0
     norm_bias: bool = False
     attention_bias: bool = False
+    self_conditioning: bool = False
 
     # The output layer has a bias (MDLM's DDitFinalLayer); the LLaMA family has none.
     _output_bias = True
@@ -165,7 +171,7 @@ class Transformer(nn.Module):
     def _final_norm(self, stream_dtype) -> nn.Module:
         return layers.layer_norm("norm_final", self.param_dtype, stream_dtype, self.norm_bias)
 
-    def _check_inputs(self, tokens, t, x0):
+    def _check_inputs(self, tokens, t, x0, self_cond=None):
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
         check_attention_impl(self.attention_impl, self.dtype)
@@ -185,6 +191,16 @@ class Transformer(nn.Module):
                 f"got {tokens.dtype} {tokens.shape}"
             )
         batch, length = tokens.shape[:2]
+        if self_cond is not None:
+            if not self.self_conditioning:
+                raise ValueError(
+                    "self_cond was given to a network without self-conditioning (model.self_conditioning=False)"
+                )
+            if tuple(self_cond.shape) != (batch, length, self.vocab_size):
+                raise ValueError(
+                    f"self_cond must be float [batch, length, vocab_size] = [{batch}, {length}, "
+                    f"{self.vocab_size}] (probabilities), got {tuple(self_cond.shape)}"
+                )
         if self.time_input not in TIME_INPUTS:
             raise ValueError(f"time_input must be one of {TIME_INPUTS}, got {self.time_input!r}")
         if self.max_positions and length > self.max_positions:
@@ -224,6 +240,7 @@ class Transformer(nn.Module):
         x0: jax.Array | None = None,
         train: bool = False,
         attention_mask: jax.Array | None = None,
+        self_cond: jax.Array | None = None,
     ) -> jax.Array:
         """Logits of the network.
 
@@ -238,12 +255,14 @@ class Transformer(nn.Module):
           attention_mask: bool [length, length] (True = attend) replacing the full attention of a
             bidirectional network: the causal-to-bidirectional annealing of an adapted AR model
             (`layers.annealed_causal_mask`); None = the network's own pattern.
+          self_cond: float [batch, length, vocab_size], the network's previous prediction (softmax of its
+            logits) for the xt positions, with self_conditioning only; None = zeros (the first pass).
 
         Returns:
           float32 [batch, length, vocab_size] logits (for the xt positions); with logit_shift, position i
           holds the output layer at position i - 1 (`logit_shift_sources`).
         """
-        self._check_inputs(tokens, t, x0)
+        self._check_inputs(tokens, t, x0, self_cond)
         batch, length = tokens.shape[:2]
         stream = layers.stream_dtype(self.dtype)
 
@@ -265,6 +284,8 @@ class Transformer(nn.Module):
             is_causal = True
         elif self.attention == "block_causal":
             tokens = jnp.concatenate([tokens, x0], axis=1)  # [B, 2L]
+            if self_cond is not None:  # the clean half has no previous prediction
+                self_cond = jnp.concatenate([self_cond, jnp.zeros_like(self_cond)], axis=1)
             positions = np.concatenate([positions, positions])  # both halves at 0..L-1
             mask = layers.block_diffusion_mask(length, self.block_size)  # [2L, 2L]
             if t_tokens is not None:  # clean tokens x0 sit at t = 0
@@ -273,7 +294,15 @@ class Transformer(nn.Module):
                     axis=1,
                 )
         return self._forward(
-            tokens, positions, t_tokens, mask, is_causal, train, out_length=length, shift=self.logit_shift
+            tokens,
+            positions,
+            t_tokens,
+            mask,
+            is_causal,
+            train,
+            out_length=length,
+            shift=self.logit_shift,
+            self_cond=self_cond,
         )
 
     # ---- decoding with a KV cache ----------------------------------------------------------------------------
@@ -389,6 +418,7 @@ class Transformer(nn.Module):
         cache: layers.KVCache | None = None,
         decode_masks: layers.DecodeMasks | None = None,
         shift: bool = False,
+        self_cond: jax.Array | None = None,
     ):
         """Embedding -> blocks -> output layer on prepared inputs; the one place the parameters are created.
 
@@ -396,6 +426,7 @@ class Transformer(nn.Module):
         the first out_length positions only (the xt half of the block-causal input). shift: the logit shift
         (`logit_shift_sources`). With cache: the decode path, returns (logits, updated KVCache); the decode
         path never shifts (a slice's first prediction comes from a position outside it: the caller's).
+        self_cond: float [B, L', V] or None (zeros), with self_conditioning only.
         """
         stream = layers.stream_dtype(self.dtype)
         # ---- embedding and conditioning --------------------------------------------------------------------
@@ -420,6 +451,16 @@ class Transformer(nn.Module):
                 self.param_dtype,
             )
             x = x + jnp.take(position_table, jnp.asarray(positions), axis=0).astype(stream)
+        if self.self_conditioning:  # created whether or not a signal is given: init sees self_cond=None
+            sc_table = self.param(
+                "self_cond_embedding",
+                nn.with_logical_partitioning(nn.initializers.zeros, ("vocab", "embed")),
+                (self.padded_vocab_size, self.d_model),
+                self.param_dtype,
+            )
+            if self_cond is not None:  # None is the zero signal: adding nothing is adding 0 @ table
+                sc_table = nn.with_logical_constraint(sc_table, ("vocab", None))[: self_cond.shape[-1]]
+                x = x + jnp.einsum("blv,vd->bld", self_cond.astype(stream), sc_table.astype(stream))
         x = nn.with_logical_constraint(x, layers.BLE)
         c = None
         if self.time_conditioning:

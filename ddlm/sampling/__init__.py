@@ -51,6 +51,9 @@ SAMPLERS = (
 CACHED_SAMPLERS = ("ar", "bd3lm", "speculative")
 SAMPLERS += CACHED_SAMPLERS
 BLOCK_SAMPLERS = ("first_hitting", "ancestral", "cached", "remdm", "parallel")
+# Samplers that feed a self-conditioned network its previous prediction (make_sampler's self_conditioning);
+# the others call it as denoise_fn(xt, t): the zero signal, its first pass.
+SELF_CONDITIONED_SAMPLERS = ("ancestral", "remdm", "first_hitting", "sedd_euler", "sedd_analytic")
 
 # Number of times each sampler built by `jit_sampler` has been traced (compiled), by name.
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -70,6 +73,7 @@ def make_sampler(
     eos_id=None,
     pad_id=None,
     draft_decoder=None,
+    self_conditioning: bool = False,
 ):
     """sample(rng, x_init, clamp=None) -> SampleOutput for the sampler named cfg.name (not jitted: pure).
 
@@ -83,6 +87,9 @@ def make_sampler(
     eos_id, pad_id for cfg.stop_at_eos (variable length). 'speculative': decoder of the target and
     draft_decoder of the draft (causal networks over one vocabulary). 'parallel' with cfg.cache='prefix' | 'dual':
     decoder of a bidirectional network (denoise_fn unused).
+    self_conditioning: a self-conditioned network (model.self_conditioning): denoise_fn(xt, t, self_cond=None)
+    and score_fn(xt, t, self_cond) -> (score, signal) (ddlm.sampling.score); the SELF_CONDITIONED_SAMPLERS
+    feed each call's prediction to the next, the others call denoise_fn(xt, t) (the zero signal).
     """
     if cfg.name not in SAMPLERS:
         raise ValueError(f"unknown sampler {cfg.name!r}; expected one of {SAMPLERS}")
@@ -120,6 +127,12 @@ def make_sampler(
     if score_fn is None and denoise_fn is None and not cached_parallel:
         raise ValueError("make_sampler needs denoise_fn (masked samplers) or score_fn (score samplers)")
     filters = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+    feeds = self_conditioning and cfg.name in SELF_CONDITIONED_SAMPLERS
+    if feeds and cfg.guidance_scale:
+        raise ValueError(
+            f"sampler {cfg.name!r} feeds a self-conditioned network its previous prediction and has no "
+            "classifier-free guidance then: set config.sampler.guidance_scale=0"
+        )
 
     def sample(rng, x_init, clamp=None):
         fn = denoise_fn
@@ -160,7 +173,7 @@ def make_sampler(
                 **filters,
             )
         if cfg.name == "first_hitting":
-            return first_hitting_sample(fn, rng, x_init, **common, **filters)
+            return first_hitting_sample(fn, rng, x_init, self_conditioning=feeds, **common, **filters)
         if cfg.name in ("ancestral", "cached", "remdm"):
             remasking = cfg.remasking if cfg.name == "remdm" else "none"
             if cfg.name == "remdm" and remasking == "none":
@@ -177,10 +190,13 @@ def make_sampler(
                 cache=cfg.name == "cached",
                 remasking=remasking,
                 eta=cfg.eta,
+                self_conditioning=feeds,
                 **common,
                 **filters,
             )
-        sfn = score_fn if score_fn is not None else absorbing_score_fn(fn, mask_id=mask_id, **filters)
+        sfn = score_fn
+        if sfn is None:
+            sfn = absorbing_score_fn(fn, mask_id=mask_id, self_conditioning=feeds, **filters)
         return score_sample(
             sfn,
             rng,
@@ -196,6 +212,7 @@ def make_sampler(
             precision=cfg.precision,
             return_trajectory=return_trajectory,
             progress_fn=progress_fn,
+            self_conditioning=feeds,
         )
 
     return sample
@@ -366,6 +383,7 @@ def jit_sampler(cfg, compiler_options=None, **kwargs):
 
 __all__ = [
     "SAMPLERS",
+    "SELF_CONDITIONED_SAMPLERS",
     "SampleOutput",
     "TRACE_COUNTS",
     "absorbing_score_fn",

@@ -61,7 +61,7 @@ from absl import logging
 
 from ddlm import checkpoints, compilation_cache, distributed, loading, losses, models, paths, schedules
 from ddlm.data import sft
-from ddlm.sampling import conditioning, make_sampler, stats, visualize
+from ddlm.sampling import conditioning, make_sampler, score, stats, visualize
 from ddlm.sampling import config as config_lib
 
 resolve_config = config_lib.resolve  # default_config() with the given fields set (unknown field: error)
@@ -310,23 +310,30 @@ def sample_fn(
         diffusion_schedule if sc.grid in ("", config.diffusion.schedule) else schedules.get_schedule(sc.grid)
     )
     time_free = loss == "radd"
+    # A self-conditioned network (model.self_conditioning) is fed its previous prediction by the samplers
+    # that call it step by step (sampling.SELF_CONDITIONED_SAMPLERS).
+    self_conditioning = bool(getattr(model, "self_conditioning", False))
 
-    def network(params, xt, t):
-        logits = model.apply({"params": params}, xt, None if time_free else t, x0=None, train=False)
+    def network(params, xt, t, self_cond=None):
+        kwargs = {} if self_cond is None else {"self_cond": self_cond}
+        logits = model.apply({"params": params}, xt, None if time_free else t, x0=None, train=False, **kwargs)
         logits = logits.astype(jnp.float32)
         return logits if logits_hook is None else logits_hook(logits, xt)
 
     def sample(params, rng, x, clamp):
-        denoise_fn = lambda xt, t: network(params, xt, t)
-        score_fn = None
+        denoise_fn = lambda xt, t, self_cond=None: network(params, xt, t, self_cond)
+        to_score = None
         if loss == "sedd_absorb":  # the absorbing samplers take the ratios without alpha/(1-alpha)
-            score_fn = lambda xt, t: losses.sedd_absorbing_log_cond(network(params, xt, t))
+            to_score = lambda out, xt, t: losses.sedd_absorbing_log_cond(out)
         elif loss == "sedd_uniform":
-            score_fn = denoise_fn  # a uniform-graph SEDD network outputs log ratios
+            to_score = lambda out, xt, t: out  # a uniform-graph SEDD network outputs log ratios
         elif loss == "duo":  # a mean-parameterised network implies the log ratios (losses.duo_log_ratios)
-            score_fn = lambda xt, t: losses.duo_log_ratios(
-                network(params, xt, t), xt, diffusion_schedule.alpha(jnp.broadcast_to(t, xt.shape[:1]))
+            to_score = lambda out, xt, t: losses.duo_log_ratios(
+                out, xt, diffusion_schedule.alpha(jnp.broadcast_to(t, xt.shape[:1]))
             )
+        score_fn = None
+        if to_score is not None:
+            score_fn = score.network_score_fn(denoise_fn, to_score, self_conditioning=self_conditioning)
         if not sc.name.startswith("sedd_"):
             score_fn = None
         cached = sc.name in ("ar", "bd3lm") or sc.cache != "none"
@@ -344,6 +351,7 @@ def sample_fn(
             decoder=make_decoder(model, {"params": params}) if cached else None,
             eos_id=tok.eos_id,
             pad_id=tok.pad_id,
+            self_conditioning=self_conditioning,
         )
         return sampler(rng, x, clamp if graph == "uniform" else None)
 

@@ -10,7 +10,11 @@ Every sampler is a pure function
             an infilling template, hard constraints: see ddlm.sampling.conditioning). Known tokens are
             never changed.
 
-with the whole loop inside one `lax.fori_loop` / `lax.while_loop`, so `jax.jit` compiles it once per
+A self-conditioned network (model.self_conditioning; `self_conditioning=True` below) is called as
+denoise_fn(xt, t, self_cond float32 [B, L, V]) -> logits, with self_cond the softmax of its previous call's
+logits (zeros at the first step: the network's first pass), carried in the loop state (Analog Bits sec. 3.2).
+
+The whole loop is inside one `lax.fori_loop` / `lax.while_loop`, so `jax.jit` compiles it once per
 (shape, static arguments). `nfe` counts denoise_fn calls inside the loop. The reverse step draws from
 q(x_s | x_t, x_0 ~ p_theta(x_0 | x_t)) of ddlm.processes.AbsorbingProcess.posterior_probs (MDLM eq. 4):
 a masked token is revealed with probability (alpha_s - alpha_t) / (1 - alpha_t), as a draw from the
@@ -86,6 +90,22 @@ def logits_to_log_probs(logits, mask_id, temperature=1.0, top_k=0, top_p=1.0):
     return jax.nn.log_softmax(logits, axis=-1)
 
 
+def initial_self_cond(denoise_fn, x_init):
+    """zeros float32 [B, L, V]: a self-conditioned sampler's first signal (the network's first pass)."""
+    t = jnp.zeros(x_init.shape[:1], jnp.float32)
+    return jnp.zeros(jax.eval_shape(denoise_fn, x_init, t, None).shape, jnp.float32)
+
+
+def self_conditioned_log_probs(denoise_fn, xt, t, self_cond, mask_id, temperature=1.0, top_k=0, top_p=1.0):
+    """One call of a self-conditioned network denoise_fn(xt, t, self_cond) -> logits: (log p_theta(x_0 | x_t)
+    [B, L, V] as `x0_log_probs`, the next signal softmax(logits) float32 [B, L, V]). The signal is the
+    softmax of the raw logits (mask column included, no filters), as losses.self_conditioned_apply's first
+    pass, so the network sees at sampling what it saw in training."""
+    b = xt.shape[0]
+    logits = denoise_fn(xt, jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,)), self_cond).astype(jnp.float32)
+    return logits_to_log_probs(logits, mask_id, temperature, top_k, top_p), jax.nn.softmax(logits, axis=-1)
+
+
 def remasking_sigma(strategy: str, eta: float, alpha_s, alpha_t):
     """ReMDM's remasking probability sigma_t (Wang et al. 2025, sec. 4.1): bounded by
     sigma_max = min(1, (1 - alpha_s) / alpha_t) so that the marginals q(x_s | x_0) are unchanged;
@@ -117,6 +137,7 @@ def ancestral_sample(
     precision: str = "float64",
     return_trajectory: bool = False,
     progress_fn: Callable[[jax.Array], None] | None = None,
+    self_conditioning: bool = False,
 ) -> SampleOutput:
     """Ancestral (DDPM-style) sampling of masked diffusion (MDLM sec. 3.3 / MD4 sec. 4).
 
@@ -130,6 +151,8 @@ def ancestral_sample(
     decoded tokens by softmax(-confidence), confidence = p_theta of the token when it was decoded.
     noise_removal: after the last step, positions still masked (t_min > 0) are set to argmax p_theta (one
     more call, made only if some are masked; MDLM's final greedy step).
+    self_conditioning: denoise_fn(xt, t, self_cond) is fed its previous call's prediction (module docstring);
+    not with cache=True (the cache assumes a prediction that depends on x_t alone).
     progress_fn(steps_done) is called from the loop (a host callback) after every step, if given.
     Returns SampleOutput; trajectory [steps + 1, B, L] if return_trajectory: x_init then the state after
     each step, the last row the result (after noise removal).
@@ -139,26 +162,33 @@ def ancestral_sample(
         raise ValueError(f"unknown remasking strategy {remasking!r}; expected one of {REMASKING}")
     if cache and remasking != "none":
         raise ValueError("cache=True needs remasking='none' (remasking changes tokens every step)")
+    if cache and self_conditioning:
+        raise ValueError(
+            "cache=True reuses predictions that depend on x_t alone; a self-conditioned network's depend on "
+            "its previous one too: use cache=False"
+        )
     x_init = x_init.astype(jnp.int32)
     batch, length = x_init.shape
     grid = time_grid(steps, t_min)
     clamped = x_init != mask_id
     vocab = jax.eval_shape(denoise_fn, x_init, jnp.zeros((batch,), jnp.float32)).shape[-1] if cache else 0
 
-    def predict(x, t):
-        return x0_log_probs(denoise_fn, x, t, mask_id, temperature, top_k, top_p)
+    def predict(x, t, sc):
+        if self_conditioning:
+            return self_conditioned_log_probs(denoise_fn, x, t, sc, mask_id, temperature, top_k, top_p)
+        return x0_log_probs(denoise_fn, x, t, mask_id, temperature, top_k, top_p), sc
 
     def body(k, carry):
-        x, logp, fresh, nfe, conf, traj = carry
+        x, logp, fresh, nfe, conf, sc, traj = carry
         t, s = grid[k], grid[k + 1]
         a_t, a_s = schedule.alpha(t), schedule.alpha(s)
         masked = x == mask_id
         if cache:
             need = jnp.logical_and(jnp.logical_not(fresh), jnp.any(masked))
-            logp = jax.lax.cond(need, lambda: predict(x, t), lambda: logp)
+            logp = jax.lax.cond(need, lambda: predict(x, t, sc)[0], lambda: logp)
             nfe = nfe + need.astype(jnp.int32)
         else:
-            cached_logp, logp = logp, predict(x, t)
+            cached_logp, (logp, sc) = logp, predict(x, t, sc)
             nfe = nfe + 1
         step_rng = jax.random.fold_in(rng, k)
         tok_rng, reveal_rng, remask_rng = jax.random.split(step_rng, 3)
@@ -190,10 +220,12 @@ def ancestral_sample(
             traj = traj.at[k + 1].set(x_new)
         if progress_fn is not None:
             jax.debug.callback(progress_fn, k + 1)
-        return x_new, (logp if cache else cached_logp), fresh, nfe, conf, traj
+        return x_new, (logp if cache else cached_logp), fresh, nfe, conf, sc, traj
 
-    # Only the cached sampler carries p_theta across steps ([B, L, V] can be large).
+    # Only the cached sampler carries p_theta across steps, and only a self-conditioned one its previous
+    # prediction ([B, L, V] can be large).
     logp0 = jnp.zeros((batch, length, vocab) if cache else (), jnp.float32)
+    sc0 = initial_self_cond(denoise_fn, x_init) if self_conditioning else jnp.zeros((), jnp.float32)
     traj0 = init_trajectory(steps + 1, x_init, return_trajectory)
     carry = (
         x_init,
@@ -201,11 +233,13 @@ def ancestral_sample(
         jnp.array(False),
         jnp.zeros((), jnp.int32),
         jnp.zeros(x_init.shape, jnp.float32),
+        sc0,
         traj0,
     )
-    x, _, _, nfe, _, traj = jax.lax.fori_loop(0, steps, body, carry)
+    x, _, _, nfe, _, sc, traj = jax.lax.fori_loop(0, steps, body, carry)
     if noise_removal:
-        x, nfe = greedy_fill(denoise_fn, x, grid[-1], nfe, mask_id, temperature, top_k, top_p)
+        fn = (lambda xt, t: denoise_fn(xt, t, sc)) if self_conditioning else denoise_fn
+        x, nfe = greedy_fill(fn, x, grid[-1], nfe, mask_id, temperature, top_k, top_p)
         if return_trajectory:
             traj = traj.at[-1].set(x)
     return SampleOutput(x, nfe, traj if return_trajectory else None)
@@ -235,6 +269,7 @@ def first_hitting_sample(
     precision: str = "float64",
     return_trajectory: bool = False,
     progress_fn: Callable[[jax.Array], None] | None = None,
+    self_conditioning: bool = False,
 ) -> SampleOutput:
     """First-hitting sampler (Zheng et al. 2024, alg. 1): the continuous-time reverse process simulated
     one unmasking event at a time, so it is the infinite-step limit of ancestral sampling, with exactly
@@ -246,6 +281,7 @@ def first_hitting_sample(
     from p_theta(x_0 | x_t) evaluated at that time. Sequences of a batch keep their own times (t [B]).
     nfe = the largest number of masked positions in the batch. trajectory: [L + 1, B, L] (rows after the
     last event repeat the final state). progress_fn(events_done) is called after every event, if given.
+    self_conditioning: denoise_fn(xt, t, self_cond) is fed its previous call's prediction (module docstring).
     """
     _check_init(x_init, mask_id)
     x_init = x_init.astype(jnp.int32)
@@ -253,11 +289,11 @@ def first_hitting_sample(
     rows = jnp.arange(batch)
 
     def cond(carry):
-        x, _, it, _ = carry
+        x, _, it, _, _ = carry
         return jnp.logical_and(jnp.any(x == mask_id), it < length)
 
     def body(carry):
-        x, t, it, traj = carry
+        x, t, it, sc, traj = carry
         masked = x == mask_id
         n = jnp.sum(masked, axis=-1)
         active = n > 0
@@ -267,7 +303,10 @@ def first_hitting_sample(
         a_t = schedule.alpha(t)
         a_s = 1.0 - (1.0 - a_t) * u ** (1.0 / jnp.maximum(n, 1).astype(jnp.float32))
         s = jnp.where(active, jnp.clip(schedule.t_from_alpha(a_s), 0.0, 1.0), t)
-        logp = x0_log_probs(denoise_fn, x, s, mask_id, temperature, top_k, top_p)
+        if self_conditioning:
+            logp, sc = self_conditioned_log_probs(denoise_fn, x, s, sc, mask_id, temperature, top_k, top_p)
+        else:
+            logp = x0_log_probs(denoise_fn, x, s, mask_id, temperature, top_k, top_p)
         pos_scores = jnp.where(masked, jax.random.uniform(pos_rng, x.shape, jnp.float32), -1.0)
         pos = jnp.argmax(pos_scores, axis=-1)
         tok = categorical.sample_categorical(tok_rng, logp[rows, pos], precision)
@@ -276,11 +315,12 @@ def first_hitting_sample(
             traj = traj.at[it + 1].set(x)
         if progress_fn is not None:
             jax.debug.callback(progress_fn, it + 1)
-        return x, s, it + 1, traj
+        return x, s, it + 1, sc, traj
 
     traj0 = init_trajectory(length + 1, x_init, return_trajectory)
     t0 = jnp.ones((batch,), jnp.float32)
-    x, _, it, traj = jax.lax.while_loop(cond, body, (x_init, t0, jnp.zeros((), jnp.int32), traj0))
+    sc0 = initial_self_cond(denoise_fn, x_init) if self_conditioning else jnp.zeros((), jnp.float32)
+    x, _, it, _, traj = jax.lax.while_loop(cond, body, (x_init, t0, jnp.zeros((), jnp.int32), sc0, traj0))
     if return_trajectory:
         traj = hold_final_state(traj, it)
     return SampleOutput(x, it, traj if return_trajectory else None)

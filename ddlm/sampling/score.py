@@ -11,6 +11,10 @@ steps on the absorbing and the uniform graph.
                        output gives c through ddlm.losses.sedd_absorbing_log_cond. A uniform-graph SEDD
                        network outputs log ratios directly.
 
+Self-conditioned networks (model.self_conditioning; score_sample(self_conditioning=True)): score_fn(xt, t,
+self_cond) -> (the [B, L, V] above, the next signal softmax(network output) float32 [B, L, V]), fed back at
+the next step (zeros at the first); `network_score_fn` and `absorbing_score_fn` build both kinds.
+
 Why c and not the ratios on the absorbing graph: the factor alpha/(1 - alpha) is 0 at t = 1 on schedules
 with alpha(1) = 0 (linear, cosine) and +inf at t = 0, so there the ratios hold no usable number (every
 column 0, or every column +inf: an argmax then returns id 0), while both steps are finite functions of c
@@ -37,7 +41,13 @@ import jax.numpy as jnp
 
 from ddlm import schedules as schedules_lib
 from ddlm.sampling import categorical
-from ddlm.sampling.masked import SampleOutput, greedy_fill, time_grid, x0_log_probs
+from ddlm.sampling.masked import (
+    SampleOutput,
+    greedy_fill,
+    self_conditioned_log_probs,
+    time_grid,
+    x0_log_probs,
+)
 
 ScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -46,13 +56,39 @@ METHODS = ("euler", "analytic")
 
 
 def absorbing_score_fn(
-    denoise_fn, *, mask_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+    denoise_fn,
+    *,
+    mask_id: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    self_conditioning: bool = False,
 ) -> ScoreFn:
     """The absorbing-graph score_fn of a denoiser (RADD Thm. 1): log c = log p_theta(x_0 = y | x_t), the
-    mask id removed and the filters applied; the ratios are alpha/(1 - alpha) c (see module docstring)."""
+    mask id removed and the filters applied; the ratios are alpha/(1 - alpha) c (see module docstring).
+    self_conditioning: denoise_fn(xt, t, self_cond), and score_fn(xt, t, self_cond) -> (log c, signal)."""
 
     def score_fn(xt, t):
         return x0_log_probs(denoise_fn, xt, t, mask_id, temperature, top_k, top_p)
+
+    def self_conditioned(xt, t, self_cond):
+        return self_conditioned_log_probs(denoise_fn, xt, t, self_cond, mask_id, temperature, top_k, top_p)
+
+    return self_conditioned if self_conditioning else score_fn
+
+
+def network_score_fn(network, to_score, *, self_conditioning: bool = False) -> ScoreFn:
+    """score_fn(xt, t) = to_score(network(xt, t), xt, t): the score of a network whose output is not itself
+    the score (a SEDD absorbing network's log c, a DUO network's log ratios: losses.sedd_absorbing_log_cond,
+    losses.duo_log_ratios). self_conditioning: network(xt, t, self_cond), and score_fn(xt, t, self_cond) ->
+    (that score, softmax(network output)): the signal score_sample feeds back, the softmax of the raw
+    output as in training (losses.self_conditioned_apply)."""
+    if not self_conditioning:
+        return lambda xt, t: to_score(network(xt, t), xt, t)
+
+    def score_fn(xt, t, self_cond):
+        out = network(xt, t, self_cond).astype(jnp.float32)
+        return to_score(out, xt, t), jax.nn.softmax(out, axis=-1)
 
     return score_fn
 
@@ -160,6 +196,7 @@ def score_sample(
     precision: str = "float64",
     return_trajectory: bool = False,
     progress_fn=None,
+    self_conditioning: bool = False,
 ) -> SampleOutput:
     """SEDD sampling from t = 1 to t_min in `steps` Euler or analytic steps, then (noise_removal) SEDD's
     final denoising step taken greedily.
@@ -171,6 +208,8 @@ def score_sample(
     sigma = 0 taken greedily (one more call). nfe counts the calls made. progress_fn(steps_done) is called
     after every step, if given. trajectory (return_trajectory) [steps + 1, B, L]: the starting state (the
     uniform graph: its noise) then the state after each step; the last row is the result (noise removed).
+    self_conditioning: score_fn(xt, t, self_cond) -> (score, signal), the signal of each call fed to the
+    next (zeros to the first; module docstring).
     """
     if graph not in GRAPHS:
         raise ValueError(f"unknown graph {graph!r}; expected one of {GRAPHS}")
@@ -187,7 +226,8 @@ def score_sample(
             )
     x_init = x_init.astype(jnp.int32)
     batch, length = x_init.shape
-    vocab = jax.eval_shape(score_fn, x_init, jnp.zeros((batch,), jnp.float32)).shape[-1]
+    probe = (lambda xt, t: score_fn(xt, t, None)[0]) if self_conditioning else score_fn
+    vocab = jax.eval_shape(probe, x_init, jnp.zeros((batch,), jnp.float32)).shape[-1]
     init_rng, rng = jax.random.split(rng)
     if graph == "absorbing":
         if mask_id is None:
@@ -201,26 +241,32 @@ def score_sample(
     ones = jnp.ones((batch,), jnp.float32)
 
     def body(k, carry):
-        x, traj = carry
+        x, sc, traj = carry
         t, s = grid[k] * ones, grid[k + 1] * ones
-        probs = step_probs(
-            score_fn(x, t), x, graph=graph, method=method, schedule=schedule, t=t, s=s, mask_id=mask_id
-        )
+        if self_conditioning:
+            log_score, sc = score_fn(x, t, sc)
+        else:
+            log_score = score_fn(x, t)
+        probs = step_probs(log_score, x, graph=graph, method=method, schedule=schedule, t=t, s=s, mask_id=mask_id)
         x_new = categorical.sample_categorical(jax.random.fold_in(rng, k), jnp.log(probs), precision)
         x_new = jnp.where(clamp, x, x_new)
         if return_trajectory:
             traj = traj.at[k + 1].set(x_new)
         if progress_fn is not None:
             jax.debug.callback(progress_fn, k + 1)
-        return x_new, traj
+        return x_new, sc, traj
 
     traj0 = (
         jnp.zeros((steps + 1, batch, length), jnp.int32).at[0].set(x_init)
         if return_trajectory
         else jnp.zeros((), jnp.int32)
     )
-    x, traj = jax.lax.fori_loop(0, steps, body, (x_init, traj0))
+    sc0 = jnp.zeros((batch, length, vocab) if self_conditioning else (), jnp.float32)
+    x, sc, traj = jax.lax.fori_loop(0, steps, body, (x_init, sc0, traj0))
     nfe = jnp.asarray(steps, jnp.int32)
+    if self_conditioning:  # the final call (noise removal) sees the last step's signal
+        conditioned_fn = score_fn
+        score_fn = lambda xt, t: conditioned_fn(xt, t, sc)[0]
     if noise_removal:
         t = grid[-1] * ones
         if graph == "absorbing":

@@ -80,6 +80,9 @@ def diffusion_config(
     c.num_steps = 0  # discrete-time steps T for 'd3pm' (0 = continuous time)
     c.antithetic = True  # low-discrepancy (antithetic) time sampling in the loss
     c.curriculum = duo_curriculum_config()  # loss 'duo' only: DUO's Gaussian-relaxation curriculum
+    # Self-conditioning (Analog Bits): the probability that a training row's second pass sees the first pass's
+    # prediction (losses.self_conditioned_apply; 0 = off; Analog Bits: 0.5); needs model.self_conditioning
+    c.self_conditioning = 0.0
     return c
 
 

@@ -33,7 +33,11 @@ def make_loss_fn(
     With loss 'duo' and a curriculum (config.diffusion.curriculum.end > 0) the loss uses the `step` too.
     anneal_steps > 0 (AR-to-diffusion adaptation, ddlm/train/adapt.py): when given the optimizer `step`, the
     network attends through that step's annealed causal-to-bidirectional mask; without a step (eval) it
-    uses its own (bidirectional) attention."""
+    uses its own (bidirectional) attention.
+    config.diffusion.self_conditioning = p > 0 (a network with model.self_conditioning): training calls the
+    network twice, the second pass seeing the first's prediction with probability p
+    (losses.self_conditioned_apply); eval (train=False) always does (p = 1), as the samplers do after their
+    first step, so the eval NELBO is that of the network the samplers run."""
     from ddlm import losses, schedules  # the lead's modules (see CONTRACTS.md)
 
     schedule = schedules.get_schedule(diffusion_config.schedule, **dict(diffusion_config.schedule_kwargs))
@@ -41,6 +45,7 @@ def make_loss_fn(
     block_size = int(model_config.block_size) if loss_name == "bd3lm" else None
     num_steps = int(diffusion_config.num_steps) or None
     curriculum = duo_curriculum(diffusion_config, vocab_size)
+    self_conditioning = float(diffusion_config.self_conditioning)
 
     def loss_fn(params, batch, rng, train, step=None):
         dropout_rng, loss_rng = jax.random.split(rng)
@@ -53,9 +58,10 @@ def make_loss_fn(
                 mask_rng, step, batch["tokens"].shape[1], anneal_steps
             )
 
-        def apply_fn(xt, t, x0_context):
+        def apply_fn(xt, t, x0_context, self_cond=None):
+            kwargs = dict(extra) if self_cond is None else dict(extra, self_cond=self_cond)
             logits = model.apply(
-                {"params": params}, xt, t, x0=x0_context, train=train, rngs={"dropout": dropout_rng}, **extra
+                {"params": params}, xt, t, x0=x0_context, train=train, rngs={"dropout": dropout_rng}, **kwargs
             )
             return logits.astype(jnp.float32)
 
@@ -73,6 +79,7 @@ def make_loss_fn(
             antithetic=bool(diffusion_config.antithetic),
             step=step if curriculum is not None else None,
             curriculum=curriculum,
+            self_conditioning=(self_conditioning if train else 1.0) if self_conditioning else 0.0,
         )
 
     return loss_fn

@@ -66,7 +66,8 @@ def validate_model_config(m, *, seq_len: int, backend_known: bool = True) -> Non
     _int_at_least(m, "model", ("block_size", "vocab_multiple"), 1)
     # Dropout 1 drops everything (and scales the rest by 1 / 0); a rate outside [0, 1) is not a rate.
     _require(_finite(m.dropout) and 0 <= m.dropout < 1, "model.dropout", "in [0, 1)", m.dropout)
-    switches = ("time_conditioning", "tie_embeddings", "remat", "scan_layers", "logit_shift", "qkv_bias")
+    switches = ("time_conditioning", "tie_embeddings", "remat", "scan_layers", "logit_shift", "qkv_bias",
+                "self_conditioning")  # fmt: skip
     _bools(m, "model", switches)
     _require(m.dtype in ("auto", *_DTYPES), "model.dtype", f"one of {('auto', *_DTYPES)}", m.dtype)
     _one_of(m, "model", "param_dtype", _DTYPES)
@@ -136,6 +137,11 @@ def validate_model_config(m, *, seq_len: int, backend_known: bool = True) -> Non
             "config.model.logit_shift must be False for a causal network (it already predicts the next "
             "token); the shift is for diffusion networks adapted from an AR one"
         )
+    if m.self_conditioning and attention == "causal":
+        raise ConfigError(
+            "config.model.self_conditioning must be False for a causal network (its KV-cache decoding has no "
+            "previous prediction to feed back), got True"
+        )
     if attention == "block_causal" and seq_len % m.block_size:
         raise ConfigError(
             f"config.model.block_size={m.block_size} must divide config.train.seq_len={seq_len}"
@@ -175,6 +181,15 @@ def validate_diffusion_config(d, model) -> None:
             f"got {d.num_steps}"
         )
     _bools(d, "diffusion", ("antithetic",))
+    p = d.self_conditioning
+    _require(
+        _finite(p) and 0 <= p <= 1, "diffusion.self_conditioning", "a probability in (0, 1], or 0 = off", p
+    )
+    if p and not model.self_conditioning:
+        raise ConfigError(
+            f"config.diffusion.self_conditioning={p} needs config.model.self_conditioning=True (a network that "
+            "reads its previous prediction), got False"
+        )
 
     # The loss and the network: 'bd3lm' feeds x0 beside xt to a block-causal network, 'ar' scores next tokens
     # (a network that sees the token it predicts learns to copy it), 'radd' and 'ar' pass no time.
@@ -337,6 +352,11 @@ def _validate_rest(config) -> None:
     from ddlm.train import distill
 
     distill.validate(config)  # config.distill: the distillation mode (method 'none': off)
+    if config.diffusion.self_conditioning and (rl.enabled(config) or distill.enabled(config)):
+        raise ConfigError(
+            f"config.diffusion.self_conditioning={config.diffusion.self_conditioning} is for the diffusion "
+            "losses; the RL and distillation modes' losses call the network once: set it to 0"
+        )
     if (config.diffusion.loss == "sft") != sft.is_sft(config.data):
         raise ConfigError(
             "config.diffusion.loss='sft' and config.data.sft_data go together (the SFT loss reads the "
