@@ -45,7 +45,7 @@ def make_loss_fn(
     block_size = int(model_config.block_size) if loss_name == "bd3lm" else None
     num_steps = int(diffusion_config.num_steps) or None
     curriculum = duo_curriculum(diffusion_config, vocab_size)
-    self_conditioning = float(diffusion_config.self_conditioning)
+    self_conditioning = float(diffusion_config.get("self_conditioning", 0.0))  # configs stored before the field: off
 
     def loss_fn(params, batch, rng, train, step=None):
         dropout_rng, loss_rng = jax.random.split(rng)
