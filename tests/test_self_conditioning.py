@@ -127,7 +127,7 @@ def test_loss_with_probability_one_calls_twice_and_stops_the_gradient_of_the_fir
     assert first is None and second is not None and len(recording.calls) == 2
     np.testing.assert_allclose(np.asarray(second), np.asarray(jax.nn.softmax(first_logits, -1)), atol=1e-6)
 
-    got = jax.grad(lambda p: loss_fn(p, batch, rng, True)[0])(params)
+    got = jax.jit(jax.grad(lambda p: loss_fn(p, batch, rng, True)[0]))(params)
     # The same draws (self-conditioning folds its own key) with the first pass written out by hand.
     plain = config_lib.diffusion_config("mdlm")
 
@@ -139,8 +139,8 @@ def test_loss_with_probability_one_calls_twice_and_stops_the_gradient_of_the_fir
 
         return step.make_loss_fn(TwoPass(), plain, mc, vocab_size=V, mask_id=MASK)(p, batch, rng, True)[0]
 
-    frozen = jax.grad(by_hand)(params, params)  # the first pass's parameters: an argument not differentiated
-    through = jax.grad(lambda p: by_hand(p, p))(params)
+    frozen = jax.jit(jax.grad(by_hand))(params, params)  # the first pass's parameters: an argument not differentiated
+    through = jax.jit(jax.grad(lambda p: by_hand(p, p)))(params)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(frozen)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
     gap = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(through)))
