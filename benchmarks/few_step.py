@@ -16,15 +16,18 @@ the same keys. NFE = network calls (batch-wide).
     student's gap <= half the undistilled teacher's gap at the same k, with the student's entropy within 2% of
     the reference's. Printed per k with the ratio gap(student) / gap(teacher) and its bootstrap-free error
     (delta method on the three independent gen-ppl SEs).
-  * The students are each run's newest checkpoint (the last round: trained for base_steps / 2^rounds steps),
-    sampled at every k; a row per intermediate round is out of scope (their checkpoints are kept).
+  * The students (STUDENTS: the papers' settings and variants, runs/few_step/<name>) are each run's newest
+    checkpoint (the last round's), sampled at every k with their teacher's sampler; a row per intermediate round
+    is out of scope (their checkpoints are kept).
   * Samplers: MDLM and SDTT, the masked ancestral sampler (`ancestral`) on the loglinear grid; DUO and DCD, the
     uniform graph's exact reverse step (`sedd_analytic`, through losses.duo_log_ratios), prompt positions clamped.
+    VARIANTS adds the DUO teacher's few-step rows with the greedy tail and with Psi predictor-corrector steps
+    (`psi`: strength 0.3, one corrector call per step, so about twice the NFE), outside the criterion.
   * The wall-clock cost of each run comes from its metrics.jsonl (first to last logged step, at the load it ran
     at: benchmarks/RESULTS.md says which).
 
-Printed: the table per family and the criterion lines; written: --out (gen-ppl and entropy against steps, both
-families) and the JSON beside it.
+Printed: the table per teacher and each student's criterion lines; written: --out (gen-ppl and entropy against
+steps) and the JSON beside it. --students=sdtt,dcd picks students; --from_json re-prints a written JSON.
 """
 
 from __future__ import annotations
@@ -49,12 +52,23 @@ import speed_quality as sq  # benchmarks/speed_quality.py: prompts, canvas, MAUV
 
 from ddlm.sampling import config as sampler_config
 
-WORKDIRS = {"mdlm": "few_step/mdlm", "sdtt": "few_step/sdtt", "duo": "few_step/duo", "dcd": "few_step/dcd", "judge": "judge"}
-FAMILIES = (  # (label, teacher, student, sampler fields)
-    ("MDLM + SDTT", "mdlm", "sdtt", {"name": "ancestral"}),
-    ("DUO + DCD", "duo", "dcd", {"name": "sedd_analytic"}),
+WORKDIRS = {"mdlm": "few_step/mdlm", "duo": "few_step/duo", "judge": "judge"}  # the students: few_step/<name>
+TEACHERS = {"mdlm": ("MDLM", {"name": "ancestral"}), "duo": ("DUO", {"name": "sedd_analytic"})}  # label, sampler
+STUDENTS = (  # (name = its run under --root/few_step, teacher, label): each sampled with its teacher's sampler
+    ("sdtt", "mdlm", "SDTT, reverse KL (the paper's), 128 -> 4 steps in 5 rounds of 600"),
+    ("sdtt_fkl", "mdlm", "SDTT, forward KL, 128 -> 4 steps in 5 rounds of 600"),
+    ("dcd", "duo", "DCD (the paper's reverse KL), T = 128, 5 rounds of 600"),
+    ("dcd_b32", "duo", "DCD, T = 32, 3 rounds of 1,000"),
 )
+# The teachers' few-step rows with other samplers of the same network (not students: no criterion), (name, fields).
+VARIANTS = {
+    "duo": (
+        ("duo+greedy", {"name": "psi", "greedy_tail": 1}),  # DUO's greedy noise removal on the last call
+        ("duo+psi", {"name": "psi", "psi_strength": 0.3, "psi_corrector_steps": 1}),  # a corrector call per step
+    ),
+}
 CRITERION_STEPS = (4, 8)
+ROLES = {"teacher": "undistilled", "student": "distilled", "variant": "undistilled, another sampler"}
 ENTROPY_TOLERANCE = 0.02  # the student's entropy within 2% of the reference's
 
 
@@ -85,14 +99,23 @@ def criterion(student: dict, teacher: dict, reference: dict, tolerance: float = 
             "half_gap": bool(q <= 0.5), "entropy_ok": bool(rel <= tolerance), "met": bool(q <= 0.5 and rel <= tolerance)}  # fmt: skip
 
 
-def settings(teacher_steps, few_steps) -> list[dict]:
-    """Every (family, model, steps) the run samples, in order: per family the teacher at teacher_steps and
-    few_steps, then the student at few_steps."""
+def settings(teacher_steps, few_steps, students=STUDENTS, variants=VARIANTS) -> list[dict]:
+    """Every (teacher, model, steps) the run samples, in order: per teacher (of `students`) the teacher at
+    teacher_steps and few_steps, then each of its students at few_steps, all with the teacher's sampler, then
+    the teacher's `variants` (other samplers of its network, 'net') at few_steps."""
     out = []
-    for family, teacher, student, fields in FAMILIES:
-        for model, steps in [(teacher, k) for k in (*teacher_steps, *few_steps)] + [(student, k) for k in few_steps]:
-            out.append({"family": family, "model": model, "role": "student" if model == student else "teacher",
-                        "steps": int(steps), "fields": {**fields, "steps": int(steps)}})  # fmt: skip
+    for teacher, (label, fields) in TEACHERS.items():
+        mine = [s for s in students if s[1] == teacher]
+        if not mine:
+            continue
+        plan = [(teacher, k) for k in (*teacher_steps, *few_steps)] + [(s[0], k) for s in mine for k in few_steps]
+        for model, steps in plan:
+            out.append({"family": label, "teacher": teacher, "model": model, "net": model, "steps": int(steps),
+                        "role": "teacher" if model == teacher else "student", "fields": {**fields, "steps": int(steps)}})  # fmt: skip
+        for name, extra in variants.get(teacher, ()):
+            for k in few_steps:
+                out.append({"family": label, "teacher": teacher, "model": name, "net": teacher, "steps": int(k),
+                            "role": "variant", "fields": {**extra, "steps": int(k)}})  # fmt: skip
     return out
 
 
@@ -154,7 +177,7 @@ def random_nets(names) -> dict:
 
     out = {}
     for i, name in enumerate(names):
-        spec = "experiments/judge.py:smoke" if name == "judge" else f"experiments/few_step.py:model={name},smoke"
+        spec = "experiments/judge.py:smoke" if name == "judge" else f"experiments/few_step.py:model={name.split('_')[0]},smoke"
         config = eval_cli.load_config_file(spec)
         config.train.seq_len = 128
         tok = tokenizers.get_tokenizer(config.data)
@@ -172,26 +195,30 @@ def random_nets(names) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def report(rows, costs) -> str:
+def report(rows, costs, students=STUDENTS) -> str:
     lines = []
-    for family, teacher, student, _ in FAMILIES:
-        mine = [r for r in rows if r["family"] == family]
+    for teacher, (family, _) in TEACHERS.items():
+        mine = [r for r in rows if r["teacher"] == teacher]
         if not mine:
             continue
         ref = reference_row(mine)
-        lines.append(f"{family} (reference: {teacher} at {ref['steps']} steps; distillation "
-                     f"{costs.get(student, float('nan')) / 60:.1f} min, teacher training {costs.get(teacher, float('nan')) / 60:.1f} min)")  # fmt: skip
+        lines.append(f"{family} (reference: {teacher} at {ref['steps']} steps; teacher training "
+                     f"{costs.get(teacher, float('nan')) / 60:.1f} min)")  # fmt: skip
         lines.append("| model | steps | NFE | gen-ppl | entropy | MAUVE | gap to reference |")
         lines.append("|---|---|---|---|---|---|---|")
         for r in mine:
             gap = r["gen_ppl"] - ref["gen_ppl"]
             lines.append(f"| {r['model']} | {r['steps']} | {r['nfe']:.0f} | {sq.fmt(r['gen_ppl'], r['gen_ppl_se'])} | "
                          f"{sq.fmt(r['entropy'], r['entropy_se'], 3)} | {sq.fmt(r.get('mauve'), r.get('mauve_se'), 3)} | {gap:+.2f} |")  # fmt: skip
-        for k, c in criteria(mine, teacher, student).items():
-            lines.append(f"  {k} steps: gap(student) / gap(teacher) = {sq.fmt(c['gap_ratio'], c['gap_ratio_se'])} "
-                         f"(<= 0.5: {'yes' if c['half_gap'] else 'NO'}), entropy {100 * c['entropy_rel']:.1f}% from the "
-                         f"reference's (<= {100 * ENTROPY_TOLERANCE:.0f}%: {'yes' if c['entropy_ok'] else 'NO'}) -> "
-                         f"{'MET' if c['met'] else 'not met'}")  # fmt: skip
+        for student, _, label in (s for s in students if s[1] == teacher):
+            found = criteria(mine, teacher, student)
+            if found:
+                lines.append(f"  {student} ({label}; distillation {costs.get(student, float('nan')) / 60:.1f} min):")
+            for k, c in found.items():
+                lines.append(f"    {k} steps: gap(student) / gap(teacher) = {sq.fmt(c['gap_ratio'], c['gap_ratio_se'])} "
+                             f"(<= 0.5: {'yes' if c['half_gap'] else 'NO'}), entropy {100 * c['entropy_rel']:.1f}% from the "
+                             f"reference's (<= {100 * ENTROPY_TOLERANCE:.0f}%: {'yes' if c['entropy_ok'] else 'NO'}) -> "
+                             f"{'MET' if c['met'] else 'not met'}")  # fmt: skip
         lines.append("")
     return "\n".join(lines)
 
@@ -208,25 +235,29 @@ def criteria(rows, teacher, student, steps=CRITERION_STEPS) -> dict:
 
 
 def plot(rows, out: str) -> None:
+    """Gen-ppl and entropy against steps: per teacher a panel pair's dashed teacher curve, its students' solid
+    curves and the many-step reference as a dotted line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = {"mdlm": "tab:blue", "sdtt": "tab:cyan", "duo": "tab:red", "dcd": "tab:orange"}
-    for family, teacher, student, _ in FAMILIES:
-        mine = [r for r in rows if r["family"] == family]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    palette = iter(["tab:cyan", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:olive"])
+    colors = {"mdlm": "tab:blue", "duo": "tab:red"}
+    for teacher in TEACHERS:
+        mine = [r for r in rows if r["teacher"] == teacher]
         if not mine:
             continue
         ref = reference_row(mine)
         few = sorted({r["steps"] for r in mine if r["role"] == "student"})
-        for model, style in ((teacher, "--"), (student, "-")):
+        for model in dict.fromkeys(r["model"] for r in mine):
+            color = colors.get(model) or colors.setdefault(model, next(palette))
             pts = sorted((r for r in mine if r["model"] == model and r["steps"] in few), key=lambda r: r["steps"])
             for ax, key in zip(axes, ("gen_ppl", "entropy")):
                 ax.errorbar([r["steps"] for r in pts], [r[key] for r in pts], yerr=[2 * r[f"{key}_se"] for r in pts],
-                            fmt="o" + style, color=colors[model], capsize=2,
-                            label=f"{model} ({'distilled' if model == student else 'undistilled'})")  # fmt: skip
+                            fmt="o" + {"teacher": "--", "student": "-", "variant": ":"}[pts[0]["role"]], color=color,
+                            capsize=2, label=f"{model} ({ROLES[pts[0]['role']]})")  # fmt: skip
         for ax, key in zip(axes, ("gen_ppl", "entropy")):
             ax.axhline(ref[key], color=colors[teacher], ls=":", lw=1, label=f"{teacher} at {ref['steps']} steps")
     for ax, name in zip(axes, ("generative perplexity under the judge (±2 SE)", "unigram entropy (nats, ±2 SE)")):
@@ -248,7 +279,7 @@ def main(argv=None):
     parser.add_argument("--few_steps", default="4,8,16,32")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--mauve_seeds", type=int, default=8, help="bootstrap resamples of MAUVE (its error bar)")
-    parser.add_argument("--families", default="", help="comma-separated teacher names (mdlm, duo); default all")
+    parser.add_argument("--students", default="", help="comma-separated students (STUDENTS' names); default all")
     parser.add_argument("--root", default="runs", help="the folder holding few_step/ and judge/")
     parser.add_argument("--out", default="benchmarks/few_step.png", help="the plot; the JSON goes beside it")
     parser.add_argument("--dry-run", dest="dry_run", action="store_true", help="random networks, tiny sizes")
@@ -257,7 +288,7 @@ def main(argv=None):
     if args.from_json:
         with open(args.from_json) as f:
             saved = json.load(f)
-        print(saved["header"] + "\n\n" + report(saved["results"], saved["costs"]))
+        print(saved["header"] + "\n\n" + report(saved["results"], saved["costs"], STUDENTS))
         return
     if args.dry_run:
         args.samples, args.new_tokens, args.teacher_steps, args.few_steps, args.mauve_seeds = 8, 32, "16", "2,4", 2
@@ -266,10 +297,14 @@ def main(argv=None):
             args.out = "/tmp/few_step_dry_run.png"
     teacher_steps = [int(k) for k in args.teacher_steps.split(",")]
     few_steps = [int(k) for k in args.few_steps.split(",")]
-    wanted = [f for f in FAMILIES if not args.families or f[1] in args.families.split(",")]
-    todo = [s for s in settings(teacher_steps, few_steps) if any(s["family"] == f[0] for f in wanted)]
-    names = sorted({s["model"] for s in todo} | {"judge"})
-    workdirs = {n: os.path.join(args.root, WORKDIRS[n]) for n in names}
+    known = [s[0] for s in STUDENTS]
+    chosen = args.students.split(",") if args.students else known
+    if set(chosen) - set(known):
+        sys.exit(f"few_step: --students={args.students}: expected some of {known}")
+    students = [s for s in STUDENTS if s[0] in chosen]
+    todo = settings(teacher_steps, few_steps, students)
+    names = sorted({s["net"] for s in todo} | {"judge"})
+    workdirs = {n: os.path.join(args.root, WORKDIRS.get(n, f"few_step/{n}")) for n in names}
     missing = [workdirs[n] for n in names if not args.dry_run and not os.path.isdir(os.path.join(workdirs[n], "checkpoints"))]
     if missing:
         sys.exit(f"few_step: no checkpoints in {', '.join(missing)}: train them first (experiments/few_step.py)")
@@ -286,16 +321,16 @@ def main(argv=None):
     judge_net = nets["judge"]
     scorer = eval_cli.make_scorer(judge_net.config, judge_net, batch_size=32)
     judge = mauve_lib.Judge.from_loaded(judge_net, batch_size=32)
-    tok = nets[todo[0]["model"]].tokenizer
-    held_out = eval_cli.validation_rows(nets[todo[0]["model"]].config, tok, args.samples)
+    tok = nets[todo[0]["net"]].tokenizer
+    held_out = eval_cli.validation_rows(nets[todo[0]["net"]].config, tok, args.samples)
     prompt_ids = sq.prompts(held_out, tok, args.samples)
     reference_features = judge.text_features([tok.decode(sample_quality.content_ids(r, tok)) for r in held_out])
-    costs = {n: run_seconds(workdirs[n]) for n in names if n != "judge"}
+    costs = {} if args.dry_run else {n: run_seconds(workdirs[n]) for n in names if n != "judge"}
 
     rows = []
     t_start = time.time()
     for s in todo:
-        net = nets[s["model"]]
+        net = nets[s["net"]]
         t0 = time.perf_counter()
         tokens, nfe = draw(net, s["fields"], prompt_ids, args.new_tokens, args.batch)
         row = {**s, "nfe": nfe, **sample_quality.sample_quality(scorer, tokens.tolist(), net.tokenizer)}
@@ -306,7 +341,7 @@ def main(argv=None):
         print(f"{s['family']}: {s['model']} at {s['steps']} steps: gen-ppl {sq.fmt(row['gen_ppl'], row['gen_ppl_se'])}, "
               f"entropy {sq.fmt(row['entropy'], row['entropy_se'], 3)}, MAUVE {sq.fmt(row['mauve'], row['mauve_se'], 3)}, "
               f"NFE {nfe:.0f} [{time.time() - t_start:.0f} s]", flush=True)  # fmt: skip
-    print("\n" + report(rows, costs))
+    print("\n" + report(rows, costs, students))
     plot(rows, args.out)
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
         json.dump({"header": head, "costs": costs, "results": rows, "device": jax.devices()[0].device_kind}, f, indent=1, default=float)

@@ -51,14 +51,21 @@ def test_criterion_needs_half_the_gap_and_entropy_within_two_percent(fs):
 
 
 def test_settings_grid_reference_and_criteria(fs):
-    grid = fs.settings([256, 1024], [4, 8])
-    assert [(s["model"], s["steps"]) for s in grid if s["family"] == "MDLM + SDTT"] == [
-        ("mdlm", 256), ("mdlm", 1024), ("mdlm", 4), ("mdlm", 8), ("sdtt", 4), ("sdtt", 8)]  # fmt: skip
-    assert {s["fields"]["name"] for s in grid if s["family"] == "DUO + DCD"} == {"sedd_analytic"}
+    students = (("sdtt", "mdlm", "a"), ("dcd", "duo", "b"), ("sdtt_fkl", "mdlm", "c"))
+    grid = fs.settings([256, 1024], [4, 8], students, variants={})
+    assert [(s["model"], s["steps"]) for s in grid if s["teacher"] == "mdlm"] == [
+        ("mdlm", 256), ("mdlm", 1024), ("mdlm", 4), ("mdlm", 8), ("sdtt", 4), ("sdtt", 8), ("sdtt_fkl", 4), ("sdtt_fkl", 8)]  # fmt: skip
+    assert {s["fields"]["name"] for s in grid if s["teacher"] == "duo"} == {"sedd_analytic"}
+    assert {s["fields"]["name"] for s in grid if s["teacher"] == "mdlm"} == {"ancestral"}
     assert all(s["fields"]["steps"] == s["steps"] for s in grid)
-    assert [s["role"] for s in grid].count("student") == 4
+    assert [s["role"] for s in grid].count("student") == 6
+    assert [s["model"] for s in fs.settings([16], [4], students[1:2], variants={})] == ["duo", "duo", "dcd"]
+    more = fs.settings([16], [4, 8], students[1:2], variants={"duo": (("duo+psi", {"name": "psi", "psi_strength": 0.3}),)})
+    psi = [s for s in more if s["role"] == "variant"]
+    assert [(s["model"], s["net"], s["steps"]) for s in psi] == [("duo+psi", "duo", 4), ("duo+psi", "duo", 8)]
+    assert psi[0]["fields"] == {"name": "psi", "psi_strength": 0.3, "steps": 4}
     rows = [{**s, "nfe": s["steps"], **_row(100.0 / s["steps"] + (5.0 if s["role"] == "teacher" else 1.0), 0.1)} for s in grid]
-    mdlm = [r for r in rows if r["family"] == "MDLM + SDTT"]
+    mdlm = [r for r in rows if r["teacher"] == "mdlm"]
     ref = fs.reference_row(mdlm)
     assert (ref["model"], ref["steps"]) == ("mdlm", 1024)
     out = fs.criteria(mdlm, "mdlm", "sdtt")
@@ -67,8 +74,9 @@ def test_settings_grid_reference_and_criteria(fs):
     g = lambda k, c: 100.0 / k + c - (100.0 / 1024 + 5.0)
     assert out[4]["gap_ratio"] == pytest.approx(g(4, 1.0) / g(4, 5.0))
     assert out[8]["gap_ratio"] == pytest.approx(g(8, 1.0) / g(8, 5.0))
-    text = fs.report(rows, {"mdlm": 60.0, "sdtt": 120.0})
-    assert "distillation 2.0 min, teacher training 1.0 min" in text and text.count("steps: gap(student)") == 4
+    text = fs.report(rows, {"mdlm": 60.0, "sdtt": 120.0}, students)
+    assert "teacher training 1.0 min" in text and "sdtt (a; distillation 2.0 min)" in text
+    assert text.count("steps: gap(student)") == 6
 
 
 def test_run_seconds_reads_the_train_lines(fs, tmp_path):
