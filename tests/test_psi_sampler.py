@@ -19,7 +19,7 @@ import pytest
 
 from ddlm import losses, processes, sampling, schedules
 from ddlm.eval import oracle
-from ddlm.sampling import masked
+from ddlm.sampling import masked, psi
 from test_sampling import L, TOY, V, histogram, tv, tv_bound
 from test_sampling_canvas import loo_posterior
 
@@ -311,3 +311,62 @@ def test_one_line_errors():
     anc.greedy_tail = 1
     with pytest.raises(ValueError, match="config.sampler.greedy_tail must be 0 for sampler 'ancestral'"):
         sampling.config.validate(anc)
+
+
+def test_psi_sample_defaults_are_the_default_config():
+    """psi.psi_sample called with only its required arguments is the sampler of sampling.default_config() (the
+    plain predictor, no correctors, noise removal, t_min 0, no filters, float64 draws): the same tokens and NFE for
+    the same key, and no trajectory."""
+    x = jnp.zeros((256, L), jnp.int32)
+    fast = lambda f: jax.jit(f, compiler_options=FAST)(jax.random.key(9))
+    direct = fast(lambda r: psi.psi_sample(oracle_denoise, r, x, schedule=SCHED, steps=4))
+    ref = run(9, 4, x_init=x)
+    np.testing.assert_array_equal(np.asarray(direct.tokens), np.asarray(ref.tokens))
+    assert int(direct.nfe) == int(ref.nfe) == 5
+    assert direct.trajectory is None
+
+
+@pytest.mark.parametrize(
+    "steps, corrector_steps, greedy_tail, noise_removal, nfe",
+    [
+        (4, 1, 3, True, 4 + 2 + 1),  # greedy: the noise removal and the last two steps; correctors after steps 1, 2
+        (4, 1, 2, True, 4 + 3 + 1),  # greedy noise removal and last step: correctors after all but the last step
+        (4, 1, 4, False, 4),  # every step greedy: no corrector at all
+        (1, 2, 0, True, 1 + 1),  # one step: it is the last, no corrector
+        (3, 2, 0, False, 3 + 2 * 2),
+    ],
+)
+def test_nfe_is_the_number_of_network_calls(steps, corrector_steps, greedy_tail, noise_removal, nfe):
+    """The reported NFE counts the calls the sampler makes (counted at run time: a corrector skipped by the
+    lax.cond is not called), for greedy tails inside and outside the loop and a single step."""
+    calls = []
+    logits = jnp.log(jnp.asarray(PRIOR, jnp.float32))
+
+    def den(x, t):
+        jax.debug.callback(lambda: calls.append(1))
+        return logits + 0.0 * x[..., None]
+
+    out = run(8, steps, x_init=jnp.zeros((4, L), jnp.int32), denoise_fn=den, psi_strength=0.5,
+              psi_corrector_steps=corrector_steps, greedy_tail=greedy_tail, noise_removal=noise_removal)
+    jax.block_until_ready(out.tokens)
+    jax.effects_barrier()
+    assert int(out.nfe) == len(calls) == nfe, (int(out.nfe), len(calls), nfe)
+    assert psi.corrector_followed(steps, greedy_tail, noise_removal) * corrector_steps == nfe - steps - noise_removal
+
+
+def test_psi_posterior_takes_a_kappa_per_row_and_noised_probs_is_the_forward_process():
+    """kappa [B] (and alpha [B]) act row by row: each row equals the call with that row's scalars; kappa 1 is the
+    reverse step, and noised_probs of a one-hot x_0 is marginal_probs."""
+    k1, k2 = jax.random.split(jax.random.key(11))
+    x0_mean = jax.nn.softmax(jax.random.normal(k1, (3, L, V)), axis=-1)
+    xt = jax.random.randint(k2, (3, L), 0, V)
+    a_s, a_t, kappa = jnp.array([0.5, 0.6, 0.9]), jnp.array([0.2, 0.3, 0.4]), jnp.array([0.0, 0.3, 1.0])
+    full = np.asarray(PROC.psi_posterior_probs(x0_mean, xt, a_s, a_t, kappa))
+    np.testing.assert_allclose(full.sum(-1), 1.0, atol=1e-5)
+    for b in range(3):
+        row = PROC.psi_posterior_probs(x0_mean[b:b + 1], xt[b:b + 1], a_s[b], a_t[b], float(kappa[b]))
+        np.testing.assert_allclose(full[b], np.asarray(row)[0], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(full[2], np.asarray(PROC.mean_posterior_probs(x0_mean, xt, a_s, a_t))[2], atol=1e-6)
+    for alpha in (a_s, 0.3):
+        np.testing.assert_allclose(PROC.noised_probs(jax.nn.one_hot(xt, V), alpha), PROC.marginal_probs(xt, alpha),
+                                   atol=1e-7)
