@@ -242,7 +242,7 @@ def test_predictor_only_versus_predictor_corrector_tv_to_the_data():
 def test_greedy_tail_outputs_the_argmax_of_the_last_clean_prediction():
     """A denoiser whose prediction depends on its input: the output is argmax of the prediction made in the
     last call (noise removal at t_min, or the last step without it); greedy_tail = 2 also makes the last step
-    greedy; clamped positions keep x_init; NFE unchanged."""
+    greedy; clamped positions keep x_init (clamp given as 0/1 integers: cast to bool); NFE unchanged."""
     table = jax.random.normal(jax.random.key(7), (N, L, V)) * 2.0
 
     def den(x, t):
@@ -279,7 +279,7 @@ def test_greedy_tail_outputs_the_argmax_of_the_last_clean_prediction():
     c = sampling.default_config()
     c.name, c.steps, c.greedy_tail = "psi", 4, 2
     fn = sampling.make_sampler(c, denoise_fn=den, schedule=SCHED, graph="uniform", return_trajectory=True)
-    out = jax.jit(lambda r: fn(r, x_init, jnp.asarray(clamp)), compiler_options=FAST)(jax.random.key(4))
+    out = jax.jit(lambda r: fn(r, x_init, jnp.asarray(clamp, jnp.int32)), compiler_options=FAST)(jax.random.key(4))
     last = np.where(clamp, 2, best(np.asarray(out.trajectory)[-2], grid[-2]))  # the greedy last step
     np.testing.assert_array_equal(np.asarray(out.tokens), np.where(clamp, 2, best(last, grid[-1])))
     assert int(out.nfe) == 5
