@@ -338,19 +338,23 @@ def test_psi_sample_defaults_are_the_default_config():
 )
 def test_nfe_is_the_number_of_network_calls(steps, corrector_steps, greedy_tail, noise_removal, nfe):
     """The reported NFE counts the calls the sampler makes (counted at run time: a corrector skipped by the
-    lax.cond is not called), for greedy tails inside and outside the loop and a single step."""
+    lax.cond is not called), for greedy tails inside and outside the loop and a single step; and the times of
+    the calls follow the grid down to t_min."""
     calls = []
     logits = jnp.log(jnp.asarray(PRIOR, jnp.float32))
 
     def den(x, t):
-        jax.debug.callback(lambda: calls.append(1))
+        jax.debug.callback(lambda t: calls.append(float(t[0])), t, ordered=True)
         return logits + 0.0 * x[..., None]
 
-    out = run(8, steps, x_init=jnp.zeros((4, L), jnp.int32), denoise_fn=den, psi_strength=0.5,
+    t_min = 0.25 if steps == 3 else 0.0
+    out = run(8, steps, x_init=jnp.zeros((4, L), jnp.int32), denoise_fn=den, psi_strength=0.5, t_min=t_min,
               psi_corrector_steps=corrector_steps, greedy_tail=greedy_tail, noise_removal=noise_removal)
     jax.block_until_ready(out.tokens)
     jax.effects_barrier()
     assert int(out.nfe) == len(calls) == nfe, (int(out.nfe), len(calls), nfe)
+    if steps == 3:  # the calls' times: each step at its t, its correctors at s, down to t_min = 0.25
+        np.testing.assert_allclose(calls, [1.0, 0.75, 0.75, 0.75, 0.5, 0.5, 0.5], atol=1e-6)
     assert psi.corrector_followed(steps, greedy_tail, noise_removal) * corrector_steps == nfe - steps - noise_removal
 
 
