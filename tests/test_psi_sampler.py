@@ -374,3 +374,15 @@ def test_psi_posterior_takes_a_kappa_per_row_and_noised_probs_is_the_forward_pro
     for alpha in (a_s, 0.3):
         np.testing.assert_allclose(PROC.noised_probs(jax.nn.one_hot(xt, V), alpha), PROC.marginal_probs(xt, alpha),
                                    atol=1e-7)
+
+
+@pytest.mark.parametrize("option", [dict(top_p=0.5), dict(top_k=1)])
+def test_the_filters_reach_x_theta(option):
+    """top_p 0.5 / top_k 1 on the constant x_theta PRIOR (0.6, 0.3, 0.1) leave only token 0: the last step to
+    alpha(0) = 1 then draws x_0 = 0 everywhere (unfiltered, about 40% of the tokens are others)."""
+    logits = jnp.log(jnp.asarray(PRIOR, jnp.float32))
+    den = lambda x, t: logits + 0.0 * x[..., None]
+    x = jnp.zeros((64, L), jnp.int32)
+    out = run(10, 4, x_init=x, denoise_fn=den, noise_removal=False, **option)
+    np.testing.assert_array_equal(np.asarray(out.tokens), 0)
+    assert np.mean(np.asarray(run(10, 4, x_init=x, denoise_fn=den, noise_removal=False).tokens) != 0) > 0.2
