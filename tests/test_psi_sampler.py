@@ -386,3 +386,28 @@ def test_the_filters_reach_x_theta(option):
     out = run(10, 4, x_init=x, denoise_fn=den, noise_removal=False, **option)
     np.testing.assert_array_equal(np.asarray(out.tokens), 0)
     assert np.mean(np.asarray(run(10, 4, x_init=x, denoise_fn=den, noise_removal=False).tokens) != 0) > 0.2
+
+
+def test_every_draw_has_its_own_key_and_precision_reaches_the_draws(monkeypatch):
+    """The steps' and the correctors' draws use distinct keys (a corrector reusing a later step's key would
+    correlate those draws: a bias no law of consecutive rows shows), and precision='float32_64bit' draws other
+    Gumbel noise than the default float64 for the same key."""
+    from ddlm.sampling import categorical
+
+    keys, original = [], categorical.sample_categorical
+
+    def recording(key, log_probs, precision="float64"):
+        jax.debug.callback(lambda k: keys.append(np.asarray(k).tobytes()), jax.random.key_data(key), ordered=True)
+        return original(key, log_probs, precision)
+
+    monkeypatch.setattr(categorical, "sample_categorical", recording)
+    logits = jnp.log(jnp.asarray(PRIOR, jnp.float32))
+    den = lambda x, t: logits + 0.0 * x[..., None]
+    x = jnp.zeros((64, L), jnp.int32)
+    out = run(12, 4, x_init=x, denoise_fn=den, psi_strength=0.5, psi_corrector_steps=2)
+    jax.block_until_ready(out.tokens)
+    jax.effects_barrier()
+    assert len(keys) == 4 + 3 * 2 and len(set(keys)) == len(keys), len(set(keys))
+    monkeypatch.setattr(categorical, "sample_categorical", original)
+    f32 = run(12, 4, x_init=x, denoise_fn=den, psi_strength=0.5, psi_corrector_steps=2, precision="float32_64bit")
+    assert np.mean(np.asarray(f32.tokens) != np.asarray(out.tokens)) > 0.2
