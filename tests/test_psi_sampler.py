@@ -35,13 +35,14 @@ def oracle_denoise(x, t):
     return jnp.log(jnp.maximum(loo_posterior(x, alpha), 1e-30))
 
 
-def run(key, steps, x_init=None, denoise_fn=oracle_denoise, return_trajectory=False, **kw):
+def run(key, steps, x_init=None, denoise_fn=oracle_denoise, return_trajectory=False, progress_fn=None, **kw):
     c = sampling.default_config()
     c.name, c.steps = "psi", steps
     for k, v in kw.items():
         c[k] = v
     fn = sampling.make_sampler(
-        c, denoise_fn=denoise_fn, schedule=SCHED, graph="uniform", return_trajectory=return_trajectory
+        c, denoise_fn=denoise_fn, schedule=SCHED, graph="uniform", return_trajectory=return_trajectory,
+        progress_fn=progress_fn,
     )
     x = jnp.zeros((N, L), jnp.int32) if x_init is None else x_init
     return jax.jit(lambda r: fn(r, x), compiler_options=FAST)(jax.random.key(key))
@@ -348,11 +349,14 @@ def test_nfe_is_the_number_of_network_calls(steps, corrector_steps, greedy_tail,
         return logits + 0.0 * x[..., None]
 
     t_min = 0.25 if steps == 3 else 0.0
+    progress = []
     out = run(8, steps, x_init=jnp.zeros((4, L), jnp.int32), denoise_fn=den, psi_strength=0.5, t_min=t_min,
-              psi_corrector_steps=corrector_steps, greedy_tail=greedy_tail, noise_removal=noise_removal)
+              psi_corrector_steps=corrector_steps, greedy_tail=greedy_tail, noise_removal=noise_removal,
+              progress_fn=lambda k: progress.append(int(k)))
     jax.block_until_ready(out.tokens)
     jax.effects_barrier()
     assert int(out.nfe) == len(calls) == nfe, (int(out.nfe), len(calls), nfe)
+    assert sorted(progress) == list(range(1, steps + 1)), progress  # progress_fn: the steps done
     if steps == 3:  # the calls' times: each step at its t, its correctors at s, down to t_min = 0.25
         np.testing.assert_allclose(calls, [1.0, 0.75, 0.75, 0.75, 0.5, 0.5, 0.5], atol=1e-6)
     assert psi.corrector_followed(steps, greedy_tail, noise_removal) * corrector_steps == nfe - steps - noise_removal
