@@ -348,7 +348,7 @@ def test_nfe_is_the_number_of_network_calls(steps, corrector_steps, greedy_tail,
         jax.debug.callback(lambda t: calls.append(float(t[0])), t, ordered=True)
         return logits + 0.0 * x[..., None]
 
-    t_min = 0.25 if steps == 3 else 0.0
+    t_min = 0.25 if steps in (1, 3) else 0.0
     progress = []
     out = run(8, steps, x_init=jnp.zeros((4, L), jnp.int32), denoise_fn=den, psi_strength=0.5, t_min=t_min,
               psi_corrector_steps=corrector_steps, greedy_tail=greedy_tail, noise_removal=noise_removal,
@@ -359,6 +359,8 @@ def test_nfe_is_the_number_of_network_calls(steps, corrector_steps, greedy_tail,
     assert sorted(progress) == list(range(1, steps + 1)), progress  # progress_fn: the steps done
     if steps == 3:  # the calls' times: each step at its t, its correctors at s, down to t_min = 0.25
         np.testing.assert_allclose(calls, [1.0, 0.75, 0.75, 0.75, 0.5, 0.5, 0.5], atol=1e-6)
+    if steps == 1:  # the step at t = 1, the noise removal at t_min
+        np.testing.assert_allclose(calls, [1.0, 0.25], atol=1e-6)
     assert psi.corrector_followed(steps, greedy_tail, noise_removal) * corrector_steps == nfe - steps - noise_removal
 
 
