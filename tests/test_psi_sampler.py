@@ -303,6 +303,12 @@ def test_one_line_errors():
             sampling.make_sampler(bad, denoise_fn=oracle_denoise, schedule=SCHED, graph="uniform")
         with pytest.raises(ValueError, match=f"config.sampler.{field} must be"):
             sampling.config.validate(bad)
+    edge = ml_collections.ConfigDict(c.to_dict())  # greedy_tail may cover every call: steps + noise removal
+    edge.greedy_tail = edge.steps + 1
+    sampling.make_sampler(edge, denoise_fn=oracle_denoise, schedule=SCHED, graph="uniform")
+    edge.greedy_tail, edge.noise_removal = edge.steps + 1, False
+    with pytest.raises(ValueError, match="config.sampler.greedy_tail must be"):
+        sampling.make_sampler(edge, denoise_fn=oracle_denoise, schedule=SCHED, graph="uniform")
     duo = ml_collections.ConfigDict(dict(loss="duo", process="uniform", schedule="loglinear", schedule_kwargs={}))
     sampling.config.validate(c, diffusion=duo)
     masked_model = ml_collections.ConfigDict(dict(loss="mdlm", process="absorbing", schedule="loglinear", schedule_kwargs={}))
