@@ -19,7 +19,7 @@ import pytest
 
 from ddlm import losses, processes, sampling, schedules
 from ddlm.eval import oracle
-from ddlm.sampling import masked
+from ddlm.sampling import masked, psi
 from test_sampling import L, TOY, V, histogram, tv, tv_bound
 from test_sampling_canvas import loo_posterior
 
@@ -35,13 +35,14 @@ def oracle_denoise(x, t):
     return jnp.log(jnp.maximum(loo_posterior(x, alpha), 1e-30))
 
 
-def run(key, steps, x_init=None, denoise_fn=oracle_denoise, return_trajectory=False, **kw):
+def run(key, steps, x_init=None, denoise_fn=oracle_denoise, return_trajectory=False, progress_fn=None, **kw):
     c = sampling.default_config()
     c.name, c.steps = "psi", steps
     for k, v in kw.items():
         c[k] = v
     fn = sampling.make_sampler(
-        c, denoise_fn=denoise_fn, schedule=SCHED, graph="uniform", return_trajectory=return_trajectory
+        c, denoise_fn=denoise_fn, schedule=SCHED, graph="uniform", return_trajectory=return_trajectory,
+        progress_fn=progress_fn,
     )
     x = jnp.zeros((N, L), jnp.int32) if x_init is None else x_init
     return jax.jit(lambda r: fn(r, x), compiler_options=FAST)(jax.random.key(key))
@@ -242,7 +243,7 @@ def test_predictor_only_versus_predictor_corrector_tv_to_the_data():
 def test_greedy_tail_outputs_the_argmax_of_the_last_clean_prediction():
     """A denoiser whose prediction depends on its input: the output is argmax of the prediction made in the
     last call (noise removal at t_min, or the last step without it); greedy_tail = 2 also makes the last step
-    greedy; clamped positions keep x_init; NFE unchanged."""
+    greedy; clamped positions keep x_init (clamp given as 0/1 integers: cast to bool); NFE unchanged."""
     table = jax.random.normal(jax.random.key(7), (N, L, V)) * 2.0
 
     def den(x, t):
@@ -279,7 +280,7 @@ def test_greedy_tail_outputs_the_argmax_of_the_last_clean_prediction():
     c = sampling.default_config()
     c.name, c.steps, c.greedy_tail = "psi", 4, 2
     fn = sampling.make_sampler(c, denoise_fn=den, schedule=SCHED, graph="uniform", return_trajectory=True)
-    out = jax.jit(lambda r: fn(r, x_init, jnp.asarray(clamp)), compiler_options=FAST)(jax.random.key(4))
+    out = jax.jit(lambda r: fn(r, x_init, jnp.asarray(clamp, jnp.int32)), compiler_options=FAST)(jax.random.key(4))
     last = np.where(clamp, 2, best(np.asarray(out.trajectory)[-2], grid[-2]))  # the greedy last step
     np.testing.assert_array_equal(np.asarray(out.tokens), np.where(clamp, 2, best(last, grid[-1])))
     assert int(out.nfe) == 5
@@ -302,6 +303,12 @@ def test_one_line_errors():
             sampling.make_sampler(bad, denoise_fn=oracle_denoise, schedule=SCHED, graph="uniform")
         with pytest.raises(ValueError, match=f"config.sampler.{field} must be"):
             sampling.config.validate(bad)
+    edge = ml_collections.ConfigDict(c.to_dict())  # greedy_tail may cover every call: steps + noise removal
+    edge.greedy_tail = edge.steps + 1
+    sampling.make_sampler(edge, denoise_fn=oracle_denoise, schedule=SCHED, graph="uniform")
+    edge.greedy_tail, edge.noise_removal = edge.steps + 1, False
+    with pytest.raises(ValueError, match="config.sampler.greedy_tail must be"):
+        sampling.make_sampler(edge, denoise_fn=oracle_denoise, schedule=SCHED, graph="uniform")
     duo = ml_collections.ConfigDict(dict(loss="duo", process="uniform", schedule="loglinear", schedule_kwargs={}))
     sampling.config.validate(c, diffusion=duo)
     masked_model = ml_collections.ConfigDict(dict(loss="mdlm", process="absorbing", schedule="loglinear", schedule_kwargs={}))
@@ -311,3 +318,108 @@ def test_one_line_errors():
     anc.greedy_tail = 1
     with pytest.raises(ValueError, match="config.sampler.greedy_tail must be 0 for sampler 'ancestral'"):
         sampling.config.validate(anc)
+
+
+def test_psi_sample_defaults_are_the_default_config():
+    """psi.psi_sample called with only its required arguments is the sampler of sampling.default_config() (the
+    plain predictor, no correctors, noise removal, t_min 0, no filters, float64 draws): the same tokens and NFE for
+    the same key, and no trajectory."""
+    x = jnp.zeros((256, L), jnp.int32)
+    fast = lambda f: jax.jit(f, compiler_options=FAST)(jax.random.key(9))
+    direct = fast(lambda r: psi.psi_sample(oracle_denoise, r, x, schedule=SCHED, steps=4))
+    ref = run(9, 4, x_init=x)
+    np.testing.assert_array_equal(np.asarray(direct.tokens), np.asarray(ref.tokens))
+    assert int(direct.nfe) == int(ref.nfe) == 5
+    assert direct.trajectory is None
+
+
+@pytest.mark.parametrize(
+    "steps, corrector_steps, greedy_tail, noise_removal, nfe",
+    [
+        (4, 1, 3, True, 4 + 2 + 1),  # greedy: the noise removal and the last two steps; correctors after steps 1, 2
+        (4, 1, 2, True, 4 + 3 + 1),  # greedy noise removal and last step: correctors after all but the last step
+        (4, 1, 4, False, 4),  # every step greedy: no corrector at all
+        (1, 2, 0, True, 1 + 1),  # one step: it is the last, no corrector
+        (3, 2, 0, False, 3 + 2 * 2),
+    ],
+)
+def test_nfe_is_the_number_of_network_calls(steps, corrector_steps, greedy_tail, noise_removal, nfe):
+    """The reported NFE counts the calls the sampler makes (counted at run time: a corrector skipped by the
+    lax.cond is not called), for greedy tails inside and outside the loop and a single step; and the times of
+    the calls follow the grid down to t_min."""
+    calls = []
+    logits = jnp.log(jnp.asarray(PRIOR, jnp.float32))
+
+    def den(x, t):
+        jax.debug.callback(lambda t: calls.append(float(t[0])), t, ordered=True)
+        return logits + 0.0 * x[..., None]
+
+    t_min = 0.25 if steps in (1, 3) else 0.0
+    progress = []
+    out = run(8, steps, x_init=jnp.zeros((4, L), jnp.int32), denoise_fn=den, psi_strength=0.5, t_min=t_min,
+              psi_corrector_steps=corrector_steps, greedy_tail=greedy_tail, noise_removal=noise_removal,
+              progress_fn=lambda k: progress.append(int(k)))
+    jax.block_until_ready(out.tokens)
+    jax.effects_barrier()
+    assert int(out.nfe) == len(calls) == nfe, (int(out.nfe), len(calls), nfe)
+    assert sorted(progress) == list(range(1, steps + 1)), progress  # progress_fn: the steps done
+    if steps == 3:  # the calls' times: each step at its t, its correctors at s, down to t_min = 0.25
+        np.testing.assert_allclose(calls, [1.0, 0.75, 0.75, 0.75, 0.5, 0.5, 0.5], atol=1e-6)
+    if steps == 1:  # the step at t = 1, the noise removal at t_min
+        np.testing.assert_allclose(calls, [1.0, 0.25], atol=1e-6)
+    assert psi.corrector_followed(steps, greedy_tail, noise_removal) * corrector_steps == nfe - steps - noise_removal
+
+
+def test_psi_posterior_takes_a_kappa_per_row_and_noised_probs_is_the_forward_process():
+    """kappa [B] (and alpha [B]) act row by row: each row equals the call with that row's scalars; kappa 1 is the
+    reverse step, and noised_probs of a one-hot x_0 is marginal_probs."""
+    k1, k2 = jax.random.split(jax.random.key(11))
+    x0_mean = jax.nn.softmax(jax.random.normal(k1, (3, L, V)), axis=-1)
+    xt = jax.random.randint(k2, (3, L), 0, V)
+    a_s, a_t, kappa = jnp.array([0.5, 0.6, 0.9]), jnp.array([0.2, 0.3, 0.4]), jnp.array([0.0, 0.3, 1.0])
+    full = np.asarray(PROC.psi_posterior_probs(x0_mean, xt, a_s, a_t, kappa))
+    np.testing.assert_allclose(full.sum(-1), 1.0, atol=1e-5)
+    for b in range(3):
+        row = PROC.psi_posterior_probs(x0_mean[b:b + 1], xt[b:b + 1], a_s[b], a_t[b], float(kappa[b]))
+        np.testing.assert_allclose(full[b], np.asarray(row)[0], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(full[2], np.asarray(PROC.mean_posterior_probs(x0_mean, xt, a_s, a_t))[2], atol=1e-6)
+    for alpha in (a_s, 0.3):
+        np.testing.assert_allclose(PROC.noised_probs(jax.nn.one_hot(xt, V), alpha), PROC.marginal_probs(xt, alpha),
+                                   atol=1e-7)
+
+
+@pytest.mark.parametrize("option", [dict(top_p=0.5), dict(top_k=1)])
+def test_the_filters_reach_x_theta(option):
+    """top_p 0.5 / top_k 1 on the constant x_theta PRIOR (0.6, 0.3, 0.1) leave only token 0: the last step to
+    alpha(0) = 1 then draws x_0 = 0 everywhere (unfiltered, about 40% of the tokens are others)."""
+    logits = jnp.log(jnp.asarray(PRIOR, jnp.float32))
+    den = lambda x, t: logits + 0.0 * x[..., None]
+    x = jnp.zeros((64, L), jnp.int32)
+    out = run(10, 4, x_init=x, denoise_fn=den, noise_removal=False, **option)
+    np.testing.assert_array_equal(np.asarray(out.tokens), 0)
+    assert np.mean(np.asarray(run(10, 4, x_init=x, denoise_fn=den, noise_removal=False).tokens) != 0) > 0.2
+
+
+def test_every_draw_has_its_own_key_and_precision_reaches_the_draws(monkeypatch):
+    """The steps' and the correctors' draws use distinct keys (a corrector reusing a later step's key would
+    correlate those draws: a bias no law of consecutive rows shows), and precision='float32_64bit' draws other
+    Gumbel noise than the default float64 for the same key."""
+    from ddlm.sampling import categorical
+
+    keys, original = [], categorical.sample_categorical
+
+    def recording(key, log_probs, precision="float64"):
+        jax.debug.callback(lambda k: keys.append(np.asarray(k).tobytes()), jax.random.key_data(key), ordered=True)
+        return original(key, log_probs, precision)
+
+    monkeypatch.setattr(categorical, "sample_categorical", recording)
+    logits = jnp.log(jnp.asarray(PRIOR, jnp.float32))
+    den = lambda x, t: logits + 0.0 * x[..., None]
+    x = jnp.zeros((64, L), jnp.int32)
+    out = run(12, 4, x_init=x, denoise_fn=den, psi_strength=0.5, psi_corrector_steps=2)
+    jax.block_until_ready(out.tokens)
+    jax.effects_barrier()
+    assert len(keys) == 4 + 3 * 2 and len(set(keys)) == len(keys), len(set(keys))
+    monkeypatch.setattr(categorical, "sample_categorical", original)
+    f32 = run(12, 4, x_init=x, denoise_fn=den, psi_strength=0.5, psi_corrector_steps=2, precision="float32_64bit")
+    assert np.mean(np.asarray(f32.tokens) != np.asarray(out.tokens)) > 0.2
