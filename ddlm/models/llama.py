@@ -278,11 +278,11 @@ class Llama(Transformer):
     def _final_norm(self, stream_dtype) -> nn.Module:
         return RMSNorm(self.norm_eps, self.param_dtype, stream_dtype, name="norm_final")
 
-    def _check_inputs(self, tokens, t, x0):
+    def _check_inputs(self, tokens, t, x0, self_cond=None):
         if self.time_conditioning:
             raise ValueError("the LLaMA network has no time conditioning: set time_conditioning=False")
         check_shape(self.num_heads, self.kv_heads, self.d_model, self.head_dim)
-        super()._check_inputs(tokens, t, x0)
+        super()._check_inputs(tokens, t, x0, self_cond)
 
 
 def check_shape(num_heads: int, num_kv_heads: int, d_model: int, head_dim: int) -> None:
