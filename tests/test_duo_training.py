@@ -117,3 +117,39 @@ def test_duo_quickstart_trains_its_loss_falls_and_samples(tmp_path):
     config.sampler.name, config.sampler.canvas_length, config.sampler.progress = "canvas", 16, False
     rows = cli.run_sampling(config, workdir)
     assert len(rows) == config.sampler.num_samples and all(isinstance(r["text"], str) for r in rows), rows
+
+
+def test_temperature_and_top_k_act_on_a_duo_networks_x0_prediction_in_the_score_samplers():
+    """On a mean-parameterised (DUO) network the sedd_* samplers apply temperature / top-k to its x_0 logits
+    before the log ratios (losses.duo_log_ratios): for one key, temperature 0.5 gives the tokens of temperature 1
+    on the network's logits divided by 2 (a logits_hook: another path), and differs from temperature 1."""
+    import flax.linen as nn
+
+    from ddlm.data import tokenizers
+    from ddlm.sampling import cli
+    from ddlm.sampling import config as sampler_config
+
+    config = duo_config("local")
+    config.update_from_flattened_dict(TINY)
+    tok = tokenizers.get_tokenizer(config.data)
+    model = models.get_model(config.model, tok.vocab_size)
+    x = jax.random.randint(jax.random.key(0), (4, 32), 0, tok.vocab_size - 1)
+    params = nn.unbox(model.init(jax.random.key(1), x, jnp.zeros((4,))))["params"]
+    params = dict(params)  # the output layer starts at zero: a random one, sharp enough that the filters matter
+    params["output_kernel"] = jax.random.normal(jax.random.key(3), params["output_kernel"].shape)
+
+    def tokens(fields, hook=None):
+        sc = sampler_config.resolve(config.sampler.copy_and_resolve_references())
+        sc.update({"steps": 4, "progress": False, **fields})
+        sample = cli.sample_fn(config, sc, model, tok, None, logits_hook=hook)
+        return np.asarray(sample(params, jax.random.key(2), x, jnp.zeros(x.shape, bool)).tokens)
+
+    plain = tokens({"name": "sedd_analytic"})
+    cold = tokens({"name": "sedd_analytic", "temperature": 0.5})
+    np.testing.assert_array_equal(cold, tokens({"name": "sedd_analytic"}, hook=lambda logits, xt: logits / 0.5))
+    assert (cold != plain).mean() > 0.05
+    top1 = tokens({"name": "sedd_analytic", "top_k": 1})
+    one_hot = lambda logits, xt: logits + 1e4 * jax.nn.one_hot(logits.argmax(-1), logits.shape[-1])
+    np.testing.assert_array_equal(top1, tokens({"name": "sedd_analytic"}, hook=one_hot))
+    assert (top1 != plain).mean() > 0.05
+    assert (tokens({"name": "sedd_euler", "temperature": 0.5}) != tokens({"name": "sedd_euler"})).mean() > 0.05

@@ -297,6 +297,10 @@ def test_sampler_and_diffusion_mismatches_are_one_line_before_loading():
         ("uniform", "sedd_uniform", "geometric", {"name": "sedd_euler", "grid": "cosine"}, "alpha"),
         ("absorbing", "sedd_absorb", "loglinear", {"name": "sedd_euler", "guidance_scale": 1.0}, "denoiser"),
         ("absorbing", "ar", "loglinear", {"name": "ancestral"}, "is sampled with config.sampler.name=.ar."),
+        # a SEDD network outputs scores: no x_0 prediction for temperature / top-k / top-p to act on
+        ("uniform", "sedd_uniform", "geometric", {"name": "sedd_analytic", "temperature": 0.9}, r"temperature=0.9.*scores"),
+        ("absorbing", "sedd_absorb", "loglinear", {"name": "sedd_euler", "top_k": 5}, r"top_k=5.*scores"),
+        ("absorbing", "sedd_absorb", "loglinear", {"name": "sedd_euler", "top_p": 0.5}, r"top_p=0.5.*scores"),
     ]:
         c = _config(**fields)
         c.diffusion.process, c.diffusion.loss, c.diffusion.schedule = process, loss, schedule

@@ -61,7 +61,7 @@ from absl import logging
 
 from ddlm import checkpoints, compilation_cache, distributed, loading, losses, models, paths, schedules
 from ddlm.data import sft
-from ddlm.sampling import conditioning, make_sampler, score, stats, visualize
+from ddlm.sampling import categorical, conditioning, make_sampler, score, stats, visualize
 from ddlm.sampling import config as config_lib
 
 resolve_config = config_lib.resolve  # default_config() with the given fields set (unknown field: error)
@@ -327,9 +327,12 @@ def sample_fn(
             to_score = lambda out, xt, t: losses.sedd_absorbing_log_cond(out)
         elif loss == "sedd_uniform":
             to_score = lambda out, xt, t: out  # a uniform-graph SEDD network outputs log ratios
-        elif loss == "duo":  # a mean-parameterised network implies the log ratios (losses.duo_log_ratios)
+        elif loss == "duo":  # a mean-parameterised network implies the log ratios (losses.duo_log_ratios);
+            # temperature / top-k / top-p act on its x_0 prediction, as on a masked denoiser's
             to_score = lambda out, xt, t: losses.duo_log_ratios(
-                out, xt, diffusion_schedule.alpha(jnp.broadcast_to(t, xt.shape[:1]))
+                categorical.filter_logits(out, sc.temperature, sc.top_k, sc.top_p),
+                xt,
+                diffusion_schedule.alpha(jnp.broadcast_to(t, xt.shape[:1])),
             )
         score_fn = None
         if to_score is not None:

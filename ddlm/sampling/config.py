@@ -263,4 +263,11 @@ def validate(sampler_config, *, diffusion=None, seq_len: int | None = None) -> m
                 f"config.sampler.guidance_scale={c.guidance_scale} needs a denoiser, and {c.name} on a "
                 f"{diffusion.loss!r} network samples from its score: use 0, or a masked sampler (absorbing)"
             )
+        if c.name.startswith("sedd_") and diffusion.loss.startswith("sedd_"):
+            for key, off in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0)):
+                if c[key] != off:
+                    raise ValueError(
+                        f"config.sampler.{key}={c[key]!r}: a {diffusion.loss!r} network outputs scores, not an "
+                        f"x_0 prediction, so {c.name} has no {key} to apply; leave it at {off!r}"
+                    )
     return c
