@@ -17,12 +17,16 @@ the same keys. NFE = network calls (batch-wide).
     the reference's. Printed per k with the ratio gap(student) / gap(teacher) and its bootstrap-free error
     (delta method on the three independent gen-ppl SEs).
   * The students (STUDENTS: the papers' settings and variants, runs/few_step/<name>) are each run's newest
-    checkpoint (the last round's), sampled at every k with their teacher's sampler; a row per intermediate round
-    is out of scope (their checkpoints are kept).
+    checkpoint (the last round's), sampled at every k with their teacher's sampler, and, for each k an earlier
+    round was distilled for (round r: base_steps / 2^r steps), that round's checkpoint at k ('<name>@<step>').
+    The criterion reads the k-step student: the round distilled for k where there is one, as the papers sample
+    each round's student at its own step count (--final_only: the newest checkpoint only).
   * Samplers: MDLM and SDTT, the masked ancestral sampler (`ancestral`) on the loglinear grid; DUO and DCD, the
     uniform graph's exact reverse step (`sedd_analytic`, through losses.duo_log_ratios), prompt positions clamped.
     VARIANTS adds the DUO teacher's few-step rows with the greedy tail and with Psi predictor-corrector steps
-    (`psi`: strength 0.3, one corrector call per step, so about twice the NFE), outside the criterion.
+    (`psi`: strength 0.3, one corrector call per step, so about twice the NFE), and each teacher at temperature
+    0.9 (what lowering the entropy alone buys: a student that is not below that curve at its own entropy has
+    only sharpened), outside the criterion.
   * The wall-clock cost of each run comes from its metrics.jsonl (first to last logged step, at the load it ran
     at: benchmarks/RESULTS.md says which).
 
@@ -33,6 +37,7 @@ steps) and the JSON beside it. --students=sdtt,dcd picks students; --from_json r
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -59,10 +64,13 @@ STUDENTS = (  # (name = its run under --root/few_step, teacher, label): each sam
     ("sdtt_fkl", "mdlm", "SDTT, forward KL, 128 -> 4 steps in 5 rounds of 600"),
     ("dcd", "duo", "DCD (the paper's reverse KL), T = 128, 5 rounds of 600"),
     ("dcd_b32", "duo", "DCD, T = 32, 3 rounds of 1,000"),
+    ("dcd_long", "duo", "DCD, T = 32, 3 rounds of 1,600"),
 )
 # The teachers' few-step rows with other samplers of the same network (not students: no criterion), (name, fields).
 VARIANTS = {
+    "mdlm": (("mdlm T=0.9", {"name": "ancestral", "temperature": 0.9}),),  # the teacher, sharpened
     "duo": (
+        ("duo T=0.9", {"name": "sedd_analytic", "temperature": 0.9}),
         ("duo+greedy", {"name": "psi", "greedy_tail": 1}),  # DUO's greedy noise removal on the last call
         ("duo+psi", {"name": "psi", "psi_strength": 0.3, "psi_corrector_steps": 1}),  # a corrector call per step
     ),
@@ -99,10 +107,27 @@ def criterion(student: dict, teacher: dict, reference: dict, tolerance: float = 
             "half_gap": bool(q <= 0.5), "entropy_ok": bool(rel <= tolerance), "met": bool(q <= 0.5 and rel <= tolerance)}  # fmt: skip
 
 
-def settings(teacher_steps, few_steps, students=STUDENTS, variants=VARIANTS) -> list[dict]:
+def round_students(distill, train_steps: int) -> dict[int, int]:
+    """{k: checkpoint step} of a distillation run (its config.distill, experiments/few_step.py's layout: a
+    checkpoint at each round's end): round r = 1..rounds ends at step r * refresh_every (the last at
+    train_steps) with a student that samples in base_steps / 2^r steps (SDTT: teacher_steps = 2 teacher steps
+    per student step; DCD: the pair gap doubles each round)."""
+    out = {}
+    for r in range(1, int(distill["rounds"]) + 1):
+        factor = int(distill["teacher_steps"]) ** r if distill["method"] == "sdtt" else 2**r
+        k = int(distill["base_steps"]) // factor
+        if k >= 1:
+            out[k] = min(r * int(distill["refresh_every"]), int(train_steps))
+    return out
+
+
+def settings(teacher_steps, few_steps, students=STUDENTS, variants=VARIANTS, rounds=None) -> list[dict]:
     """Every (teacher, model, steps) the run samples, in order: per teacher (of `students`) the teacher at
-    teacher_steps and few_steps, then each of its students at few_steps, all with the teacher's sampler, then
-    the teacher's `variants` (other samplers of its network, 'net') at few_steps."""
+    teacher_steps and few_steps, then each of its students at few_steps (its newest checkpoint), all with the
+    teacher's sampler, then, where rounds[student] = {k: checkpoint step} (round_students) names an earlier
+    round's k-step student for a k of few_steps, that checkpoint at k (model and net '<student>@<step>',
+    'round_of' the student), then the teacher's `variants` (other samplers of its network, 'net') at few_steps."""
+    rounds = rounds or {}
     out = []
     for teacher, (label, fields) in TEACHERS.items():
         mine = [s for s in students if s[1] == teacher]
@@ -112,6 +137,14 @@ def settings(teacher_steps, few_steps, students=STUDENTS, variants=VARIANTS) -> 
         for model, steps in plan:
             out.append({"family": label, "teacher": teacher, "model": model, "net": model, "steps": int(steps),
                         "role": "teacher" if model == teacher else "student", "fields": {**fields, "steps": int(steps)}})  # fmt: skip
+        for student, *_ in mine:
+            found = rounds.get(student, {})
+            final = max(found.values(), default=None)
+            for k in few_steps:
+                if k in found and found[k] != final:
+                    name = f"{student}@{found[k]}"
+                    out.append({"family": label, "teacher": teacher, "model": name, "net": name, "steps": int(k),
+                                "role": "student", "round_of": student, "fields": {**fields, "steps": int(k)}})  # fmt: skip
         for name, extra in variants.get(teacher, ()):
             for k in few_steps:
                 out.append({"family": label, "teacher": teacher, "model": name, "net": teacher, "steps": int(k),
@@ -167,6 +200,25 @@ def draw(net, fields, prompt_ids, new_tokens, batch) -> tuple[np.ndarray, float]
     return np.concatenate(rows), float(np.mean(nfes))
 
 
+def student_rounds(student: str, args) -> dict[int, int]:
+    """round_students of a student's run, from the config stored in its newest checkpoint (--dry-run: from the
+    recipe, experiments/few_step.py)."""
+    if args.dry_run:
+        from ddlm.eval import cli as eval_cli
+
+        config = eval_cli.load_config_file(f"experiments/few_step.py:model={student.split('_')[0]}")
+    else:
+        from ddlm import checkpoints
+
+        directory = os.path.join(args.root, "few_step", student, checkpoints.CHECKPOINTS_DIR)
+        with checkpoints.Checkpointer(directory, read_only=True) as checkpointer:
+            _, stored = checkpointer.newest_metadata()
+        config = ml_collections.ConfigDict((stored or {}).get("config", {}))
+        if "distill" not in config:
+            return {}
+    return round_students(config.distill, config.train.steps)
+
+
 def random_nets(names) -> dict:
     """--dry-run: random networks of the recipes' smoke shapes, at the training context of 128."""
     import flax.linen as nn
@@ -177,7 +229,8 @@ def random_nets(names) -> dict:
 
     out = {}
     for i, name in enumerate(names):
-        spec = "experiments/judge.py:smoke" if name == "judge" else f"experiments/few_step.py:model={name.split('_')[0]},smoke"
+        recipe = name.split("@")[0].split("_")[0]
+        spec = "experiments/judge.py:smoke" if name == "judge" else f"experiments/few_step.py:model={recipe},smoke"
         config = eval_cli.load_config_file(spec)
         config.train.seq_len = 128
         tok = tokenizers.get_tokenizer(config.data)
@@ -215,7 +268,7 @@ def report(rows, costs, students=STUDENTS) -> str:
             if found:
                 lines.append(f"  {student} ({label}; distillation {costs.get(student, float('nan')) / 60:.1f} min):")
             for k, c in found.items():
-                lines.append(f"    {k} steps: gap(student) / gap(teacher) = {sq.fmt(c['gap_ratio'], c['gap_ratio_se'])} "
+                lines.append(f"    {k} steps ({c['model']}): gap(student) / gap(teacher) = {sq.fmt(c['gap_ratio'], c['gap_ratio_se'])} "
                              f"(<= 0.5: {'yes' if c['half_gap'] else 'NO'}), entropy {100 * c['entropy_rel']:.1f}% from the "
                              f"reference's (<= {100 * ENTROPY_TOLERANCE:.0f}%: {'yes' if c['entropy_ok'] else 'NO'}) -> "
                              f"{'MET' if c['met'] else 'not met'}")  # fmt: skip
@@ -228,10 +281,26 @@ def reference_row(rows) -> dict:
     return max(teachers, key=lambda r: r["steps"])
 
 
+def student_row(rows, student, k):
+    """The k-step student of a run: its round distilled for k steps if measured (settings' rounds), else its
+    newest checkpoint at k; None if neither was."""
+    for r in rows:
+        if r.get("round_of") == student and r["steps"] == k:
+            return r
+    return next((r for r in rows if r["model"] == student and r["steps"] == k), None)
+
+
 def criteria(rows, teacher, student, steps=CRITERION_STEPS) -> dict:
+    """{k: criterion} at each k of `steps` with a teacher row and a student row (student_row: the round
+    distilled for k steps where measured)."""
     ref = reference_row(rows)
     by = {(r["model"], r["steps"]): r for r in rows}
-    return {k: criterion(by[(student, k)], by[(teacher, k)], ref) for k in steps if (student, k) in by and (teacher, k) in by}
+    out = {}
+    for k in steps:
+        row = student_row(rows, student, k)
+        if row is not None and (teacher, k) in by:
+            out[k] = {**criterion(row, by[(teacher, k)], ref), "model": row["model"]}
+    return out
 
 
 def plot(rows, out: str) -> None:
@@ -243,7 +312,8 @@ def plot(rows, out: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    palette = iter(["tab:cyan", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:olive"])
+    palette = itertools.cycle(["tab:cyan", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:olive",
+                               "tab:pink", "tab:gray", "gold", "navy", "lime"])  # fmt: skip
     colors = {"mdlm": "tab:blue", "duo": "tab:red"}
     for teacher in TEACHERS:
         mine = [r for r in rows if r["teacher"] == teacher]
@@ -251,13 +321,15 @@ def plot(rows, out: str) -> None:
             continue
         ref = reference_row(mine)
         few = sorted({r["steps"] for r in mine if r["role"] == "student"})
-        for model in dict.fromkeys(r["model"] for r in mine):
+        curve = lambda r: (r["round_of"], True) if r.get("round_of") else (r["model"], False)  # noqa: E731
+        for model, rounds in dict.fromkeys(curve(r) for r in mine):
             color = colors.get(model) or colors.setdefault(model, next(palette))
-            pts = sorted((r for r in mine if r["model"] == model and r["steps"] in few), key=lambda r: r["steps"])
+            pts = sorted((r for r in mine if curve(r) == (model, rounds) and r["steps"] in few), key=lambda r: r["steps"])
+            style = "-." if rounds else {"teacher": "--", "student": "-", "variant": ":"}[pts[0]["role"]]
+            label = f"{model}, each k's round" if rounds else f"{model} ({ROLES[pts[0]['role']]})"
             for ax, key in zip(axes, ("gen_ppl", "entropy")):
                 ax.errorbar([r["steps"] for r in pts], [r[key] for r in pts], yerr=[2 * r[f"{key}_se"] for r in pts],
-                            fmt="o" + {"teacher": "--", "student": "-", "variant": ":"}[pts[0]["role"]], color=color,
-                            capsize=2, label=f"{model} ({ROLES[pts[0]['role']]})")  # fmt: skip
+                            fmt=("s" if rounds else "o") + style, color=color, capsize=2, label=label)  # fmt: skip
         for ax, key in zip(axes, ("gen_ppl", "entropy")):
             ax.axhline(ref[key], color=colors[teacher], ls=":", lw=1, label=f"{teacher} at {ref['steps']} steps")
     for ax, name in zip(axes, ("generative perplexity under the judge (±2 SE)", "unigram entropy (nats, ±2 SE)")):
@@ -280,6 +352,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--mauve_seeds", type=int, default=8, help="bootstrap resamples of MAUVE (its error bar)")
     parser.add_argument("--students", default="", help="comma-separated students (STUDENTS' names); default all")
+    parser.add_argument("--final_only", action="store_true", help="no rows of the students' earlier rounds")
     parser.add_argument("--root", default="runs", help="the folder holding few_step/ and judge/")
     parser.add_argument("--out", default="benchmarks/few_step.png", help="the plot; the JSON goes beside it")
     parser.add_argument("--dry-run", dest="dry_run", action="store_true", help="random networks, tiny sizes")
@@ -291,7 +364,7 @@ def main(argv=None):
         print(saved["header"] + "\n\n" + report(saved["results"], saved["costs"], STUDENTS))
         return
     if args.dry_run:
-        args.samples, args.new_tokens, args.teacher_steps, args.few_steps, args.mauve_seeds = 8, 32, "16", "2,4", 2
+        args.samples, args.new_tokens, args.teacher_steps, args.few_steps, args.mauve_seeds = 8, 32, "16", "4,8", 2
         args.batch = 8
         if args.out == parser.get_default("out"):
             args.out = "/tmp/few_step_dry_run.png"
@@ -302,9 +375,11 @@ def main(argv=None):
     if set(chosen) - set(known):
         sys.exit(f"few_step: --students={args.students}: expected some of {known}")
     students = [s for s in STUDENTS if s[0] in chosen]
-    todo = settings(teacher_steps, few_steps, students)
+    rounds = {} if args.final_only else {s[0]: student_rounds(s[0], args) for s in students}
+    todo = settings(teacher_steps, few_steps, students, rounds=rounds)
     names = sorted({s["net"] for s in todo} | {"judge"})
-    workdirs = {n: os.path.join(args.root, WORKDIRS.get(n, f"few_step/{n}")) for n in names}
+    base = lambda n: n.split("@")[0]  # noqa: E731 -- '<student>@<step>': a round's checkpoint of its run
+    workdirs = {n: os.path.join(args.root, WORKDIRS.get(base(n), f"few_step/{base(n)}")) for n in names}
     missing = [workdirs[n] for n in names if not args.dry_run and not os.path.isdir(os.path.join(workdirs[n], "checkpoints"))]
     if missing:
         sys.exit(f"few_step: no checkpoints in {', '.join(missing)}: train them first (experiments/few_step.py)")
@@ -317,7 +392,8 @@ def main(argv=None):
     weights = "RANDOM weights (--dry-run)" if args.dry_run else "trained checkpoints " + ", ".join(workdirs[n] for n in names)
     head = f"{machine.describe()}; {weights}; prompts {sq.PROMPT_TOKENS} tokens + {args.new_tokens} new, {args.samples} samples per setting"
     print(head, flush=True)
-    nets = random_nets(names) if args.dry_run else sq.load_nets(names, workdirs)
+    steps = {n: int(n.split("@")[1]) for n in names if "@" in n}  # a round's checkpoint
+    nets = random_nets(names) if args.dry_run else sq.load_nets(names, workdirs, steps)
     judge_net = nets["judge"]
     scorer = eval_cli.make_scorer(judge_net.config, judge_net, batch_size=32)
     judge = mauve_lib.Judge.from_loaded(judge_net, batch_size=32)
@@ -325,7 +401,7 @@ def main(argv=None):
     held_out = eval_cli.validation_rows(nets[todo[0]["net"]].config, tok, args.samples)
     prompt_ids = sq.prompts(held_out, tok, args.samples)
     reference_features = judge.text_features([tok.decode(sample_quality.content_ids(r, tok)) for r in held_out])
-    costs = {} if args.dry_run else {n: run_seconds(workdirs[n]) for n in names if n != "judge"}
+    costs = {} if args.dry_run else {n: run_seconds(workdirs[n]) for n in names if n != "judge" and "@" not in n}
 
     rows = []
     t_start = time.time()

@@ -204,13 +204,15 @@ class Net(NamedTuple):
     tokenizer: Any
 
 
-def load_nets(names, workdirs: dict) -> dict:
-    """The trained networks (EMA parameters, newest checkpoint, one device)."""
+def load_nets(names, workdirs: dict, steps: dict | None = None) -> dict:
+    """The trained networks (EMA parameters, one device): the checkpoint at steps[name] where given, else the
+    newest."""
     from ddlm import loading
 
     out = {}
     for name in names:
-        loaded = loading.load_for_inference(workdirs[name], devices=jax.devices()[:1])
+        step = (steps or {}).get(name)
+        loaded = loading.load_for_inference(workdirs[name], devices=jax.devices()[:1], step=step)
         out[name] = Net(loaded.config, loaded.model, loaded.params, loaded.tokenizer)
         print(f"{name}: {workdirs[name]} step {loaded.step}", flush=True)
     return out

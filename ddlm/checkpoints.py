@@ -579,6 +579,7 @@ class Checkpointer:
         metadata: dict | None = None,
         allow_data_change: bool = False,
         partial: bool = False,
+        step: int | None = None,
     ) -> tuple[Any, int | None]:
         """Restores the newest usable checkpoint into `abstract_state`'s shapes and shardings (resharding
         if the mesh changed) and sets `data_iterator`'s position; the checks of the module docstring, with
@@ -586,12 +587,13 @@ class Checkpointer:
         when no checkpoint is usable.
 
         partial=True: `abstract_state` is a dict of some of the saved state's fields ({'ema_params': ...,
-        'step': ...}), and only those are read (read-only Checkpointers only)."""
+        'step': ...}), and only those are read (read-only Checkpointers only). step: that checkpoint only
+        (CheckpointError naming the committed steps when it is not one of them; (None, None) if it is damaged)."""
         if partial and not self.read_only:
             raise ValueError(
                 "a partial restore (a dict of some state fields) needs Checkpointer(read_only=True)"
             )
-        for step in reversed(committed_steps(self.directory)):
+        for step in reversed(self._candidates(step)):
             problem = None
             try:
                 stored = self._read_metadata(step)
@@ -625,10 +627,22 @@ class Checkpointer:
         except _Corrupt:
             return None
 
-    def newest_metadata(self) -> tuple[int, dict | None]:
-        """(step, read_metadata(step)) of the newest checkpoint whose metadata is not damaged (a damaged
-        one is skipped, as restore_latest skips it); CheckpointError if every one is damaged."""
+    def _candidates(self, step: int | None) -> list[int]:
+        """The committed steps, or [step] when a step is asked for (CheckpointError if it is not committed)."""
         steps = committed_steps(self.directory)
+        if step is None:
+            return steps
+        if step not in steps:
+            raise CheckpointError(
+                f"no checkpoint at step {step} in {self.directory}; committed steps: {steps or 'none'}"
+            )
+        return [step]
+
+    def newest_metadata(self, step: int | None = None) -> tuple[int, dict | None]:
+        """(step, read_metadata(step)) of the newest checkpoint whose metadata is not damaged (a damaged
+        one is skipped, as restore_latest skips it); CheckpointError if every one is damaged. step: that
+        checkpoint's (restore_latest's `step`)."""
+        steps = self._candidates(step)
         for step in reversed(steps):
             try:
                 return step, self._read_metadata(step)

@@ -39,8 +39,11 @@ class Loaded:
         return sharding.mesh_context(self.mesh)
 
 
-def load_for_inference(workdir: str, config=None, *, ema: bool = True, devices=None) -> Loaded:
-    """The newest usable checkpoint of `workdir` as (config, tokenizer, model, params, step, mesh).
+def load_for_inference(
+    workdir: str, config=None, *, ema: bool = True, devices=None, step: int | None = None
+) -> Loaded:
+    """The newest usable checkpoint of `workdir` (or the one at `step`: an intermediate round of a distillation
+    run, say) as (config, tokenizer, model, params, step, mesh).
 
     With `config=None` the network is rebuilt from the config stored in the checkpoint; a given config must
     be compatible with it and use the same tokenizer vocabulary (IncompatibleCheckpointError otherwise,
@@ -50,7 +53,7 @@ def load_for_inference(workdir: str, config=None, *, ema: bool = True, devices=N
     devices = list(jax.devices() if devices is None else devices)
     directory = os.path.join(workdir, checkpoints.CHECKPOINTS_DIR)
     with checkpoints.Checkpointer(directory, read_only=True) as checkpointer:
-        newest, stored = checkpointer.newest_metadata()
+        newest, stored = checkpointer.newest_metadata(step)
         if config is None:
             if stored is None or "config" not in stored:
                 raise checkpoints.CheckpointError(
@@ -82,11 +85,12 @@ def load_for_inference(workdir: str, config=None, *, ema: bool = True, devices=N
             field: sharding.sharded_abstract_params(boxed, mesh),
             "step": jax.ShapeDtypeStruct((), jnp.int32),
         }
-        restored, step = checkpointer.restore_latest(abstract, partial=True)
+        restored, found = checkpointer.restore_latest(abstract, partial=True, step=step)
     if restored is None:
-        raise checkpoints.CheckpointError(f"no usable checkpoint in {directory} (all corrupt)")
+        which = "all corrupt" if step is None else f"the one at step {step} is corrupt"
+        raise checkpoints.CheckpointError(f"no usable checkpoint in {directory} ({which})")
     return Loaded(
-        config=config, tokenizer=tokenizer, model=model, params=restored[field], step=step, mesh=mesh
+        config=config, tokenizer=tokenizer, model=model, params=restored[field], step=found, mesh=mesh
     )
 
 

@@ -164,6 +164,15 @@ def test_load_for_inference_rebuilds_the_network_from_the_stored_config(trained)
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(checkpoints.IncompatibleCheckpointError, match=r"model.num_layers: 1 -> 2"):
         loading.load_for_inference(trained, _config(**{"model.num_layers": 2}), devices=DEVICES)
+    # step=: an older checkpoint (a distillation round's student), read exactly; a step not on disk is one line.
+    older = loading.load_for_inference(trained, devices=DEVICES, step=2)
+    raw2 = ocp.PyTreeCheckpointer().restore(os.path.join(trained, "checkpoints", "2", "state"))
+    assert older.step == 2
+    for a, b in zip(jax.tree.leaves(older.params), jax.tree.leaves(raw2["ema_params"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(older.params), jax.tree.leaves(loaded.params)))
+    with pytest.raises(checkpoints.CheckpointError, match=r"^no checkpoint at step 3 in .*; committed steps: \[2, 4\]$"):
+        loading.load_for_inference(trained, devices=DEVICES, step=3)
 
 
 def test_changed_tokenizer_for_inference_is_the_incompatible_config_line(trained):

@@ -76,7 +76,33 @@ def test_settings_grid_reference_and_criteria(fs):
     assert out[8]["gap_ratio"] == pytest.approx(g(8, 1.0) / g(8, 5.0))
     text = fs.report(rows, {"mdlm": 60.0, "sdtt": 120.0}, students)
     assert "teacher training 1.0 min" in text and "sdtt (a; distillation 2.0 min)" in text
-    assert text.count("steps: gap(student)") == 6
+    assert text.count("): gap(student)") == 6 and "4 steps (sdtt): gap(student)" in text
+
+
+def test_round_students_and_the_k_step_student_the_criterion_reads(fs):
+    """A run's rounds: round r ends at r * refresh_every with a base_steps / 2^r-step student (SDTT: teacher_steps
+    per student step); settings adds '<student>@<step>' rows for the earlier rounds' own k only, and the
+    criterion reads them at that k (the newest checkpoint elsewhere)."""
+    sdtt = {"method": "sdtt", "rounds": 5, "base_steps": 128, "teacher_steps": 2, "refresh_every": 600}
+    assert fs.round_students(sdtt, 3000) == {64: 600, 32: 1200, 16: 1800, 8: 2400, 4: 3000}
+    assert fs.round_students({**sdtt, "teacher_steps": 4, "rounds": 3}, 1800) == {32: 600, 8: 1200, 2: 1800}
+    dcd = {"method": "dcd", "rounds": 3, "base_steps": 32, "teacher_steps": 2, "refresh_every": 1600}
+    assert fs.round_students(dcd, 4800) == {16: 1600, 8: 3200, 4: 4800}
+    assert fs.round_students({**dcd, "refresh_every": 1601}, 4800) == {16: 1601, 8: 3202, 4: 4800}
+    students = (("sdtt", "mdlm", "a"),)
+    grid = fs.settings([1024], [4, 8, 16], students, variants={}, rounds={"sdtt": fs.round_students(sdtt, 3000)})
+    rounds = [(s["model"], s["net"], s["steps"], s["round_of"]) for s in grid if "round_of" in s]
+    assert rounds == [("sdtt@2400", "sdtt@2400", 8, "sdtt"), ("sdtt@1800", "sdtt@1800", 16, "sdtt")]
+    assert all(s["role"] == "student" and s["fields"] == {"name": "ancestral", "steps": s["steps"]} for s in grid if "round_of" in s)
+    quality = {"mdlm": 5.0, "sdtt": 3.0, "sdtt@2400": 1.0, "sdtt@1800": 2.0}
+    rows = [{**s, "nfe": s["steps"], **_row(100.0 / s["steps"] + quality[s["model"]], 0.1)} for s in grid]
+    assert fs.student_row(rows, "sdtt", 8)["model"] == "sdtt@2400" and fs.student_row(rows, "sdtt", 4)["model"] == "sdtt"
+    assert fs.student_row(rows, "sdtt", 32) is None
+    out = fs.criteria(rows, "mdlm", "sdtt")
+    g = lambda k, c: 100.0 / k + c - (100.0 / 1024 + 5.0)
+    assert out[8]["model"] == "sdtt@2400" and out[8]["gap_ratio"] == pytest.approx(g(8, 1.0) / g(8, 5.0))
+    assert out[4]["model"] == "sdtt" and out[4]["gap_ratio"] == pytest.approx(g(4, 3.0) / g(4, 5.0))
+    assert "8 steps (sdtt@2400): gap(student)" in fs.report(rows, {}, students)
 
 
 def test_run_seconds_reads_the_train_lines(fs, tmp_path):
