@@ -164,6 +164,9 @@ def test_one_line_errors():
     with pytest.raises(ValueError, match=r"canvas_length=4 must equal the block-causal network's block_size=2"):
         canvas.canvas_sample(None, jax.random.key(0), jnp.zeros((1, 8), jnp.int32), schedule=SCHED, steps=2,
                              canvas_length=4, decoder=dec)  # fmt: skip
+    with pytest.raises(ValueError, match=r"^the canvas sampler's KV-cache path .* has no self-conditioning input"):
+        canvas.canvas_sample(None, jax.random.key(0), jnp.zeros((1, 8), jnp.int32), schedule=SCHED, steps=2,
+                             canvas_length=2, decoder=dec, self_conditioning=True)  # fmt: skip
     with pytest.raises(ValueError, match=r"caches block-causal networks"):
         canvas.check_canvas_decoder(tiny_decoder("dit", V, False), 4)
 

@@ -156,7 +156,8 @@ def _fake_network(calls):
 
     def denoise_fn(xt, t, self_cond=None):
         sc = jnp.zeros(xt.shape + (V,)) if self_cond is None else self_cond
-        logits = 2.0 * jax.nn.one_hot(xt, V) + t[:, None, None] * jnp.arange(V) / V + 3.0 * sc[..., ::-1]
+        tt = t[:, None, None] if t.ndim == 1 else t[..., None]  # per-row or per-token times (canvas)
+        logits = 2.0 * jax.nn.one_hot(xt, V) + tt * jnp.arange(V) / V + 3.0 * sc[..., ::-1]
         jax.debug.callback(lambda s, l: calls.append((np.asarray(s), np.asarray(l))), sc, logits, ordered=True)
         return logits
 
@@ -206,6 +207,30 @@ def test_uniform_score_sampler_feeds_back_the_network_output():
     jax.effects_barrier()
     _check_fed_back(calls, int(out.nfe))
     assert int(out.nfe) == 4  # 3 steps and the final denoising step
+
+
+@pytest.mark.parametrize("name", ["psi", "canvas"])
+def test_uniform_state_denoiser_samplers_feed_back_the_previous_prediction(name):
+    """psi (with a corrector call per step and the noise removal) and canvas (two canvases: the second's first
+    call reads the first's last prediction) feed every call softmax of the call before, zeros first; NFE counts
+    them all."""
+    calls = []
+    cfg = sampling.default_config()
+    cfg.name, cfg.steps = name, 3
+    if name == "psi":
+        cfg.psi_strength, cfg.psi_corrector_steps = 0.3, 1
+    else:
+        cfg.canvas_length = 3
+    sample = sampling.make_sampler(
+        cfg, denoise_fn=_fake_network(calls), schedule=schedules.get_schedule("loglinear"), graph="uniform",
+        self_conditioning=True,
+    )  # fmt: skip
+    out = jax.jit(sample)(jax.random.key(2), jnp.zeros((2, 6), jnp.int32))
+    jax.effects_barrier()
+    assert out.tokens.shape == (2, 6)
+    _check_fed_back(calls, int(out.nfe))
+    assert int(out.nfe) == (3 + 2 + 1 if name == "psi" else 2 * 3)  # psi: 3 steps, 2 correctors, noise removal
+    assert all(c[0].shape == (2, 6, V) for c in calls)
 
 
 def test_samplers_without_feedback_call_the_network_as_before():

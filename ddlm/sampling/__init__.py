@@ -53,7 +53,7 @@ SAMPLERS += CACHED_SAMPLERS
 BLOCK_SAMPLERS = ("first_hitting", "ancestral", "cached", "remdm", "parallel")
 # Samplers that feed a self-conditioned network its previous prediction (make_sampler's self_conditioning);
 # the others call it as denoise_fn(xt, t): the zero signal, its first pass.
-SELF_CONDITIONED_SAMPLERS = ("ancestral", "remdm", "first_hitting", "sedd_euler", "sedd_analytic")
+SELF_CONDITIONED_SAMPLERS = ("ancestral", "remdm", "first_hitting", "sedd_euler", "sedd_analytic", "psi", "canvas")
 
 # Number of times each sampler built by `jit_sampler` has been traced (compiled), by name.
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -102,9 +102,11 @@ def make_sampler(
             cfg, decoder, schedule, mask_id, return_trajectory, progress_fn, eos_id, pad_id, draft_decoder
         )
     if cfg.name == "canvas":
-        return _make_canvas_sampler(cfg, denoise_fn, schedule, graph, return_trajectory, progress_fn, decoder)
+        return _make_canvas_sampler(
+            cfg, denoise_fn, schedule, graph, return_trajectory, progress_fn, decoder, self_conditioning
+        )
     if cfg.name == "psi":
-        return _make_psi_sampler(cfg, denoise_fn, schedule, graph, return_trajectory, progress_fn)
+        return _make_psi_sampler(cfg, denoise_fn, schedule, graph, return_trajectory, progress_fn, self_conditioning)
     if graph == "uniform" and not cfg.name.startswith("sedd_"):
         raise ValueError(
             f"sampler {cfg.name!r} is for masked diffusion; the uniform graph needs sedd_euler, sedd_analytic, "
@@ -218,7 +220,9 @@ def make_sampler(
     return sample
 
 
-def _make_canvas_sampler(cfg, denoise_fn, schedule, graph, return_trajectory, progress_fn, decoder=None):
+def _make_canvas_sampler(
+    cfg, denoise_fn, schedule, graph, return_trajectory, progress_fn, decoder=None, self_conditioning=False
+):
     """The 'canvas' sampler (canvas.canvas_sample) over a mean-parameterised uniform-state network: a
     block-causal decoder (block_size = cfg.canvas_length) is decoded with the exact KV cache of the committed
     canvases (cfg.kv_cache); any other network through denoise_fn, the whole sequence per call."""
@@ -256,12 +260,13 @@ def _make_canvas_sampler(cfg, denoise_fn, schedule, graph, return_trajectory, pr
             clamp=clamp,
             return_trajectory=return_trajectory,
             progress_fn=progress_fn,
+            self_conditioning=self_conditioning,
         )
 
     return sample
 
 
-def _make_psi_sampler(cfg, denoise_fn, schedule, graph, return_trajectory, progress_fn):
+def _make_psi_sampler(cfg, denoise_fn, schedule, graph, return_trajectory, progress_fn, self_conditioning=False):
     """The 'psi' sampler (psi.psi_sample) over a mean-parameterised uniform-state network."""
     if graph != "uniform":
         raise ValueError(
@@ -296,6 +301,7 @@ def _make_psi_sampler(cfg, denoise_fn, schedule, graph, return_trajectory, progr
             clamp=clamp,
             return_trajectory=return_trajectory,
             progress_fn=progress_fn,
+            self_conditioning=self_conditioning,
             **options,
         )
 

@@ -195,6 +195,7 @@ def canvas_sample(
     prefill_chunk: int = 64,
     return_trajectory: bool = False,
     progress_fn=None,
+    self_conditioning: bool = False,
 ) -> SampleOutput:
     """Samples [B, L] tokens canvas by canvas (module docstring). x_init int [B, L]: the clamped positions
     (clamp bool [B, L]; None = none) keep their tokens, the others are drawn. rng: a key (row r draws with
@@ -203,7 +204,10 @@ def canvas_sample(
     network whose block_size is the canvas length (models.make_decoder): kv_cache=True writes each committed
     canvas's keys/values once (prefill_chunk: the leading canvases clamped in every row, written together),
     False runs the training forward per call (the same logits). The trajectory holds x after the initial
-    noise and after every step of every canvas ([1 + canvases * steps, B, L]).
+    noise and after every step of every canvas ([1 + canvases * steps, B, L]). self_conditioning (denoise_fn
+    only): a self-conditioned network, denoise_fn(x, t, self_cond [B, L, V]), fed softmax of the previous
+    call's raw logits over the whole sequence (zeros at the first call; a canvas's first call reads the
+    previous canvas's last prediction), as in training (losses.self_conditioned_apply).
 
     Returns SampleOutput(tokens int32 [B, L], nfe = network calls executed for the batch, trajectory,
     row_nfe int32 [B] = the calls each row took part in (its steps' calls and the cache writes), row_steps
@@ -227,6 +231,11 @@ def canvas_sample(
         raise ValueError("canvas_sample needs exactly one of denoise_fn (bidirectional) and decoder (block-causal)")
     if decoder is not None:
         check_canvas_decoder(decoder, size)
+        if self_conditioning:
+            raise ValueError(
+                "the canvas sampler's KV-cache path (a block-causal network) has no self-conditioning input: "
+                "set config.model.self_conditioning=False or sample a bidirectional network"
+            )
     cached = decoder is not None and kv_cache
     grid = time_grid(steps)
     clamp = jnp.zeros(x_init.shape, bool) if clamp is None else clamp
@@ -239,7 +248,8 @@ def canvas_sample(
     if decoder is not None:
         vocab = decoder.vocab_size
     else:
-        vocab = jax.eval_shape(denoise_fn, x_init, jnp.ones(x_init.shape, jnp.float32)).shape[-1]
+        probe = lambda x, t: denoise_fn(x, t)  # noqa: E731 -- a self-conditioned network: the zero signal
+        vocab = jax.eval_shape(probe, x_init, jnp.ones(x_init.shape, jnp.float32)).shape[-1]
     process = processes.UniformProcess(vocab)
     noise0 = jax.vmap(lambda k: jax.random.randint(k, (length,), 0, vocab, x_init.dtype))(init_keys)
     x = jnp.where(clamp, x_init, noise0)
@@ -253,30 +263,35 @@ def canvas_sample(
         return jax.vmap(fn)(ks, *args)
 
     def canvas_body(c, carry):
-        x, tau, traj, nfe, row_nfe, row_steps, cache, pending, has_pending = carry
+        x, tau, traj, nfe, row_nfe, row_steps, cache, pending, has_pending, sc = carry
         start = c * size
         editable = ~jax.lax.dynamic_slice_in_dim(clamp, start, size, axis=1)  # [B, size]
 
-        def network(x, tau, x_c, tau_c):
+        def network(x, tau, x_c, tau_c, sc):
+            """(this canvas's logits [B, size, V], the next self-conditioning signal)."""
             if cached:
-                return cached_canvas_logits(decoder, cache, x_c, tau_c, c, size)
+                return cached_canvas_logits(decoder, cache, x_c, tau_c, c, size), sc
             if decoder is not None:
-                return uncached_canvas_logits(decoder, x, tau, c, size)
-            logits = denoise_fn(x, tau).astype(jnp.float32)
-            return jax.lax.dynamic_slice_in_dim(logits, start, size, axis=1)
+                return uncached_canvas_logits(decoder, x, tau, c, size), sc
+            if self_conditioning:
+                logits = denoise_fn(x, tau, sc).astype(jnp.float32)
+                sc = jax.nn.softmax(logits, axis=-1)
+            else:
+                logits = denoise_fn(x, tau).astype(jnp.float32)
+            return jax.lax.dynamic_slice_in_dim(logits, start, size, axis=1), sc
 
         def step_body(state):
-            k, x, tau, traj, nfe, row_nfe, row_steps, active, stable = state
+            k, x, tau, traj, nfe, row_nfe, row_steps, active, stable, sc = state
             t, s = grid[k], grid[k + 1]
             x_c = jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
             tau_c = jax.lax.dynamic_slice_in_dim(tau, start, size, axis=1)
             # The fused write of the previous canvas computed this canvas's first call (cache only).
             if cached:
                 reuse = (k == 0) & has_pending
-                logits = jax.lax.cond(reuse, lambda: pending, lambda: network(x, tau, x_c, tau_c))
+                logits = jax.lax.cond(reuse, lambda: pending, lambda: network(x, tau, x_c, tau_c, sc)[0])
                 called = (~reuse).astype(jnp.int32)
             else:
-                logits, called = network(x, tau, x_c, tau_c), jnp.int32(1)
+                (logits, sc), called = network(x, tau, x_c, tau_c, sc), jnp.int32(1)
             temp = annealed_temperature(t, temperature_max, temperature_min, temperature_exponent)
             log_x = jax.nn.log_softmax(logits / temp, axis=-1)
             x_theta = jnp.exp(log_x)
@@ -319,15 +334,16 @@ def canvas_sample(
                 jax.debug.callback(progress_fn, c * steps + k + 1)
             row_nfe = row_nfe + active * called
             row_steps = row_steps + active
-            return k + 1, x, tau, traj, nfe + called, row_nfe, row_steps, active & ~done, stable
+            return k + 1, x, tau, traj, nfe + called, row_nfe, row_steps, active & ~done, stable, sc
 
         def cond(state):
-            k, *_, active, _ = state
+            k, *_, active, _, _ = state
             return (k < steps) & jnp.any(active)
 
         active = jnp.any(editable, axis=-1)  # a row with nothing to draw here takes no step
-        state = (jnp.int32(0), x, tau, traj, nfe, row_nfe, row_steps, active, jnp.zeros((batch,), jnp.int32))
-        k, x, tau, traj, nfe, row_nfe, row_steps, _, _ = jax.lax.while_loop(cond, step_body, state)
+        stable0 = jnp.zeros((batch,), jnp.int32)
+        state = (jnp.int32(0), x, tau, traj, nfe, row_nfe, row_steps, active, stable0, sc)
+        k, x, tau, traj, nfe, row_nfe, row_steps, _, _, sc = jax.lax.while_loop(cond, step_body, state)
         # The canvas is committed (an early stop included).
         tau = jax.lax.dynamic_update_slice_in_dim(tau, jnp.zeros((batch, size), tau.dtype), start, axis=1)
         if return_trajectory:  # a canvas that stopped early: its remaining rows repeat its final state
@@ -343,7 +359,7 @@ def canvas_sample(
             pending, cache, nfe, row_nfe, has_pending = jax.lax.cond(
                 c < n_canvases - 1, write, lambda: (pending, cache, nfe, row_nfe, has_pending)
             )
-        return x, tau, traj, nfe, row_nfe, row_steps, cache, pending, has_pending
+        return x, tau, traj, nfe, row_nfe, row_steps, cache, pending, has_pending, sc
 
     zero, zeros = jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32)
     cache, pending, first = None, jnp.zeros(()), 0
@@ -354,6 +370,7 @@ def canvas_sample(
         # The leading canvases clamped in every row (a prompt), written together (block.py's prompt prefill).
         first, cache, _, zero = _prefill_prompt(decoder, x, cache, jnp.zeros(()), 0, chunk, False, known=clamp)
         zeros = zeros + zero
-    carry = (x, tau, traj, zero, zeros, jnp.zeros((batch,), jnp.int32), cache, pending, jnp.zeros((), bool))
+    sc0 = jnp.zeros((batch, length, vocab) if self_conditioning else (), jnp.float32)
+    carry = (x, tau, traj, zero, zeros, jnp.zeros((batch,), jnp.int32), cache, pending, jnp.zeros((), bool), sc0)
     x, _, traj, nfe, row_nfe, row_steps, *_ = jax.lax.fori_loop(first, n_canvases, canvas_body, carry)
     return SampleOutput(x.astype(jnp.int32), nfe, traj if return_trajectory else None, row_nfe, row_steps)

@@ -76,11 +76,14 @@ def psi_sample(
     precision: str = "float64",
     return_trajectory: bool = False,
     progress_fn=None,
+    self_conditioning: bool = False,
 ) -> SampleOutput:
     """Psi predictor-corrector sampling (module docstring). x_init int [B, L]: positions with clamp [B, L] True
     keep it, the others start uniformly random (clamp None: all free; the draws are those of
     score.score_sample, so strength 0 reproduces 'sedd_analytic'). trajectory [steps + 1, B, L]: the noise, then
-    the state after each step (and its correctors); the last row is the result."""
+    the state after each step (and its correctors); the last row is the result. self_conditioning: a
+    self-conditioned network, denoise_fn(x, t, self_cond); every call (predictor, corrector, noise removal) is
+    fed softmax of the previous call's raw logits (zeros first), as in training (losses.self_conditioned_apply)."""
     check_options(
         steps=steps,
         strength=strength,
@@ -90,7 +93,8 @@ def psi_sample(
     )
     x_init = x_init.astype(jnp.int32)
     batch, _ = x_init.shape
-    vocab = jax.eval_shape(denoise_fn, x_init, jnp.zeros((batch,), jnp.float32)).shape[-1]
+    length = x_init.shape[1]
+    vocab = jax.eval_shape(lambda x, t: denoise_fn(x, t), x_init, jnp.zeros((batch,), jnp.float32)).shape[-1]
     proc = processes.UniformProcess(vocab)
     kappa = 1.0 - strength
     greedy_in_loop = max(greedy_tail - int(noise_removal), 0)
@@ -100,25 +104,28 @@ def psi_sample(
     grid = time_grid(steps, t_min)
     ones = jnp.ones((batch,), jnp.float32)
 
-    def x_theta(x, t):
-        logits = categorical.filter_logits(denoise_fn(x, t), temperature, top_k, top_p)
-        return jax.nn.softmax(logits, axis=-1)
+    def x_theta(x, t, sc):
+        """(the filtered prediction x_theta [B, L, V], the next self-conditioning signal)."""
+        raw = (denoise_fn(x, t, sc) if self_conditioning else denoise_fn(x, t)).astype(jnp.float32)
+        logits = categorical.filter_logits(raw, temperature, top_k, top_p)
+        return jax.nn.softmax(logits, axis=-1), (jax.nn.softmax(raw, axis=-1) if self_conditioning else sc)
 
     def draw(key, probs, x):
         x_new = categorical.sample_categorical(key, jnp.log(probs), precision)
         return jnp.where(clamp, x, x_new)
 
-    def corrector(k, x, s):
+    def corrector(k, x, s, sc):
         a_s = schedule.alpha(s)
         for j in range(corrector_steps):
-            probs = proc.psi_posterior_probs(x_theta(x, s), x, a_s, a_s, kappa)
+            pred, sc = x_theta(x, s, sc)
+            probs = proc.psi_posterior_probs(pred, x, a_s, a_s, kappa)
             x = draw(jax.random.fold_in(jax.random.fold_in(rng, steps + k), j), probs, x)
-        return x
+        return x, sc
 
     def body(k, carry):
-        x, traj = carry
+        x, traj, sc = carry
         t, s = grid[k] * ones, grid[k + 1] * ones
-        pred = x_theta(x, t)
+        pred, sc = x_theta(x, t, sc)
         probs = proc.psi_posterior_probs(pred, x, schedule.alpha(s), schedule.alpha(t), kappa)
         greedy = k >= steps - greedy_in_loop
         x_new = jnp.where(
@@ -127,19 +134,22 @@ def psi_sample(
             draw(jax.random.fold_in(rng, k), probs, x),
         )
         if corrector_steps:
-            x_new = jax.lax.cond(greedy | (k == steps - 1), lambda: x_new, lambda: corrector(k, x_new, s))
+            x_new, sc = jax.lax.cond(
+                greedy | (k == steps - 1), lambda: (x_new, sc), lambda: corrector(k, x_new, s, sc)
+            )
         if return_trajectory:
             traj = traj.at[k + 1].set(x_new)
         if progress_fn is not None:
             jax.debug.callback(progress_fn, k + 1)
-        return x_new, traj
+        return x_new, traj, sc
 
     traj0 = init_trajectory(steps + 1, x_init, return_trajectory)
-    x, traj = jax.lax.fori_loop(0, steps, body, (x_init, traj0))
+    sc0 = jnp.zeros((batch, length, vocab) if self_conditioning else (), jnp.float32)
+    x, traj, sc = jax.lax.fori_loop(0, steps, body, (x_init, traj0, sc0))
     nfe = steps + corrector_steps * corrector_followed(steps, greedy_tail, noise_removal)
     if noise_removal:
         t = grid[-1] * ones
-        pred = x_theta(x, t)
+        pred, _ = x_theta(x, t, sc)
         if greedy_tail:
             x_den = jnp.argmax(pred, axis=-1)
         else:  # the most likely x_0 given x_t: argmax of x_theta(v) q(x_t | v), the reverse step to alpha = 1
