@@ -413,13 +413,24 @@ def test_run_sampling_from_a_real_checkpoint(tmp_path):
     config = _trainer_config()
     config.sampler.name, config.sampler.num_samples, config.sampler.batch_size = "first_hitting", 8, 8
     setup = trainer.build(config)
-    ckpt = checkpoint_lib.Checkpointer(os.path.join(tmp_path, "checkpoints"), keep=1, async_save=False)
-    ckpt.save(0, setup.init_state(), force=True)
+    ckpt = checkpoint_lib.Checkpointer(os.path.join(tmp_path, "checkpoints"), keep=2, async_save=False)
+    state = setup.init_state()
+    ckpt.save(3, state, force=True)
+    # A newer checkpoint with other EMA parameters: sampled by default; config.sampler.checkpoint_step=3 the older.
+    other = jax.tree.map(lambda p: p + jnp.cos(jnp.arange(p.size, dtype=p.dtype).reshape(p.shape)), state.ema_params)
+    ckpt.save(5, state.replace(ema_params=other), force=True)
     ckpt.close()
+    newest = cli.run_sampling(config, str(tmp_path))
+    config.sampler.checkpoint_step = 3
     records = cli.run_sampling(config, str(tmp_path))
     # First hitting: one network call per generated token.
-    assert len(records) == 8 and all(r["checkpoint_step"] == 0 and r["nfe"] == 8 for r in records)
+    assert len(records) == 8 and all(r["checkpoint_step"] == 3 and r["nfe"] == 8 for r in records)
     assert all(len(r["tokens"]) == 8 for r in records)
+    assert all(r["checkpoint_step"] == 5 for r in newest)
+    assert [r["tokens"] for r in records] != [r["tokens"] for r in newest]
+    config.sampler.checkpoint_step = 4
+    with pytest.raises(ValueError, match=r"^no checkpoint at step 4 in .*; committed steps: \[3, 5\]$"):
+        cli.run_sampling(config, str(tmp_path))
 
 
 # ------------------------------------------------------------------------------------------------ names

@@ -68,7 +68,8 @@ resolve_config = config_lib.resolve  # default_config() with the given fields se
 
 
 def _load_checkpoint(config, workdir):
-    loaded = loading.load_for_inference(workdir, config, ema=bool(config.sampler.use_ema))
+    step = config.sampler.get("checkpoint_step", 0) or None
+    loaded = loading.load_for_inference(workdir, config, ema=bool(config.sampler.use_ema), step=step)
     return loaded.model, loaded.params, loaded.tokenizer, loaded, loaded.step
 
 

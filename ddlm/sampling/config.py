@@ -55,6 +55,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.seq_len = 0  # generated length; 0 = config.train.seq_len
     c.seed = 0  # sampling randomness: the same seed, the same samples (reproducible); change it for new ones
     c.use_ema = True  # sample with the EMA parameters
+    c.checkpoint_step = 0  # sample the workdir's checkpoint of this step (a distillation round's, say); 0 = newest
     c.progress = True  # per-step progress bar (a host callback from the jitted loop after every step)
     c.visualize = False  # write every sample's trajectory to trajectory.html (+ an animation on a terminal)
     c.output_dir = ""  # each run writes to <output_dir>/<date>-<time>-step<N>-<name>/; '' = <workdir>/samples
@@ -124,7 +125,8 @@ def validate(sampler_config, *, diffusion=None, seq_len: int | None = None) -> m
 
     if c.name not in SAMPLERS:
         fail("name", f"one of {SAMPLERS}")
-    for key, low in (("steps", 1), ("num_samples", 1), ("batch_size", 1), ("top_k", 0), ("end", 0)):
+    integers = (("steps", 1), ("num_samples", 1), ("batch_size", 1), ("top_k", 0), ("end", 0), ("checkpoint_step", 0))
+    for key, low in integers:
         if not is_int(c[key]) or c[key] < low:
             fail(key, f"an integer >= {low}")
     if not is_int(c.seq_len) or c.seq_len < 0:
