@@ -92,8 +92,7 @@ def psi_sample(
         noise_removal=noise_removal,
     )
     x_init = x_init.astype(jnp.int32)
-    batch, _ = x_init.shape
-    length = x_init.shape[1]
+    batch, length = x_init.shape
     vocab = jax.eval_shape(lambda x, t: denoise_fn(x, t), x_init, jnp.zeros((batch,), jnp.float32)).shape[-1]
     proc = processes.UniformProcess(vocab)
     kappa = 1.0 - strength
