@@ -304,14 +304,18 @@ def criteria(rows, teacher, student, steps=CRITERION_STEPS) -> dict:
 
 
 def plot(rows, out: str) -> None:
-    """Gen-ppl and entropy against steps: per teacher a panel pair's dashed teacher curve, its students' solid
-    curves and the many-step reference as a dotted line."""
+    """Top: gen-ppl and entropy against steps: each teacher's dashed curve, its students' solid curves (the
+    earlier rounds' k-step students dash-dotted) and the many-step reference as a dotted line. Bottom, at each
+    of CRITERION_STEPS: gen-ppl against entropy, one point per model (the k-step student for a student), the
+    references as stars with the criterion's entropy band: a student better than its teacher at the same
+    entropy lies below the line through the teacher's temperature-1 and temperature-0.9 points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    fig, grid = plt.subplots(2, 2, figsize=(13, 10))
+    axes = grid[0]
     palette = itertools.cycle(["tab:cyan", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:olive",
                                "tab:pink", "tab:gray", "gold", "navy", "lime"])  # fmt: skip
     colors = {"mdlm": "tab:blue", "duo": "tab:red"}
@@ -338,6 +342,33 @@ def plot(rows, out: str) -> None:
         ax.set_ylabel(name)
     axes[0].set_yscale("log")
     axes[0].legend(fontsize=7)
+    for ax, k in zip(grid[1], CRITERION_STEPS):
+        for teacher in TEACHERS:
+            mine = [r for r in rows if r["teacher"] == teacher]
+            if not mine:
+                continue
+            ref = reference_row(mine)
+            ax.errorbar([ref["entropy"]], [ref["gen_ppl"]], xerr=[2 * ref["entropy_se"]], yerr=[2 * ref["gen_ppl_se"]],
+                        fmt="*", ms=12, color=colors[teacher], label=f"{teacher} at {ref['steps']} steps")  # fmt: skip
+            ax.axvspan(ref["entropy"] * (1 - ENTROPY_TOLERANCE), ref["entropy"] * (1 + ENTROPY_TOLERANCE),
+                       color=colors[teacher], alpha=0.06)  # fmt: skip
+            # The k-step rows: a student's k-step student, every other model's own row.
+            at_k = [r for r in mine if r["steps"] == k and not r.get("round_of") and r is not ref]
+            at_k = [student_row(mine, r["model"], k) if r["role"] == "student" else r for r in at_k]
+            for r in at_k:
+                name = r.get("round_of") or r["model"]
+                ax.errorbar([r["entropy"]], [r["gen_ppl"]], xerr=[2 * r["entropy_se"]], yerr=[2 * r["gen_ppl_se"]],
+                            fmt={"teacher": "o", "student": "s", "variant": "^"}[r["role"]], capsize=2,
+                            color=colors.get(name, "black"), label=r["model"])  # fmt: skip
+            sharpened = [r for r in at_k if r["role"] == "teacher" or r["fields"].get("temperature", 1.0) != 1.0
+                         and r["fields"]["name"] == TEACHERS[teacher][1]["name"]]  # fmt: skip
+            if len(sharpened) > 1:
+                sharpened.sort(key=lambda r: r["entropy"])
+                ax.plot([r["entropy"] for r in sharpened], [r["gen_ppl"] for r in sharpened], ":", color=colors[teacher])
+        ax.set_yscale("log")
+        ax.set_xlabel(f"unigram entropy at {k} steps (nats; band: the reference's ±{100 * ENTROPY_TOLERANCE:.0f}%)")
+        ax.set_ylabel("generative perplexity (±2 SE)")
+        ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, dpi=120)
@@ -362,6 +393,8 @@ def main(argv=None):
         with open(args.from_json) as f:
             saved = json.load(f)
         print(saved["header"] + "\n\n" + report(saved["results"], saved["costs"], STUDENTS))
+        if args.out != parser.get_default("out"):  # --from_json X --out Y.png: redraw the plot
+            plot(saved["results"], args.out)
         return
     if args.dry_run:
         args.samples, args.new_tokens, args.teacher_steps, args.few_steps, args.mauve_seeds = 8, 32, "16", "4,8", 2
@@ -389,7 +422,8 @@ def main(argv=None):
     from ddlm.eval import sample_quality
 
     compilation_cache.enable()
-    weights = "RANDOM weights (--dry-run)" if args.dry_run else "trained checkpoints " + ", ".join(workdirs[n] for n in names)
+    at = lambda n: workdirs[n] + (f" (step {n.split('@')[1]})" if "@" in n else "")  # noqa: E731
+    weights = "RANDOM weights (--dry-run)" if args.dry_run else "trained checkpoints " + ", ".join(at(n) for n in names)
     head = f"{machine.describe()}; {weights}; prompts {sq.PROMPT_TOKENS} tokens + {args.new_tokens} new, {args.samples} samples per setting"
     print(head, flush=True)
     steps = {n: int(n.split("@")[1]) for n in names if "@" in n}  # a round's checkpoint
