@@ -573,20 +573,21 @@ def test_cpu_attention_matches_jax_attention(batch, kv_heads, masking):
         mask = mask.at[0, 0, 3].set(False)  # no key at all: a uniform row, no gradient through it
     ours = functools.partial(models.layers.attention, mask=mask, is_causal=causal)
     ref = functools.partial(jax.nn.dot_product_attention, mask=mask, is_causal=causal)
-    close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5)
-    out, vjp = jax.vjp(ours, q, k, v)
-    want, vjp_ref = jax.vjp(ref, q, k, v)
-    close(out, want)
-    for got, w in zip(vjp(g), vjp_ref(g)):
-        close(got, w)
-    tangents = (0.3 * g, 0.2 * k[:, ::-1], 0.1 * v)
-    close(jax.jvp(ours, (q, k, v), tangents)[1], jax.jvp(ref, (q, k, v), tangents)[1])
+
+    # One compiled program per side and dtype (op by op, the primitives' compiles took twice as long).
+    @functools.partial(jax.jit, static_argnums=0)
+    def derivatives(fn, q, k, v, g):
+        out, vjp = jax.vjp(fn, q, k, v)
+        tangents = (0.3 * g, 0.2 * k[:, ::-1], 0.1 * v)
+        return (out, *vjp(g.astype(out.dtype)), jax.jvp(fn, (q, k, v), tangents)[1])
+
+    for got, w in zip(derivatives(ours, q, k, v, g), derivatives(ref, q, k, v, g)):
+        np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-5)
     # bfloat16: float32 logits and softmax, bfloat16 probabilities into the value product, as jax's
     q16, k16, v16, g16 = (a.astype(jnp.bfloat16) for a in (q, k, v, g))
-    out16, vjp16 = jax.vjp(ours, q16, k16, v16)
-    want16, vjp_ref16 = jax.vjp(ref, q16, k16, v16)
-    assert out16.dtype == jnp.bfloat16
-    for got, w in zip((out16,) + vjp16(g16), (want16,) + vjp_ref16(g16)):
+    got16, want16 = derivatives(ours, q16, k16, v16, g16), derivatives(ref, q16, k16, v16, g16)
+    assert got16[0].dtype == jnp.bfloat16
+    for got, w in zip(got16[:4], want16[:4]):
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(w, np.float32), rtol=0.05, atol=0.05)
 
 
