@@ -119,10 +119,11 @@ def test_duo_quickstart_trains_its_loss_falls_and_samples(tmp_path):
     assert len(rows) == config.sampler.num_samples and all(isinstance(r["text"], str) for r in rows), rows
 
 
-def test_temperature_and_top_k_act_on_a_duo_networks_x0_prediction_in_the_score_samplers():
-    """On a mean-parameterised (DUO) network the sedd_* samplers apply temperature / top-k to its x_0 logits
-    before the log ratios (losses.duo_log_ratios): for one key, temperature 0.5 gives the tokens of temperature 1
-    on the network's logits divided by 2 (a logits_hook: another path), and differs from temperature 1."""
+def test_temperature_acts_on_a_duo_networks_x0_prediction_in_the_score_samplers():
+    """On a mean-parameterised (DUO) network the sedd_* samplers apply the filters (categorical.filter_logits:
+    temperature, top-k, top-p) to its x_0 logits before the log ratios (losses.duo_log_ratios; sedd_euler and
+    sedd_analytic share that score function): for one key, temperature 0.5 gives the tokens of temperature 1 on
+    the network's logits divided by 2 (a logits_hook: another path), and differs from temperature 1."""
     import flax.linen as nn
 
     from ddlm.data import tokenizers
@@ -148,8 +149,3 @@ def test_temperature_and_top_k_act_on_a_duo_networks_x0_prediction_in_the_score_
     cold = tokens({"name": "sedd_analytic", "temperature": 0.5})
     np.testing.assert_array_equal(cold, tokens({"name": "sedd_analytic"}, hook=lambda logits, xt: logits / 0.5))
     assert (cold != plain).mean() > 0.05
-    top1 = tokens({"name": "sedd_analytic", "top_k": 1})
-    one_hot = lambda logits, xt: logits + 1e4 * jax.nn.one_hot(logits.argmax(-1), logits.shape[-1])
-    np.testing.assert_array_equal(top1, tokens({"name": "sedd_analytic"}, hook=one_hot))
-    assert (top1 != plain).mean() > 0.05
-    assert (tokens({"name": "sedd_euler", "temperature": 0.5}) != tokens({"name": "sedd_euler"})).mean() > 0.05
