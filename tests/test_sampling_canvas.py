@@ -178,14 +178,24 @@ def _canvas(fn, x, key, **kw):
     return jax.jit(lambda r, x: canvas.canvas_sample(fn, r, x, schedule=SCHED, **kw), compiler_options=FAST)(key, x)
 
 
-def test_rows_stop_independently_each_as_if_run_alone_with_its_key():
+def _self_conditioned_oracle(x, t, self_cond=None):
+    """The oracle's logits moved by the previous prediction, strongly enough that a stale signal changes draws
+    (None = zeros)."""
+    logits = oracle_denoise(x, t)
+    return logits if self_cond is None else logits + 30.0 * self_cond[..., ::-1]
+
+
+@pytest.mark.parametrize("self_conditioning", [False, True], ids=["plain", "self_conditioned"])
+def test_rows_stop_independently_each_as_if_run_alone_with_its_key(self_conditioning):
     """stop_when_stable per row (patience 2): rows stop at different steps; each row's tokens, steps and calls
     equal those of the row run alone with its key fold_in(key, row), so a stopped row's later steps are
-    no-ops and no draw depends on the batch; the loop runs until every row stopped (the batch's calls)."""
+    no-ops and no draw depends on the batch; the loop runs until every row stopped (the batch's calls). A
+    self-conditioned network too: a stopped row keeps its own last signal for the next canvas."""
     kw = dict(steps=12, canvas_length=2, entropy_bound=math.inf, renoise=False, stop_when_stable=True,
-              stable_patience=2)  # fmt: skip
+              stable_patience=2, self_conditioning=self_conditioning)  # fmt: skip
     key, batch = jax.random.key(3), 8
     x = jnp.zeros((batch, L), jnp.int32)
+    oracle_denoise = _self_conditioned_oracle if self_conditioning else globals()["oracle_denoise"]
     out = _canvas(oracle_denoise, x, key, **kw)
     steps, row_nfe = np.asarray(out.row_steps), np.asarray(out.row_nfe)
     assert len(set(steps.tolist())) > 2 and steps.max() < 2 * 12, steps  # measured: 5 distinct counts

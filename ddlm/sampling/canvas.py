@@ -291,7 +291,9 @@ def canvas_sample(
                 logits = jax.lax.cond(reuse, lambda: pending, lambda: network(x, tau, x_c, tau_c, sc)[0])
                 called = (~reuse).astype(jnp.int32)
             else:
-                (logits, sc), called = network(x, tau, x_c, tau_c, sc), jnp.int32(1)
+                (logits, new_sc), called = network(x, tau, x_c, tau_c, sc), jnp.int32(1)
+                # A stopped row keeps the signal of its last step: its run stays the run it has alone.
+                sc = jnp.where(active[:, None, None], new_sc, sc) if self_conditioning else sc
             temp = annealed_temperature(t, temperature_max, temperature_min, temperature_exponent)
             log_x = jax.nn.log_softmax(logits / temp, axis=-1)
             x_theta = jnp.exp(log_x)
