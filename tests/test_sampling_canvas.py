@@ -195,13 +195,13 @@ def test_rows_stop_independently_each_as_if_run_alone_with_its_key(self_conditio
               stable_patience=2, self_conditioning=self_conditioning)  # fmt: skip
     key, batch = jax.random.key(3), 8
     x = jnp.zeros((batch, L), jnp.int32)
-    oracle_denoise = _self_conditioned_oracle if self_conditioning else globals()["oracle_denoise"]
-    out = _canvas(oracle_denoise, x, key, **kw)
+    denoise = _self_conditioned_oracle if self_conditioning else oracle_denoise
+    out = _canvas(denoise, x, key, **kw)
     steps, row_nfe = np.asarray(out.row_steps), np.asarray(out.row_nfe)
     assert len(set(steps.tolist())) > 2 and steps.max() < 2 * 12, steps  # measured: 5 distinct counts
     np.testing.assert_array_equal(row_nfe, steps)  # no cache: one call per step
     assert int(out.nfe) >= steps.max()
-    alone = jax.jit(lambda r, x: canvas.canvas_sample(oracle_denoise, r, x, schedule=SCHED, **kw), compiler_options=FAST)
+    alone = jax.jit(lambda r, x: canvas.canvas_sample(denoise, r, x, schedule=SCHED, **kw), compiler_options=FAST)
     for r in range(batch):
         one = alone(jax.random.fold_in(key, r)[None], x[r : r + 1])
         np.testing.assert_array_equal(one.tokens[0], out.tokens[r], err_msg=f"row {r}")
