@@ -248,8 +248,7 @@ def canvas_sample(
     if decoder is not None:
         vocab = decoder.vocab_size
     else:
-        probe = lambda x, t: denoise_fn(x, t)  # noqa: E731 -- a self-conditioned network: the zero signal
-        vocab = jax.eval_shape(probe, x_init, jnp.ones(x_init.shape, jnp.float32)).shape[-1]
+        vocab = jax.eval_shape(denoise_fn, x_init, jnp.ones(x_init.shape, jnp.float32)).shape[-1]
     process = processes.UniformProcess(vocab)
     noise0 = jax.vmap(lambda k: jax.random.randint(k, (length,), 0, vocab, x_init.dtype))(init_keys)
     x = jnp.where(clamp, x_init, noise0)

@@ -93,7 +93,7 @@ def psi_sample(
     )
     x_init = x_init.astype(jnp.int32)
     batch, length = x_init.shape
-    vocab = jax.eval_shape(lambda x, t: denoise_fn(x, t), x_init, jnp.zeros((batch,), jnp.float32)).shape[-1]
+    vocab = jax.eval_shape(denoise_fn, x_init, jnp.zeros((batch,), jnp.float32)).shape[-1]
     proc = processes.UniformProcess(vocab)
     kappa = 1.0 - strength
     greedy_in_loop = max(greedy_tail - int(noise_removal), 0)
