@@ -121,6 +121,13 @@ def round_students(distill, train_steps: int) -> dict[int, int]:
     return out
 
 
+def net_of(name: str) -> tuple[str, int | None]:
+    """A net's (run, checkpoint step): '<run>@<step>' is a round's checkpoint of the run, any other name the
+    run's newest (step None)."""
+    run, _, step = name.partition("@")
+    return run, int(step) if step else None
+
+
 def settings(teacher_steps, few_steps, students=STUDENTS, variants=VARIANTS, rounds=None) -> list[dict]:
     """Every (teacher, model, steps) the run samples, in order: per teacher (of `students`) the teacher at
     teacher_steps and few_steps, then each of its students at few_steps (its newest checkpoint), all with the
@@ -229,7 +236,7 @@ def random_nets(names) -> dict:
 
     out = {}
     for i, name in enumerate(names):
-        recipe = name.split("@")[0].split("_")[0]
+        recipe = net_of(name)[0].split("_")[0]
         spec = "experiments/judge.py:smoke" if name == "judge" else f"experiments/few_step.py:model={recipe},smoke"
         config = eval_cli.load_config_file(spec)
         config.train.seq_len = 128
@@ -411,8 +418,8 @@ def main(argv=None):
     rounds = {} if args.final_only else {s[0]: student_rounds(s[0], args) for s in students}
     todo = settings(teacher_steps, few_steps, students, rounds=rounds)
     names = sorted({s["net"] for s in todo} | {"judge"})
-    base = lambda n: n.split("@")[0]  # noqa: E731 -- '<student>@<step>': a round's checkpoint of its run
-    workdirs = {n: os.path.join(args.root, WORKDIRS.get(base(n), f"few_step/{base(n)}")) for n in names}
+    runs = {n: net_of(n)[0] for n in names}
+    workdirs = {n: os.path.join(args.root, WORKDIRS.get(runs[n], f"few_step/{runs[n]}")) for n in names}
     missing = [workdirs[n] for n in names if not args.dry_run and not os.path.isdir(os.path.join(workdirs[n], "checkpoints"))]
     if missing:
         sys.exit(f"few_step: no checkpoints in {', '.join(missing)}: train them first (experiments/few_step.py)")
@@ -422,11 +429,11 @@ def main(argv=None):
     from ddlm.eval import sample_quality
 
     compilation_cache.enable()
-    at = lambda n: workdirs[n] + (f" (step {n.split('@')[1]})" if "@" in n else "")  # noqa: E731
+    steps = {n: net_of(n)[1] for n in names if net_of(n)[1] is not None}  # the rounds' checkpoints
+    at = lambda n: workdirs[n] + (f" (step {steps[n]})" if n in steps else "")  # noqa: E731
     weights = "RANDOM weights (--dry-run)" if args.dry_run else "trained checkpoints " + ", ".join(at(n) for n in names)
     head = f"{machine.describe()}; {weights}; prompts {sq.PROMPT_TOKENS} tokens + {args.new_tokens} new, {args.samples} samples per setting"
     print(head, flush=True)
-    steps = {n: int(n.split("@")[1]) for n in names if "@" in n}  # a round's checkpoint
     nets = random_nets(names) if args.dry_run else sq.load_nets(names, workdirs, steps)
     judge_net = nets["judge"]
     scorer = eval_cli.make_scorer(judge_net.config, judge_net, batch_size=32)
@@ -435,7 +442,7 @@ def main(argv=None):
     held_out = eval_cli.validation_rows(nets[todo[0]["net"]].config, tok, args.samples)
     prompt_ids = sq.prompts(held_out, tok, args.samples)
     reference_features = judge.text_features([tok.decode(sample_quality.content_ids(r, tok)) for r in held_out])
-    costs = {} if args.dry_run else {n: run_seconds(workdirs[n]) for n in names if n != "judge" and "@" not in n}
+    costs = {} if args.dry_run else {n: run_seconds(workdirs[n]) for n in names if n != "judge" and n not in steps}
 
     rows = []
     t_start = time.time()

@@ -103,6 +103,8 @@ def test_round_students_and_the_k_step_student_the_criterion_reads(fs):
     assert out[8]["model"] == "sdtt@2400" and out[8]["gap_ratio"] == pytest.approx(g(8, 1.0) / g(8, 5.0))
     assert out[4]["model"] == "sdtt" and out[4]["gap_ratio"] == pytest.approx(g(4, 3.0) / g(4, 5.0))
     assert "8 steps (sdtt@2400): gap(student)" in fs.report(rows, {}, students)
+    assert [fs.net_of(s["net"]) for s in grid if "round_of" in s] == [("sdtt", 2400), ("sdtt", 1800)]
+    assert fs.net_of("dcd_b32") == ("dcd_b32", None)
 
 
 def test_run_seconds_reads_the_train_lines(fs, tmp_path):
