@@ -559,7 +559,7 @@ def _attention_inputs(batch, kv_heads, dtype=jnp.float32, length=12, heads=4, he
 @pytest.mark.parametrize(
     "batch, kv_heads, masking",
     [(8, 4, "per_example"), (8, 2, "shared_causal"), (5, 4, "none"), (3, 2, "per_example")],
-    ids=["4chunks-mha-per_example", "4chunks-gqa-shared_causal", "whole-mha-none", "3chunks-gqa-per_example"],
+    ids=["batch8-mha-per_example", "batch8-gqa-shared_causal", "batch5-mha-none", "batch3-gqa-per_example"],
 )
 def test_cpu_attention_matches_jax_attention(batch, kv_heads, masking):
     """`attention(implementation='xla')` on CPU (ddlm's custom-JVP attention, the batch cut into independent
@@ -592,8 +592,8 @@ def test_cpu_attention_matches_jax_attention(batch, kv_heads, masking):
 
 
 def test_cpu_attention_runs_batch_chunks_unless_the_batch_is_split():
-    """On CPU the batch of 8 is attended as 4 independent chunks of 2 (XLA:CPU then runs their single-threaded
-    batched products side by side); when the batch is split over devices it stays whole. Every product of the
+    """On CPU the batch of 8 is attended as CPU_ATTENTION_CHUNKS (2) independent chunks (XLA:CPU then runs their
+    single-threaded batched products side by side); when the batch is split over devices it stays whole. Every product of the
     compiled gradient contracts its left operand's minor axis (YNNPACK's form; the key gradient read the score
     cotangent in place before)."""
     q, k, v, g = _attention_inputs(8, 4)
@@ -601,14 +601,16 @@ def test_cpu_attention_runs_batch_chunks_unless_the_batch_is_split():
     hlo = grad.lower(q, k, v).compile().as_text()
     shapes = dict(re.findall(r"%([\w.\-]+) = \w+\[([\d,]*)\]", hlo))
     dots = re.findall(r"dot\(%([\w.\-]+), %[\w.\-]+\), lhs_batch_dims=\{[\d,]*\}, lhs_contracting_dims=\{(\d+)\}", hlo)
-    assert len(dots) >= 4 * 4  # four products per chunk
+    chunks = models.layers.CPU_ATTENTION_CHUNKS
+    assert chunks > 1
+    assert len(dots) >= 4 * chunks  # four products per chunk
     assert all(int(axis) == shapes[lhs].count(",") for lhs, axis in dots), dots
 
     def score_batches():  # the batch of each [batch, heads, T, S] score product of the forward pass
         jaxpr = str(jax.make_jaxpr(models.layers.attention)(q, k, v, None))
         return re.findall(r"f32\[(\d+),4,12,12\] = dot_general", jaxpr)
 
-    assert score_batches() == ["2"] * 4
+    assert score_batches() == [str(8 // chunks)] * chunks
     mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     with jax.set_mesh(mesh), nn.logical_axis_rules((("batch", "data"),)):
         assert models.layers.mesh_split("batch") == 2

@@ -153,17 +153,20 @@ def test_fused_update_compiles_to_fewer_fusions_than_optax():
     assert fused <= optaxed - 2 * leaves, (fused, optaxed, leaves)
 
 
-def test_the_fused_update_is_an_option_and_off_by_default():
-    """config.optim.fused_update: off, make_optimizer is optax's chain (the train step applies it as optax
-    does); on, a FusedAdamW whose apply the step runs. A non-bool is one ConfigError naming the field."""
+def test_the_fused_update_is_the_default_and_optax_an_option():
+    """config.optim.fused_update: on (the default), a FusedAdamW whose apply the step runs; off, and in a
+    config stored before the field existed, optax's chain (the train step applies it as optax does). A
+    non-bool is one ConfigError naming the field."""
     from ddlm.sharding import ConfigError
     from ddlm.train import validation
 
     o = config_lib.optim_config()
-    assert o.fused_update is False
-    assert not isinstance(optim.make_optimizer(o, 10), optim.FusedAdamW)
-    o.fused_update = True
+    assert o.fused_update is True
     assert isinstance(optim.make_optimizer(o, 10), optim.FusedAdamW)
+    o.fused_update = False
+    assert not isinstance(optim.make_optimizer(o, 10), optim.FusedAdamW)
+    stored = type(o)({k: v for k, v in o.to_dict().items() if k != "fused_update"})
+    assert not isinstance(optim.make_optimizer(stored, 10), optim.FusedAdamW)
     o = type(o)({**o.to_dict(), "fused_update": "yes"})  # as a config file could write it
     with pytest.raises(ConfigError, match="optim.fused_update must be True or False") as e:
         validation.validate_optim_config(o)

@@ -456,8 +456,9 @@ def cpu_attention() -> bool:
     return jax.default_backend() == "cpu"
 
 
-# Independent batch chunks of the CPU attention: 4 measured best on 2 cores (see `_cpu_attention`).
-CPU_ATTENTION_CHUNKS = 4
+# Independent batch chunks of the CPU attention (see `_cpu_attention`): 2 on 2 cores steps as fast as 4 (small 1.00x,
+# tiny 1.05x, `benchmarks/step_ab.py`) and compiles fewer attention graphs (benchmarks/RESULTS.md, issue 28).
+CPU_ATTENTION_CHUNKS = 2
 
 
 def _cpu_attention(q, k, v, mask, is_causal):

@@ -43,9 +43,10 @@ def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(optim_config, total_steps: int) -> optax.GradientTransformation:
-    """clip_by_global_norm + AdamW (decay on matrices only); with config.optim.fused_update a FusedAdamW, whose
-    `apply` the train step then runs (the same update and state). Off by default: on the idle 2-core CPU it
-    compiled `small`'s step 1.14x faster but ran the step ~3% slower (benchmarks/RESULTS.md, issue 28)."""
+    """clip_by_global_norm + AdamW (decay on matrices only); with config.optim.fused_update (the default) a
+    FusedAdamW, whose `apply` the train step then runs (the same update and state): `small`'s step compiles
+    ~1.1x faster and steps as fast (benchmarks/RESULTS.md, issue 28). fused_update=False, and configs stored
+    before the field existed, get optax's chain, applied as optax applies it."""
     if optim_config.name != "adamw":
         raise ConfigError(f"config.optim.name must be 'adamw', got {optim_config.name!r}")
     schedule = learning_rate_schedule(optim_config, total_steps)
