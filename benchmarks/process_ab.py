@@ -29,7 +29,7 @@ def child(argv):
     import step_ab
 
     args = step_ab.parse_args(argv)
-    compiled, state, get_batch, _, compile_s = step_ab.load_step(args.b, args.b_set, args)
+    compiled, state, get_batch, _, compile_s, _ = step_ab.load_step(args.b, args.b_set, args)
     wall, cpu = [], []
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     for i in range(args.steps):
