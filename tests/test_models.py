@@ -306,6 +306,24 @@ def test_time_matters_when_on_and_is_ignored_when_off():
 # ------------------------------------------------------------------------------------------------------------
 
 
+def test_constant_rotary_tables_are_evaluated_once_per_trace_and_equal_the_traced_ones():
+    """numpy positions (the full forward pass): the cos/sin tables are evaluated at trace time once and reused
+    by every later call (every layer); the rotation equals the one with traced positions (tables in the graph)."""
+    layers = models.layers
+    x = jax.random.normal(jax.random.key(4), (2, 8, 2, 6))
+    layers._constant_rotary_tables.cache_clear()
+    twice = jax.jit(lambda x: (models.rotary_embedding(x, np.arange(8)), models.rotary_embedding(2 * x, np.arange(8))))
+    a, b = twice(x)
+    info = layers._constant_rotary_tables.cache_info()
+    assert (info.misses, info.hits) == (1, 1)
+    traced = jax.jit(models.rotary_embedding)(x, jnp.arange(8))
+    np.testing.assert_allclose(a, traced, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(b, 2 * traced, rtol=1e-6, atol=1e-6)
+    other = models.rotary_embedding(x, np.arange(3, 11))  # other positions: other tables, not the cached ones
+    np.testing.assert_allclose(other, models.rotary_embedding(x, jnp.arange(3, 11)), rtol=1e-6, atol=1e-6)
+    assert not np.allclose(other, a)
+
+
 def test_rotary_scores_depend_on_relative_position_only():
     kq, kk = jax.random.split(jax.random.key(3))
     q = jax.random.normal(kq, (1, 8, 2, 16))
