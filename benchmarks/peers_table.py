@@ -7,11 +7,12 @@ This script reads that folder and adds what travels between machines: the model 
 (`ddlm.models.flops_per_token` of the shape x batch x length, the formula MFU uses; md4's and MDLM's
 networks do the same matmuls at these shapes) divided by the calibration measured before that run.
 
-    python benchmarks/peers_table.py ~/.cache/ddlm-peers/compare/<timestamp>
+    python benchmarks/peers_table.py ~/.cache/ddlm-peers/compare/<timestamp> [<another run's folder> ...]
 
 Printed per shape: each round's tokens/s, calibration and fraction per codebase, then a markdown row per
 shape: median tokens/s over all rounds' steps, the medians of the per-round ratios ddlm/md4 and ddlm/MDLM
-(compare.sh's figure), and the median of each codebase's per-round fractions.
+(compare.sh's figure), and the median of each codebase's per-round fractions. Several folders (runs of
+compare.sh at different times) pool their rounds: folder k's round r is round (k, r).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ STEP_LINES = (
 @dataclasses.dataclass
 class Run:
     size: str
-    round: int
+    round: tuple  # (folder index, compare.sh's round)
     codebase: str
     calibration: float  # GFLOP/s of a 1024^3 float32 matmul just before the run (nan if not measured)
     load: float
@@ -62,8 +63,9 @@ def step_flops(size: str, *, batch: int, seq: int, vocab: int) -> float:
     return models.flops_per_token(m, vocab + 1, seq) * batch * seq
 
 
-def read_runs(out_dir: str) -> list[Run]:
-    """compare.sh's runs.tsv and logs in out_dir -> one Run per row (logs named relative to out_dir if moved)."""
+def read_runs(out_dir: str, folder: int = 0) -> list[Run]:
+    """compare.sh's runs.tsv and logs in out_dir -> one Run per row, its round (folder, round) (logs named
+    relative to out_dir if the folder was moved)."""
     path = os.path.join(out_dir, "runs.tsv")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no runs.tsv (expected compare.sh's OUT folder)")
@@ -84,7 +86,7 @@ def read_runs(out_dir: str) -> list[Run]:
                         m = rx.match(line)
                         if m and int(m.group(1)) >= int(warm):
                             times.append(float(m.group(2)) / 1e3)
-            runs.append(Run(size, int(rnd), cb, _float(gf), _float(load.split()[0] if load else ""), times))
+            runs.append(Run(size, (folder, int(rnd)), cb, _float(gf), _float(load.split()[0] if load else ""), times))
     return runs
 
 
@@ -143,7 +145,7 @@ def render(table: dict) -> str:
                 if cb in cells:
                     tok, gf, frac = cells[cb]
                     parts.append(f"{cb} {tok:7.0f} [{gf:5.1f}, {frac:.2f}]")
-            lines.append(f"  round {rnd}: " + " | ".join(parts))
+            lines.append(f"  folder {rnd[0]} round {rnd[1]}: " + " | ".join(parts))
     lines.append("")
     lines.append(
         "| shape | ddlm tok/s | md4 | MDLM | ddlm/md4 | ddlm/MDLM | achieved / calibrated matmul rate: ddlm, md4, MDLM |"
@@ -163,13 +165,13 @@ def render(table: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("out_dir", help="compare.sh's OUT folder (holding runs.tsv and the runs' logs)")
+    p.add_argument("out_dirs", nargs="+", help="compare.sh's OUT folders (each holding runs.tsv and the runs' logs)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--vocab", type=int, default=4096, help="data ids; the model's vocabulary is vocab + 1")
     args = p.parse_args(argv)
     try:
-        runs = read_runs(args.out_dir)
+        runs = [run for k, folder in enumerate(args.out_dirs) for run in read_runs(folder, k)]
     except (OSError, ValueError) as e:
         print(f"peers_table: {e}", file=sys.stderr)
         return 2

@@ -51,9 +51,9 @@ def test_the_table_reads_steps_after_warmup_and_divides_the_model_flops_by_each_
     )
     runs = peers_table.read_runs(str(tmp_path))
     assert [(r.codebase, r.round, r.step_seconds) for r in runs][:3] == [
-        ("ddlm", 1, [6.0, 5.9, 6.1]),
-        ("md4", 1, [8.0, 7.9]),  # the same warm-up count dropped for every codebase, as compare.sh does
-        ("mdlm", 1, [7.0, 7.1, 6.9]),
+        ("ddlm", (0, 1), [6.0, 5.9, 6.1]),
+        ("md4", (0, 1), [8.0, 7.9]),  # the same warm-up count dropped for every codebase, as compare.sh does
+        ("mdlm", (0, 1), [7.0, 7.1, 6.9]),
     ]
     flops = peers_table.step_flops("small", batch=8, seq=256, vocab=4096)
     assert flops == pytest.approx(_small_step_flops(), rel=1e-12)
@@ -61,7 +61,7 @@ def test_the_table_reads_steps_after_warmup_and_divides_the_model_flops_by_each_
 
     table = peers_table.summarize(runs, {"small": flops}, 2048)["small"]
     (r1, c1), (r2, c2) = table["rounds"]
-    assert (r1, r2) == (1, 2)
+    assert (r1, r2) == ((0, 1), (0, 2))
     assert c1["ddlm"][0] == pytest.approx(2048 / 6.0)
     assert c1["ddlm"][2] == pytest.approx(flops / 6.0 / 1e9 / 200.0)  # achieved / calibrated
     assert c2["mdlm"][2] == pytest.approx(flops / 6.5 / 1e9 / 195.0)
@@ -88,3 +88,26 @@ def test_a_folder_without_runs_is_one_line(tmp_path, capsys):
     assert peers_table.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "line 1" in err and "9 tab-separated fields" in err
+
+
+def test_folders_of_several_runs_pool_their_rounds(tmp_path, capsys):
+    """Two compare.sh folders, one round each: the table's medians run over both rounds."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    for folder, (ddlm_ms, mdlm_ms, gf) in ((first, (6000, 7000, 200.0)), (second, (7000, 6300, 180.0))):
+        folder.mkdir()
+        _write(
+            folder,
+            [
+                ("small", 1, "ddlm", gf, [9000, ddlm_ms], 1, "ddlm"),
+                ("small", 1, "md4", gf, [9000, 8000], 1, "ddlm"),
+                ("small", 1, "mdlm", gf, [9000, mdlm_ms], 1, "mdlm"),
+            ],
+        )
+    assert peers_table.main([str(first), str(second)]) == 0
+    out = capsys.readouterr().out
+    assert "folder 0 round 1" in out and "folder 1 round 1" in out
+    flops = _small_step_flops()
+    fraction = statistics.median([flops / 6.0 / 1e9 / 200.0, flops / 7.0 / 1e9 / 180.0])
+    ratio = statistics.median([7.0 / 6.0, 6.3 / 7.0])
+    row = [line for line in out.splitlines() if line.startswith("| small (2 rounds)")][0]
+    assert f"| {ratio:.2f} | {fraction:.2f}, " in row, row
