@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import math
 import os
 import re
 import statistics
@@ -98,7 +99,7 @@ def _float(text: str) -> float:
 
 
 def _median(values) -> float:
-    values = [v for v in values if v == v]
+    values = [v for v in values if not math.isnan(v)]
     return statistics.median(values) if values else float("nan")
 
 

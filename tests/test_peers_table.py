@@ -9,7 +9,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
-import peers_table  # noqa: E402
+import peers_table
 
 
 def _small_step_flops():
@@ -75,7 +75,7 @@ def test_the_table_reads_steps_after_warmup_and_divides_the_model_flops_by_each_
     assert table["tok"]["ddlm"] == pytest.approx(2048 / statistics.median([6.0, 5.9, 6.1, 7.0, 7.0, 7.0]))
 
     text = peers_table.render({"small": table})
-    row = [line for line in text.splitlines() if line.startswith("| small")][0]
+    row = next(line for line in text.splitlines() if line.startswith("| small"))
     fractions = ", ".join(f"{table['fraction'][cb]:.2f}" for cb in ("ddlm", "md4", "mdlm"))
     assert row.endswith(f"| {table['ratio_md4']:.2f} | {table['ratio_mdlm']:.2f} | {fractions} |"), row
 
@@ -109,5 +109,5 @@ def test_folders_of_several_runs_pool_their_rounds(tmp_path, capsys):
     flops = _small_step_flops()
     fraction = statistics.median([flops / 6.0 / 1e9 / 200.0, flops / 7.0 / 1e9 / 180.0])
     ratio = statistics.median([7.0 / 6.0, 6.3 / 7.0])
-    row = [line for line in out.splitlines() if line.startswith("| small (2 rounds)")][0]
+    row = next(line for line in out.splitlines() if line.startswith("| small (2 rounds)"))
     assert f"| {ratio:.2f} | {fraction:.2f}, " in row, row

@@ -20,7 +20,6 @@ param_dtype float64, under `jax.enable_x64`) keeps all of these in float64: the 
 cache compare float64 logits, where float32 rounding would hide a wrong formula.
 """
 
-import contextlib
 import functools
 import math
 from typing import Any, NamedTuple

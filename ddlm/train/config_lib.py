@@ -114,7 +114,7 @@ def optim_config(*, lr: float = 3e-4, warmup_steps: int = 2500, decay: str = "co
     c.grad_accum_steps = 1  # micro-batches per update (scan in the train step); divides train.batch_size
     # The update as one elementwise expression per parameter (train/optim.py FusedAdamW): same state and
     # update, fewer kernels to compile and passes over the state (benchmarks/RESULTS.md, issue 28); False:
-    # optax's chain applied as optax applies it (what runs stored before the field exist keep).
+    # optax's chain applied as optax applies it (as do runs whose stored config predates the field).
     c.fused_update = True
     c.ema_decay = 0.9999  # EMA of the parameters, used for eval and sampling
     return c
