@@ -259,7 +259,7 @@ def test_experiment_local_config_builds_and_trains_on_real_batches(path):
     (the pipeline at the local batch and length) train 2 steps of the recipe's loss and optimizer on a toy-width
     network.
 
-    The trainer's own jitted step (trainer.jit_train_step), one program per experiment: the code path a run
+    The trainer's own compiled step (trainer.compile_train_step), one program per experiment: the code path a run
     takes, at about the cost of the primitives op by op (148 s for the 18 against 139 s under jax.disable_jit,
     idle); end to end in tests/test_main.py."""
     name = os.path.basename(path)[:-3]
@@ -280,13 +280,12 @@ def test_experiment_local_config_builds_and_trains_on_real_batches(path):
     toy.update_from_flattened_dict(TOY_NETWORK)
     setup = trainer.build(toy, jax.devices()[:1])
     batches = trainer.make_iterator(setup, "train", batch_size=toy.train.batch_size)
-    train_step = trainer.jit_train_step(setup)  # the trainer's own step, one program per experiment
-    frozen = () if setup.frozen is None else (setup.frozen,)  # a LoRA recipe's frozen base
+    train_step = trainer.compile_train_step(setup)  # the trainer's own step (a LoRA recipe's frozen base bound)
     state = setup.init_state()
     for _ in range(2):
         batch = next(batches)
         assert batch["tokens"].shape == (local.train.batch_size, local.train.seq_len)
-        state, metrics = train_step(state, batch, *frozen)
+        state, metrics = train_step(state, batch)
         assert np.isfinite(float(metrics["loss"])) and float(metrics["finite"]) == 1.0, (name, metrics)
     assert int(state.step) == 2
 
