@@ -55,9 +55,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine  # benchmarks/machine.py
 import speed_quality as sq  # benchmarks/speed_quality.py: prompts, canvas, MAUVE's bootstrap, formatting
 
+from ddlm.checkpoints import CheckpointError
 from ddlm.sampling import config as sampler_config
 
 WORKDIRS = {"mdlm": "few_step/mdlm", "duo": "few_step/duo", "judge": "judge"}  # the students: few_step/<name>
+
+
+def workdir(root: str, run: str) -> str:
+    """A run's workdir under --root: WORKDIRS', else few_step/<run>."""
+    return os.path.join(root, WORKDIRS.get(run, f"few_step/{run}"))
 TEACHERS = {"mdlm": ("MDLM", {"name": "ancestral"}), "duo": ("DUO", {"name": "sedd_analytic"})}  # label, sampler
 STUDENTS = (  # (name = its run under --root/few_step, teacher, label): each sampled with its teacher's sampler
     ("sdtt", "mdlm", "SDTT, reverse KL (the paper's), 128 -> 4 steps in 5 rounds of 600"),
@@ -217,7 +223,7 @@ def student_rounds(student: str, args) -> dict[int, int]:
     else:
         from ddlm import checkpoints
 
-        directory = os.path.join(args.root, "few_step", student, checkpoints.CHECKPOINTS_DIR)
+        directory = os.path.join(workdir(args.root, student), checkpoints.CHECKPOINTS_DIR)
         with checkpoints.Checkpointer(directory, read_only=True) as checkpointer:
             _, stored = checkpointer.newest_metadata()
         config = ml_collections.ConfigDict((stored or {}).get("config", {}))
@@ -415,11 +421,14 @@ def main(argv=None):
     if set(chosen) - set(known):
         sys.exit(f"few_step: --students={args.students}: expected some of {known}")
     students = [s for s in STUDENTS if s[0] in chosen]
-    rounds = {} if args.final_only else {s[0]: student_rounds(s[0], args) for s in students}
+    try:
+        rounds = {} if args.final_only else {s[0]: student_rounds(s[0], args) for s in students}
+    except CheckpointError as e:  # a student not trained (or its checkpoint unreadable): one line
+        sys.exit(f"few_step: {e}")
     todo = settings(teacher_steps, few_steps, students, rounds=rounds)
     names = sorted({s["net"] for s in todo} | {"judge"})
-    runs = {n: net_of(n)[0] for n in names}
-    workdirs = {n: os.path.join(args.root, WORKDIRS.get(runs[n], f"few_step/{runs[n]}")) for n in names}
+    parsed = {n: net_of(n) for n in names}  # (run, checkpoint step or None)
+    workdirs = {n: workdir(args.root, run) for n, (run, _) in parsed.items()}
     missing = [workdirs[n] for n in names if not args.dry_run and not os.path.isdir(os.path.join(workdirs[n], "checkpoints"))]
     if missing:
         sys.exit(f"few_step: no checkpoints in {', '.join(missing)}: train them first (experiments/few_step.py)")
@@ -429,7 +438,7 @@ def main(argv=None):
     from ddlm.eval import sample_quality
 
     compilation_cache.enable()
-    steps = {n: net_of(n)[1] for n in names if net_of(n)[1] is not None}  # the rounds' checkpoints
+    steps = {n: step for n, (_, step) in parsed.items() if step is not None}  # the rounds' checkpoints
     at = lambda n: workdirs[n] + (f" (step {steps[n]})" if n in steps else "")  # noqa: E731
     weights = "RANDOM weights (--dry-run)" if args.dry_run else "trained checkpoints " + ", ".join(at(n) for n in names)
     head = f"{machine.describe()}; {weights}; prompts {sq.PROMPT_TOKENS} tokens + {args.new_tokens} new, {args.samples} samples per setting"

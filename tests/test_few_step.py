@@ -140,3 +140,13 @@ def test_recipe_family(model):
 def test_recipe_rejects_an_unknown_model():
     with pytest.raises(ValueError, match=r"model='bd3lm'; expected one of"):
         eval_cli.load_config_file("experiments/few_step.py:model=bd3lm")
+
+
+def test_an_untrained_student_is_one_line(fs, tmp_path):
+    """Reading a student's rounds from a root without its run: one line naming the checkpoint folder, no
+    traceback; the folder is the one the benchmark loads the run from (fs.workdir)."""
+    with pytest.raises(SystemExit) as e:
+        fs.main(["--root", str(tmp_path), "--students", "sdtt"])
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("few_step: no checkpoint in ")
+    assert fs.workdir(str(tmp_path), "sdtt") in message and fs.workdir(str(tmp_path), "mdlm").endswith("few_step/mdlm")
