@@ -138,7 +138,7 @@ def test_scanned_decode_matches_unrolled_decode():
         np.testing.assert_allclose(b, a, atol=1e-5)
 
 
-def _program_size(num_layers, scan):
+def _program_size(num_layers, scan, compiled=False):
     model = models.get_model(_config(num_layers=num_layers, scan_layers=scan), VOCAB)
     tokens, t = _inputs()
     params = jax.eval_shape(lambda: nn.meta.unbox(model.init({"params": jax.random.key(0)}, tokens, t)))
@@ -146,15 +146,18 @@ def _program_size(num_layers, scan):
     def loss(p):
         return jnp.mean(model.apply(p, tokens, t) ** 2)
 
-    hlo = jax.jit(jax.grad(loss)).lower(params).as_text()
-    return len(re.findall(r"stablehlo\.dot_general", hlo))
+    lowered = jax.jit(jax.grad(loss)).lower(params)
+    if compiled:  # XLA's program: the unrolled stack's one traced block is inlined at every layer
+        return len(re.findall(r" dot\(", lowered.compile().as_text()))
+    return len(re.findall(r"stablehlo\.dot_general", lowered.as_text()))
 
 
 def test_scanned_program_does_not_grow_with_depth():
     """What makes compile time flat: the scanned gradient program has as many matmuls at 8 layers as at 2,
-    while the unrolled one grows with the depth (lowering only, no compile)."""
+    while the unrolled one, traced once but inlined by XLA at every layer, grows with the depth (the scanned
+    programs are only lowered)."""
     assert _program_size(8, scan=True) == _program_size(2, scan=True)
-    unrolled_2, unrolled_8 = _program_size(2, scan=False), _program_size(8, scan=False)
+    unrolled_2, unrolled_8 = _program_size(2, False, compiled=True), _program_size(8, False, compiled=True)
     assert unrolled_8 > 3 * unrolled_2 - 10
 
 
@@ -168,3 +171,50 @@ def test_a_stored_config_without_the_new_fields_builds_the_unrolled_network():
     assert model.scan_layers is False and model.remat_policy == "full"
     with pytest.raises(ValueError, match="config.model.remat_policy must be one of"):
         models.get_model(_config(remat_policy="some"), VOCAB)
+
+
+def test_unrolled_layers_are_traced_once_and_compute_what_per_layer_tracing_does(monkeypatch):
+    """The unrolled stack traces one block for all layers (stack.TRACE_BLOCKS_ONCE) and computes the same
+    logits and gradients as tracing each layer's Python; the numpy rotary positions stay trace-time constants
+    inside the jitted block. Init and dropout (random draws) keep per-layer tracing: the same initial
+    parameters and the same dropout masks as always."""
+    from ddlm.models import layers
+
+    tokens, t = _inputs()
+    weights = jax.random.normal(jax.random.key(2), (*tokens.shape, VOCAB))
+    noise = _unrolled_params()
+    calls = []
+    rotary = layers.rotary_embedding
+    monkeypatch.setattr(layers, "rotary_embedding", lambda x, p, *a, **k: calls.append(type(p)) or rotary(x, p, *a, **k))
+
+    def run(dropout):
+        model = models.get_model(_config(dropout=dropout), VOCAB)
+        calls.clear()
+        params = nn.meta.unbox(model.init({"params": jax.random.key(0)}, tokens, t)["params"])
+        init_calls = len(calls)
+        perturbed = jax.tree.map(lambda x, y: x + 0.05 * y, params, noise)  # every block matters
+
+        def loss(p):
+            logits = model.apply({"params": p}, tokens, t, train=True, rngs={"dropout": jax.random.key(3)})
+            return jnp.sum(logits * weights), logits
+
+        jaxpr = str(jax.make_jaxpr(jax.value_and_grad(loss, has_aux=True))(perturbed))
+        traced = (init_calls, len(calls) - init_calls)
+        (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(perturbed)
+        # the timestep sinusoids' cos only: no [1, L, 1, Dh/2] rotary table is computed in the graph
+        assert " = cos " in jaxpr and not re.search(r"\[1,16,1,\d+\] = cos ", jaxpr)
+        assert set(calls) == {np.ndarray}
+        return params, logits, grads, traced
+
+    for dropout, traced_once in ((0.0, (6, 2)), (0.3, (6, 6))):  # rotary for q and k: 2 calls a layer
+        once = run(dropout)
+        with monkeypatch.context() as m:
+            m.setattr(stack, "TRACE_BLOCKS_ONCE", False)
+            each = run(dropout)
+        assert (once[3], each[3]) == (traced_once, (6, 6)), (dropout, once[3], each[3])
+        for a, b in zip(jax.tree.leaves(once[0]), jax.tree.leaves(each[0])):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(once[1], each[1], rtol=1e-6, atol=1e-6)
+        assert float(jnp.std(once[1])) > 0
+        for a, b in zip(jax.tree.leaves(once[2]), jax.tree.leaves(each[2])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.max(np.abs(b)) or 1.0))

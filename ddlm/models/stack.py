@@ -3,9 +3,10 @@ parameters, with a selectable rematerialisation policy. Generic over the block c
 call is `block(x, *broadcast_args, *static_args) -> x` (training) and
 `block(x, *broadcast_args, *static_args, layer_cache, decode_masks) -> (x, layer_cache)` (decoding).
 
-Why scan: unrolled, XLA traces, optimises and compiles every layer separately, so compile time grows with
-depth (a 24-layer network compiles ~10x longer than a 2-layer one); scanned, the body is compiled once
-(benchmarks/RESULTS.md, "Layer scan").
+Why scan: unrolled, XLA optimises and compiles every layer separately, so compile time grows with depth (a
+24-layer network compiles ~10x longer than a 2-layer one); scanned, the body is compiled once
+(benchmarks/RESULTS.md, "Layer scan"). Unrolled, the Python of the layers is traced once all the same: the
+layers have equal shapes, so a lifted jit reuses one traced block (`_traced_once`).
 
 Parameter layouts (what a checkpoint holds):
   unrolled: params['block_0'], params['block_1'], ... each a block's tree;
@@ -22,15 +23,20 @@ memory, ~1/3 more FLOPs); 'dots_saveable' keeps the matmul outputs and recompute
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 REMAT_POLICIES = ("none", "full", "dots_saveable")
 SCANNED_NAME = "blocks"
 LAYER_AXIS = "layers"
+# Unrolled, the layers are traced once through a lifted jit (`_traced_once`); False traces each layer's Python
+# again (the same program: tests/test_stack.py compares the two).
+TRACE_BLOCKS_ONCE = True
 
 
 def _block_name(i: int) -> str:
@@ -66,11 +72,15 @@ def apply_blocks(
     *,
     scan: bool,
     remat_policy: str = "none",
+    trace_once: bool = False,
 ) -> jax.Array:
     """x -> block_{n-1}(... block_0(x, *broadcast_args, *static_args)): the training/eval forward.
 
     Call inside the parent's compact method (the blocks become its submodules). x: [B, L, d] carry;
-    broadcast_args: arrays (or None) every layer reads; static_args: Python values (is_causal, train)."""
+    broadcast_args: arrays (or None) every layer reads; static_args: Python values (is_causal, train);
+    trace_once: unrolled, trace one block for every layer (`_traced_once`, when stack.TRACE_BLOCKS_ONCE)
+    rather than each layer's Python. Only where the blocks draw no random numbers: under flax's lifted jit
+    initial parameters and dropout masks come from other keys than per layer."""
     policy = _checkpoint_policy(remat_policy)
     cls = block_cls
     if remat_policy != "none":
@@ -78,9 +88,18 @@ def apply_blocks(
         # XLA cannot merge the recomputation with the forward, so CSE prevention is only needed unrolled.
         static = tuple(range(2 + len(broadcast_args), 2 + len(broadcast_args) + len(static_args)))
         cls = nn.remat(block_cls, policy=policy, prevent_cse=not scan, static_argnums=static)
-    if not scan:
+    if not scan and not (trace_once and TRACE_BLOCKS_ONCE):
         for i in range(num_layers):
             x = cls(**block_kwargs, name=_block_name(i))(x, *broadcast_args, *static_args)
+        return x
+    if not scan:
+        # call(block, x, *args): numpy broadcast args and the static args are jit-static, the rest traced
+        args = (*(_Constant(a) if isinstance(a, np.ndarray) else a for a in broadcast_args), *static_args)
+        n = len(broadcast_args)
+        static = [2 + i for i, a in enumerate(broadcast_args) if isinstance(a, np.ndarray)]
+        call = _traced_once((*static, *range(2 + n, 2 + len(args))))
+        for i in range(num_layers):
+            x = call(cls(**block_kwargs, name=_block_name(i)), x, *args)
         return x
 
     def body(block, carry, *args):
@@ -89,6 +108,36 @@ def apply_blocks(
     scanned = _scan(body, num_layers, in_axes=(nn.broadcast,) * len(broadcast_args))
     x, _ = scanned(cls(**block_kwargs, name=SCANNED_NAME), x, *broadcast_args)
     return x
+
+
+class _Constant:
+    """A numpy broadcast argument (the full forward's rotary positions 0..L-1) passed to the jitted block as a
+    static argument, hashed by its content: inside, the block sees the numpy array again, so what it computes
+    from it stays a trace-time constant (`layers.rotary_embedding`'s cached tables), as without the jit."""
+
+    def __init__(self, value: np.ndarray):
+        self.value = value
+        self._key = (value.dtype.str, value.shape, value.tobytes())
+
+    def __hash__(self):
+        return hash(self._key)
+
+    def __eq__(self, other):
+        return isinstance(other, _Constant) and self._key == other._key
+
+
+@functools.lru_cache(maxsize=None)
+def _traced_once(static_argnums: tuple):
+    """call(block, x, *args) -> block(x, *args) under flax's lifted jit: the unrolled
+    layers have equal shapes, so the block is traced (and differentiated) once and its jaxpr reused by every
+    layer instead of tracing each layer's Python again (`small`'s train step: tracing 3.1 -> 1.9 s). The
+    program XLA compiles is the same: the calls are inlined (benchmarks/RESULTS.md, issue 28)."""
+
+    def call(block, x, *args):
+        args = tuple(a.value if isinstance(a, _Constant) else a for a in args)
+        return block(x, *args)
+
+    return nn.jit(call, static_argnums=static_argnums)
 
 
 def decode_blocks(

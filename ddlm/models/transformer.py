@@ -485,6 +485,9 @@ class Transformer(nn.Module):
                 (is_causal, train),
                 scan=self.scan_layers,
                 remat_policy=self.remat_policy if self.remat else "none",
+                # init and dropout keep per-layer tracing: their random draws under the lifted jit would differ
+                # from the ones every earlier run made (the same program otherwise)
+                trace_once=not self.is_initializing() and not (train and self.dropout > 0),
             )
         else:
             x, new_keys, new_values = stack.decode_blocks(
