@@ -3,6 +3,8 @@ CPU) against XLA's dense attention — values and gradients, every mask kind the
 heads, bfloat16 — its tile tables against a brute-force count, and the BD3-LM network with
 attention_impl='pallas_interpret' against 'xla' under an 8-device mesh (the kernel runs per shard)."""
 
+import unittest.mock
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 
 from ddlm import models, sharding
-from ddlm.models import layers, sparse_attention
+from ddlm.models import layers, sparse_attention, stack
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -165,7 +167,9 @@ def test_bd3lm_network_with_the_kernel_matches_xla_under_a_mesh():
     mesh = sharding.make_mesh({"data": 4, "fsdp": 1, "tensor": 2})
     with sharding.mesh_context(mesh):
         loss, grads = loss_fn(kernel_model)(params)
-        hlo = jax.jit(lambda p: kernel_model.apply({"params": p}, xt, t, x0=x0)).lower(params).as_text()
+        # each layer's Python traced (not one block for both) so that each layer shows in the lowered text
+        with unittest.mock.patch.object(stack, "TRACE_BLOCKS_ONCE", False):
+            hlo = jax.jit(lambda p: kernel_model.apply({"params": p}, xt, t, x0=x0)).lower(params).as_text()
     assert hlo.count("sdy.manual_computation") == 2  # one per layer: the kernel ran per shard
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
