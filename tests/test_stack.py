@@ -185,7 +185,12 @@ def test_unrolled_layers_are_traced_once_and_compute_what_per_layer_tracing_does
     noise = _unrolled_params()
     calls = []
     rotary = layers.rotary_embedding
-    monkeypatch.setattr(layers, "rotary_embedding", lambda x, p, *a, **k: calls.append(type(p)) or rotary(x, p, *a, **k))
+
+    def counted(x, positions, *args, **kwargs):
+        calls.append(type(positions))
+        return rotary(x, positions, *args, **kwargs)
+
+    monkeypatch.setattr(layers, "rotary_embedding", counted)
 
     def run(dropout):
         model = models.get_model(_config(dropout=dropout), VOCAB)
