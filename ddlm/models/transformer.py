@@ -486,7 +486,7 @@ class Transformer(nn.Module):
                 scan=self.scan_layers,
                 remat_policy=self.remat_policy if self.remat else "none",
                 # init and dropout keep per-layer tracing: their random draws under the lifted jit would differ
-                # from the ones every earlier run made (the same program otherwise)
+                # from the ones every earlier run made (the same values otherwise)
                 trace_once=not self.is_initializing() and not (train and self.dropout > 0),
             )
         else:
