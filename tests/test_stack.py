@@ -223,3 +223,20 @@ def test_unrolled_layers_are_traced_once_and_compute_what_per_layer_tracing_does
         assert float(jnp.std(once[1])) > 0
         for a, b in zip(jax.tree.leaves(once[2]), jax.tree.leaves(each[2])):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.max(np.abs(b)) or 1.0))
+
+
+def test_blocks_configured_otherwise_are_traced_anew(monkeypatch):
+    """The traced block is reused across layers, not across networks: a bfloat16-compute network of the same
+    shapes traced after a float32 one computes its own (bfloat16) logits, those of per-layer tracing."""
+    params = _unrolled_params()
+    tokens, t = _inputs()
+
+    def logits(dtype):
+        model = models.get_model(_config(dtype=dtype), VOCAB)
+        return np.asarray(jax.jit(lambda p: model.apply({"params": p}, tokens, t))(params), np.float32)
+
+    f32, bf16 = logits("float32"), logits("bfloat16")
+    monkeypatch.setattr(stack, "TRACE_BLOCKS_ONCE", False)
+    np.testing.assert_array_equal(bf16, logits("bfloat16"))
+    np.testing.assert_array_equal(f32, logits("float32"))
+    assert np.max(np.abs(bf16 - f32)) > 1e-4
