@@ -59,11 +59,6 @@ from ddlm.checkpoints import CheckpointError
 from ddlm.sampling import config as sampler_config
 
 WORKDIRS = {"mdlm": "few_step/mdlm", "duo": "few_step/duo", "judge": "judge"}  # the students: few_step/<name>
-
-
-def workdir(root: str, run: str) -> str:
-    """A run's workdir under --root: WORKDIRS', else few_step/<run>."""
-    return os.path.join(root, WORKDIRS.get(run, f"few_step/{run}"))
 TEACHERS = {"mdlm": ("MDLM", {"name": "ancestral"}), "duo": ("DUO", {"name": "sedd_analytic"})}  # label, sampler
 STUDENTS = (  # (name = its run under --root/few_step, teacher, label): each sampled with its teacher's sampler
     ("sdtt", "mdlm", "SDTT, reverse KL (the paper's), 128 -> 4 steps in 5 rounds of 600"),
@@ -89,6 +84,11 @@ ENTROPY_TOLERANCE = 0.02  # the student's entropy within 2% of the reference's
 # ----------------------------------------------------------------------------------------------------------
 # Pure pieces (tested in tests/test_few_step.py)
 # ----------------------------------------------------------------------------------------------------------
+
+
+def workdir(root: str, run: str) -> str:
+    """A run's workdir under --root: WORKDIRS', else few_step/<run>."""
+    return os.path.join(root, WORKDIRS.get(run, f"few_step/{run}"))
 
 
 def gap_ratio(student: dict, teacher: dict, reference: dict) -> tuple[float, float]:

@@ -88,16 +88,14 @@ def apply_blocks(
         # XLA cannot merge the recomputation with the forward, so CSE prevention is only needed unrolled.
         static = tuple(range(2 + len(broadcast_args), 2 + len(broadcast_args) + len(static_args)))
         cls = nn.remat(block_cls, policy=policy, prevent_cse=not scan, static_argnums=static)
-    if not scan and not (trace_once and TRACE_BLOCKS_ONCE):
-        for i in range(num_layers):
-            x = cls(**block_kwargs, name=_block_name(i))(x, *broadcast_args, *static_args)
-        return x
     if not scan:
-        # call(block, x, *args): numpy broadcast args and the static args are jit-static, the rest traced
-        args = (*(_Constant(a) if isinstance(a, np.ndarray) else a for a in broadcast_args), *static_args)
-        n = len(broadcast_args)
-        static = [2 + i for i, a in enumerate(broadcast_args) if isinstance(a, np.ndarray)]
-        call = _traced_once((*static, *range(2 + n, 2 + len(args))))
+        args = (*broadcast_args, *static_args)
+        call = _call
+        if trace_once and TRACE_BLOCKS_ONCE:
+            # call(block, x, *args): numpy broadcast args and the static args are jit-static, the rest traced
+            static = [2 + i for i, a in enumerate(args) if isinstance(a, np.ndarray) or i >= len(broadcast_args)]
+            args = tuple(_Constant(a) if isinstance(a, np.ndarray) else a for a in args)
+            call = _traced_once(tuple(static))
         for i in range(num_layers):
             x = call(cls(**block_kwargs, name=_block_name(i)), x, *args)
         return x
@@ -135,10 +133,13 @@ def _traced_once(static_argnums: tuple):
     calls: the same computation, with fewer materialised copies (benchmarks/RESULTS.md, issue 28)."""
 
     def call(block, x, *args):
-        args = tuple(a.value if isinstance(a, _Constant) else a for a in args)
-        return block(x, *args)
+        return _call(block, x, *(a.value if isinstance(a, _Constant) else a for a in args))
 
     return nn.jit(call, static_argnums=static_argnums)
+
+
+def _call(block, x, *args):
+    return block(x, *args)
 
 
 def decode_blocks(
