@@ -176,8 +176,7 @@ def test_a_stored_config_without_the_new_fields_builds_the_unrolled_network():
 def test_unrolled_layers_are_traced_once_and_compute_what_per_layer_tracing_does(monkeypatch):
     """The unrolled stack traces one block for all layers (stack.TRACE_BLOCKS_ONCE) and computes the same
     logits and gradients as tracing each layer's Python; the numpy rotary positions stay trace-time constants
-    inside the jitted block. Init and dropout (random draws) keep per-layer tracing: the same initial
-    parameters and the same dropout masks as always."""
+    inside the jitted block. Init keeps per-layer tracing: the same initial parameters as always."""
     from ddlm.models import layers
 
     tokens, t = _inputs()
@@ -192,8 +191,8 @@ def test_unrolled_layers_are_traced_once_and_compute_what_per_layer_tracing_does
 
     monkeypatch.setattr(layers, "rotary_embedding", counted)
 
-    def run(dropout):
-        model = models.get_model(_config(dropout=dropout), VOCAB)
+    def run():
+        model = models.get_model(_config(), VOCAB)
         calls.clear()
         params = nn.meta.unbox(model.init({"params": jax.random.key(0)}, tokens, t)["params"])
         init_calls = len(calls)
@@ -211,18 +210,90 @@ def test_unrolled_layers_are_traced_once_and_compute_what_per_layer_tracing_does
         assert set(calls) == {np.ndarray}
         return params, logits, grads, traced
 
-    for dropout, traced_once in ((0.0, (6, 2)), (0.3, (6, 6))):  # rotary for q and k: 2 calls a layer
-        once = run(dropout)
-        with monkeypatch.context() as m:
-            m.setattr(stack, "TRACE_BLOCKS_ONCE", False)
-            each = run(dropout)
-        assert (once[3], each[3]) == (traced_once, (6, 6)), (dropout, once[3], each[3])
-        for a, b in zip(jax.tree.leaves(once[0]), jax.tree.leaves(each[0])):
-            np.testing.assert_array_equal(a, b)
-        np.testing.assert_allclose(once[1], each[1], rtol=1e-6, atol=1e-6)
-        assert float(jnp.std(once[1])) > 0
-        for a, b in zip(jax.tree.leaves(once[2]), jax.tree.leaves(each[2])):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.max(np.abs(b)) or 1.0))
+    once = run()
+    with monkeypatch.context() as m:
+        m.setattr(stack, "TRACE_BLOCKS_ONCE", False)
+        each = run()
+    assert (once[3], each[3]) == ((6, 2), (6, 6)), (once[3], each[3])  # rotary for q and k: 2 calls a layer
+    for a, b in zip(jax.tree.leaves(once[0]), jax.tree.leaves(each[0])):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(once[1], each[1], rtol=1e-6, atol=1e-6)
+    assert float(jnp.std(once[1])) > 0
+    _assert_trees_close(once[2], each[2])
+
+
+def _assert_trees_close(x, y):
+    for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.max(np.abs(b)) or 1.0))
+
+
+def test_dropout_traced_once_draws_independent_masks_and_computes_what_they_imply(monkeypatch):
+    """Dropout under the lifted jit: the block is traced once (not per layer), every layer's two dropout sites
+    draw their own Bernoulli(1 - rate) mask from the dropout key (other masks than per-layer tracing draws:
+    flax's lifted rngs), the same key the same masks, another key others; and the logits and gradients are
+    those of per-layer tracing run with exactly those masks (replayed), so only the draws moved."""
+    from ddlm.models import layers
+
+    rate = 0.3
+    tokens, t = _inputs()
+    weights = jax.random.normal(jax.random.key(2), (*tokens.shape, VOCAB))
+    params = _unrolled_params()
+    model = models.get_model(_config(dropout=rate), VOCAB)
+    dropout_call, rotary = nn.Dropout.__call__, layers.rotary_embedding
+    replay, rotary_calls = {}, []
+
+    def dropout(self, inputs, deterministic=None, rng=None):
+        if replay:  # per-layer tracing, applying the recorded masks
+            return jnp.where(replay[self.scope.path], inputs / (1 - self.rate), 0.0)
+        out = dropout_call(self, inputs, deterministic, rng)
+        self.sow("intermediates", "kept", out != 0)  # the inputs are nonzero (almost surely)
+        return out
+
+    def counted(*args, **kwargs):
+        rotary_calls.append(1)
+        return rotary(*args, **kwargs)
+
+    monkeypatch.setattr(nn.Dropout, "__call__", dropout)
+    monkeypatch.setattr(layers, "rotary_embedding", counted)
+
+    def run(key):
+        def loss(p):
+            logits, state = model.apply(
+                {"params": p}, tokens, t, train=True, rngs={"dropout": jax.random.key(key)},
+                mutable=["intermediates"],
+            )
+            return jnp.sum(logits * weights), (logits, state)
+
+        rotary_calls.clear()
+        (_, (logits, state)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        masks = {
+            (block, site): np.asarray(kept["kept"][0])
+            for block, sites in state.get("intermediates", {}).items()
+            for site, kept in sites.items()
+        }
+        return logits, grads, masks, len(rotary_calls)
+
+    logits, grads, masks, calls = run(3)
+    assert calls == 2  # one traced block (rotary for q and k), not 3 layers' worth
+    assert sorted(masks) == [(f"block_{i}", f"Dropout_{j}") for i in range(3) for j in range(2)]
+    flat = [m.ravel() for m in masks.values()]
+    for m in flat:
+        assert m.size == 2 * 16 * 32 and abs(m.mean() - (1 - rate)) < 0.06, m.mean()  # std 0.014
+    for i in range(len(flat)):
+        for j in range(i):  # independent masks agree with probability 0.7^2 + 0.3^2 = 0.58
+            assert 0.5 < np.mean(flat[i] == flat[j]) < 0.66, (i, j)
+    again, _, masks_again, _ = run(3)
+    np.testing.assert_array_equal(logits, again)
+    assert all(np.array_equal(masks[k], masks_again[k]) for k in masks)
+    _, _, masks_other, _ = run(4)
+    assert all(0.5 < np.mean(masks[k] == masks_other[k]) < 0.66 for k in masks)
+
+    replay.update(masks)
+    monkeypatch.setattr(stack, "TRACE_BLOCKS_ONCE", False)
+    replayed, replayed_grads, _, calls = run(5)  # the key is unused: the recorded masks are applied
+    assert calls == 6
+    np.testing.assert_allclose(logits, replayed, rtol=1e-6, atol=1e-6)
+    _assert_trees_close(grads, replayed_grads)
 
 
 def test_blocks_configured_otherwise_are_traced_anew(monkeypatch):

@@ -79,8 +79,8 @@ def apply_blocks(
     Call inside the parent's compact method (the blocks become its submodules). x: [B, L, d] carry;
     broadcast_args: arrays (or None) every layer reads; static_args: Python values (is_causal, train);
     trace_once: unrolled, trace one block for every layer (`_traced_once`, when stack.TRACE_BLOCKS_ONCE)
-    rather than each layer's Python. Only where the blocks draw no random numbers: under flax's lifted jit
-    initial parameters and dropout masks come from other keys than per layer."""
+    rather than each layer's Python. Under flax's lifted jit initial parameters and dropout masks come from
+    other keys than per layer (each layer still draws its own); the transformer initialises per layer."""
     policy = _checkpoint_policy(remat_policy)
     cls = block_cls
     if remat_policy != "none":

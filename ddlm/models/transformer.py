@@ -485,9 +485,9 @@ class Transformer(nn.Module):
                 (is_causal, train),
                 scan=self.scan_layers,
                 remat_policy=self.remat_policy if self.remat else "none",
-                # init and dropout keep per-layer tracing: their random draws under the lifted jit would differ
-                # from the ones every earlier run made (the same values otherwise)
-                trace_once=not self.is_initializing() and not (train and self.dropout > 0),
+                # init keeps per-layer tracing: under the lifted jit flax would draw other initial parameters
+                # than every earlier run did (dropout masks under it are other draws of the same law, tested)
+                trace_once=not self.is_initializing(),
             )
         else:
             x, new_keys, new_values = stack.decode_blocks(
