@@ -11,7 +11,10 @@ networks do the same matmuls at these shapes) divided by the calibration measure
 
 Printed per shape: each round's tokens/s, calibration and fraction per codebase, then a markdown row per
 shape: median tokens/s over all rounds' steps, the medians of the per-round ratios ddlm/md4 and ddlm/MDLM
-(compare.sh's figure), and the median of each codebase's per-round fractions. Several folders (runs of
+(compare.sh's figure), the median of each codebase's per-round fractions, and each codebase's fraction of the
+median calibration of all the shape's runs (its median step over every round; the calibration measures the
+machine, not the codebase, and one 1024^3 matmul before a run swings by +-15% on a shared host, more than the
+codebases' steps do, so the pooled calibration is the steadier denominator). Several folders (runs of
 compare.sh at different times) pool their rounds: folder k's round r is round (k, r).
 """
 
@@ -105,11 +108,14 @@ def _median(values) -> float:
 
 def summarize(runs: list[Run], flops: dict, tokens_per_step: int) -> dict:
     """{size: {'rounds': [(round, {cb: (tok/s, calibration, fraction)})], 'tok': {cb: tok/s over all steps},
-    'ratio_md4', 'ratio_mdlm': medians of per-round ratios, 'fraction': {cb: median of per-round fractions}}}."""
+    'ratio_md4', 'ratio_mdlm': medians of per-round ratios, 'fraction': {cb: median of per-round fractions},
+    'calibration': median of the shape's calibrations, 'fraction_pooled': {cb: the model FLOP/s of cb's median
+    step over all rounds / that median calibration}}}."""
     table = {}
     for size in dict.fromkeys(r.size for r in runs):
         rounds = {}
         pooled = {cb: [] for cb in CODEBASES}
+        calibration = _median([r.calibration for r in runs if r.size == size])
         for r in runs:
             if r.size != size:
                 continue
@@ -131,6 +137,10 @@ def summarize(runs: list[Run], flops: dict, tokens_per_step: int) -> dict:
             "ratio_md4": _median([ratio(c, "md4") for _, c in ordered]),
             "ratio_mdlm": _median([ratio(c, "mdlm") for _, c in ordered]),
             "fraction": {cb: _median([c[cb][2] for _, c in ordered if cb in c]) for cb in pooled},
+            "calibration": calibration,
+            "fraction_pooled": {
+                cb: flops[size] / _median(t) / 1e9 / calibration if t else float("nan") for cb, t in pooled.items()
+            },
             "gflop": flops[size] / 1e9,
         }
     return table
@@ -149,9 +159,10 @@ def render(table: dict) -> str:
             lines.append(f"  folder {rnd[0]} round {rnd[1]}: " + " | ".join(parts))
     lines.append("")
     lines.append(
-        "| shape | ddlm tok/s | md4 | MDLM | ddlm/md4 | ddlm/MDLM | achieved / calibrated matmul rate: ddlm, md4, MDLM |"
+        "| shape | ddlm tok/s | md4 | MDLM | ddlm/md4 | ddlm/MDLM | achieved / calibrated matmul rate: ddlm, md4, MDLM "
+        "(median of rounds) | the same over the median calibration |"
     )
-    lines.append("|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|")
     for size, t in table.items():
         tok, frac = t["tok"], t["fraction"]
         lines.append(
@@ -159,7 +170,9 @@ def render(table: dict) -> str:
             f"{tok.get('md4', float('nan')):,.0f} | {tok.get('mdlm', float('nan')):,.0f} | "
             f"{t['ratio_md4']:.2f} | {t['ratio_mdlm']:.2f} | "
             + ", ".join(f"{frac.get(cb, float('nan')):.2f}" for cb in CODEBASES)
-            + " |"
+            + " | "
+            + ", ".join(f"{t['fraction_pooled'].get(cb, float('nan')):.2f}" for cb in CODEBASES)
+            + f" (of {t['calibration']:.0f} GFLOP/s) |"
         )
     return "\n".join(lines)
 

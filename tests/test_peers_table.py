@@ -74,10 +74,21 @@ def test_the_table_reads_steps_after_warmup_and_divides_the_model_flops_by_each_
     )
     assert table["tok"]["ddlm"] == pytest.approx(2048 / statistics.median([6.0, 5.9, 6.1, 7.0, 7.0, 7.0]))
 
+    # the steadier figure: each codebase's median step over all rounds against the median of all 6 calibrations
+    calibration = statistics.median([200.0, 190.0, 180.0, 210.0, 205.0, 195.0])
+    assert table["calibration"] == pytest.approx(calibration)
+    assert table["fraction_pooled"]["ddlm"] == pytest.approx(flops / 6.55 / 1e9 / calibration)  # median of 6 steps
+    assert table["fraction_pooled"]["md4"] == pytest.approx(flops / 8.0 / 1e9 / calibration)
+    assert table["fraction_pooled"]["mdlm"] == pytest.approx(flops / 6.9 / 1e9 / calibration)  # median of 5 steps
+
     text = peers_table.render({"small": table})
     row = next(line for line in text.splitlines() if line.startswith("| small"))
-    fractions = ", ".join(f"{table['fraction'][cb]:.2f}" for cb in ("ddlm", "md4", "mdlm"))
-    assert row.endswith(f"| {table['ratio_md4']:.2f} | {table['ratio_mdlm']:.2f} | {fractions} |"), row
+    fractions, pooled = (
+        ", ".join(f"{table[key][cb]:.2f}" for cb in ("ddlm", "md4", "mdlm")) for key in ("fraction", "fraction_pooled")
+    )
+    assert row.endswith(
+        f"| {table['ratio_md4']:.2f} | {table['ratio_mdlm']:.2f} | {fractions} | {pooled} (of {calibration:.0f} GFLOP/s) |"
+    ), row
 
 
 def test_a_folder_without_runs_is_one_line(tmp_path, capsys):
